@@ -1,0 +1,1 @@
+"""Triton kernels for Kimi Delta Attention, importable as ``kimi_linear.kernels``."""

@@ -1,0 +1,173 @@
+"""Decode caches of the hybrid model.
+
+* A KDA layer holds a constant-size state per sequence: the fp32 recurrent state
+  ``[B, H, K, V]`` and the last ``conv_size - 1`` pre-conv inputs of its q, k and v short
+  convolutions (``[B, conv_size - 1, H * K]`` each).
+* An MLA layer holds, per token, only the normalised latent ``c_kv`` (``kv_lora_rank``) and the
+  shared rope key (``qk_rope_head_dim``): :class:`LatentKVCache`.
+
+:class:`HybridCache` is the per-model list of those, plus the number of tokens already seen.
+Its :meth:`HybridCache.nbytes` counts the bytes its tensors hold; with ``capacity`` equal to the
+context it equals :meth:`KimiLinearConfig.kv_cache_bytes` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_linear.config import KimiLinearConfig
+
+
+class KDALayerCache:
+    """Constant-size decode state of one KDA layer for ``batch_size`` sequences."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        conv_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        dim_k, dim_v = num_heads * head_k_dim, num_heads * head_v_dim
+        w = conv_size - 1
+        self.conv_q = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
+        self.conv_k = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
+        self.conv_v = torch.zeros(batch_size, w, dim_v, device=device, dtype=dtype)
+        self.state = torch.zeros(batch_size, num_heads, head_k_dim, head_v_dim, device=device, dtype=torch.float32)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv_q, self.conv_k, self.conv_v, self.state]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def index_select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (in place), e.g. after sequences finish."""
+        self.conv_q, self.conv_k, self.conv_v, self.state = (t.index_select(0, index) for t in self.tensors())
+
+
+class LatentKVCache:
+    """Per-token MLA cache: latent ``[B, L, kv_lora_rank]`` and rope key ``[B, L, rope_dim]``.
+
+    Storage is preallocated to ``capacity`` tokens and grows (doubling) when exceeded, so a
+    decode step appends without reallocating.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        capacity: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.latent = torch.zeros(batch_size, capacity, kv_lora_rank, device=device, dtype=dtype)
+        self.k_rope = torch.zeros(batch_size, capacity, rope_dim, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.latent.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity, 16)
+        B, _, R = self.latent.shape
+        latent = self.latent.new_zeros(B, new_cap, R)
+        k_rope = self.k_rope.new_zeros(B, new_cap, self.k_rope.shape[-1])
+        latent[:, : self.length] = self.latent[:, : self.length]
+        k_rope[:, : self.length] = self.k_rope[:, : self.length]
+        self.latent, self.k_rope = latent, k_rope
+
+    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``latent [B, t, R]`` and ``k_rope [B, t, P]``; return all cached ``[B, L, *]``."""
+        B, t, R = latent.shape
+        if B != self.latent.shape[0] or R != self.latent.shape[2]:
+            raise ValueError(
+                f"latent must be [B={self.latent.shape[0]}, t, R={self.latent.shape[2]}], got {tuple(latent.shape)}"
+            )
+        if k_rope.shape != (B, t, self.k_rope.shape[2]):
+            raise ValueError(f"k_rope must be [{B}, {t}, {self.k_rope.shape[2]}], got {tuple(k_rope.shape)}")
+        end = self.length + t
+        if end > self.capacity:
+            self._grow(end)
+        self.latent[:, self.length : end] = latent.to(self.latent.dtype)
+        self.k_rope[:, self.length : end] = k_rope.to(self.k_rope.dtype)
+        self.length = end
+        return self.latent[:, :end], self.k_rope[:, :end]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.latent, self.k_rope]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def index_select(self, index: torch.Tensor) -> None:
+        self.latent = self.latent.index_select(0, index)
+        self.k_rope = self.k_rope.index_select(0, index)
+
+
+class HybridCache:
+    """All layers' decode caches of one model, in layer order, and the tokens seen so far."""
+
+    def __init__(self, layers: list[KDALayerCache | LatentKVCache]) -> None:
+        self.layers = layers
+        self.seq_len = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: KimiLinearConfig,
+        batch_size: int,
+        capacity: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> HybridCache:
+        """Empty caches for ``batch_size`` sequences; MLA layers preallocate ``capacity`` tokens.
+
+        ``dtype`` is that of the conv tails and the MLA latents; KDA states are always fp32.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        layers: list[KDALayerCache | LatentKVCache] = []
+        for kind in config.layer_kinds:
+            if kind == "kda":
+                layers.append(
+                    KDALayerCache(
+                        batch_size, config.kda_num_heads, config.kda_head_dim, config.kda_head_dim,
+                        config.kda_conv_size, device=device, dtype=dtype,
+                    )
+                )
+            else:
+                layers.append(
+                    LatentKVCache(
+                        batch_size, config.kv_lora_rank, config.qk_rope_head_dim, capacity,
+                        device=device, dtype=dtype,
+                    )
+                )
+        return cls(layers)
+
+    @property
+    def batch_size(self) -> int:
+        first = self.layers[0]
+        return (first.state if isinstance(first, KDALayerCache) else first.latent).shape[0]
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def index_select(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.index_select(index)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> KDALayerCache | LatentKVCache:
+        return self.layers[i]

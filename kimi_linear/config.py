@@ -1,0 +1,449 @@
+"""One configuration dataclass for every Kimi Linear model, with named presets.
+
+A model is a stack of ``num_hidden_layers`` decoder blocks.  Each block has a token mixer
+(``"kda"``: Kimi Delta Attention, or ``"mla"``: multi-head latent attention) and a feed-forward
+part (a dense SwiGLU MLP for the first ``first_k_dense_replace`` layers, a sigmoid-routed MoE
+after that, or dense everywhere when ``num_experts == 0``).
+
+Field names follow the released Kimi-Linear ``config.json`` where one exists, so that
+:meth:`KimiLinearConfig.from_hf_config` and :meth:`KimiLinearConfig.to_hf_config` are thin.
+
+Sources for the published shapes: the Kimi-Linear-48B-A3B release ``config.json`` (Moonshot AI,
+2025, arXiv 2510.26692) and the Kimi K2 report / release config (arXiv 2507.20534).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LAYER_TYPES = ("kda", "mla")
+KDA_BACKENDS = ("auto", "torch", "triton", "fla")
+KDA_GATES = ("channel", "head")
+
+
+@dataclass
+class KimiLinearConfig:
+    """Hyper-parameters of a Kimi Linear hybrid model.
+
+    Layer pattern: ``layer_types`` (one ``"kda"`` / ``"mla"`` entry per layer) wins when given.
+    Otherwise it is derived: layer ``i`` (0-based) is MLA when ``(i + 1) % mla_every == 0`` or,
+    with ``last_layer_mla``, when it is the last layer; KDA elsewhere.  ``mla_every = 0`` means
+    no MLA from the period rule, ``mla_every = 1`` every layer MLA.
+    """
+
+    name: str = "custom"
+    # --- trunk ---------------------------------------------------------------------------
+    vocab_size: int = 163840
+    hidden_size: int = 2304
+    num_hidden_layers: int = 27
+    layer_types: tuple[str, ...] | None = None
+    mla_every: int = 4
+    last_layer_mla: bool = True
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 1048576
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # --- KDA (Kimi Delta Attention) ------------------------------------------------------
+    kda_num_heads: int = 32
+    kda_head_dim: int = 128  # d_k = d_v, as released (``linear_attn_config.head_dim``)
+    kda_conv_size: int = 4  # ``short_conv_kernel_size``
+    kda_gate: Literal["channel", "head"] = "channel"  # "head": GDN-like scalar gate per head
+    kda_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
+    kda_chunk_size: int = 64
+    # --- MLA (multi-head latent attention) -----------------------------------------------
+    num_attention_heads: int = 32
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    mla_use_nope: bool = True  # True: the rope part exists in the weights but is never rotated
+    rope_theta: float = 10000.0
+    # --- feed-forward / MoE --------------------------------------------------------------
+    intermediate_size: int = 9216  # dense SwiGLU layers
+    num_experts: int = 256  # 0: dense MLP in every layer
+    num_experts_per_token: int = 8
+    num_shared_experts: int = 1
+    moe_intermediate_size: int = 1024
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 2.446
+    moe_renormalize: bool = True
+    moe_bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing
+
+    def __post_init__(self) -> None:
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field outside its allowed range."""
+
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"KimiLinearConfig.{name} must be a positive int, got {v!r}")
+
+        def non_negative(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"KimiLinearConfig.{name} must be an int >= 0, got {v!r}")
+
+        def positive_float(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"KimiLinearConfig.{name} must be a finite number > 0, got {v!r}")
+
+        for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings",
+            "kda_num_heads", "kda_head_dim", "kda_conv_size", "kda_chunk_size",
+            "num_attention_heads", "kv_lora_rank", "v_head_dim", "intermediate_size",
+            "moe_intermediate_size",
+        ):
+            positive(name)
+        for name in ("mla_every", "qk_nope_head_dim", "qk_rope_head_dim", "num_experts",
+                     "num_shared_experts", "first_k_dense_replace"):
+            non_negative(name)
+        for name in ("rms_norm_eps", "initializer_range", "rope_theta", "routed_scaling_factor"):
+            positive_float(name)
+        if not (isinstance(self.moe_bias_update_rate, (int, float)) and self.moe_bias_update_rate >= 0):
+            raise ValueError(
+                f"KimiLinearConfig.moe_bias_update_rate must be >= 0, got {self.moe_bias_update_rate!r}"
+            )
+        if self.q_lora_rank is not None:
+            positive("q_lora_rank")
+        if self.qk_nope_head_dim + self.qk_rope_head_dim == 0:
+            raise ValueError(
+                "KimiLinearConfig.qk_nope_head_dim + qk_rope_head_dim must be > 0 (the MLA "
+                "query/key head dim), got 0"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"KimiLinearConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got "
+                f"{self.qk_rope_head_dim}"
+            )
+        if self.kda_gate not in KDA_GATES:
+            raise ValueError(f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}")
+        if self.kda_backend not in KDA_BACKENDS:
+            raise ValueError(
+                f"KimiLinearConfig.kda_backend must be one of {KDA_BACKENDS}, got {self.kda_backend!r}"
+            )
+        if self.num_experts > 0:
+            if not 1 <= self.num_experts_per_token <= self.num_experts:
+                raise ValueError(
+                    "KimiLinearConfig.num_experts_per_token must be in [1, num_experts="
+                    f"{self.num_experts}], got {self.num_experts_per_token!r}"
+                )
+            if self.first_k_dense_replace > self.num_hidden_layers:
+                raise ValueError(
+                    "KimiLinearConfig.first_k_dense_replace must be <= num_hidden_layers="
+                    f"{self.num_hidden_layers}, got {self.first_k_dense_replace}"
+                )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
+                raise ValueError(
+                    f"KimiLinearConfig.{name} must be None or in [0, vocab_size={self.vocab_size}), got {v!r}"
+                )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"KimiLinearConfig.layer_types must have num_hidden_layers={self.num_hidden_layers} "
+                    f"entries, got {len(self.layer_types)}"
+                )
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(
+                    f"KimiLinearConfig.layer_types entries must be one of {LAYER_TYPES}, got {bad[0]!r}"
+                )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """``"kda"`` or ``"mla"`` for each layer (0-based), resolved from the pattern fields."""
+        if self.layer_types is not None:
+            return self.layer_types
+        n = self.num_hidden_layers
+        kinds = []
+        for i in range(n):
+            is_mla = (self.mla_every > 0 and (i + 1) % self.mla_every == 0) or (
+                self.last_layer_mla and i == n - 1
+            )
+            kinds.append("mla" if is_mla else "kda")
+        return tuple(kinds)
+
+    @property
+    def kda_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_kinds) if t == "kda"]
+
+    @property
+    def mla_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_kinds) if t == "mla"]
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def mla_softmax_scale(self) -> float:
+        return self.qk_head_dim**-0.5
+
+    def replace(self, **changes: Any) -> KimiLinearConfig:
+        """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def all_mla_twin(self) -> KimiLinearConfig:
+        """The same model with every layer MLA (the full-attention baseline for benchmarks)."""
+        return self.replace(name=f"{self.name}-all-mla", layer_types=("mla",) * self.num_hidden_layers)
+
+    def with_layer_kinds(self, kind: str) -> KimiLinearConfig:
+        """The same model with every layer of one kind (``"kda"`` or ``"mla"``)."""
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"kind must be one of {LAYER_TYPES}, got {kind!r}")
+        return self.replace(name=f"{self.name}-all-{kind}", layer_types=(kind,) * self.num_hidden_layers)
+
+    # ------------------------------------------------------------------ cache sizes
+    def kv_cache_bytes(
+        self,
+        seq_len: int,
+        batch_size: int = 1,
+        cache_dtype_bytes: int = 2,
+        state_dtype_bytes: int = 4,
+    ) -> dict[str, int]:
+        """Analytic decode-cache size of this model for ``batch_size`` sequences of ``seq_len``.
+
+        MLA layers cache per token the normalised latent (``kv_lora_rank``) and the shared
+        rope key (``qk_rope_head_dim``; kept under NoPE too since the weights produce it).
+        KDA layers hold a constant ``[H, d_k, d_v]`` recurrent state (``state_dtype_bytes``,
+        fp32) and three short-conv tails of ``kda_conv_size - 1`` tokens each.
+
+        Returns bytes: ``mla`` (all MLA layers), ``kda_state``, ``kda_conv``, ``total`` and
+        ``per_token_mla`` (one token, all MLA layers, one sequence).
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n_mla = len(self.mla_layers)
+        n_kda = len(self.kda_layers)
+        per_token_layer = (self.kv_lora_rank + self.qk_rope_head_dim) * cache_dtype_bytes
+        proj = self.kda_num_heads * self.kda_head_dim
+        state = self.kda_num_heads * self.kda_head_dim * self.kda_head_dim * state_dtype_bytes
+        conv = 3 * (self.kda_conv_size - 1) * proj * cache_dtype_bytes
+        out = {
+            "per_token_mla": n_mla * per_token_layer,
+            "mla": batch_size * seq_len * n_mla * per_token_layer,
+            "kda_state": batch_size * n_kda * state,
+            "kda_conv": batch_size * n_kda * conv,
+        }
+        out["total"] = out["mla"] + out["kda_state"] + out["kda_conv"]
+        return out
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> KimiLinearConfig:
+        """A named preset (see :data:`PRESETS`), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        kwargs = dict(PRESETS[name])
+        kwargs.update(overrides)
+        return cls(name=name, **kwargs) if "name" not in kwargs else cls(**kwargs)
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(PRESETS)
+
+    # ------------------------------------------------------------------ HF interop
+    @classmethod
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> KimiLinearConfig:
+        """Read a released Kimi-Linear ``config.json`` (a path to it, its folder, or the dict)."""
+        if isinstance(path_or_dict, dict):
+            hf = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise ValueError(f"path_or_dict: no config.json at {path!r}")
+            with open(path) as f:
+                hf = json.load(f)
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"path_or_dict: config.json lacks required keys {missing}")
+        n = hf["num_hidden_layers"]
+        lin = hf.get("linear_attn_config") or {}
+        if lin:
+            full = [int(i) for i in lin.get("full_attn_layers") or []]
+            kda = [int(i) for i in lin.get("kda_layers") or []]
+            bad = [i for i in full + kda if not 1 <= i <= n]
+            if bad:
+                raise ValueError(
+                    f"path_or_dict: linear_attn_config layer ids are 1-based in [1, {n}], got {bad}"
+                )
+            kinds = ["kda" if (i + 1) in kda or (not kda and (i + 1) not in full) else "mla" for i in range(n)]
+            for i in full:
+                kinds[i - 1] = "mla"
+            layer_types = tuple(kinds)
+        else:
+            layer_types = ("mla",) * n
+        if hf.get("moe_router_activation_func", "sigmoid") != "sigmoid":
+            raise ValueError(
+                "path_or_dict: moe_router_activation_func must be 'sigmoid', got "
+                f"{hf['moe_router_activation_func']!r}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"path_or_dict: hidden_act must be 'silu', got {hf['hidden_act']!r}")
+        head_dim = lin.get("head_dim", 128)
+        num_experts = hf.get("num_experts") or hf.get("n_routed_experts") or 0
+        kwargs: dict[str, Any] = dict(
+            name=hf.get("_name_or_path", hf.get("model_type", "kimi_linear")) or "kimi_linear",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=n,
+            layer_types=layer_types,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            initializer_range=hf.get("initializer_range", 0.02),
+            max_position_embeddings=hf.get("model_max_length", hf.get("max_position_embeddings", 1048576)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_first_id(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+            kda_num_heads=lin.get("num_heads", hf["num_attention_heads"]),
+            kda_head_dim=head_dim,
+            kda_conv_size=lin.get("short_conv_kernel_size", 4),
+            num_attention_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf.get("kv_lora_rank", 512),
+            qk_nope_head_dim=hf.get("qk_nope_head_dim", 128),
+            qk_rope_head_dim=hf.get("qk_rope_head_dim", 64),
+            v_head_dim=hf.get("v_head_dim", 128),
+            mla_use_nope=hf.get("mla_use_nope", False),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            intermediate_size=hf.get("intermediate_size", 9216),
+            num_experts=num_experts,
+            num_experts_per_token=hf.get("num_experts_per_token", hf.get("num_experts_per_tok", 8)),
+            num_shared_experts=hf.get("num_shared_experts", hf.get("n_shared_experts", 1)) or 0,
+            moe_intermediate_size=hf.get("moe_intermediate_size", 1024),
+            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+            routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+            moe_renormalize=hf.get("moe_renormalize", True),
+        )
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """This config as a released-style Kimi-Linear ``config.json`` dict."""
+        kinds = self.layer_kinds
+        return {
+            "architectures": ["KimiLinearForCausalLM"],
+            "model_type": "kimi_linear",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "model_max_length": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "linear_attn_config": {
+                "full_attn_layers": [i + 1 for i, t in enumerate(kinds) if t == "mla"],
+                "kda_layers": [i + 1 for i, t in enumerate(kinds) if t == "kda"],
+                "num_heads": self.kda_num_heads,
+                "head_dim": self.kda_head_dim,
+                "short_conv_kernel_size": self.kda_conv_size,
+            },
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "mla_use_nope": self.mla_use_nope,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "intermediate_size": self.intermediate_size,
+            "num_experts": self.num_experts,
+            "num_experts_per_token": self.num_experts_per_token,
+            "num_shared_experts": self.num_shared_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "moe_layer_freq": 1,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "moe_renormalize": self.moe_renormalize,
+            "moe_router_activation_func": "sigmoid",
+            "use_grouped_topk": True,
+            "num_expert_group": 1,
+            "topk_group": 1,
+            "num_nextn_predict_layers": 0,
+            "use_cache": True,
+            "torch_dtype": "bfloat16",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["layer_types"] is not None:
+            d["layer_types"] = list(d["layer_types"])
+        return d
+
+
+def _first_id(v: Any) -> int | None:
+    if isinstance(v, (list, tuple)):
+        return int(v[0]) if v else None
+    return v
+
+
+# Presets. ``tiny`` is for tests and CPU runs in seconds; ``small`` (~100M total parameters)
+# fits one GPU; the two published shapes are for counting and cache sizing on the meta device.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, max_position_embeddings=8192,
+        kda_num_heads=2, kda_head_dim=32, num_attention_heads=2, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128,
+        num_experts=4, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=64,
+        first_k_dense_replace=1, routed_scaling_factor=1.0,
+    ),
+    "small": dict(
+        vocab_size=32768, hidden_size=512, num_hidden_layers=12, max_position_embeddings=131072,
+        kda_num_heads=4, kda_head_dim=128, num_attention_heads=4, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1536,
+        num_experts=16, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=256,
+        first_k_dense_replace=1, routed_scaling_factor=1.0,
+    ),
+    # Kimi-Linear-48B-A3B (release config.json): 27 layers, MLA at 4, 8, ..., 24 and 27.
+    "kimi-linear-48b-a3b": dict(
+        vocab_size=163840, hidden_size=2304, num_hidden_layers=27, max_position_embeddings=1048576,
+        kda_num_heads=32, kda_head_dim=128, kda_conv_size=4, num_attention_heads=32,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, mla_use_nope=True, intermediate_size=9216, num_experts=256,
+        num_experts_per_token=8, num_shared_experts=1, moe_intermediate_size=1024,
+        first_k_dense_replace=1, routed_scaling_factor=2.446, rms_norm_eps=1e-5,
+        bos_token_id=163584, eos_token_id=163586, pad_token_id=163839,
+    ),
+    # Kimi K2 (all MLA with RoPE; 1.04T total / 32B active).
+    "kimi-k2": dict(
+        vocab_size=163840, hidden_size=7168, num_hidden_layers=61, mla_every=1,
+        max_position_embeddings=131072, num_attention_heads=64, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        mla_use_nope=False, rope_theta=50000.0, intermediate_size=18432, num_experts=384,
+        num_experts_per_token=8, num_shared_experts=1, moe_intermediate_size=2048,
+        first_k_dense_replace=1, routed_scaling_factor=2.827, rms_norm_eps=1e-6,
+        bos_token_id=163584, eos_token_id=163585,
+    ),
+}
+
+__all__ = ["KimiLinearConfig", "PRESETS", "LAYER_TYPES", "KDA_BACKENDS"]
