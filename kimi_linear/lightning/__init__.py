@@ -1,0 +1,1 @@
+"""Lightning training: LightningModule, offline DataModules and the LightningCLI."""
