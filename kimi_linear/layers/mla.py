@@ -1,0 +1,362 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3 style, as used by Kimi Linear and Kimi K2.
+
+Per token the layer compresses the hidden state into one shared latent ``c_kv``
+(``kv_lora_rank``) plus one shared rope key (``qk_rope_head_dim``); that pair is all a decode
+cache keeps.  Per-head keys and values come from the up-projection ``kv_b_proj``::
+
+    q          = q_proj(x)                         (or q_b_proj(RMSNorm(q_a_proj(x))))
+    [c, k_pe]  = kv_a_proj_with_mqa(x)             c: [B, T, R], k_pe: [B, T, P]
+    c          = kv_a_layernorm(c)                 (the cached latent)
+    [k_nope|v] = kv_b_proj(c)                      per head: [nope | v]
+    k_h        = [k_nope_h | k_pe]                 the rope key is shared by all heads
+    o          = o_proj(softmax(scale * q_h k_h^T + causal mask) v_h)
+
+With ``config.mla_use_nope`` (Kimi Linear's default) the rope slices are used as they are; with
+it False they are rotated (:mod:`kimi_linear.layers.rope`) at positions
+``position_offset + arange(T)``.
+
+Two equivalent computations:
+
+* **plain**: materialise per-head K/V from the latents and call
+  ``scaled_dot_product_attention`` (prefill; continuing a cache with a block of tokens);
+* **absorbed** (decode): fold ``kv_b_proj``'s key rows into the query
+  (``q_nope W_uk -> latent space``) and its value rows into the output, so scores and the
+  attention-weighted sum run over the cached latents directly and per-head K/V of the cached
+  tokens are never built.
+
+Weight layout (release names; what MuonClip's per-head rescaling relies on): query rows of head
+``h`` are ``[h * (nope + rope), (h + 1) * (nope + rope))`` ordered ``[nope | rope]``;
+``kv_b_proj`` rows of head ``h`` are ``[h * (nope + v), (h + 1) * (nope + v))`` ordered
+``[k_nope | v]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from kimi_linear.cache import LatentKVCache
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.layers.rope import RotaryEmbedding, apply_rotary
+
+# Largest number of fp32 logits materialised at once when measuring max logits in the plain path.
+MAX_LOGIT_BLOCK_ELEMENTS = 1 << 24
+
+_SDPA_MIXED_V_DIM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _sdpa_accepts_mixed_v_dim(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA runs with a value head dim different from the query/key head dim here.
+
+    Probed once per (device type, dtype) on tiny tensors; where it raises, callers pad ``v``.
+    """
+    key = (device.type, dtype)
+    if key not in _SDPA_MIXED_V_DIM:
+        q = torch.zeros(1, 1, 2, 24, device=device, dtype=dtype)
+        v = torch.zeros(1, 1, 2, 16, device=device, dtype=dtype)
+        try:
+            F.scaled_dot_product_attention(q, q, v, is_causal=True)
+            _SDPA_MIXED_V_DIM[key] = True
+        except RuntimeError:
+            _SDPA_MIXED_V_DIM[key] = False
+    return _SDPA_MIXED_V_DIM[key]
+
+
+def _causal_mask(q_start: int, T: int, L: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[T, L]``: query ``t`` (absolute position ``q_start + t``) may see key ``j``."""
+    q_pos = torch.arange(q_start, q_start + T, device=device)
+    return torch.arange(L, device=device)[None, :] <= q_pos[:, None]
+
+
+@torch.no_grad()
+def masked_max_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    q_start: int = 0,
+    block_elements: int = MAX_LOGIT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-head max of the causal pre-softmax logits ``scale * q k^T``, computed blockwise.
+
+    Args:
+        q: ``[B, H, T, D]`` queries at absolute positions ``q_start + arange(T)``.
+        k: ``[B, H, L, D]`` keys at positions ``arange(L)``.
+        scale: softmax scale (included in the logits).
+        q_start: absolute position of the first query.
+        block_elements: at most this many logits are held at once (fp32), so the extra memory
+            is bounded independently of ``T``; keys a block cannot see are skipped.
+
+    Returns:
+        ``[H]`` float32, the max over batch, query positions and visible keys.
+    """
+    B, H, T, _ = q.shape
+    L = k.shape[2]
+    rows = max(1, block_elements // max(1, B * H * L))
+    out = torch.full((H,), float("-inf"), device=q.device, dtype=torch.float32)
+    for s in range(0, T, rows):
+        e = min(T, s + rows)
+        visible = min(L, q_start + e)  # keys beyond the block's last query are all masked
+        logits = torch.matmul(q[:, :, s:e], k[:, :, :visible].transpose(-1, -2)).float() * scale
+        mask = _causal_mask(q_start + s, e - s, visible, q.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        out = torch.maximum(out, logits.amax(dim=(0, 2, 3)))
+    return out
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention layer (see the module docstring).
+
+    Args:
+        config: model config; uses ``hidden_size``, ``num_attention_heads``, ``q_lora_rank``,
+            ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``,
+            ``mla_use_nope``, ``rope_theta``, ``rms_norm_eps``.
+        layer_idx: index of the layer in the model (kept for bookkeeping).
+
+    Attributes:
+        record_max_logits: when True, each forward updates :attr:`max_logits` (the QK-Clip
+            statistic). When False (default) no extra work is done.
+        max_logits: ``None`` or fp32 ``[H]``: per head, the running max (over calls until
+            :meth:`reset_max_logits`) of the pre-softmax logit, scale included, causal mask
+            applied, over batch and positions. Detached.
+        absorb_max_tokens: with a cache and ``absorb=None``, blocks of at most this many
+            tokens take the absorbed path. Default: the FLOP crossover
+            ``R (nope + v) / (2R - nope - v)`` per cached token (170 for Kimi-Linear-48B).
+    """
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        D = config.hidden_size
+        H = self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_head_dim = self.nope_dim + self.rope_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = R = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.softmax_scale = config.mla_softmax_scale
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, R + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(R, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(R, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+
+        self.use_rope = not config.mla_use_nope and self.rope_dim > 0
+        self.rotary = RotaryEmbedding(self.rope_dim, config.rope_theta) if self.use_rope else None
+
+        up = R * (self.nope_dim + self.v_head_dim)
+        extra = 2 * R - self.nope_dim - self.v_head_dim
+        self.absorb_max_tokens: int = max(1, up // extra) if extra > 0 else 1 << 30
+
+        self.record_max_logits: bool = False
+        self.max_logits: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ QK-Clip statistic
+    def reset_max_logits(self) -> None:
+        """Forget the running max logits (``max_logits`` becomes None)."""
+        self.max_logits = None
+
+    def _update_max_logits(self, step_max: torch.Tensor) -> None:
+        step_max = step_max.detach().float()
+        if self.max_logits is None:
+            self.max_logits = step_max
+        else:
+            self.max_logits = torch.maximum(self.max_logits.to(step_max.device), step_max)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_inputs(
+        self, x: torch.Tensor, cache: LatentKVCache | None, position_offset: int
+    ) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor [B, T, hidden], got {type(x).__name__}")
+        D = self.config.hidden_size
+        if x.dim() != 3 or x.shape[-1] != D or x.shape[1] == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must be [B, T, hidden={D}] with B, T >= 1, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+        w = self.kv_a_proj_with_mqa.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x has dtype {x.dtype} but the layer's weights are {w.dtype} (outside autocast); "
+                "cast the input or the module"
+            )
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the layer's weights are on {w.device}")
+        if (
+            isinstance(position_offset, bool)
+            or not isinstance(position_offset, int)
+            or position_offset < 0
+        ):
+            raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+        if cache is None:
+            return
+        if not isinstance(cache, LatentKVCache):
+            raise ValueError(
+                f"cache must be a LatentKVCache (kimi_linear.cache) or None, got {type(cache).__name__}"
+            )
+        expect = (x.shape[0], self.kv_lora_rank, self.rope_dim)
+        got = (cache.latent.shape[0], cache.latent.shape[2], cache.k_rope.shape[2])
+        if got != expect:
+            raise ValueError(
+                f"cache must hold (batch, kv_lora_rank, rope_dim) = {expect}, got {got}"
+            )
+        if cache.latent.device != x.device:
+            raise ValueError(f"cache is on {cache.latent.device} but x is on {x.device}")
+        if position_offset != cache.length:
+            raise ValueError(
+                f"position_offset ({position_offset}) must equal the number of cached tokens "
+                f"({cache.length}) when a cache is given"
+            )
+
+    def _project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, D]`` -> ``q [B, T, H, nope + rope]``."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return rearrange(q, "b t (h d) -> b t h d", h=self.num_heads)
+
+    def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj.weight`` as ``W_uk [H, nope, R]`` and ``W_uv [H, v, R]``."""
+        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.num_heads)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def _rotate(
+        self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary is None:
+            return q_rope, k_rope
+        T = q_rope.shape[1]
+        pos = torch.arange(position_offset, position_offset + T, device=q_rope.device)
+        cos, sin = self.rotary(pos)  # [T, P / 2]
+        q_rope = apply_rotary(q_rope, cos[:, None, :], sin[:, None, :])
+        k_rope = apply_rotary(k_rope, cos, sin)
+        return q_rope, k_rope
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        position_offset: int = 0,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """Attend causally over the cached tokens (if any) and this block.
+
+        Args:
+            x: ``[B, T, hidden]``.
+            cache: the layer's :class:`~kimi_linear.cache.LatentKVCache`; this block's
+                normalised latents and (rotated) rope keys are appended to it in place.
+            position_offset: absolute position of ``x[:, 0]``; must equal ``cache.length``
+                when a cache is given.
+            absorb: True: absorbed path (attention over latents, no per-head K/V); False:
+                plain SDPA path; None: absorbed iff a cache is given and
+                ``T <= absorb_max_tokens``.
+
+        Returns:
+            ``[B, T, hidden]``.
+        """
+        self._check_inputs(x, cache, position_offset)
+        B, T, _ = x.shape
+        q = self._project_q(x)  # [B, T, H, nope + rope]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1
+        )
+        latent = self.kv_a_layernorm(latent)  # [B, T, R]
+        q_rope, k_rope = self._rotate(q_rope, k_rope, position_offset)
+
+        q_start = 0
+        if cache is not None:
+            q_start = cache.length
+            latent, k_rope = cache.append(latent, k_rope)  # all cached tokens [B, L, *]
+            latent, k_rope = latent.to(q.dtype), k_rope.to(q.dtype)
+
+        if absorb is None:
+            absorb = cache is not None and T <= self.absorb_max_tokens
+        if absorb:
+            out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, q_start)
+        else:
+            out = self._attend_plain(q_nope, q_rope, latent, k_rope, q_start)
+        return self.o_proj(out)
+
+    def _attend_plain(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        q_start: int,
+    ) -> torch.Tensor:
+        """Materialised K/V + SDPA. q_*: ``[B, T, H, *]``; latent ``[B, L, R]``; k_rope ``[B, L, P]``.
+
+        Returns ``[B, T, H * v]``.
+        """
+        H, T, L = self.num_heads, q_nope.shape[1], latent.shape[1]
+        kv = rearrange(self.kv_b_proj(latent), "b l (h d) -> b h l d", h=H)
+        k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
+        k_pe = rearrange(k_rope, "b l p -> b 1 l p").expand(-1, H, -1, -1)
+        k = torch.cat([k_nope, k_pe], dim=-1)  # [B, H, L, nope + rope]
+        q = rearrange(torch.cat([q_nope, q_rope], dim=-1), "b t h d -> b h t d")
+
+        if self.record_max_logits:
+            self._update_max_logits(masked_max_logits(q, k, self.softmax_scale, q_start))
+
+        mixed_ok = v.shape[-1] == k.shape[-1] or _sdpa_accepts_mixed_v_dim(q.device, q.dtype)
+        if not mixed_ok:  # pad v to the q/k head dim, slice the output back
+            v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
+        if q_start == 0 and T == L:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            mask = _causal_mask(q_start, T, L, q.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        o = o[..., : self.v_head_dim]
+        return rearrange(o, "b h t d -> b t (h d)")
+
+    def _attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        q_start: int,
+    ) -> torch.Tensor:
+        """Attention over latents with kv_b_proj absorbed. Shapes as in :meth:`_attend_plain`.
+
+        ``score[b,h,t,l] = scale * ((q_nope W_uk)[b,t,h] . latent[b,l] + q_rope[b,t,h] . k_rope[b,l])``,
+        ``out[b,t,h] = W_uv (sum_l p[b,h,t,l] latent[b,l])``.
+        """
+        T, L = q_nope.shape[1], latent.shape[1]
+        w_uk, w_uv = self._split_kv_b()
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)  # [B, T, H, R]
+        scores = torch.einsum("bthr,blr->bhtl", q_lat, latent)
+        if self.rope_dim > 0:
+            scores = scores + torch.einsum("bthp,blp->bhtl", q_rope, k_rope)
+        scores = scores.float() * self.softmax_scale  # [B, H, T, L]
+        if T > 1:  # a single query (the newest token) sees every cached key
+            scores = scores.masked_fill(~_causal_mask(q_start, T, L, scores.device), float("-inf"))
+        if self.record_max_logits:
+            self._update_max_logits(scores.detach().amax(dim=(0, 2, 3)))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        ctx = torch.einsum("bhtl,blr->bthr", probs, latent)  # [B, T, H, R]
+        o = torch.einsum("bthr,hvr->bthv", ctx, w_uv)  # [B, T, H, v]
+        return rearrange(o, "b t h v -> b t (h v)")
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
+            f"nope={self.nope_dim}, rope={self.rope_dim}, v={self.v_head_dim}, use_rope={self.use_rope}"
+        )
+
+
+__all__ = ["MLAttention", "masked_max_logits"]
