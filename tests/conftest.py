@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Test tensors are tiny: intra-op threads only add contention (up to ~100x slower on a busy CPU).
+torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,174 @@
+"""KimiLinearConfig: presets build, validation names the field, release config.json interop."""
+
+import json
+
+import pytest
+import torch
+
+from kimi_linear import PRESETS, KimiLinearConfig, KimiLinearForCausalLM
+
+# Kimi-Linear-48B-A3B-Instruct config.json as released (model-defining keys).
+RELEASE_48B = {
+    "architectures": ["KimiLinearForCausalLM"],
+    "model_type": "kimi_linear",
+    "bos_token_id": 163584,
+    "eos_token_id": 163586,
+    "pad_token_id": 163839,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2304,
+    "initializer_range": 0.02,
+    "intermediate_size": 9216,
+    "kv_lora_rank": 512,
+    "linear_attn_config": {
+        "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
+        "kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26],
+        "head_dim": 128,
+        "num_heads": 32,
+        "short_conv_kernel_size": 4,
+    },
+    "mla_use_nope": True,
+    "model_max_length": 1048576,
+    "moe_intermediate_size": 1024,
+    "moe_layer_freq": 1,
+    "moe_renormalize": True,
+    "moe_router_activation_func": "sigmoid",
+    "num_attention_heads": 32,
+    "num_expert_group": 1,
+    "num_experts": 256,
+    "num_experts_per_token": 8,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 32,
+    "num_nextn_predict_layers": 0,
+    "num_shared_experts": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "routed_scaling_factor": 2.446,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "use_cache": True,
+    "use_grouped_topk": True,
+    "v_head_dim": 128,
+    "vocab_size": 163840,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds(name):
+    cfg = KimiLinearConfig.from_preset(name)
+    assert cfg.name == name and len(cfg.layer_kinds) == cfg.num_hidden_layers
+    if name == "tiny":
+        model = KimiLinearForCausalLM(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (1, 5))
+        assert model(ids).shape == (1, 5, cfg.vocab_size)
+        return
+    with torch.device("meta"):  # big presets: shapes only, no memory
+        model = KimiLinearForCausalLM(cfg)
+    assert len(model.model.layers) == cfg.num_hidden_layers
+    kinds = tuple("kda" if type(layer.self_attn).__name__ == "KimiDeltaAttention" else "mla"
+                  for layer in model.model.layers)
+    assert kinds == cfg.layer_kinds
+
+
+def test_preset_layer_patterns():
+    assert KimiLinearConfig.from_preset("kimi-linear-48b-a3b").mla_layers == [3, 7, 11, 15, 19, 23, 26]
+    assert KimiLinearConfig.from_preset("kimi-k2").kda_layers == []
+    assert KimiLinearConfig.from_preset("tiny").layer_kinds == ("kda", "kda", "kda", "mla")
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*tiny"):
+        KimiLinearConfig.from_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", 0),
+        ("vocab_size", -3),
+        ("num_hidden_layers", 2.5),
+        ("kda_num_heads", 0),
+        ("kda_head_dim", True),
+        ("kda_conv_size", 0),
+        ("kda_chunk_size", 0),
+        ("kda_gate", "vector"),
+        ("kda_backend", "cuda"),
+        ("num_experts_per_token", 9),
+        ("first_k_dense_replace", 99),
+        ("qk_rope_head_dim", 7),
+        ("rms_norm_eps", 0.0),
+        ("routed_scaling_factor", float("inf")),
+        ("moe_bias_update_rate", -1.0),
+        ("q_lora_rank", 0),
+        ("eos_token_id", 10**6),
+        ("layer_types", ("kda", "gdn", "kda", "mla")),
+        ("layer_types", ("kda",)),
+        ("mla_every", -1),
+    ],
+)
+def test_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"KimiLinearConfig\.{field}"):
+        KimiLinearConfig.from_preset("tiny", **{field: value})
+
+
+def test_replace_validates_and_twins():
+    cfg = KimiLinearConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match="hidden_size"):
+        cfg.replace(hidden_size=-1)
+    twin = cfg.all_mla_twin()
+    assert twin.layer_kinds == ("mla",) * 4 and twin.name == "tiny-all-mla"
+    assert cfg.with_layer_kinds("kda").mla_layers == []
+    with pytest.raises(ValueError, match="kind"):
+        cfg.with_layer_kinds("rnn")
+
+
+def test_from_hf_config_reads_the_release_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASE_48B))
+    for source in (tmp_path, tmp_path / "config.json", RELEASE_48B):
+        cfg = KimiLinearConfig.from_hf_config(source)
+        assert cfg.num_hidden_layers == 27 and cfg.hidden_size == 2304
+        assert cfg.mla_layers == [3, 7, 11, 15, 19, 23, 26]  # 1-based ids in the file
+        assert len(cfg.kda_layers) == 20
+        assert cfg.kda_num_heads == 32 and cfg.kda_head_dim == 128 and cfg.kda_conv_size == 4
+        assert cfg.mla_use_nope is True and cfg.q_lora_rank is None
+        assert (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (512, 128, 64, 128)
+        assert (cfg.num_experts, cfg.num_experts_per_token, cfg.num_shared_experts) == (256, 8, 1)
+        assert cfg.moe_intermediate_size == 1024 and cfg.intermediate_size == 9216
+        assert cfg.first_k_dense_replace == 1 and cfg.routed_scaling_factor == 2.446
+        assert cfg.max_position_embeddings == 1048576 and cfg.eos_token_id == 163586
+    preset = KimiLinearConfig.from_preset("kimi-linear-48b-a3b")
+    skip = {"name", "layer_types", "mla_every", "last_layer_mla"}
+    for field in preset.to_dict():
+        if field not in skip:
+            assert getattr(cfg, field) == getattr(preset, field), field
+    assert cfg.layer_kinds == preset.layer_kinds
+
+
+def test_to_hf_config_round_trips():
+    cfg = KimiLinearConfig.from_hf_config(RELEASE_48B)
+    hf = cfg.to_hf_config()
+    for key, value in RELEASE_48B.items():
+        assert hf[key] == value, key
+    again = KimiLinearConfig.from_hf_config(json.loads(json.dumps(hf)))
+    assert again == cfg
+    for name in PRESETS:
+        p = KimiLinearConfig.from_preset(name)
+        back = KimiLinearConfig.from_hf_config(p.to_hf_config())
+        assert back.layer_kinds == p.layer_kinds and back.to_hf_config() == p.to_hf_config()
+
+
+def test_from_hf_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        KimiLinearConfig.from_hf_config(tmp_path)
+    with pytest.raises(ValueError, match="lacks required keys.*hidden_size"):
+        KimiLinearConfig.from_hf_config({k: v for k, v in RELEASE_48B.items() if k != "hidden_size"})
+    bad = json.loads(json.dumps(RELEASE_48B))
+    bad["linear_attn_config"]["full_attn_layers"] = [0, 4]
+    with pytest.raises(ValueError, match="1-based"):
+        KimiLinearConfig.from_hf_config(bad)
+    with pytest.raises(ValueError, match="moe_router_activation_func"):
+        KimiLinearConfig.from_hf_config({**RELEASE_48B, "moe_router_activation_func": "softmax"})
+    with pytest.raises(ValueError, match="hidden_act"):
+        KimiLinearConfig.from_hf_config({**RELEASE_48B, "hidden_act": "gelu"})
