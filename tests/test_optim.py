@@ -1,0 +1,473 @@
+"""MuonClip: parameter groups, agreement with torch.optim.Muon / AdamW, per-head QK-Clip,
+gradient accumulation, 2-process DDP, state_dict resume, argument checks, the experiment smoke run."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from kimi_linear import KimiLinearConfig
+from kimi_linear.layers.mla import MLAttention, masked_max_logits
+from kimi_linear.layers.moe import GroupedExperts
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.optim import (
+    GROUP_NAMES,
+    MuonClip,
+    apply_qk_clip_,
+    build_optimizer,
+    find_mla_modules,
+    mla_head_dims,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+_MUON_SUFFIXES = (
+    "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "f_a_proj.weight",
+    "f_b_proj.weight", "b_proj.weight", "g_a_proj.weight", "g_b_proj.weight",
+    "kv_a_proj_with_mqa.weight", "kv_b_proj.weight", "q_a_proj.weight", "q_b_proj.weight",
+    "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+    "experts.w1", "experts.w2", "experts.w3",
+)
+_ADAMW_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "block_sparse_moe.gate.weight",
+                   "q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")
+_NO_DECAY_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
+
+
+def expected_group(name: str) -> str:
+    """The group the brief's rule assigns, spelled out by release parameter name."""
+    hits = [g for g, sfx in (("adamw", _ADAMW_SUFFIXES), ("adamw_no_decay", _NO_DECAY_SUFFIXES),
+                             ("muon", _MUON_SUFFIXES)) if name.endswith(sfx)]
+    assert len(hits) == 1, f"{name}: ambiguous or unknown in the test's table: {hits}"
+    return hits[0]
+
+
+def mla_config(**overrides) -> KimiLinearConfig:
+    """A 1-4 layer, all-MLA, dense config small enough for exact CPU tests."""
+    kw = dict(
+        name="mla-test", vocab_size=64, hidden_size=32, num_hidden_layers=2, layer_types=("mla", "mla"),
+        num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, intermediate_size=64, num_experts=0, max_position_embeddings=256,
+    )
+    kw.update(overrides)
+    return KimiLinearConfig(**kw)
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, labels=ids).loss
+
+
+def exact_max_logits(layer: MLAttention, x: torch.Tensor) -> torch.Tensor:
+    """Per-head max causal logit of ``layer`` on ``x``, recomputed from its current weights."""
+    with torch.no_grad():
+        q = layer._project_q(x)
+        q_nope, q_rope = q.split([layer.nope_dim, layer.rope_dim], dim=-1)
+        latent, k_rope = layer.kv_a_proj_with_mqa(x).split([layer.kv_lora_rank, layer.rope_dim], -1)
+        latent = layer.kv_a_layernorm(latent)
+        q_rope, k_rope = layer._rotate(q_rope, k_rope, 0)
+        kv = layer.kv_b_proj(latent).unflatten(-1, (layer.num_heads, -1)).transpose(1, 2)
+        k_nope = kv[..., : layer.nope_dim]
+        k_pe = k_rope[:, None].expand(-1, layer.num_heads, -1, -1)
+        k = torch.cat([k_nope, k_pe], -1)
+        qq = torch.cat([q_nope, q_rope], -1).transpose(1, 2)
+        return masked_max_logits(qq, k, layer.softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter groups
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny", {}),
+        ("tiny", {"tie_word_embeddings": True, "q_lora_rank": 16, "kda_gate": "head"}),
+        ("small", {}),
+    ],
+)
+def test_groups_follow_the_rule(preset, overrides):
+    cfg = KimiLinearConfig.from_preset(preset, **overrides)
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg)
+    opt = MuonClip(model, lr=3e-3, weight_decay=0.05)
+    groups = opt.describe_groups()
+    assert list(groups) == list(GROUP_NAMES)
+    listed = [n for names in groups.values() for n in names]
+    assert len(listed) == len(set(listed)), "a parameter is in two groups"
+    assert set(listed) == {n for n, _ in model.named_parameters()}, "every parameter in one group"
+    for group_name, names in groups.items():
+        for n in names:
+            assert expected_group(n) == group_name, n
+    # group hyper-parameters and the identity of the params
+    params = dict(model.named_parameters())
+    for g in opt.param_groups:
+        assert g["lr"] == 3e-3
+        assert g["weight_decay"] == (0.0 if g["name"] == "adamw_no_decay" else 0.05)
+        assert all(p is params[n] for p, n in zip(g["params"], g["param_names"]))
+    assert "model.layers.1.block_sparse_moe.experts.w1" in groups["muon"]
+    buffers = dict(model.named_buffers())
+    assert "model.layers.1.block_sparse_moe.gate.e_score_correction_bias" in buffers
+
+
+def test_adamw_builder_groups():
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("tiny"))
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"adamw", "adamw_no_decay"}
+    assert by_name["adamw_no_decay"]["weight_decay"] == 0.0 and by_name["adamw"]["weight_decay"] == 0.1
+    for n in by_name["adamw_no_decay"]["param_names"]:
+        assert expected_group(n) == "adamw_no_decay"
+    assert isinstance(build_optimizer(model, "muonclip", qk_clip_tau=None), MuonClip)
+
+
+def test_tracking_switches_on_mla_layers():
+    model = KimiLinearForCausalLM(mla_config())
+    layers = find_mla_modules(model)
+    assert list(layers) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    MuonClip(model, qk_clip_tau=None)
+    assert not any(m.record_max_logits for m in layers.values())
+    MuonClip(model, qk_clip_tau=None, track_max_logits=True)
+    assert all(m.record_max_logits for m in layers.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# agreement with torch.optim.Muon / AdamW
+# ----------------------------------------------------------------------------------------------
+def test_updates_match_torch_muon_and_adamw():
+    # a dense KDA + MLA model (stacked experts are checked in the next test)
+    cfg = mla_config(layer_types=("kda", "mla"), kda_num_heads=2, kda_head_dim=16)
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg)
+    ref = copy.deepcopy(model)
+    kw = dict(lr=2e-2, weight_decay=0.1)
+    opt = MuonClip(model, momentum=0.9, adamw_betas=(0.8, 0.9), adamw_eps=1e-7, qk_clip_tau=None, **kw)
+    groups = opt.describe_groups()
+    rp = dict(ref.named_parameters())
+    mats = [rp[n] for n in groups["muon"] if rp[n].ndim == 2]
+    ref_muon = torch.optim.Muon(mats, momentum=0.9, nesterov=True, ns_steps=5,
+                                adjust_lr_fn="match_rms_adamw", **kw)
+    ref_adamw = torch.optim.AdamW(
+        [{"params": [rp[n] for n in groups["adamw"]], "weight_decay": 0.1},
+         {"params": [rp[n] for n in groups["adamw_no_decay"]], "weight_decay": 0.0}],
+        lr=2e-2, betas=(0.8, 0.9), eps=1e-7,
+    )
+    for step in range(3):
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            lm_loss(m, ids).backward()
+        opt.step()
+        ref_muon.step()
+        ref_adamw.step()
+    assert {"model.layers.0.self_attn.A_log", "model.layers.0.self_attn.q_conv1d.weight",
+            "model.layers.1.self_attn.kv_b_proj.weight"} <= set(sum(groups.values(), []))
+    for (n, p), r in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, r), n
+
+
+def test_stacked_experts_equal_per_expert_muon():
+    torch.manual_seed(0)
+    experts = GroupedExperts(num_experts=3, hidden_size=12, intermediate_size=20)
+    nn.init.normal_(experts.w1, std=0.1), nn.init.normal_(experts.w2, std=0.1), nn.init.normal_(experts.w3, std=0.1)
+    opt = MuonClip(experts, lr=1e-2, weight_decay=0.1, qk_clip_tau=None)
+    assert opt.describe_groups()["muon"] == ["w1", "w3", "w2"]
+    refs = {n: [p[e].detach().clone().requires_grad_() for e in range(3)] for n, p in experts.named_parameters()}
+    ref_opts = [torch.optim.Muon(mats, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+                for mats in refs.values()]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for n, p in experts.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            for e in range(3):
+                refs[n][e].grad = p.grad[e].clone()
+        opt.step()
+        for o in ref_opts:
+            o.step()
+    for n, p in experts.named_parameters():
+        for e in range(3):
+            assert torch.equal(p[e], refs[n][e]), (n, e)
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.shape == p.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# QK-Clip on a hand-made MLA layer
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": 24}, {"mla_use_nope": False}],
+                         ids=["q_proj-nope", "q_lora", "rope"])
+def test_qk_clip_per_head(overrides):
+    cfg = mla_config(**overrides)
+    torch.manual_seed(0)
+    layer = MLAttention(cfg)
+    for p in layer.parameters():
+        if p.ndim == 2:
+            nn.init.normal_(p, std=0.3)
+    H, n, r, v = 4, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q_lin = layer.q_b_proj if cfg.q_lora_rank else layer.q_proj
+    with torch.no_grad():  # make heads 1 and 3 produce large logits
+        q_lin.weight.view(H, n + r, -1)[[1, 3]] *= 12.0
+    holder = nn.ModuleDict({"attn": layer})
+    opt = MuonClip(holder, qk_clip_tau=1.0)  # replaced below, once the logits are known
+    x = torch.randn(2, 10, cfg.hidden_size)
+    before = exact_max_logits(layer, x)
+    big = torch.zeros(H, dtype=torch.bool)
+    big[[1, 3]] = True
+    tau = float((before[big].min() + before[~big].max()) / 2)
+    assert before[big].min() > tau > before[~big].max()
+    opt.qk_clip_tau = tau
+
+    old = {k: w.detach().clone() for k, w in holder.named_parameters()}
+    layer(x)  # records the max logits (no backward: no gradients, only the clip moves weights)
+    torch.testing.assert_close(layer.max_logits, before, rtol=1e-6, atol=1e-6)
+    opt.step()
+    assert layer.max_logits is None, "step() resets the running max"
+    s = opt.last_max_logits["attn"]
+    gamma = opt.last_clip_gamma["attn"]
+    assert torch.equal(gamma[~big], torch.ones(2))
+    torch.testing.assert_close(gamma[big], tau / s[big])
+
+    after = exact_max_logits(layer, x)
+    assert torch.all(after[big] <= tau * (1 + 1e-4))
+    torch.testing.assert_close(after[big], torch.full((2,), tau), rtol=1e-4, atol=0)
+    assert torch.equal(after[~big], before[~big])
+
+    # exact factors on the right rows; everything else bit-identical
+    qn = q_lin.weight.view(H, n + r, -1)
+    qo = old[f"attn.{'q_b_proj' if cfg.q_lora_rank else 'q_proj'}.weight"].view(H, n + r, -1)
+    kn = layer.kv_b_proj.weight.view(H, n + v, -1)
+    ko = old["attn.kv_b_proj.weight"].view(H, n + v, -1)
+    for h in range(H):
+        g = gamma[h]
+        if big[h]:
+            assert torch.equal(qn[h, :n], qo[h, :n] * g.sqrt())
+            assert torch.equal(qn[h, n:], qo[h, n:] * g)
+            assert torch.equal(kn[h, :n], ko[h, :n] * g.sqrt())
+        else:
+            assert torch.equal(qn[h], qo[h]) and torch.equal(kn[h, :n], ko[h, :n])
+        assert torch.equal(kn[h, n:], ko[h, n:]), "value rows untouched"
+    for k, w in holder.named_parameters():
+        if k not in ("attn.q_proj.weight", "attn.q_b_proj.weight", "attn.kv_b_proj.weight"):
+            assert torch.equal(w, old[k]), f"{k} must be untouched (rope key, latent, q_a, norms)"
+
+
+def test_qk_clip_bf16_weights_and_no_clip_below_tau():
+    layer = MLAttention(mla_config()).to(torch.bfloat16)
+    old = {k: w.detach().clone() for k, w in layer.named_parameters()}
+    gamma = apply_qk_clip_(layer, torch.tensor([0.5, 2.0, 1.0, 4.0]), tau=1.0)
+    torch.testing.assert_close(gamma, torch.tensor([1.0, 0.5, 1.0, 0.25]))
+    qn, qo = layer.q_proj.weight.view(4, 12, -1), old["q_proj.weight"].view(4, 12, -1)
+    assert torch.equal(qn[[0, 2]], qo[[0, 2]])
+    torch.testing.assert_close(qn[3, :8], (qo[3, :8].float() * 0.5).bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(qn[3, 8:], (qo[3, 8:].float() * 0.25).bfloat16(), rtol=0, atol=0)
+    assert layer.q_proj.weight.dtype == torch.bfloat16
+    assert mla_head_dims(layer, 4) == (8, 4, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulation, DDP, resume
+# ----------------------------------------------------------------------------------------------
+def _clip_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = KimiLinearForCausalLM(mla_config(initializer_range=0.2))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(seed + 1))
+    return model, ids
+
+
+def _max_logits_on(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-layer, per-head max logits of the freshly initialised test model on ``ids``."""
+    probe, _ = _clip_setup()
+    opt = MuonClip(probe, qk_clip_tau=None, track_max_logits=True)
+    with torch.no_grad():
+        probe(ids)
+    opt.step()
+    return opt.last_max_logits
+
+
+def _tau_under_the_logits(ids: torch.Tensor) -> float:
+    """A tau under every layer's largest logit on ``ids``, so that the clip fires."""
+    return 0.7 * min(float(s.max()) for s in _max_logits_on(ids).values())
+
+
+def _one_big_batch_step(tau: float):
+    model, ids = _clip_setup()
+    opt = MuonClip(model, lr=1e-2, qk_clip_tau=tau)
+    lm_loss(model, ids).backward()
+    opt.step()
+    return model, opt
+
+
+def test_accumulation_matches_one_large_batch():
+    model, ids = _clip_setup()
+    tau = _tau_under_the_logits(ids)
+
+    big_model, big_opt = _one_big_batch_step(tau)
+    acc_opt = MuonClip(model, lr=1e-2, qk_clip_tau=tau)
+    for half in ids.chunk(2):
+        (lm_loss(model, half) / 2).backward()
+    acc_opt.step()
+    assert set(acc_opt.last_max_logits) == set(big_opt.last_max_logits) == set(find_mla_modules(model))
+    for name, s in big_opt.last_max_logits.items():
+        torch.testing.assert_close(acc_opt.last_max_logits[name], s, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(acc_opt.last_clip_gamma[name], big_opt.last_clip_gamma[name])
+        assert (big_opt.last_clip_gamma[name] < 1).any(), "the clip must fire in this test"
+    # the last micro-batch alone has smaller maxima somewhere: the running max is what clipped
+    last = _max_logits_on(ids.chunk(2)[1])
+    assert any((last[k] < s - 1e-4).any() for k, s in big_opt.last_max_logits.items())
+    for (n, a), b in zip(model.named_parameters(), big_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, ids: torch.Tensor, tau: float, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, _ = _clip_setup()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = MuonClip(ddp.module, lr=1e-2, qk_clip_tau=tau)
+        ddp(ids.chunk(world)[rank], labels=ids.chunk(world)[rank]).loss.backward()
+        opt.step()
+        if rank == 0:
+            torch.save({"params": dict(model.named_parameters()), "max": opt.last_max_logits,
+                        "gamma": opt.last_clip_gamma}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_large_batch(tmp_path):
+    _, ids = _clip_setup()
+    tau = _tau_under_the_logits(ids)
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), ids, tau, out), nprocs=2, join=True)
+    got = torch.load(out)
+    big_model, big_opt = _one_big_batch_step(tau)
+    for name, s in big_opt.last_max_logits.items():
+        torch.testing.assert_close(got["max"][name], s, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["gamma"][name], big_opt.last_clip_gamma[name])
+    # rank 0's half alone has smaller maxima somewhere: without the MAX all-reduce it would clip
+    # differently from the large batch
+    own = _max_logits_on(ids.chunk(2)[0])
+    assert any((own[k] < s - 1e-4).any() for k, s in big_opt.last_max_logits.items())
+    for n, p in big_model.named_parameters():
+        torch.testing.assert_close(got["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_state_dict_resume_continues_identically():
+    cfg = KimiLinearConfig.from_preset("tiny", num_hidden_layers=2, layer_types=("kda", "mla"),
+                                       initializer_range=0.2)
+    batches = [torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def train(model, opt, bs):
+        for ids in bs:
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, ids).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg)
+    opt = MuonClip(model, lr=1e-2, qk_clip_tau=0.05)
+    train(model, opt, batches[:2])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    assert any("momentum_buffer" in s for s in saved_opt["state"].values())
+    assert any(s.get("momentum_buffer", torch.zeros(())).ndim == 3 for s in saved_opt["state"].values())
+    assert [g["name"] for g in saved_opt["param_groups"]] == list(GROUP_NAMES)
+    train(model, opt, batches[2:])
+
+    torch.manual_seed(123)
+    resumed = KimiLinearForCausalLM(cfg)
+    resumed.load_state_dict(saved_model)
+    opt2 = MuonClip(resumed, lr=1e-2, qk_clip_tau=0.05)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.describe_groups() == opt.describe_groups()
+    train(resumed, opt2, batches[2:])
+    assert any((g < 1).any() for g in opt2.last_clip_gamma.values()), "the clip must fire"
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"ns_steps": 0}, "ns_steps"),
+        ({"adamw_betas": (0.9,)}, "adamw_betas"),
+        ({"adamw_betas": (0.9, 1.5)}, r"adamw_betas\[1\]"),
+        ({"adamw_eps": 0.0}, "adamw_eps"),
+        ({"qk_clip_tau": 0.0}, "qk_clip_tau"),
+        ({"qk_clip_tau": float("nan")}, "qk_clip_tau"),
+        ({"qk_clip_tau": 10.0, "track_max_logits": False}, "track_max_logits"),
+        ({"nesterov": "yes"}, "nesterov"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = KimiLinearForCausalLM(mla_config())
+    with pytest.raises(ValueError, match=match):
+        MuonClip(model, **kwargs)
+
+
+def test_bad_inputs_elsewhere():
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        MuonClip([nn.Parameter(torch.zeros(2, 2))])
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        MuonClip(frozen)
+    model = KimiLinearForCausalLM(mla_config())
+    with pytest.raises(ValueError, match="optimizer name"):
+        build_optimizer(model, "sgd")
+    with pytest.raises(ValueError, match="unexpected arguments"):
+        build_optimizer(model, "adamw", qk_clip_tau=10.0)
+    layer = model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="max_logits must be a 1-D tensor"):
+        apply_qk_clip_(layer, torch.ones(4, 1), tau=1.0)
+    with pytest.raises(ValueError, match="num_heads=3"):
+        apply_qk_clip_(layer, torch.ones(3), tau=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        apply_qk_clip_(layer, torch.ones(4), tau=-1.0)
+
+    class NoTracking(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj = nn.Linear(4, 8), nn.Linear(4, 6), nn.Linear(4, 8)
+
+    with pytest.raises(ValueError, match="no max-logit tracking"):
+        MuonClip(NoTracking(), qk_clip_tau=10.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the experiment script
+# ----------------------------------------------------------------------------------------------
+def test_experiment_quick_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("qk_clip_experiment", ROOT / "experiments" / "qk_clip.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "qk_clip.json").read_text())
+    assert set(data["runs"]) == {"muon", "muonclip"}
+    for run in data["runs"].values():
+        assert len(run["loss"]) == data["config"]["steps"]
+        assert all(len(v) == data["config"]["steps"] for v in run["max_logit"].values())
+    muon, clip = data["runs"]["muon"], data["runs"]["muonclip"]
+    assert muon["loss"][0] == clip["loss"][0], "same initialisation and first batch"
+    assert muon["summary"]["steps_with_clipping"] == 0
+    assert muon["summary"]["first_step_over_tau"] is not None, "--quick must reach tau"
+    assert clip["summary"]["steps_with_clipping"] > 0
+    assert (tmp_path / "qk_clip.md").is_file() and (tmp_path / "qk_clip.png").is_file()
+    assert os.path.getsize(tmp_path / "qk_clip.png") > 0
