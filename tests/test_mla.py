@@ -370,3 +370,16 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="position_offset"):
         layer(torch.randn(2, 1, D), None, -1)
     assert cache.length == 3  # failed calls left the cache untouched
+
+
+def test_max_logits_not_recorded_in_eval_mode():
+    layer = make_layer()
+    layer.record_max_logits = True
+    x = torch.randn(2, 5, layer.config.hidden_size)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.max_logits is None
+    layer.train()
+    layer(x)
+    assert layer.max_logits is not None and layer.max_logits.shape == (layer.num_heads,)

@@ -116,8 +116,9 @@ class MLAttention(nn.Module):
         layer_idx: index of the layer in the model (kept for bookkeeping).
 
     Attributes:
-        record_max_logits: when True, each forward updates :attr:`max_logits` (the QK-Clip
-            statistic). When False (default) no extra work is done.
+        record_max_logits: when True, each forward in training mode updates
+            :attr:`max_logits` (the QK-Clip statistic; evaluation passes never feed the clip).
+            When False (default) no extra work is done.
         max_logits: ``None`` or fp32 ``[H]``: per head, the running max (over calls until
             :meth:`reset_max_logits`) of the pre-softmax logit, scale included, causal mask
             applied, over batch and positions. Detached.
@@ -309,7 +310,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe], dim=-1)  # [B, H, L, nope + rope]
         q = rearrange(torch.cat([q_nope, q_rope], dim=-1), "b t h d -> b h t d")
 
-        if self.record_max_logits:
+        if self.record_max_logits and self.training:
             self._update_max_logits(masked_max_logits(q, k, self.softmax_scale, q_start))
 
         mixed_ok = v.shape[-1] == k.shape[-1] or _sdpa_accepts_mixed_v_dim(q.device, q.dtype)
@@ -345,7 +346,7 @@ class MLAttention(nn.Module):
         scores = scores.float() * self.softmax_scale  # [B, H, T, L]
         if T > 1:  # a single query (the newest token) sees every cached key
             scores = scores.masked_fill(~_causal_mask(q_start, T, L, scores.device), float("-inf"))
-        if self.record_max_logits:
+        if self.record_max_logits and self.training:
             self._update_max_logits(scores.detach().amax(dim=(0, 2, 3)))
         probs = scores.softmax(dim=-1).to(latent.dtype)
         ctx = torch.einsum("bhtl,blr->bthr", probs, latent)  # [B, T, H, R]
