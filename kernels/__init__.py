@@ -1,1 +1,17 @@
-"""Triton kernels for Kimi Delta Attention, importable as ``kimi_linear.kernels``."""
+"""Triton kernels for Kimi Delta Attention, importable as ``kimi_linear.kernels``.
+
+- :func:`chunk_kda`: chunked forward and backward (training, prefill), varlen via ``cu_seqlens``.
+- :func:`fused_recurrent_kda`: token-by-token forward (decode), optionally updating the state
+  in place.
+
+Both take the layout of :func:`kimi_linear.ops.kda_recurrent` and run on CUDA devices, or on the
+CPU under ``TRITON_INTERPRET=1`` (slow; for tests). Modules: ``chunk`` (autograd function and
+entry point), ``chunk_fwd`` / ``chunk_bwd`` (kernels and their launchers), ``fused_recurrent``,
+``utils`` (checks, chunk tables, autotuning) and ``compile_check`` (compile every kernel for a
+GPU architecture without a GPU: ``python -m kimi_linear.kernels.compile_check``).
+"""
+
+from .chunk import chunk_kda
+from .fused_recurrent import fused_recurrent_kda
+
+__all__ = ["chunk_kda", "fused_recurrent_kda"]

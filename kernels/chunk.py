@@ -1,0 +1,90 @@
+"""Chunked KDA with Triton forward and backward: the training and prefill kernel.
+
+Design (see :mod:`kimi_linear.kernels.chunk_fwd` and :mod:`kimi_linear.kernels.chunk_bwd`):
+chunks of 64 tokens; the gate is cumulated within each chunk and every decay factor is formed
+from a difference of cumulated gates split at a reference row, so nothing overflows however
+strong the decay; the intra-chunk triangular system ``(I + Akk)`` is inverted by forward
+substitution (16 x 16 diagonal blocks, then block substitution) into the UT/WY form
+``W, U``; one sequential kernel per (sequence, head, value block) carries the fp32 state across
+chunks and emits outputs. The backward recomputes the forward intermediates (no state history
+is kept between forward and backward), walks the chunks in reverse for the state gradient, then
+computes the per-chunk and pairwise gradient terms. Packed variable-length batches
+(``cu_seqlens``) index chunks per sequence, so no chunk straddles two sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk_bwd import chunk_kda_bwd
+from .chunk_fwd import chunk_kda_fwd
+from .utils import ChunkTables, check_kernel_inputs, pack
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    """Autograd wrapper over the packed kernels; inputs are packed ``[TT, H, D]`` tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, tables: ChunkTables):
+        o, final_state = chunk_kda_fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, *tables
+        )[:2]
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.scale, ctx.tables = scale, tables
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd(
+            q, k, v, g, beta, ctx.scale, initial_state, do.contiguous(),
+            None if dht is None else dht.contiguous(), *ctx.tables,
+        )
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+
+
+def chunk_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kimi Delta Attention, chunked, with Triton kernels for forward and backward.
+
+    Same meaning as :func:`kimi_linear.ops.kda_recurrent`: per head, with fp32 state ``S [K, V]``,
+    ``S = diag(exp(g_t)) S; S += beta_t k_t (v_t - S^T k_t)^T; o_t = S^T (scale q_t)``.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys (L2-normalise them: the chunked form relies on
+            ``||k|| <= 1``), fp16 / bf16 / fp32, one dtype for q, k, v.
+        v: ``[B, T, H, V]`` values; ``V`` may differ from ``K``; both at most 256.
+        g: ``[B, T, H, K]`` log decay ``<= 0`` (any of the three dtypes; used in fp32).
+        beta: ``[B, T, H]`` delta-rule step sizes.
+        scale: factor on q, default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` state before the first token (cast to fp32), ``N = B``,
+            or the number of sequences with ``cu_seqlens``.
+        output_final_state: also return the ``[N, H, K, V]`` fp32 state after the last token.
+        cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (needs ``B == 1``);
+            each sequence starts from its own initial-state row, as if run alone.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state fp32 or ``None``.
+        Gradients flow to q, k, v, g, beta, initial_state (and from a gradient on final_state).
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, or CPU
+            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there).
+
+    Inputs with other strides are made contiguous (a copy); inputs are never modified.
+    """
+    B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    scale = K**-0.5 if scale is None else float(scale)
+    (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    o, final_state = ChunkKDAFunction.apply(pq, pk, pv, pg, pb, scale, h0, output_final_state, tables)
+    return o.view(B, T, H, V), final_state

@@ -1,0 +1,157 @@
+"""Shared plumbing of the KDA Triton kernels: input checks, sequence/chunk indexing, autotuning.
+
+Every kernel works on a *packed* layout: ``[1, total_tokens, H, D]`` with ``cu_seqlens`` offsets.
+A dense batch ``[B, T, H, D]`` is the packed batch with ``cu_seqlens = [0, T, 2T, ..., BT]``
+(a free view of a contiguous tensor), so there is one code path for both.
+
+Chunks never straddle sequence boundaries: ``chunk_indices[i] = (sequence n, chunk c within n)``
+lists the chunks of all sequences in order, and ``chunk_offsets[n]`` is the index of sequence n's
+first chunk, so per-chunk buffers (states ``h``) are indexed by the global chunk number.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+
+from kimi_linear.ops.checks import check_kda_inputs
+
+#: Chunk length of the chunked kernels and sub-chunk length of their intra-chunk pairwise parts.
+CHUNK_SIZE = 64
+SUB_CHUNK_SIZE = 16
+#: Largest head dims the kernels take (whole heads live in registers).
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune(
+    configs: Sequence[triton.Config], key: list[str], restore_value: Sequence[str] = ()
+) -> Callable:
+    """``triton.autotune`` on GPU; a fixed first config under the interpreter (no driver there).
+
+    Keys name head dims only (never the sequence length): varlen batches of new lengths reuse the
+    tuned config. Triton's autotuner also keys on the dtypes of the tensor arguments.
+    """
+
+    def decorate(fn):
+        if interpret_mode():
+            return _FixedConfig(fn, configs[0])
+        return triton.autotune(configs=list(configs), key=key, restore_value=list(restore_value))(fn)
+
+    return decorate
+
+
+class _FixedConfig:
+    """Launches a jitted kernel with the meta-parameters of one config (interpreter mode)."""
+
+    def __init__(self, fn, config: triton.Config):
+        self.fn = fn
+        self.kwargs = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.fn[grid](*args, **self.kwargs, **kwargs)
+
+        return launch
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Power-of-two block size covering ``n`` (at least ``minimum``: ``tl.dot`` needs 16)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Matmul precision inside the kernels: exact fp32 for fp32 inputs, TF32 for 16-bit ones."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_kernel_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, int]:
+    """All checks of the Triton entry points, before any launch; returns ``(B, T, H, K, V, N)``.
+
+    On top of :func:`kimi_linear.ops.checks.check_kda_inputs` (shapes, devices, cu_seqlens):
+    dtypes limited to fp16/bf16/fp32 with q, k, v sharing one; head dims up to
+    ``MAX_HEAD_DIM``; a CUDA device, or CPU tensors only under ``TRITON_INTERPRET=1``.
+    """
+    B, T, H, K, V, N = check_kda_inputs(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, allowed_dtypes=KERNEL_DTYPES
+    )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if K > MAX_HEAD_DIM:
+        raise ValueError(f"q/k head dim K={K} exceeds the kernels' maximum {MAX_HEAD_DIM}")
+    if V > MAX_HEAD_DIM:
+        raise ValueError(f"v head dim V={V} exceeds the kernels' maximum {MAX_HEAD_DIM}")
+    if q.device.type == "cpu":
+        if not interpret_mode():
+            raise ValueError(
+                "q is on the CPU: the Triton KDA kernels need a CUDA device (or TRITON_INTERPRET=1, "
+                "slow); use the torch backend kimi_linear.ops.kda_recurrent / kda_chunk on CPU"
+            )
+    elif q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}: the Triton KDA kernels need a CUDA device")
+    return B, T, H, K, V, N
+
+
+class ChunkTables(NamedTuple):
+    """Index tables of a packed batch (all int32, on the kernels' device)."""
+
+    cu_seqlens: torch.Tensor  #: ``[N + 1]`` sequence offsets
+    chunk_indices: torch.Tensor  #: ``[NT, 2]``: (sequence, chunk within the sequence) per chunk
+    chunk_offsets: torch.Tensor  #: ``[N + 1]``: global index of each sequence's first chunk
+    num_chunks: int  #: NT
+
+
+@functools.lru_cache(maxsize=128)
+def chunk_tables(offsets: tuple[int, ...], device: torch.device, chunk_size: int = CHUNK_SIZE) -> ChunkTables:
+    """Chunk tables for sequence ``offsets`` (cached: repeated shapes cost no host-device copy)."""
+    indices, chunk_offsets = [], [0]
+    for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
+        num = triton.cdiv(eos - bos, chunk_size)
+        indices.extend([n, c] for c in range(num))
+        chunk_offsets.append(chunk_offsets[-1] + num)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    return ChunkTables(
+        as_tensor(list(offsets)), as_tensor(indices).reshape(-1, 2), as_tensor(chunk_offsets), len(indices)
+    )
+
+
+def pack(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], ChunkTables]:
+    """Contiguous packed views ``[B*T, H, D]`` of the inputs and the batch's :class:`ChunkTables`.
+
+    Non-contiguous inputs are copied to contiguous memory (the kernels take dense row-major heads).
+    A dense batch gets offsets ``[0, T, ..., B*T]`` without touching the device.
+    """
+    B, T = q.shape[:2]
+    packed = tuple(x.contiguous().flatten(0, 1) for x in (q, k, v, g, beta))
+    if cu_seqlens is None:
+        offsets = tuple(b * T for b in range(B + 1))
+    else:
+        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    return packed, chunk_tables(offsets, q.device)
