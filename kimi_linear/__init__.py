@@ -33,6 +33,7 @@ _LAZY = {
     "KimiMoE": "kimi_linear.layers.moe",
     "KimiMLP": "kimi_linear.layers.moe",
     "RMSNorm": "kimi_linear.layers.norm",
+    "kda_chunk": "kimi_linear.ops",
     "kda_recurrent": "kimi_linear.ops",
     "count_parameters": "kimi_linear.info",
     "info_report": "kimi_linear.info",
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     "count_parameters",
     "info_report",
+    "kda_chunk",
     "kda_recurrent",
 ]
 
@@ -72,7 +74,7 @@ if TYPE_CHECKING:
         KimiLinearForCausalLM,
         KimiLinearModel,
     )
-    from kimi_linear.ops import kda_recurrent
+    from kimi_linear.ops import kda_chunk, kda_recurrent
 
 
 def __getattr__(name: str) -> Any:

@@ -47,11 +47,15 @@ def kda_recurrent(
     q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
     q = q * scale
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(compute).clone()
-    o = q.new_empty(B, T, H, V)
-    for t in range(T):
-        S = S * g[:, t].exp().unsqueeze(-1)
-        kt = k[:, t]  # [B, H, K]
-        residual = v[:, t] - torch.einsum("bhkv,bhk->bhv", S, kt)
-        S = S + torch.einsum("bhk,bhv->bhkv", beta[:, t].unsqueeze(-1) * kt, residual)
-        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
-    return o.to(v.dtype if v.dtype != torch.float64 else torch.float64), (S if output_final_state else None)
+    outputs = []
+    # Autocast would run the einsums in bf16 / fp16: keep the stated compute dtype. Slices come
+    # from unbind and outputs are stacked once: writing o[:, t] in place would make autograd
+    # copy the whole output gradient at every step (a backward quadratic in T).
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        for q_t, k_t, v_t, g_t, b_t in zip(*(x.unbind(1) for x in (q, k, v, g, beta))):
+            S = S * g_t.exp().unsqueeze(-1)  # decay the key rows; k_t: [B, H, K]
+            residual = v_t - torch.einsum("bhkv,bhk->bhv", S, k_t)
+            S = S + torch.einsum("bhk,bhv->bhkv", b_t.unsqueeze(-1) * k_t, residual)
+            outputs.append(torch.einsum("bhkv,bhk->bhv", S, q_t))
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, V)
+    return o.to(v.dtype), (S if output_final_state else None)

@@ -1,0 +1,405 @@
+"""The pure-PyTorch KDA ops: chunked form vs the token-by-token reference (and fla's reference).
+
+Inputs follow the KDA layer: q and k L2-normalised per head, beta in (0, 1), g <= 0 (log
+decay). Outputs, final states and all six gradients (dq, dk, dv, dg, dbeta, dh0) are compared:
+float64 at atol 1e-10, float32 at atol 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kimi_linear.ops.chunk as chunk_mod
+from kimi_linear.ops import kda_chunk, kda_recurrent
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DECAYS = {
+    "moderate": (-1.0, 0.0),
+    "strong": (-20.0, 0.0),  # cumulative decay down to -1280 within a 64-token chunk
+    "near_zero": (-1e-3, 0.0),
+}
+
+
+def make_inputs(
+    B: int = 2,
+    T: int = 65,
+    H: int = 2,
+    K: int = 16,
+    V: int = 12,
+    decay: str = "moderate",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """float64 KDA inputs as the layer produces them, plus a random initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    lo, hi = DECAYS[decay]
+    return {
+        "q": F.normalize(rand(B, T, H, K), dim=-1),
+        "k": F.normalize(rand(B, T, H, K), dim=-1),
+        "v": rand(B, T, H, V),
+        "g": torch.rand(B, T, H, K, generator=gen, dtype=torch.float64) * (lo - hi) + hi,
+        "beta": torch.sigmoid(rand(B, T, H)),
+        "initial_state": rand(B, H, K, V),
+    }
+
+
+GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many small ops: one intra-op thread avoids contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_op(
+    op: Callable,
+    inputs: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    with_state: bool = True,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Forward + backward of ``op`` on ``inputs`` cast to ``dtype``; fixed random cotangents."""
+    x = {n: t.detach().to(dtype).requires_grad_() for n, t in inputs.items()}
+    if not with_state:
+        x.pop("initial_state")
+    o, state = op(
+        x["q"], x["k"], x["v"], x["g"], x["beta"],
+        initial_state=x.get("initial_state"), output_final_state=with_state, **kwargs,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
+    if with_state:
+        loss = (
+            loss
+            + (
+                state * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state.dtype)
+            ).sum()
+        )
+    else:
+        assert state is None
+    names = [n for n in GRAD_NAMES if n in x]
+    grads = torch.autograd.grad(loss, [x[n] for n in names])
+    out = {"o": o.detach(), **{f"d{n}": gr for n, gr in zip(names, grads)}}
+    if with_state:
+        out["state"] = state.detach()
+    return out
+
+
+def assert_all_close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float
+) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        g, w = got[name].double(), want[name].double()
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        err = (g - w).abs().max().item()
+        assert err <= atol, f"{name}: max abs error {err:.3e} > {atol:.0e}"
+
+
+# --------------------------------------------------------------------- agreement with the reference
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
+def test_chunk_matches_recurrent(T: int, with_state: bool) -> None:
+    inputs = make_inputs(T=T, seed=T)
+    want64 = run_op(kda_recurrent, inputs, torch.float64, with_state)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float64, with_state), want64, atol=1e-10)
+    want32 = run_op(kda_recurrent, inputs, torch.float32, with_state)
+    got32 = run_op(kda_chunk, inputs, torch.float32, with_state)
+    assert got32["o"].dtype == torch.float32
+    assert_all_close(got32, want32, atol=1e-4)
+
+
+@pytest.mark.parametrize("decay", ["strong", "near_zero"])
+def test_chunk_matches_recurrent_extreme_decay(decay: str) -> None:
+    inputs = make_inputs(T=150, H=3, decay=decay, seed=7)
+    want = run_op(kda_recurrent, inputs, torch.float64)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-10)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+
+
+def test_very_strong_decay_stays_finite() -> None:
+    """g = -1000 per step: exp(-G) would overflow even float64; differences never do."""
+    inputs = make_inputs(B=1, T=80, decay="moderate", seed=3)
+    inputs["g"] = inputs["g"] * 1000.0
+    want = run_op(kda_recurrent, inputs, torch.float64)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-10)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("decay", ["moderate", "strong", "near_zero"])
+@pytest.mark.parametrize("H", [1, 3])
+def test_chunk_matches_fla_naive_recurrent(H: int, decay: str) -> None:
+    """fla's ``naive_recurrent_kda`` computes in float32: compare at float32 tolerance."""
+    naive = pytest.importorskip("fla.ops.kda.naive")
+    inputs = make_inputs(B=1, T=130, H=H, K=32, V=16, decay=decay, seed=11)
+    want = run_op(naive.naive_recurrent_kda, inputs, torch.float32)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 10, 16, 40, 48, 128])
+def test_result_does_not_depend_on_chunk_size(chunk_size: int) -> None:
+    inputs = make_inputs(B=1, T=100, decay="strong", seed=5)
+    want = run_op(kda_recurrent, inputs, torch.float64)
+    got = run_op(kda_chunk, inputs, torch.float64, chunk_size=chunk_size)
+    assert_all_close(got, want, atol=1e-10)
+
+
+def test_grouped_gram_matches_ungrouped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splitting the chunks into groups (to bound temporaries) changes nothing."""
+    inputs = make_inputs(B=2, T=200, H=3, seed=9)
+    want = run_op(kda_chunk, inputs, torch.float64)
+    monkeypatch.setattr(chunk_mod, "_GROUP_ELEMENTS", 1)  # one chunk per group
+    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-12)
+
+
+# Per-step decay scales that send float64 chunks (C=32, sub-chunks of 8) down each Gram path:
+# factored over the whole chunk, factored per sub-chunk, exact pairwise (limit 300 in float64).
+GRAM_PATHS = {"chunk_factored": 1.0, "sub_factored": 60.0, "pairwise": 400.0}
+
+
+def _gram_inputs(n: int, C: int, K: int, step: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (
+        F.normalize(torch.randn(n, C, K, generator=gen, dtype=torch.float64), dim=-1)
+        for _ in range(2)
+    )
+    G = (-step * torch.rand(n, C, K, generator=gen, dtype=torch.float64)).cumsum(1)
+    return q, k, G
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    calls = [0]
+    fn = getattr(chunk_mod, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_mod, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", list(GRAM_PATHS))
+def test_decayed_gram_paths_match_dense_and_gradcheck(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Gram path against the pairwise definition, and its backward against finite differences."""
+    sub_calls = _count_calls(monkeypatch, "_gram_forward_sub")
+    pair_calls = _count_calls(monkeypatch, "_diag_forward_pairwise")
+    q, k, G = _gram_inputs(2, 32, 4, GRAM_PATHS[path])
+    A_qk, A_kk = chunk_mod._DecayedGram.apply(q, k, G, 8)
+    assert (sub_calls[0] > 0, pair_calls[0] > 0) == {
+        "chunk_factored": (False, False), "sub_factored": (True, False), "pairwise": (True, True)
+    }[path]  # fmt: skip
+    D = (G.unsqueeze(2) - G.unsqueeze(1)).masked_fill(
+        ~torch.ones(32, 32, dtype=torch.bool).tril()[..., None], -torch.inf
+    )
+    dense = lambda a: torch.einsum("nrd,nid,nrid->nri", a, k, D.exp())
+    torch.testing.assert_close(A_qk, dense(q), atol=1e-12, rtol=0)
+    torch.testing.assert_close(A_kk, dense(k).tril(-1), atol=1e-12, rtol=0)
+    args = (q[:1].requires_grad_(), k[:1].requires_grad_(), G[:1].requires_grad_(), 8)
+    assert torch.autograd.gradcheck(chunk_mod._DecayedGram.apply, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("C,sub", [(6, 6), (9, 3)])
+def test_decayed_gram_gradcheck_odd_sizes(C: int, sub: int) -> None:
+    q, k, G = _gram_inputs(2, C, 3, step=100.0, seed=C)  # strong: through the sub-chunks
+    args = (q.requires_grad_(), k.requires_grad_(), G.requires_grad_(), sub)
+    assert torch.autograd.gradcheck(chunk_mod._DecayedGram.apply, args)  # full Jacobian
+
+
+def test_mixed_decay_takes_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call whose chunks need different Gram paths (float32 limits) still matches."""
+    sub_calls = _count_calls(monkeypatch, "_gram_forward_sub")
+    pair_calls = _count_calls(monkeypatch, "_diag_forward_pairwise")
+    inputs = make_inputs(B=1, T=256, H=2, decay="moderate", seed=21)
+    step = torch.tensor([0.01, 5.0, 20.0, 0.5]).repeat_interleave(64)  # one scale per chunk
+    inputs["g"] = inputs["g"] * step.view(1, -1, 1, 1).double()
+    want = run_op(kda_recurrent, inputs, torch.float64)
+    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+    assert sub_calls[0] > 0 and pair_calls[0] > 0
+
+
+# --------------------------------------------------------------------------- dtypes and edge cases
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype: torch.dtype) -> None:
+    x = make_inputs(B=1, T=70, seed=2)
+    half = {n: t.to(dtype) for n, t in x.items()}
+    o, state = kda_chunk(**half, output_final_state=True)
+    assert o.dtype == dtype and state.dtype == torch.float32
+    o32, state32 = kda_chunk(**{n: t.float() for n, t in half.items()}, output_final_state=True)
+    torch.testing.assert_close(o, o32.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(state, state32, atol=0, rtol=0)
+
+
+def test_float32_gates_with_half_inputs() -> None:
+    """The layer keeps g (and often beta) in float32 while q, k, v are bf16."""
+    x = make_inputs(B=1, T=40, seed=4)
+    args = {n: x[n].to(torch.bfloat16) for n in ("q", "k", "v")}
+    o, state = kda_chunk(**args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True)
+    ref, ref_state = kda_recurrent(
+        **args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True
+    )
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+    torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=0)
+
+
+def test_float64_final_state_and_defaults() -> None:
+    x = make_inputs(B=1, T=20, seed=6)
+    o, state = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"])
+    assert state is None and o.dtype == torch.float64 and o.shape == (1, 20, 2, 12)
+    _, state = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True)
+    assert state.dtype == torch.float64 and state.shape == (1, 2, 16, 12)
+    o_scaled, _ = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
+    ref, _ = kda_recurrent(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
+    torch.testing.assert_close(o_scaled, ref, atol=1e-10, rtol=0)
+
+
+def test_state_round_trip_equals_one_pass() -> None:
+    """Running [0, 100) then [100, 230) with the carried state equals one pass over [0, 230)."""
+    x = make_inputs(B=2, T=230, seed=8)
+    seq = {n: x[n] for n in ("q", "k", "v", "g", "beta")}
+    o_full, s_full = kda_chunk(**seq, initial_state=x["initial_state"], output_final_state=True)
+    head = {n: t[:, :100] for n, t in seq.items()}
+    tail = {n: t[:, 100:] for n, t in seq.items()}
+    o1, s1 = kda_chunk(**head, initial_state=x["initial_state"], output_final_state=True)
+    o2, s2 = kda_chunk(**tail, initial_state=s1, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_full, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s2, s_full, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+def test_empty_sequence_returns_initial_state(op: Callable) -> None:
+    x = make_inputs(B=1, T=0, seed=0)
+    o, state = op(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["g"],
+        x["beta"],
+        initial_state=x["initial_state"],
+        output_final_state=True,
+    )
+    assert o.shape == (1, 0, 2, 12)
+    torch.testing.assert_close(state, x["initial_state"])
+
+
+def test_inputs_are_not_modified() -> None:
+    x = make_inputs(B=1, T=90, seed=12)
+    before = {n: t.clone() for n, t in x.items()}
+    kda_chunk(**x, output_final_state=True)
+    for n in x:
+        assert torch.equal(x[n], before[n]), f"{n} was modified in place"
+
+
+def test_no_grad_inference() -> None:
+    x = {n: t.requires_grad_() for n, t in make_inputs(B=1, T=33, seed=1).items()}
+    with torch.no_grad():
+        o, state = kda_chunk(**x, output_final_state=True)
+    assert not o.requires_grad and not state.requires_grad
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _bad_cases() -> list[tuple[str, dict, str]]:
+    x = make_inputs(B=2, T=10, H=2, K=8, V=6).copy()
+    x = {n: t.float() for n, t in x.items()}
+    cases = [
+        ("q_rank", {"q": x["q"][0]}, "q must be 4-D"),
+        ("k_shape", {"k": x["k"][:, :5]}, "k must have the shape of q"),
+        ("g_shape", {"g": x["g"][..., :4]}, "g must have the shape of q"),
+        ("v_shape", {"v": x["v"][:, :, :1]}, "v must be"),
+        ("beta_shape", {"beta": x["beta"].unsqueeze(-1)}, "beta must be"),
+        ("k_dtype", {"k": x["k"].double()}, "k must have the dtype of q"),
+        ("v_dtype", {"v": x["v"].half()}, "v must have the dtype of q"),
+        ("int_q", {"q": x["q"].long()}, "q must have a floating dtype"),
+        (
+            "int_beta",
+            {"beta": torch.ones(2, 10, 2, dtype=torch.int32)},
+            "beta must have a floating dtype",
+        ),
+        ("state_shape", {"initial_state": x["initial_state"][:, :1]}, "initial_state must be"),
+        (
+            "state_int",
+            {"initial_state": x["initial_state"].int()},
+            "initial_state must be floating",
+        ),
+        ("state_list", {"initial_state": [[0.0]]}, "initial_state must be a torch.Tensor"),
+        ("v_list", {"v": x["v"].tolist()}, "v must be a torch.Tensor"),
+        ("scale", {"scale": -1.0}, "scale must be"),
+    ]
+    return [(name, {**x, **change}, msg) for name, change, msg in cases]
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_raises_value_error(op: Callable, case: tuple[str, dict, str]) -> None:
+    _, kwargs, msg = case
+    with pytest.raises(ValueError, match=msg):
+        op(**kwargs)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -64, 2.5, True, "64", None])
+def test_bad_chunk_size_raises_value_error(chunk_size: object) -> None:
+    x = make_inputs(B=1, T=10)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        kda_chunk(**x, chunk_size=chunk_size)
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_quick_runs(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "kda_cpu.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--impls", "kda_chunk,kda_recurrent", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "kda_cpu.json").read_text())
+    assert {"benchmark", "env", "config", "rows", "summary"} <= data.keys()
+    row = data["rows"][0]
+    assert {"T", "impl", "pass", "ms", "status"} <= row.keys()
+    assert {r["impl"] for r in data["rows"]} >= {"kda_chunk", "kda_recurrent"}
+    assert (tmp_path / "kda_cpu.md").exists()
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+def test_autocast_does_not_lower_compute_precision(op: Callable) -> None:
+    """Under bf16 autocast (mixed-precision training) the ops still compute in float32."""
+    x = {n: t.float().requires_grad_() for n, t in make_inputs(B=1, T=100, seed=13).items()}
+    outs = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, state = op(**x, output_final_state=True)
+        # backward outside the autocast region, as training loops (and Lightning) do
+        grads = torch.autograd.grad(o.square().sum() + state.square().sum(), list(x.values()))
+        outs.append({"o": o.detach(), "state": state.detach(), **dict(zip(x, grads))})
+    assert outs[1]["o"].dtype == torch.float32
+    assert_all_close(outs[1], outs[0], atol=1e-6)
+
+
+def test_outputs_are_contiguous() -> None:
+    x = make_inputs(B=2, T=70, seed=14)
+    for dtype in (torch.float32, torch.bfloat16):
+        o, state = kda_chunk(**{n: t.to(dtype) for n, t in x.items()}, output_final_state=True)
+        assert o.is_contiguous() and state.is_contiguous()
