@@ -1,0 +1,226 @@
+"""The model-level benchmark scripts: --quick runs, their outputs, exact cache sizes, bad input.
+
+The scripts live in ``benchmarks/`` (run as ``python benchmarks/<name>.py``). Each quick run
+goes through a subprocess, as a user would run it; argument and memory errors are checked
+in-process through each script's ``main(argv)`` (they exit before any work) plus one subprocess
+that shows there is no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _module(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env=env,
+    )
+
+
+def _outputs(folder: Path, name: str) -> dict:
+    for ext in ("json", "md", "png"):
+        assert (folder / f"{name}.{ext}").is_file(), f"{name}.{ext} missing"
+    assert (folder / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert (folder / f"{name}.md").read_text().startswith("# ")
+    data = json.loads((folder / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    for key in ("device", "device_type", "torch", "python", "time_utc"):
+        assert key in data["env"]
+    for key in ("args", "config", "rows", "summary"):
+        assert key in data, key
+    return data
+
+
+# ------------------------------------------------------------------------------ quick runs
+def test_kv_cache_quick_run(tmp_path):
+    res = _run("kv_cache.py", "--quick", "--no-progress", "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = _outputs(tmp_path, "kv_cache")
+    assert data["args"]["preset"] == "kimi-linear-48b-a3b"
+    assert [r["context"] for r in data["rows"]] == [1024, 2048, 4096]
+    # the released layout: 7 MLA layers x (512 + 64) bf16 values per token; 20 KDA layers of a
+    # 32 x 128 x 128 fp32 state and three conv tails of 3 tokens x 4096 bf16 values
+    kda = 20 * (32 * 128 * 128 * 4 + 3 * 3 * 4096 * 2)
+    for r in data["rows"]:
+        ctx = r["context"]
+        assert r["hybrid_analytic_bytes"] == 7 * 576 * 2 * ctx + kda
+        assert r["all_mla_analytic_bytes"] == 27 * 576 * 2 * ctx
+        assert r["gqa_analytic_bytes"] == 27 * 8 * (192 + 128) * 2 * ctx
+        assert r["hybrid_measured_bytes"] == r["hybrid_analytic_bytes"]
+        assert r["all_mla_measured_bytes"] == r["all_mla_analytic_bytes"]
+    assert data["summary"]["measured_equals_analytic"] is True
+    assert data["models"]["gqa"] == {"layers": 27, "kv_heads": 8, "k_head_dim": 192, "v_head_dim": 128,
+                                     "values_per_token_layer": 2560}
+    floor = data["floor_rows"]
+    assert {(r["context"], r["batch_size"]) for r in floor} == {(c, b) for c in (1024, 2048, 4096) for b in (1, 8, 64)}
+    for r in floor:
+        assert r["hybrid_step_bytes"] == pytest.approx(r["hybrid_weight_bytes"] + r["hybrid_cache_bytes"])
+        assert r["floor_ratio"] == pytest.approx(r["all_mla_step_bytes"] / r["hybrid_step_bytes"])
+    # about 3B active parameters per token at batch 1, in bf16
+    b1 = next(r for r in floor if r["batch_size"] == 1)
+    assert 5e9 < b1["hybrid_weight_bytes"] < 7e9
+    assert "wrote" in res.stdout
+
+
+def test_decode_quick_run(tmp_path):
+    res = _run("decode.py", "--quick", "--device", "cpu", "--threads", "1", "--no-progress",
+               "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = _outputs(tmp_path, "decode")
+    rows = data["rows"]
+    equal = [r for r in rows if r["figure"] == "equal_batch"]
+    assert {(r["model"], r["context"], r["batch_size"]) for r in equal} == {
+        (m, c, b) for m in ("hybrid", "all_mla") for c in (256, 1024) for b in (1, 2)
+    }
+    assert {r["model"] for r in rows if r["figure"] == "throughput"} == {"hybrid", "all_mla"}
+    for r in rows:
+        assert r["tpot_min_ms"] <= r["tpot_ms"] <= r["tpot_max_ms"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] / (r["tpot_ms"] / 1e3))
+        assert r["floor_ms"] > 0 and r["measured_over_floor"] == pytest.approx(r["tpot_ms"] / r["floor_ms"])
+        assert r["step_bytes"] == pytest.approx(r["weight_bytes"] + r["cache_bytes"])
+    assert data["bandwidth_bytes_per_s"] > 0
+    assert set(data["summary"]["tpot_speedup"]) == {"1", "2"}
+
+
+def test_prefill_quick_run(tmp_path):
+    res = _run("prefill.py", "--quick", "--device", "cpu", "--threads", "1", "--no-progress",
+               "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = _outputs(tmp_path, "prefill")
+    assert {(r["model"], r["length"]) for r in data["rows"]} == {
+        (m, n) for m in ("hybrid", "all_mla") for n in (128, 512)
+    }
+    for r in data["rows"]:
+        assert r["tokens_per_s"] == pytest.approx(r["length"] / r["seconds"])
+    assert data["summary"]["length"] == 512 and data["summary"]["speedup"] > 0
+
+
+# ------------------------------------------------------------------------------ exact cache bytes
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_cache_bytes_equal_analytic(preset, dtype):
+    from kimi_linear.config import KimiLinearConfig
+
+    kv_cache = _module("kv_cache")
+    cfg = KimiLinearConfig.from_preset(preset)
+    for config in (cfg, cfg.all_mla_twin(), cfg.with_layer_kinds("kda")):
+        for ctx, batch in ((1, 1), (300, 2), (2048, 3)):
+            got = kv_cache.measure_cache(config, ctx, batch, dtype, torch.device("cpu"), seed=0)
+            want = config.kv_cache_bytes(ctx, batch, cache_dtype_bytes=dtype.itemsize)["total"]
+            assert got["nbytes"] == want, (config.name, ctx, batch)
+
+
+def test_fill_cache_sets_lengths_and_values():
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    common = _module("common")
+    cfg = KimiLinearConfig.from_preset("tiny")
+    model = KimiLinearForCausalLM(cfg).eval()
+    cache = model.new_cache(2, capacity=40)
+    common.fill_cache_(cache, 37, seed=1)
+    assert cache.seq_len == 37
+    for layer in cache.layers:
+        if hasattr(layer, "length"):
+            assert layer.length == 37
+            assert layer.latent[:, :37].abs().sum(-1).gt(0).all()  # every slot written
+            assert layer.latent[:, 37:].eq(0).all()
+        else:
+            assert layer.state.std() == pytest.approx(cfg.kda_head_dim**-0.5, rel=0.2)
+    with torch.inference_mode():  # the model continues a synthetic cache
+        logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    assert logits.shape == (2, 1, cfg.vocab_size) and torch.isfinite(logits).all()
+    assert cache.seq_len == 38
+    common.rewind_cache_(cache, 37)
+    assert cache.seq_len == 37
+    with pytest.raises(ValueError, match="capacity"):
+        common.fill_cache_(model.new_cache(1, capacity=8), 9)
+
+
+def test_active_weight_bytes_counts_expected_experts():
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    common = _module("common")
+    cfg = KimiLinearConfig.from_preset("tiny")
+    model = KimiLinearForCausalLM(cfg)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    one = common.active_weight_bytes(model, 1)
+    many = common.active_weight_bytes(model, 10_000)
+    assert one["all_params"] == total
+    assert one["total"] < many["total"] <= total
+    assert common.expected_distinct_experts(cfg.num_experts, cfg.num_experts_per_token, 1) == pytest.approx(2)
+    assert common.expected_distinct_experts(4, 2, 10_000) == pytest.approx(4)
+    expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in f".{n}")
+    assert one["experts"] == pytest.approx(expert_bytes * 2 / 4)
+
+
+# ------------------------------------------------------------------------------ bad input
+SCRIPTS = ["kv_cache", "decode", "prefill"]
+LENGTH_FLAG = {"kv_cache": "--contexts", "decode": "--contexts", "prefill": "--lengths"}
+
+
+def _exit(capsys, script: str, argv: list[str]) -> tuple[int, str]:
+    mod = _module(script)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_preset(capsys, script):
+    code, err = _exit(capsys, script, ["--preset", "kimi-9000b"])
+    assert code == 2 and "--preset" in err and "kimi-9000b" in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("value", ["-4096", "0", "4x"])
+def test_bad_length(capsys, script, value):
+    code, err = _exit(capsys, script, [LENGTH_FLAG[script], f"1K,{value}"])
+    assert code == 2 and LENGTH_FLAG[script] in err
+
+
+def test_bad_model_override(capsys):
+    code, err = _exit(capsys, "decode", ["--preset", "tiny", "--experts", "-3"])
+    assert code == 2 and "--experts" in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_context_too_large_for_device(capsys, script):
+    argv = [LENGTH_FLAG[script], "64G", "--preset", "tiny", "--device", "cpu", "--no-progress"]
+    if script == "kv_cache":
+        argv += ["--strict", "--no-floor"]
+    code, err = _exit(capsys, script, argv)
+    assert code == 3
+    assert "free" in err and "GB" in err
+
+
+def test_memory_budget_beyond_device(capsys):
+    code, err = _exit(capsys, "decode", ["--preset", "tiny", "--device", "cpu", "--memory-budget-gb", "1e9"])
+    assert code == 3 and "--memory-budget-gb" in err
+
+
+def test_errors_print_no_traceback():
+    res = _run("decode.py", "--preset", "tiny", "--contexts", "64G", "--device", "cpu", timeout=120)
+    assert res.returncode == 3
+    assert res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
