@@ -335,6 +335,7 @@ class KimiLinearForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor | CausalLMOutput:
         """Logits ``[B, T, V]`` of ``input_ids: [B, T]``, or ``CausalLMOutput(loss, logits)``.
 
@@ -344,8 +345,15 @@ class KimiLinearForCausalLM(nn.Module):
                 position ``t`` predicts ``labels[:, t + 1]``); ``-100`` is ignored.
             cache: optional :class:`HybridCache`; the forward continues its sequences from
                 ``cache.seq_len`` and updates it in place.
+            logits_to_keep: when > 0, compute logits of the last ``logits_to_keep`` positions
+                only (``[B, logits_to_keep, V]``; prefill before decoding needs just the last).
+                Not combinable with ``labels``.
         """
         self._check_ids("input_ids", input_ids)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep must be 0 when labels are given (the loss needs every position)")
         if labels is not None:
             self._check_ids("labels", labels, allow_ignore=True)
             if labels.shape != input_ids.shape:
@@ -360,6 +368,8 @@ class KimiLinearForCausalLM(nn.Module):
         if cache is not None:
             self._check_cache(cache, input_ids.shape[0])
         hidden = self.model(input_ids, cache=cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         if labels is None:
             return logits
@@ -417,7 +427,7 @@ class KimiLinearForCausalLM(nn.Module):
         self.eval()  # decoding must not feed the MoE balancing statistics
         try:
             cache = self.new_cache(B, capacity=T + max_new_tokens)
-            logits = self(input_ids, cache=cache)[:, -1]
+            logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
             finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             out = [input_ids]
             for step in range(max_new_tokens):
@@ -428,7 +438,7 @@ class KimiLinearForCausalLM(nn.Module):
                 out.append(token[:, None].to(input_ids.dtype))
                 if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                     break
-                logits = self(out[-1], cache=cache)[:, -1]
+                logits = self(out[-1], cache=cache, logits_to_keep=1)[:, -1]
         finally:
             self.train(was_training)
         return torch.cat(out, dim=1)

@@ -235,3 +235,14 @@ def test_tied_embeddings():
     untied = make_model("kda")
     assert untied.num_parameters() - model.num_parameters() == model.lm_head.weight.numel()
     assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - model.lm_head.weight.numel()
+
+
+def test_logits_to_keep_equals_slice_of_full_logits():
+    model = make_model()
+    ids = torch.randint(0, 128, (2, 9))
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
