@@ -1,0 +1,339 @@
+"""The LightningModule that trains :class:`~kimi_linear.model.KimiLinearForCausalLM`.
+
+:class:`KimiLinearLitModule` adds to the model:
+
+* next-token loss (labels aligned with ``input_ids``; ``-100`` ignored), with torchmetrics
+  perplexity and token accuracy for train / val / test, and exact-match accuracy (every answer
+  token of a sequence right) when the data module marks its task as answer-scored;
+* MuonClip by default (:mod:`kimi_linear.optim`) or AdamW, with a linear-warmup + cosine
+  learning-rate schedule stepped every optimizer step;
+* after every optimizer step, the auxiliary-loss-free router-bias update of each MoE layer
+  (``KimiMoE.update_bias``; expert loads are summed over ranks), with the per-layer load
+  balance ``max(load) / mean(load)`` logged as ``moe/balance/layer_{i}``;
+* the MLA layers' per-head max pre-softmax logits (QK-Clip's ``S_max``) logged as
+  ``mla/max_logit/layer_{i}`` (from MuonClip's ``last_max_logits``, or recorded by the module
+  itself under AdamW).
+
+The model is built from a :class:`~kimi_linear.config.KimiLinearConfig` described by a preset
+name plus overrides, or by a full config dict, so a YAML config can say::
+
+    model:
+      preset: tiny
+      overrides: {num_hidden_layers: 2, kda_gate: head}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from kimi_linear.config import PRESETS, KimiLinearConfig
+from kimi_linear.lightning.data import IGNORE_INDEX, UsageError, _did_you_mean
+from kimi_linear.model import KimiLinearForCausalLM
+
+OPTIMIZERS = ("muonclip", "adamw")
+_STAGES = ("train", "val", "test")
+
+
+def build_config(
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    vocab_size: int | None = None,
+) -> KimiLinearConfig:
+    """The model config from a ``preset`` name or a full ``config`` dict, then ``overrides``.
+
+    ``config`` may use :class:`KimiLinearConfig` field names or be a released-style HF
+    ``config.json`` dict (recognised by its ``linear_attn_config`` / ``model_type`` keys).
+    With neither, the ``tiny`` preset.  ``vocab_size`` (the data's vocabulary) replaces the
+    preset's.  Unknown field names and invalid values raise :class:`UsageError` naming them.
+    """
+    if preset is not None and config is not None:
+        raise UsageError("model: give either model.preset or model.config, not both")
+    fields = [f.name for f in dataclasses.fields(KimiLinearConfig)]
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in fields:
+            raise UsageError(
+                f"model.overrides: unknown KimiLinearConfig field {key!r}{_did_you_mean(key, fields)}"
+            )
+    if vocab_size is not None:
+        if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+            raise UsageError(
+                f"model.overrides.vocab_size={overrides['vocab_size']} conflicts with the data's "
+                f"vocabulary ({vocab_size}); drop the override, the data sets it"
+            )
+        overrides["vocab_size"] = vocab_size
+    try:
+        if config is not None:
+            config = dict(config)
+            if "linear_attn_config" in config or "model_type" in config:
+                base = KimiLinearConfig.from_hf_config(config)
+            else:
+                unknown = [k for k in config if k not in fields]
+                if unknown:
+                    raise UsageError(
+                        f"model.config: unknown KimiLinearConfig field {unknown[0]!r}"
+                        f"{_did_you_mean(unknown[0], fields)}"
+                    )
+                base = KimiLinearConfig(**config)
+            return base.replace(**overrides) if overrides else base
+        name = preset or "tiny"
+        if name not in PRESETS:
+            raise UsageError(f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{_did_you_mean(name, PRESETS)}")
+        return KimiLinearConfig.from_preset(name, **overrides)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"model: {e}") from e
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay from 1 to
+    ``min_ratio`` at ``total_steps`` (constant after).  A picklable ``LambdaLR`` function."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _layer_index(module_name: str) -> str:
+    """``"model.layers.3.self_attn"`` -> ``"3"`` (the module name itself if there is none)."""
+    parts = module_name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts):
+            return parts[i + 1]
+    return module_name
+
+
+class KimiLinearLitModule(pl.LightningModule):
+    """Trains a Kimi Linear causal LM on batches ``{"input_ids": [B, T], "labels": [B, T]}``.
+
+    Args:
+        preset: name of a :data:`~kimi_linear.config.PRESETS` entry (``tiny`` when neither this
+            nor ``config`` is given).
+        overrides: :class:`KimiLinearConfig` fields replaced on top of the preset / config.
+        config: a full config dict (our field names, or a released HF ``config.json`` dict).
+        vocab_size: the data's vocabulary size; the CLI links it from ``data.vocab_size``.
+        optimizer: ``"muonclip"`` (Muon for hidden matrices + AdamW elsewhere, QK-Clip on MLA)
+            or ``"adamw"``.
+        lr: peak learning rate (shared by all parameter groups).
+        weight_decay: decoupled weight decay (norms, biases, ``A_log``, ``dt_bias`` get none).
+        betas: AdamW betas.
+        warmup_steps: linear warmup length in optimizer steps.
+        max_steps: length of the cosine schedule in optimizer steps; ``None`` uses the
+            trainer's ``estimated_stepping_batches``.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        qk_clip_tau: QK-Clip threshold of MuonClip (``None``: no clipping; ignored by AdamW).
+        moe_bias_update_rate: router-bias step size (``None``: ``config.moe_bias_update_rate``;
+            ``0`` disables balancing).
+        log_max_logits: log the MLA per-head max logits (recorded by the MLA layers; under
+            MuonClip they are recorded anyway for the clip).
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        optimizer: str = "muonclip",
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        qk_clip_tau: float | None = 100.0,
+        moe_bias_update_rate: float | None = None,
+        log_max_logits: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise UsageError(f"model.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}{_did_you_mean(optimizer, OPTIMIZERS)}")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise UsageError(f"model.lr must be a finite number > 0, got {lr!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise UsageError(f"model.warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise UsageError(f"model.max_steps must be None or a positive int, got {max_steps!r}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise UsageError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        if qk_clip_tau is not None and not qk_clip_tau > 0:
+            raise UsageError(f"model.qk_clip_tau must be None or > 0, got {qk_clip_tau!r}")
+        if moe_bias_update_rate is not None and not moe_bias_update_rate >= 0:
+            raise UsageError(f"model.moe_bias_update_rate must be None or >= 0, got {moe_bias_update_rate!r}")
+
+        self.config = build_config(preset, overrides, config, vocab_size)
+        self.model = KimiLinearForCausalLM(self.config)
+        V = self.config.vocab_size
+        metrics: dict[str, nn.Module] = {}
+        for stage in _STAGES:
+            metrics[f"{stage}_ppl"] = Perplexity(ignore_index=IGNORE_INDEX)
+            metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes=V, average="micro", ignore_index=IGNORE_INDEX)
+            metrics[f"{stage}_exact"] = MeanMetric()
+        self.metrics = nn.ModuleDict(metrics)
+        self._moe = {name: m for name, m in self.model.named_modules() if hasattr(m, "update_bias")}
+        self._mla = {name: m for name, m in self.model.named_modules() if hasattr(m, "reset_max_logits")}
+        if log_max_logits:
+            for m in self._mla.values():
+                m.record_max_logits = True
+        self._step_stats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward / metrics
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``input_ids: [B, T]``."""
+        return self.model(input_ids)
+
+    def _exact_match_enabled(self) -> bool:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return bool(getattr(dm, "exact_match", False))
+
+    def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError("batch must be a dict with 'input_ids' [B, T] (and optionally 'labels' [B, T])")
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels", input_ids)
+        loss, logits = self.model(input_ids, labels=labels)
+        preds = logits[:, :-1].detach().float()
+        target = labels[:, 1:]
+        answers = target != IGNORE_INDEX
+        pred_ids = preds.argmax(-1)
+        ppl, acc = self.metrics[f"{stage}_ppl"], self.metrics[f"{stage}_acc"]
+        on_step, on_epoch = stage == "train", stage != "train"
+        B = input_ids.shape[0]
+        if stage == "train":
+            ppl(preds, target)
+            acc(pred_ids[answers], target[answers])
+        else:
+            ppl.update(preds, target)
+            acc.update(pred_ids[answers], target[answers])
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=B)
+        self.log(f"{stage}/ppl", ppl, on_step=on_step, on_epoch=on_epoch, batch_size=B)
+        self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=on_step, on_epoch=on_epoch, batch_size=B)
+        if self._exact_match_enabled():
+            has_answer = answers.any(dim=1)
+            seq_ok = ((pred_ids == target) | ~answers).all(dim=1) & has_answer
+            exact = self.metrics[f"{stage}_exact"]
+            if not has_answer.any():
+                return loss
+            if stage == "train":
+                exact(seq_ok[has_answer].float())
+            else:
+                exact.update(seq_ok[has_answer].float())
+            self.log(f"{stage}/exact_match", exact, prog_bar=stage != "train", on_step=on_step, on_epoch=on_epoch, batch_size=B)
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Greedy next-token predictions: ``predictions[:, t]`` is the argmax after ``input_ids[:, :t+1]``."""
+        logits = self.model(batch["input_ids"])
+        return {"input_ids": batch["input_ids"], "predictions": logits.argmax(-1)}
+
+    # ------------------------------------------------------------------ set-up checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_position_embeddings:
+            raise UsageError(
+                f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise UsageError(f"the data's vocabulary ({vocab}) is larger than the model's vocab_size={self.config.vocab_size}")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        from kimi_linear.optim import build_optimizer
+
+        hp = self.hparams
+        kwargs: dict[str, Any] = dict(lr=hp.lr, weight_decay=hp.weight_decay, adamw_betas=tuple(hp.betas))
+        if hp.optimizer == "muonclip":
+            kwargs.update(qk_clip_tau=hp.qk_clip_tau, track_max_logits=hp.qk_clip_tau is not None or hp.log_max_logits)
+        optimizer = build_optimizer(self.model, hp.optimizer, **kwargs)
+        total = hp.max_steps
+        if total is None:
+            est = self.trainer.estimated_stepping_batches
+            if not math.isfinite(est):
+                raise UsageError(
+                    "model.max_steps is needed for the learning-rate schedule when the trainer has "
+                    "neither max_steps nor max_epochs"
+                )
+            total = int(est)
+        warmup = min(hp.warmup_steps, max(total - 1, 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the MoE router-bias update and the max-logit bookkeeping."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        stats: dict[str, torch.Tensor] = {}
+        for name, moe in self._moe.items():
+            load = moe.update_bias(rate=self.hparams.moe_bias_update_rate)
+            if load.sum() > 0:
+                stats[f"moe/balance/layer_{_layer_index(name)}"] = (load.max() / load.mean()).detach()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        last = getattr(inner, "last_max_logits", None)
+        if last is not None and getattr(inner, "track_max_logits", False):
+            max_logits = dict(last)
+        else:
+            max_logits = {}
+            for name, m in self._mla.items():
+                if m.max_logits is not None:
+                    max_logits[name] = m.max_logits.detach().clone()
+                m.reset_max_logits()
+            if max_logits and torch.distributed.is_available() and torch.distributed.is_initialized():
+                names = sorted(max_logits)
+                flat = torch.stack([max_logits[n].max() for n in names])
+                torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+                max_logits = {n: v for n, v in zip(names, flat)}
+        for name, v in max_logits.items():
+            stats[f"mla/max_logit/layer_{_layer_index(name)}"] = v.max()
+        self._step_stats = stats
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._step_stats:
+            return
+        balances = [v for k, v in self._step_stats.items() if k.startswith("moe/")]
+        logits = [v for k, v in self._step_stats.items() if k.startswith("mla/")]
+        stats = dict(self._step_stats)
+        if balances:
+            stats["moe/balance/mean"] = torch.stack(balances).mean()
+        if logits:
+            stats["mla/max_logit/max"] = torch.stack(logits).max()
+        # The max logits are max-reduced over ranks (by MuonClip, or above) and the loads summed
+        # in update_bias: every rank holds the same values, no further sync needed.
+        self.log_dict({k: v.float() for k, v in stats.items()}, on_step=True, on_epoch=False)
+        self._step_stats = {}
+
+
+__all__ = ["KimiLinearLitModule", "OPTIMIZERS", "WarmupCosine", "build_config"]
