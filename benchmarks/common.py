@@ -476,6 +476,19 @@ def add_model_args(parser: Any, default_preset: str | None) -> None:
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="override vocab_size")
 
 
+def add_timed_run_args(parser: Any, quick_help: str, seed_help: str) -> None:
+    """The run options shared by the timing scripts (decode.py, prefill.py): ``--dtype``,
+    ``--device``, ``--threads``, ``--quick``, ``--out-dir``, ``--seed``, ``--no-progress``."""
+    parser.add_argument("--dtype", default=None, help="weights and cache dtype (default: CPU fp32, GPU bf16)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: torch's); 1 on a shared machine")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out-dir", default=None, help="output folder (default: benchmarks/results/<device>/)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def config_from_args(args: Any) -> Any:
     """The :class:`~kimi_linear.config.KimiLinearConfig` named by :func:`add_model_args`'s
     arguments; a bad combination exits with the config's own message."""

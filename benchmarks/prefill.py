@@ -57,14 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=common.positive_int, default=None, help="timed repetitions (default: CPU 1, GPU 3)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed warm-up prefills of one chunk before each model's first length")
-    p.add_argument("--dtype", default=None, help="weights and cache dtype (default: CPU fp32, GPU bf16)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default: torch's); 1 on a shared machine")
-    p.add_argument("--quick", action="store_true", help="tiny preset and lengths (smoke test, seconds)")
-    p.add_argument("--out-dir", default=None, help="output folder (default: benchmarks/results/<device>/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_timed_run_args(p, quick_help="tiny preset and lengths (smoke test, seconds)", seed_help="seed of weights and tokens")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"argument --warmup: must be >= 0, got {args.warmup}")
