@@ -6,9 +6,10 @@ from a difference of cumulated gates split at a reference row, so nothing overfl
 strong the decay; the intra-chunk triangular system ``(I + Akk)`` is inverted by forward
 substitution (16 x 16 diagonal blocks, then block substitution) into the UT/WY form
 ``W, U``; one sequential kernel per (sequence, head, value block) carries the fp32 state across
-chunks and emits outputs. The backward recomputes the forward intermediates (no state history
-is kept between forward and backward), walks the chunks in reverse for the state gradient, then
-computes the per-chunk and pairwise gradient terms. Packed variable-length batches
+chunks and stores the chunk-start states, from which a parallel kernel forms the outputs. The
+backward recomputes the forward intermediates (no state history is kept between forward and
+backward), walks the chunks in reverse for the state gradient, then computes the per-chunk and
+pairwise gradient terms. Packed variable-length batches
 (``cu_seqlens``) index chunks per sequence, so no chunk straddles two sequences.
 """
 

@@ -5,30 +5,40 @@ state, ``S1`` the chunk-end state, ``q^ = scale * q``, ``E = exp(G)``, ``El = ex
 ``R = v - (k E) S0`` so that ``delta = N diag(beta) R``). Given ``dO`` and the gradient ``dS1``
 of the chunk-end state:
 
-1. ``_chunk_bwd_state_kernel`` walks the chunks backwards (fp32 state gradient in registers)::
+1. ``_chunk_bwd_state_kernel`` walks the chunks backwards (fp32 state gradient in registers,
+   split into key blocks of at most 64 rows; one program per sequence, head, value block)::
 
        d_delta = Aqk^T dO + kg dS1                  (kg = k El, qg = q^ E from the forward)
        dS0     = exp(G_last) dS1 + qg^T dO - W^T d_delta
 
-2. ``_bwd_local_kernel`` (one program per chunk), with ``dRt = N^T d_delta``::
+2. ``_bwd_dv_kernel`` (one program per chunk), the terms that contract over V, with
+   ``dRt = N^T d_delta``::
 
-       dv = beta dRt,   dbeta += rowsum(R * dRt)
+       dv = beta dRt,   dbeta = rowsum(R * dRt),   dR = beta dRt (kept, fp32)
        dAqk = tril(dO delta^T),   dL = -strict_tril(dRt delta^T)
-       X1 = dO S0^T, X2 = delta dS1^T, X3 = (beta dRt) S0^T
-       dq^ += X1 E,   dk += X2 El - X3 E,   dG += X1 q^ E - X2 k El - X3 k E
-       dG_last += colsum(X2 k El) + exp(G_last) rowsum(S0 * dS1)
 
 3. ``_intra_bwd_kernel`` (one program per 16-row sub-chunk) applies the pairwise matrices,
    ``P(D, X)[r] = sum_i D[r, i] X_i exp(G_r - G_i)`` and its transpose ``P^T``::
 
        Yq = P(dAqk, k), Yk = P(dL, k), Zq = P^T(dAqk, q^), Zk = P^T(dL, beta k)
-       dq = scale (dq^ + Yq),  dk += beta Yk + Zq + Zk,  dbeta += rowsum(k Yk)
-       dG += q^ Yq + beta k Yk - k (Zq + Zk)
+       partials: dq^ = Yq,  dk = beta Yk + Zq + Zk,  dG = q^ Yq + beta k Yk - k (Zq + Zk)
+       dbeta += rowsum(k Yk)
 
    with the same overflow-free factorisation as the forward (reference row between
    sub-chunks, pairwise exponents inside a diagonal sub-chunk; the diagonal of Aqk contributes
    to dq and dk but cancels exactly in dG).
-4. ``_reverse_cumsum_kernel``: ``dg = reverse cumsum of dG`` within each chunk.
+4. ``_bwd_dqkg_kernel`` (one program per chunk and block of key columns) adds the inter-chunk
+   terms and finishes dq, dk, dg::
+
+       X1 = dO S0^T, X2 = delta dS1^T, X3 = dR S0^T
+       dq = scale (dq^ + X1 E),   dk += X2 El - X3 E,   dG += X1 q^ E - X2 k El - X3 k E
+       dG_last += colsum(X2 k El) + exp(G_last) rowsum(S0 * dS1)
+       dg = reverse cumsum of dG within the chunk
+
+GPU layout (guided by ``compile_check``'s register / spill report, no GPU needed): sequential
+state kernels hold the state as ``[64, BV]`` key blocks; per-chunk work that would hold several
+``[BT, K]`` fp32 tiles is split by what it contracts over (V in step 2, key blocks in step 4);
+in-chunk addresses are int32 offsets from an int64 scalar row base.
 """
 
 from __future__ import annotations
@@ -37,20 +47,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _STATE_CONFIGS, _WARPS, _chunk_bounds, chunk_kda_fwd
-from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, autotune, dot_precision, next_pow2
+from .chunk_fwd import (
+    _WARPS8,
+    _chunk_bounds,
+    _decay_row,
+    _load_tile,
+    _state_block,
+    chunk_kda_fwd,
+)
+from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, autotune, config_space, dot_precision, next_pow2
+
+_BWD_STATE_CONFIGS = config_space(
+    triton.Config({"BV": 16}, num_warps=8, num_stages=2), BV=(16, 32, 64), num_warps=(8, 4), num_stages=(2, 3, 1)
+)
 
 
-@autotune(_STATE_CONFIGS, key=["K", "V"])
+@autotune(_BWD_STATE_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
 @triton.jit
 def _chunk_bwd_state_kernel(
-    qg, kg, W, G, Aqk, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
+    qg, kg, W, G, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Reverse pass over the chunks: chunk-end state gradients ``dh`` and ``d_delta``.
 
-    Grid ``(cdiv(V, BV), N * H)``; ``dh [NT, H, K, V]`` and ``ddelta [TT, H, V]`` fp32.
+    Grid ``(cdiv(V, BV), N * H)``; ``dh [NT, H, K, V]`` and ``ddelta [TT, H, V]`` fp32. The state
+    gradient ``[BK, BV]`` is held as ``BK // BKS`` key blocks ``b_ds1 .. b_ds4`` (as the forward
+    state), so only ``[BT, BKS]`` operands are live at a time.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -59,135 +82,235 @@ def _chunk_bwd_state_kernel(
     boh = tl.load(chunk_offsets + i_n).to(tl.int64)
     num_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
-    cols_k = tl.arange(0, BK)
-    m_k = cols_k < K
     cols_v = i_v * BV + tl.arange(0, BV)
     m_v = cols_v < V
-    s_off = cols_k[:, None] * V + cols_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    seq_state = (i_n * H + i_h).to(tl.int64) * K * V
+    b_ds1 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if BK > BKS:
+        b_ds2 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if BK > 2 * BKS:
+        b_ds3 = tl.zeros([BKS, BV], dtype=tl.float32)
+        b_ds4 = tl.zeros([BKS, BV], dtype=tl.float32)
     if USE_DHT:
-        b_ds += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + s_off, mask=m_s, other=0.0)
+        p, m = _state_block(dht + seq_state, 0, cols_v, K, V, BKS)
+        b_ds1 += tl.load(p, mask=m, other=0.0)
+        if BK > BKS:
+            p, m = _state_block(dht + seq_state, BKS, cols_v, K, V, BKS)
+            b_ds2 += tl.load(p, mask=m, other=0.0)
+        if BK > 2 * BKS:
+            p, m = _state_block(dht + seq_state, 2 * BKS, cols_v, K, V, BKS)
+            b_ds3 += tl.load(p, mask=m, other=0.0)
+            p, m = _state_block(dht + seq_state, 3 * BKS, cols_v, K, V, BKS)
+            b_ds4 += tl.load(p, mask=m, other=0.0)
     for i_r in range(0, num_chunks):
         i_c = num_chunks - 1 - i_r
         start = bos + i_c * BT
-        rows = start + o_t
-        m_t = rows < eos
-        tl.store(dh + ((boh + i_c) * H + i_h) * K * V + s_off, b_ds, mask=m_s)
-        m_tk = m_t[:, None] & m_k[None, :]
+        m_t = o_t < (eos - start).to(tl.int32)
+        k_c = (start * H + i_h) * K  # int64 scalar row bases, int32 offsets inside the chunk
+        v_c = (start * H + i_h) * V
+        dh_c = dh + ((boh + i_c) * H + i_h) * K * V
+        p, m = _state_block(dh_c, 0, cols_v, K, V, BKS)
+        tl.store(p, b_ds1, mask=m)
+        if BK > BKS:
+            p, m = _state_block(dh_c, BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds2, mask=m)
+        if BK > 2 * BKS:
+            p, m = _state_block(dh_c, 2 * BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds3, mask=m)
+            p, m = _state_block(dh_c, 3 * BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds4, mask=m)
         m_tv = m_t[:, None] & m_v[None, :]
-        off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
-        off_v = rows[:, None] * H * V + i_h * V + cols_v[None, :]
-        b_do = tl.load(do + off_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_a = tl.load(Aqk + rows[:, None] * H * BT + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+        off_v = o_t[:, None] * (H * V) + cols_v[None, :]
+        b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
+        # d_delta = Aqk^T dO + kg dS1 (the first term, chunk-local, is already in ddelta)
+        b_dd = tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0)
+        b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 0, BT, BKS), b_ds1, input_precision=DOT_PREC)
+        if BK > BKS:
+            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS), b_ds2, input_precision=DOT_PREC)
+        if BK > 2 * BKS:
+            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_ds3, input_precision=DOT_PREC)
+            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_ds4, input_precision=DOT_PREC)
+        tl.store(ddelta + v_c + off_v, b_dd, mask=m_tv)
+        # dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta
         last = tl.minimum(start + BT, eos) - 1
-        b_gl = tl.load(G + last * H * K + i_h * K + cols_k, mask=m_k, other=0.0)
-        b_k = tl.load(kg + off_k, mask=m_tk, other=0.0).to(tl.float32)
-        b_dd = tl.dot(tl.trans(b_a), b_do, input_precision=DOT_PREC)
-        b_dd += tl.dot(b_k, b_ds, input_precision=DOT_PREC)
-        tl.store(ddelta + off_v, b_dd, mask=m_tv)
-        b_q = tl.load(qg + off_k, mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(W + off_k, mask=m_tk, other=0.0)
-        b_ds = b_ds * tl.exp(b_gl)[:, None]
-        b_ds += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC)
-        b_ds -= tl.dot(tl.trans(b_w), b_dd, input_precision=DOT_PREC)
+        b_ds1 = _state_grad_step(b_ds1, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 0, BT, BKS, DOT_PREC)
+        if BK > BKS:
+            b_ds2 = _state_grad_step(b_ds2, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, BKS, BT, BKS, DOT_PREC)
+        if BK > 2 * BKS:
+            b_ds3 = _state_grad_step(b_ds3, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 2 * BKS, BT, BKS,
+                                     DOT_PREC)
+            b_ds4 = _state_grad_step(b_ds4, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 3 * BKS, BT, BKS,
+                                     DOT_PREC)
     if STORE_DH0:
-        tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + s_off, b_ds, mask=m_s)
+        p, m = _state_block(dh0 + seq_state, 0, cols_v, K, V, BKS)
+        tl.store(p, b_ds1, mask=m)
+        if BK > BKS:
+            p, m = _state_block(dh0 + seq_state, BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds2, mask=m)
+        if BK > 2 * BKS:
+            p, m = _state_block(dh0 + seq_state, 2 * BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds3, mask=m)
+            p, m = _state_block(dh0 + seq_state, 3 * BKS, cols_v, K, V, BKS)
+            tl.store(p, b_ds4, mask=m)
 
 
-_LOCAL_CONFIGS = [
-    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (32, 64, 16) for w in (4, 8) for s in (1, 2)
-]
-
-
-@autotune(_LOCAL_CONFIGS, key=["K", "V"])
 @triton.jit
-def _bwd_local_kernel(
-    q, k, v, G, beta, Ainv, h, dh, delta, ddelta, do, dq, dk, dv, dG, dbeta, dAqk, dL,
-    cu_seqlens, chunk_indices, scale, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _state_grad_step(
+    b_ds, qg, W, G, m_t, last, i_h, H, b_do, b_dd, K: tl.constexpr, col0, BT: tl.constexpr,
+    BKS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One key block of ``dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta`` (``qg``, ``W`` point at
+    the chunk's first row in the head)."""
+    b_ds = b_ds * _decay_row(G, last, i_h, H, K, col0, BKS)[:, None]
+    b_ds += tl.dot(tl.trans(_load_tile(qg, m_t, H, K, col0, BT, BKS)), b_do, input_precision=DOT_PREC)
+    b_ds -= tl.dot(tl.trans(_load_tile(W, m_t, H, K, col0, BT, BKS)), b_dd, input_precision=DOT_PREC)
+    return b_ds
+
+
+_DV_CONFIGS = config_space(
+    triton.Config({"BV": 32}, num_warps=8, num_stages=1), BV=(32, 16, 64), num_warps=(8, 4), num_stages=(1, 2)
+)
+
+
+@autotune(_DV_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
+@triton.jit
+def _bwd_dv_kernel(
+    k, v, G, beta, Ainv, h, delta, ddelta, do, dv, dbeta, dAqk, dL, cu_seqlens, chunk_indices, H,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Per-chunk gradients through the WY form and the inter-chunk terms. Grid ``(NT, H)``.
+    """Per-chunk terms that contract over the value dim. Grid ``(NT, H)``.
 
-    Writes dv (final), the fp32 partials dq^ / dk / dG / dbeta, and dAqk, dL ``[TT, H, BT]``.
+    With ``dRt = N^T d_delta`` per value block: ``dv = beta dRt`` (final), the first dbeta
+    partial ``rowsum(R * dRt)`` with ``R = v - (k E) S0`` (stored, the intra kernel adds to it),
+    ``dAqk = tril(dO delta^T)`` and ``dL = -strict_tril(dRt delta^T)`` ``[TT, H, BT]`` fp32.
+    ``R`` is formed key block by key block, so no ``[BT, K]`` operand is held across the loop.
+    ``ddelta`` is overwritten in place with ``beta dRt`` in fp32 (each program reads and writes
+    only its own chunk), the operand :func:`_bwd_dqkg_kernel` needs.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     o_t = tl.arange(0, BT)
+    m_t = o_t < (eos - start).to(tl.int32)
+    b_beta = tl.load(beta + start * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
+    k_c, v_c = (start * H + i_h) * K, (start * H + i_h) * V
+    a_base = (start * H + i_h) * BT  # int64 scalar row bases, int32 offsets inside the chunk
+    a_off = o_t[:, None] * (H * BT) + o_t[None, :]
+    b_n = tl.load(Ainv + a_base + a_off, mask=m_t[:, None], other=0.0)
+    b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dl = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    h_c = h + (i_t * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (cols_v < V)[None, :]
+        off_v = o_t[:, None] * (H * V) + cols_v[None, :]
+        b_d = tl.load(delta + v_c + off_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_daqk += tl.dot(b_do, tl.trans(b_d), input_precision=DOT_PREC)
+        b_drt = tl.dot(tl.trans(b_n), tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0), input_precision=DOT_PREC)
+        b_dl += tl.dot(b_drt, tl.trans(b_d), input_precision=DOT_PREC)
+        b_dr = b_drt * b_beta[:, None]
+        tl.store(dv + v_c + off_v, b_dr.to(dv.dtype.element_ty), mask=m_tv)
+        tl.store(ddelta + v_c + off_v, b_dr, mask=m_tv)
+        b_r = tl.load(v + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
+        for i_k in range(0, tl.cdiv(K, BKS)):
+            b_k = _load_tile(k + k_c, m_t, H, K, i_k * BKS, BT, BKS)
+            b_g = _load_tile(G + k_c, m_t, H, K, i_k * BKS, BT, BKS)
+            p, m = _state_block(h_c, i_k * BKS, cols_v, K, V, BKS)
+            b_r -= tl.dot(b_k * tl.exp(b_g), tl.load(p, mask=m, other=0.0), input_precision=DOT_PREC)
+        b_dbeta += tl.sum(b_r * b_drt, axis=1)
+    tl.store(dAqk + a_base + a_off, tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+    tl.store(dL + a_base + a_off, tl.where(o_t[:, None] > o_t[None, :], -b_dl, 0.0), mask=m_t[:, None])
+    tl.store(dbeta + start * H + i_h + o_t * H, b_dbeta, mask=m_t)
+
+
+_DQKG_CONFIGS = config_space(
+    triton.Config({"BKB": 32, "BV": 32}, num_warps=8, num_stages=2),
+    BKB=(32, 64), BV=(32, 64), num_warps=(8, 4), num_stages=(2, 1),
+)
+
+
+@autotune(_DQKG_CONFIGS, key=["K", "V"])
+@triton.jit
+def _bwd_dqkg_kernel(
+    q, k, G, h, dh, delta, dr, do, dq_p, dk_p, dG_p, dq, dk, dg,
+    cu_seqlens, chunk_indices, scale, H,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Inter-chunk terms of dq, dk, dg for a block of BKB key columns; finalises all three.
+
+    Grid ``(cdiv(K, BKB), NT, H)``. With ``X1 = dO S0^T``, ``X2 = delta dS1^T``,
+    ``X3 = dR S0^T`` (``dR = beta N^T d_delta``, left by :func:`_bwd_dv_kernel`) accumulated
+    over value blocks, adds the pairwise partials of the
+    intra kernel (``dq_p``, ``dk_p``, ``dG_p``), writes dq, dk in the input dtype, and
+    ``dg`` = the reverse cumulative sum of dG within the chunk.
+    """
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
     rows = start + o_t
     m_t = rows < eos
-    cols_k = tl.arange(0, BK)
+    cols_k = i_k * BKB + tl.arange(0, BKB)
     m_k = cols_k < K
+    b_x1 = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_x2 = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_x3 = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_sds = tl.zeros([BKB], dtype=tl.float32)
+    s_base = (i_t * H + i_h).to(tl.int64) * K * V
+    v_c = (start * H + i_h) * V  # int64 scalar row base, int32 offsets inside the chunk
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (cols_v < V)[None, :]
+        off_v = o_t[:, None] * (H * V) + cols_v[None, :]
+        p, m_s = _state_block(h + s_base, i_k * BKB, cols_v, K, V, BKB)
+        b_h = tl.load(p, mask=m_s, other=0.0)
+        p, m_s = _state_block(dh + s_base, i_k * BKB, cols_v, K, V, BKB)
+        b_dh = tl.load(p, mask=m_s, other=0.0)
+        b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_x1 += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PREC)
+        b_d = tl.load(delta + v_c + off_v, mask=m_tv, other=0.0)
+        b_x2 += tl.dot(b_d, tl.trans(b_dh), input_precision=DOT_PREC)
+        b_dr = tl.load(dr + v_c + off_v, mask=m_tv, other=0.0)
+        b_x3 += tl.dot(b_dr, tl.trans(b_h), input_precision=DOT_PREC)
+        b_sds += tl.sum(b_h * b_dh, axis=1)
     m_tk = m_t[:, None] & m_k[None, :]
     off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
     b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
     b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    a_off = rows[:, None] * H * BT + i_h * BT + o_t[None, :]
-    b_n = tl.load(Ainv + a_off, mask=m_t[:, None], other=0.0)
-    b_ke = b_k * tl.exp(b_g)
-
-    b_x1 = tl.zeros([BT, BK], dtype=tl.float32)
-    b_x2 = tl.zeros([BT, BK], dtype=tl.float32)
-    b_x3 = tl.zeros([BT, BK], dtype=tl.float32)
-    b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dl = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_sds = tl.zeros([BK], dtype=tl.float32)
-    h_base = (i_t * H + i_h).to(tl.int64) * K * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        cols_v = i_v * BV + tl.arange(0, BV)
-        m_v = cols_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        off_v = rows[:, None] * H * V + i_h * V + cols_v[None, :]
-        s_off = h_base + cols_k[:, None] * V + cols_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        b_h = tl.load(h + s_off, mask=m_s, other=0.0)
-        b_dh = tl.load(dh + s_off, mask=m_s, other=0.0)
-        b_d = tl.load(delta + off_v, mask=m_tv, other=0.0)
-        b_dd = tl.load(ddelta + off_v, mask=m_tv, other=0.0)
-        b_do = tl.load(do + off_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_v = tl.load(v + off_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_drt = tl.dot(tl.trans(b_n), b_dd, input_precision=DOT_PREC)
-        b_dr = b_drt * b_beta[:, None]
-        tl.store(dv + off_v, b_dr.to(dv.dtype.element_ty), mask=m_tv)
-        b_r = b_v - tl.dot(b_ke, b_h, input_precision=DOT_PREC)
-        b_dbeta += tl.sum(b_r * b_drt, axis=1)
-        b_daqk += tl.dot(b_do, tl.trans(b_d), input_precision=DOT_PREC)
-        b_dl += tl.dot(b_drt, tl.trans(b_d), input_precision=DOT_PREC)
-        b_x1 += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PREC)
-        b_x2 += tl.dot(b_d, tl.trans(b_dh), input_precision=DOT_PREC)
-        b_x3 += tl.dot(b_dr, tl.trans(b_h), input_precision=DOT_PREC)
-        b_sds += tl.sum(b_h * b_dh, axis=1)
-    tl.store(dAqk + a_off, tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
-    tl.store(dL + a_off, tl.where(o_t[:, None] > o_t[None, :], -b_dl, 0.0), mask=m_t[:, None])
-    b_q = tl.load(q + off_k, mask=m_tk, other=0.0).to(tl.float32) * scale
     last = tl.minimum(start + BT, eos) - 1
     b_gl = tl.load(G + last * H * K + i_h * K + cols_k, mask=m_k, other=0.0)
     b_e = tl.exp(b_g)
     b_el = tl.exp(tl.where(m_tk, b_gl[None, :] - b_g, 0.0))
     b_x2k = b_x2 * b_k * b_el
-    b_dq = b_x1 * b_e
-    b_dk = b_x2 * b_el - b_x3 * b_e
-    b_dg = b_x1 * b_q * b_e - b_x2k - b_x3 * b_k * b_e
+    b_x3e = b_x3 * b_e
+    b_q = tl.load(q + off_k, mask=m_tk, other=0.0).to(tl.float32) * scale
+    b_dq = b_x1 * b_e + tl.load(dq_p + off_k, mask=m_tk, other=0.0)
+    tl.store(dq + off_k, (b_dq * scale).to(dq.dtype.element_ty), mask=m_tk)
+    b_dk = b_x2 * b_el - b_x3e + tl.load(dk_p + off_k, mask=m_tk, other=0.0)
+    tl.store(dk + off_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    b_dg = b_x1 * b_q * b_e - b_x2k - b_x3e * b_k + tl.load(dG_p + off_k, mask=m_tk, other=0.0)
     b_dgl = tl.sum(b_x2k, axis=0) + tl.exp(b_gl) * b_sds
     b_dg = tl.where((rows == last)[:, None], b_dg + b_dgl[None, :], b_dg)
-    tl.store(dq + off_k, b_dq, mask=m_tk)
-    tl.store(dk + off_k, b_dk, mask=m_tk)
-    tl.store(dG + off_k, b_dg, mask=m_tk)
-    tl.store(dbeta + rows * H + i_h, b_dbeta, mask=m_t)
+    # dg = reverse cumulative sum of dG within the chunk (padded rows hold 0).
+    b_dg = tl.sum(b_dg, axis=0)[None, :] - tl.cumsum(b_dg, axis=0) + b_dg
+    tl.store(dg + off_k, b_dg.to(dg.dtype.element_ty), mask=m_tk)
 
 
-@autotune(_WARPS, key=["K"], restore_value=["dG", "dbeta"])
+@autotune(_WARPS8, key=["K"], restore_value=["dbeta"])
 @triton.jit
 def _intra_bwd_kernel(
-    q, k, G, beta, dAqk, dL, dq, dk, dG, dbeta, dq_out, dk_out, cu_seqlens, chunk_indices,
+    q, k, G, beta, dAqk, dL, dq_p, dk_p, dG_p, dbeta, cu_seqlens, chunk_indices,
     scale, H, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Pairwise (intra-chunk) gradient terms for the rows of sub-chunk ``i_i``; finalises dq, dk,
-    dbeta and the per-position dG (before the reverse cumsum). Grid ``(NT, BT // BC, H)``."""
+    """Pairwise (intra-chunk) gradient terms for the rows of sub-chunk ``i_i``. Grid
+    ``(NT, BT // BC, H)``.
+
+    Writes the fp32 partials ``dq_p = Yq`` (of dq^), ``dk_p = beta Yk + Zq + Zk`` and
+    ``dG_p = q^ Yq + beta k Yk - k (Zq + Zk)``, which :func:`_bwd_dqkg_kernel` completes, and
+    adds ``rowsum(k Yk)`` to dbeta (finished here)."""
     i_t, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     HK = H * K
@@ -265,33 +388,12 @@ def _intra_bwd_kernel(
         b_zq += tl.sum(b_daqk_d[:, :, None] * b_q[:, None, :] * b_e, axis=0)
         b_zk += tl.sum(b_dl_d[:, :, None] * (b_k * b_beta[:, None])[:, None, :] * b_e, axis=0)
 
-        b_dq = tl.load(dq + off_r, mask=m_rd, other=0.0) + b_yq
-        b_dk = tl.load(dk + off_r, mask=m_rd, other=0.0) + b_beta[:, None] * b_yk + b_zq + b_zk
-        b_dg = tl.load(dG + off_r, mask=m_rd, other=0.0)
-        b_dg += b_q * b_yq + b_beta[:, None] * b_k * b_yk - b_k * (b_zq + b_zk)
         b_dbeta += tl.sum(b_k * b_yk, axis=1)
-        tl.store(dq_out + off_r, (b_dq * scale).to(dq_out.dtype.element_ty), mask=m_rd)
-        tl.store(dk_out + off_r, b_dk.to(dk_out.dtype.element_ty), mask=m_rd)
-        tl.store(dG + off_r, b_dg, mask=m_rd)
+        tl.store(dq_p + off_r, b_yq, mask=m_rd)
+        tl.store(dk_p + off_r, b_beta[:, None] * b_yk + b_zq + b_zk, mask=m_rd)
+        tl.store(dG_p + off_r, b_q * b_yq + b_beta[:, None] * b_k * b_yk - b_k * (b_zq + b_zk), mask=m_rd)
     b_db = tl.load(dbeta + rows * H + i_h, mask=m_r, other=0.0) + b_dbeta
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_r)
-
-
-@autotune(_WARPS, key=["K"])
-@triton.jit
-def _reverse_cumsum_kernel(
-    dG, dg, cu_seqlens, chunk_indices, H, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
-):
-    """dg[r] = sum_{i >= r} dG[i] within each chunk. Grid ``(NT, H)``."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
-    rows = start + tl.arange(0, BT)
-    cols = tl.arange(0, BK)
-    mask = (rows < eos)[:, None] & (cols < K)[None, :]
-    off = rows[:, None] * H * K + i_h * K + cols[None, :]
-    b = tl.load(dG + off, mask=mask, other=0.0)
-    b_rev = tl.sum(b, axis=0)[None, :] - tl.cumsum(b, axis=0) + b
-    tl.store(dg + off, b_rev.to(dg.dtype.element_ty), mask=mask)
 
 
 def chunk_kda_bwd(
@@ -323,35 +425,39 @@ def chunk_kda_bwd(
     N = cu_seqlens.numel() - 1
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
     BK = next_pow2(K)
+    BKS = min(BK, 64)
     prec = dot_precision(q.dtype)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fwd = chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, False, cu_seqlens, chunk_indices, chunk_offsets,
-        num_chunks, for_backward=True,
+        num_chunks, for_backward=True, do=do,
     )
     dh = torch.empty(num_chunks, H, K, V, **f32)
-    ddelta = torch.empty(TT, H, V, **f32)
+    ddelta = fwd.ddelta
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
     _chunk_bwd_state_kernel[grid](
-        fwd.qg, fwd.kg, fwd.W, fwd.G, fwd.Aqk, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
-        K=K, V=V, BT=BT, BK=BK, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, DOT_PREC=prec,
+        fwd.qg, fwd.kg, fwd.W, fwd.G, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
+        K=K, V=V, BT=BT, BK=BK, BKS=BKS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, DOT_PREC=prec,
     )
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
-    dbeta = torch.zeros(TT, H, **f32)
+    dbeta = torch.empty(TT, H, **f32)
     if num_chunks > 0:
-        dq_p, dk_p, dG = (torch.empty(TT, H, K, **f32) for _ in range(3))
         dAqk = torch.empty(TT, H, BT, **f32)
         dL = torch.empty(TT, H, BT, **f32)
-        _bwd_local_kernel[(num_chunks, H)](
-            q, k, v, fwd.G, beta, fwd.Ainv, fwd.h, dh, fwd.delta, ddelta, do, dq_p, dk_p, dv, dG,
-            dbeta, dAqk, dL, cu_seqlens, chunk_indices, scale, H,
-            K=K, V=V, BT=BT, BK=BK, DOT_PREC=prec,
+        _bwd_dv_kernel[(num_chunks, H)](
+            k, v, fwd.G, beta, fwd.Ainv, fwd.h, fwd.delta, ddelta, do, dv, dbeta, dAqk, dL,
+            cu_seqlens, chunk_indices, H, K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec,
         )
+        dq_p, dk_p, dG_p = (torch.empty(TT, H, K, **f32) for _ in range(3))
         _intra_bwd_kernel[(num_chunks, BT // BC, H)](
-            q, k, fwd.G, beta, dAqk, dL, dq_p, dk_p, dG, dbeta, dq, dk, cu_seqlens, chunk_indices,
+            q, k, fwd.G, beta, dAqk, dL, dq_p, dk_p, dG_p, dbeta, cu_seqlens, chunk_indices,
             scale, H, K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec,
         )
-        _reverse_cumsum_kernel[(num_chunks, H)](dG, dg, cu_seqlens, chunk_indices, H, K=K, BT=BT, BK=BK)
+        grid = lambda meta: (triton.cdiv(K, meta["BKB"]), num_chunks, H)
+        _bwd_dqkg_kernel[grid](
+            q, k, fwd.G, fwd.h, dh, fwd.delta, ddelta, do, dq_p, dk_p, dG_p, dq, dk, dg,
+            cu_seqlens, chunk_indices, scale, H, K=K, V=V, BT=BT, DOT_PREC=prec,
+        )
     return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0

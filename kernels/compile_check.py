@@ -3,8 +3,10 @@
 The Triton interpreter (how the tests run on CPU) checks what the kernels compute but not that
 they compile for a GPU: loop-carried types, layouts, shared-memory budgets are only checked by
 the real compiler. This tool runs Triton's ahead-of-time compiler (its bundled ``ptxas``) for a
-chosen architecture, with the constexpr values the launchers use, and prints shared memory,
-registers and stack/local (spill) bytes per thread per kernel (``cuobjdump``)::
+chosen architecture, with the constexpr values the launchers use and each kernel's first
+autotune config (block sizes, warps, stages; ``--num-warps`` / ``--num-stages`` override the
+last two), and prints shared memory, registers and stack/local (spill) bytes per thread per
+kernel (``cuobjdump``)::
 
     python -m kimi_linear.kernels.compile_check --arch 90 --dtype bf16 --head-dim 128
 
@@ -36,7 +38,7 @@ from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, dot_precision, interpret_mode, ne
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments holding the caller's tensors (input dtype); every other pointer is an fp32 buffer.
-_IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq_out", "dk_out", "qg", "kg"}
+_IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq", "dk", "qg", "kg"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 
 
@@ -95,27 +97,53 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, spill)
 
 
+def _first_config(kernel: Any) -> tuple[dict[str, Any], int, int]:
+    """(meta-parameters, num_warps, num_stages) of a kernel's first autotune config.
+
+    That is the config the interpreter runs; the kernels order their configs so that it is
+    the one picked from this report (the autotuner times all of them on a GPU).
+    """
+    configs = getattr(kernel, "configs", None)
+    if configs:  # triton.autotune
+        first = configs[0]
+        return dict(first.kwargs), first.num_warps, first.num_stages
+    fixed = getattr(kernel, "kwargs", None)
+    if fixed is not None:  # the interpreter's fixed config
+        meta = dict(fixed)
+        return meta, meta.pop("num_warps"), meta.pop("num_stages")
+    return {}, 4, 2
+
+
 def kernel_specs(head_dim_k: int, head_dim_v: int, dtype: str) -> list[tuple[Any, dict[str, Any], int, int]]:
-    """(kernel, constexprs, num_warps, num_stages) for every kernel, as the launchers use them."""
+    """(kernel, constexprs, num_warps, num_stages) for every kernel, as the launchers use them:
+    the launchers' constexprs plus the kernel's first autotune config."""
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
     K, V = head_dim_k, head_dim_v
     BK = next_pow2(K)
+    BKS = min(BK, 64)
     prec = dot_precision(_DTYPES[dtype])
-    state = dict(K=K, V=V, BT=BT, BK=BK, BV=32, DOT_PREC=prec)
-    return [
-        (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BK), 4, 2),
-        (chunk_fwd._intra_fwd_kernel, dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec), 4, 2),
-        (chunk_fwd._solve_wy_kernel, dict(K=K, V=V, BT=BT, BC=BC, BK=BK, BV=min(next_pow2(V), 64), DOT_PREC=prec), 4, 2),
-        (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True, STORE_H=False,
-                                                 STORE_DELTA=False, COMPUTE_O=True, h=None, delta=None), 4, 2),
-        (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=False, STORE_H=True,
-                                                 STORE_DELTA=True, COMPUTE_O=False, ht=None), 4, 2),
-        (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True), 4, 2),
-        (chunk_bwd._bwd_local_kernel, dict(state), 4, 1),
-        (chunk_bwd._intra_bwd_kernel, dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec), 4, 2),
-        (chunk_bwd._reverse_cumsum_kernel, dict(K=K, BT=BT, BK=BK), 4, 2),
-        (fused_recurrent._fused_recurrent_kernel, dict(K=K, V=V, BK=BK, BV=32, USE_H0=True, STORE_FINAL=True), 4, 2),
+    state = dict(K=K, V=V, BT=BT, BK=BK, BKS=BKS, DOT_PREC=prec)
+    launches = [
+        (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BKS)),
+        (chunk_fwd._intra_fwd_kernel, dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec)),
+        (chunk_fwd._solve_wy_kernel, dict(K=K, V=V, BT=BT, BC=BC, BK=BKS, BV=min(next_pow2(V), 64), HAS_DO=True,
+                                           DOT_PREC=prec)),
+        (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True)),
+        (chunk_fwd._chunk_fwd_o_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
+        (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
+        (chunk_bwd._bwd_dv_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
+        (chunk_bwd._intra_bwd_kernel, dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec)),
+        (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec)),
     ]
+    specs = []
+    for kernel, constexprs in launches:
+        meta, warps, stages = _first_config(kernel)
+        specs.append((kernel, {**constexprs, **meta}, warps, stages))
+    # Not autotuned: the launcher's choice (fused_recurrent._launch).
+    BV = min(next_pow2(V), 32 if BK >= 128 else 64)
+    specs.append((fused_recurrent._fused_recurrent_kernel,
+                  dict(K=K, V=V, BK=BK, BV=BV, USE_H0=True, STORE_FINAL=True), 1 if BK * BV <= 1024 else 4, 2))
+    return specs
 
 
 def check(

@@ -12,6 +12,7 @@ first chunk, so per-chunk buffers (states ``h``) are indexed by the global chunk
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -63,6 +64,26 @@ class _FixedConfig:
             return self.fn[grid](*args, **self.kwargs, **kwargs)
 
         return launch
+
+
+def config_space(first: triton.Config, **space: Sequence[int]) -> list[triton.Config]:
+    """``first``, then every other combination of ``space`` (meta-parameters, ``num_warps``,
+    ``num_stages``).
+
+    The first config is the one the interpreter runs and the one :mod:`compile_check` reports:
+    the one chosen (without a GPU) from the compiler's resource report, spill-free at
+    ``K = V = 128`` on sm_90. The autotuner still times them all on a GPU (configs that exceed
+    the device's shared memory are skipped by Triton).
+    """
+    names = list(space)
+    configs = [first]
+    for values in itertools.product(*(space[n] for n in names)):
+        params = dict(zip(names, values))
+        warps, stages = params.pop("num_warps", first.num_warps), params.pop("num_stages", first.num_stages)
+        if params == first.kwargs and warps == first.num_warps and stages == first.num_stages:
+            continue
+        configs.append(triton.Config(params, num_warps=warps, num_stages=stages))
+    return configs
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

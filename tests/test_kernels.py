@@ -77,6 +77,7 @@ CASES = [
     (1, 130, 1, 32, 16, False, True),
     (1, 70, 1, 8, 48, True, True),  # head dims below 16 and not powers of two (masked lanes)
     (1, 20, 1, 256, 256, True, True),  # the largest heads
+    (1, 70, 1, 128, 48, True, True),  # K = 128: two 64-row key blocks of the state kernels
     (2, 130, 3, 16, 16, True, True),
 ]
 
