@@ -154,20 +154,29 @@ def save_results(
     markdown: str,
     plot: Callable[[Any], None] | None = None,
     out_dir: str | os.PathLike | None = None,
+    quick: bool = False,
 ) -> dict[str, Path]:
     """Write ``name``.json / .md (/ .png when ``plot(ax_or_fig)`` is given); return the paths.
 
-    ``plot`` receives a matplotlib Figure and draws on it.
+    ``plot`` receives a matplotlib Figure and draws on it.  Without ``out_dir`` the files go to
+    ``benchmarks/results/<device>/``, or for a ``quick`` smoke run to its git-ignored ``quick/``
+    subfolder, so a smoke run never overwrites the published results.
     """
     folder = Path(out_dir) if out_dir is not None else RESULTS_DIR / device_slug(device)
+    if out_dir is None and quick:
+        folder = folder / "quick"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / f"{name}.json", "md": folder / f"{name}.md"}
     payload = {"benchmark": name, "env": env_info(device), **payload}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
     paths["md"].write_text(markdown)
     if plot is not None:
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:  # the figure is optional; the numbers are already written
+            print(f"note: matplotlib is not installed, so no {name}.png (pip install -e \".[bench]\")",
+                  file=sys.stderr)
+            return paths
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -484,7 +493,8 @@ def add_timed_run_args(parser: Any, quick_help: str, seed_help: str) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out-dir", default=None, help="output folder (default: benchmarks/results/<device>/)")
+    parser.add_argument("--out-dir", default=None,
+                        help="output folder (default: benchmarks/results/<device>/, quick: .../<device>/quick/)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

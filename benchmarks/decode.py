@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = render_markdown(rows, summary, args, config, device, bw, bw_source, budget, weights, threads)
     paths = common.save_results("decode", device, payload, md, plot=lambda fig: plot(fig, rows, args),
-                                out_dir=args.out_dir)
+                                out_dir=args.out_dir, quick=args.quick)
     print(render_console(rows))
     for line in summary_lines(summary):
         print(line)

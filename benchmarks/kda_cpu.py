@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         md,
         plot(rows, "cpu_ms" if torch.get_num_threads() == 1 else "ms"),
         args.out_dir,
+        quick=args.quick,
     )
     print("saved: " + ", ".join(str(p) for p in paths.values()))
     return {"rows": rows, "summary": summary}

@@ -17,7 +17,7 @@ Decode: one-token step time of ``ours`` (:func:`kimi_linear.kernels.fused_recurr
 bytes-moved floor ``(state read + state write) / memory bandwidth``.
 
 Outputs ``kernels.json``, ``kernels.md`` and ``kernels.png`` under
-``benchmarks/results/<device>/`` (or ``--out``). On CPU, our kernels run under the Triton
+``benchmarks/results/<device>/`` (or ``--out-dir``). On CPU, our kernels run under the Triton
 interpreter (set automatically): use ``--quick`` (tiny shapes, seconds) - CPU numbers say nothing
 about GPU speed.
 
@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CUDA, ours,torch,sdpa on CPU)")
     p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (default 10, quick 1)")
     p.add_argument("--quick", action="store_true", help="tiny shapes for a smoke run (CPU: seconds)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                   help="output folder (default benchmarks/results/<device>, quick: .../<device>/quick)")
     args = p.parse_args(argv)
     if args.providers is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels", device,
         {"args": {k: v for k, v in vars(args).items()}, "prefill": prefill, "decode": decode,
          "bandwidth_Bps": bw, "bandwidth_source": bw_source},
-        "\n".join(md), plot=plot_factory(prefill), out_dir=args.out,
+        "\n".join(md), plot=plot_factory(prefill), out_dir=args.out_dir, quick=args.quick,
     )
     print("saved " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = render_markdown(args, config, twin, gqa, rows, floor_rows, floor_info, budget, device)
     paths = common.save_results("kv_cache", device, payload, md, plot=lambda fig: plot(fig, rows, floor_rows, args),
-                                out_dir=args.out_dir)
+                                out_dir=args.out_dir, quick=args.quick)
 
     print(render_console(rows))
     if floor_rows:

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"args": vars(args), "config": config.to_dict(), "threads": threads, "weights_bytes": weights,
                "rows": rows, "summary": summary}
     md = render_markdown(rows, summary, args, config, device, threads)
-    paths = common.save_results("prefill", device, payload, md, plot=lambda fig: plot(fig, rows), out_dir=args.out_dir)
+    paths = common.save_results("prefill", device, payload, md, plot=lambda fig: plot(fig, rows),
+                                out_dir=args.out_dir, quick=args.quick)
     print(f"{'model':>8} {'length':>7} {'seconds':>9} {'tok/s':>9} {'MLA/hybrid':>10}")
     for r in rows:
         ratio = f"{r['all_mla_over_hybrid']:.2f}x" if "all_mla_over_hybrid" in r else ""

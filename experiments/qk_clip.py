@@ -248,9 +248,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="output folder (default experiments/results, quick: experiments/results/quick)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, 12 steps)")
     args = p.parse_args(argv)
+    if args.out_dir is None:  # a smoke run never overwrites the published results
+        args.out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
     if args.quick:
         args.steps, args.layers, args.hidden, args.heads, args.head_dim = 12, 2, 32, 2, 8
         args.batch_size, args.seq_len, args.eval_batches, args.log_every = 4, 32, 2, 0

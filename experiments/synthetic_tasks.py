@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--kda_backend", default="torch", choices=["torch", "auto", "triton", "fla"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
-    p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None,
+                   help="output folder (default experiments/results, quick: experiments/results/quick)")
     p.add_argument("--quick", action="store_true", help="a few steps of one task at one length (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.accelerator == "cpu":
         torch.set_num_threads(args.threads)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir) if args.out_dir is not None else Path(__file__).resolve().parent / "results"
+    if args.out_dir is None and args.quick:  # a smoke run never overwrites the published results
+        out = out / "quick"
     out.mkdir(parents=True, exist_ok=True)
 
     runs: list[dict[str, Any]] = []

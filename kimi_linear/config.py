@@ -15,6 +15,7 @@ Sources for the published shapes: the Kimi-Linear-48B-A3B release ``config.json`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -255,7 +256,15 @@ class KimiLinearConfig:
     def from_preset(cls, name: str, **overrides: Any) -> KimiLinearConfig:
         """A named preset (see :data:`PRESETS`), optionally with fields overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}{hint}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"from_preset: unknown KimiLinearConfig field {key!r}{hint}")
         kwargs = dict(PRESETS[name])
         kwargs.update(overrides)
         return cls(name=name, **kwargs) if "name" not in kwargs else cls(**kwargs)

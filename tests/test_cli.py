@@ -179,6 +179,7 @@ BAD = [
      "data.seq_len=16 is too short for task 'mqar'"),
     (["frobnicate"], "unknown subcommand 'frobnicate'"),
     (["export", "--ckpt_path", "/no/such.ckpt", "--output_dir", "x"], "--ckpt_path: '/no/such.ckpt' does not exist"),
+    (["fit", "--config", TINY, "--ckpt_path", "/no/such.ckpt"], "--ckpt_path: '/no/such.ckpt' does not exist"),
 ]
 
 

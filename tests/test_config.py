@@ -81,6 +81,10 @@ def test_preset_layer_patterns():
     assert KimiLinearConfig.from_preset("tiny").layer_kinds == ("kda", "kda", "kda", "mla")
     with pytest.raises(ValueError, match="unknown preset 'nope'.*tiny"):
         KimiLinearConfig.from_preset("nope")
+    with pytest.raises(ValueError, match="did you mean 'kimi-linear-48b-a3b'"):
+        KimiLinearConfig.from_preset("kimi-linear-48b")
+    with pytest.raises(ValueError, match="unknown KimiLinearConfig field 'hidden_sise'.*'hidden_size'"):
+        KimiLinearConfig.from_preset("tiny", hidden_sise=32)
 
 
 @pytest.mark.parametrize(

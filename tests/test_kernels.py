@@ -302,7 +302,7 @@ def test_benchmark_quick_runs(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", KIMI_LINEAR_RESULTS=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick", "--device", "cpu",
-         "--out", str(tmp_path)],
+         "--out-dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

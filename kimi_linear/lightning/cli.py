@@ -70,6 +70,13 @@ class KimiLinearCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as e:
             raise UsageError(_explain_parse_error(parser, args, str(e))) from None
+        sub = self.config.get("subcommand")
+        ckpt = self.config.get(f"{sub}.ckpt_path") if sub else None
+        # Lightning's own keywords ("last", "best", ...) and remote URLs are left to Lightning;
+        # a folder is accepted (sharded FSDP checkpoints are folders).
+        if (isinstance(ckpt, (str, os.PathLike)) and os.fspath(ckpt) not in ("last", "best", "hpc", "registry")
+                and "://" not in os.fspath(ckpt) and not os.path.exists(ckpt)):
+            raise UsageError(f"--ckpt_path: {os.fspath(ckpt)!r} does not exist")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
