@@ -6,6 +6,7 @@ Scripts run as ``python benchmarks/<name>.py`` (this folder is then on ``sys.pat
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,6 +27,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 # Nominal HBM bandwidth (bytes/s) of known GPUs, for the bytes-moved floor.
 NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where the help text does not already say the default and
+    the default is a real value (not ``None`` or a ``store_true`` flag's ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -476,7 +488,8 @@ def add_model_args(parser: Any, default_preset: str | None) -> None:
 
     names = KimiLinearConfig.preset_names()
     parser.add_argument("--preset", default=default_preset, choices=names, metavar="NAME",
-                        help=f"model preset, one of {', '.join(names)} (default: %(default)s)")
+                        help=f"model preset, one of {', '.join(names)}"
+                        + (" (default: %(default)s)" if default_preset else " (default: tiny with --quick, else small on CPU and kimi-linear-48b-a3b with --experts 16 on GPU)"))
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="override num_hidden_layers (the preset's KDA/MLA period is kept)")
     parser.add_argument("--experts", type=int, default=None,

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="decode.py",
         description="Decode time per output token and throughput vs context: Kimi Linear hybrid "
         "vs its all-MLA twin, with the bytes-moved floor beside each measurement.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset=None)
     p.add_argument("--contexts", type=common.size_list(1), default=None,

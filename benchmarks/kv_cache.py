@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="kv_cache.py",
         description="KV-cache bytes of a Kimi Linear preset vs its all-MLA twin and a GQA "
         "baseline: analytic, and measured on the kit's cache objects.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset="kimi-linear-48b-a3b")
     p.add_argument("--contexts", type=common.size_list(1), default=None,

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="prefill.py",
         description="Chunked-prefill throughput vs prompt length: Kimi Linear hybrid vs its "
         "all-MLA twin.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset=None)
     p.add_argument("--lengths", type=common.size_list(1), default=None,
