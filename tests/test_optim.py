@@ -341,6 +341,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, ids: torch.Tensor, tau: f
         if rank == 0:
             torch.save({"params": dict(model.named_parameters()), "max": opt.last_max_logits,
                         "gamma": opt.last_clip_gamma}, out)
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
