@@ -113,6 +113,26 @@ def _diag_backward_pairwise(
     return d_rows[..., 0, :], d_rows[..., 1, :], dk_col
 
 
+def _factored_gram_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    dA_qk: torch.Tensor,
+    dA_kk: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``A_qk = (q * up)(k * down)^T`` and ``A_kk = (k * up)(k * down)^T``.
+
+    Returns ``dq``, ``dk_row`` (k as the row operand of A_kk) and ``dk_col`` (k as the column
+    operand of both), all ``[..., C, K]``; dA_* already carry their triangular masks.
+    """
+    lq, lk, rk = q * up, k * up, k * down
+    dq = (dA_qk @ rk).mul_(up)
+    dk_row = (dA_kk @ rk).mul_(up)
+    dk_col = (dA_qk.transpose(-1, -2) @ lq + dA_kk.transpose(-1, -2) @ lk).mul_(down)
+    return dq, dk_row, dk_col
+
+
 def _diag_factors(
     Gb: torch.Tensor, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,11 +242,7 @@ def _gram_backward_sub(
     # Diagonal blocks, factored: A = tril((a * up) (k * down)^T).
     dD_qk, dD_kk = _diag_blocks(dA_qk, s, c), _diag_blocks(dA_kk, s, c)  # [n, s, r, i]
     up, down, ok = _diag_factors(Gb, FACTORED_LIMIT[q.dtype])
-    lq, lk, rk = qb * up, kb * up, kb * down
-    dq = (dD_qk @ rk).mul_(up)
-    dk_row = (dD_kk @ rk).mul_(up)
-    dk_col = (dD_qk.transpose(-1, -2) @ lq + dD_kk.transpose(-1, -2) @ lk).mul_(down)
-    del lq, lk, rk
+    dq, dk_row, dk_col = _factored_gram_backward(qb, kb, up, down, dD_qk, dD_kk)
     if not bool(ok.all()):
         bad = ~ok
         dq[bad], dk_row[bad], dk_col[bad] = _diag_backward_pairwise(
@@ -291,11 +307,7 @@ def _gram_backward(
     dA_kk = dA_kk.tril(-1)
     up, down, ok = _diag_factors(G.unsqueeze(1), FACTORED_LIMIT[q.dtype])
     up, down, ok = up.squeeze(1), down.squeeze(1), ok.squeeze(1)
-    lq, lk, rk = q * up, k * up, k * down
-    dq = (dA_qk @ rk).mul_(up)
-    dk_row = (dA_kk @ rk).mul_(up)
-    dk_col = (dA_qk.transpose(-1, -2) @ lq + dA_kk.transpose(-1, -2) @ lk).mul_(down)
-    del lq, lk, rk
+    dq, dk_row, dk_col = _factored_gram_backward(q, k, up, down, dA_qk, dA_kk)
     if not bool(ok.all()):
         bad = ~ok
         dq[bad], dk_row[bad], dk_col[bad] = _gram_backward_sub(
