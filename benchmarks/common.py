@@ -22,11 +22,23 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 # Nominal HBM bandwidth (bytes/s) of known GPUs, for the bytes-moved floor.
-NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
+NOMINAL_BANDWIDTH = {
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100": 2.0e12,
+    "L40S": 0.864e12,
+    "A10": 0.6e12,
+}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -111,7 +123,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5) -> dict[str, float]:
+def timeit(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5
+) -> dict[str, float]:
     """Run ``fn`` ``warmup`` times, then time ``reps`` runs; seconds: median, min, max, stdev."""
     for _ in range(warmup):
         fn()
@@ -186,8 +200,10 @@ def save_results(
         try:
             import matplotlib
         except ImportError:  # the figure is optional; the numbers are already written
-            print(f"note: matplotlib is not installed, so no {name}.png (pip install -e \".[bench]\")",
-                  file=sys.stderr)
+            print(
+                f'note: matplotlib is not installed, so no {name}.png (pip install -e ".[bench]")',
+                file=sys.stderr,
+            )
             return paths
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -236,7 +252,9 @@ def size_list(minimum: int = 1) -> Callable[[str], list[int]]:
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         if not values:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of sizes, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of sizes, got {text!r}"
+            )
         bad = [v for v in values if v < minimum]
         if bad:
             raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {bad[0]}")
@@ -377,7 +395,9 @@ def expected_distinct_experts(num_experts: int, top_k: int, num_tokens: int) -> 
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
 
 
-def active_weight_bytes(model: torch.nn.Module, num_tokens: int, dtype_bytes: int | None = None) -> dict[str, float]:
+def active_weight_bytes(
+    model: torch.nn.Module, num_tokens: int, dtype_bytes: int | None = None
+) -> dict[str, float]:
     """Weight bytes one forward step over ``num_tokens`` tokens must read (the decode floor).
 
     Every parameter counts once, except routed experts (3-D ``experts`` parameters
@@ -404,7 +424,9 @@ def active_weight_bytes(model: torch.nn.Module, num_tokens: int, dtype_bytes: in
         if ".experts." in f".{name}" and p.dim() == 3 and n_exp and p.shape[0] == n_exp:
             out["experts"] += size * frac
         elif name.endswith("embed_tokens.weight") and id(p) != tied_ptr:
-            out["embedding"] += min(num_tokens, p.shape[0]) * p[0].numel() * (dtype_bytes or p.element_size())
+            out["embedding"] += (
+                min(num_tokens, p.shape[0]) * p[0].numel() * (dtype_bytes or p.element_size())
+            )
         else:
             out["dense"] += size
     out["total"] = out["dense"] + out["experts"] + out["embedding"]
@@ -414,7 +436,9 @@ def active_weight_bytes(model: torch.nn.Module, num_tokens: int, dtype_bytes: in
 def cache_read_bytes(config: Any, context: int, batch_size: int, cache_dtype_bytes: int) -> int:
     """Cache bytes one decode step at ``context`` tokens must read: every MLA latent and rope
     key cached so far, every KDA state (fp32) and conv tail (``config.kv_cache_bytes``)."""
-    return config.kv_cache_bytes(context, batch_size=batch_size, cache_dtype_bytes=cache_dtype_bytes)["total"]
+    return config.kv_cache_bytes(
+        context, batch_size=batch_size, cache_dtype_bytes=cache_dtype_bytes
+    )["total"]
 
 
 def fill_cache_(cache: Any, length: int, seed: int = 0, pool_size: int = 1 << 20) -> Any:
@@ -452,7 +476,9 @@ def fill_cache_(cache: Any, length: int, seed: int = 0, pool_size: int = 1 << 20
     for layer in cache.layers:
         if isinstance(layer, LatentKVCache):
             if layer.capacity < length:
-                raise ValueError(f"cache capacity {layer.capacity} < length {length}: allocate it with capacity >= length")
+                raise ValueError(
+                    f"cache capacity {layer.capacity} < length {length}: allocate it with capacity >= length"
+                )
             for t in layer.tensors():
                 if t.shape[1] == length:
                     fill(t)
@@ -487,27 +513,55 @@ def add_model_args(parser: Any, default_preset: str | None) -> None:
     from kimi_linear.config import KimiLinearConfig
 
     names = KimiLinearConfig.preset_names()
-    parser.add_argument("--preset", default=default_preset, choices=names, metavar="NAME",
-                        help=f"model preset, one of {', '.join(names)}"
-                        + (" (default: %(default)s)" if default_preset else " (default: tiny with --quick, else small on CPU and kimi-linear-48b-a3b with --experts 16 on GPU)"))
-    parser.add_argument("--layers", type=positive_int, default=None,
-                        help="override num_hidden_layers (the preset's KDA/MLA period is kept)")
-    parser.add_argument("--experts", type=int, default=None,
-                        help="override num_experts (0: dense MLP everywhere); top-k is capped at it")
-    parser.add_argument("--hidden-size", type=positive_int, default=None, help="override hidden_size")
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=names,
+        metavar="NAME",
+        help=f"model preset, one of {', '.join(names)}"
+        + (
+            " (default: %(default)s)"
+            if default_preset
+            else " (default: tiny with --quick, else small on CPU and kimi-linear-48b-a3b with --experts 16 on GPU)"
+        ),
+    )
+    parser.add_argument(
+        "--layers",
+        type=positive_int,
+        default=None,
+        help="override num_hidden_layers (the preset's KDA/MLA period is kept)",
+    )
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="override num_experts (0: dense MLP everywhere); top-k is capped at it",
+    )
+    parser.add_argument(
+        "--hidden-size", type=positive_int, default=None, help="override hidden_size"
+    )
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="override vocab_size")
 
 
 def add_timed_run_args(parser: Any, quick_help: str, seed_help: str) -> None:
     """The run options shared by the timing scripts (decode.py, prefill.py): ``--dtype``,
     ``--device``, ``--threads``, ``--quick``, ``--out-dir``, ``--seed``, ``--no-progress``."""
-    parser.add_argument("--dtype", default=None, help="weights and cache dtype (default: CPU fp32, GPU bf16)")
+    parser.add_argument(
+        "--dtype", default=None, help="weights and cache dtype (default: CPU fp32, GPU bf16)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (default: torch's); 1 on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (default: torch's); 1 on a shared machine",
+    )
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out-dir", default=None,
-                        help="output folder (default: benchmarks/results/<device>/, quick: .../<device>/quick/)")
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="output folder (default: benchmarks/results/<device>/, quick: .../<device>/quick/)",
+    )
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -531,14 +585,18 @@ def config_from_args(args: Any) -> Any:
     try:
         base = KimiLinearConfig.from_preset(args.preset)
         if overrides.get("num_experts"):
-            overrides["num_experts_per_token"] = min(base.num_experts_per_token, overrides["num_experts"])
+            overrides["num_experts_per_token"] = min(
+                base.num_experts_per_token, overrides["num_experts"]
+            )
         if "vocab_size" in overrides:  # special token ids of the preset may fall outside
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 tok = getattr(base, key)
                 if tok is not None and tok >= overrides["vocab_size"]:
                     overrides[key] = None
         if "num_hidden_layers" in overrides:
-            overrides["first_k_dense_replace"] = min(base.first_k_dense_replace, overrides["num_hidden_layers"])
+            overrides["first_k_dense_replace"] = min(
+                base.first_k_dense_replace, overrides["num_hidden_layers"]
+            )
         return base.replace(**overrides) if overrides else base
     except ValueError as e:
         fail(f"invalid model settings for --preset {args.preset}: {e}")

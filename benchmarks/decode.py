@@ -58,22 +58,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset=None)
-    p.add_argument("--contexts", type=common.size_list(1), default=None,
-                   help="context lengths (tokens; K/M suffixes). Default: CPU 4K,16K,64K,128K; "
-                   "GPU 4K,32K,128K,512K,1M; quick 256,1K")
-    p.add_argument("--batch-sizes", type=common.size_list(1), default=None,
-                   help="batch sizes of the equal-batch comparison (default 1,4; quick 1,2)")
-    p.add_argument("--steps", type=common.positive_int, default=None,
-                   help="decode steps per timed repetition (default: CPU 2, GPU 16)")
-    p.add_argument("--reps", type=common.positive_int, default=None, help="timed repetitions (default: CPU 3, GPU 5)")
+    p.add_argument(
+        "--contexts",
+        type=common.size_list(1),
+        default=None,
+        help="context lengths (tokens; K/M suffixes). Default: CPU 4K,16K,64K,128K; "
+        "GPU 4K,32K,128K,512K,1M; quick 256,1K",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=common.size_list(1),
+        default=None,
+        help="batch sizes of the equal-batch comparison (default 1,4; quick 1,2)",
+    )
+    p.add_argument(
+        "--steps",
+        type=common.positive_int,
+        default=None,
+        help="decode steps per timed repetition (default: CPU 2, GPU 16)",
+    )
+    p.add_argument(
+        "--reps",
+        type=common.positive_int,
+        default=None,
+        help="timed repetitions (default: CPU 3, GPU 5)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions before timing")
-    p.add_argument("--memory-budget-gb", type=common.positive_float, default=None,
-                   help="weights + caches budget (GB, decimal) for the throughput figure; default: "
-                   "CPU 4, GPU 85%% of free memory")
-    p.add_argument("--max-batch", type=common.positive_int, default=None,
-                   help="largest batch tried in the throughput figure (default: CPU 16, GPU 256)")
+    p.add_argument(
+        "--memory-budget-gb",
+        type=common.positive_float,
+        default=None,
+        help="weights + caches budget (GB, decimal) for the throughput figure; default: "
+        "CPU 4, GPU 85%% of free memory",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=common.positive_int,
+        default=None,
+        help="largest batch tried in the throughput figure (default: CPU 16, GPU 256)",
+    )
     p.add_argument("--no-throughput", action="store_true", help="skip figure (b)")
-    common.add_timed_run_args(p, quick_help="tiny preset and contexts (smoke test, seconds)", seed_help="seed of weights, cache contents and tokens")
+    common.add_timed_run_args(
+        p,
+        quick_help="tiny preset and contexts (smoke test, seconds)",
+        seed_help="seed of weights, cache contents and tokens",
+    )
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"argument --warmup: must be >= 0, got {args.warmup}")
@@ -88,8 +117,15 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         if args.preset == "kimi-linear-48b-a3b" and args.experts is None:
             args.experts = 16
     if args.contexts is None:
-        args.contexts = [256, 1024] if args.quick else (
-            [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20] if gpu else [4 << 10, 16 << 10, 64 << 10, 128 << 10])
+        args.contexts = (
+            [256, 1024]
+            if args.quick
+            else (
+                [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
+                if gpu
+                else [4 << 10, 16 << 10, 64 << 10, 128 << 10]
+            )
+        )
     if args.batch_sizes is None:
         args.batch_sizes = [1, 2] if args.quick else [1, 4]
     if args.steps is None:
@@ -109,7 +145,10 @@ def working_bytes(config: KimiLinearConfig, context: int, batch: int, dtype_byte
     tokens (``[B, H, 1, L]``, a few copies) and one contiguous copy of a layer's latents."""
     if not config.mla_layers:
         return 64 << 20
-    per_token = batch * (config.num_attention_heads * 16 + 2 * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes)
+    per_token = batch * (
+        config.num_attention_heads * 16
+        + 2 * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes
+    )
     return context * per_token + (64 << 20)
 
 
@@ -117,7 +156,9 @@ def cache_bytes(config: KimiLinearConfig, capacity: int, batch: int, dtype_bytes
     return config.kv_cache_bytes(capacity, batch, cache_dtype_bytes=dtype_bytes)["total"]
 
 
-def build_model(config: KimiLinearConfig, dtype: torch.dtype, device: torch.device, seed: int) -> KimiLinearForCausalLM:
+def build_model(
+    config: KimiLinearConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> KimiLinearForCausalLM:
     torch.manual_seed(seed)
     with torch.device(device):
         model = KimiLinearForCausalLM(config)
@@ -165,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in models.items():
         with torch.device("meta"):
             meta = KimiLinearForCausalLM(cfg)
-        build_bytes = common.active_weight_bytes(meta, 1, dtype_bytes=4)["all_params"]  # built in fp32
+        build_bytes = common.active_weight_bytes(meta, 1, dtype_bytes=4)[
+            "all_params"
+        ]  # built in fp32
         metas[name] = cast_model_(meta, dtype)
-        weights[name] = {"bytes": common.active_weight_bytes(meta, 1)["all_params"], "build_bytes": build_bytes}
+        weights[name] = {
+            "bytes": common.active_weight_bytes(meta, 1)["all_params"],
+            "build_bytes": build_bytes,
+        }
 
     free = common.available_memory(device)
     if args.memory_budget_gb is not None:
@@ -175,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = int(0.85 * free) if device.type == "cuda" else min(int(4e9), int(0.5 * free))
     if budget > 0.85 * free:
-        common.fail(f"--memory-budget-gb {budget / 1e9:g} exceeds the memory free on "
-                    f"{common.device_name(device)} ({common.fmt_bytes(free)}, of which 85% may be used)", code=3)
+        common.fail(
+            f"--memory-budget-gb {budget / 1e9:g} exceeds the memory free on "
+            f"{common.device_name(device)} ({common.fmt_bytes(free)}, of which 85% may be used)",
+            code=3,
+        )
 
     # ---- the plan: equal-batch runs and, per context, the largest batch under the budget --
     runs: list[tuple[str, int, int, str]] = []  # (model, context, batch, figure)
@@ -189,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.contexts:
             for name, cfg in models.items():
                 per_seq = cache_bytes(cfg, ctx + args.steps, 1, dtype_bytes)
-                fit = int((budget - weights[name]["bytes"]) // per_seq) if budget > weights[name]["bytes"] else 0
+                fit = (
+                    int((budget - weights[name]["bytes"]) // per_seq)
+                    if budget > weights[name]["bytes"]
+                    else 0
+                )
                 max_batches[(name, ctx)] = min(fit, args.max_batch)
                 if max_batches[(name, ctx)] >= 1:
                     runs.append((name, ctx, max_batches[(name, ctx)], "throughput"))
     for name, ctx, b, _ in runs:  # fail before allocating anything if a run cannot fit
-        need = weights[name]["bytes"] + cache_bytes(models[name], ctx + args.steps, b, dtype_bytes) \
+        need = (
+            weights[name]["bytes"]
+            + cache_bytes(models[name], ctx + args.steps, b, dtype_bytes)
             + working_bytes(models[name], ctx, b, dtype_bytes)
+        )
         need = max(need, weights[name]["build_bytes"])
         if need > 0.85 * free:
             common.fail(
@@ -208,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     bw, bw_source = common.bandwidth(device, nbytes=1 << 25 if args.quick else 1 << 28)
-    print(f"decode: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers, "
-          f"{config.num_experts} experts) vs all-MLA twin, {args.dtype}, on {common.device_name(device)}"
-          + (f", {threads} thread(s)" if threads else "")
-          + f"; bandwidth {bw / 1e9:.1f} GB/s ({bw_source}); {len(runs)} measurements")
+    print(
+        f"decode: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers, "
+        f"{config.num_experts} experts) vs all-MLA twin, {args.dtype}, on {common.device_name(device)}"
+        + (f", {threads} thread(s)" if threads else "")
+        + f"; bandwidth {bw / 1e9:.1f} GB/s ({bw_source}); {len(runs)} measurements"
+    )
 
     rows: list[dict[str, Any]] = []
     bar = common.progress(range(len(runs)), "decode", enabled=not args.no_progress)
@@ -222,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             if run_name != name:
                 continue
             next(bar_iter, None)
-            need = cache_bytes(cfg, ctx + args.steps, b, dtype_bytes) + working_bytes(cfg, ctx, b, dtype_bytes)
-            common.require_memory(need, device, f"the {MODEL_LABELS[name]} cache at context {ctx}, batch {b}")
+            need = cache_bytes(cfg, ctx + args.steps, b, dtype_bytes) + working_bytes(
+                cfg, ctx, b, dtype_bytes
+            )
+            common.require_memory(
+                need, device, f"the {MODEL_LABELS[name]} cache at context {ctx}, batch {b}"
+            )
             t = time_decode(model, ctx, b, args, dtype, device)
             gc.collect()  # the cache of that measurement is gone now
             if device.type == "cuda":
@@ -231,13 +293,24 @@ def main(argv: list[str] | None = None) -> int:
             w = common.active_weight_bytes(metas[name], b)["total"]
             c = common.cache_read_bytes(cfg, ctx, b, dtype_bytes)
             floor = (w + c) / bw
-            rows.append({
-                "figure": figure, "model": name, "context": ctx, "batch_size": b,
-                "tpot_ms": t["median"] * 1e3, "tpot_min_ms": t["min"] * 1e3, "tpot_max_ms": t["max"] * 1e3,
-                "tpot_stdev_ms": t["stdev"] * 1e3, "tokens_per_s": b / t["median"],
-                "weight_bytes": w, "cache_bytes": c, "step_bytes": w + c,
-                "floor_ms": floor * 1e3, "measured_over_floor": t["median"] / floor,
-            })
+            rows.append(
+                {
+                    "figure": figure,
+                    "model": name,
+                    "context": ctx,
+                    "batch_size": b,
+                    "tpot_ms": t["median"] * 1e3,
+                    "tpot_min_ms": t["min"] * 1e3,
+                    "tpot_max_ms": t["max"] * 1e3,
+                    "tpot_stdev_ms": t["stdev"] * 1e3,
+                    "tokens_per_s": b / t["median"],
+                    "weight_bytes": w,
+                    "cache_bytes": c,
+                    "step_bytes": w + c,
+                    "floor_ms": floor * 1e3,
+                    "measured_over_floor": t["median"] / floor,
+                }
+            )
         del model
         gc.collect()
         if device.type == "cuda":
@@ -260,9 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
     }
-    md = render_markdown(rows, summary, args, config, device, bw, bw_source, budget, weights, threads)
-    paths = common.save_results("decode", device, payload, md, plot=lambda fig: plot(fig, rows, args),
-                                out_dir=args.out_dir, quick=args.quick)
+    md = render_markdown(
+        rows, summary, args, config, device, bw, bw_source, budget, weights, threads
+    )
+    paths = common.save_results(
+        "decode",
+        device,
+        payload,
+        md,
+        plot=lambda fig: plot(fig, rows, args),
+        out_dir=args.out_dir,
+        quick=args.quick,
+    )
     print(render_console(rows))
     for line in summary_lines(summary):
         print(line)
@@ -290,9 +372,15 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     h = _find(rows, figure="throughput", model="hybrid", context=ctx)
     m = _find(rows, figure="throughput", model="all_mla", context=ctx)
     if h:
-        out["throughput_hybrid"] = {"batch_size": h["batch_size"], "tokens_per_s": h["tokens_per_s"]}
+        out["throughput_hybrid"] = {
+            "batch_size": h["batch_size"],
+            "tokens_per_s": h["tokens_per_s"],
+        }
     if m:
-        out["throughput_all_mla"] = {"batch_size": m["batch_size"], "tokens_per_s": m["tokens_per_s"]}
+        out["throughput_all_mla"] = {
+            "batch_size": m["batch_size"],
+            "tokens_per_s": m["tokens_per_s"],
+        }
     if h and m:
         out["throughput_ratio"] = h["tokens_per_s"] / m["tokens_per_s"]
         out["tpot_ratio_at_max_batch"] = m["tpot_ms"] / h["tpot_ms"]
@@ -301,8 +389,10 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
     ctx = common.fmt_tokens(s["context"])
-    lines = [f"at {ctx}: all-MLA TPOT / hybrid TPOT = {v:.2f}x at batch {b} (bytes floor {s['floor_ratio'][b]:.2f}x)"
-             for b, v in s["tpot_speedup"].items()]
+    lines = [
+        f"at {ctx}: all-MLA TPOT / hybrid TPOT = {v:.2f}x at batch {b} (bytes floor {s['floor_ratio'][b]:.2f}x)"
+        for b, v in s["tpot_speedup"].items()
+    ]
     if "throughput_ratio" in s:
         lines.append(
             f"at {ctx} under the memory budget: hybrid batch {s['throughput_hybrid']['batch_size']} "
@@ -311,14 +401,18 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"{s['throughput_ratio']:.2f}x throughput"
         )
     elif "throughput_hybrid" in s:
-        lines.append(f"at {ctx} under the memory budget only the hybrid fits "
-                     f"(batch {s['throughput_hybrid']['batch_size']})")
+        lines.append(
+            f"at {ctx} under the memory budget only the hybrid fits "
+            f"(batch {s['throughput_hybrid']['batch_size']})"
+        )
     return lines
 
 
 def render_console(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'figure':>11} {'model':>8} {'context':>8} {'batch':>5} {'TPOT ms':>9} {'tok/s':>9} "
-             f"{'floor ms':>9} {'x floor':>8}"]
+    lines = [
+        f"{'figure':>11} {'model':>8} {'context':>8} {'batch':>5} {'TPOT ms':>9} {'tok/s':>9} "
+        f"{'floor ms':>9} {'x floor':>8}"
+    ]
     for r in rows:
         lines.append(
             f"{r['figure']:>11} {r['model']:>8} {common.fmt_tokens(r['context']):>8} {r['batch_size']:>5} "
@@ -341,7 +435,8 @@ def render_markdown(
 ) -> str:
     out = [
         f"# Decode: {config.name} hybrid vs all-MLA\n\n",
-        f"{common.device_name(device)}" + (f", {threads} thread(s)" if threads else "")
+        f"{common.device_name(device)}"
+        + (f", {threads} thread(s)" if threads else "")
         + f", {args.dtype} weights and caches; model: `--preset {args.preset}`"
         + (f" `--layers {args.layers}`" if args.layers else "")
         + (f" `--experts {args.experts}`" if args.experts is not None else "")
@@ -356,31 +451,51 @@ def render_markdown(
     for r in rows:
         if r["figure"] != "equal_batch":
             continue
-        other = _find(rows, figure="equal_batch", model="all_mla", context=r["context"], batch_size=r["batch_size"])
-        table.append({
-            "context": common.fmt_tokens(r["context"]), "batch": r["batch_size"], "model": MODEL_LABELS[r["model"]],
-            "TPOT (ms)": f"{r['tpot_ms']:.3g} [{r['tpot_min_ms']:.3g}, {r['tpot_max_ms']:.3g}]",
-            "tokens/s": f"{r['tokens_per_s']:.3g}", "bytes/step": common.fmt_bytes(r["step_bytes"]),
-            "floor (ms)": f"{r['floor_ms']:.3g}", "measured / floor": f"{r['measured_over_floor']:.2f}",
-            "all-MLA / hybrid TPOT": f"{other['tpot_ms'] / r['tpot_ms']:.2f}x" if other and r["model"] == "hybrid" else "",
-        })
+        other = _find(
+            rows,
+            figure="equal_batch",
+            model="all_mla",
+            context=r["context"],
+            batch_size=r["batch_size"],
+        )
+        table.append(
+            {
+                "context": common.fmt_tokens(r["context"]),
+                "batch": r["batch_size"],
+                "model": MODEL_LABELS[r["model"]],
+                "TPOT (ms)": f"{r['tpot_ms']:.3g} [{r['tpot_min_ms']:.3g}, {r['tpot_max_ms']:.3g}]",
+                "tokens/s": f"{r['tokens_per_s']:.3g}",
+                "bytes/step": common.fmt_bytes(r["step_bytes"]),
+                "floor (ms)": f"{r['floor_ms']:.3g}",
+                "measured / floor": f"{r['measured_over_floor']:.2f}",
+                "all-MLA / hybrid TPOT": f"{other['tpot_ms'] / r['tpot_ms']:.2f}x"
+                if other and r["model"] == "hybrid"
+                else "",
+            }
+        )
     out.append(common.markdown_table(table))
     thr = [r for r in rows if r["figure"] == "throughput"]
     if thr:
-        out.append(f"\n## (b) Throughput at the largest batch within {common.fmt_bytes(budget)} "
-                   f"(weights + caches, batch <= {args.max_batch})\n\n")
+        out.append(
+            f"\n## (b) Throughput at the largest batch within {common.fmt_bytes(budget)} "
+            f"(weights + caches, batch <= {args.max_batch})\n\n"
+        )
         table = []
         for ctx in args.contexts:
             h = _find(thr, model="hybrid", context=ctx)
             m = _find(thr, model="all_mla", context=ctx)
-            table.append({
-                "context": common.fmt_tokens(ctx),
-                "hybrid batch": h["batch_size"] if h else "does not fit",
-                "hybrid tokens/s": f"{h['tokens_per_s']:.3g}" if h else "-",
-                "all-MLA batch": m["batch_size"] if m else "does not fit",
-                "all-MLA tokens/s": f"{m['tokens_per_s']:.3g}" if m else "-",
-                "throughput ratio": f"{h['tokens_per_s'] / m['tokens_per_s']:.2f}x" if h and m else "-",
-            })
+            table.append(
+                {
+                    "context": common.fmt_tokens(ctx),
+                    "hybrid batch": h["batch_size"] if h else "does not fit",
+                    "hybrid tokens/s": f"{h['tokens_per_s']:.3g}" if h else "-",
+                    "all-MLA batch": m["batch_size"] if m else "does not fit",
+                    "all-MLA tokens/s": f"{m['tokens_per_s']:.3g}" if m else "-",
+                    "throughput ratio": f"{h['tokens_per_s'] / m['tokens_per_s']:.2f}x"
+                    if h and m
+                    else "-",
+                }
+            )
         out.append(common.markdown_table(table))
     out.append("\n" + "\n".join(f"- {line}" for line in summary_lines(summary)) + "\n")
     return "".join(out)
@@ -394,13 +509,29 @@ def plot(fig: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> None
     markers = ["o", "s", "^", "D"]
     for i, b in enumerate(args.batch_sizes):
         for name, color in colors.items():
-            pts = sorted((r["context"], r["tpot_ms"], r["floor_ms"]) for r in rows
-                         if r["figure"] == "equal_batch" and r["model"] == name and r["batch_size"] == b)
+            pts = sorted(
+                (r["context"], r["tpot_ms"], r["floor_ms"])
+                for r in rows
+                if r["figure"] == "equal_batch" and r["model"] == name and r["batch_size"] == b
+            )
             if not pts:
                 continue
             x, y, f = zip(*pts)
-            ax.plot(x, y, color=color, marker=markers[i % len(markers)], label=f"{MODEL_LABELS[name]}, batch {b}")
-            ax.plot(x, f, color=color, linestyle=":", alpha=0.7, label="bytes floor" if i == 0 and name == "hybrid" else None)
+            ax.plot(
+                x,
+                y,
+                color=color,
+                marker=markers[i % len(markers)],
+                label=f"{MODEL_LABELS[name]}, batch {b}",
+            )
+            ax.plot(
+                x,
+                f,
+                color=color,
+                linestyle=":",
+                alpha=0.7,
+                label="bytes floor" if i == 0 and name == "hybrid" else None,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
@@ -411,13 +542,24 @@ def plot(fig: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> None
     if thr:
         ax2 = axes[1]
         for name, color in colors.items():
-            pts = sorted((r["context"], r["tokens_per_s"], r["batch_size"]) for r in thr if r["model"] == name)
+            pts = sorted(
+                (r["context"], r["tokens_per_s"], r["batch_size"])
+                for r in thr
+                if r["model"] == name
+            )
             if not pts:
                 continue
             x, y, bs = zip(*pts)
             ax2.plot(x, y, color=color, marker="o", label=MODEL_LABELS[name])
             for xi, yi, bi in pts:
-                ax2.annotate(f"B={bi}", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7, color=color)
+                ax2.annotate(
+                    f"B={bi}",
+                    (xi, yi),
+                    textcoords="offset points",
+                    xytext=(3, 4),
+                    fontsize=7,
+                    color=color,
+                )
         ax2.set_xscale("log", base=2)
         ax2.set_yscale("log")
         ax2.set_xlabel("context (tokens)")

@@ -63,23 +63,47 @@ def attn_flops(T: int, d: int) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default: bf16)")
-    p.add_argument("--tokens", type=positive_int, default=32 * 1024, help="B * T per run (default 32K)")
-    p.add_argument("--seqlens", type=size_list(1), default=None,
-                   help="sequence lengths T (default 1K,2K,4K,8K,16K,32K,64K)")
+    p.add_argument(
+        "--tokens", type=positive_int, default=32 * 1024, help="B * T per run (default 32K)"
+    )
+    p.add_argument(
+        "--seqlens",
+        type=size_list(1),
+        default=None,
+        help="sequence lengths T (default 1K,2K,4K,8K,16K,32K,64K)",
+    )
     p.add_argument("--heads", type=positive_int, default=16)
     p.add_argument("--head-dim", type=positive_int, default=128, help="K = V")
-    p.add_argument("--decode-batches", type=size_list(1), default=None,
-                   help="batch sizes of the decode step (default 1,8,64,256)")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated subset of ours,fla,torch,sdpa (default: ours,fla,sdpa on "
-                        "CUDA, ours,torch,sdpa on CPU)")
-    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (default 10, quick 1)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes for a smoke run (CPU: seconds)")
-    p.add_argument("--out-dir", "--out", dest="out_dir", default=None,
-                   help="output folder (default benchmarks/results/<device>, quick: .../<device>/quick)")
+    p.add_argument(
+        "--decode-batches",
+        type=size_list(1),
+        default=None,
+        help="batch sizes of the decode step (default 1,8,64,256)",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated subset of ours,fla,torch,sdpa (default: ours,fla,sdpa on "
+        "CUDA, ours,torch,sdpa on CPU)",
+    )
+    p.add_argument(
+        "--reps", type=positive_int, default=None, help="timed repetitions (default 10, quick 1)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny shapes for a smoke run (CPU: seconds)"
+    )
+    p.add_argument(
+        "--out-dir",
+        "--out",
+        dest="out_dir",
+        default=None,
+        help="output folder (default benchmarks/results/<device>, quick: .../<device>/quick)",
+    )
     args = p.parse_args(argv)
     if args.providers is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -140,7 +164,9 @@ def sdpa(q, k, v):
     if q.device.type != "cuda" or q.dtype == torch.float32:
         backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(
+            1, 2
+        )
 
 
 def time_fwd_bwd(fn, xs, do, device, warmup: int, reps: int) -> tuple[float, float]:
@@ -167,9 +193,15 @@ def bench_prefill(args, device, dtype) -> list[dict[str, Any]]:
             try:
                 xs = make_inputs(B, T, H, D, dtype, device, gen=gen)
                 do = torch.randn(B, T, H, D, device=device, generator=gen).to(dtype)
-                fwd, fwdbwd = time_fwd_bwd(fn, xs[:3] if name == "sdpa" else xs, do, device, warmup, args.reps)
-                row.update(fwd_ms=fwd * 1e3, fwdbwd_ms=fwdbwd * 1e3, fwd_tflops=flops / fwd / 1e12,
-                           fwdbwd_tflops=3 * flops / fwdbwd / 1e12)
+                fwd, fwdbwd = time_fwd_bwd(
+                    fn, xs[:3] if name == "sdpa" else xs, do, device, warmup, args.reps
+                )
+                row.update(
+                    fwd_ms=fwd * 1e3,
+                    fwdbwd_ms=fwdbwd * 1e3,
+                    fwd_tflops=flops / fwd / 1e12,
+                    fwdbwd_tflops=3 * flops / fwdbwd / 1e12,
+                )
             except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             if device.type == "cuda":
@@ -204,17 +236,35 @@ def bench_decode(args, device, dtype) -> tuple[list[dict[str, Any]], float, str]
         q, k, v, g, beta = make_inputs(Bd, 1, H, D, dtype, device, gen=gen)
         state = torch.randn(Bd, H, D, D, device=device, generator=gen)
         state_bytes = state.numel() * 4
-        io_bytes = sum(x.numel() * x.element_size() for x in (q, k, v, g, beta)) + v.numel() * v.element_size()
+        io_bytes = (
+            sum(x.numel() * x.element_size() for x in (q, k, v, g, beta))
+            + v.numel() * v.element_size()
+        )
         floor = (2 * state_bytes + io_bytes) / bw
-        steps = {"ours": partial(fused_recurrent_kda, q, k, v, g, beta, initial_state=state, inplace_state=True)}
+        steps = {
+            "ours": partial(
+                fused_recurrent_kda, q, k, v, g, beta, initial_state=state, inplace_state=True
+            )
+        }
         if fla_step is not None:
-            steps["fla"] = partial(fla_step, q, k, v, g, beta, initial_state=state.clone(), output_final_state=True)
+            steps["fla"] = partial(
+                fla_step, q, k, v, g, beta, initial_state=state.clone(), output_final_state=True
+            )
         for name, step in steps.items():
             with torch.no_grad():
-                t = timeit(step, device, warmup=warmup, reps=max(args.reps, 3 if args.quick else 50))["median"]
-            row = {"provider": name, "batch": Bd, "H": H, "D": D, "step_us": t * 1e6,
-                   "floor_us": floor * 1e6, "floor_fraction": floor / t,
-                   "achieved_GBps": (2 * state_bytes + io_bytes) / t / 1e9}
+                t = timeit(
+                    step, device, warmup=warmup, reps=max(args.reps, 3 if args.quick else 50)
+                )["median"]
+            row = {
+                "provider": name,
+                "batch": Bd,
+                "H": H,
+                "D": D,
+                "step_us": t * 1e6,
+                "floor_us": floor * 1e6,
+                "floor_fraction": floor / t,
+                "achieved_GBps": (2 * state_bytes + io_bytes) / t / 1e9,
+            }
             rows.append(row)
             print(_fmt_row(row), flush=True)
     return rows, bw, bw_source
@@ -227,7 +277,10 @@ def _fmt_row(row: dict[str, Any]) -> str:
 def plot_factory(prefill: list[dict[str, Any]]):
     def plot(fig):
         axes = fig.subplots(1, 2)
-        for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
+        for ax, key, title in (
+            (axes[0], "fwd_ms", "forward"),
+            (axes[1], "fwdbwd_ms", "forward + backward"),
+        ):
             for name in dict.fromkeys(r["provider"] for r in prefill):
                 pts = [(r["T"], r[key]) for r in prefill if r["provider"] == name and key in r]
                 if pts:
@@ -255,20 +308,35 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
     if device.type == "cpu" and not args.quick:
-        print("note: CPU timings run our kernels under the Triton interpreter; they say nothing about GPU speed",
-              file=sys.stderr)
-    print(f"# prefill / training: tokens={fmt_tokens(args.tokens)} H={args.heads} D={args.head_dim} {args.dtype}")
+        print(
+            "note: CPU timings run our kernels under the Triton interpreter; they say nothing about GPU speed",
+            file=sys.stderr,
+        )
+    print(
+        f"# prefill / training: tokens={fmt_tokens(args.tokens)} H={args.heads} D={args.head_dim} {args.dtype}"
+    )
     prefill = bench_prefill(args, device, dtype)
     print("# decode step")
     decode, bw, bw_source = bench_decode(args, device, dtype)
 
-    cols = ["provider", "B", "T", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops", "fwd_vs_ours",
-            "fwdbwd_vs_ours", "error"]
+    cols = [
+        "provider",
+        "B",
+        "T",
+        "fwd_ms",
+        "fwdbwd_ms",
+        "fwd_tflops",
+        "fwdbwd_tflops",
+        "fwd_vs_ours",
+        "fwdbwd_vs_ours",
+        "error",
+    ]
     md = [
         "# KDA kernels benchmark\n",
         f"Device: {device.type}; dtype {args.dtype}; H={args.heads}, K=V={args.head_dim}; "
         f"B*T = {fmt_tokens(args.tokens)} tokens; median of {args.reps} runs"
-        + (" (quick mode: tiny shapes, interpreter on CPU)" if args.quick else "") + ".\n",
+        + (" (quick mode: tiny shapes, interpreter on CPU)" if args.quick else "")
+        + ".\n",
         "FLOPs per head: KDA 6Td^2 + 3TCd + TC^2 (C=64), causal attention 2T^2d; fwd+bwd = 3x fwd. "
         "Ratios are time / time of ours (> 1: ours faster).\n",
         "## Prefill / training\n",
@@ -278,10 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(decode),
     ]
     paths = save_results(
-        "kernels", device,
-        {"args": {k: v for k, v in vars(args).items()}, "prefill": prefill, "decode": decode,
-         "bandwidth_Bps": bw, "bandwidth_source": bw_source},
-        "\n".join(md), plot=plot_factory(prefill), out_dir=args.out_dir, quick=args.quick,
+        "kernels",
+        device,
+        {
+            "args": {k: v for k, v in vars(args).items()},
+            "prefill": prefill,
+            "decode": decode,
+            "bandwidth_Bps": bw,
+            "bandwidth_source": bw_source,
+        },
+        "\n".join(md),
+        plot=plot_factory(prefill),
+        out_dir=args.out_dir,
+        quick=args.quick,
     )
     print("saved " + ", ".join(str(p) for p in paths.values()))
     return 0

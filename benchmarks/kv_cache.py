@@ -64,8 +64,12 @@ class GQABaseline:
 
     @classmethod
     def from_config(cls, config: KimiLinearConfig, kv_heads: int) -> GQABaseline:
-        return cls(config.num_hidden_layers, min(kv_heads, config.num_attention_heads),
-                   config.qk_head_dim, config.v_head_dim)
+        return cls(
+            config.num_hidden_layers,
+            min(kv_heads, config.num_attention_heads),
+            config.qk_head_dim,
+            config.v_head_dim,
+        )
 
     @property
     def values_per_token_layer(self) -> int:
@@ -83,25 +87,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset="kimi-linear-48b-a3b")
-    p.add_argument("--contexts", type=common.size_list(1), default=None,
-                   help="context lengths (tokens; K/M suffixes); default 4K,32K,128K,512K,1M "
-                   "(quick: 1K,2K,4K)")
+    p.add_argument(
+        "--contexts",
+        type=common.size_list(1),
+        default=None,
+        help="context lengths (tokens; K/M suffixes); default 4K,32K,128K,512K,1M "
+        "(quick: 1K,2K,4K)",
+    )
     p.add_argument("--batch-size", type=common.positive_int, default=1, help="sequences per cache")
-    p.add_argument("--dtype", default="bf16", help="dtype of latents and conv tails (KDA states are fp32)")
-    p.add_argument("--device", default="cpu", help="where measured caches are allocated: cpu, cuda, auto")
-    p.add_argument("--gqa-kv-heads", type=common.positive_int, default=8,
-                   help="KV heads of the GQA baseline (capped at num_attention_heads)")
-    p.add_argument("--measure-budget-gb", type=common.positive_float, default=None,
-                   help="largest cache to allocate for measurement (GB, decimal); default: half "
-                   "the free memory. Larger caches are reported analytically.")
-    p.add_argument("--strict", action="store_true",
-                   help="every context must be measured: exit 3 if one does not fit")
-    p.add_argument("--floor-batch-sizes", type=common.size_list(1), default=[1, 8, 64],
-                   help="batch sizes of the analytic decode-floor table")
+    p.add_argument(
+        "--dtype", default="bf16", help="dtype of latents and conv tails (KDA states are fp32)"
+    )
+    p.add_argument(
+        "--device", default="cpu", help="where measured caches are allocated: cpu, cuda, auto"
+    )
+    p.add_argument(
+        "--gqa-kv-heads",
+        type=common.positive_int,
+        default=8,
+        help="KV heads of the GQA baseline (capped at num_attention_heads)",
+    )
+    p.add_argument(
+        "--measure-budget-gb",
+        type=common.positive_float,
+        default=None,
+        help="largest cache to allocate for measurement (GB, decimal); default: half "
+        "the free memory. Larger caches are reported analytically.",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="every context must be measured: exit 3 if one does not fit",
+    )
+    p.add_argument(
+        "--floor-batch-sizes",
+        type=common.size_list(1),
+        default=[1, 8, 64],
+        help="batch sizes of the analytic decode-floor table",
+    )
     p.add_argument("--no-floor", action="store_true", help="skip the analytic decode-floor table")
     p.add_argument("--quick", action="store_true", help="short contexts only (smoke test, seconds)")
-    p.add_argument("--out-dir", default=None,
-                   help="output folder (default: benchmarks/results/<device>/)")
+    p.add_argument(
+        "--out-dir", default=None, help="output folder (default: benchmarks/results/<device>/)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cache contents")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -111,7 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure_cache(
-    config: KimiLinearConfig, context: int, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int
+    config: KimiLinearConfig,
+    context: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
 ) -> dict[str, int | None]:
     """Allocate and fill the kit's cache for ``context`` tokens; return its byte counts.
 
@@ -123,7 +156,9 @@ def measure_cache(
         before = torch.cuda.memory_allocated(device)
     else:
         before = common.process_resident_bytes()
-    cache = HybridCache.from_config(config, batch_size, capacity=context, device=device, dtype=dtype)
+    cache = HybridCache.from_config(
+        config, batch_size, capacity=context, device=device, dtype=dtype
+    )
     common.fill_cache_(cache, context, seed=seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,11 +169,17 @@ def measure_cache(
     if cache.seq_len != context:
         raise RuntimeError(f"filled cache reports seq_len {cache.seq_len}, expected {context}")
     del cache  # freed here: nothing else refers to it
-    return {"nbytes": nbytes, "allocator": None if before is None or after is None else after - before}
+    return {
+        "nbytes": nbytes,
+        "allocator": None if before is None or after is None else after - before,
+    }
 
 
 def decode_floor(
-    configs: dict[str, KimiLinearConfig], contexts: list[int], batch_sizes: list[int], dtype_bytes: int
+    configs: dict[str, KimiLinearConfig],
+    contexts: list[int],
+    batch_sizes: list[int],
+    dtype_bytes: int,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Bytes floor of one decode step for each model, context and batch (meta-device models)."""
     from kimi_linear.model import KimiLinearForCausalLM
@@ -164,8 +205,10 @@ def decode_floor(
             row["floor_ratio"] = row["all_mla_step_bytes"] / row["hybrid_step_bytes"]
             rows.append(row)
     info = {
-        name: {"all_params_bytes": weights[name][batch_sizes[0]]["all_params"],
-               "active_weight_bytes": {str(b): weights[name][b]["total"] for b in batch_sizes}}
+        name: {
+            "all_params_bytes": weights[name][batch_sizes[0]]["all_params"],
+            "active_weight_bytes": {str(b): weights[name][b]["total"] for b in batch_sizes},
+        }
         for name in configs
     }
     return rows, info
@@ -184,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = min(budget, int(0.85 * free))
     models = {"hybrid": config, "all_mla": twin}
 
-    print(f"kv_cache: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers), "
-          f"batch {args.batch_size}, {args.dtype} latents, fp32 KDA states; measuring on "
-          f"{common.device_name(device)} up to {common.fmt_bytes(budget)} per cache")
+    print(
+        f"kv_cache: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers), "
+        f"batch {args.batch_size}, {args.dtype} latents, fp32 KDA states; measuring on "
+        f"{common.device_name(device)} up to {common.fmt_bytes(budget)} per cache"
+    )
 
     todo = [(ctx, name) for ctx in args.contexts for name in models]
     measured: dict[tuple[int, str], dict[str, int | None]] = {}
     for ctx, name in common.progress(todo, "allocating caches", enabled=not args.no_progress):
-        need = models[name].kv_cache_bytes(ctx, args.batch_size, cache_dtype_bytes=dtype_bytes)["total"]
+        need = models[name].kv_cache_bytes(ctx, args.batch_size, cache_dtype_bytes=dtype_bytes)[
+            "total"
+        ]
         if need > budget:
             if args.strict:
                 common.fail(
@@ -201,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                     code=3,
                 )
             continue
-        measured[(ctx, name)] = measure_cache(models[name], ctx, args.batch_size, dtype, device, args.seed)
+        measured[(ctx, name)] = measure_cache(
+            models[name], ctx, args.batch_size, dtype, device, args.seed
+        )
 
     rows: list[dict[str, Any]] = []
     mismatches = []
@@ -220,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         row["gqa_analytic_bytes"] = gqa.cache_bytes(ctx, args.batch_size, dtype_bytes)
         row["hybrid_over_all_mla"] = row["hybrid_analytic_bytes"] / row["all_mla_analytic_bytes"]
         row["reduction_vs_all_mla_pct"] = 100.0 * (1.0 - row["hybrid_over_all_mla"])
-        row["reduction_vs_gqa_pct"] = 100.0 * (1.0 - row["hybrid_analytic_bytes"] / row["gqa_analytic_bytes"]) \
-            if row["gqa_analytic_bytes"] else None
+        row["reduction_vs_gqa_pct"] = (
+            100.0 * (1.0 - row["hybrid_analytic_bytes"] / row["gqa_analytic_bytes"])
+            if row["gqa_analytic_bytes"]
+            else None
+        )
         rows.append(row)
 
     floor_rows: list[dict[str, Any]] = []
@@ -229,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     floor_note = None
     if not args.no_floor:
         try:
-            floor_rows, floor_info = decode_floor(models, args.contexts, args.floor_batch_sizes, dtype_bytes)
+            floor_rows, floor_info = decode_floor(
+                models, args.contexts, args.floor_batch_sizes, dtype_bytes
+            )
         except ImportError as e:
             floor_note = f"decode floor skipped: the model is not importable ({e})"
             print(floor_note, file=sys.stderr)
@@ -249,20 +303,39 @@ def main(argv: list[str] | None = None) -> int:
         "num_measured": len(measured),
     }
     if floor_rows:
-        b1 = [r for r in floor_rows if r["context"] == last["context"] and r["batch_size"] == args.floor_batch_sizes[0]][0]
-        bn = [r for r in floor_rows if r["context"] == last["context"] and r["batch_size"] == args.floor_batch_sizes[-1]][0]
+        b1 = [
+            r
+            for r in floor_rows
+            if r["context"] == last["context"] and r["batch_size"] == args.floor_batch_sizes[0]
+        ][0]
+        bn = [
+            r
+            for r in floor_rows
+            if r["context"] == last["context"] and r["batch_size"] == args.floor_batch_sizes[-1]
+        ][0]
         summary["floor_ratio_first_batch"] = b1["floor_ratio"]
         summary["floor_ratio_last_batch"] = bn["floor_ratio"]
-        summary["floor_ratio_cache_only_limit"] = len(twin.mla_layers) / max(len(config.mla_layers), 1)
+        summary["floor_ratio_cache_only_limit"] = len(twin.mla_layers) / max(
+            len(config.mla_layers), 1
+        )
 
     payload = {
         "args": {k: v for k, v in vars(args).items()},
         "config": config.to_dict(),
         "models": {
-            "hybrid": {"name": config.name, "kda_layers": len(config.kda_layers), "mla_layers": len(config.mla_layers)},
+            "hybrid": {
+                "name": config.name,
+                "kda_layers": len(config.kda_layers),
+                "mla_layers": len(config.mla_layers),
+            },
             "all_mla": {"name": twin.name, "kda_layers": 0, "mla_layers": len(twin.mla_layers)},
-            "gqa": {"layers": gqa.num_layers, "kv_heads": gqa.num_kv_heads, "k_head_dim": gqa.k_head_dim,
-                    "v_head_dim": gqa.v_head_dim, "values_per_token_layer": gqa.values_per_token_layer},
+            "gqa": {
+                "layers": gqa.num_layers,
+                "kv_heads": gqa.num_kv_heads,
+                "k_head_dim": gqa.k_head_dim,
+                "v_head_dim": gqa.v_head_dim,
+                "values_per_token_layer": gqa.values_per_token_layer,
+            },
         },
         "dtype_bytes": dtype_bytes,
         "measure_budget_bytes": budget,
@@ -274,27 +347,44 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     md = render_markdown(args, config, twin, gqa, rows, floor_rows, floor_info, budget, device)
-    paths = common.save_results("kv_cache", device, payload, md, plot=lambda fig: plot(fig, rows, floor_rows, args),
-                                out_dir=args.out_dir, quick=args.quick)
+    paths = common.save_results(
+        "kv_cache",
+        device,
+        payload,
+        md,
+        plot=lambda fig: plot(fig, rows, floor_rows, args),
+        out_dir=args.out_dir,
+        quick=args.quick,
+    )
 
     print(render_console(rows))
     if floor_rows:
-        print(f"decode floor at {common.fmt_tokens(last['context'])}: all-MLA / hybrid bytes per step "
-              f"{summary['floor_ratio_first_batch']:.2f}x at batch {args.floor_batch_sizes[0]}, "
-              f"{summary['floor_ratio_last_batch']:.2f}x at batch {args.floor_batch_sizes[-1]} "
-              f"(cache-only limit {summary['floor_ratio_cache_only_limit']:.2f}x)")
+        print(
+            f"decode floor at {common.fmt_tokens(last['context'])}: all-MLA / hybrid bytes per step "
+            f"{summary['floor_ratio_first_batch']:.2f}x at batch {args.floor_batch_sizes[0]}, "
+            f"{summary['floor_ratio_last_batch']:.2f}x at batch {args.floor_batch_sizes[-1]} "
+            f"(cache-only limit {summary['floor_ratio_cache_only_limit']:.2f}x)"
+        )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if mismatches:
         for ctx, name, got, want in mismatches:
-            print(f"error: {name} cache at context {ctx}: measured {got} bytes != analytic {want}", file=sys.stderr)
+            print(
+                f"error: {name} cache at context {ctx}: measured {got} bytes != analytic {want}",
+                file=sys.stderr,
+            )
         return 1
     return 0
 
 
 def render_console(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'context':>8} {'hybrid':>10} {'all-MLA':>10} {'GQA':>10} {'Δ vs MLA':>8} {'Δ vs GQA':>8}  measured"]
+    lines = [
+        f"{'context':>8} {'hybrid':>10} {'all-MLA':>10} {'GQA':>10} {'Δ vs MLA':>8} {'Δ vs GQA':>8}  measured"
+    ]
     for r in rows:
-        meas = "/".join(n for n in ("hybrid", "all_mla") if r[f"{n}_measured_bytes"] is not None) or "-"
+        meas = (
+            "/".join(n for n in ("hybrid", "all_mla") if r[f"{n}_measured_bytes"] is not None)
+            or "-"
+        )
         lines.append(
             f"{common.fmt_tokens(r['context']):>8} {common.fmt_bytes(r['hybrid_analytic_bytes']):>10} "
             f"{common.fmt_bytes(r['all_mla_analytic_bytes']):>10} {common.fmt_bytes(r['gqa_analytic_bytes']):>10} "
@@ -327,25 +417,35 @@ def render_markdown(
     ]
     table = []
     for r in rows:
-        table.append({
-            "context": common.fmt_tokens(r["context"]),
-            "hybrid (analytic)": common.fmt_bytes(r["hybrid_analytic_bytes"]),
-            "hybrid (measured)": common.fmt_bytes(r["hybrid_measured_bytes"]),
-            "all-MLA (analytic)": common.fmt_bytes(r["all_mla_analytic_bytes"]),
-            "all-MLA (measured)": common.fmt_bytes(r["all_mla_measured_bytes"]),
-            "GQA (analytic)": common.fmt_bytes(r["gqa_analytic_bytes"]),
-            "hybrid / all-MLA": f"{r['hybrid_over_all_mla']:.3f}",
-            "reduction vs all-MLA": f"{r['reduction_vs_all_mla_pct']:.1f}%",
-            "reduction vs GQA": f"{r['reduction_vs_gqa_pct']:.1f}%",
-        })
+        table.append(
+            {
+                "context": common.fmt_tokens(r["context"]),
+                "hybrid (analytic)": common.fmt_bytes(r["hybrid_analytic_bytes"]),
+                "hybrid (measured)": common.fmt_bytes(r["hybrid_measured_bytes"]),
+                "all-MLA (analytic)": common.fmt_bytes(r["all_mla_analytic_bytes"]),
+                "all-MLA (measured)": common.fmt_bytes(r["all_mla_measured_bytes"]),
+                "GQA (analytic)": common.fmt_bytes(r["gqa_analytic_bytes"]),
+                "hybrid / all-MLA": f"{r['hybrid_over_all_mla']:.3f}",
+                "reduction vs all-MLA": f"{r['reduction_vs_all_mla_pct']:.1f}%",
+                "reduction vs GQA": f"{r['reduction_vs_gqa_pct']:.1f}%",
+            }
+        )
     out.append(common.markdown_table(table))
-    measured_any = [r for r in rows if r["hybrid_measured_bytes"] is not None or r["all_mla_measured_bytes"] is not None]
+    measured_any = [
+        r
+        for r in rows
+        if r["hybrid_measured_bytes"] is not None or r["all_mla_measured_bytes"] is not None
+    ]
     if measured_any:
         ok = all(
-            r[f"{n}_measured_bytes"] in (None, r[f"{n}_analytic_bytes"]) for r in rows for n in ("hybrid", "all_mla")
+            r[f"{n}_measured_bytes"] in (None, r[f"{n}_analytic_bytes"])
+            for r in rows
+            for n in ("hybrid", "all_mla")
         )
-        out.append(f"\nMeasured equals analytic to the byte: **{'yes' if ok else 'NO'}** "
-                   f"({sum((r['hybrid_measured_bytes'] is not None) + (r['all_mla_measured_bytes'] is not None) for r in rows)} caches).\n")
+        out.append(
+            f"\nMeasured equals analytic to the byte: **{'yes' if ok else 'NO'}** "
+            f"({sum((r['hybrid_measured_bytes'] is not None) + (r['all_mla_measured_bytes'] is not None) for r in rows)} caches).\n"
+        )
     if floor_rows:
         out.append("\n## Decode bytes floor (analytic)\n\n")
         out.append(
@@ -362,37 +462,58 @@ def render_markdown(
         )
         table = []
         for r in floor_rows:
-            table.append({
-                "context": common.fmt_tokens(r["context"]),
-                "batch": r["batch_size"],
-                "hybrid weights": common.fmt_bytes(r["hybrid_weight_bytes"]),
-                "all-MLA weights": common.fmt_bytes(r["all_mla_weight_bytes"]),
-                "hybrid cache": common.fmt_bytes(r["hybrid_cache_bytes"]),
-                "all-MLA cache": common.fmt_bytes(r["all_mla_cache_bytes"]),
-                "hybrid floor H100 (ms)": f"{r['hybrid_floor_ms_H100']:.3g}",
-                "all-MLA floor H100 (ms)": f"{r['all_mla_floor_ms_H100']:.3g}",
-                "hybrid floor H200 (ms)": f"{r['hybrid_floor_ms_H200']:.3g}",
-                "all-MLA floor H200 (ms)": f"{r['all_mla_floor_ms_H200']:.3g}",
-                "ratio": f"{r['floor_ratio']:.2f}x",
-            })
+            table.append(
+                {
+                    "context": common.fmt_tokens(r["context"]),
+                    "batch": r["batch_size"],
+                    "hybrid weights": common.fmt_bytes(r["hybrid_weight_bytes"]),
+                    "all-MLA weights": common.fmt_bytes(r["all_mla_weight_bytes"]),
+                    "hybrid cache": common.fmt_bytes(r["hybrid_cache_bytes"]),
+                    "all-MLA cache": common.fmt_bytes(r["all_mla_cache_bytes"]),
+                    "hybrid floor H100 (ms)": f"{r['hybrid_floor_ms_H100']:.3g}",
+                    "all-MLA floor H100 (ms)": f"{r['all_mla_floor_ms_H100']:.3g}",
+                    "hybrid floor H200 (ms)": f"{r['hybrid_floor_ms_H200']:.3g}",
+                    "all-MLA floor H200 (ms)": f"{r['all_mla_floor_ms_H200']:.3g}",
+                    "ratio": f"{r['floor_ratio']:.2f}x",
+                }
+            )
         out.append(common.markdown_table(table))
     return "".join(out)
 
 
-def plot(fig: Any, rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def plot(
+    fig: Any, rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]], args: argparse.Namespace
+) -> None:
     ctx = [r["context"] for r in rows]
     axes = fig.subplots(1, 2 if floor_rows else 1)
     ax = axes[0] if floor_rows else axes
-    styles = {"hybrid": ("tab:blue", "hybrid (KDA + MLA)"), "all_mla": ("tab:red", "all-MLA"),
-              "gqa": ("tab:gray", "GQA baseline")}
+    styles = {
+        "hybrid": ("tab:blue", "hybrid (KDA + MLA)"),
+        "all_mla": ("tab:red", "all-MLA"),
+        "gqa": ("tab:gray", "GQA baseline"),
+    }
     for name, (color, label) in styles.items():
-        ax.plot(ctx, [r[f"{name}_analytic_bytes"] / 1e9 for r in rows], color=color, label=label,
-                linestyle="--" if name == "gqa" else "-")
+        ax.plot(
+            ctx,
+            [r[f"{name}_analytic_bytes"] / 1e9 for r in rows],
+            color=color,
+            label=label,
+            linestyle="--" if name == "gqa" else "-",
+        )
         if name != "gqa":
-            pts = [(r["context"], r[f"{name}_measured_bytes"] / 1e9) for r in rows if r[f"{name}_measured_bytes"]]
+            pts = [
+                (r["context"], r[f"{name}_measured_bytes"] / 1e9)
+                for r in rows
+                if r[f"{name}_measured_bytes"]
+            ]
             if pts:
-                ax.scatter(*zip(*pts), color=color, marker="o", zorder=3,
-                           label="dots: measured (kit cache objects)" if name == "hybrid" else None)
+                ax.scatter(
+                    *zip(*pts),
+                    color=color,
+                    marker="o",
+                    zorder=3,
+                    label="dots: measured (kit cache objects)" if name == "hybrid" else None,
+                )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
@@ -420,4 +541,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except torch.OutOfMemoryError as e:  # a last guard; sizes are checked before allocating
-        common.fail(f"out of memory while allocating caches ({e}); lower --measure-budget-gb", code=3)
+        common.fail(
+            f"out of memory while allocating caches ({e}); lower --measure-budget-gb", code=3
+        )

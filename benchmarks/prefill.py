@@ -48,16 +48,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=common.HelpFormatter,
     )
     common.add_model_args(p, default_preset=None)
-    p.add_argument("--lengths", type=common.size_list(1), default=None,
-                   help="prompt lengths (tokens; K/M suffixes). Default: CPU 1K,4K,16K; GPU "
-                   "4K,32K,128K,512K,1M; quick 128,512")
-    p.add_argument("--chunk-size", type=common.positive_int, default=None,
-                   help="tokens per prefill chunk (default: CPU 1024, GPU 16K, quick 128)")
-    p.add_argument("--batch-size", type=common.positive_int, default=1, help="prompts prefilled together")
-    p.add_argument("--reps", type=common.positive_int, default=None, help="timed repetitions (default: CPU 1, GPU 3)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed warm-up prefills of one chunk before each model's first length")
-    common.add_timed_run_args(p, quick_help="tiny preset and lengths (smoke test, seconds)", seed_help="seed of weights and tokens")
+    p.add_argument(
+        "--lengths",
+        type=common.size_list(1),
+        default=None,
+        help="prompt lengths (tokens; K/M suffixes). Default: CPU 1K,4K,16K; GPU "
+        "4K,32K,128K,512K,1M; quick 128,512",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=common.positive_int,
+        default=None,
+        help="tokens per prefill chunk (default: CPU 1024, GPU 16K, quick 128)",
+    )
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=1, help="prompts prefilled together"
+    )
+    p.add_argument(
+        "--reps",
+        type=common.positive_int,
+        default=None,
+        help="timed repetitions (default: CPU 1, GPU 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed warm-up prefills of one chunk before each model's first length",
+    )
+    common.add_timed_run_args(
+        p,
+        quick_help="tiny preset and lengths (smoke test, seconds)",
+        seed_help="seed of weights and tokens",
+    )
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"argument --warmup: must be >= 0, got {args.warmup}")
@@ -71,8 +94,15 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         if args.preset == "kimi-linear-48b-a3b" and args.experts is None:
             args.experts = 16
     if args.lengths is None:
-        args.lengths = [128, 512] if args.quick else (
-            [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20] if gpu else [1 << 10, 4 << 10, 16 << 10])
+        args.lengths = (
+            [128, 512]
+            if args.quick
+            else (
+                [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
+                if gpu
+                else [1 << 10, 4 << 10, 16 << 10]
+            )
+        )
     if args.chunk_size is None:
         args.chunk_size = 128 if args.quick else (16 << 10 if gpu else 1024)
     if args.reps is None:
@@ -81,22 +111,44 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.dtype = "bf16" if gpu else "fp32"
 
 
-def working_bytes(config: KimiLinearConfig, length: int, chunk: int, batch: int, dtype_bytes: int) -> int:
+def working_bytes(
+    config: KimiLinearConfig, length: int, chunk: int, batch: int, dtype_bytes: int
+) -> int:
     """Upper estimate of one chunk's temporaries: hidden states and MoE / MLP activations of the
     chunk, per-head K / V of every cached token (MLA's plain path) and, should attention fall
     back to the unfused math, its fp32 ``[B, H, chunk, L]`` scores."""
     c = min(chunk, length)
-    act = batch * c * (8 * config.hidden_size + 3 * max(config.intermediate_size, config.moe_intermediate_size
-                                                        * config.num_experts_per_token)) * 4
+    act = (
+        batch
+        * c
+        * (
+            8 * config.hidden_size
+            + 3
+            * max(
+                config.intermediate_size,
+                config.moe_intermediate_size * config.num_experts_per_token,
+            )
+        )
+        * 4
+    )
     kda = batch * c * config.kda_num_heads * config.kda_head_dim * 16 * 4
     if not config.mla_layers:
         return act + kda + (64 << 20)
-    kv = batch * length * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * dtype_bytes * 2
+    kv = (
+        batch
+        * length
+        * config.num_attention_heads
+        * (config.qk_head_dim + config.v_head_dim)
+        * dtype_bytes
+        * 2
+    )
     scores = batch * config.num_attention_heads * c * length * 4 * 2
     return act + kda + kv + scores + (64 << 20)
 
 
-def prefill(model: KimiLinearForCausalLM, ids: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+def prefill(
+    model: KimiLinearForCausalLM, ids: torch.Tensor, chunk: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Prefill ``ids: [B, L]`` chunk by chunk into a fresh cache; next-token logits ``[B, V]``."""
     B, L = ids.shape
     cache = model.new_cache(B, capacity=L, dtype=dtype)
@@ -124,18 +176,30 @@ def measure_model(
     rows = []
     with torch.inference_mode():
         for _ in range(args.warmup):
-            prefill(model, prompt[:, : min(args.chunk_size, max(args.lengths))], args.chunk_size, dtype)
+            prefill(
+                model, prompt[:, : min(args.chunk_size, max(args.lengths))], args.chunk_size, dtype
+            )
         for L in args.lengths:
             if tick is not None:
                 tick()
             ids = prompt[:, :L]
-            t = common.timeit(lambda ids=ids: prefill(model, ids, args.chunk_size, dtype), device,
-                              warmup=0, reps=args.reps)
-            rows.append({
-                "model": name, "length": L, "batch_size": args.batch_size,
-                "seconds": t["median"], "seconds_min": t["min"], "seconds_max": t["max"],
-                "tokens_per_s": args.batch_size * L / t["median"],
-            })
+            t = common.timeit(
+                lambda ids=ids: prefill(model, ids, args.chunk_size, dtype),
+                device,
+                warmup=0,
+                reps=args.reps,
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "length": L,
+                    "batch_size": args.batch_size,
+                    "seconds": t["median"],
+                    "seconds_min": t["min"],
+                    "seconds_max": t["max"],
+                    "tokens_per_s": args.batch_size * L / t["median"],
+                }
+            )
             gc.collect()
     return rows
 
@@ -160,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         del meta
         for L in args.lengths:  # fail before allocating anything if a length cannot fit
             cache = cfg.kv_cache_bytes(L, args.batch_size, cache_dtype_bytes=dtype_bytes)["total"]
-            need = max(build, weights[name] + cache + working_bytes(cfg, L, args.chunk_size, args.batch_size, dtype_bytes))
+            need = max(
+                build,
+                weights[name]
+                + cache
+                + working_bytes(cfg, L, args.chunk_size, args.batch_size, dtype_bytes),
+            )
             if need > 0.85 * free:
                 common.fail(
                     f"prefilling {L} tokens (batch {args.batch_size}) with the {MODEL_LABELS[name]} model "
@@ -170,17 +239,25 @@ def main(argv: list[str] | None = None) -> int:
                     code=3,
                 )
 
-    print(f"prefill: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers) vs "
-          f"all-MLA twin, {args.dtype}, batch {args.batch_size}, chunks of {args.chunk_size}, on "
-          f"{common.device_name(device)}" + (f", {threads} thread(s)" if threads else ""))
+    print(
+        f"prefill: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers) vs "
+        f"all-MLA twin, {args.dtype}, batch {args.batch_size}, chunks of {args.chunk_size}, on "
+        f"{common.device_name(device)}" + (f", {threads} thread(s)" if threads else "")
+    )
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    prompt = torch.randint(0, config.vocab_size, (args.batch_size, max(args.lengths)), generator=gen).to(device)
+    prompt = torch.randint(
+        0, config.vocab_size, (args.batch_size, max(args.lengths)), generator=gen
+    ).to(device)
 
     rows: list[dict[str, Any]] = []
-    bar = common.progress(range(len(models) * len(args.lengths)), "prefill", enabled=not args.no_progress)
+    bar = common.progress(
+        range(len(models) * len(args.lengths)), "prefill", enabled=not args.no_progress
+    )
     ticks = iter(bar)
     for name, cfg in models.items():
-        rows += measure_model(name, cfg, prompt, args, dtype, device, tick=lambda: next(ticks, None))
+        rows += measure_model(
+            name, cfg, prompt, args, dtype, device, tick=lambda: next(ticks, None)
+        )
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -196,30 +273,54 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "length": longest,
         "hybrid_tokens_per_s": h["tokens_per_s"],
-        "all_mla_tokens_per_s": next(r for r in rows if r["model"] == "all_mla" and r["length"] == longest)["tokens_per_s"],
+        "all_mla_tokens_per_s": next(
+            r for r in rows if r["model"] == "all_mla" and r["length"] == longest
+        )["tokens_per_s"],
         "speedup": h["all_mla_over_hybrid"],
     }
-    payload = {"args": vars(args), "config": config.to_dict(), "threads": threads, "weights_bytes": weights,
-               "rows": rows, "summary": summary}
+    payload = {
+        "args": vars(args),
+        "config": config.to_dict(),
+        "threads": threads,
+        "weights_bytes": weights,
+        "rows": rows,
+        "summary": summary,
+    }
     md = render_markdown(rows, summary, args, config, device, threads)
-    paths = common.save_results("prefill", device, payload, md, plot=lambda fig: plot(fig, rows),
-                                out_dir=args.out_dir, quick=args.quick)
+    paths = common.save_results(
+        "prefill",
+        device,
+        payload,
+        md,
+        plot=lambda fig: plot(fig, rows),
+        out_dir=args.out_dir,
+        quick=args.quick,
+    )
     print(f"{'model':>8} {'length':>7} {'seconds':>9} {'tok/s':>9} {'MLA/hybrid':>10}")
     for r in rows:
         ratio = f"{r['all_mla_over_hybrid']:.2f}x" if "all_mla_over_hybrid" in r else ""
-        print(f"{r['model']:>8} {common.fmt_tokens(r['length']):>7} {r['seconds']:>9.3g} {r['tokens_per_s']:>9.3g} {ratio:>10}")
-    print(f"at {common.fmt_tokens(longest)}: all-MLA prefill time / hybrid = {summary['speedup']:.2f}x")
+        print(
+            f"{r['model']:>8} {common.fmt_tokens(r['length']):>7} {r['seconds']:>9.3g} {r['tokens_per_s']:>9.3g} {ratio:>10}"
+        )
+    print(
+        f"at {common.fmt_tokens(longest)}: all-MLA prefill time / hybrid = {summary['speedup']:.2f}x"
+    )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def render_markdown(
-    rows: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace, config: KimiLinearConfig,
-    device: torch.device, threads: int | None,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    config: KimiLinearConfig,
+    device: torch.device,
+    threads: int | None,
 ) -> str:
     out = [
         f"# Prefill: {config.name} hybrid vs all-MLA\n\n",
-        f"{common.device_name(device)}" + (f", {threads} thread(s)" if threads else "")
+        f"{common.device_name(device)}"
+        + (f", {threads} thread(s)" if threads else "")
         + f", {args.dtype}; model `--preset {args.preset}`"
         + (f" `--layers {args.layers}`" if args.layers else "")
         + (f" `--experts {args.experts}`" if args.experts is not None else "")
@@ -231,17 +332,21 @@ def render_markdown(
     for L in args.lengths:
         h = next(r for r in rows if r["model"] == "hybrid" and r["length"] == L)
         m = next(r for r in rows if r["model"] == "all_mla" and r["length"] == L)
-        table.append({
-            "length": common.fmt_tokens(L),
-            "hybrid (s)": f"{h['seconds']:.3g} [{h['seconds_min']:.3g}, {h['seconds_max']:.3g}]",
-            "hybrid tokens/s": f"{h['tokens_per_s']:.3g}",
-            "all-MLA (s)": f"{m['seconds']:.3g} [{m['seconds_min']:.3g}, {m['seconds_max']:.3g}]",
-            "all-MLA tokens/s": f"{m['tokens_per_s']:.3g}",
-            "all-MLA / hybrid time": f"{h['all_mla_over_hybrid']:.2f}x",
-        })
+        table.append(
+            {
+                "length": common.fmt_tokens(L),
+                "hybrid (s)": f"{h['seconds']:.3g} [{h['seconds_min']:.3g}, {h['seconds_max']:.3g}]",
+                "hybrid tokens/s": f"{h['tokens_per_s']:.3g}",
+                "all-MLA (s)": f"{m['seconds']:.3g} [{m['seconds_min']:.3g}, {m['seconds_max']:.3g}]",
+                "all-MLA tokens/s": f"{m['tokens_per_s']:.3g}",
+                "all-MLA / hybrid time": f"{h['all_mla_over_hybrid']:.2f}x",
+            }
+        )
     out.append(common.markdown_table(table))
-    out.append(f"\nAt {common.fmt_tokens(summary['length'])} tokens the hybrid prefills "
-               f"{summary['speedup']:.2f}x faster than the all-MLA twin.\n")
+    out.append(
+        f"\nAt {common.fmt_tokens(summary['length'])} tokens the hybrid prefills "
+        f"{summary['speedup']:.2f}x faster than the all-MLA twin.\n"
+    )
     return "".join(out)
 
 

@@ -61,7 +61,9 @@ def split_corpus(data: torch.Tensor, held_out: float = 0.1) -> tuple[torch.Tenso
     return data[:cut], data[cut:]
 
 
-def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+def sample_batch(
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> torch.Tensor:
     """``[batch_size, seq_len]`` long: random windows of ``data``."""
     starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
     return torch.stack([data[s : s + seq_len] for s in starts.tolist()]).long()
@@ -108,7 +110,9 @@ def train_run(
     torch.manual_seed(args.seed)
     model = KimiLinearForCausalLM(cfg)
     tau = args.tau if name == "muonclip" else None
-    opt = MuonClip(model, lr=args.lr, weight_decay=args.weight_decay, qk_clip_tau=tau, track_max_logits=True)
+    opt = MuonClip(
+        model, lr=args.lr, weight_decay=args.weight_decay, qk_clip_tau=tau, track_max_logits=True
+    )
     layer_names = list(opt.mla_modules)
     short = {n: f"layer{n.split('.')[2]}" for n in layer_names}
     data_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -129,8 +133,11 @@ def train_run(
         clipped_heads.append(int(sum(int((g < 1).sum()) for g in opt.last_clip_gamma.values())))
         if args.log_every and (step % args.log_every == 0 or step == args.steps - 1):
             peak = max(v[-1] for v in max_hist.values())
-            print(f"[{name:8s}] step {step:4d}  loss {loss_hist[-1]:.3f}  max logit {peak:8.2f}  "
-                  f"clipped heads {clipped_heads[-1]}", flush=True)
+            print(
+                f"[{name:8s}] step {step:4d}  loss {loss_hist[-1]:.3f}  max logit {peak:8.2f}  "
+                f"clipped heads {clipped_heads[-1]}",
+                flush=True,
+            )
         if not math.isfinite(loss_hist[-1]):
             print(f"[{name}] loss is not finite at step {step}; stopping this run")
             break
@@ -168,8 +175,13 @@ def save_figure(result: dict[str, Any], path: Path) -> None:
     colors = {"muon": "tab:red", "muonclip": "tab:blue"}
     for run, data in result["runs"].items():
         for i, (layer, series) in enumerate(data["max_logit"].items()):
-            ax1.plot(series, color=colors[run], alpha=0.35 + 0.65 * (i + 1) / len(data["max_logit"]),
-                     lw=1, label=f"{run} {layer}")
+            ax1.plot(
+                series,
+                color=colors[run],
+                alpha=0.35 + 0.65 * (i + 1) / len(data["max_logit"]),
+                lw=1,
+                label=f"{run} {layer}",
+            )
         ax2.plot(data["loss"], color=colors[run], lw=1, label=run)
     ax1.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
     ax1.set_xlabel("step")
@@ -233,8 +245,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 # entry point
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -248,9 +261,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="output folder (default experiments/results, quick: experiments/results/quick)")
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, 12 steps)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="output folder (default experiments/results, quick: experiments/results/quick)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a seconds-long smoke run (tiny model, 12 steps)"
+    )
     args = p.parse_args(argv)
     if args.out_dir is None:  # a smoke run never overwrites the published results
         args.out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
@@ -258,11 +277,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.steps, args.layers, args.hidden, args.heads, args.head_dim = 12, 2, 32, 2, 8
         args.batch_size, args.seq_len, args.eval_batches, args.log_every = 4, 32, 2, 0
         args.tau = 0.1
-    for name in ("steps", "batch_size", "seq_len", "layers", "hidden", "heads", "head_dim", "eval_batches"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "layers",
+        "hidden",
+        "heads",
+        "head_dim",
+        "eval_batches",
+    ):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.head_dim % 4:
-        p.error("--head-dim must be a multiple of 4 (the rope part is head_dim / 2, which must be even)")
+        p.error(
+            "--head-dim must be a multiple of 4 (the rope part is head_dim / 2, which must be even)"
+        )
     if not args.tau > 0 or not args.lr > 0:
         p.error("--tau and --lr must be > 0")
     return args
@@ -273,14 +303,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = build_config(args)
     train, held_out = split_corpus(load_corpus())
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
-    eval_batches = [sample_batch(held_out, args.batch_size, args.seq_len, eval_gen) for _ in range(args.eval_batches)]
+    eval_batches = [
+        sample_batch(held_out, args.batch_size, args.seq_len, eval_gen)
+        for _ in range(args.eval_batches)
+    ]
     n_params = KimiLinearForCausalLM(cfg).num_parameters()
     result: dict[str, Any] = {
         "config": {
-            "steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay, "tau": args.tau,
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "layers": args.layers,
-            "hidden": args.hidden, "heads": args.heads, "head_dim": args.head_dim, "seed": args.seed,
-            "parameters": n_params, "quick": args.quick, "model": cfg.to_dict(),
+            "steps": args.steps,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "tau": args.tau,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "seed": args.seed,
+            "parameters": n_params,
+            "quick": args.quick,
+            "model": cfg.to_dict(),
             "machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads",
             "torch": torch.__version__,
         },

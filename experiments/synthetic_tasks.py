@@ -53,8 +53,14 @@ TASKS: dict[str, dict[str, Any]] = {
     "palindrome": {"num_symbols": 16},
     "stack": {"num_stacks": 64, "num_values": 16},
 }
-BASE = dict(num_hidden_layers=4, hidden_size=64, num_experts=0, kda_num_heads=2, kda_head_dim=32,
-            num_attention_heads=2)
+BASE = dict(
+    num_hidden_layers=4,
+    hidden_size=64,
+    num_experts=0,
+    kda_num_heads=2,
+    kda_head_dim=32,
+    num_attention_heads=2,
+)
 REFERENCE_WIDTH = 256  # MLP width of the hybrid; the others are matched to its parameter count
 
 
@@ -66,7 +72,9 @@ def count_parameters(overrides: dict[str, Any], vocab_size: int) -> int:
 def matched_overrides(vocab_size: int, backend: str) -> dict[str, tuple[dict[str, Any], int]]:
     """Per model: overrides whose MLP width brings its parameter count to the hybrid's."""
     base = {**BASE, "kda_backend": backend}
-    target = count_parameters({**base, **MODELS["hybrid"], "intermediate_size": REFERENCE_WIDTH}, vocab_size)
+    target = count_parameters(
+        {**base, **MODELS["hybrid"], "intermediate_size": REFERENCE_WIDTH}, vocab_size
+    )
     out = {}
     for name, kinds in MODELS.items():
         p1 = count_parameters({**base, **kinds, "intermediate_size": 64}, vocab_size)
@@ -88,26 +96,60 @@ class EvalHistory(pl.Callback):
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
-        self.history.append({
-            "step": trainer.global_step,
-            **{k.split("/")[1]: float(m[k]) for k in ("val/acc", "val/exact_match", "val/loss") if k in m},
-        })
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                **{
+                    k.split("/")[1]: float(m[k])
+                    for k in ("val/acc", "val/exact_match", "val/loss")
+                    if k in m
+                },
+            }
+        )
 
 
-def run_one(model: str, overrides: dict[str, Any], task: str, seq_len: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    model: str,
+    overrides: dict[str, Any],
+    task: str,
+    seq_len: int,
+    seed: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
-    dm = SyntheticDataModule(task=task, seq_len=seq_len, batch_size=args.batch_size,
-                             num_train=args.steps * args.batch_size, num_val=args.num_val, seed=seed,
-                             task_kwargs=TASKS[task])
-    module = KimiLinearLitModule(preset="tiny", overrides=overrides, vocab_size=dm.vocab_size,
-                                 optimizer=args.optimizer, lr=args.lr, weight_decay=0.0,
-                                 warmup_steps=max(1, args.steps // 20), max_steps=args.steps)
+    dm = SyntheticDataModule(
+        task=task,
+        seq_len=seq_len,
+        batch_size=args.batch_size,
+        num_train=args.steps * args.batch_size,
+        num_val=args.num_val,
+        seed=seed,
+        task_kwargs=TASKS[task],
+    )
+    module = KimiLinearLitModule(
+        preset="tiny",
+        overrides=overrides,
+        vocab_size=dm.vocab_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=0.0,
+        warmup_steps=max(1, args.steps // 20),
+        max_steps=args.steps,
+    )
     history = EvalHistory()
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=1, max_steps=args.steps, precision=args.precision,
-        val_check_interval=max(1, args.steps // args.evals), num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[history],
+        accelerator=args.accelerator,
+        devices=1,
+        max_steps=args.steps,
+        precision=args.precision,
+        val_check_interval=max(1, args.steps // args.evals),
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[history],
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -115,15 +157,31 @@ def run_one(model: str, overrides: dict[str, Any], task: str, seq_len: int, seed
     if not history.history or history.history[-1]["step"] != args.steps:
         trainer.validate(module, datamodule=dm, verbose=False)
         m = trainer.callback_metrics
-        history.history.append({"step": args.steps, "acc": float(m["val/acc"]),
-                                "exact_match": float(m["val/exact_match"]), "loss": float(m["val/loss"])})
+        history.history.append(
+            {
+                "step": args.steps,
+                "acc": float(m["val/acc"]),
+                "exact_match": float(m["val/exact_match"]),
+                "loss": float(m["val/loss"]),
+            }
+        )
     final = history.history[-1]
     return {
-        "model": model, "task": task, "seq_len": seq_len, "seed": seed, "steps": args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-        "parameters": module.model.num_parameters(), "mlp_width": overrides["intermediate_size"],
-        "wall_s": round(wall, 2), "val_acc": final["acc"], "val_exact_match": final["exact_match"],
-        "val_loss": final["loss"], "history": history.history,
+        "model": model,
+        "task": task,
+        "seq_len": seq_len,
+        "seed": seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "parameters": module.model.num_parameters(),
+        "mlp_width": overrides["intermediate_size"],
+        "wall_s": round(wall, 2),
+        "val_acc": final["acc"],
+        "val_exact_match": final["exact_match"],
+        "val_loss": final["loss"],
+        "history": history.history,
     }
 
 
@@ -139,8 +197,13 @@ def write_markdown(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]])
         "",
         "Parameters (MLP width) per task vocabulary:",
         "",
-        *[f"- {t}: " + ", ".join(f"{m} {meta['parameters'][t][m]:,} ({meta['mlp_width'][t][m]})" for m in models)
-          for t in meta["parameters"]],
+        *[
+            f"- {t}: "
+            + ", ".join(
+                f"{m} {meta['parameters'][t][m]:,} ({meta['mlp_width'][t][m]})" for m in models
+            )
+            for t in meta["parameters"]
+        ],
         "",
         "Validation accuracy on the answer tokens / exact match (every answer of a sequence right), "
         "mean over seeds:",
@@ -157,13 +220,22 @@ def write_markdown(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]])
                 em = sum(r["val_exact_match"] for r in sel) / len(sel)
                 cells.append(f"{acc:.3f} / {em:.3f}")
             lines.append(f"| {task} | {L} | " + " | ".join(cells) + " |")
-    lines += ["", "Wall time per run (s, training + evaluation):", "",
-              "| task | length | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    lines += [
+        "",
+        "Wall time per run (s, training + evaluation):",
+        "",
+        "| task | length | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     for task in dict.fromkeys(r["task"] for r in runs):
         for L in sorted({r["seq_len"] for r in runs if r["task"] == task}):
             cells = []
             for m in models:
-                sel = [r["wall_s"] for r in runs if (r["task"], r["seq_len"], r["model"]) == (task, L, m)]
+                sel = [
+                    r["wall_s"]
+                    for r in runs
+                    if (r["task"], r["seq_len"], r["model"]) == (task, L, m)
+                ]
                 cells.append(f"{sum(sel) / len(sel):.1f}")
             lines.append(f"| {task} | {L} | " + " | ".join(cells) + " |")
     lines += ["", f"Total wall time: {meta['total_wall_s']:.0f} s.", ""]
@@ -178,8 +250,13 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     lengths = sorted({r["seq_len"] for r in runs})
-    fig, axes = plt.subplots(len(tasks), len(lengths), figsize=(4.2 * len(lengths), 3.0 * len(tasks)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(lengths),
+        figsize=(4.2 * len(lengths), 3.0 * len(tasks)),
+        squeeze=False,
+        sharey=True,
+    )
     colors = {"kda": "C0", "gdn": "C1", "mla": "C2", "hybrid": "C3"}
     for i, task in enumerate(tasks):
         for j, L in enumerate(lengths):
@@ -189,7 +266,9 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> None:
                 for k, r in enumerate(sel):
                     steps = [h["step"] for h in r["history"]]
                     acc = [h["acc"] for h in r["history"]]
-                    ax.plot(steps, acc, color=colors[m], marker="o", ms=3, label=m if k == 0 else None)
+                    ax.plot(
+                        steps, acc, color=colors[m], marker="o", ms=3, label=m if k == 0 else None
+                    )
             ax.set_title(f"{task}, length {L}")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -220,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--kda_backend", default="torch", choices=["torch", "auto", "triton", "fla"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
-    p.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None,
-                   help="output folder (default experiments/results, quick: experiments/results/quick)")
-    p.add_argument("--quick", action="store_true", help="a few steps of one task at one length (smoke test)")
+    p.add_argument(
+        "--out_dir",
+        "--out-dir",
+        dest="out_dir",
+        default=None,
+        help="output folder (default experiments/results, quick: experiments/results/quick)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a few steps of one task at one length (smoke test)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.tasks, args.lengths, args.steps, args.batch_size = ["mqar"], [32], 4, 8
@@ -233,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.accelerator == "cpu":
         torch.set_num_threads(args.threads)
-    out = Path(args.out_dir) if args.out_dir is not None else Path(__file__).resolve().parent / "results"
+    out = (
+        Path(args.out_dir)
+        if args.out_dir is not None
+        else Path(__file__).resolve().parent / "results"
+    )
     if args.out_dir is None and args.quick:  # a smoke run never overwrites the published results
         out = out / "quick"
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     meta_params: dict[str, dict[str, int]] = {}
     meta_width: dict[str, dict[str, int]] = {}
     for task in args.tasks:
-        vocab = SyntheticDataModule(task=task, seq_len=max(args.lengths), task_kwargs=TASKS[task]).vocab_size
+        vocab = SyntheticDataModule(
+            task=task, seq_len=max(args.lengths), task_kwargs=TASKS[task]
+        ).vocab_size
         matched = matched_overrides(vocab, args.kda_backend)
         for L in args.lengths:
             for seed in args.seeds:
@@ -253,21 +345,42 @@ def main(argv: list[str] | None = None) -> int:
                     meta_width.setdefault(task, {})[model] = ov["intermediate_size"]
                     r = run_one(model, ov, task, L, seed, args)
                     runs.append(r)
-                    print(f"{task:10s} L={L:<5d} seed={seed} {model:7s} params={r['parameters']:,} "
-                          f"acc={r['val_acc']:.3f} exact={r['val_exact_match']:.3f} "
-                          f"loss={r['val_loss']:.3f} ({r['wall_s']:.1f} s)", flush=True)
+                    print(
+                        f"{task:10s} L={L:<5d} seed={seed} {model:7s} params={r['parameters']:,} "
+                        f"acc={r['val_acc']:.3f} exact={r['val_exact_match']:.3f} "
+                        f"loss={r['val_loss']:.3f} ({r['wall_s']:.1f} s)",
+                        flush=True,
+                    )
     total = time.perf_counter() - t_start
-    device = torch.cuda.get_device_name() if args.accelerator == "gpu" and torch.cuda.is_available() else (
-        f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))")
+    device = (
+        torch.cuda.get_device_name()
+        if args.accelerator == "gpu" and torch.cuda.is_available()
+        else (f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))")
+    )
     meta = {
-        "argv": argv, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
-        "torch": torch.__version__, "python": sys.version.split()[0], "steps": args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer, "seeds": args.seeds,
-        "num_val": args.num_val, "lengths": args.lengths, "tasks": {t: TASKS[t] for t in args.tasks},
-        "models": {m: MODELS[m] for m in args.models}, "base": BASE, "parameters": meta_params,
-        "mlp_width": meta_width, "total_wall_s": round(total, 1), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "argv": argv,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": device,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "seeds": args.seeds,
+        "num_val": args.num_val,
+        "lengths": args.lengths,
+        "tasks": {t: TASKS[t] for t in args.tasks},
+        "models": {m: MODELS[m] for m in args.models},
+        "base": BASE,
+        "parameters": meta_params,
+        "mlp_width": meta_width,
+        "total_wall_s": round(total, 1),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    (out / "synthetic_tasks.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+    (out / "synthetic_tasks.json").write_text(
+        json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n"
+    )
     write_markdown(out / "synthetic_tasks.md", meta, runs)
     plot(out / "synthetic_tasks.png", runs)
     print(f"wrote {out / 'synthetic_tasks.json'}, .md and .png in {total:.0f} s")

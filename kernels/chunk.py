@@ -26,7 +26,9 @@ class ChunkKDAFunction(torch.autograd.Function):
     """Autograd wrapper over the packed kernels; inputs are packed ``[TT, H, D]`` tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, tables: ChunkTables):
+    def forward(
+        ctx, q, k, v, g, beta, scale, initial_state, output_final_state, tables: ChunkTables
+    ):
         o, final_state = chunk_kda_fwd(
             q, k, v, g, beta, scale, initial_state, output_final_state, *tables
         )[:2]
@@ -38,8 +40,16 @@ class ChunkKDAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state = ctx.saved_tensors
         dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd(
-            q, k, v, g, beta, ctx.scale, initial_state, do.contiguous(),
-            None if dht is None else dht.contiguous(), *ctx.tables,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ctx.scale,
+            initial_state,
+            do.contiguous(),
+            None if dht is None else dht.contiguous(),
+            *ctx.tables,
         )
         return dq, dk, dv, dg, dbeta, None, dh0, None, None
 
@@ -87,5 +97,7 @@ def chunk_kda(
     scale = K**-0.5 if scale is None else float(scale)
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    o, final_state = ChunkKDAFunction.apply(pq, pk, pv, pg, pb, scale, h0, output_final_state, tables)
+    o, final_state = ChunkKDAFunction.apply(
+        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables
+    )
     return o.view(B, T, H, V), final_state

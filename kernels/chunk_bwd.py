@@ -58,16 +58,37 @@ from .chunk_fwd import (
 from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, autotune, config_space, dot_precision, next_pow2
 
 _BWD_STATE_CONFIGS = config_space(
-    triton.Config({"BV": 16}, num_warps=8, num_stages=2), BV=(16, 32, 64), num_warps=(8, 4), num_stages=(2, 3, 1)
+    triton.Config({"BV": 16}, num_warps=8, num_stages=2),
+    BV=(16, 32, 64),
+    num_warps=(8, 4),
+    num_stages=(2, 3, 1),
 )
 
 
 @autotune(_BWD_STATE_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
 @triton.jit
 def _chunk_bwd_state_kernel(
-    qg, kg, W, G, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
+    qg,
+    kg,
+    W,
+    G,
+    do,
+    dh,
+    dht,
+    dh0,
+    ddelta,
+    cu_seqlens,
+    chunk_offsets,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BKS: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Reverse pass over the chunks: chunk-end state gradients ``dh`` and ``d_delta``.
 
@@ -126,21 +147,75 @@ def _chunk_bwd_state_kernel(
         b_dd = tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0)
         b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 0, BT, BKS), b_ds1, input_precision=DOT_PREC)
         if BK > BKS:
-            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS), b_ds2, input_precision=DOT_PREC)
+            b_dd += tl.dot(
+                _load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS), b_ds2, input_precision=DOT_PREC
+            )
         if BK > 2 * BKS:
-            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_ds3, input_precision=DOT_PREC)
-            b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_ds4, input_precision=DOT_PREC)
+            b_dd += tl.dot(
+                _load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_ds3, input_precision=DOT_PREC
+            )
+            b_dd += tl.dot(
+                _load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_ds4, input_precision=DOT_PREC
+            )
         tl.store(ddelta + v_c + off_v, b_dd, mask=m_tv)
         # dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta
         last = tl.minimum(start + BT, eos) - 1
-        b_ds1 = _state_grad_step(b_ds1, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 0, BT, BKS, DOT_PREC)
+        b_ds1 = _state_grad_step(
+            b_ds1, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 0, BT, BKS, DOT_PREC
+        )
         if BK > BKS:
-            b_ds2 = _state_grad_step(b_ds2, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, BKS, BT, BKS, DOT_PREC)
+            b_ds2 = _state_grad_step(
+                b_ds2,
+                qg + k_c,
+                W + k_c,
+                G,
+                m_t,
+                last,
+                i_h,
+                H,
+                b_do,
+                b_dd,
+                K,
+                BKS,
+                BT,
+                BKS,
+                DOT_PREC,
+            )
         if BK > 2 * BKS:
-            b_ds3 = _state_grad_step(b_ds3, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 2 * BKS, BT, BKS,
-                                     DOT_PREC)
-            b_ds4 = _state_grad_step(b_ds4, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 3 * BKS, BT, BKS,
-                                     DOT_PREC)
+            b_ds3 = _state_grad_step(
+                b_ds3,
+                qg + k_c,
+                W + k_c,
+                G,
+                m_t,
+                last,
+                i_h,
+                H,
+                b_do,
+                b_dd,
+                K,
+                2 * BKS,
+                BT,
+                BKS,
+                DOT_PREC,
+            )
+            b_ds4 = _state_grad_step(
+                b_ds4,
+                qg + k_c,
+                W + k_c,
+                G,
+                m_t,
+                last,
+                i_h,
+                H,
+                b_do,
+                b_dd,
+                K,
+                3 * BKS,
+                BT,
+                BKS,
+                DOT_PREC,
+            )
     if STORE_DH0:
         p, m = _state_block(dh0 + seq_state, 0, cols_v, K, V, BKS)
         tl.store(p, b_ds1, mask=m)
@@ -156,27 +231,66 @@ def _chunk_bwd_state_kernel(
 
 @triton.jit
 def _state_grad_step(
-    b_ds, qg, W, G, m_t, last, i_h, H, b_do, b_dd, K: tl.constexpr, col0, BT: tl.constexpr,
-    BKS: tl.constexpr, DOT_PREC: tl.constexpr,
+    b_ds,
+    qg,
+    W,
+    G,
+    m_t,
+    last,
+    i_h,
+    H,
+    b_do,
+    b_dd,
+    K: tl.constexpr,
+    col0,
+    BT: tl.constexpr,
+    BKS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One key block of ``dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta`` (``qg``, ``W`` point at
     the chunk's first row in the head)."""
     b_ds = b_ds * _decay_row(G, last, i_h, H, K, col0, BKS)[:, None]
-    b_ds += tl.dot(tl.trans(_load_tile(qg, m_t, H, K, col0, BT, BKS)), b_do, input_precision=DOT_PREC)
-    b_ds -= tl.dot(tl.trans(_load_tile(W, m_t, H, K, col0, BT, BKS)), b_dd, input_precision=DOT_PREC)
+    b_ds += tl.dot(
+        tl.trans(_load_tile(qg, m_t, H, K, col0, BT, BKS)), b_do, input_precision=DOT_PREC
+    )
+    b_ds -= tl.dot(
+        tl.trans(_load_tile(W, m_t, H, K, col0, BT, BKS)), b_dd, input_precision=DOT_PREC
+    )
     return b_ds
 
 
 _DV_CONFIGS = config_space(
-    triton.Config({"BV": 32}, num_warps=8, num_stages=1), BV=(32, 16, 64), num_warps=(8, 4), num_stages=(1, 2)
+    triton.Config({"BV": 32}, num_warps=8, num_stages=1),
+    BV=(32, 16, 64),
+    num_warps=(8, 4),
+    num_stages=(1, 2),
 )
 
 
 @autotune(_DV_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
 @triton.jit
 def _bwd_dv_kernel(
-    k, v, G, beta, Ainv, h, delta, ddelta, do, dv, dbeta, dAqk, dL, cu_seqlens, chunk_indices, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+    k,
+    v,
+    G,
+    beta,
+    Ainv,
+    h,
+    delta,
+    ddelta,
+    do,
+    dv,
+    dbeta,
+    dAqk,
+    dL,
+    cu_seqlens,
+    chunk_indices,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BKS: tl.constexpr,
+    BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Per-chunk terms that contract over the value dim. Grid ``(NT, H)``.
@@ -208,7 +322,11 @@ def _bwd_dv_kernel(
         b_d = tl.load(delta + v_c + off_v, mask=m_tv, other=0.0)
         b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
         b_daqk += tl.dot(b_do, tl.trans(b_d), input_precision=DOT_PREC)
-        b_drt = tl.dot(tl.trans(b_n), tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0), input_precision=DOT_PREC)
+        b_drt = tl.dot(
+            tl.trans(b_n),
+            tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0),
+            input_precision=DOT_PREC,
+        )
         b_dl += tl.dot(b_drt, tl.trans(b_d), input_precision=DOT_PREC)
         b_dr = b_drt * b_beta[:, None]
         tl.store(dv + v_c + off_v, b_dr.to(dv.dtype.element_ty), mask=m_tv)
@@ -218,25 +336,56 @@ def _bwd_dv_kernel(
             b_k = _load_tile(k + k_c, m_t, H, K, i_k * BKS, BT, BKS)
             b_g = _load_tile(G + k_c, m_t, H, K, i_k * BKS, BT, BKS)
             p, m = _state_block(h_c, i_k * BKS, cols_v, K, V, BKS)
-            b_r -= tl.dot(b_k * tl.exp(b_g), tl.load(p, mask=m, other=0.0), input_precision=DOT_PREC)
+            b_r -= tl.dot(
+                b_k * tl.exp(b_g), tl.load(p, mask=m, other=0.0), input_precision=DOT_PREC
+            )
         b_dbeta += tl.sum(b_r * b_drt, axis=1)
-    tl.store(dAqk + a_base + a_off, tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
-    tl.store(dL + a_base + a_off, tl.where(o_t[:, None] > o_t[None, :], -b_dl, 0.0), mask=m_t[:, None])
+    tl.store(
+        dAqk + a_base + a_off,
+        tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0),
+        mask=m_t[:, None],
+    )
+    tl.store(
+        dL + a_base + a_off, tl.where(o_t[:, None] > o_t[None, :], -b_dl, 0.0), mask=m_t[:, None]
+    )
     tl.store(dbeta + start * H + i_h + o_t * H, b_dbeta, mask=m_t)
 
 
 _DQKG_CONFIGS = config_space(
     triton.Config({"BKB": 32, "BV": 32}, num_warps=8, num_stages=2),
-    BKB=(32, 64), BV=(32, 64), num_warps=(8, 4), num_stages=(2, 1),
+    BKB=(32, 64),
+    BV=(32, 64),
+    num_warps=(8, 4),
+    num_stages=(2, 1),
 )
 
 
 @autotune(_DQKG_CONFIGS, key=["K", "V"])
 @triton.jit
 def _bwd_dqkg_kernel(
-    q, k, G, h, dh, delta, dr, do, dq_p, dk_p, dG_p, dq, dk, dg,
-    cu_seqlens, chunk_indices, scale, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr,
+    q,
+    k,
+    G,
+    h,
+    dh,
+    delta,
+    dr,
+    do,
+    dq_p,
+    dk_p,
+    dG_p,
+    dq,
+    dk,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BKB: tl.constexpr,
+    BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Inter-chunk terms of dq, dk, dg for a block of BKB key columns; finalises all three.
@@ -301,8 +450,24 @@ def _bwd_dqkg_kernel(
 @autotune(_WARPS8, key=["K"], restore_value=["dbeta"])
 @triton.jit
 def _intra_bwd_kernel(
-    q, k, G, beta, dAqk, dL, dq_p, dk_p, dG_p, dbeta, cu_seqlens, chunk_indices,
-    scale, H, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
+    q,
+    k,
+    G,
+    beta,
+    dAqk,
+    dL,
+    dq_p,
+    dk_p,
+    dG_p,
+    dbeta,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Pairwise (intra-chunk) gradient terms for the rows of sub-chunk ``i_i``. Grid
@@ -336,8 +501,12 @@ def _intra_bwd_kernel(
         b_q = tl.load(q + off_r, mask=m_rd, other=0.0).to(tl.float32) * scale
         b_k = tl.load(k + off_r, mask=m_rd, other=0.0).to(tl.float32)
         b_g = tl.load(G + off_r, mask=m_rd, other=0.0)
-        b_ref = tl.load(G + row0 * HK + i_h * K + cols, mask=m_d & (row0 + cols * 0 < eos), other=0.0)
-        b_refc = tl.load(G + last_c * HK + i_h * K + cols, mask=m_d & (last_c + cols * 0 >= row0), other=0.0)
+        b_ref = tl.load(
+            G + row0 * HK + i_h * K + cols, mask=m_d & (row0 + cols * 0 < eos), other=0.0
+        )
+        b_refc = tl.load(
+            G + last_c * HK + i_h * K + cols, mask=m_d & (last_c + cols * 0 >= row0), other=0.0
+        )
 
         # Row side: Y[r] = sum_{i <= r} D[r, i] k_i exp(G_r - G_i).
         b_yq = tl.zeros([BC, BKD], dtype=tl.float32)
@@ -391,7 +560,9 @@ def _intra_bwd_kernel(
         b_dbeta += tl.sum(b_k * b_yk, axis=1)
         tl.store(dq_p + off_r, b_yq, mask=m_rd)
         tl.store(dk_p + off_r, b_beta[:, None] * b_yk + b_zq + b_zk, mask=m_rd)
-        tl.store(dG_p + off_r, b_q * b_yq + b_beta[:, None] * b_k * b_yk - b_k * (b_zq + b_zk), mask=m_rd)
+        tl.store(
+            dG_p + off_r, b_q * b_yq + b_beta[:, None] * b_k * b_yk - b_k * (b_zq + b_zk), mask=m_rd
+        )
     b_db = tl.load(dbeta + rows * H + i_h, mask=m_r, other=0.0) + b_dbeta
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_r)
 
@@ -430,34 +601,125 @@ def chunk_kda_bwd(
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fwd = chunk_kda_fwd(
-        q, k, v, g, beta, scale, initial_state, False, cu_seqlens, chunk_indices, chunk_offsets,
-        num_chunks, for_backward=True, do=do,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        False,
+        cu_seqlens,
+        chunk_indices,
+        chunk_offsets,
+        num_chunks,
+        for_backward=True,
+        do=do,
     )
     dh = torch.empty(num_chunks, H, K, V, **f32)
     ddelta = fwd.ddelta
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
     _chunk_bwd_state_kernel[grid](
-        fwd.qg, fwd.kg, fwd.W, fwd.G, do, dh, dht, dh0, ddelta, cu_seqlens, chunk_offsets, H,
-        K=K, V=V, BT=BT, BK=BK, BKS=BKS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, DOT_PREC=prec,
+        fwd.qg,
+        fwd.kg,
+        fwd.W,
+        fwd.G,
+        do,
+        dh,
+        dht,
+        dh0,
+        ddelta,
+        cu_seqlens,
+        chunk_offsets,
+        H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BKS=BKS,
+        USE_DHT=dht is not None,
+        STORE_DH0=dh0 is not None,
+        DOT_PREC=prec,
     )
-    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    dq, dk, dv, dg = (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(g),
+    )
     dbeta = torch.empty(TT, H, **f32)
     if num_chunks > 0:
         dAqk = torch.empty(TT, H, BT, **f32)
         dL = torch.empty(TT, H, BT, **f32)
         _bwd_dv_kernel[(num_chunks, H)](
-            k, v, fwd.G, beta, fwd.Ainv, fwd.h, fwd.delta, ddelta, do, dv, dbeta, dAqk, dL,
-            cu_seqlens, chunk_indices, H, K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec,
+            k,
+            v,
+            fwd.G,
+            beta,
+            fwd.Ainv,
+            fwd.h,
+            fwd.delta,
+            ddelta,
+            do,
+            dv,
+            dbeta,
+            dAqk,
+            dL,
+            cu_seqlens,
+            chunk_indices,
+            H,
+            K=K,
+            V=V,
+            BT=BT,
+            BKS=BKS,
+            DOT_PREC=prec,
         )
         dq_p, dk_p, dG_p = (torch.empty(TT, H, K, **f32) for _ in range(3))
         _intra_bwd_kernel[(num_chunks, BT // BC, H)](
-            q, k, fwd.G, beta, dAqk, dL, dq_p, dk_p, dG_p, dbeta, cu_seqlens, chunk_indices,
-            scale, H, K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec,
+            q,
+            k,
+            fwd.G,
+            beta,
+            dAqk,
+            dL,
+            dq_p,
+            dk_p,
+            dG_p,
+            dbeta,
+            cu_seqlens,
+            chunk_indices,
+            scale,
+            H,
+            K=K,
+            BT=BT,
+            BC=BC,
+            BKD=min(BK, 32),
+            DOT_PREC=prec,
         )
         grid = lambda meta: (triton.cdiv(K, meta["BKB"]), num_chunks, H)
         _bwd_dqkg_kernel[grid](
-            q, k, fwd.G, fwd.h, dh, fwd.delta, ddelta, do, dq_p, dk_p, dG_p, dq, dk, dg,
-            cu_seqlens, chunk_indices, scale, H, K=K, V=V, BT=BT, DOT_PREC=prec,
+            q,
+            k,
+            fwd.G,
+            fwd.h,
+            dh,
+            fwd.delta,
+            ddelta,
+            do,
+            dq_p,
+            dk_p,
+            dG_p,
+            dq,
+            dk,
+            dg,
+            cu_seqlens,
+            chunk_indices,
+            scale,
+            H,
+            K=K,
+            V=V,
+            BT=BT,
+            DOT_PREC=prec,
         )
     return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0

@@ -76,8 +76,23 @@ def _chunk_cumsum_kernel(
 @autotune(_WARPS, key=["K"])
 @triton.jit
 def _intra_fwd_kernel(
-    q, k, G, beta, Akk, Aqk, qg, kg, cu_seqlens, chunk_indices, scale, H,
-    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
+    q,
+    k,
+    G,
+    beta,
+    Akk,
+    Aqk,
+    qg,
+    kg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Rows of sub-chunk ``i_i`` of Akk (beta-scaled, strictly lower) and Aqk (scaled, lower).
@@ -136,7 +151,9 @@ def _intra_fwd_kernel(
         b_qd = tl.load(q + off_d, mask=m_rd, other=0.0).to(tl.float32) * scale
         b_kd = tl.load(k + off_d, mask=m_rd, other=0.0).to(tl.float32)
         b_gd = tl.load(G + off_d, mask=m_rd, other=0.0)
-        b_e = tl.exp(tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf")))
+        b_e = tl.exp(
+            tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf"))
+        )
         b_ke3 = b_kd[None, :, :] * b_e
         b_akk += tl.sum(b_kd[:, None, :] * b_ke3, axis=2)
         b_aqk += tl.sum(b_qd[:, None, :] * b_ke3, axis=2)
@@ -155,9 +172,28 @@ def _intra_fwd_kernel(
 @autotune(_WARPS8, key=["K", "V"])
 @triton.jit
 def _solve_wy_kernel(
-    k, v, G, beta, Akk, Ainv, W, U, Aqk, do, ddelta, cu_seqlens, chunk_indices, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_DO: tl.constexpr, DOT_PREC: tl.constexpr,
+    k,
+    v,
+    G,
+    beta,
+    Akk,
+    Ainv,
+    W,
+    U,
+    Aqk,
+    do,
+    ddelta,
+    cu_seqlens,
+    chunk_indices,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DO: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """N = (I + Akk)^-1 by (block) forward substitution, then W = N (beta k exp(G)), U = N (beta v).
 
@@ -210,7 +246,9 @@ def _solve_wy_kernel(
         tl.store(U + off_v, tl.dot(b_n, b_v, input_precision=DOT_PREC), mask=m_tv)
     if HAS_DO:
         # Aqk^T, loaded transposed (zero above the diagonal and in padded rows).
-        b_at = tl.load(Aqk + rows[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
+        b_at = tl.load(
+            Aqk + rows[None, :] * H * BT + i_h * BT + o_t[:, None], mask=m_t[None, :], other=0.0
+        )
         for i_v in range(0, tl.cdiv(V, BV)):
             cols_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (cols_v < V)[None, :]
@@ -228,7 +266,9 @@ def _load_tile(ptr, m_t, H, D: tl.constexpr, col0, BR: tl.constexpr, BD: tl.cons
     o_r = tl.arange(0, BR)
     cols = col0 + tl.arange(0, BD)
     mask = m_t[:, None] & (cols < D)[None, :]
-    return tl.load(ptr + o_r[:, None] * (H * D) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + o_r[:, None] * (H * D) + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
@@ -250,16 +290,36 @@ def _state_block(base, row0, cols_v, K: tl.constexpr, V: tl.constexpr, BD: tl.co
 # memory. First config: no spills at K = V = 128 on sm_90 (139 KB shared memory); at K = 256 the
 # 3-stage configs exceed an H100's shared memory and the autotuner skips them (num_stages=1 fits).
 _STATE_CONFIGS = config_space(
-    triton.Config({"BV": 32}, num_warps=8, num_stages=3), BV=(32, 64, 16), num_warps=(8, 4), num_stages=(3, 2, 1)
+    triton.Config({"BV": 32}, num_warps=8, num_stages=3),
+    BV=(32, 64, 16),
+    num_warps=(8, 4),
+    num_stages=(3, 2, 1),
 )
 
 
 @autotune(_STATE_CONFIGS, key=["K", "V"])
 @triton.jit
 def _chunk_fwd_state_kernel(
-    kg, W, U, G, h, h0, ht, delta, cu_seqlens, chunk_offsets, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    kg,
+    W,
+    U,
+    G,
+    h,
+    h0,
+    ht,
+    delta,
+    cu_seqlens,
+    chunk_offsets,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BKS: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Sequential pass over the chunks of one sequence and head, for a block of BV value columns.
 
@@ -317,23 +377,43 @@ def _chunk_fwd_state_kernel(
         b_d = tl.load(U + v_c + off_v, mask=m_tv, other=0.0)
         b_d -= tl.dot(_load_tile(W + k_c, m_t, H, K, 0, BT, BKS), b_s1, input_precision=DOT_PREC)
         if BK > BKS:
-            b_d -= tl.dot(_load_tile(W + k_c, m_t, H, K, BKS, BT, BKS), b_s2, input_precision=DOT_PREC)
+            b_d -= tl.dot(
+                _load_tile(W + k_c, m_t, H, K, BKS, BT, BKS), b_s2, input_precision=DOT_PREC
+            )
         if BK > 2 * BKS:
-            b_d -= tl.dot(_load_tile(W + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_s3, input_precision=DOT_PREC)
-            b_d -= tl.dot(_load_tile(W + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_s4, input_precision=DOT_PREC)
+            b_d -= tl.dot(
+                _load_tile(W + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_s3, input_precision=DOT_PREC
+            )
+            b_d -= tl.dot(
+                _load_tile(W + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_s4, input_precision=DOT_PREC
+            )
         tl.store(delta + v_c + off_v, b_d, mask=m_tv)
         # S = exp(G_last) S + kg^T delta
         last = tl.minimum(start + BT, eos) - 1
         b_s1 = b_s1 * _decay_row(G, last, i_h, H, K, 0, BKS)[:, None]
-        b_s1 += tl.dot(tl.trans(_load_tile(kg + k_c, m_t, H, K, 0, BT, BKS)), b_d, input_precision=DOT_PREC)
+        b_s1 += tl.dot(
+            tl.trans(_load_tile(kg + k_c, m_t, H, K, 0, BT, BKS)), b_d, input_precision=DOT_PREC
+        )
         if BK > BKS:
             b_s2 = b_s2 * _decay_row(G, last, i_h, H, K, BKS, BKS)[:, None]
-            b_s2 += tl.dot(tl.trans(_load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS)), b_d, input_precision=DOT_PREC)
+            b_s2 += tl.dot(
+                tl.trans(_load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS)),
+                b_d,
+                input_precision=DOT_PREC,
+            )
         if BK > 2 * BKS:
             b_s3 = b_s3 * _decay_row(G, last, i_h, H, K, 2 * BKS, BKS)[:, None]
-            b_s3 += tl.dot(tl.trans(_load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS)), b_d, input_precision=DOT_PREC)
+            b_s3 += tl.dot(
+                tl.trans(_load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS)),
+                b_d,
+                input_precision=DOT_PREC,
+            )
             b_s4 = b_s4 * _decay_row(G, last, i_h, H, K, 3 * BKS, BKS)[:, None]
-            b_s4 += tl.dot(tl.trans(_load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS)), b_d, input_precision=DOT_PREC)
+            b_s4 += tl.dot(
+                tl.trans(_load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS)),
+                b_d,
+                input_precision=DOT_PREC,
+            )
     if STORE_FINAL:
         p, m = _state_block(ht + seq_state, 0, cols_v, K, V, BKS)
         tl.store(p, b_s1, mask=m)
@@ -348,15 +428,29 @@ def _chunk_fwd_state_kernel(
 
 
 _O_CONFIGS = config_space(
-    triton.Config({"BV": 64}, num_warps=8, num_stages=2), BV=(64, 32, 128), num_warps=(8, 4), num_stages=(2, 3)
+    triton.Config({"BV": 64}, num_warps=8, num_stages=2),
+    BV=(64, 32, 128),
+    num_warps=(8, 4),
+    num_stages=(2, 3),
 )
 
 
 @autotune(_O_CONFIGS, key=["K", "V"])
 @triton.jit
 def _chunk_fwd_o_kernel(
-    qg, Aqk, h, delta, o, cu_seqlens, chunk_indices, H,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+    qg,
+    Aqk,
+    h,
+    delta,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BKS: tl.constexpr,
+    BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Outputs of one chunk and value block, ``o = qg h + Aqk delta``. Grid ``(cdiv(V, BV), NT, H)``.
@@ -379,7 +473,9 @@ def _chunk_fwd_o_kernel(
     for i_k in range(0, tl.cdiv(K, BKS)):
         p, m = _state_block(h_c, i_k * BKS, cols_v, K, V, BKS)
         b_h = tl.load(p, mask=m, other=0.0)
-        b_o += tl.dot(_load_tile(qg + k_c, m_t, H, K, i_k * BKS, BT, BKS), b_h, input_precision=DOT_PREC)
+        b_o += tl.dot(
+            _load_tile(qg + k_c, m_t, H, K, i_k * BKS, BT, BKS), b_h, input_precision=DOT_PREC
+        )
     tl.store(o + v_c + off_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -455,21 +551,73 @@ def chunk_kda_fwd(
             g, G, cu_seqlens, chunk_indices, H, K=K, BT=BT, BK=BKC
         )
         _intra_fwd_kernel[(num_chunks, BT // BC, H)](
-            q, k, G, beta, Akk, Aqk, qg, kg, cu_seqlens, chunk_indices, scale, H,
-            K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec,
+            q,
+            k,
+            G,
+            beta,
+            Akk,
+            Aqk,
+            qg,
+            kg,
+            cu_seqlens,
+            chunk_indices,
+            scale,
+            H,
+            K=K,
+            BT=BT,
+            BC=BC,
+            BK=BK,
+            BKD=min(BK, 32),
+            DOT_PREC=prec,
         )
         _solve_wy_kernel[(num_chunks, H)](
-            k, v, G, beta, Akk, Ainv, W, U, Aqk, do, ddelta, cu_seqlens, chunk_indices, H,
-            K=K, V=V, BT=BT, BC=BC, BK=min(BK, 64), BV=BVW, HAS_DO=do is not None, DOT_PREC=prec,
+            k,
+            v,
+            G,
+            beta,
+            Akk,
+            Ainv,
+            W,
+            U,
+            Aqk,
+            do,
+            ddelta,
+            cu_seqlens,
+            chunk_indices,
+            H,
+            K=K,
+            V=V,
+            BT=BT,
+            BC=BC,
+            BK=min(BK, 64),
+            BV=BVW,
+            HAS_DO=do is not None,
+            DOT_PREC=prec,
         )
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, **f32)
     delta = torch.empty(TT, H, V, **f32)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
     _chunk_fwd_state_kernel[grid](
-        kg, W, U, G, h, initial_state, ht, delta, cu_seqlens, chunk_offsets, H,
-        K=K, V=V, BT=BT, BK=BK, BKS=BKS,
-        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, DOT_PREC=prec,
+        kg,
+        W,
+        U,
+        G,
+        h,
+        initial_state,
+        ht,
+        delta,
+        cu_seqlens,
+        chunk_offsets,
+        H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BKS=BKS,
+        USE_H0=initial_state is not None,
+        STORE_FINAL=output_final_state,
+        DOT_PREC=prec,
     )
     o = torch.empty(0, device=dev)
     if not for_backward:
@@ -477,8 +625,19 @@ def chunk_kda_fwd(
         if num_chunks > 0:
             grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks, H)
             _chunk_fwd_o_kernel[grid](
-                qg, Aqk, h, delta, o, cu_seqlens, chunk_indices, H,
-                K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec,
+                qg,
+                Aqk,
+                h,
+                delta,
+                o,
+                cu_seqlens,
+                chunk_indices,
+                H,
+                K=K,
+                V=V,
+                BT=BT,
+                BKS=BKS,
+                DOT_PREC=prec,
             )
     if for_backward:
         return ChunkForward(o, ht, G, Aqk, Ainv, W, qg, kg, h, delta, ddelta)

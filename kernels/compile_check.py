@@ -85,7 +85,9 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
         f.write(cubin)
         path = f.name
     try:
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=False
+        )
     finally:
         os.unlink(path)
     regs = re.search(r"REG:(\d+)", out.stdout)
@@ -114,7 +116,9 @@ def _first_config(kernel: Any) -> tuple[dict[str, Any], int, int]:
     return {}, 4, 2
 
 
-def kernel_specs(head_dim_k: int, head_dim_v: int, dtype: str) -> list[tuple[Any, dict[str, Any], int, int]]:
+def kernel_specs(
+    head_dim_k: int, head_dim_v: int, dtype: str
+) -> list[tuple[Any, dict[str, Any], int, int]]:
     """(kernel, constexprs, num_warps, num_stages) for every kernel, as the launchers use them:
     the launchers' constexprs plus the kernel's first autotune config."""
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
@@ -125,9 +129,16 @@ def kernel_specs(head_dim_k: int, head_dim_v: int, dtype: str) -> list[tuple[Any
     state = dict(K=K, V=V, BT=BT, BK=BK, BKS=BKS, DOT_PREC=prec)
     launches = [
         (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BKS)),
-        (chunk_fwd._intra_fwd_kernel, dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec)),
-        (chunk_fwd._solve_wy_kernel, dict(K=K, V=V, BT=BT, BC=BC, BK=BKS, BV=min(next_pow2(V), 64), HAS_DO=True,
-                                           DOT_PREC=prec)),
+        (
+            chunk_fwd._intra_fwd_kernel,
+            dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec),
+        ),
+        (
+            chunk_fwd._solve_wy_kernel,
+            dict(
+                K=K, V=V, BT=BT, BC=BC, BK=BKS, BV=min(next_pow2(V), 64), HAS_DO=True, DOT_PREC=prec
+            ),
+        ),
         (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True)),
         (chunk_fwd._chunk_fwd_o_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
         (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
@@ -141,8 +152,14 @@ def kernel_specs(head_dim_k: int, head_dim_v: int, dtype: str) -> list[tuple[Any
         specs.append((kernel, {**constexprs, **meta}, warps, stages))
     # Not autotuned: the launcher's choice (fused_recurrent._launch).
     BV = min(next_pow2(V), 32 if BK >= 128 else 64)
-    specs.append((fused_recurrent._fused_recurrent_kernel,
-                  dict(K=K, V=V, BK=BK, BV=BV, USE_H0=True, STORE_FINAL=True), 1 if BK * BV <= 1024 else 4, 2))
+    specs.append(
+        (
+            fused_recurrent._fused_recurrent_kernel,
+            dict(K=K, V=V, BK=BK, BV=BV, USE_H0=True, STORE_FINAL=True),
+            1 if BK * BV <= 1024 else 4,
+            2,
+        )
+    )
     return specs
 
 
@@ -160,7 +177,9 @@ def check(
     """
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for kernel, constexprs, warps, stages in kernel_specs(head_dim_k, head_dim_v or head_dim_k, dtype):
+    for kernel, constexprs, warps, stages in kernel_specs(
+        head_dim_k, head_dim_v or head_dim_k, dtype
+    ):
         fn = _jit_fn(kernel)
         src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
         try:
@@ -181,24 +200,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128, help="K (and V unless --value-dim)")
     p.add_argument("--value-dim", type=int, default=None, help="V when it differs from K")
     p.add_argument("--num-warps", type=int, default=None, help="override every kernel's num_warps")
-    p.add_argument("--num-stages", type=int, default=None, help="override every kernel's num_stages")
-    p.add_argument("--save", default=None, metavar="PREFIX",
-                   help="also write PREFIX.json and PREFIX.md (e.g. benchmarks/results/cpu/kernels.compile_sm90)")
+    p.add_argument(
+        "--num-stages", type=int, default=None, help="override every kernel's num_stages"
+    )
+    p.add_argument(
+        "--save",
+        default=None,
+        metavar="PREFIX",
+        help="also write PREFIX.json and PREFIX.md (e.g. benchmarks/results/cpu/kernels.compile_sm90)",
+    )
     args = p.parse_args(argv)
     if interpret_mode():  # the kernels were jitted for the interpreter: start again without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "kimi_linear.kernels.compile_check", *(sys.argv[1:] if argv is None else argv)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kimi_linear.kernels.compile_check",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
         return subprocess.run(cmd, env=env, check=False).returncode
-    results = check(args.arch, args.dtype, args.head_dim, args.value_dim, args.num_warps, args.num_stages)
-    title = (f"sm_{args.arch}, {args.dtype}, K={args.head_dim}, V={args.value_dim or args.head_dim}, "
-             f"num_warps={args.num_warps or 'default'}, num_stages={args.num_stages or 'default'}, "
-             f"triton {triton.__version__}")
+    results = check(
+        args.arch, args.dtype, args.head_dim, args.value_dim, args.num_warps, args.num_stages
+    )
+    title = (
+        f"sm_{args.arch}, {args.dtype}, K={args.head_dim}, V={args.value_dim or args.head_dim}, "
+        f"num_warps={args.num_warps or 'default'}, num_stages={args.num_stages or 'default'}, "
+        f"triton {triton.__version__}"
+    )
     dash = lambda x: "-" if x is None else str(x)
-    lines = [title, "", "| kernel | compiles | shared bytes | registers/thread | spill bytes/thread |",
-             "|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "| kernel | compiles | shared bytes | registers/thread | spill bytes/thread |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.kernel} | {'yes' if r.ok else 'NO'} | {dash(r.shared)} | {dash(r.registers)} | "
-                     f"{dash(r.local_bytes)} |")
+        lines.append(
+            f"| {r.kernel} | {'yes' if r.ok else 'NO'} | {dash(r.shared)} | {dash(r.registers)} | "
+            f"{dash(r.local_bytes)} |"
+        )
     print("\n".join(lines))
     for r in results:
         if r.error:
@@ -206,10 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
         with open(args.save + ".md", "w") as f:
-            f.write("# KDA kernels compiled ahead of time (no GPU): resources\n\n" + "\n".join(lines) + "\n")
+            f.write(
+                "# KDA kernels compiled ahead of time (no GPU): resources\n\n"
+                + "\n".join(lines)
+                + "\n"
+            )
         with open(args.save + ".json", "w") as f:
-            json.dump({"args": vars(args), "triton": triton.__version__,
-                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "triton": triton.__version__,
+                    "results": [dataclasses.asdict(r) for r in results],
+                },
+                f,
+                indent=2,
+            )
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -18,9 +18,23 @@ from .utils import check_kernel_inputs, next_pow2, pack
 
 @triton.jit
 def _fused_recurrent_kernel(
-    q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, H,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    o,
+    h0,
+    ht,
+    cu_seqlens,
+    scale,
+    H,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), N * H)``; inputs packed ``[TT, H, D]``, states ``[N, H, K, V]``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -60,8 +74,23 @@ def _launch(q, k, v, g, beta, scale, h0, ht, cu_seqlens, o) -> None:
     BK = next_pow2(K)
     BV = min(next_pow2(V), 32 if BK >= 128 else 64)
     _fused_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, H,
-        K=K, V=V, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_FINAL=ht is not None,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        o,
+        h0,
+        ht,
+        cu_seqlens,
+        scale,
+        H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_H0=h0 is not None,
+        STORE_FINAL=ht is not None,
         num_warps=1 if BK * BV <= 1024 else 4,
     )
 

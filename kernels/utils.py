@@ -47,7 +47,9 @@ def autotune(
     def decorate(fn):
         if interpret_mode():
             return _FixedConfig(fn, configs[0])
-        return triton.autotune(configs=list(configs), key=key, restore_value=list(restore_value))(fn)
+        return triton.autotune(configs=list(configs), key=key, restore_value=list(restore_value))(
+            fn
+        )
 
     return decorate
 
@@ -79,7 +81,10 @@ def config_space(first: triton.Config, **space: Sequence[int]) -> list[triton.Co
     configs = [first]
     for values in itertools.product(*(space[n] for n in names)):
         params = dict(zip(names, values))
-        warps, stages = params.pop("num_warps", first.num_warps), params.pop("num_stages", first.num_stages)
+        warps, stages = (
+            params.pop("num_warps", first.num_warps),
+            params.pop("num_stages", first.num_stages),
+        )
         if params == first.kwargs and warps == first.num_warps and stages == first.num_stages:
             continue
         configs.append(triton.Config(params, num_warps=warps, num_stages=stages))
@@ -143,7 +148,9 @@ class ChunkTables(NamedTuple):
 
 
 @functools.lru_cache(maxsize=128)
-def chunk_tables(offsets: tuple[int, ...], device: torch.device, chunk_size: int = CHUNK_SIZE) -> ChunkTables:
+def chunk_tables(
+    offsets: tuple[int, ...], device: torch.device, chunk_size: int = CHUNK_SIZE
+) -> ChunkTables:
     """Chunk tables for sequence ``offsets`` (cached: repeated shapes cost no host-device copy)."""
     indices, chunk_offsets = [], [0]
     for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
@@ -152,7 +159,10 @@ def chunk_tables(offsets: tuple[int, ...], device: torch.device, chunk_size: int
         chunk_offsets.append(chunk_offsets[-1] + num)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     return ChunkTables(
-        as_tensor(list(offsets)), as_tensor(indices).reshape(-1, 2), as_tensor(chunk_offsets), len(indices)
+        as_tensor(list(offsets)),
+        as_tensor(indices).reshape(-1, 2),
+        as_tensor(chunk_offsets),
+        len(indices),
     )
 
 

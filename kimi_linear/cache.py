@@ -36,7 +36,9 @@ class KDALayerCache:
         self.conv_q = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
         self.conv_k = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
         self.conv_v = torch.zeros(batch_size, w, dim_v, device=device, dtype=dtype)
-        self.state = torch.zeros(batch_size, num_heads, head_k_dim, head_v_dim, device=device, dtype=torch.float32)
+        self.state = torch.zeros(
+            batch_size, num_heads, head_k_dim, head_v_dim, device=device, dtype=torch.float32
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv_q, self.conv_k, self.conv_v, self.state]
@@ -46,7 +48,9 @@ class KDALayerCache:
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (in place), e.g. after sequences finish."""
-        self.conv_q, self.conv_k, self.conv_v, self.state = (t.index_select(0, index) for t in self.tensors())
+        self.conv_q, self.conv_k, self.conv_v, self.state = (
+            t.index_select(0, index) for t in self.tensors()
+        )
 
 
 class LatentKVCache:
@@ -84,7 +88,9 @@ class LatentKVCache:
         k_rope[:, : self.length] = self.k_rope[:, : self.length]
         self.latent, self.k_rope = latent, k_rope
 
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``latent [B, t, R]`` and ``k_rope [B, t, P]``; return all cached ``[B, L, *]``."""
         B, t, R = latent.shape
         if B != self.latent.shape[0] or R != self.latent.shape[2]:
@@ -92,7 +98,9 @@ class LatentKVCache:
                 f"latent must be [B={self.latent.shape[0]}, t, R={self.latent.shape[2]}], got {tuple(latent.shape)}"
             )
         if k_rope.shape != (B, t, self.k_rope.shape[2]):
-            raise ValueError(f"k_rope must be [{B}, {t}, {self.k_rope.shape[2]}], got {tuple(k_rope.shape)}")
+            raise ValueError(
+                f"k_rope must be [{B}, {t}, {self.k_rope.shape[2]}], got {tuple(k_rope.shape)}"
+            )
         end = self.length + t
         if end > self.capacity:
             self._grow(end)
@@ -141,15 +149,24 @@ class HybridCache:
             if kind == "kda":
                 layers.append(
                     KDALayerCache(
-                        batch_size, config.kda_num_heads, config.kda_head_dim, config.kda_head_dim,
-                        config.kda_conv_size, device=device, dtype=dtype,
+                        batch_size,
+                        config.kda_num_heads,
+                        config.kda_head_dim,
+                        config.kda_head_dim,
+                        config.kda_conv_size,
+                        device=device,
+                        dtype=dtype,
                     )
                 )
             else:
                 layers.append(
                     LatentKVCache(
-                        batch_size, config.kv_lora_rank, config.qk_rope_head_dim, capacity,
-                        device=device, dtype=dtype,
+                        batch_size,
+                        config.kv_lora_rank,
+                        config.qk_rope_head_dim,
+                        capacity,
+                        device=device,
+                        dtype=dtype,
                     )
                 )
         return cls(layers)

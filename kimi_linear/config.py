@@ -100,22 +100,44 @@ class KimiLinearConfig:
 
         def positive_float(name: str) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not v > 0
+                or not math.isfinite(v)
+            ):
                 raise ValueError(f"KimiLinearConfig.{name} must be a finite number > 0, got {v!r}")
 
         for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings",
-            "kda_num_heads", "kda_head_dim", "kda_conv_size", "kda_chunk_size",
-            "num_attention_heads", "kv_lora_rank", "v_head_dim", "intermediate_size",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "max_position_embeddings",
+            "kda_num_heads",
+            "kda_head_dim",
+            "kda_conv_size",
+            "kda_chunk_size",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "v_head_dim",
+            "intermediate_size",
             "moe_intermediate_size",
         ):
             positive(name)
-        for name in ("mla_every", "qk_nope_head_dim", "qk_rope_head_dim", "num_experts",
-                     "num_shared_experts", "first_k_dense_replace"):
+        for name in (
+            "mla_every",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "num_experts",
+            "num_shared_experts",
+            "first_k_dense_replace",
+        ):
             non_negative(name)
         for name in ("rms_norm_eps", "initializer_range", "rope_theta", "routed_scaling_factor"):
             positive_float(name)
-        if not (isinstance(self.moe_bias_update_rate, (int, float)) and self.moe_bias_update_rate >= 0):
+        if not (
+            isinstance(self.moe_bias_update_rate, (int, float)) and self.moe_bias_update_rate >= 0
+        ):
             raise ValueError(
                 f"KimiLinearConfig.moe_bias_update_rate must be >= 0, got {self.moe_bias_update_rate!r}"
             )
@@ -132,7 +154,9 @@ class KimiLinearConfig:
                 f"{self.qk_rope_head_dim}"
             )
         if self.kda_gate not in KDA_GATES:
-            raise ValueError(f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}")
+            raise ValueError(
+                f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}"
+            )
         if self.kda_backend not in KDA_BACKENDS:
             raise ValueError(
                 f"KimiLinearConfig.kda_backend must be one of {KDA_BACKENDS}, got {self.kda_backend!r}"
@@ -206,13 +230,17 @@ class KimiLinearConfig:
 
     def all_mla_twin(self) -> KimiLinearConfig:
         """The same model with every layer MLA (the full-attention baseline for benchmarks)."""
-        return self.replace(name=f"{self.name}-all-mla", layer_types=("mla",) * self.num_hidden_layers)
+        return self.replace(
+            name=f"{self.name}-all-mla", layer_types=("mla",) * self.num_hidden_layers
+        )
 
     def with_layer_kinds(self, kind: str) -> KimiLinearConfig:
         """The same model with every layer of one kind (``"kda"`` or ``"mla"``)."""
         if kind not in LAYER_TYPES:
             raise ValueError(f"kind must be one of {LAYER_TYPES}, got {kind!r}")
-        return self.replace(name=f"{self.name}-all-{kind}", layer_types=(kind,) * self.num_hidden_layers)
+        return self.replace(
+            name=f"{self.name}-all-{kind}", layer_types=(kind,) * self.num_hidden_layers
+        )
 
     # ------------------------------------------------------------------ cache sizes
     def kv_cache_bytes(
@@ -301,7 +329,10 @@ class KimiLinearConfig:
                 raise ValueError(
                     f"path_or_dict: linear_attn_config layer ids are 1-based in [1, {n}], got {bad}"
                 )
-            kinds = ["kda" if (i + 1) in kda or (not kda and (i + 1) not in full) else "mla" for i in range(n)]
+            kinds = [
+                "kda" if (i + 1) in kda or (not kda and (i + 1) not in full) else "mla"
+                for i in range(n)
+            ]
             for i in full:
                 kinds[i - 1] = "mla"
             layer_types = tuple(kinds)
@@ -325,7 +356,9 @@ class KimiLinearConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             initializer_range=hf.get("initializer_range", 0.02),
-            max_position_embeddings=hf.get("model_max_length", hf.get("max_position_embeddings", 1048576)),
+            max_position_embeddings=hf.get(
+                "model_max_length", hf.get("max_position_embeddings", 1048576)
+            ),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_first_id(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
@@ -420,38 +453,98 @@ def _first_id(v: Any) -> int | None:
 # fits one GPU; the two published shapes are for counting and cache sizing on the meta device.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=4, max_position_embeddings=8192,
-        kda_num_heads=2, kda_head_dim=32, num_attention_heads=2, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128,
-        num_experts=4, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=64,
-        first_k_dense_replace=1, routed_scaling_factor=1.0,
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=4,
+        max_position_embeddings=8192,
+        kda_num_heads=2,
+        kda_head_dim=32,
+        num_attention_heads=2,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        intermediate_size=128,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_intermediate_size=64,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.0,
     ),
     "small": dict(
-        vocab_size=32768, hidden_size=512, num_hidden_layers=12, max_position_embeddings=131072,
-        kda_num_heads=4, kda_head_dim=128, num_attention_heads=4, kv_lora_rank=256,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1536,
-        num_experts=16, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=256,
-        first_k_dense_replace=1, routed_scaling_factor=1.0,
+        vocab_size=32768,
+        hidden_size=512,
+        num_hidden_layers=12,
+        max_position_embeddings=131072,
+        kda_num_heads=4,
+        kda_head_dim=128,
+        num_attention_heads=4,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        intermediate_size=1536,
+        num_experts=16,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        moe_intermediate_size=256,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.0,
     ),
     # Kimi-Linear-48B-A3B (release config.json): 27 layers, MLA at 4, 8, ..., 24 and 27.
     "kimi-linear-48b-a3b": dict(
-        vocab_size=163840, hidden_size=2304, num_hidden_layers=27, max_position_embeddings=1048576,
-        kda_num_heads=32, kda_head_dim=128, kda_conv_size=4, num_attention_heads=32,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, mla_use_nope=True, intermediate_size=9216, num_experts=256,
-        num_experts_per_token=8, num_shared_experts=1, moe_intermediate_size=1024,
-        first_k_dense_replace=1, routed_scaling_factor=2.446, rms_norm_eps=1e-5,
-        bos_token_id=163584, eos_token_id=163586, pad_token_id=163839,
+        vocab_size=163840,
+        hidden_size=2304,
+        num_hidden_layers=27,
+        max_position_embeddings=1048576,
+        kda_num_heads=32,
+        kda_head_dim=128,
+        kda_conv_size=4,
+        num_attention_heads=32,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        mla_use_nope=True,
+        intermediate_size=9216,
+        num_experts=256,
+        num_experts_per_token=8,
+        num_shared_experts=1,
+        moe_intermediate_size=1024,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.446,
+        rms_norm_eps=1e-5,
+        bos_token_id=163584,
+        eos_token_id=163586,
+        pad_token_id=163839,
     ),
     # Kimi K2 (all MLA with RoPE; 1.04T total / 32B active).
     "kimi-k2": dict(
-        vocab_size=163840, hidden_size=7168, num_hidden_layers=61, mla_every=1,
-        max_position_embeddings=131072, num_attention_heads=64, q_lora_rank=1536,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        mla_use_nope=False, rope_theta=50000.0, intermediate_size=18432, num_experts=384,
-        num_experts_per_token=8, num_shared_experts=1, moe_intermediate_size=2048,
-        first_k_dense_replace=1, routed_scaling_factor=2.827, rms_norm_eps=1e-6,
-        bos_token_id=163584, eos_token_id=163585,
+        vocab_size=163840,
+        hidden_size=7168,
+        num_hidden_layers=61,
+        mla_every=1,
+        max_position_embeddings=131072,
+        num_attention_heads=64,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        mla_use_nope=False,
+        rope_theta=50000.0,
+        intermediate_size=18432,
+        num_experts=384,
+        num_experts_per_token=8,
+        num_shared_experts=1,
+        moe_intermediate_size=2048,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.827,
+        rms_norm_eps=1e-6,
+        bos_token_id=163584,
+        eos_token_id=163585,
     ),
 }
 

@@ -59,12 +59,22 @@ def count_parameters(config: KimiLinearConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = KimiLinearForCausalLM(config)
     counts = dict.fromkeys(
-        ("kda_attention", "mla_attention", "dense_mlp", "shared_experts", "routed_experts",
-         "routed_active", "router", "norms"),
+        (
+            "kda_attention",
+            "mla_attention",
+            "dense_mlp",
+            "shared_experts",
+            "routed_experts",
+            "routed_active",
+            "router",
+            "norms",
+        ),
         0,
     )
     for layer in model.model.layers:
-        key = "kda_attention" if isinstance(layer.self_attn, KimiDeltaAttention) else "mla_attention"
+        key = (
+            "kda_attention" if isinstance(layer.self_attn, KimiDeltaAttention) else "mla_attention"
+        )
         # norms inside the attention (o_norm, q_a/kv_a_layernorm) belong to the attention
         counts[key] += _numel(layer.self_attn)
         counts["norms"] += _numel(layer.input_layernorm) + _numel(layer.post_attention_layernorm)
@@ -83,10 +93,17 @@ def count_parameters(config: KimiLinearConfig) -> dict[str, int]:
     total = model.num_parameters()
     body = sum(v for k, v in counts.items() if k != "routed_active")
     if body + embedding + lm_head != total:  # every parameter must be in exactly one bucket
-        raise RuntimeError(f"parameter buckets sum to {body + embedding + lm_head}, model has {total}")
+        raise RuntimeError(
+            f"parameter buckets sum to {body + embedding + lm_head}, model has {total}"
+        )
     active = (
-        counts["kda_attention"] + counts["mla_attention"] + counts["dense_mlp"]
-        + counts["shared_experts"] + counts["routed_active"] + counts["router"] + counts["norms"]
+        counts["kda_attention"]
+        + counts["mla_attention"]
+        + counts["dense_mlp"]
+        + counts["shared_experts"]
+        + counts["routed_active"]
+        + counts["router"]
+        + counts["norms"]
         + model.lm_head.weight.numel()
     )
     return {
@@ -99,7 +116,9 @@ def count_parameters(config: KimiLinearConfig) -> dict[str, int]:
     }
 
 
-def info_report(config: KimiLinearConfig, batch_size: int = 1, cache_dtype: str = "bf16") -> dict[str, Any]:
+def info_report(
+    config: KimiLinearConfig, batch_size: int = 1, cache_dtype: str = "bf16"
+) -> dict[str, Any]:
     """Everything ``kimi-linear info`` prints, as a JSON-ready dict.
 
     Keys: ``name``; ``parameters`` (:func:`count_parameters`); ``layers`` (one
@@ -115,7 +134,9 @@ def info_report(config: KimiLinearConfig, batch_size: int = 1, cache_dtype: str 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if cache_dtype not in CACHE_DTYPE_BYTES:
-        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPE_BYTES)}, got {cache_dtype!r}")
+        raise ValueError(
+            f"cache_dtype must be one of {sorted(CACHE_DTYPE_BYTES)}, got {cache_dtype!r}"
+        )
     nbytes = CACHE_DTYPE_BYTES[cache_dtype]
     layers = [
         {"index": i, "mixer": kind, "ffn": "moe" if config.is_moe_layer(i) else "dense"}
@@ -225,15 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter counts, layer layout and decode-cache sizes of a Kimi Linear model.",
     )
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
-                     help=f"a named preset: {', '.join(PRESETS)}")
-    src.add_argument("--hf-config", metavar="PATH",
-                     help="a release-style config.json (or the folder holding it)")
+    src.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"a named preset: {', '.join(PRESETS)}",
+    )
+    src.add_argument(
+        "--hf-config", metavar="PATH", help="a release-style config.json (or the folder holding it)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
-                        help="sequences held in the cache (default 1)")
-    parser.add_argument("--cache-dtype", choices=list(CACHE_DTYPE_BYTES), default="bf16",
-                        help="dtype of MLA latents and conv tails (KDA state is fp32; default bf16)")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="sequences held in the cache (default 1)",
+    )
+    parser.add_argument(
+        "--cache-dtype",
+        choices=list(CACHE_DTYPE_BYTES),
+        default="bf16",
+        help="dtype of MLA latents and conv tails (KDA state is fp32; default bf16)",
+    )
     return parser
 
 

@@ -57,7 +57,13 @@ _EXTRA_CONFIG_FIELDS = ("name", "kda_gate", "kda_chunk_size")
 
 #: Parameters and buffers kept in float32 whatever the model dtype: the KDA decay parameters
 #: and the MoE router's balancing statistics (fp32 in the release, excluded from weight decay).
-FP32_PARAMETER_NAMES = ("A_log", "dt_bias", "e_score_correction_bias", "expert_load", "last_expert_load")
+FP32_PARAMETER_NAMES = (
+    "A_log",
+    "dt_bias",
+    "e_score_correction_bias",
+    "expert_load",
+    "last_expert_load",
+)
 
 
 class CausalLMOutput(NamedTuple):
@@ -173,7 +179,9 @@ class KimiLinearModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(KimiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            KimiDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
@@ -295,13 +303,17 @@ class KimiLinearForCausalLM(nn.Module):
     # ----------------------------------------------------------------- checks
     def _check_ids(self, name: str, ids: Any, allow_ignore: bool = False) -> None:
         if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of token ids [B, T], got {type(ids).__name__}")
+            raise ValueError(
+                f"{name} must be a torch.Tensor of token ids [B, T], got {type(ids).__name__}"
+            )
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"{name} must have an integer dtype (torch.long), got {ids.dtype}")
         if ids.dim() != 2:
             raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(ids.shape)}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"{name} must hold at least one token per row (B > 0, T > 0), got {tuple(ids.shape)}")
+            raise ValueError(
+                f"{name} must hold at least one token per row (B > 0, T > 0), got {tuple(ids.shape)}"
+            )
         if ids.device.type == "meta" or torch.compiler.is_compiling():
             return
         V = self.config.vocab_size
@@ -315,7 +327,9 @@ class KimiLinearForCausalLM(nn.Module):
 
     def _check_cache(self, cache: Any, batch_size: int) -> None:
         if not isinstance(cache, HybridCache):
-            raise ValueError(f"cache must be a HybridCache (model.new_cache) or None, got {type(cache).__name__}")
+            raise ValueError(
+                f"cache must be a HybridCache (model.new_cache) or None, got {type(cache).__name__}"
+            )
         if len(cache) != self.config.num_hidden_layers:
             raise ValueError(
                 f"cache must have num_hidden_layers={self.config.num_hidden_layers} layers, got {len(cache)}"
@@ -327,7 +341,9 @@ class KimiLinearForCausalLM(nn.Module):
                     f"cache.layers[{i}] must be a {expected.__name__} for a {kind} layer, got {type(layer).__name__}"
                 )
         if cache.batch_size != batch_size:
-            raise ValueError(f"cache batch size {cache.batch_size} does not match input_ids batch size {batch_size}")
+            raise ValueError(
+                f"cache batch size {cache.batch_size} does not match input_ids batch size {batch_size}"
+            )
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -350,10 +366,16 @@ class KimiLinearForCausalLM(nn.Module):
                 Not combinable with ``labels``.
         """
         self._check_ids("input_ids", input_ids)
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        if (
+            isinstance(logits_to_keep, bool)
+            or not isinstance(logits_to_keep, int)
+            or logits_to_keep < 0
+        ):
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         if logits_to_keep and labels is not None:
-            raise ValueError("logits_to_keep must be 0 when labels are given (the loss needs every position)")
+            raise ValueError(
+                "logits_to_keep must be 0 when labels are given (the loss needs every position)"
+            )
         if labels is not None:
             self._check_ids("labels", labels, allow_ignore=True)
             if labels.shape != input_ids.shape:
@@ -405,20 +427,34 @@ class KimiLinearForCausalLM(nn.Module):
             generator: a ``torch.Generator`` on the model's device for reproducible sampling.
         """
         self._check_ids("input_ids", input_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0
+        ):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature >= 0
+        ):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
         if eos_token_id is not None and not (
             isinstance(eos_token_id, int) and 0 <= eos_token_id < self.config.vocab_size
         ):
-            raise ValueError(f"eos_token_id must be None or in [0, vocab_size={self.config.vocab_size}), got {eos_token_id!r}")
+            raise ValueError(
+                f"eos_token_id must be None or in [0, vocab_size={self.config.vocab_size}), got {eos_token_id!r}"
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise ValueError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if max_new_tokens == 0:
             return input_ids.clone()
 
@@ -436,7 +472,9 @@ class KimiLinearForCausalLM(nn.Module):
                     token = token.masked_fill(finished, eos_token_id)
                     finished |= token == eos_token_id
                 out.append(token[:, None].to(input_ids.dtype))
-                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                if step == max_new_tokens - 1 or (
+                    eos_token_id is not None and bool(finished.all())
+                ):
                     break
                 logits = self(out[-1], cache=cache, logits_to_keep=1)[:, -1]
         finally:
@@ -451,7 +489,9 @@ class KimiLinearForCausalLM(nn.Module):
             sd.pop("lm_head.weight", None)
         return sd
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | None = None
+    ) -> None:
         """Write ``config.json`` and the weights as safetensors under the release names.
 
         Args:
@@ -463,11 +503,17 @@ class KimiLinearForCausalLM(nn.Module):
         from safetensors.torch import save_file
 
         if max_shard_size is not None and (
-            isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0
+            isinstance(max_shard_size, bool)
+            or not isinstance(max_shard_size, int)
+            or max_shard_size <= 0
         ):
-            raise ValueError(f"max_shard_size must be None or a positive int (bytes), got {max_shard_size!r}")
+            raise ValueError(
+                f"max_shard_size must be None or a positive int (bytes), got {max_shard_size!r}"
+            )
         if self.device.type == "meta":
-            raise ValueError("cannot save a model on the meta device (its weights are not materialised)")
+            raise ValueError(
+                "cannot save a model on the meta device (its weights are not materialised)"
+            )
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         hf = self.config.to_hf_config()
@@ -476,7 +522,11 @@ class KimiLinearForCausalLM(nn.Module):
         (out / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
 
         sd = {k: v.detach().contiguous().cpu() for k, v in self.release_state_dict().items()}
-        for stale in [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS_NAME, out / WEIGHTS_INDEX_NAME]:
+        for stale in [
+            *out.glob("model-*-of-*.safetensors"),
+            out / WEIGHTS_NAME,
+            out / WEIGHTS_INDEX_NAME,
+        ]:
             if stale.exists():
                 stale.unlink()
         if max_shard_size is None:
@@ -523,11 +573,15 @@ class KimiLinearForCausalLM(nn.Module):
         root = Path(pretrained_dir)
         if not (root / CONFIG_NAME).is_file():
             raise ValueError(f"pretrained_dir: no {CONFIG_NAME} in {str(root)!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
             raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
         hf = json.loads((root / CONFIG_NAME).read_text())
         config = KimiLinearConfig.from_hf_config(hf)
-        extra = {k: v for k, v in (hf.get(_EXTRA_CONFIG_KEY) or {}).items() if k in _EXTRA_CONFIG_FIELDS}
+        extra = {
+            k: v for k, v in (hf.get(_EXTRA_CONFIG_KEY) or {}).items() if k in _EXTRA_CONFIG_FIELDS
+        }
         unknown = sorted(set(config_overrides) - set(config.to_dict()))
         if unknown:
             raise ValueError(f"config_overrides: unknown KimiLinearConfig fields {unknown}")
@@ -539,7 +593,9 @@ class KimiLinearForCausalLM(nn.Module):
         elif (root / WEIGHTS_NAME).is_file():
             files = [WEIGHTS_NAME]
         else:
-            raise ValueError(f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}")
+            raise ValueError(
+                f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}"
+            )
         sd: dict[str, torch.Tensor] = {}
         for fname in files:
             sd.update(load_file(str(root / fname), device="cpu"))

@@ -221,11 +221,18 @@ def apply_qk_clip_(attn: nn.Module, max_logits: Tensor, tau: float) -> Tensor:
             rows, ``kv_a_proj_with_mqa`` (latent and shared rope key), ``q_a_proj`` and the norms are
             never touched, and rows of heads at or under ``tau`` keep their exact bits.
     """
-    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0 and math.isfinite(tau)):
+    if not (
+        isinstance(tau, (int, float))
+        and not isinstance(tau, bool)
+        and tau > 0
+        and math.isfinite(tau)
+    ):
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if not isinstance(max_logits, Tensor) or max_logits.ndim != 1:
-        raise ValueError(f"max_logits must be a 1-D tensor [H], got {type(max_logits).__name__} "
-                         f"{tuple(getattr(max_logits, 'shape', ()))}")
+        raise ValueError(
+            f"max_logits must be a 1-D tensor [H], got {type(max_logits).__name__} "
+            f"{tuple(getattr(max_logits, 'shape', ()))}"
+        )
     num_heads = max_logits.shape[0]
     nope, rope, _ = mla_head_dims(attn, num_heads)
     q_weight = _query_proj(attn).weight
@@ -233,9 +240,13 @@ def apply_qk_clip_(attn: nn.Module, max_logits: Tensor, tau: float) -> Tensor:
 
     s = max_logits.detach().float().to(q_weight.device)
     clipped = s > tau
-    gamma = torch.where(clipped, tau / torch.where(clipped, s, torch.ones_like(s)), torch.ones_like(s))
+    gamma = torch.where(
+        clipped, tau / torch.where(clipped, s, torch.ones_like(s)), torch.ones_like(s)
+    )
     sqrt_gamma = gamma.sqrt()
-    q_scale = torch.cat([sqrt_gamma[:, None].expand(num_heads, nope), gamma[:, None].expand(num_heads, rope)], 1)
+    q_scale = torch.cat(
+        [sqrt_gamma[:, None].expand(num_heads, nope), gamma[:, None].expand(num_heads, rope)], 1
+    )
     kv_rows = kv_b_weight.shape[0] // num_heads
     kv_scale = torch.ones(num_heads, kv_rows, device=kv_b_weight.device)
     kv_scale[:, :nope] = sqrt_gamma.to(kv_b_weight.device)[:, None]
@@ -247,11 +258,19 @@ def apply_qk_clip_(attn: nn.Module, max_logits: Tensor, tau: float) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # the optimizer
 # ----------------------------------------------------------------------------------------------
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
-                  high_open: bool = False) -> None:
+def _check_number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
     if not ok:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
@@ -345,8 +364,12 @@ class MuonClip(torch.optim.Optimizer):
         if not any(named.values()):
             raise ValueError("model has no trainable parameters (requires_grad=True)")
         muon_hyper = dict(
-            momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-            ns_coefficients=_MUON_NS_COEFFICIENTS, eps=_MUON_EPS, adjust_lr_fn=_MUON_ADJUST_LR_FN,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=_MUON_NS_COEFFICIENTS,
+            eps=_MUON_EPS,
+            adjust_lr_fn=_MUON_ADJUST_LR_FN,
         )
         adamw_hyper = dict(betas=tuple(adamw_betas), eps=adamw_eps)
         groups: list[dict[str, Any]] = []
@@ -355,7 +378,9 @@ class MuonClip(torch.optim.Optimizer):
                 continue
             hyper = muon_hyper if name == "muon" else adamw_hyper
             wd = 0.0 if name == "adamw_no_decay" else weight_decay
-            groups.append({"params": named[name], "name": name, "lr": lr, "weight_decay": wd, **hyper})
+            groups.append(
+                {"params": named[name], "name": name, "lr": lr, "weight_decay": wd, **hyper}
+            )
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
 
         self.qk_clip_tau = None if qk_clip_tau is None else float(qk_clip_tau)
@@ -363,7 +388,9 @@ class MuonClip(torch.optim.Optimizer):
         self._mla = find_mla_modules(model)
         for mod_name, mod in self._mla.items():
             if track_max_logits:
-                if not hasattr(mod, "record_max_logits") or not callable(getattr(mod, "reset_max_logits", None)):
+                if not hasattr(mod, "record_max_logits") or not callable(
+                    getattr(mod, "reset_max_logits", None)
+                ):
                     raise ValueError(
                         f"MLA module {mod_name!r} ({type(mod).__name__}) has no max-logit tracking "
                         "(record_max_logits / reset_max_logits); pass qk_clip_tau=None and "
@@ -436,9 +463,15 @@ class MuonClip(torch.optim.Optimizer):
         if not mats:
             return
         engine = muon_cls(
-            mats, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], eps=group["eps"],
-            ns_steps=group["ns_steps"], adjust_lr_fn=group["adjust_lr_fn"],
+            mats,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_coefficients=group["ns_coefficients"],
+            eps=group["eps"],
+            ns_steps=group["ns_steps"],
+            adjust_lr_fn=group["adjust_lr_fn"],
         )
         for mat, buf in zip(mats, bufs):
             engine.state[mat] = {"momentum_buffer": buf}
@@ -457,7 +490,10 @@ class MuonClip(torch.optim.Optimizer):
         if not params:
             return
         engine = torch.optim.AdamW(
-            params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            params,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
         for p in params:
@@ -483,10 +519,12 @@ class MuonClip(torch.optim.Optimizer):
             if dist.get_backend() == "nccl" and device.type != "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
             sizes = [self._num_heads(name, v) for name, v in zip(names, vals)]
-            flat = torch.cat([
-                (v.to(device) if v is not None else torch.full((n,), -math.inf, device=device))
-                for v, n in zip(vals, sizes)
-            ])
+            flat = torch.cat(
+                [
+                    (v.to(device) if v is not None else torch.full((n,), -math.inf, device=device))
+                    for v, n in zip(vals, sizes)
+                ]
+            )
             dist.all_reduce(flat, op=dist.ReduceOp.MAX)
             vals = list(flat.split(sizes))
         out = {}
@@ -541,13 +579,17 @@ def _adamw_only(
     if decay:
         groups.append({"params": decay, "name": "adamw", "weight_decay": weight_decay})
     if named["adamw_no_decay"]:
-        groups.append({"params": named["adamw_no_decay"], "name": "adamw_no_decay", "weight_decay": 0.0})
+        groups.append(
+            {"params": named["adamw_no_decay"], "name": "adamw_no_decay", "weight_decay": 0.0}
+        )
     if not groups:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(adamw_betas), eps=adamw_eps)
 
 
-def build_optimizer(model: nn.Module, name: str = "muonclip", **kwargs: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str = "muonclip", **kwargs: Any
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` for ``model``.
 
     * ``"muonclip"``: :class:`MuonClip` (``kwargs`` are its arguments).
@@ -555,12 +597,17 @@ def build_optimizer(model: nn.Module, name: str = "muonclip", **kwargs: Any) -> 
       embeddings, LM head, gates, convs; decayed) and ``"adamw_no_decay"`` (norms, biases,
       ``A_log``, ``dt_bias``); ``kwargs``: ``lr``, ``weight_decay``, ``adamw_betas``, ``adamw_eps``.
     """
-    builders: dict[str, Callable[..., torch.optim.Optimizer]] = {"muonclip": MuonClip, "adamw": _adamw_only}
+    builders: dict[str, Callable[..., torch.optim.Optimizer]] = {
+        "muonclip": MuonClip,
+        "adamw": _adamw_only,
+    }
     if name not in builders:
         raise ValueError(f"optimizer name must be one of {sorted(builders)}, got {name!r}")
     accepted = set(inspect.signature(builders[name]).parameters) - {"model"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"build_optimizer(name={name!r}) got unexpected arguments {unknown}; "
-                         f"accepted: {sorted(accepted)}")
+        raise ValueError(
+            f"build_optimizer(name={name!r}) got unexpected arguments {unknown}; "
+            f"accepted: {sorted(accepted)}"
+        )
     return builders[name](model, **kwargs)

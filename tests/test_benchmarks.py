@@ -32,8 +32,12 @@ def _module(name: str):
 def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout,
-        cwd=ROOT, env=env,
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -69,12 +73,21 @@ def test_kv_cache_quick_run(tmp_path):
         assert r["hybrid_measured_bytes"] == r["hybrid_analytic_bytes"]
         assert r["all_mla_measured_bytes"] == r["all_mla_analytic_bytes"]
     assert data["summary"]["measured_equals_analytic"] is True
-    assert data["models"]["gqa"] == {"layers": 27, "kv_heads": 8, "k_head_dim": 192, "v_head_dim": 128,
-                                     "values_per_token_layer": 2560}
+    assert data["models"]["gqa"] == {
+        "layers": 27,
+        "kv_heads": 8,
+        "k_head_dim": 192,
+        "v_head_dim": 128,
+        "values_per_token_layer": 2560,
+    }
     floor = data["floor_rows"]
-    assert {(r["context"], r["batch_size"]) for r in floor} == {(c, b) for c in (1024, 2048, 4096) for b in (1, 8, 64)}
+    assert {(r["context"], r["batch_size"]) for r in floor} == {
+        (c, b) for c in (1024, 2048, 4096) for b in (1, 8, 64)
+    }
     for r in floor:
-        assert r["hybrid_step_bytes"] == pytest.approx(r["hybrid_weight_bytes"] + r["hybrid_cache_bytes"])
+        assert r["hybrid_step_bytes"] == pytest.approx(
+            r["hybrid_weight_bytes"] + r["hybrid_cache_bytes"]
+        )
         assert r["floor_ratio"] == pytest.approx(r["all_mla_step_bytes"] / r["hybrid_step_bytes"])
     # about 3B active parameters per token at batch 1, in bf16
     b1 = next(r for r in floor if r["batch_size"] == 1)
@@ -83,8 +96,17 @@ def test_kv_cache_quick_run(tmp_path):
 
 
 def test_decode_quick_run(tmp_path):
-    res = _run("decode.py", "--quick", "--device", "cpu", "--threads", "1", "--no-progress",
-               "--out-dir", str(tmp_path))
+    res = _run(
+        "decode.py",
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert res.returncode == 0, res.stderr
     data = _outputs(tmp_path, "decode")
     rows = data["rows"]
@@ -96,15 +118,26 @@ def test_decode_quick_run(tmp_path):
     for r in rows:
         assert r["tpot_min_ms"] <= r["tpot_ms"] <= r["tpot_max_ms"]
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] / (r["tpot_ms"] / 1e3))
-        assert r["floor_ms"] > 0 and r["measured_over_floor"] == pytest.approx(r["tpot_ms"] / r["floor_ms"])
+        assert r["floor_ms"] > 0 and r["measured_over_floor"] == pytest.approx(
+            r["tpot_ms"] / r["floor_ms"]
+        )
         assert r["step_bytes"] == pytest.approx(r["weight_bytes"] + r["cache_bytes"])
     assert data["bandwidth_bytes_per_s"] > 0
     assert set(data["summary"]["tpot_speedup"]) == {"1", "2"}
 
 
 def test_prefill_quick_run(tmp_path):
-    res = _run("prefill.py", "--quick", "--device", "cpu", "--threads", "1", "--no-progress",
-               "--out-dir", str(tmp_path))
+    res = _run(
+        "prefill.py",
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert res.returncode == 0, res.stderr
     data = _outputs(tmp_path, "prefill")
     assert {(r["model"], r["length"]) for r in data["rows"]} == {
@@ -169,7 +202,9 @@ def test_active_weight_bytes_counts_expected_experts():
     many = common.active_weight_bytes(model, 10_000)
     assert one["all_params"] == total
     assert one["total"] < many["total"] <= total
-    assert common.expected_distinct_experts(cfg.num_experts, cfg.num_experts_per_token, 1) == pytest.approx(2)
+    assert common.expected_distinct_experts(
+        cfg.num_experts, cfg.num_experts_per_token, 1
+    ) == pytest.approx(2)
     assert common.expected_distinct_experts(4, 2, 10_000) == pytest.approx(4)
     expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in f".{n}")
     assert one["experts"] == pytest.approx(expert_bytes * 2 / 4)
@@ -216,7 +251,9 @@ def test_context_too_large_for_device(capsys, script):
 
 
 def test_memory_budget_beyond_device(capsys):
-    code, err = _exit(capsys, "decode", ["--preset", "tiny", "--device", "cpu", "--memory-budget-gb", "1e9"])
+    code, err = _exit(
+        capsys, "decode", ["--preset", "tiny", "--device", "cpu", "--memory-budget-gb", "1e9"]
+    )
     assert code == 3 and "--memory-budget-gb" in err
 
 

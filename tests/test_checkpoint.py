@@ -9,41 +9,77 @@ from safetensors.torch import load_file, save_file
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
 CFG = dict(
-    vocab_size=96, hidden_size=32, num_hidden_layers=3, layer_types=("kda", "kda", "mla"),
-    kda_num_heads=2, kda_head_dim=16, num_attention_heads=2, kv_lora_rank=16,
-    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=48,
-    num_experts=4, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=24,
-    first_k_dense_replace=1, kda_backend="torch",
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=3,
+    layer_types=("kda", "kda", "mla"),
+    kda_num_heads=2,
+    kda_head_dim=16,
+    num_attention_heads=2,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    intermediate_size=48,
+    num_experts=4,
+    num_experts_per_token=2,
+    num_shared_experts=1,
+    moe_intermediate_size=24,
+    first_k_dense_replace=1,
+    kda_backend="torch",
 )
 
 
 def release_shapes(c: KimiLinearConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a release checkpoint, written out from facts section 4 (not from our model)."""
-    D, V, HK, K, H = c.hidden_size, c.vocab_size, c.kda_num_heads * c.kda_head_dim, c.kda_head_dim, c.kda_num_heads
+    D, V, HK, K, H = (
+        c.hidden_size,
+        c.vocab_size,
+        c.kda_num_heads * c.kda_head_dim,
+        c.kda_head_dim,
+        c.kda_num_heads,
+    )
     Hm, R, P = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+    shapes = {
+        "model.embed_tokens.weight": (V, D),
+        "model.norm.weight": (D,),
+        "lm_head.weight": (V, D),
+    }
     for i, kind in enumerate(c.layer_kinds):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (D,)
         shapes[p + "post_attention_layernorm.weight"] = (D,)
         a = p + "self_attn."
         if kind == "kda":
-            shapes.update({
-                a + "q_proj.weight": (HK, D), a + "k_proj.weight": (HK, D), a + "v_proj.weight": (HK, D),
-                a + "q_conv1d.weight": (HK, 1, c.kda_conv_size), a + "k_conv1d.weight": (HK, 1, c.kda_conv_size),
-                a + "v_conv1d.weight": (HK, 1, c.kda_conv_size), a + "f_a_proj.weight": (K, D),
-                a + "f_b_proj.weight": (HK, K), a + "b_proj.weight": (H, D), a + "g_a_proj.weight": (K, D),
-                a + "g_b_proj.weight": (HK, K), a + "A_log": (1, 1, H, 1), a + "dt_bias": (HK,),
-                a + "o_norm.weight": (K,), a + "o_proj.weight": (D, HK),
-            })
+            shapes.update(
+                {
+                    a + "q_proj.weight": (HK, D),
+                    a + "k_proj.weight": (HK, D),
+                    a + "v_proj.weight": (HK, D),
+                    a + "q_conv1d.weight": (HK, 1, c.kda_conv_size),
+                    a + "k_conv1d.weight": (HK, 1, c.kda_conv_size),
+                    a + "v_conv1d.weight": (HK, 1, c.kda_conv_size),
+                    a + "f_a_proj.weight": (K, D),
+                    a + "f_b_proj.weight": (HK, K),
+                    a + "b_proj.weight": (H, D),
+                    a + "g_a_proj.weight": (K, D),
+                    a + "g_b_proj.weight": (HK, K),
+                    a + "A_log": (1, 1, H, 1),
+                    a + "dt_bias": (HK,),
+                    a + "o_norm.weight": (K,),
+                    a + "o_proj.weight": (D, HK),
+                }
+            )
         else:
-            shapes.update({
-                a + "q_proj.weight": (Hm * (c.qk_nope_head_dim + P), D),
-                a + "kv_a_proj_with_mqa.weight": (R + P, D),
-                a + "kv_a_layernorm.weight": (R,),
-                a + "kv_b_proj.weight": (Hm * (c.qk_nope_head_dim + c.v_head_dim), R),
-                a + "o_proj.weight": (D, Hm * c.v_head_dim),
-            })
+            shapes.update(
+                {
+                    a + "q_proj.weight": (Hm * (c.qk_nope_head_dim + P), D),
+                    a + "kv_a_proj_with_mqa.weight": (R + P, D),
+                    a + "kv_a_layernorm.weight": (R,),
+                    a + "kv_b_proj.weight": (Hm * (c.qk_nope_head_dim + c.v_head_dim), R),
+                    a + "o_proj.weight": (D, Hm * c.v_head_dim),
+                }
+            )
         if c.is_moe_layer(i):
             m, inter = p + "block_sparse_moe.", c.moe_intermediate_size
             shapes[m + "gate.weight"] = (c.num_experts, D)
@@ -53,12 +89,21 @@ def release_shapes(c: KimiLinearConfig) -> dict[str, tuple[int, ...]]:
                 shapes[m + f"experts.{e}.w2.weight"] = (D, inter)
                 shapes[m + f"experts.{e}.w3.weight"] = (inter, D)
             s = inter * c.num_shared_experts
-            shapes.update({m + "shared_experts.gate_proj.weight": (s, D), m + "shared_experts.up_proj.weight": (s, D),
-                           m + "shared_experts.down_proj.weight": (D, s)})
+            shapes.update(
+                {
+                    m + "shared_experts.gate_proj.weight": (s, D),
+                    m + "shared_experts.up_proj.weight": (s, D),
+                    m + "shared_experts.down_proj.weight": (D, s),
+                }
+            )
         else:
-            shapes.update({p + "mlp.gate_proj.weight": (c.intermediate_size, D),
-                           p + "mlp.up_proj.weight": (c.intermediate_size, D),
-                           p + "mlp.down_proj.weight": (D, c.intermediate_size)})
+            shapes.update(
+                {
+                    p + "mlp.gate_proj.weight": (c.intermediate_size, D),
+                    p + "mlp.up_proj.weight": (c.intermediate_size, D),
+                    p + "mlp.down_proj.weight": (D, c.intermediate_size),
+                }
+            )
     return shapes
 
 
@@ -80,7 +125,9 @@ def test_release_state_dict_loads_strictly_without_renaming():
     result = model.load_state_dict(dict(sd), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     experts = model.model.layers[1].block_sparse_moe.experts
-    torch.testing.assert_close(experts.w2[3], sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+    torch.testing.assert_close(
+        experts.w2[3], sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    )
     # and the model exports exactly the release names and shapes
     exported = {k: tuple(v.shape) for k, v in model.release_state_dict().items()}
     assert exported == release_shapes(cfg)
@@ -91,7 +138,9 @@ def test_release_state_dict_loads_strictly_without_renaming():
 def test_release_checkpoint_folder_loads_with_from_pretrained(tmp_path):
     """A folder laid out like the release: config.json + sharded safetensors + index."""
     cfg = KimiLinearConfig(**CFG)
-    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_hf_config(), "kda_backend": "ignored"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**cfg.to_hf_config(), "kda_backend": "ignored"})
+    )
     sd = random_release_checkpoint(cfg, seed=1)
     keys = list(sd)
     half = len(keys) // 2
@@ -102,7 +151,9 @@ def test_release_checkpoint_folder_loads_with_from_pretrained(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     model = KimiLinearForCausalLM.from_pretrained(tmp_path, kda_backend="torch")
     assert model.config.layer_kinds == cfg.layer_kinds
-    torch.testing.assert_close(model.model.layers[0].self_attn.A_log, sd["model.layers.0.self_attn.A_log"])
+    torch.testing.assert_close(
+        model.model.layers[0].self_attn.A_log, sd["model.layers.0.self_attn.A_log"]
+    )
     torch.testing.assert_close(model.lm_head.weight, sd["lm_head.weight"])
 
 
@@ -142,8 +193,12 @@ def test_tied_embeddings_and_dtype_on_load(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.dtype == torch.bfloat16
     assert loaded.model.layers[0].self_attn.A_log.dtype == torch.float32
-    assert loaded.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.dtype == torch.float32
-    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
+    assert (
+        loaded.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.dtype == torch.float32
+    )
+    torch.testing.assert_close(
+        loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16()
+    )
 
 
 def test_checkpoint_errors(tmp_path):

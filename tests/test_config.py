@@ -70,20 +70,32 @@ def test_every_preset_builds(name):
     with torch.device("meta"):  # big presets: shapes only, no memory
         model = KimiLinearForCausalLM(cfg)
     assert len(model.model.layers) == cfg.num_hidden_layers
-    kinds = tuple("kda" if type(layer.self_attn).__name__ == "KimiDeltaAttention" else "mla"
-                  for layer in model.model.layers)
+    kinds = tuple(
+        "kda" if type(layer.self_attn).__name__ == "KimiDeltaAttention" else "mla"
+        for layer in model.model.layers
+    )
     assert kinds == cfg.layer_kinds
 
 
 def test_preset_layer_patterns():
-    assert KimiLinearConfig.from_preset("kimi-linear-48b-a3b").mla_layers == [3, 7, 11, 15, 19, 23, 26]
+    assert KimiLinearConfig.from_preset("kimi-linear-48b-a3b").mla_layers == [
+        3,
+        7,
+        11,
+        15,
+        19,
+        23,
+        26,
+    ]
     assert KimiLinearConfig.from_preset("kimi-k2").kda_layers == []
     assert KimiLinearConfig.from_preset("tiny").layer_kinds == ("kda", "kda", "kda", "mla")
     with pytest.raises(ValueError, match="unknown preset 'nope'.*tiny"):
         KimiLinearConfig.from_preset("nope")
     with pytest.raises(ValueError, match="did you mean 'kimi-linear-48b-a3b'"):
         KimiLinearConfig.from_preset("kimi-linear-48b")
-    with pytest.raises(ValueError, match="unknown KimiLinearConfig field 'hidden_sise'.*'hidden_size'"):
+    with pytest.raises(
+        ValueError, match="unknown KimiLinearConfig field 'hidden_sise'.*'hidden_size'"
+    ):
         KimiLinearConfig.from_preset("tiny", hidden_sise=32)
 
 
@@ -137,7 +149,12 @@ def test_from_hf_config_reads_the_release_config(tmp_path):
         assert len(cfg.kda_layers) == 20
         assert cfg.kda_num_heads == 32 and cfg.kda_head_dim == 128 and cfg.kda_conv_size == 4
         assert cfg.mla_use_nope is True and cfg.q_lora_rank is None
-        assert (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (512, 128, 64, 128)
+        assert (cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (
+            512,
+            128,
+            64,
+            128,
+        )
         assert (cfg.num_experts, cfg.num_experts_per_token, cfg.num_shared_experts) == (256, 8, 1)
         assert cfg.moe_intermediate_size == 1024 and cfg.intermediate_size == 9216
         assert cfg.first_k_dense_replace == 1 and cfg.routed_scaling_factor == 2.446
@@ -167,7 +184,9 @@ def test_from_hf_config_errors(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         KimiLinearConfig.from_hf_config(tmp_path)
     with pytest.raises(ValueError, match="lacks required keys.*hidden_size"):
-        KimiLinearConfig.from_hf_config({k: v for k, v in RELEASE_48B.items() if k != "hidden_size"})
+        KimiLinearConfig.from_hf_config(
+            {k: v for k, v in RELEASE_48B.items() if k != "hidden_size"}
+        )
     bad = json.loads(json.dumps(RELEASE_48B))
     bad["linear_attn_config"]["full_attn_layers"] = [0, 4]
     with pytest.raises(ValueError, match="1-based"):

@@ -102,15 +102,24 @@ def test_mqar_layout_follows_zoology() -> None:
 
 def test_same_seed_same_batches_other_seed_differs() -> None:
     def batches(seed: int, task: str) -> list[dict[str, torch.Tensor]]:
-        dm = SyntheticDataModule(task=task, seq_len=48, batch_size=4, num_train=64, num_val=8, seed=seed,
-                                 task_kwargs={"num_kv_pairs": 4} if task == "mqar" else None)
+        dm = SyntheticDataModule(
+            task=task,
+            seq_len=48,
+            batch_size=4,
+            num_train=64,
+            num_val=8,
+            seed=seed,
+            task_kwargs={"num_kv_pairs": 4} if task == "mqar" else None,
+        )
         it = iter(dm.train_dataloader())
         return [next(it) for _ in range(3)] + list(dm.val_dataloader())
 
     for task in ("mqar", "palindrome", "stack"):
         a, b, c = batches(0, task), batches(0, task), batches(1, task)
         for x, y in zip(a, b):
-            assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+            assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(
+                x["labels"], y["labels"]
+            )
         assert not torch.equal(a[0]["input_ids"], c[0]["input_ids"])
 
 
@@ -127,7 +136,9 @@ def test_splits_and_tasks_use_distinct_streams() -> None:
 def test_synthetic_bad_input_errors() -> None:
     with pytest.raises(UsageError, match=r"data.task must be one of .*'mqr'.*did you mean 'mqar'"):
         SyntheticDataModule(task="mqr")
-    with pytest.raises(UsageError, match="unknown option 'num_kv_pair'.*did you mean 'num_kv_pairs'"):
+    with pytest.raises(
+        UsageError, match="unknown option 'num_kv_pair'.*did you mean 'num_kv_pairs'"
+    ):
         SyntheticDataModule(task="mqar", task_kwargs={"num_kv_pair": 4})
     with pytest.raises(UsageError, match=r"seq_len=32 is too short for task 'mqar'.*seq_len >= 64"):
         SyntheticDataModule(task="mqar", seq_len=32, task_kwargs={"num_kv_pairs": 16})
@@ -136,7 +147,9 @@ def test_synthetic_bad_input_errors() -> None:
     with pytest.raises(UsageError, match="data.batch_size must be a positive int"):
         SyntheticDataModule(batch_size=0)
     with pytest.raises(UsageError, match="fewer than one batch"):
-        SyntheticDataModule(task="palindrome", seq_len=16, batch_size=8, num_train=4).train_dataloader()
+        SyntheticDataModule(
+            task="palindrome", seq_len=16, batch_size=8, num_train=4
+        ).train_dataloader()
 
 
 # ------------------------------------------------------------------------------------ text
@@ -163,7 +176,9 @@ def test_text_module_packs_a_folder(tmp_path) -> None:
     dm = TextDataModule(path=str(tmp_path), seq_len=32, batch_size=2, val_fraction=0.25)
     dm.setup("fit")
     tok = ByteTokenizer()
-    stream = tok.encode("first document " * 20, True, True) + tok.encode("second ✓ " * 30, True, True)
+    stream = tok.encode("first document " * 20, True, True) + tok.encode(
+        "second ✓ " * 30, True, True
+    )
     n = len(stream) // 32
     rows = torch.cat([dm.train_set.sequences, dm.val_set.sequences]).long()
     assert rows.shape == (n, 32)
@@ -181,7 +196,9 @@ def test_text_module_errors(tmp_path) -> None:
     small = tmp_path / "small.txt"
     small.write_text("only a few bytes")
     dm = TextDataModule(path=str(small), seq_len=64)
-    with pytest.raises(UsageError, match=r"data.seq_len=64 is longer than the data allows.*18 tokens"):
+    with pytest.raises(
+        UsageError, match=r"data.seq_len=64 is longer than the data allows.*18 tokens"
+    ):
         dm.setup("fit")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="has no files with suffix"):
@@ -211,10 +228,13 @@ def test_default_corpus_never_touches_the_network(monkeypatch) -> None:
 def test_pack_documents_drops_incomplete_tail() -> None:
     # "<bos>abc<eos><bos>de<eos>" is 9 tokens: rows of 4 keep 8 of them, rows of 3 all
     assert pack_documents(["abc", "de"], 3, ByteTokenizer()).tolist() == [
-        [256, 97, 98], [99, 257, 256], [100, 101, 257]
+        [256, 97, 98],
+        [99, 257, 256],
+        [100, 101, 257],
     ]
     assert pack_documents(["abc", "de"], 4, ByteTokenizer()).tolist() == [
-        [256, 97, 98, 99], [257, 256, 100, 101]
+        [256, 97, 98, 99],
+        [257, 256, 100, 101],
     ]
 
 
@@ -245,7 +265,9 @@ def test_resumable_loader_skips_consumed_batches() -> None:
     assert resumed.state_dict() == {"epoch": 1, "batches": 10}
     # the loader owns the epoch count: the trainer's set_epoch does not change the order
     resumed.sampler.set_epoch(7)
-    assert torch.equal(next(iter(resumed))["input_ids"], next(iter(_loader_at_epoch(2)))["input_ids"])
+    assert torch.equal(
+        next(iter(resumed))["input_ids"], next(iter(_loader_at_epoch(2)))["input_ids"]
+    )
     # a state saved at the very end of an epoch resumes at the start of the next one
     end = _loader()
     end.load_state_dict({"epoch": 0, "batches": 10})

@@ -28,9 +28,22 @@ def test_counts_add_up_and_match_the_model():
     cfg = KimiLinearConfig.from_preset("tiny")
     c = count_parameters(cfg)
     assert c["total"] == KimiLinearForCausalLM(cfg).num_parameters()
-    buckets = ("kda_attention", "mla_attention", "dense_mlp", "shared_experts", "routed_experts", "router", "norms")
+    buckets = (
+        "kda_attention",
+        "mla_attention",
+        "dense_mlp",
+        "shared_experts",
+        "routed_experts",
+        "router",
+        "norms",
+    )
     assert sum(c[b] for b in buckets) + c["embedding"] + c["lm_head"] == c["total"]
-    D, E, k, inter = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_token, cfg.moe_intermediate_size
+    D, E, k, inter = (
+        cfg.hidden_size,
+        cfg.num_experts,
+        cfg.num_experts_per_token,
+        cfg.moe_intermediate_size,
+    )
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
     assert c["routed_experts"] == n_moe * E * 3 * D * inter
     assert c["routed_active"] == n_moe * k * 3 * D * inter
@@ -82,7 +95,9 @@ def _cli() -> list[str]:
 
 
 def test_console_script_json():
-    proc = subprocess.run([*_cli(), "info", "--preset", "tiny", "--json"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [*_cli(), "info", "--preset", "tiny", "--json"], capture_output=True, text=True, check=True
+    )
     data = json.loads(proc.stdout)
     assert data["name"] == "tiny" and data["parameters"]["total"] > 0
     assert set(data["cache"]["by_context"]) == {"4K", "128K", "1M"}
@@ -95,10 +110,15 @@ def test_console_script_unknown_preset_fails_with_the_list():
 
 
 def test_info_main_text_hf_config_and_usage_errors(tmp_path, capsys):
-    assert info_main(["--preset", "kimi-linear-48b-a3b", "--batch-size", "4", "--cache-dtype", "fp16"]) == 0
+    assert (
+        info_main(["--preset", "kimi-linear-48b-a3b", "--batch-size", "4", "--cache-dtype", "fp16"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "KKKM" in out and "reduction" in out and "active per token" in out
-    (tmp_path / "config.json").write_text(json.dumps(KimiLinearConfig.from_preset("tiny").to_hf_config()))
+    (tmp_path / "config.json").write_text(
+        json.dumps(KimiLinearConfig.from_preset("tiny").to_hf_config())
+    )
     assert info_main(["--hf-config", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layer_counts"]["mla"] == 1
     assert info_main(["--hf-config", str(tmp_path / "missing")]) == 2

@@ -40,7 +40,9 @@ def reference_forward(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tenso
     W = layer.conv_size
 
     def short_conv(proj, conv):
-        y = F.conv1d(proj(x).transpose(1, 2), conv.weight, padding=W - 1, groups=conv.weight.shape[0])
+        y = F.conv1d(
+            proj(x).transpose(1, 2), conv.weight, padding=W - 1, groups=conv.weight.shape[0]
+        )
         return F.silu(y[..., : x.shape[1]].transpose(1, 2)).unflatten(-1, (H, K))
 
     q = F.normalize(short_conv(layer.q_proj, layer.q_conv1d), dim=-1, eps=1e-12)
@@ -114,7 +116,13 @@ def test_layer_decode_uses_cache_state_like_reference():
     k = l2_normalize(conv(layer.k_proj, layer.k_conv1d, tails[1]))
     v = conv(layer.v_proj, layer.v_conv1d, tails[2])
     o_ref, S_ref = kda_recurrent(
-        q, k, v, layer.decay(x), torch.sigmoid(layer.b_proj(x)), initial_state=S0, output_final_state=True
+        q,
+        k,
+        v,
+        layer.decay(x),
+        torch.sigmoid(layer.b_proj(x)),
+        initial_state=S0,
+        output_final_state=True,
     )
     torch.testing.assert_close(cache.state, S_ref, atol=1e-5, rtol=1e-5)
     gate = torch.sigmoid(layer.g_b_proj(layer.g_a_proj(x))).unflatten(-1, (H, K))
@@ -140,11 +148,21 @@ def test_parameters_follow_release_names_shapes_and_init():
     layer = make_layer()
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert shapes == {
-        "q_proj.weight": (H * K, D), "k_proj.weight": (H * K, D), "v_proj.weight": (H * K, D),
-        "q_conv1d.weight": (H * K, 1, 4), "k_conv1d.weight": (H * K, 1, 4), "v_conv1d.weight": (H * K, 1, 4),
-        "f_a_proj.weight": (K, D), "f_b_proj.weight": (H * K, K), "A_log": (1, 1, H, 1),
-        "dt_bias": (H * K,), "b_proj.weight": (H, D), "g_a_proj.weight": (K, D),
-        "g_b_proj.weight": (H * K, K), "o_norm.weight": (K,), "o_proj.weight": (D, H * K),
+        "q_proj.weight": (H * K, D),
+        "k_proj.weight": (H * K, D),
+        "v_proj.weight": (H * K, D),
+        "q_conv1d.weight": (H * K, 1, 4),
+        "k_conv1d.weight": (H * K, 1, 4),
+        "v_conv1d.weight": (H * K, 1, 4),
+        "f_a_proj.weight": (K, D),
+        "f_b_proj.weight": (H * K, K),
+        "A_log": (1, 1, H, 1),
+        "dt_bias": (H * K,),
+        "b_proj.weight": (H, D),
+        "g_a_proj.weight": (K, D),
+        "g_b_proj.weight": (H * K, K),
+        "o_norm.weight": (K,),
+        "o_proj.weight": (D, H * K),
     }
     assert layer.A_log.dtype == torch.float32 and layer.dt_bias.dtype == torch.float32
     A = layer.A_log.exp()
@@ -227,7 +245,9 @@ def test_triton_backend_matches_torch(grad):
         cache = new_cache(layer, 1)
         with torch.set_grad_enabled(grad):
             full = layer(x)
-            steps = [layer(x[:, :17], cache)] + [layer(x[:, t : t + 1], cache) for t in (17, 18, 19)]
+            steps = [layer(x[:, :17], cache)] + [
+                layer(x[:, t : t + 1], cache) for t in (17, 18, 19)
+            ]
         return full, torch.cat(steps, 1), cache.state
 
     ref = run()

@@ -39,13 +39,18 @@ def make_inputs(B, T, H, K, V, *, gate=(-1.0, 0.0), h0=True, seed=0, dtype=torch
     beta = torch.rand(B, T, H, generator=gen)
     state = torch.randn(B if N is None else N, H, K, V, generator=gen) if h0 else None
     xs = [q, k, v, g, beta, state]
-    return [None if x is None else x.to(DEVICE, dtype if i < 3 else torch.float32) for i, x in enumerate(xs)]
+    return [
+        None if x is None else x.to(DEVICE, dtype if i < 3 else torch.float32)
+        for i, x in enumerate(xs)
+    ]
 
 
 def run_with_grads(fn, inputs, do, dht, **kwargs):
     """Forward ``fn``, back-propagate ``<o, do> + <final, dht>``; returns (o, final, grads)."""
     leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
-    o, final = fn(*leaves[:5], initial_state=leaves[5], output_final_state=dht is not None, **kwargs)
+    o, final = fn(
+        *leaves[:5], initial_state=leaves[5], output_final_state=dht is not None, **kwargs
+    )
     loss = (o.double() * do.double()).sum()
     if dht is not None:
         loss = loss + (final.double() * dht.double()).sum()
@@ -54,7 +59,9 @@ def run_with_grads(fn, inputs, do, dht, **kwargs):
 
 
 def reference(inputs, do, dht):
-    return run_with_grads(kda_recurrent, [None if x is None else x.double() for x in inputs], do, dht)
+    return run_with_grads(
+        kda_recurrent, [None if x is None else x.double() for x in inputs], do, dht
+    )
 
 
 def assert_grads_close(grads, ref_grads, rtol):
@@ -103,7 +110,9 @@ def test_chunk_matches_reference(case):
     assert_grads_close(grads, rgrads, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gate", [(-20.0, 0.0), (-1e-6, 0.0)], ids=["strong-decay", "near-zero-decay"])
+@pytest.mark.parametrize(
+    "gate", [(-20.0, 0.0), (-1e-6, 0.0)], ids=["strong-decay", "near-zero-decay"]
+)
 def test_chunk_extreme_gates(gate):
     B, T, H, K, V = 1, 100, 2, 16, 16
     inputs = make_inputs(B, T, H, K, V, gate=gate, seed=3)
@@ -148,11 +157,16 @@ def test_chunk_varlen_equals_separate_runs():
         torch.testing.assert_close(o[:, bos:eos], po, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(final[n : n + 1], pfinal, atol=1e-5, rtol=1e-5)
         for name, a, b in zip(NAMES[:5], grads[:5], pgrads[:5]):
-            torch.testing.assert_close(a[:, bos:eos], b, atol=1e-5, rtol=1e-5, msg=f"d{name}, sequence {n}")
+            torch.testing.assert_close(
+                a[:, bos:eos], b, atol=1e-5, rtol=1e-5, msg=f"d{name}, sequence {n}"
+            )
         torch.testing.assert_close(grads[5][n : n + 1], pgrads[5], atol=1e-5, rtol=1e-5)
     # and the packed run agrees with the reference sequence by sequence
-    ro, rfinal = kda_recurrent(*[x[:, 51:128].double() for x in inputs[:5]], initial_state=inputs[5][2:3].double(),
-                               output_final_state=True)
+    ro, rfinal = kda_recurrent(
+        *[x[:, 51:128].double() for x in inputs[:5]],
+        initial_state=inputs[5][2:3].double(),
+        output_final_state=True,
+    )
     torch.testing.assert_close(o[:, 51:128].double(), ro, atol=1e-4, rtol=0)
     torch.testing.assert_close(final[2:3].double(), rfinal, atol=1e-4, rtol=0)
 
@@ -171,10 +185,15 @@ def test_chunk_varlen_property(lengths, dims):
     for n in lengths:
         offsets.append(offsets[-1] + n)
     cu = torch.tensor(offsets, device=DEVICE)
-    o, final = chunk_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu)
+    o, final = chunk_kda(
+        *inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu
+    )
     for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
-        ro, rfinal = kda_recurrent(*[x[:, bos:eos].double() for x in inputs[:5]],
-                                   initial_state=inputs[5][n : n + 1].double(), output_final_state=True)
+        ro, rfinal = kda_recurrent(
+            *[x[:, bos:eos].double() for x in inputs[:5]],
+            initial_state=inputs[5][n : n + 1].double(),
+            output_final_state=True,
+        )
         torch.testing.assert_close(o[:, bos:eos].double(), ro, atol=1e-4, rtol=0)
         torch.testing.assert_close(final[n : n + 1].double(), rfinal, atol=1e-4, rtol=0)
 
@@ -202,13 +221,27 @@ def test_fused_recurrent_matches_chunk_and_fla():
     co, cfinal = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, co, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, cfinal, atol=1e-5, rtol=1e-5)
-    ro, rfinal = kda_recurrent(q.double(), k.double(), v.double(), g.double(), beta.double(),
-                               initial_state=h0.double(), output_final_state=True)
+    ro, rfinal = kda_recurrent(
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+        beta.double(),
+        initial_state=h0.double(),
+        output_final_state=True,
+    )
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
     fla_kda = pytest.importorskip("fla.ops.kda")
     # fla's kernels may modify their inputs: give them copies
-    fo, ffinal = fla_kda.fused_recurrent_kda(q.clone(), k.clone(), v.clone(), g.clone(), beta.clone(),
-                                             initial_state=h0.clone(), output_final_state=True)
+    fo, ffinal = fla_kda.fused_recurrent_kda(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        g.clone(),
+        beta.clone(),
+        initial_state=h0.clone(),
+        output_final_state=True,
+    )
     torch.testing.assert_close(o, fo, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, ffinal, atol=1e-5, rtol=1e-5)
 
@@ -218,10 +251,14 @@ def test_fused_recurrent_inplace_state_and_varlen():
     lengths = [1, 5, 3]
     cu = torch.tensor([0, 1, 6, 9], dtype=torch.int64, device=DEVICE)
     q, k, v, g, beta, h0 = make_inputs(1, sum(lengths), H, K, V, seed=12, N=3)
-    expected_o, expected_final = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    expected_o, expected_final = chunk_kda(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu
+    )
     state = h0.clone()
     ptr = state.data_ptr()
-    o, final = fused_recurrent_kda(q, k, v, g, beta, initial_state=state, cu_seqlens=cu, inplace_state=True)
+    o, final = fused_recurrent_kda(
+        q, k, v, g, beta, initial_state=state, cu_seqlens=cu, inplace_state=True
+    )
     assert final is state and state.data_ptr() == ptr
     torch.testing.assert_close(state, expected_final, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o, expected_o, atol=1e-5, rtol=1e-5)
@@ -230,8 +267,15 @@ def test_fused_recurrent_inplace_state_and_varlen():
     _, ref_final = kda_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     state = h0.clone()
     for t in range(2):
-        fused_recurrent_kda(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
-                            beta[:, t : t + 1], initial_state=state, inplace_state=True)
+        fused_recurrent_kda(
+            q[:, t : t + 1],
+            k[:, t : t + 1],
+            v[:, t : t + 1],
+            g[:, t : t + 1],
+            beta[:, t : t + 1],
+            initial_state=state,
+            inplace_state=True,
+        )
     torch.testing.assert_close(state, ref_final, atol=1e-5, rtol=1e-5)
 
 
@@ -253,17 +297,36 @@ def _bad_input_cases():
         "k-shape": (dict(base, k=k[..., :8]), "k must have the shape of q"),
         "v-shape": (dict(base, v=v[:, :4]), "v must be"),
         "beta-shape": (dict(base, beta=beta[..., None]), "beta must be"),
-        "float64": (dict(base, q=q.double(), k=k.double(), v=v.double()), "q must have a floating dtype"),
+        "float64": (
+            dict(base, q=q.double(), k=k.double(), v=v.double()),
+            "q must have a floating dtype",
+        ),
         "dtype-mismatch": (dict(base, v=v.half()), "v must have the dtype of q"),
         "device-mismatch": (dict(base, g=torch.empty(g.shape, device="meta")), "g is on meta"),
         "K-too-large": (dict(zip(NAMES, big)), "exceeds the kernels' maximum 256"),
         "state-shape": (dict(base, initial_state=h0[:, :1]), "initial_state must be"),
-        "cu-start": (dict(base, initial_state=None, cu_seqlens=torch.tensor([1, 8])), "must start at 0"),
+        "cu-start": (
+            dict(base, initial_state=None, cu_seqlens=torch.tensor([1, 8])),
+            "must start at 0",
+        ),
         "cu-end": (dict(base, initial_state=None, cu_seqlens=torch.tensor([0, 5])), "end at T=8"),
-        "cu-order": (dict(base, initial_state=None, cu_seqlens=torch.tensor([0, 6, 3, 8])), "non-decreasing"),
-        "cu-dtype": (dict(base, initial_state=None, cu_seqlens=torch.tensor([0.0, 8.0])), "int32 or int64"),
-        "cu-batch": (dict(base, **{n: torch.cat([x, x]) for n, x in zip(NAMES[:5], (q, k, v, g, beta))},
-                          initial_state=None, cu_seqlens=torch.tensor([0, 8])), "B == 1"),
+        "cu-order": (
+            dict(base, initial_state=None, cu_seqlens=torch.tensor([0, 6, 3, 8])),
+            "non-decreasing",
+        ),
+        "cu-dtype": (
+            dict(base, initial_state=None, cu_seqlens=torch.tensor([0.0, 8.0])),
+            "int32 or int64",
+        ),
+        "cu-batch": (
+            dict(
+                base,
+                **{n: torch.cat([x, x]) for n, x in zip(NAMES[:5], (q, k, v, g, beta))},
+                initial_state=None,
+                cu_seqlens=torch.tensor([0, 8]),
+            ),
+            "B == 1",
+        ),
     }
     return {name: (kwargs, msg) for name, (kwargs, msg) in cases.items()}
 
@@ -301,9 +364,19 @@ def test_cpu_without_interpreter_is_refused(fn, monkeypatch):
 def test_benchmark_quick_runs(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick", "--device", "cpu",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "kernels.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.rglob("kernels.*"))
@@ -311,13 +384,23 @@ def test_benchmark_quick_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--dtype", "bf16", "--head-dim", "128"],
-                                  ["--dtype", "fp32", "--head-dim", "64", "--value-dim", "32", "--arch", "80"]],
-                         ids=["sm90-bf16-128", "sm80-fp32-64x32"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dtype", "bf16", "--head-dim", "128"],
+        ["--dtype", "fp32", "--head-dim", "64", "--value-dim", "32", "--arch", "80"],
+    ],
+    ids=["sm90-bf16-128", "sm80-fp32-64x32"],
+)
 def test_kernels_compile_for_gpu_without_one(args):
     """Triton's ahead-of-time compiler catches GPU-only errors the interpreter cannot see."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kimi_linear.kernels.compile_check", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kimi_linear.kernels.compile_check", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| yes |") == 10

@@ -46,7 +46,9 @@ def assert_rel_close(outs, refs, rtol, names=("o", "ht", "dq", "dk", "dv", "dg",
         assert err <= rtol * ref + 1e-6, f"{name}: max err {err:.3e}, max |ref| {ref:.3e}"
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,rtol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"]
+)
 @pytest.mark.parametrize("T", [100, 1024])
 def test_against_fp64_reference(dtype, rtol, T):
     B, H, K, V = 2, 4, 128, 128
@@ -82,7 +84,9 @@ def test_strong_decay_k_ne_v_fp32():
 
 def test_varlen_equals_separate_runs_bf16():
     lengths, H, K, V = [1, 63, 64, 65, 1000, 3], 4, 128, 128
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32
+    )
     xs = inputs(1, sum(lengths), H, K, V, torch.bfloat16, seed=3, N=len(lengths))
     do = torch.randn(1, sum(lengths), H, V, device="cuda").to(torch.bfloat16)
     dht = torch.randn(len(lengths), H, K, V, device="cuda")
@@ -102,6 +106,8 @@ def test_fused_recurrent_against_fla_and_inplace():
     state = h0.clone()
     with torch.no_grad():
         o, final = fused_recurrent_kda(q, k, v, g, beta, initial_state=state, inplace_state=True)
-        fo, ffinal = fla_kda.fused_recurrent_kda(q, k, v, g, beta, initial_state=h0.clone(), output_final_state=True)
+        fo, ffinal = fla_kda.fused_recurrent_kda(
+            q, k, v, g, beta, initial_state=h0.clone(), output_final_state=True
+        )
     assert final is state
     assert_rel_close([o, final], [fo, ffinal], 1e-2, names=("o", "ht"))

@@ -48,7 +48,9 @@ def test_triton_backend_trains_like_torch_backend():
     batches = [torch.randint(0, vocab, (2, 70), generator=gen).to(DEVICE) for _ in range(3)]
     ref_losses = train(reference, batches)
     our_losses = train(ours, batches)
-    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(our_losses), torch.tensor(ref_losses), rtol=1e-4, atol=0
+    )
     ref_params = dict(reference.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p, ref_params[name], atol=1e-4, rtol=0, msg=f"parameter {name}")
@@ -57,7 +59,9 @@ def test_triton_backend_trains_like_torch_backend():
 def test_triton_backend_cached_decode_matches_torch_backend():
     reference = build("torch").eval()
     ours = build("triton", reference.state_dict()).eval()
-    ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
     ids = ids.to(DEVICE)
     with torch.no_grad():
         outs = {}

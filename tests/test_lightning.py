@@ -47,9 +47,13 @@ def test_build_config_preset_overrides_and_vocab() -> None:
 
 
 def test_build_config_errors() -> None:
-    with pytest.raises(UsageError, match="unknown KimiLinearConfig field 'hiden_size'.*did you mean 'hidden_size'"):
+    with pytest.raises(
+        UsageError, match="unknown KimiLinearConfig field 'hiden_size'.*did you mean 'hidden_size'"
+    ):
         build_config("tiny", {"hiden_size": 32})
-    with pytest.raises(UsageError, match="model.preset must be one of .*'tinyy'.*did you mean 'tiny'"):
+    with pytest.raises(
+        UsageError, match="model.preset must be one of .*'tinyy'.*did you mean 'tiny'"
+    ):
         build_config("tinyy")
     with pytest.raises(UsageError, match="either model.preset or model.config"):
         build_config("tiny", config={"hidden_size": 8})
@@ -73,21 +77,45 @@ def test_warmup_cosine_schedule() -> None:
 
 # ------------------------------------------------------------------------------ training
 def _data(**kw) -> SyntheticDataModule:
-    kw = {"task": "mqar", "seq_len": 32, "batch_size": 4, "num_train": 64, "num_val": 8,
-          "task_kwargs": {"num_kv_pairs": 4, "num_tokens": 64}, **kw}
+    kw = {
+        "task": "mqar",
+        "seq_len": 32,
+        "batch_size": 4,
+        "num_train": 64,
+        "num_val": 8,
+        "task_kwargs": {"num_kv_pairs": 4, "num_tokens": 64},
+        **kw,
+    }
     return SyntheticDataModule(**kw)
 
 
 def _module(dm: SyntheticDataModule, **kw) -> KimiLinearLitModule:
-    kw = {"preset": "tiny", "overrides": SMALL, "vocab_size": dm.vocab_size, "lr": 3e-3, "warmup_steps": 2, **kw}
+    kw = {
+        "preset": "tiny",
+        "overrides": SMALL,
+        "vocab_size": dm.vocab_size,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        **kw,
+    }
     return KimiLinearLitModule(**kw)
 
 
 def _trainer(root: Path, max_steps: int, **kw) -> pl.Trainer:
-    kw = {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
-          "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-          "num_sanity_val_steps": 0, "limit_val_batches": 0, "gradient_clip_val": 1.0,
-          "default_root_dir": str(root), **kw}
+    kw = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "gradient_clip_val": 1.0,
+        "default_root_dir": str(root),
+        **kw,
+    }
     return pl.Trainer(**kw)
 
 
@@ -96,14 +124,31 @@ def test_fit_logs_metrics_and_balances_experts(tmp_path: Path, optimizer: str) -
     pl.seed_everything(0)
     dm = _data()
     module = _module(dm, optimizer=optimizer, moe_bias_update_rate=0.01)
-    trainer = _trainer(tmp_path, 3, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1,
-                       limit_val_batches=1, val_check_interval=3)
+    trainer = _trainer(
+        tmp_path,
+        3,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        limit_val_batches=1,
+        val_check_interval=3,
+    )
     trainer.fit(module, datamodule=dm)
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     cols = set(rows[0])
-    for key in ("train/loss", "train/ppl", "train/acc", "train/exact_match", "val/loss", "val/ppl",
-                "val/acc", "val/exact_match", "moe/balance/layer_1", "moe/balance/mean",
-                "mla/max_logit/layer_1", "mla/max_logit/max"):
+    for key in (
+        "train/loss",
+        "train/ppl",
+        "train/acc",
+        "train/exact_match",
+        "val/loss",
+        "val/ppl",
+        "val/acc",
+        "val/exact_match",
+        "moe/balance/layer_1",
+        "moe/balance/mean",
+        "mla/max_logit/layer_1",
+        "mla/max_logit/max",
+    ):
         assert key in cols, key
     losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
     ppls = [float(r["train/ppl"]) for r in rows if r["train/ppl"]]
@@ -129,7 +174,7 @@ def test_qk_clip_is_applied_through_the_module(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, 2, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
     trainer.fit(module, datamodule=dm)
     opt = trainer.optimizers[0]
-    (name, gamma), = opt.last_clip_gamma.items()
+    ((name, gamma),) = opt.last_clip_gamma.items()
     assert name == "model.layers.1.self_attn"
     assert float(gamma.min()) < 1.0
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
@@ -138,7 +183,9 @@ def test_qk_clip_is_applied_through_the_module(tmp_path: Path) -> None:
     assert logged[-1] > 0.05
 
 
-def _fit_steps(root: Path, steps: int, ckpt_in: Path | None = None, save_every: int | None = None) -> KimiLinearLitModule:
+def _fit_steps(
+    root: Path, steps: int, ckpt_in: Path | None = None, save_every: int | None = None
+) -> KimiLinearLitModule:
     """Train ``steps`` steps (8-step schedule), resuming from ``ckpt_in``; with ``save_every``,
     a ModelCheckpoint writes ``root/step={n}.ckpt`` during training as a real run does."""
     pl.seed_everything(0)
@@ -146,8 +193,14 @@ def _fit_steps(root: Path, steps: int, ckpt_in: Path | None = None, save_every: 
     module = _module(dm, max_steps=8)
     extra = {}
     if save_every is not None:
-        extra = {"enable_checkpointing": True, "callbacks": [ModelCheckpoint(
-            dirpath=root, filename="{step}", every_n_train_steps=save_every, save_top_k=-1)]}
+        extra = {
+            "enable_checkpointing": True,
+            "callbacks": [
+                ModelCheckpoint(
+                    dirpath=root, filename="{step}", every_n_train_steps=save_every, save_top_k=-1
+                )
+            ],
+        }
     trainer = _trainer(root, steps, **extra)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_in) if ckpt_in else None)
     module.trainer_state = {  # type: ignore[attr-defined]
@@ -207,7 +260,9 @@ def test_predict_step_and_load_from_checkpoint(tmp_path: Path) -> None:
 def test_seq_len_longer_than_model_context_is_rejected(tmp_path: Path) -> None:
     dm = _data(seq_len=64)
     module = _module(dm, overrides={**SMALL, "max_position_embeddings": 32})
-    with pytest.raises(UsageError, match="data.seq_len=64 exceeds the model's max_position_embeddings=32"):
+    with pytest.raises(
+        UsageError, match="data.seq_len=64 exceeds the model's max_position_embeddings=32"
+    ):
         _trainer(tmp_path, 1).fit(module, datamodule=dm)
 
 
@@ -235,16 +290,44 @@ class SaveRankState(pl.Callback):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
     (tmp_path / "ddp_probe.py").write_text(textwrap.dedent(_PROBE))
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [
-        sys.executable, "-m", "kimi_linear.cli", "fit", "--config", str(REPO / "configs" / "mqar.yaml"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3",
-        "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
-        "--model.overrides", json.dumps(SMALL), "--data.init_args.seq_len", "64",
-        "--data.init_args.batch_size", "4", "--data.init_args.num_val", "8",
-        "--trainer.callbacks+=ddp_probe.SaveRankState", f"--trainer.callbacks.out_dir={tmp_path}",
+        sys.executable,
+        "-m",
+        "kimi_linear.cli",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "mqar.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--model.overrides",
+        json.dumps(SMALL),
+        "--data.init_args.seq_len",
+        "64",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_val",
+        "8",
+        "--trainer.callbacks+=ddp_probe.SaveRankState",
+        f"--trainer.callbacks.out_dir={tmp_path}",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -260,8 +343,18 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
 def test_synthetic_tasks_experiment_quick(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "synthetic_tasks.py"), "--quick", "--out_dir", str(out)],
-        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "experiments" / "synthetic_tasks.py"),
+            "--quick",
+            "--out_dir",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((out / "synthetic_tasks.json").read_text())

@@ -8,9 +8,20 @@ from kimi_linear import HybridCache, KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.model import CausalLMOutput, cast_model_, sample_next_token
 
 SMALL = dict(
-    vocab_size=128, hidden_size=32, kda_num_heads=2, kda_head_dim=16, num_attention_heads=2,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
-    num_experts=4, num_experts_per_token=2, moe_intermediate_size=32, first_k_dense_replace=1,
+    vocab_size=128,
+    hidden_size=32,
+    kda_num_heads=2,
+    kda_head_dim=16,
+    num_attention_heads=2,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    intermediate_size=64,
+    num_experts=4,
+    num_experts_per_token=2,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
     kda_backend="torch",
 )
 KINDS = {
@@ -34,7 +45,12 @@ def test_cached_decode_matches_full_forward(kind, prompt_len):
     """Prefill in two pieces (chunked prefill), then decode one token at a time."""
     model = make_model(kind, mla_use_nope=(kind != "mla"))  # the MLA-only model uses RoPE
     n_decode = 5
-    ids = torch.randint(0, model.config.vocab_size, (2, prompt_len + n_decode), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0,
+        model.config.vocab_size,
+        (2, prompt_len + n_decode),
+        generator=torch.Generator().manual_seed(1),
+    )
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2)
@@ -48,7 +64,9 @@ def test_cached_decode_matches_full_forward(kind, prompt_len):
 
 def test_greedy_generate_is_deterministic_and_equals_stepwise_argmax():
     model = make_model("hybrid")
-    prompt = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)
+    )
     out = model.generate(prompt, max_new_tokens=8, temperature=0)
     assert out.shape == (2, 17) and out.dtype == prompt.dtype
     assert torch.equal(out[:, :9], prompt)
@@ -62,10 +80,14 @@ def test_greedy_generate_is_deterministic_and_equals_stepwise_argmax():
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
     model = make_model("hybrid")
-    prompt = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(3)
+    )
 
     def run(seed, **kw):
-        return model.generate(prompt, 12, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
+        return model.generate(
+            prompt, 12, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw
+        )
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
@@ -91,7 +113,9 @@ def test_sample_next_token_filters():
 
 def test_eos_pads_finished_sequences_and_stops_early():
     model = make_model("hybrid")
-    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)
+    )
     greedy = model.generate(prompt, 10, temperature=0)
     eos = int(greedy[0, 6 + 2])  # the third token row 0 generates
     out = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
@@ -130,13 +154,17 @@ def test_generate_zero_tokens_and_bad_arguments():
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
     model = make_model("hybrid")
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5)
+    )
     labels = ids.clone()
     labels[0, 4:7] = -100
     out = model(ids, labels=labels)
     assert isinstance(out, CausalLMOutput)
     assert out.logits.shape == (2, 12, model.config.vocab_size)
-    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1))
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -177,7 +205,9 @@ def test_bad_labels_and_cache():
         model(ids, cache=model.new_cache(3))
     with pytest.raises(ValueError, match="cache must be a HybridCache"):
         model(ids, cache={"seq_len": 0})
-    other = KimiLinearConfig.from_preset("tiny", **{**SMALL, "num_hidden_layers": 3, "layer_types": ("mla", "kda", "kda")})
+    other = KimiLinearConfig.from_preset(
+        "tiny", **{**SMALL, "num_hidden_layers": 3, "layer_types": ("mla", "kda", "kda")}
+    )
     with pytest.raises(ValueError, match=r"cache.layers\[0\] must be a KDALayerCache"):
         model(ids, cache=HybridCache.from_config(other, 2))
 
@@ -189,7 +219,10 @@ def test_new_cache_defaults_follow_the_model():
     assert cache.layers[1].capacity == 7 and cache.layers[1].latent.dtype == torch.float32
     cast_model_(model, torch.bfloat16)
     cache = model.new_cache(1)
-    assert cache.layers[0].conv_q.dtype == torch.bfloat16 and cache.layers[0].state.dtype == torch.float32
+    assert (
+        cache.layers[0].conv_q.dtype == torch.bfloat16
+        and cache.layers[0].state.dtype == torch.float32
+    )
 
 
 def test_cast_keeps_fp32_parameters_and_bf16_forward_runs():
@@ -203,7 +236,11 @@ def test_cast_keeps_fp32_parameters_and_bf16_forward_runs():
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(1)
-        steps = torch.cat([model(ids[:, :6], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)], 1)
+        steps = torch.cat(
+            [model(ids[:, :6], cache=cache)]
+            + [model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)],
+            1,
+        )
     assert full.dtype == torch.bfloat16 and torch.isfinite(full).all()
     torch.testing.assert_close(steps.float(), full.float(), atol=0.1, rtol=0.05)
     with pytest.raises(ValueError, match="dtype"):
@@ -213,7 +250,11 @@ def test_cast_keeps_fp32_parameters_and_bf16_forward_runs():
 def test_structure_init_and_meta_build():
     model = make_model("hybrid")
     layers = model.model.layers
-    assert [type(layer.self_attn).__name__ for layer in layers] == ["KimiDeltaAttention", "MLAttention", "KimiDeltaAttention"]
+    assert [type(layer.self_attn).__name__ for layer in layers] == [
+        "KimiDeltaAttention",
+        "MLAttention",
+        "KimiDeltaAttention",
+    ]
     assert hasattr(layers[0], "mlp") and not hasattr(layers[0], "block_sparse_moe")
     assert hasattr(layers[1], "block_sparse_moe") and not hasattr(layers[1], "mlp")
     std = model.config.initializer_range
@@ -234,7 +275,10 @@ def test_tied_embeddings():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     untied = make_model("kda")
     assert untied.num_parameters() - model.num_parameters() == model.lm_head.weight.numel()
-    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - model.lm_head.weight.numel()
+    assert (
+        model.num_parameters(exclude_embeddings=True)
+        == model.num_parameters() - model.lm_head.weight.numel()
+    )
 
 
 def test_logits_to_keep_equals_slice_of_full_logits():

@@ -35,21 +35,48 @@ ROOT = Path(__file__).resolve().parents[1]
 # helpers
 # ----------------------------------------------------------------------------------------------
 _MUON_SUFFIXES = (
-    "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "f_a_proj.weight",
-    "f_b_proj.weight", "b_proj.weight", "g_a_proj.weight", "g_b_proj.weight",
-    "kv_a_proj_with_mqa.weight", "kv_b_proj.weight", "q_a_proj.weight", "q_b_proj.weight",
-    "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-    "experts.w1", "experts.w2", "experts.w3",
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "f_a_proj.weight",
+    "f_b_proj.weight",
+    "b_proj.weight",
+    "g_a_proj.weight",
+    "g_b_proj.weight",
+    "kv_a_proj_with_mqa.weight",
+    "kv_b_proj.weight",
+    "q_a_proj.weight",
+    "q_b_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+    "experts.w1",
+    "experts.w2",
+    "experts.w3",
 )
-_ADAMW_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "block_sparse_moe.gate.weight",
-                   "q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")
+_ADAMW_SUFFIXES = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "block_sparse_moe.gate.weight",
+    "q_conv1d.weight",
+    "k_conv1d.weight",
+    "v_conv1d.weight",
+)
 _NO_DECAY_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
 
 
 def expected_group(name: str) -> str:
     """The group the brief's rule assigns, spelled out by release parameter name."""
-    hits = [g for g, sfx in (("adamw", _ADAMW_SUFFIXES), ("adamw_no_decay", _NO_DECAY_SUFFIXES),
-                             ("muon", _MUON_SUFFIXES)) if name.endswith(sfx)]
+    hits = [
+        g
+        for g, sfx in (
+            ("adamw", _ADAMW_SUFFIXES),
+            ("adamw_no_decay", _NO_DECAY_SUFFIXES),
+            ("muon", _MUON_SUFFIXES),
+        )
+        if name.endswith(sfx)
+    ]
     assert len(hits) == 1, f"{name}: ambiguous or unknown in the test's table: {hits}"
     return hits[0]
 
@@ -57,9 +84,19 @@ def expected_group(name: str) -> str:
 def mla_config(**overrides) -> KimiLinearConfig:
     """A 1-4 layer, all-MLA, dense config small enough for exact CPU tests."""
     kw = dict(
-        name="mla-test", vocab_size=64, hidden_size=32, num_hidden_layers=2, layer_types=("mla", "mla"),
-        num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, intermediate_size=64, num_experts=0, max_position_embeddings=256,
+        name="mla-test",
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        layer_types=("mla", "mla"),
+        num_attention_heads=4,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        intermediate_size=64,
+        num_experts=0,
+        max_position_embeddings=256,
     )
     kw.update(overrides)
     return KimiLinearConfig(**kw)
@@ -126,7 +163,9 @@ def test_adamw_builder_groups():
     assert isinstance(opt, torch.optim.AdamW)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert set(by_name) == {"adamw", "adamw_no_decay"}
-    assert by_name["adamw_no_decay"]["weight_decay"] == 0.0 and by_name["adamw"]["weight_decay"] == 0.1
+    assert (
+        by_name["adamw_no_decay"]["weight_decay"] == 0.0 and by_name["adamw"]["weight_decay"] == 0.1
+    )
     for n in by_name["adamw_no_decay"]["param_names"]:
         assert expected_group(n) == "adamw_no_decay"
     assert isinstance(build_optimizer(model, "muonclip", qk_clip_tau=None), MuonClip)
@@ -152,16 +191,23 @@ def test_updates_match_torch_muon_and_adamw():
     model = KimiLinearForCausalLM(cfg)
     ref = copy.deepcopy(model)
     kw = dict(lr=2e-2, weight_decay=0.1)
-    opt = MuonClip(model, momentum=0.9, adamw_betas=(0.8, 0.9), adamw_eps=1e-7, qk_clip_tau=None, **kw)
+    opt = MuonClip(
+        model, momentum=0.9, adamw_betas=(0.8, 0.9), adamw_eps=1e-7, qk_clip_tau=None, **kw
+    )
     groups = opt.describe_groups()
     rp = dict(ref.named_parameters())
     mats = [rp[n] for n in groups["muon"] if rp[n].ndim == 2]
-    ref_muon = torch.optim.Muon(mats, momentum=0.9, nesterov=True, ns_steps=5,
-                                adjust_lr_fn="match_rms_adamw", **kw)
+    ref_muon = torch.optim.Muon(
+        mats, momentum=0.9, nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw", **kw
+    )
     ref_adamw = torch.optim.AdamW(
-        [{"params": [rp[n] for n in groups["adamw"]], "weight_decay": 0.1},
-         {"params": [rp[n] for n in groups["adamw_no_decay"]], "weight_decay": 0.0}],
-        lr=2e-2, betas=(0.8, 0.9), eps=1e-7,
+        [
+            {"params": [rp[n] for n in groups["adamw"]], "weight_decay": 0.1},
+            {"params": [rp[n] for n in groups["adamw_no_decay"]], "weight_decay": 0.0},
+        ],
+        lr=2e-2,
+        betas=(0.8, 0.9),
+        eps=1e-7,
     )
     for step in range(3):
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
@@ -171,8 +217,11 @@ def test_updates_match_torch_muon_and_adamw():
         opt.step()
         ref_muon.step()
         ref_adamw.step()
-    assert {"model.layers.0.self_attn.A_log", "model.layers.0.self_attn.q_conv1d.weight",
-            "model.layers.1.self_attn.kv_b_proj.weight"} <= set(sum(groups.values(), []))
+    assert {
+        "model.layers.0.self_attn.A_log",
+        "model.layers.0.self_attn.q_conv1d.weight",
+        "model.layers.1.self_attn.kv_b_proj.weight",
+    } <= set(sum(groups.values(), []))
     for (n, p), r in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, r), n
 
@@ -180,12 +229,21 @@ def test_updates_match_torch_muon_and_adamw():
 def test_stacked_experts_equal_per_expert_muon():
     torch.manual_seed(0)
     experts = GroupedExperts(num_experts=3, hidden_size=12, intermediate_size=20)
-    nn.init.normal_(experts.w1, std=0.1), nn.init.normal_(experts.w2, std=0.1), nn.init.normal_(experts.w3, std=0.1)
+    (
+        nn.init.normal_(experts.w1, std=0.1),
+        nn.init.normal_(experts.w2, std=0.1),
+        nn.init.normal_(experts.w3, std=0.1),
+    )
     opt = MuonClip(experts, lr=1e-2, weight_decay=0.1, qk_clip_tau=None)
     assert opt.describe_groups()["muon"] == ["w1", "w3", "w2"]
-    refs = {n: [p[e].detach().clone().requires_grad_() for e in range(3)] for n, p in experts.named_parameters()}
-    ref_opts = [torch.optim.Muon(mats, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-                for mats in refs.values()]
+    refs = {
+        n: [p[e].detach().clone().requires_grad_() for e in range(3)]
+        for n, p in experts.named_parameters()
+    }
+    ref_opts = [
+        torch.optim.Muon(mats, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for mats in refs.values()
+    ]
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         for n, p in experts.named_parameters():
@@ -205,8 +263,11 @@ def test_stacked_experts_equal_per_expert_muon():
 # ----------------------------------------------------------------------------------------------
 # QK-Clip on a hand-made MLA layer
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": 24}, {"mla_use_nope": False}],
-                         ids=["q_proj-nope", "q_lora", "rope"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"q_lora_rank": 24}, {"mla_use_nope": False}],
+    ids=["q_proj-nope", "q_lora", "rope"],
+)
 def test_qk_clip_per_head(overrides):
     cfg = mla_config(**overrides)
     torch.manual_seed(0)
@@ -317,7 +378,9 @@ def test_accumulation_matches_one_large_batch():
     for half in ids.chunk(2):
         (lm_loss(model, half) / 2).backward()
     acc_opt.step()
-    assert set(acc_opt.last_max_logits) == set(big_opt.last_max_logits) == set(find_mla_modules(model))
+    assert (
+        set(acc_opt.last_max_logits) == set(big_opt.last_max_logits) == set(find_mla_modules(model))
+    )
     for name, s in big_opt.last_max_logits.items():
         torch.testing.assert_close(acc_opt.last_max_logits[name], s, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(acc_opt.last_clip_gamma[name], big_opt.last_clip_gamma[name])
@@ -329,7 +392,9 @@ def test_accumulation_matches_one_large_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, ids: torch.Tensor, tau: float, out: str) -> None:
+def _ddp_worker(
+    rank: int, world: int, init_file: str, ids: torch.Tensor, tau: float, out: str
+) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
@@ -339,8 +404,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, ids: torch.Tensor, tau: f
         ddp(ids.chunk(world)[rank], labels=ids.chunk(world)[rank]).loss.backward()
         opt.step()
         if rank == 0:
-            torch.save({"params": dict(model.named_parameters()), "max": opt.last_max_logits,
-                        "gamma": opt.last_clip_gamma}, out)
+            torch.save(
+                {
+                    "params": dict(model.named_parameters()),
+                    "max": opt.last_max_logits,
+                    "gamma": opt.last_clip_gamma,
+                },
+                out,
+            )
         dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
@@ -365,9 +436,12 @@ def test_ddp_two_processes_match_one_large_batch(tmp_path):
 
 
 def test_state_dict_resume_continues_identically():
-    cfg = KimiLinearConfig.from_preset("tiny", num_hidden_layers=2, layer_types=("kda", "mla"),
-                                       initializer_range=0.2)
-    batches = [torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cfg = KimiLinearConfig.from_preset(
+        "tiny", num_hidden_layers=2, layer_types=("kda", "mla"), initializer_range=0.2
+    )
+    batches = [
+        torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
 
     def train(model, opt, bs):
         for ids in bs:
@@ -382,7 +456,9 @@ def test_state_dict_resume_continues_identically():
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     assert any("momentum_buffer" in s for s in saved_opt["state"].values())
-    assert any(s.get("momentum_buffer", torch.zeros(())).ndim == 3 for s in saved_opt["state"].values())
+    assert any(
+        s.get("momentum_buffer", torch.zeros(())).ndim == 3 for s in saved_opt["state"].values()
+    )
     assert [g["name"] for g in saved_opt["param_groups"]] == list(GROUP_NAMES)
     train(model, opt, batches[2:])
 
@@ -445,7 +521,11 @@ def test_bad_inputs_elsewhere():
     class NoTracking(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj = nn.Linear(4, 8), nn.Linear(4, 6), nn.Linear(4, 8)
+            self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj = (
+                nn.Linear(4, 8),
+                nn.Linear(4, 6),
+                nn.Linear(4, 8),
+            )
 
     with pytest.raises(ValueError, match="no max-logit tracking"):
         MuonClip(NoTracking(), qk_clip_tau=10.0)
@@ -455,7 +535,9 @@ def test_bad_inputs_elsewhere():
 # the experiment script
 # ----------------------------------------------------------------------------------------------
 def test_experiment_quick_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("qk_clip_experiment", ROOT / "experiments" / "qk_clip.py")
+    spec = importlib.util.spec_from_file_location(
+        "qk_clip_experiment", ROOT / "experiments" / "qk_clip.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

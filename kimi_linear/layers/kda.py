@@ -107,7 +107,9 @@ def kda_decode_step(
     Returns ``(o [B, 1, H, V] in v's dtype, new_state fp32 or None)``.
     """
     if q.shape[1] != 1:
-        raise ValueError(f"q must hold exactly one token per sequence [B, 1, H, K], got {tuple(q.shape)}")
+        raise ValueError(
+            f"q must hold exactly one token per sequence [B, 1, H, K], got {tuple(q.shape)}"
+        )
     B, _, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
@@ -225,7 +227,9 @@ class KimiDeltaAttention(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``nn.Module._apply`` that keeps :attr:`_fp32_parameters` in float32 (device moves
         still apply), so a bf16 model keeps full-precision decay parameters."""
-        originals = {n: getattr(self._parameters.get(n), "data", None) for n in self._fp32_parameters}
+        originals = {
+            n: getattr(self._parameters.get(n), "data", None) for n in self._fp32_parameters
+        }
         result = super()._apply(fn, recurse)
         for name, orig in originals.items():
             p = self._parameters.get(name)
@@ -240,7 +244,9 @@ class KimiDeltaAttention(nn.Module):
     # ----------------------------------------------------------------- init
     @torch.no_grad()
     def reset_gate_parameters(
-        self, a_range: tuple[float, float] = (1.0, 16.0), dt_range: tuple[float, float] = (1e-3, 1e-1)
+        self,
+        a_range: tuple[float, float] = (1.0, 16.0),
+        dt_range: tuple[float, float] = (1e-3, 1e-1),
     ) -> None:
         """Mamba-style decay init: ``A ~ U[a_range]`` (stored as ``log A``) and ``dt_bias`` the
         softplus-inverse of ``dt`` drawn log-uniformly from ``dt_range`` (floored at 1e-4)."""
@@ -354,16 +360,30 @@ class KimiDeltaAttention(nn.Module):
         forward_only_ok = T == 1 and want_state and not needs_grad and not state.requires_grad
         if backend == "torch":
             if T == 1:
-                return kda_decode_step(q, k, v, g, beta, initial_state=state, output_final_state=want_state)
+                return kda_decode_step(
+                    q, k, v, g, beta, initial_state=state, output_final_state=want_state
+                )
             return kda_chunk(
-                q, k, v, g, beta, initial_state=state, output_final_state=want_state,
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=state,
+                output_final_state=want_state,
                 chunk_size=self.chunk_size,
             )
         if backend == "triton":
             chunk, recurrent = _triton_ops()
             if forward_only_ok:
                 return recurrent(
-                    q, k, v, g, beta, initial_state=state.contiguous(), output_final_state=True,
+                    q,
+                    k,
+                    v,
+                    g,
+                    beta,
+                    initial_state=state.contiguous(),
+                    output_final_state=True,
                     inplace_state=True,
                 )
             return chunk(q, k, v, g, beta, initial_state=state, output_final_state=want_state)

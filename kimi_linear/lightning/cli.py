@@ -42,20 +42,27 @@ DEFAULT_ROOT_DIR = "runs"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_loggers(save_dir: str = DEFAULT_ROOT_DIR, name: str = "kimi-linear") -> list[dict[str, Any]]:
+def default_loggers(
+    save_dir: str = DEFAULT_ROOT_DIR, name: str = "kimi-linear"
+) -> list[dict[str, Any]]:
     """A CSVLogger under ``save_dir`` and, when ``tensorboard`` is installed, a TensorBoardLogger
     under ``save_dir/tensorboard`` (as ``class_path`` dicts, so ``--print_config`` shows them)."""
     loggers: list[dict[str, Any]] = [
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": name}}
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": save_dir, "name": name},
+        }
     ]
     try:
         import tensorboard  # noqa: F401
     except ImportError:
         return loggers
-    loggers.append({
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": os.path.join(save_dir, "tensorboard"), "name": name},
-    })
+    loggers.append(
+        {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": os.path.join(save_dir, "tensorboard"), "name": name},
+        }
+    )
     return loggers
 
 
@@ -74,8 +81,12 @@ class KimiLinearCLI(LightningCLI):
         ckpt = self.config.get(f"{sub}.ckpt_path") if sub else None
         # Lightning's own keywords ("last", "best", ...) and remote URLs are left to Lightning;
         # a folder is accepted (sharded FSDP checkpoints are folders).
-        if (isinstance(ckpt, (str, os.PathLike)) and os.fspath(ckpt) not in ("last", "best", "hpc", "registry")
-                and "://" not in os.fspath(ckpt) and not os.path.exists(ckpt)):
+        if (
+            isinstance(ckpt, (str, os.PathLike))
+            and os.fspath(ckpt) not in ("last", "best", "hpc", "registry")
+            and "://" not in os.fspath(ckpt)
+            and not os.path.exists(ckpt)
+        ):
             raise UsageError(f"--ckpt_path: {os.fspath(ckpt)!r} does not exist")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -102,9 +113,11 @@ def _explain_parse_error(parser: Any, args: Any, message: str) -> str:
     import difflib
     import re
 
-    match = re.search(r"unrecognized arguments: --?(\S+)", message) or re.search(
-        r"does not accept option '([^']+)'", message
-    ) or re.search(r"[Kk]ey '?\"?([\w.]+)", message)
+    match = (
+        re.search(r"unrecognized arguments: --?(\S+)", message)
+        or re.search(r"does not accept option '([^']+)'", message)
+        or re.search(r"[Kk]ey '?\"?([\w.]+)", message)
+    )
     hint = ""
     if match:
         keys = _option_keys(parser, args)
@@ -153,9 +166,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
         except ValueError as e:
             raise UsageError(f"--ckpt_path: {e}") from e
     try:
-        module = KimiLinearLitModule.load_from_checkpoint(p, map_location=device, weights_only=False)
+        module = KimiLinearLitModule.load_from_checkpoint(
+            p, map_location=device, weights_only=False
+        )
     except (KeyError, RuntimeError, EOFError) as e:
-        raise UsageError(f"--ckpt_path: {os.fspath(path)!r} is not a kimi-linear Lightning checkpoint ({e})") from e
+        raise UsageError(
+            f"--ckpt_path: {os.fspath(path)!r} is not a kimi-linear Lightning checkpoint ({e})"
+        ) from e
     return module.model
 
 
@@ -165,7 +182,9 @@ def _generate_parser() -> argparse.ArgumentParser:
         description="Sample a continuation of --prompt with the byte tokenizer from a checkpoint "
         "(a Lightning .ckpt of a model trained on byte-level text, or an exported folder).",
     )
-    p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint file or exported model folder")
+    p.add_argument(
+        "--ckpt_path", required=True, help="Lightning checkpoint file or exported model folder"
+    )
     p.add_argument("--prompt", required=True, help="prompt text (a <bos> token is prepended)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
@@ -191,12 +210,19 @@ def generate_main(argv: list[str]) -> int:
             f"--ckpt_path: the model's vocabulary has {model.config.vocab_size} tokens, but generate "
             f"uses the byte tokenizer ({tok.vocab_size}); was it trained on a synthetic task?"
         )
-    ids = torch.tensor([tok.encode(args.prompt, add_bos=True)] * args.num_samples, device=model.device)
+    ids = torch.tensor(
+        [tok.encode(args.prompt, add_bos=True)] * args.num_samples, device=model.device
+    )
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     try:
         out = model.generate(
-            ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=tok.eos_id, generator=gen,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=tok.eos_id,
+            generator=gen,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -213,11 +239,19 @@ def _export_parser() -> argparse.ArgumentParser:
         description="Write a trained Lightning checkpoint in the released Kimi-Linear Hugging Face "
         "layout (config.json + safetensors under the release parameter names).",
     )
-    p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint written by `kimi-linear fit`")
+    p.add_argument(
+        "--ckpt_path", required=True, help="Lightning checkpoint written by `kimi-linear fit`"
+    )
     p.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="cast the weights (A_log and dt_bias stay float32); default: as trained")
-    p.add_argument("--max_shard_size", type=int, default=None, help="shard the weights (bytes per file)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=None,
+        help="cast the weights (A_log and dt_bias stay float32); default: as trained",
+    )
+    p.add_argument(
+        "--max_shard_size", type=int, default=None, help="shard the weights (bytes per file)"
+    )
     return p
 
 
@@ -225,7 +259,9 @@ def export_main(argv: list[str]) -> int:
     """``kimi-linear export``: checkpoint -> ``save_pretrained`` folder."""
     args = _export_parser().parse_args(argv)
     if Path(args.ckpt_path).is_dir():
-        raise UsageError(f"--ckpt_path: {args.ckpt_path!r} is a folder; export takes a Lightning .ckpt file")
+        raise UsageError(
+            f"--ckpt_path: {args.ckpt_path!r} is a folder; export takes a Lightning .ckpt file"
+        )
     model = load_model(args.ckpt_path, "cpu")
     if args.dtype is not None:
         from kimi_linear.model import cast_model_
@@ -305,4 +341,12 @@ def lightning_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["KimiLinearCLI", "build_cli", "default_loggers", "export_main", "generate_main", "lightning_main", "load_model"]
+__all__ = [
+    "KimiLinearCLI",
+    "build_cli",
+    "default_loggers",
+    "export_main",
+    "generate_main",
+    "lightning_main",
+    "load_model",
+]

@@ -263,7 +263,9 @@ TASKS: dict[str, type[SyntheticTask]] = {t.name: t for t in (MQARTask, Palindrom
 def make_task(name: str, **kwargs: Any) -> SyntheticTask:
     """The task ``name`` (``"mqar"``, ``"palindrome"`` or ``"stack"``) with its options."""
     if name not in TASKS:
-        raise UsageError(f"data.task must be one of {sorted(TASKS)}, got {name!r}{_did_you_mean(name, TASKS)}")
+        raise UsageError(
+            f"data.task must be one of {sorted(TASKS)}, got {name!r}{_did_you_mean(name, TASKS)}"
+        )
     cls = TASKS[name]
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in kwargs if k not in fields]
@@ -286,13 +288,26 @@ class SyntheticTaskDataset(Dataset):
     answer positions, where they equal the input token.
     """
 
-    def __init__(self, task: SyntheticTask, seq_len: int, num_samples: int, seed: int = 0, split: str = "train") -> None:
+    def __init__(
+        self,
+        task: SyntheticTask,
+        seq_len: int,
+        num_samples: int,
+        seed: int = 0,
+        split: str = "train",
+    ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
         task.check_seq_len(seq_len)
         if num_samples < 1:
             raise UsageError(f"num_samples must be >= 1, got {num_samples}")
-        self.task, self.seq_len, self.num_samples, self.seed, self.split = task, seq_len, num_samples, seed, split
+        self.task, self.seq_len, self.num_samples, self.seed, self.split = (
+            task,
+            seq_len,
+            num_samples,
+            seed,
+            split,
+        )
         # Mix the task's name and options into the stream so different tasks never share one.
         self._task_code = zlib.crc32(repr(task).encode())
 
@@ -340,8 +355,23 @@ class ResumableSampler(DistributedSampler):
     the loader counts epochs itself.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.skip = 0
         self.owned = False
 
@@ -371,7 +401,9 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, ResumableSampler):
-            raise ValueError(f"ResumableDataLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
+            raise ValueError(
+                f"ResumableDataLoader needs a ResumableSampler, got {type(self.sampler).__name__}"
+            )
         self.sampler.owned = True
         self._epoch = 0
         self._yielded = 0
@@ -428,7 +460,12 @@ class _BaseDataModule(pl.LightningDataModule):
                 raise UsageError(f"data.{name} must be a positive int, got {v!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UsageError(f"data.num_workers must be an int >= 0, got {num_workers!r}")
-        self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers
+        self.seq_len, self.batch_size, self.seed, self.num_workers = (
+            seq_len,
+            batch_size,
+            seed,
+            num_workers,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -441,14 +478,22 @@ class _BaseDataModule(pl.LightningDataModule):
                 f"the training split has {len(self.train_set)} sequences, fewer than one batch "
                 f"(data.batch_size={self.batch_size} x {world} device(s))"
             )
-        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        sampler = ResumableSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
         return ResumableDataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -522,7 +567,9 @@ def default_corpus(include_stdlib: bool = False, stdlib_max_bytes: int = 8_000_0
         total = 0
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root).parts
-            if any(p in ("site-packages", "dist-packages", "test", "tests", "idle_test") for p in rel):
+            if any(
+                p in ("site-packages", "dist-packages", "test", "tests", "idle_test") for p in rel
+            ):
                 continue
             try:
                 text = path.read_text(encoding="utf-8")
@@ -535,7 +582,9 @@ def default_corpus(include_stdlib: bool = False, stdlib_max_bytes: int = 8_000_0
     return docs
 
 
-def read_corpus(path: str | os.PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> list[str]:
+def read_corpus(
+    path: str | os.PathLike, extensions: Sequence[str] = DEFAULT_EXTENSIONS
+) -> list[str]:
     """Documents under ``path``: the file itself, or every file of a folder (recursively, sorted)
     whose suffix is in ``extensions``.  Text is read as UTF-8 (undecodable bytes replaced)."""
     p = Path(path)
@@ -547,7 +596,9 @@ def read_corpus(path: str | os.PathLike, extensions: Sequence[str] = DEFAULT_EXT
         exts = {e.lower() for e in extensions}
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
         if not files:
-            raise UsageError(f"data.path: folder {os.fspath(path)!r} has no files with suffix in {sorted(exts)}")
+            raise UsageError(
+                f"data.path: folder {os.fspath(path)!r} has no files with suffix in {sorted(exts)}"
+            )
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
@@ -641,7 +692,8 @@ class TextDataModule(_BaseDataModule):
         self.train_set = PackedTextDataset(packed[:-n_val])
         self.val_set = self.test_set = PackedTextDataset(packed[-n_val:])
         self.corpus_info = {
-            "corpus": self.path or ("pydoc_data.topics" + (" + stdlib sources" if self.include_stdlib else "")),
+            "corpus": self.path
+            or ("pydoc_data.topics" + (" + stdlib sources" if self.include_stdlib else "")),
             "python": f"{platform.python_implementation()} {sys.version.split()[0]}",
             "documents": len(docs),
             "tokens": tokens,

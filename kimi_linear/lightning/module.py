@@ -89,7 +89,9 @@ def build_config(
             return base.replace(**overrides) if overrides else base
         name = preset or "tiny"
         if name not in PRESETS:
-            raise UsageError(f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{_did_you_mean(name, PRESETS)}")
+            raise UsageError(
+                f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{_did_you_mean(name, PRESETS)}"
+            )
         return KimiLinearConfig.from_preset(name, **overrides)
     except UsageError:
         raise
@@ -167,21 +169,27 @@ class KimiLinearLitModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if optimizer not in OPTIMIZERS:
-            raise UsageError(f"model.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}{_did_you_mean(optimizer, OPTIMIZERS)}")
+            raise UsageError(
+                f"model.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}{_did_you_mean(optimizer, OPTIMIZERS)}"
+            )
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise UsageError(f"model.lr must be a finite number > 0, got {lr!r}")
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UsageError(f"model.warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        if max_steps is not None and (
+            isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+        ):
             raise UsageError(f"model.max_steps must be None or a positive int, got {max_steps!r}")
         if not 0 <= min_lr_ratio <= 1:
             raise UsageError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         if qk_clip_tau is not None and not qk_clip_tau > 0:
             raise UsageError(f"model.qk_clip_tau must be None or > 0, got {qk_clip_tau!r}")
         if moe_bias_update_rate is not None and not moe_bias_update_rate >= 0:
-            raise UsageError(f"model.moe_bias_update_rate must be None or >= 0, got {moe_bias_update_rate!r}")
+            raise UsageError(
+                f"model.moe_bias_update_rate must be None or >= 0, got {moe_bias_update_rate!r}"
+            )
 
         self.config = build_config(preset, overrides, config, vocab_size)
         self.model = KimiLinearForCausalLM(self.config)
@@ -189,11 +197,15 @@ class KimiLinearLitModule(pl.LightningModule):
         metrics: dict[str, nn.Module] = {}
         for stage in _STAGES:
             metrics[f"{stage}_ppl"] = Perplexity(ignore_index=IGNORE_INDEX)
-            metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes=V, average="micro", ignore_index=IGNORE_INDEX)
+            metrics[f"{stage}_acc"] = MulticlassAccuracy(
+                num_classes=V, average="micro", ignore_index=IGNORE_INDEX
+            )
             metrics[f"{stage}_exact"] = MeanMetric()
         self.metrics = nn.ModuleDict(metrics)
         self._moe = {name: m for name, m in self.model.named_modules() if hasattr(m, "update_bias")}
-        self._mla = {name: m for name, m in self.model.named_modules() if hasattr(m, "reset_max_logits")}
+        self._mla = {
+            name: m for name, m in self.model.named_modules() if hasattr(m, "reset_max_logits")
+        }
         if log_max_logits:
             for m in self._mla.values():
                 m.record_max_logits = True
@@ -211,7 +223,9 @@ class KimiLinearLitModule(pl.LightningModule):
 
     def _step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise ValueError("batch must be a dict with 'input_ids' [B, T] (and optionally 'labels' [B, T])")
+            raise ValueError(
+                "batch must be a dict with 'input_ids' [B, T] (and optionally 'labels' [B, T])"
+            )
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
         loss, logits = self.model(input_ids, labels=labels)
@@ -228,9 +242,24 @@ class KimiLinearLitModule(pl.LightningModule):
         else:
             ppl.update(preds, target)
             acc.update(pred_ids[answers], target[answers])
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=B)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            sync_dist=on_epoch,
+            batch_size=B,
+        )
         self.log(f"{stage}/ppl", ppl, on_step=on_step, on_epoch=on_epoch, batch_size=B)
-        self.log(f"{stage}/acc", acc, prog_bar=stage != "train", on_step=on_step, on_epoch=on_epoch, batch_size=B)
+        self.log(
+            f"{stage}/acc",
+            acc,
+            prog_bar=stage != "train",
+            on_step=on_step,
+            on_epoch=on_epoch,
+            batch_size=B,
+        )
         if self._exact_match_enabled():
             has_answer = answers.any(dim=1)
             seq_ok = ((pred_ids == target) | ~answers).all(dim=1) & has_answer
@@ -241,7 +270,14 @@ class KimiLinearLitModule(pl.LightningModule):
                 exact(seq_ok[has_answer].float())
             else:
                 exact.update(seq_ok[has_answer].float())
-            self.log(f"{stage}/exact_match", exact, prog_bar=stage != "train", on_step=on_step, on_epoch=on_epoch, batch_size=B)
+            self.log(
+                f"{stage}/exact_match",
+                exact,
+                prog_bar=stage != "train",
+                on_step=on_step,
+                on_epoch=on_epoch,
+                batch_size=B,
+            )
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -253,7 +289,9 @@ class KimiLinearLitModule(pl.LightningModule):
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "test")
 
-    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def predict_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Greedy next-token predictions: ``predictions[:, t]`` is the argmax after ``input_ids[:, :t+1]``."""
         logits = self.model(batch["input_ids"])
         return {"input_ids": batch["input_ids"], "predictions": logits.argmax(-1)}
@@ -269,16 +307,23 @@ class KimiLinearLitModule(pl.LightningModule):
             )
         vocab = getattr(dm, "vocab_size", None)
         if vocab is not None and vocab > self.config.vocab_size:
-            raise UsageError(f"the data's vocabulary ({vocab}) is larger than the model's vocab_size={self.config.vocab_size}")
+            raise UsageError(
+                f"the data's vocabulary ({vocab}) is larger than the model's vocab_size={self.config.vocab_size}"
+            )
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         from kimi_linear.optim import build_optimizer
 
         hp = self.hparams
-        kwargs: dict[str, Any] = dict(lr=hp.lr, weight_decay=hp.weight_decay, adamw_betas=tuple(hp.betas))
+        kwargs: dict[str, Any] = dict(
+            lr=hp.lr, weight_decay=hp.weight_decay, adamw_betas=tuple(hp.betas)
+        )
         if hp.optimizer == "muonclip":
-            kwargs.update(qk_clip_tau=hp.qk_clip_tau, track_max_logits=hp.qk_clip_tau is not None or hp.log_max_logits)
+            kwargs.update(
+                qk_clip_tau=hp.qk_clip_tau,
+                track_max_logits=hp.qk_clip_tau is not None or hp.log_max_logits,
+            )
         optimizer = build_optimizer(self.model, hp.optimizer, **kwargs)
         total = hp.max_steps
         if total is None:
@@ -290,17 +335,26 @@ class KimiLinearLitModule(pl.LightningModule):
                 )
             total = int(est)
         warmup = min(hp.warmup_steps, max(total - 1, 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(warmup, total, hp.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         """The optimizer step, then the MoE router-bias update and the max-logit bookkeeping."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         stats: dict[str, torch.Tensor] = {}
         for name, moe in self._moe.items():
             load = moe.update_bias(rate=self.hparams.moe_bias_update_rate)
             if load.sum() > 0:
-                stats[f"moe/balance/layer_{_layer_index(name)}"] = (load.max() / load.mean()).detach()
+                stats[f"moe/balance/layer_{_layer_index(name)}"] = (
+                    load.max() / load.mean()
+                ).detach()
         inner = getattr(optimizer, "optimizer", optimizer)
         last = getattr(inner, "last_max_logits", None)
         if last is not None and getattr(inner, "track_max_logits", False):
@@ -311,7 +365,11 @@ class KimiLinearLitModule(pl.LightningModule):
                 if m.max_logits is not None:
                     max_logits[name] = m.max_logits.detach().clone()
                 m.reset_max_logits()
-            if max_logits and torch.distributed.is_available() and torch.distributed.is_initialized():
+            if (
+                max_logits
+                and torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+            ):
                 names = sorted(max_logits)
                 flat = torch.stack([max_logits[n].max() for n in names])
                 torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
