@@ -144,6 +144,71 @@ def timeit(
     }
 
 
+def _do_bench_samples(
+    fn: Callable[[], Any], warmup_ms: int, rep_ms: int, grad_to_none: Sequence[torch.Tensor] | None
+) -> list[float]:
+    """Per-run times (ms) of ``fn`` from ``triton.testing.do_bench`` (CUDA; L2 flushed per run)."""
+    from triton.testing import do_bench
+
+    try:
+        out = do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all"
+        )
+    except (AssertionError, TypeError, ValueError):  # a Triton without return_mode="all"
+        out = do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.0, 0.5, 1.0]
+        )
+    return [float(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def bench_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    rounds: int = 3,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+    cpu_reps: int = 1,
+    grad_to_none: dict[str, Sequence[torch.Tensor]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Time several implementations of one computation in interleaved rounds.
+
+    Each round runs every callable in turn (so clock, temperature and neighbour drift hit all of
+    them alike): on CUDA through ``triton.testing.do_bench`` (``warmup_ms`` then ``rep_ms`` of
+    runs, L2 cache flushed between runs, ``grad_to_none[name]`` gradients reset before each
+    run), on CPU ``cpu_reps`` timed calls after one untimed call in the first round.
+
+    Returns, per name, seconds over all samples of all rounds: ``median``, ``min``, ``max`` and
+    the sample count ``n``.
+    """
+    if rounds <= 0:
+        raise ValueError(f"rounds must be a positive int, got {rounds}")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    grads = grad_to_none or {}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                ms = _do_bench_samples(fn, warmup_ms, rep_ms, grads.get(name))
+                samples[name] += [t / 1e3 for t in ms]
+            else:
+                if r == 0:
+                    fn()
+                for _ in range(cpu_reps):
+                    for t in grads.get(name, ()):
+                        t.grad = None
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median": statistics.median(ts),
+            "min": min(ts),
+            "max": max(ts),
+            "n": len(ts),
+        }
+        for name, ts in samples.items()
+    }
+
+
 def bandwidth(device: torch.device, nbytes: int = 1 << 28) -> tuple[float, str]:
     """Memory bandwidth in bytes/s: nominal for known GPUs, else measured with a copy."""
     if device.type == "cuda":

@@ -4,20 +4,27 @@ At each sequence length ``T`` (default 1K, 4K, 16K; ``B=1, H=4, K=V=64``, fp32) 
 the same inputs (q, k L2-normalised, gates and beta distributed as the KDA layer's at
 initialisation, see :func:`make_inputs`):
 
-* ``kda_chunk``: :func:`kimi_linear.ops.kda_chunk` (chunked WY form, chunk 64);
+* ``kda_chunk``: :func:`kimi_linear.ops.kda_chunk` (chunked WY form, its default chunk unless
+  ``--chunk-size``);
 * ``kda_recurrent``: :func:`kimi_linear.ops.kda_recurrent` (token by token);
 * ``fla_naive_recurrent`` / ``fla_naive_chunk``: fla's ``naive_recurrent_kda`` and
   ``naive_chunk_kda`` (``fla.ops.kda.naive``; the chunked one needs ``T % 64 == 0``),
 
+* ``kda_chunk@REV`` with ``--baseline REV``: ``kda_chunk`` as committed at git revision ``REV``
+  (read with ``git show REV:kimi_linear/ops/chunk.py`` into a temporary module), to measure a
+  change of the op against the version before it in the same run,
+
 each for the forward alone (under ``torch.no_grad``) and forward + backward (autograd; loss
-``sum(o * do)`` with a fixed random ``do``). Each time is the best of ``--reps`` runs after a
-warm-up; a configuration whose single run exceeds ``--slow-s`` is timed once, and one that a
-power-law extrapolation from the previous lengths (at least linear) puts above ``--skip-above-s``
-is skipped (said
-so in the table and the JSON). For fwd+bwd the bytes autograd saves for the backward are
-recorded too (``saved_tensors_hooks``, each storage counted once), and ``max_err`` is the
-largest difference of each output from ``kda_recurrent``'s (from ``kda_chunk``'s where the
-recurrence is skipped).
+``sum(o * do)`` with a fixed random ``do``). The repetitions are **interleaved**: each round
+runs every implementation and pass once, in a rotating order, so that load from other
+processes on a shared machine hits all of them alike; the first round is a warm-up (it also
+counts the bytes autograd saves for the backward). Each row gives the minimum, median and
+maximum over ``--reps`` rounds, and every speed-up is a ratio of two rows of the same run (of
+medians, and of minima). A configuration whose warm-up exceeds ``--slow-s`` is timed once (its
+warm-up), and one that a power-law extrapolation from the previous lengths (at least linear)
+puts above ``--skip-above-s`` is skipped (said so in the table and the JSON). ``max_err`` is
+the largest difference of each forward output from ``kda_recurrent``'s (from ``kda_chunk``'s
+where the recurrence is skipped).
 
 Writes ``kda_cpu.json``, ``.md`` and ``.png`` (log-log time vs ``T``) under
 ``benchmarks/results/cpu/`` (or ``--out-dir``).
@@ -26,15 +33,20 @@ Examples::
 
     python benchmarks/kda_cpu.py                   # 1K, 4K, 16K (a few minutes)
     python benchmarks/kda_cpu.py --T 2K,8K --reps 5
+    python benchmarks/kda_cpu.py --T 4K --impls kda_chunk --baseline HEAD --reps 20  # a change
     python benchmarks/kda_cpu.py --quick --out-dir /tmp/kda   # seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,12 +69,51 @@ PASSES = ("fwd", "fwd+bwd")
 FLA_IMPLS = ("fla_naive_recurrent", "fla_naive_chunk")
 
 
-def load_impls(chunk_size: int, with_fla: bool = True) -> dict[str, Callable[..., Any]]:
-    """Implementations by name; fla's references when asked for and fla imports."""
+def load_baseline(rev: str) -> Callable[..., Any]:
+    """``kda_chunk`` as committed at git revision ``rev`` (run against today's package).
+
+    The file ``kimi_linear/ops/chunk.py`` of that revision is written to a temporary folder and
+    imported under a private module name; its imports (``kimi_linear.ops.checks``, ...) resolve
+    to the installed package. Exits with a message when git cannot produce the file.
+    """
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{rev}:kimi_linear/ops/chunk.py"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        common.fail(
+            f"--baseline {rev!r}: cannot read kimi_linear/ops/chunk.py at it ({detail.strip()})"
+        )
+    folder = Path(tempfile.mkdtemp(prefix="kda_baseline_"))
+    path = folder / "chunk_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"_kda_chunk_baseline_{abs(hash(rev))}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.kda_chunk
+    except Exception as e:  # an old revision may not import against today's package
+        common.fail(f"--baseline {rev!r}: its chunk.py does not import here ({e})")
+
+
+def load_impls(
+    chunk_size: int | None, with_fla: bool = True, baseline: str | None = None
+) -> dict[str, Callable[..., Any]]:
+    """Implementations by name; fla's references when asked for and fla imports; ``kda_chunk``
+    at git revision ``baseline`` when given. ``chunk_size`` (None: each op's default) goes to
+    both chunked kit ops."""
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     impls: dict[str, Callable[..., Any]] = {
-        "kda_chunk": lambda *a: kda_chunk(*a, chunk_size=chunk_size),
+        "kda_chunk": lambda *a: kda_chunk(*a, **kw),
         "kda_recurrent": kda_recurrent,
     }
+    if baseline is not None:
+        old = load_baseline(baseline)
+        impls[f"kda_chunk@{baseline}"] = lambda *a: old(*a, **kw)
     if not with_fla:  # importing fla takes seconds
         return impls
     try:
@@ -123,57 +174,64 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_once_or_best(
-    fn: Callable[[], Any], reps: int, slow_s: float, warmup: Callable[[], Any] | None = None
-) -> tuple[float, float, int]:
-    """Best of ``reps`` runs of ``fn`` after one warm-up (``warmup``, default ``fn``, also
-    timed); a warm-up slower than ``slow_s`` is the single measurement.
+class Runner:
+    """One implementation and pass on fixed inputs: ``warmup()`` (the first call; for fwd+bwd
+    it also counts the bytes autograd saves) and ``__call__()`` (a timed call)."""
 
-    Returns ``(wall seconds, process CPU seconds, runs timed)``, each the minimum over the runs.
-    On a shared machine with one thread, CPU time is the steadier measure of the work done.
-    """
-    times = [_timed(warmup or fn)]
-    if times[0][0] <= slow_s:
-        times += [_timed(fn) for _ in range(reps)]
-    return min(w for w, _ in times), min(c for _, c in times), len(times)
+    def __init__(
+        self, op: Callable[..., Any], pas: str, base: list[torch.Tensor], do: torch.Tensor
+    ) -> None:
+        self.op, self.pas, self.base, self.do = op, pas, base, do
+        self.leaves = [x.clone().requires_grad_() for x in base] if pas != "fwd" else []
+        self.output: torch.Tensor | None = None
+        self.saved_MB: float | None = None
 
-
-def measure(
-    op: Callable[..., Any],
-    pas: str,
-    base: list[torch.Tensor],
-    do: torch.Tensor,
-    args: argparse.Namespace,
-) -> tuple[float, int, float | None, torch.Tensor | None]:
-    """Time one implementation and pass.
-
-    Returns ``(wall s, CPU s, runs timed, MB saved for backward (fwd+bwd only), output (fwd
-    only))``.
-    """
-    if pas == "fwd":
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            with torch.no_grad():
-                result["o"] = op(*base)[0]
-
-        wall, cpu, runs = time_once_or_best(run, args.reps, args.slow_s)
-        return wall, cpu, runs, None, result["o"]
-
-    leaves = [x.clone().requires_grad_() for x in base]
-    saved: dict[str, int] = {}
-
-    def run_bwd(count_saved: bool = False) -> None:
-        for x in leaves:
+    def warmup(self) -> None:
+        if self.pas == "fwd":
+            self()
+            return
+        for x in self.leaves:
             x.grad = None
-        if count_saved:  # the warm-up also measures what autograd keeps
-            o, saved["bytes"] = saved_bytes(lambda: op(*leaves)[0])
-        else:
-            o = op(*leaves)[0]
-        (o * do).sum().backward()
+        o, nbytes = saved_bytes(lambda: self.op(*self.leaves)[0])
+        (o * self.do).sum().backward()
+        self.saved_MB = nbytes / 1e6
 
-    wall, cpu, runs = time_once_or_best(run_bwd, args.reps, args.slow_s, lambda: run_bwd(True))
-    return wall, cpu, runs, saved["bytes"] / 1e6, None
+    def __call__(self) -> None:
+        if self.pas == "fwd":
+            with torch.no_grad():
+                self.output = self.op(*self.base)[0]
+            return
+        for x in self.leaves:
+            x.grad = None
+        o = self.op(*self.leaves)[0]
+        (o * self.do).sum().backward()
+
+
+def time_interleaved(
+    runners: dict[Any, Callable[[], Any]], reps: int, slow_s: float
+) -> dict[Any, list[tuple[float, float]]]:
+    """``(wall s, CPU s)`` samples of every runner, measured in interleaved rounds.
+
+    Round 0 calls each runner's ``warmup`` (or the runner itself); a runner whose warm-up takes
+    more than ``slow_s`` is run once more, and if that run is slow too it keeps the faster of the
+    two as its single sample (one slow warm-up on a loaded machine does not exclude a runner).
+    Then ``reps`` rounds call every other runner once each, starting one place further along
+    the list each round (so no runner always follows the same neighbour); their samples replace
+    the warm-up's.
+    """
+    keys = list(runners)
+    warm: dict[Any, tuple[float, float]] = {}
+    for key in keys:
+        warm[key] = _timed(getattr(runners[key], "warmup", runners[key]))
+        if warm[key][0] > slow_s:
+            warm[key] = min(warm[key], _timed(runners[key]))
+    timed = [key for key in keys if warm[key][0] <= slow_s]
+    samples: dict[Any, list[tuple[float, float]]] = {key: [] for key in keys}
+    for r in range(reps):
+        for j in range(len(timed)):
+            key = timed[(j + r) % len(timed)]
+            samples[key].append(_timed(runners[key]))
+    return {key: samples[key] or [warm[key]] for key in keys}
 
 
 def estimate_seconds(history: list[tuple[int, float]], T: int) -> float | None:
@@ -196,68 +254,69 @@ def bench_length(
     impls: dict[str, Callable[..., Any]],
     previous: dict[tuple[str, str], list[tuple[int, float]]],
 ) -> list[dict[str, Any]]:
-    """All implementations and passes at one length; ``previous`` maps (impl, pass) to the
-    ``(T, seconds)`` measured at the previous lengths (for the skip estimate) and is updated."""
+    """All implementations and passes at one length, interleaved; ``previous`` maps (impl,
+    pass) to the ``(T, median seconds)`` of the previous lengths (for the skip estimate) and
+    is updated."""
     base = make_inputs(args.batch, T, args.heads, args.head_dim, args.head_dim)
     do = torch.randn(
         args.batch, T, args.heads, args.head_dim, generator=torch.Generator().manual_seed(1)
     )
-    rows: list[dict[str, Any]] = []
-    outputs: dict[str, torch.Tensor] = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    runners: dict[tuple[str, str], Runner] = {}
     for impl, op in impls.items():
         for pas in PASSES:
             row: dict[str, Any] = {
-                "T": T,
-                "impl": impl,
-                "pass": pas,
-                "ms": None,
-                "cpu_ms": None,
-                "runs": 0,
-                "tokens_per_s": None,
-                "saved_MB": None,
-                "max_err": None,
-            }
+                "T": T, "impl": impl, "pass": pas, "ms": None, "ms_min": None, "ms_max": None,
+                "cpu_ms": None, "cpu_ms_min": None, "cpu_ms_max": None, "runs": 0,
+                "tokens_per_s": None, "saved_MB": None, "max_err": None,
+            }  # fmt: skip
+            rows[(impl, pas)] = row
             if impl == "fla_naive_chunk" and T % 64:
                 row["status"] = "skipped: needs T % 64 == 0"
-                rows.append(row)
                 continue
             estimate = estimate_seconds(previous.get((impl, pas), []), T)
             if estimate is not None and estimate > args.skip_above_s:
                 row["status"] = (
                     f"skipped: ~{estimate:.0f} s estimated (> --skip-above-s {args.skip_above_s:g})"
                 )
-                rows.append(row)
                 continue
-            seconds, cpu, runs, saved, out = measure(op, pas, base, do, args)
-            if out is not None:
-                outputs[impl] = out
-            previous.setdefault((impl, pas), []).append((T, seconds))
-            row.update(
-                ms=seconds * 1e3,
-                cpu_ms=cpu * 1e3,
-                runs=runs,
-                tokens_per_s=args.batch * T / seconds,
-                saved_MB=saved,
-                status="ok",
-            )
-            rows.append(row)
-            print(
-                f"  T={common.fmt_tokens(T):>5} {impl:<20} {pas:<8} {seconds * 1e3:12.1f} ms wall"
-                f" {cpu * 1e3:12.1f} ms CPU",
-                flush=True,
-            )
+            runners[(impl, pas)] = Runner(op, pas, base, do)
+    samples = time_interleaved(runners, args.reps, args.slow_s)
+    for key, ts in samples.items():
+        walls, cpus = [w for w, _ in ts], [c for _, c in ts]
+        seconds = statistics.median(walls)
+        previous.setdefault(key, []).append((T, seconds))
+        rows[key].update(
+            ms=seconds * 1e3, ms_min=min(walls) * 1e3, ms_max=max(walls) * 1e3,
+            cpu_ms=statistics.median(cpus) * 1e3, cpu_ms_min=min(cpus) * 1e3,
+            cpu_ms_max=max(cpus) * 1e3, runs=len(ts), tokens_per_s=args.batch * T / seconds,
+            saved_MB=runners[key].saved_MB, status="ok",
+        )  # fmt: skip
+        print(
+            f"  T={common.fmt_tokens(T):>5} {key[0]:<22} {key[1]:<8} wall ms min/median/max "
+            f"{min(walls) * 1e3:.1f}/{seconds * 1e3:.1f}/{max(walls) * 1e3:.1f}, CPU ms median "
+            f"{rows[key]['cpu_ms']:.1f} ({len(ts)} runs)",
+            flush=True,
+        )
+    outputs = {
+        impl: r.output
+        for (impl, pas), r in runners.items()
+        if pas == "fwd" and r.output is not None
+    }
     ref = outputs.get("kda_recurrent", outputs.get("kda_chunk"))
-    for row in rows:
-        if row["pass"] == "fwd" and row["impl"] in outputs and ref is not None:
-            row["max_err"] = (outputs[row["impl"]].double() - ref.double()).abs().max().item()
-    return rows
+    for (impl, pas), row in rows.items():
+        if pas == "fwd" and impl in outputs and ref is not None:
+            row["max_err"] = (outputs[impl].double() - ref.double()).abs().max().item()
+    return list(rows.values())
 
 
-METRICS = {"wall": "ms", "cpu": "cpu_ms"}
+#: Speed-ups are ratios of these row fields (medians and minima of the interleaved runs).
+METRICS = {"wall": "ms", "cpu": "cpu_ms", "wall_min": "ms_min", "cpu_min": "cpu_ms_min"}
 
 
 def summarize(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
-    """Speed-ups of kda_chunk over the other ops and its cost scaling in T, for wall and CPU time."""
+    """Speed-ups of kda_chunk over every other op (ratios of medians, and of minima, of one
+    interleaved run) and its cost scaling in T, for wall and CPU time."""
     out: dict[str, Any] = {
         "speedup": {},
         "chunk_ms_per_1k_tokens": {},
@@ -266,8 +325,9 @@ def summarize(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
     for metric, key in METRICS.items():
         ms = {(r["T"], r["impl"], r["pass"]): r[key] for r in rows if r[key] is not None}
         speedup, per_1k, exponent = {}, {}, {}
+        others = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "kda_chunk"]
         for T in lengths:
-            for base in ("kda_recurrent", *FLA_IMPLS):
+            for base in others:
                 for pas in PASSES:
                     a, b = ms.get((T, base, pas)), ms.get((T, "kda_chunk", pas))
                     if a is not None and b is not None:
@@ -295,12 +355,14 @@ def to_markdown(
         "",
         f"Device: {env['device']}, torch {env['torch']}, {config['threads']} thread(s), "
         f"fla {env.get('fla')}. B={config['batch']}, H={config['heads']}, "
-        f"K=V={config['head_dim']}, fp32, chunk {config['chunk_size']}. Best of up to "
-        f"{config['reps'] + 1} runs (one run when slower than {config['slow_s']:g} s). 1-min load "
-        f"average {config['load_average_start']:.1f} at the start, {config['load_average_end']:.1f} "
-        "at the end (a shared machine: with one thread, process CPU time is the steadier measure). "
-        "fwd runs under no_grad; fwd+bwd is autograd with loss sum(o * do). saved MB: bytes "
-        "autograd keeps for the backward. max_err: max |o - o_kda_recurrent| (fwd).",
+        f"K=V={config['head_dim']}, fp32, chunk {config['chunk_size'] or 'default'}. "
+        f"{config['reps']} interleaved rounds after a warm-up round (every implementation and "
+        "pass once per round, in a rotating order, so load hits all alike); wall ms: median "
+        f"(min-max); a run whose warm-up is slower than {config['slow_s']:g} s is timed once. "
+        f"1-min load average {config['load_average_start']:.1f} at the start, "
+        f"{config['load_average_end']:.1f} at the end. fwd runs under no_grad; fwd+bwd is "
+        "autograd with loss sum(o * do). saved MB: bytes autograd keeps for the backward. "
+        "max_err: max |o - o_kda_recurrent| (fwd).",
         "",
         f"Command: `{config['command']}`",
         "",
@@ -309,18 +371,22 @@ def to_markdown(
     for r in rows:
         shown.append({
             "T": common.fmt_tokens(r["T"]), "impl": r["impl"], "pass": r["pass"],
-            "wall ms": r["ms"], "CPU ms": r["cpu_ms"], "tokens/s (wall)": r["tokens_per_s"],
+            "wall ms": r["ms"], "wall min-max": _span(r["ms_min"], r["ms_max"]),
+            "CPU ms": r["cpu_ms"], "tokens/s (wall)": r["tokens_per_s"],
             "saved MB": r["saved_MB"], "max_err": r["max_err"], "status": r["status"],
         })  # fmt: skip
     lines.append(common.markdown_table(shown))
-    wall, cpu = summary["speedup"]["wall"], summary["speedup"]["cpu"]
-    if wall:
-        lines += ["", "Speed-up of kda_chunk (time of the other op / time of kda_chunk):", ""]
+    sp = summary["speedup"]
+    if sp["wall"]:
+        lines += ["", "Speed-up of kda_chunk (time of the other op / time of kda_chunk, both from "
+                  "this run; of medians, and of minima):", ""]  # fmt: skip
+        fmt = lambda m, name: f"{sp[m][name]:.2f}x" if name in sp[m] else ""
         table = []
-        for name, x in wall.items():
+        for name in sp["wall"]:
             base, pas, T = name.split("/")
             table.append({"T": common.fmt_tokens(int(T[2:])), "vs": base, "pass": pas,
-                          "wall": f"{x:.1f}x", "CPU": f"{cpu[name]:.1f}x" if name in cpu else ""})  # fmt: skip
+                          "wall (median)": fmt("wall", name), "wall (min)": fmt("wall_min", name),
+                          "CPU (median)": fmt("cpu", name), "CPU (min)": fmt("cpu_min", name)})  # fmt: skip
         lines.append(common.markdown_table(table))
     exps = summary["chunk_scaling_exponent"]
     if exps["wall"]:
@@ -335,6 +401,10 @@ def to_markdown(
             for r in skipped
         ]
     return "\n".join(lines) + "\n"
+
+
+def _span(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None or hi is None else f"{lo:.1f}-{hi:.1f}"
 
 
 def plot(rows: list[dict[str, Any]], key: str) -> Callable[[Any], None]:
@@ -355,7 +425,7 @@ def plot(rows: list[dict[str, Any]], key: str) -> Callable[[Any], None]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T (tokens)")
-        ax.set_ylabel(("process CPU" if key == "cpu_ms" else "wall") + " time (ms), best of runs")
+        ax.set_ylabel(("process CPU" if key == "cpu_ms" else "wall") + " time (ms), median of runs")
         ax.set_title("KDA on CPU: chunked vs recurrent (B=1, H=4, K=V=64, fp32)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -377,9 +447,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=common.positive_int, default=4, help="heads H (default 4)")
     p.add_argument("--head-dim", type=common.positive_int, default=64, help="K = V (default 64)")
     p.add_argument(
-        "--chunk-size", type=common.positive_int, default=64, help="kda_chunk's chunk (default 64)"
+        "--chunk-size",
+        type=common.positive_int,
+        default=None,
+        help="chunk of kda_chunk (and of the --baseline one); default: each op's own default",
     )
-    p.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    p.add_argument(
+        "--reps", type=int, default=3, help="interleaved timed rounds after the warm-up (default 3)"
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also time kda_chunk as committed at git revision REV (e.g. HEAD), as kda_chunk@REV",
+    )
     p.add_argument(
         "--slow-s",
         type=common.positive_float,
@@ -427,18 +508,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     wanted = [s.strip() for s in (args.impls or "").split(",") if s.strip()]
-    impls = load_impls(args.chunk_size, with_fla=not wanted or any(w in FLA_IMPLS for w in wanted))
+    impls = load_impls(
+        args.chunk_size,
+        with_fla=not wanted or any(w in FLA_IMPLS for w in wanted),
+        baseline=args.baseline,
+    )
     if wanted:
         unknown = [s for s in wanted if s not in impls]
         if unknown:
             known = ["kda_chunk", "kda_recurrent", *FLA_IMPLS]
             common.fail(f"--impls: unknown or unavailable {unknown}; choose from {known}")
-        impls = {k: impls[k] for k in wanted}
+        impls = {k: v for k, v in impls.items() if k in wanted or k.startswith("kda_chunk@")}
     config = {
         "T": args.T, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
         "chunk_size": args.chunk_size, "dtype": "float32", "reps": args.reps, "slow_s": args.slow_s,
         "skip_above_s": args.skip_above_s, "threads": torch.get_num_threads(), "quick": args.quick,
-        "impls": list(impls),
+        "impls": list(impls), "baseline": args.baseline,
         "load_average_start": os.getloadavg()[0],
         "command": "python benchmarks/kda_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip

@@ -218,6 +218,21 @@ def bench_prefill(args, device, dtype) -> list[dict[str, Any]]:
     return rows
 
 
+def decode_step_bytes(q, k, v, g, beta) -> tuple[int, int]:
+    """Bytes one recurrent decode step must move: ``(state_bytes, io_bytes)``.
+
+    ``state_bytes``: the fp32 ``[B, H, K, V]`` state (read once and written once per step);
+    ``io_bytes``: the step's inputs q, k, v, g, beta plus its output (v's shape and dtype).
+    The bytes floor of a step is ``(2 * state_bytes + io_bytes) / bandwidth``.
+    """
+    B, _, H, K = k.shape
+    state_bytes = B * H * K * v.shape[-1] * 4
+    io_bytes = (
+        sum(x.numel() * x.element_size() for x in (q, k, v, g, beta)) + v.numel() * v.element_size()
+    )
+    return state_bytes, io_bytes
+
+
 def bench_decode(args, device, dtype) -> tuple[list[dict[str, Any]], float, str]:
     from kimi_linear.kernels import fused_recurrent_kda
 
@@ -235,11 +250,7 @@ def bench_decode(args, device, dtype) -> tuple[list[dict[str, Any]], float, str]
         gen = torch.Generator(device=device).manual_seed(Bd)
         q, k, v, g, beta = make_inputs(Bd, 1, H, D, dtype, device, gen=gen)
         state = torch.randn(Bd, H, D, D, device=device, generator=gen)
-        state_bytes = state.numel() * 4
-        io_bytes = (
-            sum(x.numel() * x.element_size() for x in (q, k, v, g, beta))
-            + v.numel() * v.element_size()
-        )
+        state_bytes, io_bytes = decode_step_bytes(q, k, v, g, beta)
         floor = (2 * state_bytes + io_bytes) / bw
         steps = {
             "ours": partial(

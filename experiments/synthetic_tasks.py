@@ -2,7 +2,7 @@
 
 Trains four token mixers at (nearly) equal parameter count on the synthetic tasks of
 :mod:`kimi_linear.lightning.data` -- multi-query associative recall (MQAR), palindrome and
-stack -- at two sequence lengths, with the training stack the ``kimi-linear`` CLI uses
+stack -- with the training stack the ``kimi-linear`` CLI uses
 (:class:`~kimi_linear.lightning.module.KimiLinearLitModule`,
 :class:`~kimi_linear.lightning.data.SyntheticDataModule`, a Lightning ``Trainer``):
 
@@ -11,26 +11,55 @@ stack -- at two sequence lengths, with the training stack the ``kimi-linear`` CL
 * ``mla``     every layer multi-head latent attention (full softmax attention, NoPE)
 * ``hybrid``  three KDA layers then one MLA layer (Kimi Linear's 3:1 pattern)
 
-Every model has 4 layers, hidden 64, 2 heads (KDA head dim 32) and a dense SwiGLU MLP whose width
-is set per variant so the total parameter count matches the hybrid's to within one MLP unit.
-The paper's own setting is larger (2 layers x 2 heads of 128, up to 20K steps, lengths
-256-2048); the defaults here fit a CPU in about 30 minutes, so read the numbers as a smoke-scale
-replication.  Outputs (under ``--out_dir``, default ``experiments/results/``):
-``synthetic_tasks.json`` (every run: seed, steps, wall time, parameters, final and per-eval
-metrics), ``synthetic_tasks.md`` (the table) and ``synthetic_tasks.png`` (validation exact-match
-curves).
+Every model has 4 layers and a dense SwiGLU MLP whose width is set per model so that the
+parameter count matches the hybrid's to within one MLP unit.
 
-    python experiments/synthetic_tasks.py              # full default study (~30 min CPU)
-    python experiments/synthetic_tasks.py --quick      # seconds: a smoke test of the pipeline
-    python experiments/synthetic_tasks.py --accelerator gpu --steps 2000 --lengths 256 512
+Protocol (one script runs all of it):
+
+1. **Learning-rate sweep**: every (task, model) at the shortest training length, seed 0, for
+   every learning rate of ``--lrs`` (the same grid for all models); the learning rate with the
+   best final answer accuracy at the training length is chosen (ties: the smaller one).
+2. **Seeds**: every (task, training length, model) at its chosen learning rate for every seed of
+   ``--seeds`` (seed 0 at the shortest length is the sweep's run).
+3. Each run trains until the **convergence rule** -- answer accuracy on the validation set
+   ``>= --target`` at an evaluation (every ``--eval-every`` steps) -- or the **step cap**
+   ``--max-steps``, the same for all models; it is then evaluated at its training length and at
+   ``--eval-factor`` times it (the same task and vocabulary, longer sequences).
+4. **Sanity gate**: the MLA-only model must solve MQAR at the shortest training length (mean
+   answer accuracy ``> 0.9``); if it does not, the setup is wrong and the results file says so
+   instead of comparing the models.
+
+Settings (``--profile``): ``paper`` follows the paper where it states them (2 heads x 128, so
+hidden 256; training lengths 256, 512, 1024, 2048; up to 20K steps; learning rates 5e-5, 1e-4,
+5e-4, 1e-3); the task options the paper does not state are the data module's defaults
+(Zoology's MQAR: 16 key-value pairs, 256 tokens; palindrome over 64 symbols; stack: 64 stacks of
+64 values). It is meant for ``--device cuda``. ``cpu`` (the CPU default) changes, so that it fits
+a CPU: hidden 64 (2 heads x 32), training length 64, at most 1500 steps, learning rates 5e-4,
+1e-3, 3e-3 (shorter runs need larger steps), MQAR with 8 pairs over 64 tokens, palindrome over 16
+symbols, stack of 16 values. Both use 4 layers, not the paper's 2, so that the 3:1 hybrid exists.
+
+Resumable: every finished run is saved as ``runs/<key>.json`` under the output folder with the
+settings it ran under; a rerun skips the runs already saved with the same settings (changed
+settings rerun them). A progress line after each run gives the runs done and an estimate of the
+time left. Outputs (``--out-dir``, default ``experiments/results/``): ``synthetic_tasks.json``
+(protocol, chosen learning rates, every run), ``synthetic_tasks.md`` (protocol, sanity gate,
+mean and spread per cell, which of the paper's orderings are reproduced) and
+``synthetic_tasks.png`` (answer accuracy vs length per task, error bars: one standard deviation
+over seeds).
+
+    python experiments/synthetic_tasks.py                    # the CPU study (hours on 2 cores)
+    python experiments/synthetic_tasks.py --device cuda      # the paper-size study
+    python experiments/synthetic_tasks.py --quick            # a smoke run (under a minute)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
+import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +70,7 @@ import torch
 
 from kimi_linear.lightning.data import SyntheticDataModule
 from kimi_linear.lightning.module import KimiLinearLitModule
+from kimi_linear.ops.backend import KDA_BACKENDS
 
 MODELS: dict[str, dict[str, Any]] = {
     "kda": {"layer_types": ["kda"] * 4},
@@ -48,20 +78,32 @@ MODELS: dict[str, dict[str, Any]] = {
     "mla": {"layer_types": ["mla"] * 4},
     "hybrid": {"layer_types": ["kda", "kda", "kda", "mla"]},
 }
-TASKS: dict[str, dict[str, Any]] = {
-    "mqar": {"num_kv_pairs": 8, "num_tokens": 64},
-    "palindrome": {"num_symbols": 16},
-    "stack": {"num_stacks": 64, "num_values": 16},
-}
-BASE = dict(
-    num_hidden_layers=4,
-    hidden_size=64,
-    num_experts=0,
-    kda_num_heads=2,
-    kda_head_dim=32,
-    num_attention_heads=2,
-)
-REFERENCE_WIDTH = 256  # MLP width of the hybrid; the others are matched to its parameter count
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "base": dict(num_hidden_layers=4, hidden_size=256, num_experts=0, kda_num_heads=2,
+                     kda_head_dim=128, num_attention_heads=2),
+        "reference_width": 1024,
+        "tasks": {"mqar": {"num_kv_pairs": 16, "num_tokens": 256},
+                  "palindrome": {"num_symbols": 64},
+                  "stack": {"num_stacks": 64, "num_values": 64}},
+        "train_lengths": [256, 512, 1024, 2048], "max_steps": 20_000, "eval_every": 500,
+        "lrs": [5e-5, 1e-4, 5e-4, 1e-3], "batch_size": 32, "num_val": 256,
+    },
+    "cpu": {
+        "base": dict(num_hidden_layers=4, hidden_size=64, num_experts=0, kda_num_heads=2,
+                     kda_head_dim=32, num_attention_heads=2),
+        "reference_width": 256,
+        "tasks": {"mqar": {"num_kv_pairs": 8, "num_tokens": 64},
+                  "palindrome": {"num_symbols": 16},
+                  "stack": {"num_stacks": 64, "num_values": 16}},
+        "train_lengths": [64], "max_steps": 1500, "eval_every": 100,
+        "lrs": [5e-4, 1e-3, 3e-3], "batch_size": 32, "num_val": 256,
+    },
+}  # fmt: skip
+#: The CPU profile's task options (also used by benchmarks/train_profile.py).
+TASKS: dict[str, dict[str, Any]] = PROFILES["cpu"]["tasks"]
+BASE = PROFILES["cpu"]["base"]
+SANITY_THRESHOLD = 0.9
 
 
 def count_parameters(overrides: dict[str, Any], vocab_size: int) -> int:
@@ -69,12 +111,13 @@ def count_parameters(overrides: dict[str, Any], vocab_size: int) -> int:
     return module.model.num_parameters()
 
 
-def matched_overrides(vocab_size: int, backend: str) -> dict[str, tuple[dict[str, Any], int]]:
+def matched_overrides(
+    vocab_size: int, backend: str, profile: str = "cpu"
+) -> dict[str, tuple[dict[str, Any], int]]:
     """Per model: overrides whose MLP width brings its parameter count to the hybrid's."""
-    base = {**BASE, "kda_backend": backend}
-    target = count_parameters(
-        {**base, **MODELS["hybrid"], "intermediate_size": REFERENCE_WIDTH}, vocab_size
-    )
+    base = {**PROFILES[profile]["base"], "kda_backend": backend}
+    ref = PROFILES[profile]["reference_width"]
+    target = count_parameters({**base, **MODELS["hybrid"], "intermediate_size": ref}, vocab_size)
     out = {}
     for name, kinds in MODELS.items():
         p1 = count_parameters({**base, **kinds, "intermediate_size": 64}, vocab_size)
@@ -108,282 +151,445 @@ class EvalHistory(pl.Callback):
         )
 
 
+class Converged(pl.Callback):
+    """Stops training once the validation answer accuracy reaches ``target``."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acc = trainer.callback_metrics.get("val/acc")
+        if not trainer.sanity_checking and acc is not None and float(acc) >= self.target:
+            trainer.should_stop = True
+
+
+# ------------------------------------------------------------------------------------- runs
+def run_key(task: str, L: int, model: str, lr: float, seed: int) -> str:
+    return f"{task}_L{L}_{model}_lr{lr:g}_seed{seed}"
+
+
+def settings(args: argparse.Namespace, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Everything a run's result depends on besides (task, length, model, lr, seed)."""
+    return {
+        "profile": args.profile, "overrides": overrides, "task_kwargs": args.tasks_kwargs[task],
+        "max_steps": args.max_steps, "eval_every": args.eval_every, "target": args.target,
+        "batch_size": args.batch_size, "num_val": args.num_val, "optimizer": args.optimizer,
+        "eval_factor": args.eval_factor, "precision": args.precision, "device": args.device,
+    }  # fmt: skip
+
+
+def evaluate(
+    trainer: pl.Trainer, module: KimiLinearLitModule, task: str, L: int, seed: int, args: Any
+) -> dict[str, float]:
+    dm = SyntheticDataModule(
+        task=task, seq_len=L, batch_size=args.batch_size, num_train=1, num_val=args.num_val,
+        seed=seed, task_kwargs=args.tasks_kwargs[task],
+    )  # fmt: skip
+    if dm.vocab_size != module.model.config.vocab_size:
+        raise RuntimeError(f"{task}: the vocabulary changes with the length ({L}); cannot evaluate")
+    trainer.validate(module, datamodule=dm, verbose=False)
+    m = trainer.callback_metrics
+    return {"acc": float(m["val/acc"]), "exact_match": float(m["val/exact_match"])}
+
+
 def run_one(
-    model: str,
-    overrides: dict[str, Any],
-    task: str,
-    seq_len: int,
-    seed: int,
-    args: argparse.Namespace,
+    task: str, L: int, model: str, lr: float, seed: int, overrides: dict[str, Any], args: Any
 ) -> dict[str, Any]:
+    """Train one model until the convergence rule or the step cap; evaluate at L and longer."""
     pl.seed_everything(seed, verbose=False)
     dm = SyntheticDataModule(
-        task=task,
-        seq_len=seq_len,
-        batch_size=args.batch_size,
-        num_train=args.steps * args.batch_size,
-        num_val=args.num_val,
-        seed=seed,
-        task_kwargs=TASKS[task],
-    )
+        task=task, seq_len=L, batch_size=args.batch_size,
+        num_train=args.max_steps * args.batch_size, num_val=args.num_val, seed=seed,
+        task_kwargs=args.tasks_kwargs[task],
+    )  # fmt: skip
     module = KimiLinearLitModule(
-        preset="tiny",
-        overrides=overrides,
-        vocab_size=dm.vocab_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=0.0,
-        warmup_steps=max(1, args.steps // 20),
-        max_steps=args.steps,
-    )
+        preset="tiny", overrides=overrides, vocab_size=dm.vocab_size, optimizer=args.optimizer,
+        lr=lr, weight_decay=0.0, warmup_steps=max(1, min(100, args.max_steps // 20)),
+        max_steps=args.max_steps,
+    )  # fmt: skip
     history = EvalHistory()
     trainer = pl.Trainer(
-        accelerator=args.accelerator,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
-        max_steps=args.steps,
+        max_steps=args.max_steps,
         precision=args.precision,
-        val_check_interval=max(1, args.steps // args.evals),
+        val_check_interval=min(args.eval_every, args.max_steps),
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=1.0,
-        callbacks=[history],
+        callbacks=[history, Converged(args.target)],
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
-    if not history.history or history.history[-1]["step"] != args.steps:
-        trainer.validate(module, datamodule=dm, verbose=False)
-        m = trainer.callback_metrics
-        history.history.append(
-            {
-                "step": args.steps,
-                "acc": float(m["val/acc"]),
-                "exact_match": float(m["val/exact_match"]),
-                "loss": float(m["val/loss"]),
-            }
-        )
-    final = history.history[-1]
+    steps = trainer.global_step
+    converged = bool(history.history) and history.history[-1].get("acc", 0.0) >= args.target
+    evals = {
+        str(Le): evaluate(trainer, module, task, Le, seed, args) for Le in (L, L * args.eval_factor)
+    }
     return {
-        "model": model,
-        "task": task,
-        "seq_len": seq_len,
-        "seed": seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "optimizer": args.optimizer,
+        "task": task, "train_length": L, "model": model, "lr": lr, "seed": seed,
+        "steps": steps, "converged": converged, "wall_s": round(wall, 2),
         "parameters": module.model.num_parameters(),
-        "mlp_width": overrides["intermediate_size"],
-        "wall_s": round(wall, 2),
-        "val_acc": final["acc"],
-        "val_exact_match": final["exact_match"],
-        "val_loss": final["loss"],
-        "history": history.history,
+        "mlp_width": overrides["intermediate_size"], "eval": evals, "history": history.history,
+    }  # fmt: skip
+
+
+class Progress:
+    """One line per finished run: a bar, runs done, and the time left estimated from the mean
+    wall time of the runs trained in this session (runs loaded from disk take no time)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.trained: list[float] = []
+
+    def update(self, label: str, seconds: float | None) -> str:
+        self.done += 1
+        if seconds is not None:
+            self.trained.append(seconds)
+        left = self.total - self.done
+        eta = (
+            f"~{statistics.mean(self.trained) * left / 60:.1f} min left"
+            if self.trained
+            else "time left: not yet estimated"
+        )
+        bar = "#" * round(20 * self.done / self.total)
+        line = f"[{bar:<20}] {self.done}/{self.total} runs, {eta} | {label}"
+        if self.enabled:
+            print(line, flush=True)
+        return line
+
+
+def run_or_load(
+    folder: Path, key: str, config: dict[str, Any], run: Any
+) -> tuple[dict[str, Any], float | None]:
+    """The saved result of ``key`` if it ran under ``config``; else run it now and save it."""
+    path = folder / f"{key}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == config:
+            return saved["result"], None
+        print(f"note: {path.name} was saved under other settings; running it again", flush=True)
+    t0 = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - t0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": config, "result": result}, indent=1) + "\n")
+    tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
+    return result, seconds
+
+
+# ---------------------------------------------------------------------------------- summary
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
     }
 
 
-def write_markdown(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    models = list(dict.fromkeys(r["model"] for r in runs))
+def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -> dict[str, Any]:
+    """Mean and spread per (task, train length, model, eval length) at the chosen lr; the
+    sanity gate; the paper's orderings."""
+    cells: dict[str, Any] = {}
+    for r in runs:
+        if r["lr"] != chosen[f"{r['task']}/{r['model']}"] or r["seed"] not in args.seeds:
+            continue
+        for Le, ev in r["eval"].items():
+            key = f"{r['task']}/{r['train_length']}/{r['model']}/{Le}"
+            cells.setdefault(key, {"acc": [], "exact_match": [], "steps": []})
+            cells[key]["acc"].append(ev["acc"])
+            cells[key]["exact_match"].append(ev["exact_match"])
+            cells[key]["steps"].append(r["steps"])
+    table = {
+        k: {m: _stats(v[m]) for m in ("acc", "exact_match", "steps")} for k, v in cells.items()
+    }
+    L0 = min(args.train_lengths)
+    gate_cell = table.get(f"mqar/{L0}/mla/{L0}")
+    gate = None
+    if gate_cell is not None:
+        gate = {
+            "acc": gate_cell["acc"]["mean"],
+            "passed": gate_cell["acc"]["mean"] > SANITY_THRESHOLD,
+        }
+    orderings = []
+    for key, cell in table.items():
+        task, L, model, Le = key.split("/")
+        if model != "kda":
+            continue
+        other = table.get(f"{task}/{L}/gdn/{Le}")
+        if other is not None:
+            a, b = cell["acc"]["mean"], other["acc"]["mean"]
+            orderings.append({
+                "task": task, "train_length": int(L), "eval_length": int(Le),
+                "claim": "KDA >= GDN-like (answer accuracy)", "kda": a, "gdn": b,
+                "reproduced": a >= b,
+            })  # fmt: skip
+            if Le == L:
+                sa, sb = cell["steps"]["mean"], other["steps"]["mean"]
+                orderings.append({
+                    "task": task, "train_length": int(L), "eval_length": int(Le),
+                    "claim": "KDA converges in no more steps than GDN-like", "kda": sa, "gdn": sb,
+                    "reproduced": sa <= sb,
+                })  # fmt: skip
+    return {"cells": table, "sanity_gate": gate, "orderings": orderings}
+
+
+def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) -> None:
+    gate = summary["sanity_gate"]
     lines = [
         "# Synthetic tasks: KDA vs GDN-like vs MLA vs 3:1 hybrid",
         "",
-        f"Generated by `{' '.join(['experiments/synthetic_tasks.py', *meta['argv']])}` on {meta['date']} "
-        f"({meta['device']}, torch {meta['torch']}, Python {meta['python']}).",
-        f"{meta['steps']} steps x batch {meta['batch_size']}, optimizer {meta['optimizer']} lr {meta['lr']}, "
-        f"seeds {meta['seeds']}; validation on {meta['num_val']} held-out examples per task and length.",
+        f"Generated by `{' '.join(['python experiments/synthetic_tasks.py', *meta['argv']])}` on "
+        f"{meta['date']} ({meta['device_name']}, torch {meta['torch']}).",
         "",
-        "Parameters (MLP width) per task vocabulary:",
+        "## Protocol",
         "",
-        *[
-            f"- {t}: "
-            + ", ".join(
-                f"{m} {meta['parameters'][t][m]:,} ({meta['mlp_width'][t][m]})" for m in models
-            )
-            for t in meta["parameters"]
-        ],
+        f"- Profile `{meta['profile']}`: {json.dumps(meta['base'])}; MLP widths matched to the "
+        "hybrid's parameter count (below). Task options: "
+        + "; ".join(f"{t} {json.dumps(kw)}" for t, kw in meta["tasks"].items())
+        + ".",
+        f"- Learning-rate sweep over {meta['lrs']} (same grid for every model) at training length "
+        f"{min(meta['train_lengths'])}, seed 0; chosen: best final answer accuracy at the "
+        "training length.",
+        f"- Seeds {meta['seeds']} at the chosen learning rate; training lengths "
+        f"{meta['train_lengths']}, evaluated at the training length and {meta['eval_factor']}x it.",
+        f"- Each run stops when the validation answer accuracy reaches {meta['target']} (checked "
+        f"every {meta['eval_every']} steps) or at the cap of {meta['max_steps']} steps; batch "
+        f"{meta['batch_size']}, {meta['optimizer']}, {meta['num_val']} validation examples.",
+        f"- Sanity gate: MLA-only answer accuracy on MQAR at length {min(meta['train_lengths'])} "
+        f"> {SANITY_THRESHOLD}.",
         "",
-        "Validation accuracy on the answer tokens / exact match (every answer of a sequence right), "
-        "mean over seeds:",
+        "Chosen learning rates: "
+        + ", ".join(f"{k} {v:g}" for k, v in meta["chosen_lr"].items())
+        + ".",
         "",
-        "| task | length | " + " | ".join(models) + " |",
-        "|---|---|" + "---|" * len(models),
+        "Parameters (MLP width): "
+        + "; ".join(
+            f"{t}: " + ", ".join(f"{m} {p:,} ({meta['mlp_width'][t][m]})" for m, p in ps.items())
+            for t, ps in meta["parameters"].items()
+        ),
+        "",
+        "## Sanity gate",
+        "",
     ]
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for L in sorted({r["seq_len"] for r in runs if r["task"] == task}):
-            cells = []
-            for m in models:
-                sel = [r for r in runs if (r["task"], r["seq_len"], r["model"]) == (task, L, m)]
-                acc = sum(r["val_acc"] for r in sel) / len(sel)
-                em = sum(r["val_exact_match"] for r in sel) / len(sel)
-                cells.append(f"{acc:.3f} / {em:.3f}")
-            lines.append(f"| {task} | {L} | " + " | ".join(cells) + " |")
+    if gate is None:
+        lines.append("Not evaluated (MQAR or the MLA model was not part of this run).")
+    else:
+        verdict = "passed" if gate["passed"] else "FAILED: the setup is wrong; no comparison below"
+        lines.append(f"MLA-only MQAR answer accuracy {gate['acc']:.3f}: {verdict}.")
     lines += [
         "",
-        "Wall time per run (s, training + evaluation):",
+        "## Results (mean +- std over seeds, at the chosen learning rate)",
         "",
-        "| task | length | " + " | ".join(models) + " |",
-        "|---|---|" + "---|" * len(models),
+        "| task | train length | eval length | model | answer accuracy | exact match | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for L in sorted({r["seq_len"] for r in runs if r["task"] == task}):
-            cells = []
-            for m in models:
-                sel = [
-                    r["wall_s"]
-                    for r in runs
-                    if (r["task"], r["seq_len"], r["model"]) == (task, L, m)
-                ]
-                cells.append(f"{sum(sel) / len(sel):.1f}")
-            lines.append(f"| {task} | {L} | " + " | ".join(cells) + " |")
-    lines += ["", f"Total wall time: {meta['total_wall_s']:.0f} s.", ""]
+    for key, c in summary["cells"].items():
+        task, L, model, Le = key.split("/")
+        a, e, s = c["acc"], c["exact_match"], c["steps"]
+        lines.append(
+            f"| {task} | {L} | {Le} | {model} | {a['mean']:.3f} +- {a['std']:.3f} | "
+            f"{e['mean']:.3f} +- {e['std']:.3f} | {s['mean']:.0f} (n={a['n']}) |"
+        )
+    lines += ["", "## The paper's orderings", ""]
+    if gate is not None and not gate["passed"]:
+        lines.append("Withheld: the sanity gate failed.")
+    elif not summary["orderings"]:
+        lines.append("Not evaluated (needs both the kda and the gdn model).")
+    else:
+        for o in summary["orderings"]:
+            lines.append(
+                f"- {o['task']}, trained at {o['train_length']}, evaluated at {o['eval_length']}: "
+                f"{o['claim']}: KDA {o['kda']:.3f} vs GDN-like {o['gdn']:.3f}: "
+                + ("reproduced" if o["reproduced"] else "NOT reproduced")
+            )
+    lines += ["", f"Total training time of this session: {meta['session_s']:.0f} s.", ""]
     path.write_text("\n".join(lines))
 
 
-def plot(path: Path, runs: list[dict[str, Any]]) -> None:
+def plot(path: Path, summary: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    lengths = sorted({r["seq_len"] for r in runs})
-    fig, axes = plt.subplots(
-        len(tasks),
-        len(lengths),
-        figsize=(4.2 * len(lengths), 3.0 * len(tasks)),
-        squeeze=False,
-        sharey=True,
-    )
+    tasks = list(dict.fromkeys(k.split("/")[0] for k in summary["cells"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     colors = {"kda": "C0", "gdn": "C1", "mla": "C2", "hybrid": "C3"}
-    for i, task in enumerate(tasks):
-        for j, L in enumerate(lengths):
-            ax = axes[i][j]
-            for m in colors:
-                sel = [r for r in runs if (r["task"], r["seq_len"], r["model"]) == (task, L, m)]
-                for k, r in enumerate(sel):
-                    steps = [h["step"] for h in r["history"]]
-                    acc = [h["acc"] for h in r["history"]]
-                    ax.plot(
-                        steps, acc, color=colors[m], marker="o", ms=3, label=m if k == 0 else None
-                    )
-            ax.set_title(f"{task}, length {L}")
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-            if i == len(tasks) - 1:
-                ax.set_xlabel("training step")
-            if j == 0:
-                ax.set_ylabel("val accuracy (answers)")
-    axes[0][0].legend(loc="upper left", fontsize=8)
+    for ax, task in zip(axes[0], tasks):
+        series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+        for key, c in summary["cells"].items():
+            t, L, model, Le = key.split("/")
+            if t == task:
+                series.setdefault((model, L), []).append(
+                    (int(Le), c["acc"]["mean"], c["acc"]["std"])
+                )
+        for (model, L), pts in series.items():
+            pts.sort()
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                color=colors.get(model), marker="o", capsize=3, label=f"{model} (trained at {L})",
+            )  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(task)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel("answer accuracy (mean +- std)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring for the protocol and the two profiles.",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--profile", default=None, choices=list(PROFILES),
+                   help="settings (default: cpu on CPU, paper on CUDA)")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", default=["mqar", "palindrome", "stack"],
+                   choices=["mqar", "palindrome", "stack"])  # fmt: skip
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--train-lengths", nargs="+", type=int, default=None)
+    p.add_argument("--eval-factor", type=int, default=2, help="longer evaluation length / train")
+    p.add_argument("--lrs", nargs="+", type=float, default=None, help="learning-rate grid")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max-steps", type=int, default=None, help="step cap (same for all)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--target", type=float, default=0.99, help="convergence: answer accuracy")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-val", type=int, default=None)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muonclip"])
+    p.add_argument("--precision", default=None, help="default: 32-true on CPU, bf16-mixed on CUDA")
+    p.add_argument("--kda-backend", default=None, choices=KDA_BACKENDS,
+                   help="default: torch on CPU, auto on CUDA")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    p.add_argument("--out-dir", default=None,
+                   help="output folder (default experiments/results; --quick: .../quick)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: MQAR at length 32, 4 steps, 2 learning rates, 2 seeds")  # fmt: skip
+    args = p.parse_args(argv)
+    args.profile = args.profile or ("paper" if args.device == "cuda" else "cpu")
+    prof = PROFILES[args.profile]
+    for name in ("train_lengths", "lrs", "max_steps", "eval_every", "batch_size", "num_val"):
+        if getattr(args, name) is None:
+            setattr(args, name, prof[name])
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    args.kda_backend = args.kda_backend or ("auto" if args.device == "cuda" else "torch")
+    args.tasks_kwargs = dict(prof["tasks"])
+    if args.quick:
+        args.tasks, args.train_lengths, args.lrs, args.seeds = ["mqar"], [32], [1e-3, 3e-3], [0, 1]
+        args.max_steps, args.eval_every, args.batch_size, args.num_val = 4, 2, 8, 16
+        args.tasks_kwargs["mqar"] = {"num_kv_pairs": 4, "num_tokens": 64}
+    for name in ("max_steps", "eval_every", "batch_size", "num_val", "threads", "eval_factor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(L < 1 for L in args.train_lengths):
+        p.error(f"--train-lengths must be positive, got {args.train_lengths}")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        p.error(f"--lrs must be positive, got {args.lrs}")
+    if not 0 < args.target <= 1:
+        p.error(f"--target must be in (0, 1], got {args.target}")
+    if 0 not in args.seeds:
+        p.error(f"--seeds must include 0 (the sweep's seed), got {args.seeds}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--lengths", nargs="+", type=int, default=[64, 128])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muonclip"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--num_val", type=int, default=128)
-    p.add_argument("--evals", type=int, default=4, help="validation runs during training")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--kda_backend", default="torch", choices=["torch", "auto", "triton", "fla"])
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
-    p.add_argument(
-        "--out_dir",
-        "--out-dir",
-        dest="out_dir",
-        default=None,
-        help="output folder (default experiments/results, quick: experiments/results/quick)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a few steps of one task at one length (smoke test)"
-    )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.tasks, args.lengths, args.steps, args.batch_size = ["mqar"], [32], 4, 8
-        args.num_val, args.evals, args.seeds = 8, 2, [0]
-        TASKS["mqar"] = {"num_kv_pairs": 4, "num_tokens": 64}
-    for name in ("steps", "batch_size", "num_val", "evals", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.accelerator == "cpu":
+    args = parse_args(argv)
+    if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    out = (
-        Path(args.out_dir)
-        if args.out_dir is not None
-        else Path(__file__).resolve().parent / "results"
-    )
-    if args.out_dir is None and args.quick:  # a smoke run never overwrites the published results
-        out = out / "quick"
-    out.mkdir(parents=True, exist_ok=True)
+    # one progress line per run instead of Lightning's per-fit banners
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    root = Path(__file__).resolve().parent / "results"
+    out = Path(args.out_dir) if args.out_dir is not None else root / ("quick" if args.quick else "")
+    folder = out / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
 
-    runs: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    meta_params: dict[str, dict[str, int]] = {}
-    meta_width: dict[str, dict[str, int]] = {}
+    matched, meta_params, meta_width = {}, {}, {}
     for task in args.tasks:
         vocab = SyntheticDataModule(
-            task=task, seq_len=max(args.lengths), task_kwargs=TASKS[task]
+            task=task, seq_len=max(args.train_lengths), task_kwargs=args.tasks_kwargs[task]
         ).vocab_size
-        matched = matched_overrides(vocab, args.kda_backend)
-        for L in args.lengths:
-            for seed in args.seeds:
-                for model in args.models:
-                    ov, n_params = matched[model]
-                    meta_params.setdefault(task, {})[model] = n_params
-                    meta_width.setdefault(task, {})[model] = ov["intermediate_size"]
-                    r = run_one(model, ov, task, L, seed, args)
-                    runs.append(r)
-                    print(
-                        f"{task:10s} L={L:<5d} seed={seed} {model:7s} params={r['parameters']:,} "
-                        f"acc={r['val_acc']:.3f} exact={r['val_exact_match']:.3f} "
-                        f"loss={r['val_loss']:.3f} ({r['wall_s']:.1f} s)",
-                        flush=True,
-                    )
-    total = time.perf_counter() - t_start
-    device = (
+        matched[task] = matched_overrides(vocab, args.kda_backend, args.profile)
+        meta_params[task] = {m: matched[task][m][1] for m in args.models}
+        meta_width[task] = {m: matched[task][m][0]["intermediate_size"] for m in args.models}
+
+    L0 = min(args.train_lengths)
+    sweep = [(t, L0, m, lr, 0) for t in args.tasks for m in args.models for lr in args.lrs]
+    n_final = len(args.tasks) * len(args.models) * (len(args.train_lengths) * len(args.seeds) - 1)
+    progress = Progress(len(sweep) + n_final, enabled=not args.no_progress)
+    runs: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+
+    def do(task: str, L: int, model: str, lr: float, seed: int) -> dict[str, Any]:
+        ov = matched[task][model][0]
+        key = run_key(task, L, model, lr, seed)
+        result, seconds = run_or_load(
+            folder, key, settings(args, task, ov),
+            lambda: run_one(task, L, model, lr, seed, ov, args),
+        )  # fmt: skip
+        acc = result["eval"][str(L)]["acc"]
+        progress.update(
+            f"{key}: acc {acc:.3f}, {result['steps']} steps"
+            + (" (saved)" if seconds is None else f" ({seconds:.0f} s)"),
+            seconds,
+        )
+        runs.append(result)
+        return result
+
+    chosen: dict[str, float] = {}
+    for task in args.tasks:
+        for model in args.models:
+            results = [do(task, L0, model, lr, 0) for lr in args.lrs]
+            best = max(results, key=lambda r: (r["eval"][str(L0)]["acc"], -r["lr"]))
+            chosen[f"{task}/{model}"] = best["lr"]
+    for task in args.tasks:
+        for L in args.train_lengths:
+            for model in args.models:
+                for seed in args.seeds:
+                    if (L, seed) != (L0, 0):
+                        do(task, L, model, chosen[f"{task}/{model}"], seed)
+
+    summary = summarize(runs, chosen, args)
+    device_name = (
         torch.cuda.get_device_name()
-        if args.accelerator == "gpu" and torch.cuda.is_available()
-        else (f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))")
+        if args.device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
     )
     meta = {
-        "argv": argv,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": device,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "optimizer": args.optimizer,
-        "seeds": args.seeds,
-        "num_val": args.num_val,
-        "lengths": args.lengths,
-        "tasks": {t: TASKS[t] for t in args.tasks},
-        "models": {m: MODELS[m] for m in args.models},
-        "base": BASE,
-        "parameters": meta_params,
-        "mlp_width": meta_width,
-        "total_wall_s": round(total, 1),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }
+        "argv": argv, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device_name": device_name, "torch": torch.__version__, "profile": args.profile,
+        "base": PROFILES[args.profile]["base"], "tasks": {t: args.tasks_kwargs[t] for t in args.tasks},
+        "train_lengths": args.train_lengths, "eval_factor": args.eval_factor, "lrs": args.lrs,
+        "seeds": args.seeds, "max_steps": args.max_steps, "eval_every": args.eval_every,
+        "target": args.target, "batch_size": args.batch_size, "num_val": args.num_val,
+        "optimizer": args.optimizer, "precision": args.precision, "kda_backend": args.kda_backend,
+        "chosen_lr": chosen, "parameters": meta_params, "mlp_width": meta_width,
+        "session_s": round(time.perf_counter() - t_start, 1),
+    }  # fmt: skip
     (out / "synthetic_tasks.json").write_text(
-        json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n"
+        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n"
     )
-    write_markdown(out / "synthetic_tasks.md", meta, runs)
-    plot(out / "synthetic_tasks.png", runs)
-    print(f"wrote {out / 'synthetic_tasks.json'}, .md and .png in {total:.0f} s")
+    write_markdown(out / "synthetic_tasks.md", meta, summary)
+    plot(out / "synthetic_tasks.png", summary)
+    gate = summary["sanity_gate"]
+    if gate is not None:
+        print(f"sanity gate (MLA-only MQAR accuracy > {SANITY_THRESHOLD}): "
+              f"{'passed' if gate['passed'] else 'FAILED'} ({gate['acc']:.3f})")  # fmt: skip
+    print(f"wrote {out / 'synthetic_tasks.json'}, .md and .png")
     return 0
 
 

@@ -5,13 +5,28 @@ they compile for a GPU: loop-carried types, layouts, shared-memory budgets are o
 the real compiler. This tool runs Triton's ahead-of-time compiler (its bundled ``ptxas``) for a
 chosen architecture, with the constexpr values the launchers use and each kernel's first
 autotune config (block sizes, warps, stages; ``--num-warps`` / ``--num-stages`` override the
-last two), and prints shared memory, registers and stack/local (spill) bytes per thread per
-kernel (``cuobjdump``)::
+last two), and prints per kernel::
 
     python -m kimi_linear.kernels.compile_check --arch 90 --dtype bf16 --head-dim 128
 
-Kernels are jitted at import, so under ``TRITON_INTERPRET=1`` the tool re-executes itself
-without it. Exit code 1 when a kernel fails to compile.
+- ``num_warps``, shared memory per block (bytes), registers and stack/local (spill) bytes per
+  thread (``cuobjdump``);
+- ``mma``: the tensor-core instruction kinds in the PTX, ``<instruction>.<operand type>``
+  (``wgmma.bf16``: Hopper warpgroup MMA on bf16 operands; ``mma.tf32``: Ampere-style
+  ``mma.sync`` on TF32 operands); empty when the products run on the FMA units;
+- ``ctas_per_sm``: resident CTAs per SM from registers, shared memory and warps against the
+  architecture's limits (:data:`ARCH_LIMITS`, the CUDA occupancy rules: registers allocated per
+  warp in 256-register units from four sub-partitions, 1 KiB of shared memory reserved per CTA,
+  the largest shared-memory carveout), and which of the three limits it (``limited_by``).
+
+``--targets`` also checks the performance targets (:func:`target_misses`: no TF32 products for
+16-bit inputs, no spills, every chunk kernel at least 2 CTAs per SM) and lists the misses.
+
+Exit code 1 when a kernel fails to compile, or cannot be resident on an SM (``ctas_per_sm`` 0:
+more shared memory per block than the architecture allows, or more registers than an SM has;
+the compiler accepts such a kernel, its launch would fail), or with ``--targets`` when one is
+missed. Kernels are
+jitted at import, so under ``TRITON_INTERPRET=1`` the tool re-executes itself without it.
 """
 
 from __future__ import annotations
@@ -34,12 +49,132 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from . import chunk_bwd, chunk_fwd, fused_recurrent
-from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, dot_precision, interpret_mode, next_pow2
+from .utils import (
+    CHUNK_SIZE,
+    MAX_HEAD_DIM,
+    SUB_CHUNK_SIZE,
+    dot_precision,
+    interpret_mode,
+    next_pow2,
+)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments holding the caller's tensors (input dtype); every other pointer is an fp32 buffer.
 _IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq", "dk", "qg", "kg"}
+# Intermediates the chunk kernels store in the input dtype (tensor-core operands only), and the
+# chunk states / state gradients, stored in utils.state_dtype (bf16 for fp16 inputs).
+_IO_ARGS |= {"Aqk", "Ainv", "W", "delta"}
+_STATE_ARGS = {"h", "dh"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    """Per-SM and per-block resource limits of a compute capability (CUDA programming guide,
+    "Technical Specifications per Compute Capability")."""
+
+    max_shared_per_block: int  #: bytes, with the opt-in carveout
+    shared_per_sm: int  #: bytes, the largest carveout
+    max_warps_per_sm: int
+    max_ctas_per_sm: int
+    registers_per_sm: int = 65536
+    reserved_shared_per_cta: int = 1024  #: bytes the driver keeps per CTA (sm_80 and later)
+    shared_alloc_unit: int = 128
+    register_alloc_unit: int = 256  #: registers, allocated per warp
+    sub_partitions: int = 4  #: the register file is split between four schedulers
+
+
+KB = 1024
+#: Limits of the architectures the tool compiles for (``--arch``).
+ARCH_LIMITS: dict[int, ArchLimits] = {
+    80: ArchLimits(163 * KB, 164 * KB, max_warps_per_sm=64, max_ctas_per_sm=32),  # A100
+    86: ArchLimits(99 * KB, 100 * KB, max_warps_per_sm=48, max_ctas_per_sm=16),  # RTX 30xx, A10
+    89: ArchLimits(99 * KB, 100 * KB, max_warps_per_sm=48, max_ctas_per_sm=24),  # L4, L40, RTX 40xx
+    90: ArchLimits(227 * KB, 228 * KB, max_warps_per_sm=64, max_ctas_per_sm=32),  # H100, H200
+    100: ArchLimits(227 * KB, 228 * KB, max_warps_per_sm=64, max_ctas_per_sm=32),  # B200
+}
+
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.m\d+n\d+k\d+((?:\.\w+)+)")
+_LAYOUTS = {"row", "col"}
+
+
+def mma_kinds(ptx: str) -> list[str]:
+    """Sorted tensor-core instruction kinds in ``ptx``: ``"wgmma.<A type>"`` or ``"mma.<A type>"``.
+
+    ``wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16`` gives ``wgmma.bf16``;
+    ``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`` gives ``mma.tf32`` (the first type
+    after the shape is the accumulator's, the second the A operand's).
+    """
+    kinds = set()
+    for op, tail in _MMA.findall(ptx):
+        types = [t for t in tail.strip(".").split(".") if t not in _LAYOUTS]
+        if len(types) >= 2:
+            kinds.add(f"{'wgmma' if op.startswith('wgmma') else 'mma'}.{types[1]}")
+    return sorted(kinds)
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def ctas_per_sm(
+    arch: int, num_warps: int, registers: int | None, shared: int
+) -> tuple[int, str] | tuple[None, None]:
+    """(resident CTAs per SM, the limiting resource) for a kernel on ``sm_<arch>``.
+
+    The smallest of the limits by registers (``registers`` per thread, allocated per warp in
+    256-register units from four sub-partitions of the register file), by shared memory
+    (``shared`` bytes + 1 KiB reserved per CTA, 128-byte units, against the largest carveout),
+    by resident warps and by resident CTAs. 0 when one CTA does not fit (``"shared"`` when the
+    block needs more shared memory than the architecture allows per block). ``(None, None)``
+    without a register count or for an architecture not in :data:`ARCH_LIMITS`.
+    """
+    lim = ARCH_LIMITS.get(arch)
+    if lim is None or registers is None:
+        return None, None
+    if shared > lim.max_shared_per_block:
+        return 0, "shared"
+    per_warp = _round_up(max(registers, 1) * 32, lim.register_alloc_unit)
+    warps_by_regs = (lim.registers_per_sm // lim.sub_partitions // per_warp) * lim.sub_partitions
+    per_cta_shared = _round_up(shared + lim.reserved_shared_per_cta, lim.shared_alloc_unit)
+    limits = {
+        "registers": warps_by_regs // num_warps,
+        "shared": lim.shared_per_sm // per_cta_shared,
+        "warps": lim.max_warps_per_sm // num_warps,
+        "ctas": lim.max_ctas_per_sm,
+    }
+    name = min(limits, key=lambda k: limits[k])
+    return limits[name], name
+
+
+def target_misses(results: list[Result], dtype: str, min_ctas: int = 2) -> list[str]:
+    """The performance targets a compile report misses (empty: all met).
+
+    For 16-bit inputs no TF32 tensor-core instruction (products on bf16/fp16 operands); no
+    spill bytes in any kernel; every chunked-path kernel (all but the decode kernel,
+    ``*fused_recurrent*``) at least ``min_ctas`` resident CTAs per SM.
+    """
+    misses = []
+    for r in results:
+        if not r.ok:
+            misses.append(f"{r.kernel}: does not compile")
+            continue
+        if dtype != "fp32" and any(kind.endswith(".tf32") for kind in r.mma):
+            misses.append(
+                f"{r.kernel}: TF32 tensor-core products ({', '.join(r.mma)}) on {dtype} inputs"
+            )
+        if r.local_bytes:
+            misses.append(f"{r.kernel}: {r.local_bytes} spill bytes/thread")
+        if (
+            "fused_recurrent" not in r.kernel
+            and r.ctas_per_sm is not None
+            and r.ctas_per_sm < min_ctas
+        ):
+            misses.append(
+                f"{r.kernel}: {r.ctas_per_sm} CTA(s)/SM (limited by {r.limited_by}), "
+                f"target >= {min_ctas}"
+            )
+    return misses
 
 
 @dataclass
@@ -50,6 +185,14 @@ class Result:
     registers: int | None = None
     local_bytes: int | None = None
     error: str | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    mma: list[str] = dataclasses.field(default_factory=list)
+    ctas_per_sm: int | None = None
+    limited_by: str | None = None
+    #: a CTA fits on an SM: shared memory per block within the architecture's limit, and
+    #: registers for all its warps
+    fits: bool | None = None
 
 
 def _jit_fn(kernel: Any) -> JITFunction:
@@ -71,6 +214,8 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
             sig[name] = "*i32"
         elif name in _IO_ARGS:
             sig[name] = "*" + dtype
+        elif name in _STATE_ARGS:
+            sig[name] = "*" + ("bf16" if dtype == "fp16" else dtype)
         else:
             sig[name] = "*fp32"
     return sig
@@ -128,7 +273,7 @@ def kernel_specs(
     prec = dot_precision(_DTYPES[dtype])
     state = dict(K=K, V=V, BT=BT, BK=BK, BKS=BKS, DOT_PREC=prec)
     launches = [
-        (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BKS)),
+        (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BKS, G_FLOOR=chunk_fwd.G_FLOOR)),
         (
             chunk_fwd._intra_fwd_kernel,
             dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec),
@@ -136,7 +281,15 @@ def kernel_specs(
         (
             chunk_fwd._solve_wy_kernel,
             dict(
-                K=K, V=V, BT=BT, BC=BC, BK=BKS, BV=min(next_pow2(V), 64), HAS_DO=True, DOT_PREC=prec
+                K=K,
+                V=V,
+                BT=BT,
+                BC=BC,
+                BK=BKS,
+                BV=min(next_pow2(V), 64),
+                HAS_DO=True,
+                SOLVE=True,
+                DOT_PREC=prec,
             ),
         ),
         (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True)),
@@ -174,7 +327,19 @@ def check(
     """Compile all kernels for ``sm_<arch>``; one :class:`Result` per kernel variant.
 
     ``num_warps`` / ``num_stages`` override the per-kernel defaults.
+
+    Raises:
+        ValueError: ``arch`` not in :data:`ARCH_LIMITS`, ``dtype`` not one of bf16/fp16/fp32, or
+            head dims outside ``[1, 256]``.
     """
+    if arch not in ARCH_LIMITS:
+        raise ValueError(f"arch must be one of {sorted(ARCH_LIMITS)}, got {arch!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    for name, d in (("head_dim_k", head_dim_k), ("head_dim_v", head_dim_v or head_dim_k)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be in [1, {MAX_HEAD_DIM}], got {d}")
+    limit = ARCH_LIMITS[arch].max_shared_per_block
     target = GPUTarget("cuda", arch, 32)
     results = []
     for kernel, constexprs, warps, stages in kernel_specs(
@@ -189,19 +354,52 @@ def check(
             results.append(Result(fn.__name__, False, error=f"{type(e).__name__}: {e}"))
             continue
         regs, spills = _resource_usage(compiled.asm["cubin"])
-        results.append(Result(fn.__name__, True, compiled.metadata.shared, regs, spills))
+        meta = compiled.metadata
+        ctas, limiter = ctas_per_sm(arch, meta.num_warps, regs, meta.shared)
+        results.append(
+            Result(
+                fn.__name__,
+                True,
+                meta.shared,
+                regs,
+                spills,
+                num_warps=meta.num_warps,
+                num_stages=meta.num_stages,
+                mma=mma_kinds(compiled.asm["ptx"]),
+                ctas_per_sm=ctas,
+                limited_by=limiter,
+                fits=meta.shared <= limit and ctas != 0,
+            )
+        )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 90, ...)")
+    p.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=sorted(ARCH_LIMITS),
+        help="compute capability x10",
+    )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    p.add_argument("--head-dim", type=int, default=128, help="K (and V unless --value-dim)")
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        default=128,
+        help=f"K (and V unless --value-dim), 1 to {MAX_HEAD_DIM}",
+    )
     p.add_argument("--value-dim", type=int, default=None, help="V when it differs from K")
     p.add_argument("--num-warps", type=int, default=None, help="override every kernel's num_warps")
     p.add_argument(
         "--num-stages", type=int, default=None, help="override every kernel's num_stages"
+    )
+    p.add_argument(
+        "--targets",
+        action="store_true",
+        help="also check the performance targets (16-bit inputs: no TF32 products; no spills; "
+        "chunk kernels >= 2 CTAs/SM) and exit 1 when one is missed",
     )
     p.add_argument(
         "--save",
@@ -210,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also write PREFIX.json and PREFIX.md (e.g. benchmarks/results/cpu/kernels.compile_sm90)",
     )
     args = p.parse_args(argv)
+    for flag, value in (("--head-dim", args.head_dim), ("--value-dim", args.value_dim)):
+        if value is not None and not 1 <= value <= MAX_HEAD_DIM:
+            p.error(f"{flag} must be in [1, {MAX_HEAD_DIM}], got {value}")
+    for flag, value in (("--num-warps", args.num_warps), ("--num-stages", args.num_stages)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.num_warps is not None and args.num_warps & (args.num_warps - 1):
+        p.error(f"--num-warps must be a power of two, got {args.num_warps}")
     if interpret_mode():  # the kernels were jitted for the interpreter: start again without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [
@@ -228,26 +434,52 @@ def main(argv: list[str] | None = None) -> int:
         f"triton {triton.__version__}"
     )
     dash = lambda x: "-" if x is None else str(x)
+    limit = ARCH_LIMITS[args.arch].max_shared_per_block
     lines = [
         title,
         "",
-        "| kernel | compiles | shared bytes | registers/thread | spill bytes/thread |",
-        "|---|---|---|---|---|",
+        "| kernel | compiles | num_warps | shared bytes | registers/thread | spill bytes/thread "
+        "| mma | CTAs/SM (limited by) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        shared = dash(r.shared) + ("" if r.fits in (True, None) else f" (> {limit}: too much)")
+        ctas = "-" if r.ctas_per_sm is None else f"{r.ctas_per_sm} ({r.limited_by})"
         lines.append(
-            f"| {r.kernel} | {'yes' if r.ok else 'NO'} | {dash(r.shared)} | {dash(r.registers)} | "
-            f"{dash(r.local_bytes)} |"
+            f"| {r.kernel} | {'yes' if r.ok else 'NO'} | {dash(r.num_warps)} | {shared} | "
+            f"{dash(r.registers)} | {dash(r.local_bytes)} | {', '.join(r.mma) or 'none (FMA)'} | "
+            f"{ctas} |"
         )
-    print("\n".join(lines))
+    problems = [f"{r.kernel}: {r.error}" for r in results if r.error]
     for r in results:
-        if r.error:
-            print(f"{r.kernel}: {r.error}")
+        if r.fits is False and r.shared is not None and r.shared > limit:
+            problems.append(
+                f"{r.kernel}: needs {r.shared} bytes of shared memory per block, more than "
+                f"sm_{args.arch} allows ({limit}); a launch would fail"
+            )
+        elif r.fits is False:
+            problems.append(
+                f"{r.kernel}: {r.registers} registers/thread x {r.num_warps} warps exceed the "
+                f"register file of an sm_{args.arch} SM; a launch would fail"
+            )
+    lines += ["", *problems] if problems else []
+    misses = target_misses(results, args.dtype) if args.targets else []
+    if args.targets:
+        lines += ["", "targets: all met"] if not misses else ["", "targets missed:"]
+        lines += [f"- {m}" for m in misses]
+    print("\n".join(lines))
     if args.save:
         os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
         with open(args.save + ".md", "w") as f:
+            command = " ".join(
+                [
+                    "python -m kimi_linear.kernels.compile_check",
+                    *(sys.argv[1:] if argv is None else argv),
+                ]
+            )
             f.write(
                 "# KDA kernels compiled ahead of time (no GPU): resources\n\n"
+                + f"`{command}`\n\n"
                 + "\n".join(lines)
                 + "\n"
             )
@@ -257,11 +489,12 @@ def main(argv: list[str] | None = None) -> int:
                     "args": vars(args),
                     "triton": triton.__version__,
                     "results": [dataclasses.asdict(r) for r in results],
+                    "target_misses": misses if args.targets else None,
                 },
                 f,
                 indent=2,
             )
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if all(r.ok and r.fits is not False for r in results) and not misses else 1
 
 
 if __name__ == "__main__":

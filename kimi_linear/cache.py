@@ -6,7 +6,9 @@
 * An MLA layer holds, per token, only the normalised latent ``c_kv`` (``kv_lora_rank``) and the
   shared rope key (``qk_rope_head_dim``): :class:`LatentKVCache`.
 
-:class:`HybridCache` is the per-model list of those, plus the number of tokens already seen.
+:class:`HybridCache` is the per-model list of those, plus the number of tokens already seen and,
+for left-padded batches (:mod:`kimi_linear.packing`), the number of pads at the start of each
+row (``pad_lengths``), so that every later block keeps the pads masked.
 Its :meth:`HybridCache.nbytes` counts the bytes its tensors hold; with ``capacity`` equal to the
 context it equals :meth:`KimiLinearConfig.kv_cache_bytes` exactly.
 """
@@ -116,16 +118,25 @@ class LatentKVCache:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def index_select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (in place): latents and rope keys alike."""
         self.latent = self.latent.index_select(0, index)
         self.k_rope = self.k_rope.index_select(0, index)
 
 
 class HybridCache:
-    """All layers' decode caches of one model, in layer order, and the tokens seen so far."""
+    """All layers' decode caches of one model, in layer order, and the tokens seen so far.
+
+    Attributes:
+        seq_len: tokens per row seen so far (pads included).
+        pad_lengths: ``None``, or ``[B]`` long: how many of each row's first tokens are left
+            padding (set by a forward with ``attention_mask``; the model keeps those tokens
+            out of every layer's state and attention).
+    """
 
     def __init__(self, layers: list[KDALayerCache | LatentKVCache]) -> None:
         self.layers = layers
         self.seq_len = 0
+        self.pad_lengths: torch.Tensor | None = None
 
     @classmethod
     def from_config(
@@ -180,8 +191,18 @@ class HybridCache:
         return sum(layer.nbytes() for layer in self.layers)
 
     def index_select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` of every layer (in place), e.g. to drop finished
+        sequences from a batch being decoded; ``index`` is a 1-D long tensor of row numbers."""
+        if (
+            not isinstance(index, torch.Tensor)
+            or index.dim() != 1
+            or index.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError(f"index must be a 1-D integer tensor of batch rows, got {index!r}")
         for layer in self.layers:
             layer.index_select(index)
+        if self.pad_lengths is not None:
+            self.pad_lengths = self.pad_lengths.index_select(0, index)
 
     def __len__(self) -> int:
         return len(self.layers)

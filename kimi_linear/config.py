@@ -15,15 +15,15 @@ Sources for the published shapes: the Kimi-Linear-48B-A3B release ``config.json`
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kimi_linear.errors import did_you_mean
+from kimi_linear.ops.backend import KDA_BACKENDS, check_kda_backend
+
 LAYER_TYPES = ("kda", "mla")
-KDA_BACKENDS = ("auto", "torch", "triton", "fla")
 KDA_GATES = ("channel", "head")
 
 
@@ -57,8 +57,12 @@ class KimiLinearConfig:
     kda_head_dim: int = 128  # d_k = d_v, as released (``linear_attn_config.head_dim``)
     kda_conv_size: int = 4  # ``short_conv_kernel_size``
     kda_gate: Literal["channel", "head"] = "channel"  # "head": GDN-like scalar gate per head
-    kda_backend: Literal["auto", "torch", "triton", "fla"] = "auto"
+    kda_backend: str = "auto"  # one of kimi_linear.ops.backend.KDA_BACKENDS
     kda_chunk_size: int = 64
+    # decay gate: None = the release gate ``-exp(A_log) * softplus(x + dt_bias)``; a value in
+    # [-5, 0) = fla's bounded "safe gate" ``lower_bound * sigmoid(exp(A_log) * (x + dt_bias))``
+    # (``linear_attn_config.gate_lower_bound`` in config.json; see kimi_linear.ops.gate)
+    kda_gate_lower_bound: float | None = None
     # --- MLA (multi-head latent attention) -----------------------------------------------
     num_attention_heads: int = 32
     q_lora_rank: int | None = None
@@ -75,6 +79,9 @@ class KimiLinearConfig:
     num_shared_experts: int = 1
     moe_intermediate_size: int = 1024
     first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1  # MoE at layers i >= first_k_dense_replace with i % freq == 0
+    num_expert_group: int = 1  # grouped (node-limited) routing, DeepSeek-V3; 1 = plain top-k
+    topk_group: int = 1  # groups kept per token when num_expert_group > 1
     routed_scaling_factor: float = 2.446
     moe_renormalize: bool = True
     moe_bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing
@@ -122,6 +129,9 @@ class KimiLinearConfig:
             "v_head_dim",
             "intermediate_size",
             "moe_intermediate_size",
+            "moe_layer_freq",
+            "num_expert_group",
+            "topk_group",
         ):
             positive(name)
         for name in (
@@ -157,15 +167,48 @@ class KimiLinearConfig:
             raise ValueError(
                 f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}"
             )
-        if self.kda_backend not in KDA_BACKENDS:
+        lb = self.kda_gate_lower_bound
+        if lb is not None and (
+            isinstance(lb, bool)
+            or not isinstance(lb, (int, float))
+            or not math.isfinite(lb)
+            or not -5.0 <= lb < 0.0
+        ):
             raise ValueError(
-                f"KimiLinearConfig.kda_backend must be one of {KDA_BACKENDS}, got {self.kda_backend!r}"
+                "KimiLinearConfig.kda_gate_lower_bound must be None (the release softplus gate) "
+                f"or a number in [-5, 0) (the safe gate), got {lb!r}"
             )
+        check_kda_backend(self.kda_backend, "KimiLinearConfig.kda_backend")
         if self.num_experts > 0:
             if not 1 <= self.num_experts_per_token <= self.num_experts:
                 raise ValueError(
                     "KimiLinearConfig.num_experts_per_token must be in [1, num_experts="
                     f"{self.num_experts}], got {self.num_experts_per_token!r}"
+                )
+            if self.num_experts % self.num_expert_group:
+                raise ValueError(
+                    f"KimiLinearConfig.num_expert_group must divide num_experts={self.num_experts}, "
+                    f"got {self.num_expert_group}"
+                )
+            if self.num_expert_group > 1 and self.num_experts // self.num_expert_group < 2:
+                raise ValueError(
+                    "KimiLinearConfig.num_expert_group: grouped routing scores a group by its top-2 "
+                    f"experts, so groups need >= 2 experts; got {self.num_experts} experts in "
+                    f"{self.num_expert_group} groups"
+                )
+            if self.topk_group > self.num_expert_group:
+                raise ValueError(
+                    f"KimiLinearConfig.topk_group must be in [1, num_expert_group={self.num_expert_group}], "
+                    f"got {self.topk_group}"
+                )
+            if (
+                self.topk_group * (self.num_experts // self.num_expert_group)
+                < self.num_experts_per_token
+            ):
+                raise ValueError(
+                    f"KimiLinearConfig.topk_group={self.topk_group} groups of "
+                    f"{self.num_experts // self.num_expert_group} experts hold fewer than "
+                    f"num_experts_per_token={self.num_experts_per_token} experts"
                 )
             if self.first_k_dense_replace > self.num_hidden_layers:
                 raise ValueError(
@@ -214,7 +257,13 @@ class KimiLinearConfig:
         return [i for i, t in enumerate(self.layer_kinds) if t == "mla"]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
+        """Whether layer ``layer_idx`` (0-based) has a routed MoE (DeepSeek-V3's rule:
+        ``layer_idx >= first_k_dense_replace and layer_idx % moe_layer_freq == 0``)."""
+        return (
+            self.num_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
 
     @property
     def qk_head_dim(self) -> int:
@@ -284,15 +333,16 @@ class KimiLinearConfig:
     def from_preset(cls, name: str, **overrides: Any) -> KimiLinearConfig:
         """A named preset (see :data:`PRESETS`), optionally with fields overridden."""
         if name not in PRESETS:
-            close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}{hint}")
+            raise ValueError(
+                f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
+                f"{did_you_mean(name, PRESETS)}"
+            )
         fields = [f.name for f in dataclasses.fields(cls)]
         for key in overrides:
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"from_preset: unknown KimiLinearConfig field {key!r}{hint}")
+                raise ValueError(
+                    f"from_preset: unknown KimiLinearConfig field {key!r}{did_you_mean(key, fields)}"
+                )
         kwargs = dict(PRESETS[name])
         kwargs.update(overrides)
         return cls(name=name, **kwargs) if "name" not in kwargs else cls(**kwargs)
@@ -304,149 +354,23 @@ class KimiLinearConfig:
     # ------------------------------------------------------------------ HF interop
     @classmethod
     def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> KimiLinearConfig:
-        """Read a released Kimi-Linear ``config.json`` (a path to it, its folder, or the dict)."""
-        if isinstance(path_or_dict, dict):
-            hf = dict(path_or_dict)
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise ValueError(f"path_or_dict: no config.json at {path!r}")
-            with open(path) as f:
-                hf = json.load(f)
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ValueError(f"path_or_dict: config.json lacks required keys {missing}")
-        n = hf["num_hidden_layers"]
-        lin = hf.get("linear_attn_config") or {}
-        if lin:
-            full = [int(i) for i in lin.get("full_attn_layers") or []]
-            kda = [int(i) for i in lin.get("kda_layers") or []]
-            bad = [i for i in full + kda if not 1 <= i <= n]
-            if bad:
-                raise ValueError(
-                    f"path_or_dict: linear_attn_config layer ids are 1-based in [1, {n}], got {bad}"
-                )
-            kinds = [
-                "kda" if (i + 1) in kda or (not kda and (i + 1) not in full) else "mla"
-                for i in range(n)
-            ]
-            for i in full:
-                kinds[i - 1] = "mla"
-            layer_types = tuple(kinds)
-        else:
-            layer_types = ("mla",) * n
-        if hf.get("moe_router_activation_func", "sigmoid") != "sigmoid":
-            raise ValueError(
-                "path_or_dict: moe_router_activation_func must be 'sigmoid', got "
-                f"{hf['moe_router_activation_func']!r}"
-            )
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"path_or_dict: hidden_act must be 'silu', got {hf['hidden_act']!r}")
-        head_dim = lin.get("head_dim", 128)
-        num_experts = hf.get("num_experts") or hf.get("n_routed_experts") or 0
-        kwargs: dict[str, Any] = dict(
-            name=hf.get("_name_or_path", hf.get("model_type", "kimi_linear")) or "kimi_linear",
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_hidden_layers=n,
-            layer_types=layer_types,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            initializer_range=hf.get("initializer_range", 0.02),
-            max_position_embeddings=hf.get(
-                "model_max_length", hf.get("max_position_embeddings", 1048576)
-            ),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=_first_id(hf.get("eos_token_id")),
-            pad_token_id=hf.get("pad_token_id"),
-            kda_num_heads=lin.get("num_heads", hf["num_attention_heads"]),
-            kda_head_dim=head_dim,
-            kda_conv_size=lin.get("short_conv_kernel_size", 4),
-            num_attention_heads=hf["num_attention_heads"],
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf.get("kv_lora_rank", 512),
-            qk_nope_head_dim=hf.get("qk_nope_head_dim", 128),
-            qk_rope_head_dim=hf.get("qk_rope_head_dim", 64),
-            v_head_dim=hf.get("v_head_dim", 128),
-            mla_use_nope=hf.get("mla_use_nope", False),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            intermediate_size=hf.get("intermediate_size", 9216),
-            num_experts=num_experts,
-            num_experts_per_token=hf.get("num_experts_per_token", hf.get("num_experts_per_tok", 8)),
-            num_shared_experts=hf.get("num_shared_experts", hf.get("n_shared_experts", 1)) or 0,
-            moe_intermediate_size=hf.get("moe_intermediate_size", 1024),
-            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-            moe_renormalize=hf.get("moe_renormalize", True),
-        )
-        return cls(**kwargs)
+        """Read a Kimi-Linear ``config.json`` (a path to it, its folder, or the dict), in the
+        release or the transformers-native form: :func:`kimi_linear.hf.config_from_hf`."""
+        from kimi_linear.hf import config_from_hf
+
+        return config_from_hf(path_or_dict)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """This config as a released-style Kimi-Linear ``config.json`` dict."""
-        kinds = self.layer_kinds
-        return {
-            "architectures": ["KimiLinearForCausalLM"],
-            "model_type": "kimi_linear",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range,
-            "model_max_length": self.max_position_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "linear_attn_config": {
-                "full_attn_layers": [i + 1 for i, t in enumerate(kinds) if t == "mla"],
-                "kda_layers": [i + 1 for i, t in enumerate(kinds) if t == "kda"],
-                "num_heads": self.kda_num_heads,
-                "head_dim": self.kda_head_dim,
-                "short_conv_kernel_size": self.kda_conv_size,
-            },
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_attention_heads,
-            "q_lora_rank": self.q_lora_rank,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "mla_use_nope": self.mla_use_nope,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "intermediate_size": self.intermediate_size,
-            "num_experts": self.num_experts,
-            "num_experts_per_token": self.num_experts_per_token,
-            "num_shared_experts": self.num_shared_experts,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "first_k_dense_replace": self.first_k_dense_replace,
-            "moe_layer_freq": 1,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "moe_renormalize": self.moe_renormalize,
-            "moe_router_activation_func": "sigmoid",
-            "use_grouped_topk": True,
-            "num_expert_group": 1,
-            "topk_group": 1,
-            "num_nextn_predict_layers": 0,
-            "use_cache": True,
-            "torch_dtype": "bfloat16",
-        }
+        """This config as a release-form ``config.json`` dict: :func:`kimi_linear.hf.config_to_hf`."""
+        from kimi_linear.hf import config_to_hf
+
+        return config_to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if d["layer_types"] is not None:
             d["layer_types"] = list(d["layer_types"])
         return d
-
-
-def _first_id(v: Any) -> int | None:
-    if isinstance(v, (list, tuple)):
-        return int(v[0]) if v else None
-    return v
 
 
 # Presets. ``tiny`` is for tests and CPU runs in seconds; ``small`` (~100M total parameters)

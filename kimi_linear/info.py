@@ -1,4 +1,4 @@
-"""``kimi-linear info``: parameter counts, layer layout and decode-cache sizes of a model.
+"""``kimi-linear info``: parameter counts, layer layout, FLOPs per token and decode-cache sizes.
 
 Counts come from the real modules built on the meta device (no memory is allocated), so they
 always agree with :class:`~kimi_linear.model.KimiLinearForCausalLM`.
@@ -9,6 +9,11 @@ shared experts, the router, ``num_experts_per_token`` of the routed experts, nor
 LM head, but **not** the input embedding table (a row lookup, not a matrix product).  With it,
 Kimi K2 comes out at 31.7B active (published: 32B) and Kimi-Linear-48B-A3B at 3.11B (the name
 rounds to 3B; counting neither embedding gives 2.73B, both 3.48B).
+
+FLOPs per token are the analytic counts of :mod:`kimi_linear.flops` (matrix products only, a
+multiply-add = 2 FLOPs): the forward pass per token of a sequence of ``T`` tokens (inference
+prefill; the chunked KDA form, causal MLA over ``(T + 1) / 2`` keys on average) and a training
+step (3x the forward), at each length of :data:`CONTEXT_LENGTHS`.
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ from kimi_linear.config import PRESETS, KimiLinearConfig
 if TYPE_CHECKING:  # torch is imported where needed, so usage errors print without loading it
     import torch
 
-__all__ = ["CONTEXT_LENGTHS", "CACHE_DTYPE_BYTES", "count_parameters", "info_main", "info_report"]
+__all__ = [
+    "CONTEXT_LENGTHS",
+    "CACHE_DTYPE_BYTES",
+    "count_parameters",
+    "flops_report",
+    "info_main",
+    "info_report",
+]
 
-#: Context lengths at which :func:`info_report` tabulates cache sizes.
+#: Context lengths at which :func:`info_report` tabulates FLOPs per token and cache sizes.
 CONTEXT_LENGTHS = {"4K": 4096, "128K": 131072, "1M": 1048576}
 #: Bytes per element of the cache dtypes accepted by ``--cache-dtype``.
 CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -116,13 +128,34 @@ def count_parameters(config: KimiLinearConfig) -> dict[str, int]:
     }
 
 
+def flops_report(config: KimiLinearConfig) -> dict[str, dict[str, float]]:
+    """FLOPs per token at each length of :data:`CONTEXT_LENGTHS` (:mod:`kimi_linear.flops`):
+    ``{label: {"tokens", "forward", "training", "sequence_share"}}``, where ``forward`` is the
+    inference (prefill) forward pass, ``training`` forward + backward (3x), and
+    ``sequence_share`` the part of the forward that grows with the length (KDA chunk mixing and
+    MLA attention; the rest is the weights)."""
+    from kimi_linear.flops import flops_breakdown, flops_per_token
+
+    out = {}
+    for label, n in CONTEXT_LENGTHS.items():
+        parts = flops_breakdown(config, n)
+        out[label] = {
+            "tokens": n,
+            "forward": flops_per_token(config, n, training=False),
+            "training": flops_per_token(config, n, training=True),
+            "sequence_share": (parts["kda_mixing"] + parts["mla_attention"]) / parts["total"],
+        }
+    return out
+
+
 def info_report(
     config: KimiLinearConfig, batch_size: int = 1, cache_dtype: str = "bf16"
 ) -> dict[str, Any]:
     """Everything ``kimi-linear info`` prints, as a JSON-ready dict.
 
     Keys: ``name``; ``parameters`` (:func:`count_parameters`); ``layers`` (one
-    ``{"index", "mixer", "ffn"}`` per layer) and ``layer_counts``; ``cache`` with the bytes of
+    ``{"index", "mixer", "ffn"}`` per layer) and ``layer_counts``; ``flops_per_token``
+    (:func:`flops_report`); ``cache`` with the bytes of
     one MLA token over all MLA layers (latent + rope key, ``mla_bytes_per_token``), the
     constant KDA bytes (fp32 recurrent state + conv tails in ``cache_dtype``) for
     ``batch_size`` sequences, and per context length of :data:`CONTEXT_LENGTHS` the total
@@ -164,6 +197,7 @@ def info_report(
             "moe": sum(layer["ffn"] == "moe" for layer in layers),
             "dense": sum(layer["ffn"] == "dense" for layer in layers),
         },
+        "flops_per_token": flops_report(config),
         "cache": {
             "batch_size": batch_size,
             "cache_dtype": cache_dtype,
@@ -184,6 +218,13 @@ def _fmt_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
+
+
+def _fmt_flops(n: float) -> str:
+    for div, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}FLOP"
+    return f"{n:.0f} FLOP"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -215,6 +256,18 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"layers: {len(report['layers'])} ({lc['kda']} KDA, {lc['mla']} MLA; {lc['moe']} MoE, {lc['dense']} dense)",
         f"  pattern (K = KDA, M = MLA): {_layer_pattern(report['layers'])}",
+        "",
+        "FLOPs per token (analytic, matrix products; kimi_linear/flops.py)",
+        f"  {'length':>8}  {'inference':>14}  {'training':>14}  {'length-dependent':>16}",
+    ]
+    for label, row in report["flops_per_token"].items():
+        lines.append(
+            f"  {label:>8}  {_fmt_flops(row['forward']):>14}  {_fmt_flops(row['training']):>14}"
+            f"  {100 * row['sequence_share']:>15.1f}%"
+        )
+    lines += [
+        "  (inference: the forward pass (prefill) over a sequence of that length; training:"
+        " forward + backward = 3x)",
         "",
         f"decode cache (batch {c['batch_size']}, {c['cache_dtype']} latents/conv tails, fp32 KDA state)",
         f"  MLA per token (all MLA layers)  {_fmt_bytes(c['mla_bytes_per_token'])}",

@@ -22,21 +22,28 @@ a per-token latent.  :meth:`KimiLinearForCausalLM.save_pretrained` /
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from kimi_linear import hf
 from kimi_linear.cache import HybridCache, KDALayerCache, LatentKVCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MLAttention
-from kimi_linear.layers.moe import KimiMLP, KimiMoE, to_release_state_dict
+from kimi_linear.layers.moe import KimiMLP, KimiMoE
 from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.packing import (
+    PackedDocuments,
+    check_attention_mask,
+    packed_documents,
+    real_token_mask,
+)
 
 __all__ = [
     "CausalLMOutput",
@@ -48,13 +55,6 @@ __all__ = [
     "sample_next_token",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# config fields that are ours (not in the release config.json) and define the model
-_EXTRA_CONFIG_KEY = "kimi_linear"
-_EXTRA_CONFIG_FIELDS = ("name", "kda_gate", "kda_chunk_size")
-
 #: Parameters and buffers kept in float32 whatever the model dtype: the KDA decay parameters
 #: and the MoE router's balancing statistics (fp32 in the release, excluded from weight decay).
 FP32_PARAMETER_NAMES = (
@@ -64,6 +64,18 @@ FP32_PARAMETER_NAMES = (
     "expert_load",
     "last_expert_load",
 )
+
+
+#: Buffers a seeded (re-)initialisation sets to zero: MoE balancing bias and load statistics.
+_ZERO_INIT_BUFFERS = frozenset({"e_score_correction_bias", "expert_load", "last_expert_load"})
+# Name segments that wrappers insert (torch.compile, activation checkpointing, FSDP1); the
+# seeded init hashes parameter names without them so that wrapping never changes the weights.
+_WRAPPER_NAME_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def _unwrapped_name(name: str) -> str:
+    """``"model.layers.0._checkpoint_wrapped_module.mlp"`` -> ``"model.layers.0.mlp"``."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_NAME_PARTS)
 
 
 class CausalLMOutput(NamedTuple):
@@ -156,20 +168,67 @@ class KimiDecoderLayer(nn.Module):
         x: torch.Tensor,
         cache: KDALayerCache | LatentKVCache | None = None,
         position_offset: int = 0,
+        cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x: [B, T, D] -> [B, T, D]``; ``cache`` is this layer's entry of a HybridCache."""
+        """``x: [B, T, D] -> [B, T, D]``; ``cache`` is this layer's entry of a HybridCache.
+
+        Sequence layout (:mod:`kimi_linear.packing`): ``cu_seqlens`` packed documents
+        (``B == 1``); ``pad_lengths [B]`` left pads per row (absolute, cache included) with
+        ``token_mask [B, T]`` the real tokens of this block (both or neither; the MoE counts
+        only those in its expert loads).
+        """
         h = self.input_layernorm(x)
         if self.kind == "kda":
-            h = self.self_attn(h, cache=cache)
+            layout = {}
+            if cu_seqlens is not None:
+                layout["cu_seqlens"] = cu_seqlens
+            if token_mask is not None:
+                layout["attention_mask"] = token_mask
+            h = self.self_attn(h, cache=cache, **layout)
         else:
-            h = self.self_attn(h, cache=cache, position_offset=position_offset)
+            h = self.self_attn(
+                h,
+                cache=cache,
+                position_offset=position_offset,
+                cu_seqlens=cu_seqlens,
+                pad_lengths=pad_lengths,
+            )
         x = x + h
         h = self.post_attention_layernorm(x)
-        h = self.block_sparse_moe(h) if self.is_moe else self.mlp(h)
+        if self.is_moe:  # pads (token_mask False) do not count in the expert loads
+            h = self.block_sparse_moe(h, token_mask=token_mask)
+        else:
+            h = self.mlp(h)
         return x + h
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, mixer={self.kind!r}, ffn={'moe' if self.is_moe else 'dense'!r}"
+
+
+def _checkpointed_layer(layer: KimiDecoderLayer, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``layer(x, None, **kwargs)`` under non-reentrant activation checkpointing.
+
+    The backward pass runs the layer's forward a second time; that recomputation restores the
+    MoE ``expert_load`` it would otherwise add to twice (the MLA max logits are a max, which the
+    same values leave unchanged).
+    """
+    calls = 0
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return layer(h, None, **kwargs)
+        saved = [(m, m.expert_load.clone()) for m in layer.modules() if isinstance(m, KimiMoE)]
+        try:
+            return layer(h, None, **kwargs)
+        finally:  # also when the recomputation stops early
+            for m, load in saved:
+                m.expert_load.copy_(load)
+
+    return checkpoint(run, x, use_reentrant=False)
 
 
 class KimiLinearModel(nn.Module):
@@ -183,14 +242,58 @@ class KimiLinearModel(nn.Module):
             KimiDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        #: recompute each decoder layer in the backward pass instead of keeping its activations
+        #: (see :meth:`set_activation_checkpointing`)
+        self.activation_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing per decoder layer (``torch.utils.checkpoint``, non-reentrant).
+
+        When enabled, a training forward (grad enabled, no cache) keeps only each layer's input;
+        the layer's forward runs again during the backward pass.  Loss and gradients are those of
+        the plain run; the MoE load statistics count each token once.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.activation_checkpointing = enabled
+
+    def compile_layers(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` each decoder layer in place (``nn.Module.compile``; state-dict names
+        are unchanged).  ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``,
+        ``dynamic``, ...)."""
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: HybridCache | None = None,
+        cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states ``[B, T, D]``; with ``cache``, continue from
-        ``cache.seq_len`` and advance it by ``T`` (inputs are checked by the LM wrapper)."""
+        ``cache.seq_len`` and advance it by ``T`` (inputs are checked by the LM wrapper).
+
+        ``cu_seqlens``: packed documents of ``input_ids [1, N]``; ``pad_lengths [B]``: left pads
+        per row counted from the row's first (cached) token (:mod:`kimi_linear.packing`).
+        """
         offset = 0 if cache is None else cache.seq_len
+        token_mask = None
+        if pad_lengths is not None:
+            token_mask = real_token_mask(pad_lengths, offset, input_ids.shape[1])
         x = self.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if cache is None else cache.layers[i], position_offset=offset)
+            kwargs = dict(
+                position_offset=offset,
+                cu_seqlens=cu_seqlens,
+                pad_lengths=pad_lengths,
+                token_mask=token_mask,
+            )
+            if recompute:
+                x = _checkpointed_layer(layer, x, **kwargs)
+            else:
+                x = layer(x, None if cache is None else cache.layers[i], **kwargs)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return self.norm(x)
@@ -219,20 +322,46 @@ class KimiLinearForCausalLM(nn.Module):
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With ``config.tie_word_embeddings``, make ``lm_head.weight`` the embedding's Parameter
+        (one tensor: saving writes an equal copy of it as ``lm_head.weight`` too)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Any:
+        """``nn.Module.to_empty`` that keeps tied embeddings tied (moving off the meta device
+        gives every module a new Parameter).  Sharded (DTensor) weights are left to FSDP."""
+        super().to_empty(device=device, recurse=recurse)
+        emb = self.model.embed_tokens.weight
+        if self.config.tie_word_embeddings and type(emb.data) is torch.Tensor:
+            self.tie_weights()
+        return self
 
     # ----------------------------------------------------------------- init
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Initialise as the release's training recipe does.
 
         Every weight matrix (linear layers, embedding, router, stacked experts) is drawn from
         ``N(0, initializer_range)``; norm weights are 1; the MoE router's correction bias is 0;
-        the KDA decay parameters get Mamba-style values
-        (:meth:`KimiDeltaAttention.reset_gate_parameters`); short-conv filters keep PyTorch's
-        default initialisation.
+        the KDA decay parameters get Mamba-style values (``A = 1`` with the safe gate;
+        :meth:`KimiDeltaAttention.reset_gate_parameters`); short-conv filters keep PyTorch's
+        default initialisation (``U(+-1/sqrt(fan_in))``).
+
+        Args:
+            seed: ``None`` draws from torch's global generator.  An int draws every parameter
+                from its own stream, seeded by ``(seed, parameter name)``
+                (:mod:`kimi_linear.sharding`), and also resets every buffer: the result does not
+                depend on the global generator, on the order of modules, or on sharding (a
+                model whose parameters are FSDP2 DTensors over any number of ranks gets the
+                same full weights as an unsharded one).  This is how a model materialized from
+                the meta device is initialised per shard.
         """
+        if seed is not None:
+            self._reset_parameters_seeded(seed)
+            return
         if self.model.embed_tokens.weight.device.type == "meta":
             return  # shapes only: nothing to initialise (and meta RNG ops are slow to set up)
         std = self.config.initializer_range
@@ -254,6 +383,55 @@ class KimiLinearForCausalLM(nn.Module):
             for name, b in module.named_buffers(recurse=False):
                 if name == "e_score_correction_bias":
                     b.zero_()
+
+    @torch.no_grad()
+    def _reset_parameters_seeded(self, seed: int) -> None:
+        """:meth:`reset_parameters` with per-parameter seeded streams (see there)."""
+        from kimi_linear.sharding import local_shard, seeded_normal_, seeded_uniform_
+
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        std = self.config.initializer_range
+        seen: set[int] = set()
+        for module_name, module in self.named_modules():
+            prefix = _unwrapped_name(module_name)
+            named = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for _, p in named)
+            full = {n: f"{prefix}.{n}" if prefix else n for n, _ in named}
+            if any(p.device.type == "meta" for _, p in named):
+                raise ValueError(
+                    f"reset_parameters(seed=...): {module_name or 'the model'} has parameters on "
+                    "the meta device; materialize them first (model.to_empty(device=...))"
+                )
+            if isinstance(module, KimiDeltaAttention):
+                # the gate recipe is elementwise: feed it this shard's uniform draws
+                a = seeded_uniform_(
+                    torch.empty_like(module.A_log), seed, full["A_log"], *module.init_a_range
+                )
+                u_dt = seeded_uniform_(torch.empty_like(module.dt_bias), seed, full["dt_bias"])
+                a_log, dt_bias = module.gate_values(local_shard(a)[0], local_shard(u_dt)[0])
+                local_shard(module.A_log)[0].copy_(a_log)
+                local_shard(module.dt_bias)[0].copy_(dt_bias)
+            for n, p in named:
+                if isinstance(module, KimiDeltaAttention) and n in ("A_log", "dt_bias"):
+                    continue
+                if isinstance(module, RMSNorm):
+                    local_shard(p)[0].fill_(1.0)
+                elif isinstance(module, nn.Conv1d):
+                    fan_in = p.shape[1] * math.prod(p.shape[2:])
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    seeded_uniform_(p, seed, full[n], -bound, bound)
+                elif p.dim() >= 2:
+                    seeded_normal_(p, seed, full[n], 0.0, std)
+                else:
+                    local_shard(p)[0].zero_()
+            for n, b in module.named_buffers(recurse=False):
+                if n not in _ZERO_INIT_BUFFERS:
+                    raise NotImplementedError(
+                        f"reset_parameters(seed=...): no init rule for buffer {module_name}.{n}; "
+                        "add one to kimi_linear.model._ZERO_INIT_BUFFERS or to the seeded init"
+                    )
+                local_shard(b)[0].zero_()
 
     # ----------------------------------------------------------------- helpers
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -352,26 +530,54 @@ class KimiLinearForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: HybridCache | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | CausalLMOutput:
         """Logits ``[B, T, V]`` of ``input_ids: [B, T]``, or ``CausalLMOutput(loss, logits)``.
 
         Args:
             input_ids: integer token ids in ``[0, vocab_size)``.
             labels: optional ``[B, T]`` targets aligned with ``input_ids`` (the model shifts:
-                position ``t`` predicts ``labels[:, t + 1]``); ``-100`` is ignored.
+                position ``t`` predicts ``labels[:, t + 1]``); ``-100`` is ignored. The loss is
+                the mean cross-entropy over the scored targets; when no target is scored (all
+                ``-100``, e.g. a fine-tuning batch whose answers were cut off) it is exactly 0,
+                still attached to the graph, so its gradients are zero (never NaN).
             cache: optional :class:`HybridCache`; the forward continues its sequences from
                 ``cache.seq_len`` and updates it in place.
             logits_to_keep: when > 0, compute logits of the last ``logits_to_keep`` positions
                 only (``[B, logits_to_keep, V]``; prefill before decoding needs just the last).
-                Not combinable with ``labels``.
+                At most ``T``; not combinable with ``labels``.
+            cu_seqlens: packed documents: ``input_ids [1, N]`` holds documents back to back and
+                ``cu_seqlens`` (1-D int32 / int64, on the same device) their offsets
+                ``[0, ..., N]``. Every document is computed as if alone: KDA state and short
+                convolutions restart, MLA attends within the document, positions restart, and
+                no label is scored across a boundary. Not combinable with ``cache`` or
+                ``attention_mask``.
+            attention_mask: left padding (Hugging Face convention): ``[B, P + T]`` with ``P =
+                cache.seq_len`` (0 without a cache), ``1`` for tokens and ``0`` for pads, every
+                row's pads first. Each row is computed as if its tokens were alone (pads touch
+                no KDA state, conv tail or attention; positions start at the first token);
+                logits at pad positions are meaningless (finite) and labels there are not
+                scored. With a cache the mask must agree with the pads it recorded; blocks after
+                the pads may leave it out (:attr:`HybridCache.pad_lengths` keeps them masked).
+
+        Raises:
+            ValueError: bad ids, labels, cache, ``logits_to_keep`` (negative or ``> T``),
+                ``cu_seqlens`` or ``attention_mask`` (:mod:`kimi_linear.packing`), or positions
+                beyond ``config.max_position_embeddings`` (counted per document / per row).
         """
         self._check_ids("input_ids", input_ids)
+        B, T = input_ids.shape
         if (
             isinstance(logits_to_keep, bool)
             or not isinstance(logits_to_keep, int)
             or logits_to_keep < 0
         ):
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if logits_to_keep > T:
+            raise ValueError(
+                f"logits_to_keep must be at most the number of input positions T={T}, got {logits_to_keep}"
+            )
         if logits_to_keep and labels is not None:
             raise ValueError(
                 "logits_to_keep must be 0 when labels are given (the loss needs every position)"
@@ -388,17 +594,92 @@ class KimiLinearForCausalLM(nn.Module):
                     f"got T={labels.shape[1]}"
                 )
         if cache is not None:
-            self._check_cache(cache, input_ids.shape[0])
-        hidden = self.model(input_ids, cache=cache)
+            self._check_cache(cache, B)
+        packed, pad_lengths = self._check_layout(input_ids, cache, cu_seqlens, attention_mask)
+
+        hidden = self.model(input_ids, cache=cache, cu_seqlens=packed, pad_lengths=pad_lengths)
+        if cache is not None and pad_lengths is not None:
+            cache.pad_lengths = pad_lengths
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         if labels is None:
             return logits
+        targets = labels[:, 1:]
+        if packed is not None:  # the first token of a document is nobody's target
+            starts = sorted({o for o in packed.offsets[1:-1] if 0 < o < T})
+            if starts:
+                targets = targets.clone()
+                targets[:, torch.tensor(starts, device=targets.device) - 1] = -100
+        if pad_lengths is not None:  # a pad predicts nothing (and is never a target)
+            past = 0 if cache is None else cache.seq_len - T
+            real = real_token_mask(pad_lengths, past, T)[:, :-1]
+            targets = targets.masked_fill(~real, -100)
+        scored = (targets != -100).sum()
         loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-        )
+            logits[:, :-1].flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=-100,
+            reduction="sum",
+        ) / scored.clamp(min=1)
         return CausalLMOutput(loss, logits)
+
+    def _check_layout(
+        self,
+        input_ids: torch.Tensor,
+        cache: HybridCache | None,
+        cu_seqlens: Any,
+        attention_mask: Any,
+    ) -> tuple[PackedDocuments | None, torch.Tensor | None]:
+        """Validate ``cu_seqlens`` / ``attention_mask`` against the inputs and the cache, and
+        the positions against ``max_position_embeddings``.
+
+        Returns ``(packed, pad_lengths)``: the validated documents (or None; every layer reuses
+        them) and the left pads per row ``[B]`` long (None when no row has a pad).
+        """
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.seq_len
+        packed = None
+        pad_lengths = None if cache is None else cache.pad_lengths
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache")
+            if attention_mask is not None:
+                raise ValueError(
+                    "cu_seqlens and attention_mask cannot be combined (packed documents hold no pads)"
+                )
+            packed = packed_documents(cu_seqlens, B, T, input_ids.device)
+        if attention_mask is not None:
+            pads = check_attention_mask(attention_mask, (B, past + T), input_ids.device)
+            if past:
+                recorded = (
+                    torch.zeros_like(pads) if cache.pad_lengths is None else cache.pad_lengths
+                )
+                if not torch.equal(pads.clamp(max=past), recorded):
+                    raise ValueError(
+                        f"attention_mask[:, :{past}] (the cached tokens) must match the pads the "
+                        f"cache recorded ({recorded.tolist()} per row), got "
+                        f"{pads.clamp(max=past).tolist()}"
+                    )
+            pad_lengths = pads if bool(pads.any()) else None
+
+        if input_ids.device.type != "meta":
+            if packed is not None:
+                positions = max(b - a for a, b in zip(packed.offsets[:-1], packed.offsets[1:]))
+                what = "the longest document"
+            elif pad_lengths is not None:
+                positions = past + T - int(pad_lengths.min())
+                what = "the longest row without its pads"
+            else:
+                positions = past + T
+                what = "cached + input tokens" if past else "input tokens"
+            limit = self.config.max_position_embeddings
+            if positions > limit:
+                raise ValueError(
+                    f"input needs {positions} positions ({what}), more than the model's "
+                    f"max_position_embeddings={limit}; split the input or raise the config field"
+                )
+        return packed, pad_lengths
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
@@ -411,6 +692,7 @@ class KimiLinearForCausalLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue ``input_ids: [B, T]`` by up to ``max_new_tokens`` tokens: ``[B, T + n]``.
 
@@ -421,10 +703,20 @@ class KimiLinearForCausalLM(nn.Module):
             top_k: sample only among the ``top_k`` most likely tokens.
             top_p: nucleus sampling: the smallest set of tokens whose probability reaches
                 ``top_p`` (the most likely token is always kept).
-            eos_token_id: a sequence that produces it is finished and padded with it after;
-                generation stops early (``n < max_new_tokens``) once every sequence finished.
-                ``None``: never stop early.
+            eos_token_id: a sequence that produces it is finished and padded with it after
+                (finished rows leave the decoding batch and its cache, so they cost nothing
+                more); generation stops early (``n < max_new_tokens``) once every sequence
+                finished. ``None``: never stop early.
             generator: a ``torch.Generator`` on the model's device for reproducible sampling.
+            attention_mask: prompts of different lengths, left-padded (Hugging Face
+                convention): ``[B, T]``, ``0`` for pads then ``1`` for tokens, at least one
+                token per row. Each row continues as its prompt alone would (pads never reach
+                the cache's state, conv tails or attention; positions are per row). The
+                output keeps the pads: ``[B, T + n]``.
+
+        Raises:
+            ValueError: a bad argument, right padding, or a prompt + ``max_new_tokens`` that
+                needs more than ``config.max_position_embeddings`` positions.
         """
         self._check_ids("input_ids", input_ids)
         if (
@@ -455,102 +747,66 @@ class KimiLinearForCausalLM(nn.Module):
             raise ValueError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
+        B, T = input_ids.shape
+        pads = 0
+        if attention_mask is not None:
+            pad_lengths = check_attention_mask(
+                attention_mask, (B, T), input_ids.device, require_token=True
+            )
+            pads = int(pad_lengths.min())
+        needed = T - pads + max(max_new_tokens - 1, 0)  # the last new token is never fed back
+        if needed > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} with a prompt of {T - pads} tokens needs {needed} "
+                f"positions, more than max_position_embeddings={self.config.max_position_embeddings}"
+            )
         if max_new_tokens == 0:
             return input_ids.clone()
 
-        B, T = input_ids.shape
         was_training = self.training
         self.eval()  # decoding must not feed the MoE balancing statistics
         try:
             cache = self.new_cache(B, capacity=T + max_new_tokens)
-            logits = self(input_ids, cache=cache, logits_to_keep=1)[:, -1]
-            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            out = [input_ids]
+            logits = self(input_ids, cache=cache, logits_to_keep=1, attention_mask=attention_mask)[
+                :, -1
+            ]
+            new = input_ids.new_full(
+                (B, max_new_tokens), 0 if eos_token_id is None else eos_token_id
+            )
+            active = torch.arange(B, device=input_ids.device)  # the rows still decoding
+            n = 0
             for step in range(max_new_tokens):
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
-                if eos_token_id is not None:
-                    token = token.masked_fill(finished, eos_token_id)
-                    finished |= token == eos_token_id
-                out.append(token[:, None].to(input_ids.dtype))
-                if step == max_new_tokens - 1 or (
-                    eos_token_id is not None and bool(finished.all())
-                ):
+                new[active, step] = token.to(new.dtype)
+                n = step + 1
+                if step == max_new_tokens - 1:
                     break
-                logits = self(out[-1], cache=cache, logits_to_keep=1)[:, -1]
+                if eos_token_id is not None:
+                    running = token != eos_token_id
+                    if not bool(running.all()):
+                        # finished rows leave the batch and its cache; they read eos from here
+                        keep = running.nonzero().squeeze(-1)
+                        if keep.numel() == 0:
+                            break
+                        active, token = active[keep], token[keep]
+                        cache.index_select(keep)
+                logits = self(token[:, None].to(input_ids.dtype), cache=cache, logits_to_keep=1)
+                logits = logits[:, -1]
         finally:
             self.train(was_training)
-        return torch.cat(out, dim=1)
+        return torch.cat([input_ids, new[:, :n]], dim=1)
 
     # ----------------------------------------------------------------- checkpoints
     def release_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under the release names (per-expert keys), without a tied LM head."""
-        sd = to_release_state_dict(self.state_dict())
-        if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        return sd
+        """The state dict under the release names (per-expert keys; see :mod:`kimi_linear.hf`)."""
+        return hf.release_state_dict(self)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, max_shard_size: int | None = None
     ) -> None:
-        """Write ``config.json`` and the weights as safetensors under the release names.
-
-        Args:
-            save_directory: created if missing.
-            max_shard_size: if given (bytes), split the weights into
-                ``model-0000i-of-0000n.safetensors`` files of at most about that size plus a
-                ``model.safetensors.index.json``; otherwise one ``model.safetensors``.
-        """
-        from safetensors.torch import save_file
-
-        if max_shard_size is not None and (
-            isinstance(max_shard_size, bool)
-            or not isinstance(max_shard_size, int)
-            or max_shard_size <= 0
-        ):
-            raise ValueError(
-                f"max_shard_size must be None or a positive int (bytes), got {max_shard_size!r}"
-            )
-        if self.device.type == "meta":
-            raise ValueError(
-                "cannot save a model on the meta device (its weights are not materialised)"
-            )
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        hf = self.config.to_hf_config()
-        hf[_EXTRA_CONFIG_KEY] = {f: getattr(self.config, f) for f in _EXTRA_CONFIG_FIELDS}
-        hf["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-        (out / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
-
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.release_state_dict().items()}
-        for stale in [
-            *out.glob("model-*-of-*.safetensors"),
-            out / WEIGHTS_NAME,
-            out / WEIGHTS_INDEX_NAME,
-        ]:
-            if stale.exists():
-                stale.unlink()
-        if max_shard_size is None:
-            save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-            return
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        index = {
-            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-            "weight_map": weight_map,
-        }
-        (out / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        """Write ``config.json`` and the weights as safetensors under the release names
+        (:func:`kimi_linear.hf.save_pretrained`; ``max_shard_size`` in bytes shards them)."""
+        hf.save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(
@@ -560,51 +816,12 @@ class KimiLinearForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         **config_overrides: Any,
     ) -> KimiLinearForCausalLM:
-        """Load a model saved by :meth:`save_pretrained` or a release checkpoint folder.
-
-        Reads ``config.json`` (:meth:`KimiLinearConfig.from_hf_config`) and ``model.safetensors``
-        or the shards listed in ``model.safetensors.index.json``; loading is strict (every
-        weight present, no unknown names).  ``dtype`` casts the weights (the fp32 parameters of
-        :data:`FP32_PARAMETER_NAMES` stay fp32); by default they keep the stored dtype.
-        ``config_overrides`` replace config fields (e.g. ``kda_backend="torch"``).
-        """
-        from safetensors.torch import load_file
-
-        root = Path(pretrained_dir)
-        if not (root / CONFIG_NAME).is_file():
-            raise ValueError(f"pretrained_dir: no {CONFIG_NAME} in {str(root)!r}")
-        if dtype is not None and (
-            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
-        ):
-            raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
-        hf = json.loads((root / CONFIG_NAME).read_text())
-        config = KimiLinearConfig.from_hf_config(hf)
-        extra = {
-            k: v for k, v in (hf.get(_EXTRA_CONFIG_KEY) or {}).items() if k in _EXTRA_CONFIG_FIELDS
-        }
-        unknown = sorted(set(config_overrides) - set(config.to_dict()))
-        if unknown:
-            raise ValueError(f"config_overrides: unknown KimiLinearConfig fields {unknown}")
-        config = config.replace(**{**extra, **config_overrides})
-
-        if (root / WEIGHTS_INDEX_NAME).is_file():
-            index = json.loads((root / WEIGHTS_INDEX_NAME).read_text())
-            files = sorted(set(index["weight_map"].values()))
-        elif (root / WEIGHTS_NAME).is_file():
-            files = [WEIGHTS_NAME]
-        else:
+        """Load a folder saved by :meth:`save_pretrained`, a release checkpoint or a folder saved
+        by transformers' ``KimiLinearForCausalLM`` (:func:`kimi_linear.hf.load_pretrained`:
+        built on the meta device and filled shard by shard straight into ``dtype`` on
+        ``device``; strict).  ``config_overrides`` replace config fields."""
+        if cls is not KimiLinearForCausalLM:
             raise ValueError(
-                f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}"
+                "from_pretrained builds a KimiLinearForCausalLM; call it on that class"
             )
-        sd: dict[str, torch.Tensor] = {}
-        for fname in files:
-            sd.update(load_file(str(root / fname), device="cpu"))
-
-        with torch.device(device if device is not None else "cpu"):
-            model = cls(config)
-        if config.tie_word_embeddings and "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")  # type: ignore[assignment]
-        stored = next((v.dtype for k, v in sd.items() if k.endswith("embed_tokens.weight")), None)
-        cast_model_(model, dtype or stored or torch.float32)
-        model.load_state_dict(sd, strict=True)
-        return model
+        return hf.load_pretrained(pretrained_dir, device=device, dtype=dtype, **config_overrides)

@@ -261,3 +261,57 @@ def test_errors_print_no_traceback():
     res = _run("decode.py", "--preset", "tiny", "--contexts", "64G", "--device", "cpu", timeout=120)
     assert res.returncode == 3
     assert res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------ train_profile (H9)
+@pytest.mark.slow
+def test_train_profile_quick_run(tmp_path):
+    res = _run(
+        "train_profile.py", "--quick", "--models", "tiny,syn-hybrid", "--baseline", "HEAD",
+        "--threads", "1", "--no-progress", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for ext in ("json", "md"):
+        assert (tmp_path / f"train_profile.{ext}").is_file()
+    data = json.loads((tmp_path / "train_profile.json").read_text())
+    assert data["benchmark"] == "train_profile"
+    assert set(data["models"]) == {"tiny", "syn-hybrid"}
+    for m in data["models"].values():
+        p = m["profile"]
+        assert p["step_ms"] > 0
+        assert {"kda_op/fwd", "kda_op/bwd", "mla/fwd", "mla/bwd", "optimizer", "other"} <= set(
+            p["spans_ms"]
+        )
+        # the KDA op lies inside the KDA layers: the spans nest
+        assert p["spans_ms"]["kda_op/fwd"] <= p["spans_ms"]["kda_layer/fwd"] + 1e-6
+        assert set(m["steps_per_s"]) == {"HEAD C=64", "now C=64"}
+    assert (tmp_path / "train_profile.md").read_text().startswith("# Where a CPU training step")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "tiny,gpt5"], "--models: unknown ['gpt5']"),
+        (["--rounds", "-1"], "--rounds must be >= 0"),
+        (["--warmup", "-2"], "--warmup must be >= 0"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_train_profile_bad_arguments(capsys, argv, message):
+    mod = _module("train_profile")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_profile_spans_nest_and_close():
+    """The profiler spans open and close in pairs, forward and backward, on a tiny model."""
+    mod = _module("train_profile")
+    setup = mod.model_setup("syn-hybrid", 32, quick=True)
+    trainee = mod.Trainee(setup, torch.device("cpu"), seed=0)
+    out = mod.profile_steps(trainee, steps=1, warmup=0)
+    assert not any(mod._OPEN.values())  # every range was closed
+    spans = out["spans_ms"]
+    assert spans["kda_layer/bwd"] > 0 and spans["kda_op/bwd"] > 0 and spans["mla/bwd"] > 0
+    assert spans["kda_op/bwd"] <= spans["kda_layer/bwd"] + 1e-6

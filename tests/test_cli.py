@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 
-from kimi_linear.cli import main
-from kimi_linear.lightning.cli import _OVERVIEW
+from kimi_linear.cli import SUBCOMMANDS, main, overview
 from kimi_linear.lightning.module import KimiLinearLitModule
 from kimi_linear.model import KimiLinearForCausalLM
 
@@ -268,8 +267,28 @@ def test_print_config_of_every_shipped_config(name: str, capsys) -> None:
 def test_overview_help(capsys) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out == _OVERVIEW and all(c in out for c in ("fit", "generate", "export", "info"))
+    assert out == overview() and all(f"  {name} " in out for name in SUBCOMMANDS)
+    assert all(
+        c in SUBCOMMANDS
+        for c in ("fit", "validate", "test", "predict", "generate", "export", "info")
+    )
     assert main([]) == 2
+    assert "a subcommand is required" in capsys.readouterr().err
+
+
+def test_unknown_subcommand_suggests_the_closest(capsys) -> None:
+    assert main(["fitt", "--config", TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown subcommand 'fitt' (did you mean 'fit'?)" in err
+    assert main(["inf"]) == 2
+    assert "did you mean 'info'?" in capsys.readouterr().err
+
+
+def test_every_subcommand_entry_point_resolves_and_documents_itself(capsys) -> None:
+    for name, sub in SUBCOMMANDS.items():
+        assert callable(sub.load()), name
+        assert main([name, "--help"]) == 0, name
+        assert "usage" in capsys.readouterr().out.lower(), name
 
 
 BAD = [

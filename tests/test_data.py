@@ -18,8 +18,11 @@ from kimi_linear.lightning.data import (
     SyntheticTaskDataset,
     TextDataModule,
     UsageError,
+    decode_text,
     make_task,
     pack_documents,
+    read_corpus,
+    split_documents,
 )
 from kimi_linear.lightning.tokenizer import ByteTokenizer
 
@@ -176,18 +179,66 @@ def test_text_module_packs_a_folder(tmp_path) -> None:
     dm = TextDataModule(path=str(tmp_path), seq_len=32, batch_size=2, val_fraction=0.25)
     dm.setup("fit")
     tok = ByteTokenizer()
-    stream = tok.encode("first document " * 20, True, True) + tok.encode(
-        "second ✓ " * 30, True, True
+    docs = ["first document " * 20, "second ✓ " * 30]
+    train_idx, val_idx = split_documents(
+        docs, max(round(0.25 * sum(len(d.encode()) + 2 for d in docs)), 32)
     )
-    n = len(stream) // 32
-    rows = torch.cat([dm.train_set.sequences, dm.val_set.sequences]).long()
-    assert rows.shape == (n, 32)
-    assert rows.flatten().tolist() == stream[: n * 32]
-    assert len(dm.val_set) == round(0.25 * n) and len(dm.train_set) == n - len(dm.val_set)
+    assert len(train_idx) == len(val_idx) == 1  # whole documents held out
+    for ds, idx in ((dm.train_set, train_idx), (dm.val_set, val_idx)):
+        stream = tok.encode(docs[idx[0]], True, True)
+        n = len(stream) // 32
+        assert ds.sequences.long().flatten().tolist() == stream[: n * 32]
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (2, 32) and torch.equal(batch["input_ids"], batch["labels"])
     assert dm.vocab_size == 259 and dm.corpus_info["documents"] == 2
     assert dm.corpus_info["sha256"] and dm.corpus_info["python"].split()[1].startswith("3.")
+
+
+def test_split_documents_holds_out_whole_documents() -> None:
+    docs = [f"document {i} " * (10 + i) for i in range(50)] + ["a copy"] * 3
+    train, val = split_documents(docs, val_tokens=3000)
+    assert sorted(train + val) == list(range(len(docs))) and not set(train) & set(val)
+    assert sum(len(docs[i].encode()) + 2 for i in val) >= 3000 and len(val) >= 3
+    texts_train, texts_val = {docs[i] for i in train}, {docs[i] for i in val}
+    assert not texts_train & texts_val  # copies of a document stay together
+    # spread over the corpus (not its tail) and independent of the corpus order
+    assert set(val) != set(range(len(docs) - len(val), len(docs)))
+    rev_train, rev_val = split_documents(docs[::-1], val_tokens=3000)
+    assert {docs[::-1][i] for i in rev_val} == texts_val
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_documents(["one"], 10)
+
+
+def test_default_corpus_validation_is_held_out_documents() -> None:
+    """The built-in corpus holds out whole help topics spread over the alphabet (before, the
+    validation split was the alphabetical tail: mostly one ASCII table, far easier to predict)."""
+    from pydoc_data.topics import topics
+
+    dm = TextDataModule(seq_len=128, val_fraction=0.02)
+    dm.setup("fit")
+    docs = [topics[k] for k in sorted(topics)]
+    train, val = split_documents(docs, max(round(0.02 * dm.corpus_info["tokens"]), 128))
+    assert 2 <= len(val) and not set(train) & set(val)
+    assert len(dm.val_set) == sum(len(docs[i].encode()) + 2 for i in val) // 128
+    assert set(val) != set(range(len(docs) - len(val), len(docs)))  # not the alphabetical tail
+
+
+def test_binary_files_are_skipped_or_refused(tmp_path) -> None:
+    import random
+
+    rng = random.Random(0)
+    (tmp_path / "noise.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    with pytest.raises(UsageError, match="holds no text: 1 file.*binary or not UTF-8"):
+        TextDataModule(path=str(tmp_path / "noise.txt"), seq_len=16).setup("fit")
+    (tmp_path / "good.txt").write_text("plain text " * 40)
+    (tmp_path / "more.txt").write_text("more plain text " * 40)
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        docs = read_corpus(tmp_path)
+    assert len(docs) == 2
+    assert decode_text("héllo".encode()) == "héllo"
+    assert decode_text(b"a\x00b") is None
+    assert decode_text(b"x" * 2000 + b"\xff") == "x" * 2000 + "\ufffd"  # 1 bad byte in 2001
+    assert decode_text(b"x" * 100 + b"\xff\xfe") is None
 
 
 def test_text_module_errors(tmp_path) -> None:

@@ -128,3 +128,34 @@ def test_info_main_text_hf_config_and_usage_errors(tmp_path, capsys):
     assert info_main(["--preset", "tiny", "--cache-dtype", "int4"]) == 2
     assert info_main([]) == 2  # one of --preset / --hf-config is required
     assert info_main(["--preset", "tiny", "--hf-config", str(tmp_path)]) == 2
+
+
+def test_flops_per_token_come_from_flops_py_in_text_and_json(capsys):
+    from kimi_linear.flops import flops_breakdown, flops_per_token
+    from kimi_linear.info import CONTEXT_LENGTHS, flops_report
+
+    cfg = KimiLinearConfig.from_preset("kimi-linear-48b-a3b")
+    rep = info_report(cfg)["flops_per_token"]
+    assert rep == flops_report(cfg) and list(rep) == list(CONTEXT_LENGTHS)
+    for label, n in CONTEXT_LENGTHS.items():
+        row = rep[label]
+        parts = flops_breakdown(cfg, n)
+        assert row["tokens"] == n
+        assert row["forward"] == flops_per_token(cfg, n, training=False) == parts["total"]
+        assert row["training"] == flops_per_token(cfg, n) == 3 * row["forward"]
+        assert row["sequence_share"] == pytest.approx(
+            (parts["kda_mixing"] + parts["mla_attention"]) / parts["total"]
+        )
+    # the weights dominate at 4K: ~2 FLOPs per active parameter (+ convs, KDA, attention)
+    active = count_parameters(cfg)["active"]
+    assert 2 * active < rep["4K"]["forward"] < 1.1 * 2 * active
+    assert rep["4K"]["forward"] < rep["128K"]["forward"] < rep["1M"]["forward"]
+    assert info_main(["--preset", "kimi-linear-48b-a3b"]) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs per token" in out
+    assert f"{rep['4K']['forward'] / 1e9:.2f} GFLOP" in out
+    assert f"{rep['128K']['training'] / 1e9:.2f} GFLOP" in out
+    assert info_main(["--preset", "tiny", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    tiny = KimiLinearConfig.from_preset("tiny")
+    assert data["flops_per_token"]["4K"]["training"] == flops_per_token(tiny, 4096)

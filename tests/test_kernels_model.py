@@ -26,7 +26,10 @@ def build(backend: str, state: dict | None = None) -> KimiLinearForCausalLM:
 
 
 def train(model: KimiLinearForCausalLM, batches: list[torch.Tensor]) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # eps well above fp32 rounding noise of the gradients: Adam's first step moves a weight by
+    # ~lr * sign(grad), so with the default eps a gradient at the rounding level (e.g. -3e-7 vs
+    # +2e-8 on an embedding entry whose row peaks at 3.5e-2) would flip a 3e-3 update.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-4)
     losses = []
     for ids in batches:
         out = model(ids, labels=ids)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import kimi_linear.ops.chunk as chunk_mod
-from kimi_linear.ops import kda_chunk, kda_recurrent
+from kimi_linear.ops import kda_chunk, kda_decode_step, kda_recurrent
+from kimi_linear.ops.checks import LOG_DECAY_FLOOR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,6 +318,172 @@ def test_no_grad_inference() -> None:
     assert not o.requires_grad and not state.requires_grad
 
 
+# ------------------------------------------------------------------------- gate numerics: g in [-inf, 0]
+
+INF = float("inf")
+
+
+def _extreme_gates(pattern: str, g: torch.Tensor) -> torch.Tensor:
+    """``g`` with the extreme values of ``pattern`` written in (B >= 2, T >= 70, H >= 2, K >= 4)."""
+    g = g.clone()
+    if pattern == "neg_inf":  # complete forgetting: single channels, whole tokens, chunk edges
+        g[0, 0, 0, :2] = -INF  # first token
+        g[0, 5, 1] = -INF  # a whole token of one head
+        g[1, 15:17, 0, 1] = -INF  # across a sub-chunk boundary
+        g[1, 63, 1, 3] = -INF  # last token of the first chunk
+        g[0, 64, :, 0] = -INF  # first token of the second chunk
+        g[0, -1, 0, 2] = -INF  # last token
+    elif pattern == "huge_finite":  # one value far below -1000: swallowed by a cumulative sum
+        g[0, 20, 0, :] = -1e30
+        g[1, 40, 1, 1] = -1e30
+    elif pattern == "beyond_floor":  # just past the floor of each dtype, then mild steps
+        g[0, 10, 0, 0] = -200.0
+        g[1, 30, :, :] = -2000.0
+    elif pattern == "all_neg_inf":
+        g[1] = -INF
+    return g
+
+
+GATE_PATTERNS = ["neg_inf", "huge_finite", "beyond_floor", "all_neg_inf"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+def test_chunk_equals_recurrence_for_any_log_decay(pattern: str, dtype: torch.dtype) -> None:
+    """-inf (complete forgetting) and values far below -1000 give the recurrence's answer in the
+    chunked form, forward and backward (all gradients finite), in every Gram path."""
+    x = make_inputs(B=2, T=70, H=2, K=8, V=6, seed=21)
+    x["g"] = _extreme_gates(pattern, x["g"])
+    want = run_op(kda_recurrent, x, torch.float64)
+    for chunk_size in (64, 16):
+        got = run_op(kda_chunk, x, dtype, chunk_size=chunk_size)
+        assert_all_close(got, want, atol=1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_strong_decay_mixed_with_neg_inf_takes_every_gram_path() -> None:
+    x = make_inputs(B=2, T=70, H=2, K=8, V=6, decay="strong", seed=22)
+    x["g"] = _extreme_gates("neg_inf", x["g"])
+    assert_all_close(
+        run_op(kda_chunk, x, torch.float64), run_op(kda_recurrent, x, torch.float64), 1e-10
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_decay_floor_underflows_to_exactly_zero(dtype: torch.dtype) -> None:
+    """The per-step clamp is exact only because exp(floor) is 0 in the compute dtype."""
+    floor = torch.tensor(LOG_DECAY_FLOOR[dtype], dtype=dtype)
+    assert torch.exp(floor).item() == 0.0
+    assert torch.exp(floor / 4).item() > 0.0  # and not absurdly far below what is needed
+
+
+@pytest.mark.parametrize("bad", [1e-3, float("nan"), INF], ids=["positive", "nan", "pos_inf"])
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent, kda_decode_step])
+def test_positive_or_nan_log_decay_is_refused(op: Callable, bad: float) -> None:
+    x = make_inputs(B=1, T=1 if op is kda_decode_step else 9, seed=2)
+    x["g"][0, 0, 1, 3] = bad
+    with pytest.raises(ValueError, match=r"g must be a log decay in \[-inf, 0\]"):
+        op(**x)
+
+
+# ------------------------------------------------------------------------- empty and meta inputs
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("T", [0, 5])
+def test_empty_batch_returns_empty_outputs(op: Callable, T: int) -> None:
+    x = make_inputs(B=0, T=T, H=2, K=8, V=6)
+    x["initial_state"] = x["initial_state"].requires_grad_()
+    o, state = op(**x, output_final_state=True)
+    assert o.shape == (0, T, 2, 6) and o.dtype == torch.float64
+    assert state.shape == (0, 2, 8, 6)
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent, kda_decode_step])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "cu_seqlens"])
+def test_meta_inputs_give_meta_outputs(op: Callable, packed: bool) -> None:
+    """Shape inference (meta-device model init): no data touched, right shapes and dtypes."""
+    T = 1 if op is kda_decode_step else 7
+    B, N = (1, 3) if packed else (2, 2)
+    T = N if packed and op is kda_decode_step else T
+    x = {n: t.to("meta") for n, t in make_inputs(B=B, T=T, H=2, K=8, V=6).items()}
+    x["initial_state"] = torch.empty(N, 2, 8, 6, device="meta")
+    x = {n: t.float() for n, t in x.items()}
+    kwargs = {}
+    if packed:
+        kwargs["cu_seqlens"] = torch.empty(N + 1, dtype=torch.int32, device="meta")
+    o, state = op(**x, output_final_state=True, **kwargs)
+    assert o.device.type == "meta" and o.shape == (B, T, 2, 6) and o.dtype == torch.float32
+    assert state.device.type == "meta" and state.shape == (N, 2, 8, 6)
+    assert state.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ packed sequences
+
+
+LENGTHS = [3, 0, 17, 64, 70, 1]
+
+
+def _packed(seed: int = 30) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    x = make_inputs(B=1, T=sum(LENGTHS), H=2, K=8, V=6, seed=seed)
+    x["initial_state"] = torch.randn(len(LENGTHS), 2, 8, 6, dtype=torch.float64)
+    offsets = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return x, offsets
+
+
+def _separate_runs(op: Callable, x: dict[str, torch.Tensor], offsets: list[int]) -> dict:
+    """Each sequence alone through ``op`` (float64), gradients of the same loss as ``run_op``."""
+
+    def packed_op(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens=None):
+        outs, states = [], []
+        for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            o, s = op(
+                q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                initial_state=initial_state[n : n + 1], output_final_state=True,
+            )  # fmt: skip
+            outs.append(o)
+            states.append(s)
+        return torch.cat(outs, 1), torch.cat(states)
+
+    return run_op(packed_op, x, torch.float64)
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+def test_cu_seqlens_equals_separate_runs(op: Callable) -> None:
+    """Packed sequences (empty ones and ones longer than a chunk included), forward and all
+    gradients, equal each sequence run alone."""
+    x, cu = _packed()
+    x["g"] = _extreme_gates("neg_inf", x["g"].expand(2, -1, -1, -1))[:1]
+    want = _separate_runs(kda_recurrent, x, cu.tolist())
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        got = run_op(op, x, dtype, cu_seqlens=cu)
+        assert_all_close(got, want, atol=atol)
+
+
+def test_decode_step_with_cu_seqlens_equals_dense() -> None:
+    x = make_inputs(B=3, T=1, H=2, K=8, V=6, seed=5)
+    dense = kda_decode_step(**x)
+    packed = {n: t.transpose(0, 1) if n != "initial_state" else t for n, t in x.items()}
+    o, state = kda_decode_step(**packed, cu_seqlens=torch.arange(4, dtype=torch.int32))
+    torch.testing.assert_close(o, dense[0].transpose(0, 1))
+    torch.testing.assert_close(state, dense[1])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        kda_decode_step(**packed, cu_seqlens=torch.tensor([0, 0, 2, 3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+def test_bad_cu_seqlens_raise(op: Callable) -> None:
+    x, cu = _packed()
+    with pytest.raises(ValueError, match="end at T"):
+        op(**x, cu_seqlens=cu[:-1])
+    with pytest.raises(ValueError, match="int32 or int64"):
+        op(**x, cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\]"):
+        op(**{**x, "initial_state": x["initial_state"][:2]}, cu_seqlens=cu)
+    y = {n: t.expand(2, *t.shape[1:]) if n != "initial_state" else t for n, t in x.items()}
+    with pytest.raises(ValueError, match="B == 1"):
+        op(**y, cu_seqlens=cu)
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 
@@ -403,3 +570,108 @@ def test_outputs_are_contiguous() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         o, state = kda_chunk(**{n: t.to(dtype) for n, t in x.items()}, output_final_state=True)
         assert o.is_contiguous() and state.is_contiguous()
+
+
+# ------------------------------------------------------------- the hand-written backward (H9)
+
+
+def _chunked_kda_inputs(n: int, b: int, C: int, K: int, V: int, step: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    q, k = (F.normalize(torch.randn(n, b, C, K, **f64), dim=-1) for _ in range(2))
+    v = torch.randn(n, b, C, V, **f64)
+    G = (-step * torch.rand(n, b, C, K, **f64)).cumsum(dim=-2)
+    beta = torch.sigmoid(torch.randn(n, b, C, 1, **f64))
+    S0 = torch.randn(b, K, V, **f64)
+    return q, k, v, G, beta, S0
+
+
+@pytest.mark.parametrize("step", [0.5, 200.0], ids=["factored", "sub_chunks"])
+def test_chunked_kda_function_gradcheck(step: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written backward of the whole chunked computation (solve through the inverse,
+    reverse state pass, element-wise factors, Gram matrices) against finite differences, on
+    both Gram paths: the inline factored one, and the grouped one (sub-chunks) that a decay span
+    above 2 * FACTORED_LIMIT (600 in float64) selects."""
+    calls = _count_calls(monkeypatch, "_gram_grouped")
+    args = tuple(x.requires_grad_() for x in _chunked_kda_inputs(3, 2, 8, 4, 3, step))
+    fn = lambda *a: chunk_mod._ChunkedKDA.apply(*a, 0.7, 4)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert (calls[0] > 0) == (step > 75)
+
+
+def test_chunked_kda_without_final_state_gradient() -> None:
+    """Only ``o`` used: the final-state cotangent is absent, the gradients still match."""
+    inputs = make_inputs(T=100, seed=5)
+    x = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    outs = []
+    for op in (kda_chunk, kda_recurrent):
+        o, _ = op(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"])
+        outs.append(torch.autograd.grad(o.square().sum(), list(x.values())))
+    for got, want in zip(*outs):
+        assert (got - want).abs().max().item() < 1e-10
+
+
+def test_default_chunk_size_is_the_module_constant() -> None:
+    import inspect
+
+    default = inspect.signature(kda_chunk).parameters["chunk_size"].default
+    assert default == chunk_mod.DEFAULT_CHUNK_SIZE == 32
+
+
+# ------------------------------------------------------------------- benchmark: interleaving
+
+
+def _kda_cpu():
+    bench = str(ROOT / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import kda_cpu
+
+    return kda_cpu
+
+
+def test_benchmark_interleaves_rounds_in_rotating_order() -> None:
+    kda_cpu = _kda_cpu()
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str, slow: bool = False) -> None:
+            self.name, self.slow = name, slow
+
+        def warmup(self) -> None:
+            calls.append(f"warm-{self.name}")
+            if self.slow:
+                import time
+
+                time.sleep(0.02)
+
+        def __call__(self) -> None:
+            calls.append(self.name)
+            if self.slow:
+                import time
+
+                time.sleep(0.02)
+
+    runners = {"a": Fake("a"), "b": Fake("b"), "c": Fake("c"), "slow": Fake("slow", True)}
+    samples = kda_cpu.time_interleaved(runners, reps=3, slow_s=0.01)
+    # the slow warm-up is confirmed by a second run before the runner is left out of the rounds
+    assert calls[:5] == ["warm-a", "warm-b", "warm-c", "warm-slow", "slow"]
+    # each round runs a, b, c once (the slow one keeps its warm-up), starting one place later
+    assert calls[5:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(samples[k]) for k in ("a", "b", "c", "slow")] == [3, 3, 3, 1]
+
+
+def test_benchmark_baseline_revision_loads_and_agrees() -> None:
+    kda_cpu = _kda_cpu()
+    impls = kda_cpu.load_impls(None, with_fla=False, baseline="HEAD")
+    assert list(impls) == ["kda_chunk", "kda_recurrent", "kda_chunk@HEAD"]
+    x = kda_cpu.make_inputs(1, 40, 2, 8, 8)
+    o_now, o_then = impls["kda_chunk"](*x)[0], impls["kda_chunk@HEAD"](*x)[0]
+    assert (o_now - o_then).abs().max().item() < 1e-5
+
+
+def test_benchmark_bad_baseline_exits_with_message(capsys: pytest.CaptureFixture) -> None:
+    kda_cpu = _kda_cpu()
+    with pytest.raises(SystemExit):
+        kda_cpu.main(["--quick", "--baseline", "no-such-revision", "--out-dir", "/nonexistent"])
+    assert "--baseline 'no-such-revision'" in capsys.readouterr().err

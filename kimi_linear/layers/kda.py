@@ -11,15 +11,15 @@ One layer, per token ``x_t`` (``H`` heads of size ``K = V = config.kda_head_dim`
 
 (Kimi Linear tech report, arXiv 2510.26692, eq. 10.)  With ``config.kda_gate == "head"`` the
 decay is one scalar per head (``f_b_proj: K -> H``, ``dt_bias: [H]``), broadcast over the key
-channels: the Gated DeltaNet-like variant.
+channels: the Gated DeltaNet-like variant.  With ``config.kda_gate_lower_bound`` set, ``g`` is the
+bounded safe gate ``lower_bound * sigmoid(exp(A_log) * (f_b(f_a(x)) + dt_bias))`` instead
+(:mod:`kimi_linear.ops.gate` forms both).
 
-The recurrence runs through a backend chosen by ``config.kda_backend``:
-
-* ``"torch"``: :func:`kimi_linear.ops.kda_chunk` for ``T > 1``; a one-step update for ``T == 1``.
-* ``"triton"``: :func:`kimi_linear.kernels.chunk_kda` and
-  :func:`kimi_linear.kernels.fused_recurrent_kda` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-* ``"fla"``: ``fla.ops.kda.chunk_kda`` / ``fused_recurrent_kda`` (CUDA only).
-* ``"auto"``: ``"triton"`` for CUDA inputs, ``"torch"`` otherwise.
+The recurrence runs through the backend named by ``config.kda_backend`` (``"auto"``, ``"torch"``,
+``"triton"`` or ``"fla"``), via the two entry points of :mod:`kimi_linear.ops.backend`:
+:func:`~kimi_linear.ops.backend.kda_decode` for single-token steps and
+:func:`~kimi_linear.ops.backend.kda_chunked` otherwise. ``"auto"`` is the pure-PyTorch path off
+CUDA and fla's kernels on CUDA (ours only on GPU architectures where they passed the GPU suite).
 
 Parameter names and shapes follow the released Kimi-Linear checkpoints, so their state dicts
 load without renaming.
@@ -28,8 +28,6 @@ load without renaming.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +35,13 @@ from einops import rearrange
 from torch import nn
 
 from kimi_linear.cache import KDALayerCache
-from kimi_linear.config import KDA_BACKENDS, KimiLinearConfig
+from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
-from kimi_linear.ops import kda_chunk
+from kimi_linear.ops.backend import check_kda_backend, kda_chunked, kda_decode
+from kimi_linear.ops.gate import kda_gate
+from kimi_linear.packing import PackedDocuments, packed_documents
 
-__all__ = [
-    "KimiDeltaAttention",
-    "causal_conv1d",
-    "kda_decode_step",
-    "l2_normalize",
-    "resolve_kda_backend",
-]
-
-KDAOp = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+__all__ = ["KimiDeltaAttention", "causal_conv1d", "causal_conv1d_packed", "l2_normalize"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,83 +82,31 @@ def causal_conv1d(
     return y, new_tail
 
 
-def kda_decode_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One KDA token per sequence (``T == 1``) in fp32: the cheap decode update.
+def causal_conv1d_packed(
+    x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Causal depthwise convolution of packed documents, each starting from zeros.
 
-    Same layout and semantics as :func:`kimi_linear.ops.kda_recurrent` restricted to one step:
-    q, k, g ``[B, 1, H, K]``, v ``[B, 1, H, V]``, beta ``[B, 1, H]``, state ``[B, H, K, V]``.
-    Returns ``(o [B, 1, H, V] in v's dtype, new_state fp32 or None)``.
+    Args:
+        x: ``[B, T, D]`` inputs (``B == 1`` for packed documents).
+        weight: ``[D, 1, W]`` depthwise filters.
+        positions: ``[T]`` long, the position of each token inside its document
+            (:func:`kimi_linear.packing.document_positions`): a tap reaching ``s`` tokens back
+            is dropped where ``positions < s``, i.e. across a document start.
+
+    Returns:
+        The pre-activation output ``[B, T, D]`` (what :func:`causal_conv1d` gives each
+        document alone, with no tail), as ``W`` masked shifted multiply-adds.
     """
-    if q.shape[1] != 1:
-        raise ValueError(
-            f"q must hold exactly one token per sequence [B, 1, H, K], got {tuple(q.shape)}"
-        )
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf, gf, bf = (t[:, 0].float() for t in (q, k, v, g, beta))
-    if initial_state is None:
-        S = qf.new_zeros(B, H, K, V)
-    else:
-        S = initial_state.float()
-    S = S * gf.exp().unsqueeze(-1)  # decay key rows
-    residual = vf - torch.einsum("bhkv,bhk->bhv", S, kf)
-    S = S + torch.einsum("bhk,bhv->bhkv", kf * bf.unsqueeze(-1), residual)
-    o = torch.einsum("bhkv,bhk->bhv", S, qf * scale)
-    return o.unsqueeze(1).to(v.dtype), (S if output_final_state else None)
-
-
-def resolve_kda_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``"torch"``, ``"triton"`` or ``"fla"``) for inputs on ``device``.
-
-    Raises ``ValueError`` for an unknown name or a backend that cannot run on ``device``.
-    """
-    if backend not in KDA_BACKENDS:
-        raise ValueError(f"kda_backend must be one of {KDA_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "fla" and device.type != "cuda":
-        raise ValueError(
-            f"kda_backend='fla' runs fla's Triton kernels and needs CUDA inputs, got device "
-            f"{device.type!r}; use kda_backend='torch' (or 'auto') on CPU"
-        )
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"kda_backend='triton' needs CUDA inputs (got device {device.type!r}) or the Triton "
-            "interpreter (set TRITON_INTERPRET=1 before importing triton); use 'torch' on CPU"
-        )
-    return backend
-
-
-def _triton_ops() -> tuple[KDAOp, KDAOp]:
-    try:
-        from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
-    except ImportError as e:
-        raise ValueError(
-            f"kda_backend='triton' needs kimi_linear.kernels.chunk_kda and fused_recurrent_kda, "
-            f"which failed to import ({e}); use kda_backend='torch'"
-        ) from e
-    return chunk_kda, fused_recurrent_kda
-
-
-def _fla_ops() -> tuple[KDAOp, KDAOp]:
-    try:
-        from fla.ops.kda import chunk_kda, fused_recurrent_kda
-    except ImportError as e:
-        raise ValueError(
-            f"kda_backend='fla' needs flash-linear-attention with fla.ops.kda ({e}); "
-            "use kda_backend='torch' or 'triton'"
-        ) from e
-    return chunk_kda, fused_recurrent_kda
+    T = x.shape[1]
+    W = weight.shape[-1]
+    w = weight[:, 0].to(x.dtype)  # [D, W]; tap W - 1 is the current token
+    xp = F.pad(x, (0, 0, W - 1, 0))  # [B, W - 1 + T, D]
+    y = x * w[:, W - 1]
+    for s in range(1, W):
+        keep = (positions >= s).to(x.dtype)[None, :, None]  # [1, T, 1]
+        y = y + xp[:, W - 1 - s : W - 1 - s + T] * keep * w[:, W - 1 - s]
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +122,10 @@ class KimiDeltaAttention(nn.Module):
         layer_idx: index of this layer in the model (for messages and caches).
 
     Attributes:
-        backend: the backend name used by :meth:`forward` (initialised from
-            ``config.kda_backend``; may be reassigned per layer, e.g. by benchmarks).
+        backend: the backend name used by :meth:`forward`, one of
+            :data:`kimi_linear.ops.backend.KDA_BACKENDS` (initialised from
+            ``config.kda_backend``; may be reassigned per layer, e.g. by benchmarks; validated
+            on assignment).
     """
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int | None = None) -> None:
@@ -195,7 +137,7 @@ class KimiDeltaAttention(nn.Module):
         self.head_dim = K = config.kda_head_dim
         self.conv_size = W = config.kda_conv_size
         self.gate_mode = config.kda_gate
-        self.backend: str = config.kda_backend
+        self.backend = config.kda_backend
         self.chunk_size = config.kda_chunk_size
         proj = H * K
 
@@ -221,6 +163,15 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(proj, D, bias=False)
         self.reset_gate_parameters()
 
+    @property
+    def backend(self) -> str:
+        """The KDA backend name (see :mod:`kimi_linear.ops.backend`)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_kda_backend(name)
+
     #: parameters kept in float32 through ``module.to(dtype)`` / ``.bfloat16()`` (as released)
     _fp32_parameters = ("A_log", "dt_bias")
 
@@ -242,30 +193,75 @@ class KimiDeltaAttention(nn.Module):
         return result
 
     # ----------------------------------------------------------------- init
+    #: ranges of the decay init: ``A ~ U[A_RANGE]``, ``dt`` log-uniform in ``DT_RANGE``
+    A_RANGE: tuple[float, float] = (1.0, 16.0)
+    DT_RANGE: tuple[float, float] = (1e-3, 1e-1)
+    #: ``A`` of the safe gate's init: ``A = 1`` (``A_log = 0``), as fla's KDA layer with
+    #: ``safe_gate`` (see :attr:`init_a_range`)
+    SAFE_GATE_A_RANGE: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def init_a_range(self) -> tuple[float, float]:
+        """The range ``A`` is drawn from at init, by gate form.
+
+        Release gate ``g = -A * softplus(f + dt_bias)``: :attr:`A_RANGE` (Mamba's ``U[1, 16]``),
+        so at init (``f ~ 0``) ``g = -A * dt`` spans ``[-1.6, -1e-3]``.
+
+        Safe gate ``g = lower_bound * sigmoid(A * (f + dt_bias))``: :attr:`SAFE_GATE_A_RANGE`
+        (``A = 1``, fla's choice).  ``dt_bias = softplus^-1(dt)`` lies in ``[-6.9, -2.25]``;
+        scaled by ``A`` up to 16 the sigmoid's argument would reach ``-110`` (at the median
+        ``A = 8.5``, ``dt = 0.01``: ``-39``, ``sigmoid = 1e-17``), so most channels would start
+        with ``g ~ 0`` (no forgetting: ``exp(g) == 1`` in fp32) and a vanishing gradient
+        through the saturated sigmoid (``tests/test_safe_gate_init.py``).  With ``A = 1``, ``sigmoid(dt_bias) ~ dt``, so
+        ``g ~ lower_bound * dt``: log-uniform like Mamba's, in ``[-0.48, -0.005]`` for
+        ``lower_bound = -5`` (per-token decay ``exp(g)`` in ``[0.62, 0.995]``), with the full
+        sigmoid slope.
+        """
+        if self.config.kda_gate_lower_bound is None:
+            return self.A_RANGE
+        return self.SAFE_GATE_A_RANGE
+
     @torch.no_grad()
     def reset_gate_parameters(
         self,
-        a_range: tuple[float, float] = (1.0, 16.0),
-        dt_range: tuple[float, float] = (1e-3, 1e-1),
+        a_range: tuple[float, float] | None = None,
+        dt_range: tuple[float, float] = DT_RANGE,
     ) -> None:
-        """Mamba-style decay init: ``A ~ U[a_range]`` (stored as ``log A``) and ``dt_bias`` the
-        softplus-inverse of ``dt`` drawn log-uniformly from ``dt_range`` (floored at 1e-4)."""
+        """Mamba-style decay init: ``A ~ U[a_range]`` (stored as ``log A``; default
+        :attr:`init_a_range`: ``U[1, 16]`` for the release gate, ``A = 1`` for the safe gate) and
+        ``dt_bias`` the softplus-inverse of ``dt`` drawn log-uniformly from ``dt_range``
+        (floored at 1e-4)."""
         if self.A_log.device.type == "meta":
             return
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*a_range).log())
+        if a_range is None:
+            a_range = self.init_a_range
+        a = torch.empty_like(self.A_log).uniform_(*a_range)
+        a_log, dt_bias = self.gate_values(a, torch.rand_like(self.dt_bias), dt_range)
+        self.A_log.copy_(a_log)
+        self.dt_bias.copy_(dt_bias)
+
+    @staticmethod
+    def gate_values(
+        a: torch.Tensor, u_dt: torch.Tensor, dt_range: tuple[float, float] = DT_RANGE
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_log, dt_bias)`` of :meth:`reset_gate_parameters` from ``A`` (drawn in ``a_range``)
+        and ``U[0, 1)`` draws ``u_dt`` of ``dt_bias``'s shape (elementwise, so a sharded init can
+        pass the draws of its own shard)."""
         lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
-        dt = (torch.rand_like(self.dt_bias) * (hi - lo) + lo).exp().clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+        dt = (u_dt * (hi - lo) + lo).exp().clamp(min=1e-4)
+        return a.log(), dt + torch.log(-torch.expm1(-dt))  # softplus(dt_bias) == dt
 
     # ----------------------------------------------------------------- pieces
     def decay(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-space per-channel decay ``g: [B, T, H, K]`` (fp32, ``<= 0``) for ``x: [B, T, D]``."""
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
+        """Log-space per-channel decay ``g: [B, T, H, K]`` (fp32, ``<= 0``) for ``x: [B, T, D]``:
+        :func:`kimi_linear.ops.gate.kda_gate` of ``f_b_proj(f_a_proj(x))``."""
+        f = self.f_b_proj(self.f_a_proj(x))
         if self.gate_mode == "channel":
             f = rearrange(f, "b t (h k) -> b t h k", k=self.head_dim)
         else:
             f = f.unsqueeze(-1)  # [B, T, H, 1]
-        g = -self.A_log.float().exp() * F.softplus(f)
+        # the release gate or the safe gate, per config.kda_gate_lower_bound (ops/gate.py)
+        g = kda_gate(f, self.A_log, self.dt_bias, self.config.kda_gate_lower_bound)
         return g.expand(*g.shape[:-1], self.head_dim).contiguous()
 
     def _check_inputs(self, x: torch.Tensor, cache: KDALayerCache | None) -> None:
@@ -306,35 +302,83 @@ class KimiDeltaAttention(nn.Module):
                 raise ValueError(f"cache.{name} is on {t.device} but x is on {x.device}")
 
     # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, cache: KDALayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KDALayerCache | None = None,
+        cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mix tokens of ``x: [B, T, D]``; returns ``[B, T, D]``.
 
         With ``cache`` the block continues the sequences held in it (any ``T``: decode,
         prefill or chunked prefill) and the cache's conv tails and fp32 state are replaced by
         those after this block.
+
+        Args:
+            cu_seqlens: packed documents ``x [1, N]`` with offsets ``[0, ..., N]`` (int32 /
+                int64): the recurrent state and the short convolutions restart at every
+                document start (the backend's varlen path). No cache.
+            attention_mask: ``[B, T]`` bool, False at left pads: pads write nothing (their conv
+                inputs are zeroed, their decay is 1 and their step size 0), so the state and
+                the conv tails after them are those of the real tokens alone. Pads must come
+                before every real token of their row (left padding), across cached blocks too.
         """
         self._check_inputs(x, cache)
-        backend = resolve_kda_backend(self.backend, x.device)
         H, T = self.num_heads, x.shape[1]
+        positions = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot continue a cache")
+            packed = packed_documents(cu_seqlens, x.shape[0], T, x.device)
+            positions, cu_seqlens = packed.positions, packed.cu_seqlens
+        if attention_mask is not None:
+            if (
+                not isinstance(attention_mask, torch.Tensor)
+                or attention_mask.dtype != torch.bool
+                or tuple(attention_mask.shape) != tuple(x.shape[:2])
+                or attention_mask.device != x.device
+            ):
+                raise ValueError(
+                    f"attention_mask must be a bool tensor [B, T] = {list(x.shape[:2])} on "
+                    f"{x.device} (False at left pads), got {attention_mask!r}"
+                )
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens and attention_mask cannot be combined")
 
-        tails = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
-        q, tail_q = causal_conv1d(self.q_proj(x), self.q_conv1d.weight, tails[0])
-        k, tail_k = causal_conv1d(self.k_proj(x), self.k_conv1d.weight, tails[1])
-        v, tail_v = causal_conv1d(self.v_proj(x), self.v_conv1d.weight, tails[2])
+        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        if attention_mask is not None:  # pads feed zeros to the convolutions
+            keep = attention_mask[..., None].to(x.dtype)
+            projected = [p * keep for p in projected]
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        if positions is not None:
+            q, k, v = (
+                causal_conv1d_packed(p, c.weight, positions) for p, c in zip(projected, convs)
+            )
+        else:
+            tails = (
+                (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
+            )
+            (q, tail_q), (k, tail_k), (v, tail_v) = (
+                causal_conv1d(p, c.weight, t) for p, c, t in zip(projected, convs, tails)
+            )
         q, k, v = (rearrange(F.silu(t), "b t (h d) -> b t h d", h=H) for t in (q, k, v))
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.decay(x)
         beta = torch.sigmoid(self.b_proj(x))
+        if attention_mask is not None:  # pads neither decay nor write the state
+            g = g.masked_fill(~attention_mask[..., None, None], 0.0)
+            beta = beta.masked_fill(~attention_mask[..., None], 0.0)
 
         state = None if cache is None else cache.state
-        o, new_state = self._mix(backend, q, k, v, g, beta, state, T)
+        o, new_state = self._mix(q, k, v, g, beta, state, cu_seqlens)
 
         if cache is not None:
             cache.conv_q = tail_q.to(cache.conv_q.dtype)
             cache.conv_k = tail_k.to(cache.conv_k.dtype)
             cache.conv_v = tail_v.to(cache.conv_v.dtype)
             if new_state is None:
-                raise RuntimeError(f"KDA backend {backend!r} returned no final state")
+                raise RuntimeError(f"KDA backend {self.backend!r} returned no final state")
             cache.state = new_state if new_state.dtype == torch.float32 else new_state.float()
 
         gate = rearrange(self.g_b_proj(self.g_a_proj(x)), "b t (h d) -> b t h d", h=H)
@@ -343,54 +387,46 @@ class KimiDeltaAttention(nn.Module):
 
     def _mix(
         self,
-        backend: str,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         g: torch.Tensor,
         beta: torch.Tensor,
         state: torch.Tensor | None,
-        T: int,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the recurrence; ``state`` is the fp32 ``[B, H, K, V]`` cache state or ``None``."""
+        """Run the recurrence through the layer's backend.
+
+        ``state`` is the fp32 ``[N, H, K, V]`` cache state or ``None`` (then no final state is
+        returned); ``cu_seqlens`` the ``[N + 1]`` offsets of packed sequences (``B == 1``) or
+        ``None``. Single-token steps take the decode entry point (fused, state updated in place
+        where the backend can), everything else the chunked one.
+        """
         want_state = state is not None
-        # the fused recurrent kernels are forward-only: take them for decode steps that need
-        # no gradient, the chunked kernels (differentiable) otherwise
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-        forward_only_ok = T == 1 and want_state and not needs_grad and not state.requires_grad
-        if backend == "torch":
-            if T == 1:
-                return kda_decode_step(
-                    q, k, v, g, beta, initial_state=state, output_final_state=want_state
-                )
-            return kda_chunk(
+        if q.shape[1] == 1 and cu_seqlens is None:
+            return kda_decode(
                 q,
                 k,
                 v,
                 g,
                 beta,
+                backend=self.backend,
                 initial_state=state,
                 output_final_state=want_state,
-                chunk_size=self.chunk_size,
+                inplace_state=want_state,
             )
-        if backend == "triton":
-            chunk, recurrent = _triton_ops()
-            if forward_only_ok:
-                return recurrent(
-                    q,
-                    k,
-                    v,
-                    g,
-                    beta,
-                    initial_state=state.contiguous(),
-                    output_final_state=True,
-                    inplace_state=True,
-                )
-            return chunk(q, k, v, g, beta, initial_state=state, output_final_state=want_state)
-        # fla: q, k are already normalised and g, beta already activated
-        chunk, recurrent = _fla_ops()
-        op = recurrent if forward_only_ok else chunk
-        return op(q, k, v, g, beta, initial_state=state, output_final_state=want_state)
+        return kda_chunked(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            backend=self.backend,
+            initial_state=state,
+            output_final_state=want_state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
         return (

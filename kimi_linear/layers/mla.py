@@ -15,6 +15,16 @@ With ``config.mla_use_nope`` (Kimi Linear's default) the rope slices are used as
 it False they are rotated (:mod:`kimi_linear.layers.rope`) at positions
 ``position_offset + arange(T)``.
 
+Several sequences per call (:mod:`kimi_linear.packing`):
+
+* ``cu_seqlens`` (packed documents in one row): block-diagonal causal attention, one SDPA call
+  per document (``O(sum l_i^2)`` work and memory, no ``N x N`` mask); RoPE positions restart.
+  While ``torch.compile`` traces, one SDPA call with an ``N x N`` block-diagonal mask instead
+  (no Python loop over the documents, so no recompilation per document count).
+* ``pad_lengths`` (left-padded rows): keys at a row's pads are masked out for its real tokens
+  (a pad query sees only itself, so every softmax row is finite), and positions count from the
+  row's first real token; decode over the cache keeps masking them.
+
 Two equivalent computations:
 
 * **plain**: materialise per-head K/V from the latents and call
@@ -41,6 +51,11 @@ from kimi_linear.cache import LatentKVCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.layers.rope import RotaryEmbedding, apply_rotary
+from kimi_linear.packing import PackedDocuments, packed_documents, padded_positions
+
+#: eps of ``q_a_layernorm`` / ``kv_a_layernorm``: the RMSNorm default 1e-6, not ``rms_norm_eps``,
+#: as in the release (Moonshot's ``modeling_kimi.py``), DeepSeek-V3 and transformers.
+LATENT_NORM_EPS = 1e-6
 
 # Largest number of fp32 logits materialised at once when measuring max logits in the plain path.
 MAX_LOGIT_BLOCK_ELEMENTS = 1 << 24
@@ -71,6 +86,18 @@ def _causal_mask(q_start: int, T: int, L: int, device: torch.device) -> torch.Te
     return torch.arange(L, device=device)[None, :] <= q_pos[:, None]
 
 
+def _padded_causal_mask(q_start: int, T: int, L: int, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, T, L]`` for left-padded rows: causal, and keys before ``pad_lengths[b]``
+    hidden; a pad query (``q_start + t < pad_lengths[b]``) sees only itself (finite softmax)."""
+    device = pad_lengths.device
+    q_pos = torch.arange(q_start, q_start + T, device=device)
+    k_pos = torch.arange(L, device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # [T, L]
+    real_key = k_pos[None, None, :] >= pad_lengths[:, None, None]  # [B, 1, L]
+    itself = k_pos[None, :] == q_pos[:, None]  # [T, L]
+    return (causal[None] & real_key) | itself[None]
+
+
 @torch.no_grad()
 def masked_max_logits(
     q: torch.Tensor,
@@ -78,6 +105,8 @@ def masked_max_logits(
     scale: float,
     q_start: int = 0,
     block_elements: int = MAX_LOGIT_BLOCK_ELEMENTS,
+    pad_lengths: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head max of the causal pre-softmax logits ``scale * q k^T``, computed blockwise.
 
@@ -88,6 +117,10 @@ def masked_max_logits(
         q_start: absolute position of the first query.
         block_elements: at most this many logits are held at once (fp32), so the extra memory
             is bounded independently of ``T``; keys a block cannot see are skipped.
+        pad_lengths: optional ``[B]`` left pads per row: logits of pad queries and pad keys
+            are left out.
+        doc_ids: optional ``[L]`` document number of every token (packed documents, with
+            ``q_start == 0``, ``T == L``): only logits inside a document count.
 
     Returns:
         ``[H]`` float32, the max over batch, query positions and visible keys.
@@ -101,6 +134,11 @@ def masked_max_logits(
         visible = min(L, q_start + e)  # keys beyond the block's last query are all masked
         logits = torch.matmul(q[:, :, s:e], k[:, :, :visible].transpose(-1, -2)).float() * scale
         mask = _causal_mask(q_start + s, e - s, visible, q.device)
+        if pad_lengths is not None:  # real keys only (then pad queries see nothing)
+            real_key = torch.arange(visible, device=q.device)[None, :] >= pad_lengths[:, None]
+            mask = (mask[None] & real_key[:, None, :])[:, None]  # [B, 1, rows, visible]
+        if doc_ids is not None:
+            mask = mask & (doc_ids[q_start + s : q_start + e, None] == doc_ids[None, :visible])
         logits = logits.masked_fill(~mask, float("-inf"))
         out = torch.maximum(out, logits.amax(dim=(0, 2, 3)))
     return out
@@ -112,7 +150,7 @@ class MLAttention(nn.Module):
     Args:
         config: model config; uses ``hidden_size``, ``num_attention_heads``, ``q_lora_rank``,
             ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``,
-            ``mla_use_nope``, ``rope_theta``, ``rms_norm_eps``.
+            ``mla_use_nope``, ``rope_theta`` (the latent norms use :data:`LATENT_NORM_EPS`).
         layer_idx: index of the layer in the model (kept for bookkeeping).
 
     Attributes:
@@ -145,10 +183,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, R + self.rope_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(R, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(R, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(R, H * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
 
@@ -176,8 +214,14 @@ class MLAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _check_inputs(
-        self, x: torch.Tensor, cache: LatentKVCache | None, position_offset: int
-    ) -> None:
+        self,
+        x: torch.Tensor,
+        cache: LatentKVCache | None,
+        position_offset: int,
+        cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> PackedDocuments | None:
+        """Validate the inputs; returns the packed documents of ``cu_seqlens`` (or None)."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor [B, T, hidden], got {type(x).__name__}")
         D = self.config.hidden_size
@@ -199,8 +243,31 @@ class MLAttention(nn.Module):
             or position_offset < 0
         ):
             raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+        if pad_lengths is not None:
+            if (
+                not isinstance(pad_lengths, torch.Tensor)
+                or pad_lengths.dtype != torch.long
+                or tuple(pad_lengths.shape) != (x.shape[0],)
+                or pad_lengths.device != x.device
+            ):
+                raise ValueError(
+                    f"pad_lengths must be a torch.long tensor [B={x.shape[0]}] on {x.device} "
+                    f"(left pads per row), got {pad_lengths!r}"
+                )
+            if cu_seqlens is not None:
+                raise ValueError(
+                    "cu_seqlens and pad_lengths cannot be combined (packed rows have no pads)"
+                )
+        packed = None
+        if cu_seqlens is not None:
+            if cache is not None or position_offset != 0:
+                raise ValueError(
+                    "cu_seqlens (packed documents) cannot continue a cache (cache must be None, "
+                    "position_offset 0)"
+                )
+            packed = packed_documents(cu_seqlens, x.shape[0], x.shape[1], x.device)
         if cache is None:
-            return
+            return packed
         if not isinstance(cache, LatentKVCache):
             raise ValueError(
                 f"cache must be a LatentKVCache (kimi_linear.cache) or None, got {type(cache).__name__}"
@@ -218,6 +285,7 @@ class MLAttention(nn.Module):
                 f"position_offset ({position_offset}) must equal the number of cached tokens "
                 f"({cache.length}) when a cache is given"
             )
+        return packed
 
     def _project_q(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, D]`` -> ``q [B, T, H, nope + rope]``."""
@@ -233,14 +301,27 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _rotate(
-        self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_offset: int
+        self,
+        q_rope: torch.Tensor,
+        k_rope: torch.Tensor,
+        position_offset: int,
+        packed: PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q_rope [B, T, H, P]`` and ``k_rope [B, T, P]`` at their positions:
+        ``position_offset + arange(T)``, restarting at each document of ``packed``, or per row
+        counted from the first real token with ``pad_lengths``."""
         if self.rotary is None:
             return q_rope, k_rope
         T = q_rope.shape[1]
-        pos = torch.arange(position_offset, position_offset + T, device=q_rope.device)
-        cos, sin = self.rotary(pos)  # [T, P / 2]
-        q_rope = apply_rotary(q_rope, cos[:, None, :], sin[:, None, :])
+        if packed is not None:
+            pos = packed.positions  # [T]
+        elif pad_lengths is not None:
+            pos = padded_positions(pad_lengths, position_offset, T)  # [B, T]
+        else:
+            pos = torch.arange(position_offset, position_offset + T, device=q_rope.device)
+        cos, sin = self.rotary(pos)  # [T, P / 2] or [B, T, P / 2]
+        q_rope = apply_rotary(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))
         k_rope = apply_rotary(k_rope, cos, sin)
         return q_rope, k_rope
 
@@ -251,6 +332,8 @@ class MLAttention(nn.Module):
         cache: LatentKVCache | None = None,
         position_offset: int = 0,
         absorb: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend causally over the cached tokens (if any) and this block.
 
@@ -263,11 +346,18 @@ class MLAttention(nn.Module):
             absorb: True: absorbed path (attention over latents, no per-head K/V); False:
                 plain SDPA path; None: absorbed iff a cache is given and
                 ``T <= absorb_max_tokens``.
+            cu_seqlens: packed documents ``x [1, N]`` with offsets ``[0, ..., N]`` (int32 /
+                int64): block-diagonal causal attention, positions restart per document.
+                No cache.
+            pad_lengths: ``[B]`` long, the number of left pads of each row, counted from the
+                row's first (cached) token: pad keys are hidden from real queries and positions
+                start at the first real token. Pass the same value for every block of a
+                cached sequence (cached pads stay masked).
 
         Returns:
             ``[B, T, hidden]``.
         """
-        self._check_inputs(x, cache, position_offset)
+        packed = self._check_inputs(x, cache, position_offset, cu_seqlens, pad_lengths)
         B, T, _ = x.shape
         q = self._project_q(x)  # [B, T, H, nope + rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -275,7 +365,7 @@ class MLAttention(nn.Module):
             [self.kv_lora_rank, self.rope_dim], dim=-1
         )
         latent = self.kv_a_layernorm(latent)  # [B, T, R]
-        q_rope, k_rope = self._rotate(q_rope, k_rope, position_offset)
+        q_rope, k_rope = self._rotate(q_rope, k_rope, position_offset, packed, pad_lengths)
 
         q_start = 0
         if cache is not None:
@@ -285,10 +375,17 @@ class MLAttention(nn.Module):
 
         if absorb is None:
             absorb = cache is not None and T <= self.absorb_max_tokens
+        mask = None
+        if pad_lengths is not None:
+            mask = _padded_causal_mask(q_start, T, latent.shape[1], pad_lengths)  # [B, T, L]
         if absorb:
-            out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, q_start)
+            out = self._attend_absorbed(
+                q_nope, q_rope, latent, k_rope, q_start, mask, packed, pad_lengths
+            )
         else:
-            out = self._attend_plain(q_nope, q_rope, latent, k_rope, q_start)
+            out = self._attend_plain(
+                q_nope, q_rope, latent, k_rope, q_start, mask, packed, pad_lengths
+            )
         return self.o_proj(out)
 
     def _attend_plain(
@@ -298,9 +395,14 @@ class MLAttention(nn.Module):
         latent: torch.Tensor,
         k_rope: torch.Tensor,
         q_start: int,
+        mask: torch.Tensor | None = None,
+        packed: PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Materialised K/V + SDPA. q_*: ``[B, T, H, *]``; latent ``[B, L, R]``; k_rope ``[B, L, P]``.
 
+        ``mask``: optional boolean ``[B, T, L]`` (left-padded rows) replacing the causal mask;
+        ``packed``: packed documents (``B == 1``, no cache), one causal SDPA call per document.
         Returns ``[B, T, H * v]``.
         """
         H, T, L = self.num_heads, q_nope.shape[1], latent.shape[1]
@@ -310,17 +412,53 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe], dim=-1)  # [B, H, L, nope + rope]
         q = rearrange(torch.cat([q_nope, q_rope], dim=-1), "b t h d -> b h t d")
 
+        # eager: one SDPA call per document; traced by torch.compile: one call with a mask built
+        # from tensors only (the document offsets are Python ints that would be guarded on)
+        loop = packed is not None and not torch.compiler.is_compiling()
+        doc_ids = None
+        if packed is not None and not loop:
+            doc_ids = (packed.positions == 0).cumsum(0)  # [T]: a document number per token
+            mask = (doc_ids[:, None] == doc_ids[None, :]) & _causal_mask(0, T, L, q.device)[None]
+        docs = packed.spans if loop else [(0, T)]
         if self.record_max_logits and self.training:
-            self._update_max_logits(masked_max_logits(q, k, self.softmax_scale, q_start))
+            for a, b in docs:
+                self._update_max_logits(
+                    masked_max_logits(
+                        q[:, :, a:b],
+                        k[:, :, a : b if loop else L],
+                        self.softmax_scale,
+                        q_start,
+                        pad_lengths=pad_lengths,
+                        doc_ids=doc_ids,
+                    )
+                )
 
         mixed_ok = v.shape[-1] == k.shape[-1] or _sdpa_accepts_mixed_v_dim(q.device, q.dtype)
         if not mixed_ok:  # pad v to the q/k head dim, slice the output back
             v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
-        if q_start == 0 and T == L:
+        if loop:  # block-diagonal: each document attends causally to itself
+            o = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, a:b],
+                        k[:, :, a:b],
+                        v[:, :, a:b],
+                        is_causal=True,
+                        scale=self.softmax_scale,
+                    )
+                    for a, b in docs
+                ],
+                dim=2,
+            )
+        elif mask is not None:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale
+            )
+        elif q_start == 0 and T == L:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            mask = _causal_mask(q_start, T, L, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            causal = _causal_mask(q_start, T, L, q.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=self.softmax_scale)
         o = o[..., : self.v_head_dim]
         return rearrange(o, "b h t d -> b t (h d)")
 
@@ -331,8 +469,12 @@ class MLAttention(nn.Module):
         latent: torch.Tensor,
         k_rope: torch.Tensor,
         q_start: int,
+        mask: torch.Tensor | None = None,
+        packed: PackedDocuments | None = None,
+        pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention over latents with kv_b_proj absorbed. Shapes as in :meth:`_attend_plain`.
+        """Attention over latents with kv_b_proj absorbed. Arguments as in :meth:`_attend_plain`
+        (packed documents get a block-diagonal causal mask here).
 
         ``score[b,h,t,l] = scale * ((q_nope W_uk)[b,t,h] . latent[b,l] + q_rope[b,t,h] . k_rope[b,l])``,
         ``out[b,t,h] = W_uv (sum_l p[b,h,t,l] latent[b,l])``.
@@ -344,10 +486,22 @@ class MLAttention(nn.Module):
         if self.rope_dim > 0:
             scores = scores + torch.einsum("bthp,blp->bhtl", q_rope, k_rope)
         scores = scores.float() * self.softmax_scale  # [B, H, T, L]
-        if T > 1:  # a single query (the newest token) sees every cached key
+        if packed is not None:
+            doc = (packed.positions == 0).cumsum(0)  # [T]: a document number per token
+            same_doc = doc[:, None] == doc[None, :]
+            scores = scores.masked_fill(
+                ~(same_doc & _causal_mask(0, T, L, scores.device)), float("-inf")
+            )
+        elif mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        elif T > 1:  # a single query (the newest token) sees every cached key
             scores = scores.masked_fill(~_causal_mask(q_start, T, L, scores.device), float("-inf"))
         if self.record_max_logits and self.training:
-            self._update_max_logits(scores.detach().amax(dim=(0, 2, 3)))
+            stat = scores.detach()
+            if pad_lengths is not None:  # only real queries on real keys feed the statistic
+                real_key = torch.arange(L, device=stat.device)[None, :] >= pad_lengths[:, None]
+                stat = stat.masked_fill(~real_key[:, None, None, :], float("-inf"))
+            self._update_max_logits(stat.amax(dim=(0, 2, 3)))
         probs = scores.softmax(dim=-1).to(latent.dtype)
         ctx = torch.einsum("bhtl,blr->bthr", probs, latent)  # [B, T, H, R]
         o = torch.einsum("bthr,hvr->bthv", ctx, w_uv)  # [B, T, H, v]

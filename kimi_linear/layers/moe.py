@@ -4,6 +4,8 @@ Routing (per token ``x``; ``E`` experts, top ``k``)::
 
     s       = sigmoid(x W_gate^T)                       fp32 scores [E]
     chosen  = topk(s + b, k)                            b = e_score_correction_bias (selection only)
+              (with num_expert_group G > 1: only among the topk_group groups of E / G experts
+              whose top-2 (s + b) sum is largest, DeepSeek-V3's node-limited routing)
     w       = s[chosen] / sum(s[chosen])                (when config.moe_renormalize)
     w       = w * routed_scaling_factor
     y       = sum_{e in chosen} w_e SwiGLU_e(x) + shared_experts(x)
@@ -20,25 +22,24 @@ on SM90+ GPUs).
 Expert weights live in :class:`GroupedExperts` as 3-D tensors ``w1 [E, I, D]`` (gate),
 ``w3 [E, I, D]`` (up), ``w2 [E, D, I]`` (down).  The release checkpoints store them per expert
 (``experts.{e}.w1.weight`` ...): a load pre-hook stacks those keys, so ``load_state_dict``
-(strict) accepts either form, and :func:`to_release_state_dict` converts back for export.
+(strict) accepts either form, and :func:`~kimi_linear.hf.to_release_state_dict` converts back
+for export (all name mapping lives in :mod:`kimi_linear.hf`).
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.hf import stack_release_expert_keys, to_release_state_dict
 
 DISPATCH_MODES = ("auto", "loop", "grouped_mm")
-_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts\.)(?P<name>w[123])$")
 
 
 def _check_features(x: torch.Tensor, dim: int, weight: torch.Tensor, what: str) -> None:
@@ -116,13 +117,33 @@ class MoEGate(_Fp32BuffersMixin, nn.Module):
         top_k: int,
         routed_scaling_factor: float = 1.0,
         renormalize: bool = True,
+        num_groups: int = 1,
+        topk_group: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        if num_experts % num_groups or (num_groups > 1 and num_experts // num_groups < 2):
+            raise ValueError(
+                f"num_groups must divide num_experts={num_experts} into groups of >= 2 experts, "
+                f"got {num_groups}"
+            )
+        if not (isinstance(topk_group, int) and 1 <= topk_group <= num_groups):
+            raise ValueError(
+                f"topk_group must be in [1, num_groups={num_groups}], got {topk_group!r}"
+            )
+        if topk_group * (num_experts // num_groups) < top_k:
+            raise ValueError(
+                f"topk_group={topk_group} groups of {num_experts // num_groups} experts hold fewer "
+                f"than top_k={top_k} experts"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
+        self.num_groups = num_groups
+        self.topk_group = topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.renormalize = renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
@@ -141,16 +162,34 @@ class MoEGate(_Fp32BuffersMixin, nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = torch.sigmoid(logits)
         selection = scores.detach() + self.e_score_correction_bias.float()
+        if self.num_groups > 1 and self.topk_group < self.num_groups:
+            selection = self._restrict_to_top_groups(selection)
         topk_idx = selection.topk(self.top_k, dim=-1).indices
         topk_weight = scores.gather(-1, topk_idx)
         if self.renormalize:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return topk_idx, topk_weight * self.routed_scaling_factor, scores
 
+    def _restrict_to_top_groups(self, selection: torch.Tensor) -> torch.Tensor:
+        """Node-limited routing (DeepSeek-V3): score each of the ``num_groups`` contiguous expert
+        groups by the sum of its top-2 biased scores, keep the best ``topk_group`` groups and set
+        the other experts' selection scores to ``-inf``.  ``selection: [N, E] -> [N, E]``."""
+        grouped = rearrange(selection, "n (g e) -> n g e", g=self.num_groups)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        keep = group_scores.topk(self.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        grouped = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        return rearrange(grouped, "n g e -> n (g e)")
+
     def extra_repr(self) -> str:
+        groups = (
+            f", groups={self.num_groups}, topk_group={self.topk_group}"
+            if self.num_groups > 1
+            else ""
+        )
         return (
             f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
-            f"scale={self.routed_scaling_factor}, renormalize={self.renormalize}"
+            f"scale={self.routed_scaling_factor}, renormalize={self.renormalize}{groups}"
         )
 
 
@@ -230,6 +269,10 @@ class GroupedExperts(nn.Module):
         Returns:
             ``[N, D]`` in ``x``'s dtype: ``sum_j topk_weight[n, j] * expert_{topk_idx[n, j]}(x[n])``.
         """
+        if torch.compiler.is_compiling():  # data-dependent dispatch: one opaque op for compile
+            from kimi_linear.ops.custom_op import grouped_experts_op
+
+            return grouped_experts_op(self, x, topk_idx, topk_weight)
         _check_features(x, self.hidden_size, self.w1, "GroupedExperts")
         if x.dim() != 2:
             raise ValueError(f"x must be [N, hidden={self.hidden_size}], got {tuple(x.shape)}")
@@ -246,6 +289,8 @@ class GroupedExperts(nn.Module):
             raise ValueError(
                 f"topk_weight must have topk_idx's shape {tuple(topk_idx.shape)}, got {tuple(topk_weight.shape)}"
             )
+        if x.device.type == "meta":  # shape inference: the routing below is data-dependent
+            return x.new_empty(N, self.hidden_size)
         k = topk_idx.shape[1]
         flat_idx = topk_idx.reshape(-1).long()
         order = torch.argsort(flat_idx, stable=True)  # pairs grouped by expert
@@ -297,38 +342,9 @@ def _stack_release_expert_keys(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Load pre-hook: replace ``{prefix}{e}.w1.weight`` (w2, w3) for every ``e`` by ``{prefix}w1``.
-
-    Runs only when every expert's key of a projection is present and the stacked key is not;
-    otherwise leaves the dict alone, so strict loading reports what is missing or unexpected.
-    """
-    for name in ("w1", "w2", "w3"):
-        keys = [f"{prefix}{e}.{name}.weight" for e in range(module.num_experts)]
-        if prefix + name in state_dict or not all(k in state_dict for k in keys):
-            continue
-        state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys], dim=0)
-
-
-def to_release_state_dict(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """Split every stacked ``...experts.w1 / w2 / w3`` (3-D) into the release's per-expert keys.
-
-    ``a.experts.w1 [E, I, D]`` becomes ``a.experts.{e}.w1.weight [I, D]`` for ``e < E`` (each a
-    contiguous copy, so safetensors can save them); other keys pass through unchanged, in order.
-    """
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, value in state_dict.items():
-        m = _EXPERT_KEY.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() != 3:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"state_dict[{key!r}] must be a 3-D [E, out, in] expert tensor, got {shape}"
-            )
-        for e in range(value.shape[0]):
-            out[f"{m['prefix']}{e}.{m['name']}.weight"] = value[e].clone()
-    return out
+    """Load pre-hook: stack the release's per-expert keys (the name mapping lives in
+    :func:`kimi_linear.hf.stack_release_expert_keys`)."""
+    stack_release_expert_keys(state_dict, prefix, module.num_experts)
 
 
 class KimiMoE(_Fp32BuffersMixin, nn.Module):
@@ -341,7 +357,11 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
     Load statistics (non-persistent fp32 buffers, ``[E]``): ``last_expert_load`` holds the
     token-expert assignments of the last forward; ``expert_load`` accumulates them over training
     forwards (``module.training``) since the last :meth:`update_bias`, so evaluation passes
-    don't steer balancing. Both count tokens, so each sums to ``tokens * top_k``.
+    don't steer balancing. Both count real tokens, so each sums to ``tokens * top_k``: the pads
+    of a left-padded batch (``token_mask`` False, passed down by the model from its
+    ``attention_mask``) are routed and computed like any token (shapes stay static) but never
+    counted, so they cannot steer the auxiliary-loss-free bias.  (Packed documents need no mask:
+    every token of a ``cu_seqlens`` pack belongs to a document; empty documents have none.)
     """
 
     _fp32_buffers = ("expert_load", "last_expert_load")
@@ -360,6 +380,8 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
             config.num_experts_per_token,
             routed_scaling_factor=config.routed_scaling_factor,
             renormalize=config.moe_renormalize,
+            num_groups=config.num_expert_group,
+            topk_group=config.topk_group,
         )
         self.experts = GroupedExperts(
             config.num_experts, config.hidden_size, config.moe_intermediate_size
@@ -373,17 +395,46 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.num_experts), persistent=False)
         self.register_buffer("last_expert_load", torch.zeros(config.num_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [..., hidden]`` (normally ``[B, T, hidden]``) -> same shape."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: [..., hidden]`` (normally ``[B, T, hidden]``) -> same shape.
+
+        ``token_mask``: optional bool ``[...]`` (``x.shape[:-1]``, e.g. ``[B, T]``), ``False``
+        at pad tokens: they are not counted in the expert loads (their outputs are computed
+        as usual and ignored by the caller).
+        """
         _check_features(x, self.hidden_size, self.experts.w1, "KimiMoE")
+        if token_mask is not None and (
+            not isinstance(token_mask, torch.Tensor)
+            or token_mask.dtype != torch.bool
+            or token_mask.shape != x.shape[:-1]
+            or token_mask.device != x.device
+        ):
+            got = (
+                f"{token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+                if isinstance(token_mask, torch.Tensor)
+                else type(token_mask).__name__
+            )
+            raise ValueError(
+                f"token_mask must be a bool tensor {tuple(x.shape[:-1])} on {x.device} "
+                f"(x.shape[:-1]), got {got}"
+            )
         shape = x.shape
         flat = x.reshape(-1, self.hidden_size)
         topk_idx, topk_weight, _ = self.gate(flat)
-        with torch.no_grad():
-            load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).float()
-            self.last_expert_load.copy_(load)
-            if self.training:
-                self.expert_load.add_(load)
+        if flat.device.type != "meta":  # no load to count for data-less (meta) inputs
+            with torch.no_grad():
+                # tokens per expert; a fixed-size scatter (not bincount) keeps shapes static
+                flat_idx = topk_idx.reshape(-1)
+                if token_mask is None:
+                    counts = torch.ones_like(flat_idx, dtype=torch.float32)
+                else:  # pads add 0 (same shapes as without a mask)
+                    counts = token_mask.reshape(-1, 1).expand_as(topk_idx).reshape(-1).float()
+                load = flat.new_zeros(self.num_experts, dtype=torch.float32).scatter_add_(
+                    0, flat_idx, counts
+                )
+                self.last_expert_load.copy_(load)
+                if self.training:
+                    self.expert_load.add_(load)
         out = self.experts(flat, topk_idx, topk_weight)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

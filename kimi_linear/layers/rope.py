@@ -34,15 +34,16 @@ class RotaryEmbedding(nn.Module):
         self.theta = float(theta)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions: [T]`` integer tensor -> ``(cos, sin)``, each ``[T, dim / 2]`` float32."""
-        if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-            raise ValueError("positions must be a 1-D integer tensor [T]")
-        if positions.is_floating_point() or positions.is_complex():
+        """Integer ``positions`` of any shape ``[...]`` (``[T]`` for one layout shared by the
+        batch, ``[B, T]`` per row) -> ``(cos, sin)``, each ``[..., dim / 2]`` float32."""
+        if not isinstance(positions, torch.Tensor) or positions.dim() == 0:
+            raise ValueError("positions must be an integer tensor [T] or [B, T]")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise ValueError(f"positions must have an integer dtype, got {positions.dtype}")
         wide = torch.float32 if positions.device.type == "mps" else torch.float64
         exponents = torch.arange(0, self.dim, 2, device=positions.device, dtype=wide) / self.dim
         inv_freq = self.theta**-exponents  # [dim / 2]
-        angles = positions.to(wide)[:, None] * inv_freq[None, :]  # [T, dim / 2]
+        angles = positions.to(wide)[..., None] * inv_freq  # [..., dim / 2]
         return angles.cos().float(), angles.sin().float()
 
     def extra_repr(self) -> str:

@@ -2,11 +2,15 @@
 
 * :class:`KimiLinearLitModule` (:mod:`.module`): trains a :class:`~kimi_linear.model.KimiLinearForCausalLM`
   with MuonClip / AdamW, warmup + cosine, MoE router-bias balancing and MLA max-logit logging.
-* :class:`SyntheticDataModule`, :class:`TextDataModule` (:mod:`.data`): offline data (MQAR,
-  palindrome, stack; byte-level text over a local corpus or CPython's ``pydoc_data.topics``).
-* :class:`ByteTokenizer` (:mod:`.tokenizer`).
-* :func:`lightning_main` (:mod:`.cli`): the ``kimi-linear fit/validate/test/predict/generate/export``
-  command line.
+* :class:`SyntheticDataModule`, :class:`TextDataModule`, :class:`TokenDataModule` (:mod:`.data`):
+  offline data (MQAR, palindrome, stack; byte-level text over a local corpus or CPython's
+  ``pydoc_data.topics``; token datasets written by ``kimi-linear prepare``).
+* :class:`ByteTokenizer`, :func:`load_tokenizer` (:mod:`.tokenizer`).
+* :func:`lightning_main` (:mod:`.cli`): the ``kimi-linear fit/validate/test/predict`` runner
+  (``generate`` / ``export`` live there too); :mod:`kimi_linear.cli` dispatches every subcommand.
+* :mod:`.callbacks`: final-step and atomic checkpoints, resume overrides, throughput / MFU.
+* :class:`FSDP2Strategy` (:mod:`.parallel`): FSDP2 / HSDP sharding per decoder layer through
+  Lightning's ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``); sharded-checkpoint readers.
 
 Names are imported lazily, so ``import kimi_linear.lightning.data`` stays light.
 """
@@ -21,10 +25,13 @@ _EXPORTS = {
     "build_config": "module",
     "SyntheticDataModule": "data",
     "TextDataModule": "data",
+    "TokenDataModule": "data",
     "UsageError": "data",
     "ByteTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
     "KimiLinearCLI": "cli",
     "lightning_main": "cli",
+    "FSDP2Strategy": "parallel",
 }
 
 

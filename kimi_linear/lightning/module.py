@@ -20,6 +20,13 @@ name plus overrides, or by a full config dict, so a YAML config can say::
     model:
       preset: tiny
       overrides: {num_hidden_layers: 2, kda_gate: head}
+
+The model itself is built in :meth:`KimiLinearLitModule.configure_model` (Lightning calls it once
+the processes are set up; reading ``module.model`` earlier builds it too): on the meta device,
+sharded with FSDP2 per decoder layer when the trainer's strategy shards
+(:mod:`kimi_linear.lightning.parallel`), then materialized and initialised per shard from
+per-parameter seeded streams (``reset_parameters(seed=init_seed)``), so the same seed gives the
+same weights on any number of ranks.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from kimi_linear import hf
 from kimi_linear.config import PRESETS, KimiLinearConfig
-from kimi_linear.lightning.data import IGNORE_INDEX, UsageError, _did_you_mean
+from kimi_linear.errors import UsageError, did_you_mean
+from kimi_linear.lightning import parallel as _parallel  # noqa: F401  (registers "fsdp2")
+from kimi_linear.lightning.data import IGNORE_INDEX
 from kimi_linear.model import KimiLinearForCausalLM
 
 OPTIMIZERS = ("muonclip", "adamw")
@@ -64,7 +74,7 @@ def build_config(
     for key in overrides:
         if key not in fields:
             raise UsageError(
-                f"model.overrides: unknown KimiLinearConfig field {key!r}{_did_you_mean(key, fields)}"
+                f"model.overrides: unknown KimiLinearConfig field {key!r}{did_you_mean(key, fields)}"
             )
     if vocab_size is not None:
         if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
@@ -83,20 +93,45 @@ def build_config(
                 if unknown:
                     raise UsageError(
                         f"model.config: unknown KimiLinearConfig field {unknown[0]!r}"
-                        f"{_did_you_mean(unknown[0], fields)}"
+                        f"{did_you_mean(unknown[0], fields)}"
                     )
                 base = KimiLinearConfig(**config)
             return base.replace(**overrides) if overrides else base
         name = preset or "tiny"
         if name not in PRESETS:
             raise UsageError(
-                f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{_did_you_mean(name, PRESETS)}"
+                f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{did_you_mean(name, PRESETS)}"
             )
         return KimiLinearConfig.from_preset(name, **overrides)
     except UsageError:
         raise
     except (ValueError, TypeError) as e:
         raise UsageError(f"model: {e}") from e
+
+
+def _init_from_config(
+    path: str,
+    preset: str | None,
+    config: Mapping[str, Any] | None,
+    overrides: dict[str, Any] | None,
+    vocab_size: int | None,
+) -> KimiLinearConfig:
+    """The config of the checkpoint folder ``path`` (``model.init_from``), then ``overrides``."""
+    if preset is not None or config is not None:
+        raise UsageError(
+            "model.init_from takes the config from the checkpoint; drop model.preset / "
+            "model.config (on the command line: --model.preset null)"
+        )
+    try:
+        base = hf.config_from_hf(hf.read_config_json(path))
+    except ValueError as e:
+        raise UsageError(f"model.init_from: {e}") from e
+    if vocab_size is not None and vocab_size != base.vocab_size:
+        raise UsageError(
+            f"model.init_from: the checkpoint's vocab_size={base.vocab_size} differs from the "
+            f"data's vocabulary ({vocab_size}); use the checkpoint's tokenizer"
+        )
+    return build_config(None, overrides, base.to_dict(), None)
 
 
 class WarmupCosine:
@@ -127,6 +162,10 @@ def _layer_index(module_name: str) -> str:
 class KimiLinearLitModule(pl.LightningModule):
     """Trains a Kimi Linear causal LM on batches ``{"input_ids": [B, T], "labels": [B, T]}``.
 
+    A batch may also carry ``"cu_seqlens"`` (int32 document offsets of the batch flattened to
+    ``[1, B * T]``, as :class:`~kimi_linear.lightning.data.TokenDataModule` gives with
+    ``pack="reset"``): the model then runs on the flattened stream and restarts at each document.
+
     Args:
         preset: name of a :data:`~kimi_linear.config.PRESETS` entry (``tiny`` when neither this
             nor ``config`` is given).
@@ -147,6 +186,18 @@ class KimiLinearLitModule(pl.LightningModule):
             ``0`` disables balancing).
         log_max_logits: log the MLA per-head max logits (recorded by the MLA layers; under
             MuonClip they are recorded anyway for the clip).
+        init_seed: seed of the weight initialisation (per-parameter streams, independent of the
+            number of ranks); ``None``: ``torch.initial_seed()`` (the run's ``seed_everything``
+            seed), taken from rank 0.
+        activation_checkpointing: recompute each decoder layer in the backward pass instead of
+            keeping its activations (``KimiLinearModel.set_activation_checkpointing``).
+        compile: ``torch.compile`` each decoder layer (``True``, or a dict of ``torch.compile``
+            arguments such as ``{mode: max-autotune}``; ``KimiLinearModel.compile_layers``).
+        init_from: a checkpoint folder (``config.json`` + safetensors: the release layout, a
+            ``save_pretrained`` / ``kimi-linear export`` folder or a transformers-saved one)
+            whose config and weights the training starts from (``kimi_linear.hf``); not with
+            ``preset`` / ``config``; ``overrides`` may change fields that keep the weights'
+            shapes (e.g. ``kda_backend``).
     """
 
     def __init__(
@@ -165,12 +216,16 @@ class KimiLinearLitModule(pl.LightningModule):
         qk_clip_tau: float | None = 100.0,
         moe_bias_update_rate: float | None = None,
         log_max_logits: bool = True,
+        init_seed: int | None = None,
+        init_from: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if optimizer not in OPTIMIZERS:
             raise UsageError(
-                f"model.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}{_did_you_mean(optimizer, OPTIMIZERS)}"
+                f"model.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}{did_you_mean(optimizer, OPTIMIZERS)}"
             )
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise UsageError(f"model.lr must be a finite number > 0, got {lr!r}")
@@ -190,9 +245,23 @@ class KimiLinearLitModule(pl.LightningModule):
             raise UsageError(
                 f"model.moe_bias_update_rate must be None or >= 0, got {moe_bias_update_rate!r}"
             )
+        if init_seed is not None and (
+            isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0
+        ):
+            raise UsageError(f"model.init_seed must be None or an int >= 0, got {init_seed!r}")
+        if not isinstance(activation_checkpointing, bool):
+            raise UsageError(
+                f"model.activation_checkpointing must be true or false, got {activation_checkpointing!r}"
+            )
+        if not isinstance(compile, (bool, dict)):
+            raise UsageError(
+                f"model.compile must be true, false or a dict of torch.compile arguments, got {compile!r}"
+            )
 
-        self.config = build_config(preset, overrides, config, vocab_size)
-        self.model = KimiLinearForCausalLM(self.config)
+        if init_from is not None:
+            self.config = _init_from_config(init_from, preset, config, overrides, vocab_size)
+        else:
+            self.config = build_config(preset, overrides, config, vocab_size)
         V = self.config.vocab_size
         metrics: dict[str, nn.Module] = {}
         for stage in _STAGES:
@@ -202,14 +271,108 @@ class KimiLinearLitModule(pl.LightningModule):
             )
             metrics[f"{stage}_exact"] = MeanMetric()
         self.metrics = nn.ModuleDict(metrics)
-        self._moe = {name: m for name, m in self.model.named_modules() if hasattr(m, "update_bias")}
-        self._mla = {
-            name: m for name, m in self.model.named_modules() if hasattr(m, "reset_max_logits")
-        }
-        if log_max_logits:
+        self._moe: dict[str, nn.Module] = {}
+        self._mla: dict[str, nn.Module] = {}
+        self._step_stats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ the model
+    @property
+    def model(self) -> KimiLinearForCausalLM:
+        """The :class:`KimiLinearForCausalLM` (built by :meth:`configure_model` on first use)."""
+        if "model" not in self._modules:
+            self.configure_model()
+        return self._modules["model"]  # type: ignore[return-value]
+
+    def _init_seed(self) -> int:
+        seed = self.hparams.init_seed
+        if seed is None:
+            seed = torch.initial_seed() & ((1 << 63) - 1)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            seed = trainer.strategy.broadcast(seed, src=0)  # every rank must draw the same weights
+        return int(seed)
+
+    def configure_model(self) -> None:
+        """Build the model (once): on the meta device, sharded under an FSDP2 strategy, then
+        materialized and initialised per shard (see the module docstring).
+
+        Order, as torchtitan: build on meta -> (per-layer wrappers) -> ``fully_shard`` per layer
+        -> ``to_empty`` on the device -> ``reset_parameters(seed)``.
+        """
+        if "model" in self._modules:
+            return
+        from kimi_linear.lightning.parallel import FSDP2Strategy, fsdp_mesh, shard_model
+
+        with torch.device("meta"):
+            model = KimiLinearForCausalLM(self.config)
+        model.model.set_activation_checkpointing(
+            self.hparams.get("activation_checkpointing", False)
+        )
+        compile_args = self.hparams.get("compile", False)
+        if compile_args:
+            model.model.compile_layers(**({} if compile_args is True else dict(compile_args)))
+        mesh = fsdp_mesh(self)
+        if mesh is not None:
+            strategy = self.trainer.strategy
+            if isinstance(strategy, FSDP2Strategy):
+                shard_model(
+                    model,
+                    mesh,
+                    reshard_after_forward=strategy.reshard_after_forward,
+                    mp_policy=strategy.mixed_precision_policy(),
+                )
+            else:
+                shard_model(model, mesh)
+            device = strategy.root_device
+        else:
+            device = torch.device("cpu")  # Lightning moves it to the accelerator afterwards
+        model.to_empty(device=device)
+        model.reset_parameters(seed=self._init_seed())
+        if self.hparams.get("init_from") is not None:
+            if mesh is not None:
+                self._load_init_from_sharded(model)
+            else:
+                try:  # the pretrained weights (kimi_linear.hf), strict
+                    hf.load_weights_(model, self.hparams.init_from)
+                except ValueError as e:
+                    raise UsageError(f"model.init_from: {e}") from e
+        self.model = model
+        self._moe = {name: m for name, m in model.named_modules() if hasattr(m, "update_bias")}
+        self._mla = {name: m for name, m in model.named_modules() if hasattr(m, "reset_max_logits")}
+        if self.hparams.log_max_logits:
             for m in self._mla.values():
                 m.record_max_logits = True
-        self._step_stats: dict[str, torch.Tensor] = {}
+
+    def _load_init_from_sharded(self, model: KimiLinearForCausalLM) -> None:
+        """``init_from`` into a sharded model: rank 0 reads the full weights into a CPU copy
+        (``hf.load_weights_``), then they are broadcast tensor by tensor and each rank keeps its
+        shards (``set_model_state_dict(broadcast_from_rank0=True)``)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        strategy = self.trainer.strategy
+        full: dict[str, torch.Tensor] = {}
+        error = None
+        if strategy.global_rank == 0:
+            with torch.device("meta"):
+                source = KimiLinearForCausalLM(self.config)
+            source.to_empty(device="cpu")
+            try:
+                hf.load_weights_(source, self.hparams.init_from)
+            except ValueError as e:
+                error = f"model.init_from: {e}"
+            full = source.state_dict()
+        error = strategy.broadcast(error, src=0)  # every rank stops, or none does
+        if error is not None:
+            raise UsageError(error)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A run started with ``init_from`` saves the resolved config instead of the folder's
+        path, so its checkpoints load (``generate``, ``export``, resume) without that folder."""
+        hp = checkpoint.get("hyper_parameters")
+        if isinstance(hp, dict) and hp.get("init_from") is not None:
+            hp.update(init_from=None, preset=None, overrides=None, config=self.config.to_dict())
 
     # ------------------------------------------------------------------ forward / metrics
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -228,7 +391,17 @@ class KimiLinearLitModule(pl.LightningModule):
             )
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
-        loss, logits = self.model(input_ids, labels=labels)
+        cu_seqlens = batch.get("cu_seqlens")
+        if cu_seqlens is None:
+            loss, logits = self.model(input_ids, labels=labels)
+        else:
+            # Packed documents (TokenDataModule, pack="reset"): cu_seqlens are the document
+            # offsets of the batch flattened to one [1, B * T] stream (every row start included).
+            B, T = input_ids.shape
+            loss, logits = self.model(
+                input_ids.reshape(1, B * T), labels=labels.reshape(1, B * T), cu_seqlens=cu_seqlens
+            )
+            logits = logits.reshape(B, T, -1)
         preds = logits[:, :-1].detach().float()
         target = labels[:, 1:]
         answers = target != IGNORE_INDEX

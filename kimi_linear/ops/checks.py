@@ -1,14 +1,57 @@
-"""Input validation shared by every KDA implementation (reference ops and Triton kernels).
+"""Input validation and numerics rules shared by every KDA implementation (reference ops and
+Triton kernels).
 
 Each check raises ``ValueError`` naming the argument and what was expected, before any
 computation or kernel launch.
+
+Log decay. ``g`` is a log decay in ``[-inf, 0]``: ``-inf`` means complete forgetting (also what
+an overflowing gate produces). The chunked forms need differences of cumulative sums of ``g``;
+they clamp ``g`` per step at :data:`LOG_DECAY_FLOOR` (by compute dtype) before summing. That
+is exact: ``exp`` of anything at or below the floor is exactly 0 in that dtype, and every
+decay factor is ``exp`` of a sum of steps ``<= 0``, so a factor that contains a clamped step is
+0 with or without the clamp. Without it, ``-inf - (-inf)`` is NaN and a finite ``-1e30``
+swallows the other terms of a cumulative sum.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Per-step floor of the log decay by compute dtype: ``exp(floor) == 0`` exactly in that dtype
+#: (the smallest subnormals are ``exp(-103.3)`` in float32 and ``exp(-744.4)`` in float64), so
+#: clamping ``g`` there changes no decay factor, and keeps cumulative sums finite and short.
+LOG_DECAY_FLOOR = {torch.float32: -128.0, torch.float64: -1024.0}
+
+
+def check_log_decay(g: torch.Tensor, name: str = "g") -> None:
+    """Raise ``ValueError`` unless every value of ``g`` lies in ``[-inf, 0]`` (NaN refused too).
+
+    One reduction over ``g``; on CUDA it synchronises with the device. Skipped for tensors
+    without data (meta device) and while ``torch.compile`` traces (a data-dependent branch).
+    """
+    if g.device.type == "meta" or g.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if not bool(g.max() <= 0):  # max propagates NaN
+        bad = g[~(g <= 0)]
+        raise ValueError(
+            f"{name} must be a log decay in [-inf, 0] (decay factors exp({name}) in [0, 1]); "
+            f"found {bad.numel()} value(s) > 0 or NaN, e.g. {bad.flatten()[0].item()!r}"
+        )
+
+
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device`` (a no-op for devices autocast does not
+    know, such as ``meta``, where ``torch.autocast`` itself would raise)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia"):
+        try:
+            return torch.autocast(device_type=device.type, enabled=False)
+        except RuntimeError:  # a device type this torch build cannot autocast
+            return contextlib.nullcontext()
+    return contextlib.nullcontext()
 
 
 def check_kda_inputs(
@@ -76,14 +119,15 @@ def check_kda_inputs(
             raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        offs = cu_seqlens.tolist()
-        if offs[0] != 0 or offs[-1] != T:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={T}, got {offs[0]} ... {offs[-1]}"
-            )
-        if any(b < a for a, b in zip(offs[:-1], offs[1:])):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        N = len(offs) - 1
+        if cu_seqlens.device.type != "meta":  # values unknown for meta tensors
+            offs = cu_seqlens.tolist()
+            if offs[0] != 0 or offs[-1] != T:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at T={T}, got {offs[0]} ... {offs[-1]}"
+                )
+            if any(b < a for a, b in zip(offs[:-1], offs[1:])):
+                raise ValueError("cu_seqlens must be non-decreasing")
+        N = cu_seqlens.numel() - 1
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise ValueError(
@@ -98,3 +142,19 @@ def check_kda_inputs(
         if initial_state.dtype not in allowed_dtypes:
             raise ValueError(f"initial_state must be floating point, got {initial_state.dtype}")
     return B, T, H, K, V, N
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference ops compute in for inputs of ``dtype``: float64 for float64,
+    float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_outputs(
+    v: torch.Tensor, N: int, K: int, output_final_state: bool, state_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Correctly shaped outputs without computation, for inputs that hold no data (meta device):
+    ``o`` like ``v`` (``[B, T, H, V]``) and, when asked for, an ``[N, H, K, V]`` state."""
+    H, V = v.shape[2], v.shape[3]
+    state = v.new_empty(N, H, K, V, dtype=state_dtype) if output_final_state else None
+    return torch.empty_like(v), state

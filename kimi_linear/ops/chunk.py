@@ -38,13 +38,27 @@ with decay down to ``g = -20`` per step, ``G`` reaches ``-1280`` within a chunk 
    ``|g| <= 6`` per step on average, above the bound of fla's "safe gate", -5) ...
 3. ... and else formed **pairwise**, ``exp(G_r - G_i)`` masked to ``i <= r`` *before* the exp.
 
-Memory. ``A_qk`` and ``A_kk`` come from one custom :class:`torch.autograd.Function` that saves
-only ``q``, ``k`` and ``G`` and recomputes the decay factors in its backward, where
-``dG = q * dq + k * dk_row - k * dk_col`` (each term of ``A[r, i]`` enters ``G_r`` with + and
-``G_i`` with -). Its temporaries are bounded by processing the chunks in groups (the pairwise
-path's ``[c, c, K]`` blocks are 16x the inputs), so autograd keeps ``O(T (K + V + C))`` per
-head: no ``[chunks, C, C, K]`` tensor is ever stored. The rest (triangular solve, state pass,
-outputs) is plain autograd. Computation runs with autocast disabled (float32 / float64).
+Any log decay in ``[-inf, 0]`` is exact: ``g`` is clamped per step at
+:data:`~kimi_linear.ops.checks.LOG_DECAY_FLOOR` (``-128`` in float32, ``-1024`` in float64)
+before the cumulative sum. Every factor above is ``exp`` of a sum of steps ``<= 0``, so one that
+contains a clamped step underflows to exactly 0 with or without the clamp, and the sums stay
+finite (``-inf - (-inf)`` would be NaN; a finite ``-1e30`` would swallow the other terms of a
+sum). ``g > 0`` (or NaN) is refused with ``ValueError``.
+
+Autograd. Everything after the cumulative sum of ``g`` is one custom
+:class:`torch.autograd.Function` (:class:`_ChunkedKDA`) with a hand-written backward: the
+state pass backward is one reverse loop of two fused multiply-adds per chunk, everything else
+is batched over all chunks, and gradients are accumulated in place (autograd through the same
+computation records about ten nodes per chunk). The Gram matrices' backward uses the decay
+factors saved by the forward when every chunk is on path 1, and recomputes them from ``q``,
+``k`` and ``G`` otherwise, where ``dG = q * dq + k * dk_row - k * dk_col``
+(each term of ``A[r, i]`` enters ``G_r`` with + and ``G_i`` with -); their temporaries are
+bounded by processing the chunks in groups (the pairwise path's ``[c, c, K]`` blocks are 16x
+the inputs). Saved for the backward: ``O(T (K + V + C))`` per head plus one ``[K, V]`` state per
+chunk; no ``[chunks, C, C, K]`` tensor is ever stored. The unit lower-triangular system
+``(I + M) X = rhs`` is solved through the inverse of ``I + M`` (one solve against the
+identity, then a matmul; the backward reuses it), as fla's kernels do.
+Computation runs with autocast disabled (float32 / float64).
 """
 
 from __future__ import annotations
@@ -53,10 +67,20 @@ import torch
 from einops import rearrange
 from torch.autograd.function import once_differentiable
 
-from kimi_linear.ops.checks import check_kda_inputs
+from kimi_linear.ops.checks import (
+    LOG_DECAY_FLOOR,
+    autocast_disabled,
+    check_kda_inputs,
+    check_log_decay,
+    compute_dtype,
+    empty_outputs,
+)
 
 __all__ = ["kda_chunk"]
 
+#: Default ``chunk_size`` of :func:`kda_chunk`: on CPU, the fastest of 16, 32 and 64 for training
+#: shapes (``benchmarks/kda_cpu.py``; 64 does twice the intra-chunk matmul work per token).
+DEFAULT_CHUNK_SIZE = 32
 #: Width of the sub-chunks used for chunks with strong decay.
 SUB_CHUNK = 16
 #: Largest ``|G_r - R|`` (``R``: the middle of a block's ``G`` range, per channel) for which a
@@ -150,7 +174,8 @@ def _diag_factors(
         ``up, down: [n, s, c, K]`` (exponents clamped to ``+-limit``, so always finite) and
         ``ok: [n, s]`` bool.
     """
-    lo, hi = torch.aminmax(Gb, dim=-2, keepdim=True)
+    # G is a cumulative sum of steps <= 0, so each block's range is [last, first] (no reduction)
+    hi, lo = Gb[..., :1, :], Gb[..., -1:, :]
     ok = (hi - lo).amax(dim=(-1, -2)) <= 2 * limit  # False for NaN / inf too
     up = (Gb - (hi + lo) / 2).clamp_(-limit, limit).exp_()
     return up, up.reciprocal(), ok
@@ -321,36 +346,256 @@ def _group_size(C: int, sub: int, K: int) -> int:
     return max(1, _GROUP_ELEMENTS // (C * sub * K))
 
 
+def _gram_grouped(
+    q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_gram_forward` over ``[N, C, K]`` inputs, in groups of chunks that bound the
+    temporaries (one call when all fit)."""
+    N, C, K = q.shape
+    step = _group_size(C, sub, K)
+    if step >= N:
+        return _gram_forward(q, k, G, sub)
+    A_qk = q.new_empty(N, C, C)
+    A_kk = q.new_empty(N, C, C)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        A_qk[lo:hi], A_kk[lo:hi] = _gram_forward(q[lo:hi], k[lo:hi], G[lo:hi], sub)
+    return A_qk, A_kk
+
+
+def _gram_backward_grouped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    G: torch.Tensor,
+    dA_qk: torch.Tensor,
+    dA_kk: torch.Tensor,
+    sub: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_gram_backward` over ``[N, C, K]`` inputs, grouped as :func:`_gram_grouped`."""
+    N, C, K = q.shape
+    step = _group_size(C, sub, K)
+    if step >= N:
+        return _gram_backward(q, k, G, dA_qk, dA_kk, sub)
+    dq, dk, dG = torch.empty_like(q), torch.empty_like(k), torch.empty_like(G)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        dq[lo:hi], dk[lo:hi], dG[lo:hi] = _gram_backward(
+            q[lo:hi], k[lo:hi], G[lo:hi], dA_qk[lo:hi], dA_kk[lo:hi], sub
+        )
+    return dq, dk, dG
+
+
 class _DecayedGram(torch.autograd.Function):
-    """``(q, k, G) -> (A_qk, A_kk)``; saves only its inputs, recomputes decay factors backward."""
+    """``(q, k, G) -> (A_qk, A_kk)``, each ``[N, C, C]`` from ``[N, C, K]`` inputs; saves only
+    its inputs and recomputes the decay factors in its backward. (:class:`_ChunkedKDA` uses the
+    same two helpers inside its own forward and backward.)"""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int):  # type: ignore[override]
-        N, C, K = q.shape
-        A_qk = q.new_empty(N, C, C)
-        A_kk = q.new_empty(N, C, C)
-        step = _group_size(C, sub, K)
-        for lo in range(0, N, step):
-            hi = min(N, lo + step)
-            A_qk[lo:hi], A_kk[lo:hi] = _gram_forward(q[lo:hi], k[lo:hi], G[lo:hi], sub)
         ctx.save_for_backward(q, k, G)
         ctx.sub = sub
-        return A_qk, A_kk
+        return _gram_grouped(q, k, G, sub)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dA_qk: torch.Tensor, dA_kk: torch.Tensor):  # type: ignore[override]
         q, k, G = ctx.saved_tensors
-        N, C, K = q.shape
-        dq, dk, dG = torch.empty_like(q), torch.empty_like(k), torch.empty_like(G)
-        step = _group_size(C, ctx.sub, K)
-        with torch.autocast(device_type=q.device.type, enabled=False):  # keep fp32 / fp64
-            for lo in range(0, N, step):
-                hi = min(N, lo + step)
-                dq[lo:hi], dk[lo:hi], dG[lo:hi] = _gram_backward(
-                    q[lo:hi], k[lo:hi], G[lo:hi], dA_qk[lo:hi], dA_kk[lo:hi], ctx.sub
-                )
+        with autocast_disabled(q.device):  # keep fp32 / fp64
+            dq, dk, dG = _gram_backward_grouped(q, k, G, dA_qk, dA_kk, ctx.sub)
         return dq, dk, dG, None
+
+
+class _ChunkedKDA(torch.autograd.Function):
+    """Everything of :func:`kda_chunk` after the cumulative sum of the log decay, with a
+    hand-written backward.
+
+    Inputs (``b = B * H``, ``n`` chunks of ``C`` tokens; contiguous): ``q, k, G: [n, b, C, K]``
+    (unscaled queries, keys, cumulative log decay per chunk), ``v: [n, b, C, V]``,
+    ``beta: [n, b, C, 1]``, ``S0: [b, K, V]`` (the state before the first chunk), ``scale`` and
+    the sub-chunk width ``sub``. Returns ``(O: [n, b, C, V], S_final: [b, K, V])``.
+
+    Forward, per chunk (batched over all chunks except the state pass)::
+
+        A_qk, A_kk = decayed Gram matrices;                   M = diag(beta) A_kk
+        [W | U] = (I + M)^-1 diag(beta) [exp(G) k | v]          (through the inverse)
+        V'_i = U_i - W_i S_i,   S_{i+1} = diag(exp(G_C)) S_i + (exp(G_C - G) k)_i^T V'_i
+        O = scale (exp(G) q S_i + A_qk V')                     (after the pass, batched)
+
+    Backward: the batched parts ``dA_qk = dO V'^T``, ``d(exp(G) q) = dO S_i^T``,
+    ``dV' = A_qk^T dO``, ``P_i = (exp(G) q)_i^T dO_i`` (``dO`` times ``scale``), one reverse
+    pass ``dV'_i += (exp(G_C - G) k)_i dS_{i+1}``, ``dS_i = diag(exp(G_C)) dS_{i+1} + P_i -
+    W_i^T dV'_i``, then again batched the gradients of the state-pass operands, the solve
+    (``drhs = (I + M)^-T [dW | dV']``, ``dM = -tril(drhs [W | U]^T)``), the element-wise
+    factors, and the Gram matrices. When every chunk is on the factored path 1 (the common
+    case: a decay span within ``2 * FACTORED_LIMIT``) the Gram matrices are formed here and
+    their factors ``exp(+-(G - R))`` saved, so the backward accumulates their gradients in
+    place without recomputing anything; otherwise :func:`_gram_grouped` and
+    :func:`_gram_backward_grouped` take every chunk through the three paths. Every per-chunk step is
+    two fused multiply-adds into preallocated buffers (autograd through the same loop records
+    about ten nodes per chunk), and the gradients are accumulated in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        G: torch.Tensor,
+        beta: torch.Tensor,
+        S0: torch.Tensor,
+        scale: float,
+        sub: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b, C, K = k.shape
+        V = v.shape[-1]
+        flat = lambda x: x.reshape(n * b, x.shape[-2], x.shape[-1])
+        per_chunk = lambda x: x.view(n, b, C, x.shape[-1])
+        G_first, G_last = G[..., :1, :], G[..., -1:, :]
+        limit = FACTORED_LIMIT[k.dtype]
+        factored = bool(((G_first - G_last) <= 2 * limit).all())  # G is non-increasing
+        if factored:
+            # Every chunk on path 1 (module docstring): the factors are computed here once and
+            # saved, and also give exp(G_C - G) = down * exp(G_C - R) (both factors within
+            # exp(+-limit), so the product neither overflows nor loses precision).
+            mid = (G_first + G_last) * 0.5  # R: [n, b, 1, K]
+            up = (G - mid).exp_()
+            down = up.reciprocal()
+            k_down = k * down
+            keys = k_down.transpose(-1, -2)
+            A_qk = ((q * up) @ keys).tril_()
+            A_kk = ((k * up) @ keys).tril_(-1)
+            tail = (G_last - mid).exp_()
+            k_to_end = k_down.mul_(tail)
+            del k_down, keys
+        else:
+            A_qk, A_kk = (per_chunk(A) for A in _gram_grouped(flat(q), flat(k), flat(G), sub))
+            up = down = tail = None
+            k_to_end = (G_last - G).exp_().mul_(k)  # exp(G_C - G) k: never overflows
+        M = A_kk * beta  # row r scaled by beta_r
+        G_exp = G.exp()
+        q_exp = q * G_exp
+        decay = G_exp[..., -1:, :].transpose(-1, -2)  # exp(G_C): [n, b, K, 1]
+        rhs = k.new_empty(n, b, C, K + V)
+        torch.mul(G_exp, k, out=rhs[..., :K]).mul_(beta)
+        torch.mul(v, beta, out=rhs[..., K:])
+        # (I + M) X = rhs with I + M unit lower-triangular, through its inverse: one solve
+        # against the identity (C columns instead of K + V, in the transposed right-sided form
+        # that LAPACK takes without copies), then a batched matmul; the backward reuses the
+        # inverse instead of a second solve. About 1.5x faster than solving for X directly.
+        eye = torch.eye(C, dtype=k.dtype, device=k.device).expand(n, b, C, C)
+        T_inv_t = torch.linalg.solve_triangular(
+            M.transpose(-1, -2), eye, upper=True, left=False, unitriangular=True
+        )  # (I + M)^-T: [n, b, C, C]
+        X = T_inv_t.transpose(-1, -2) @ rhs  # [W | U]: [n, b, C, K + V]
+        del rhs
+        W, U = X[..., :K], X[..., K:]
+        states = k.new_empty(n + 1, b, K, V)  # S_i entering chunk i; states[n]: final
+        states[0] = S0
+        v_new = k.new_empty(n, b, C, V)
+        # per-chunk views made once (unbind), not by indexing inside the loop
+        S_i, V_i = states.unbind(0), v_new.unbind(0)
+        operands = zip(
+            U.unbind(0), W.unbind(0), decay.unbind(0), k_to_end.transpose(-1, -2).unbind(0)
+        )
+        for i, (U_i, W_i, decay_i, kt_i) in enumerate(operands):
+            torch.baddbmm(U_i, W_i, S_i[i], alpha=-1.0, out=V_i[i])
+            torch.mul(S_i[i], decay_i, out=S_i[i + 1])
+            S_i[i + 1].baddbmm_(kt_i, V_i[i])
+        o = torch.bmm(flat(A_qk), flat(v_new))
+        o = o.baddbmm_(flat(q_exp), flat(states[:n]), beta=scale, alpha=scale)
+        ctx.save_for_backward(
+            q, k, v, G, beta, A_qk, A_kk, G_exp, k_to_end, q_exp, T_inv_t, X, states, v_new,
+            up, down, tail,
+        )  # fmt: skip
+        ctx.scale, ctx.sub = scale, sub
+        return o.view(n, b, C, V), states[n].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dO: torch.Tensor, dS_final: torch.Tensor | None):  # type: ignore[override]
+        # ctx.saved_tensors unpacks (and, under activation checkpointing, recomputes) on every
+        # access: read it exactly once.
+        (q, k, v, G, beta, A_qk, A_kk, G_exp, k_to_end, q_exp, T_inv_t, X, states, v_new, up, down,
+         tail) = ctx.saved_tensors  # fmt: skip
+        n, b, C, K = k.shape
+        V = v.shape[-1]
+        flat = lambda x: x.reshape(n * b, x.shape[-2], x.shape[-1])
+        dO = dO.reshape(n, b, C, V) * ctx.scale
+        W = X[..., :K]
+        starts = states[:n]
+
+        # outputs: O = exp(G) q S_i + A_qk V'
+        dA_qk = (dO @ v_new.transpose(-1, -2)).tril_()
+        d_q_exp = dO @ starts.transpose(-1, -2)  # [n, b, C, K]
+        dX = X.new_empty(n, b, C, K + V)  # [dW | dU]; dU == dV', accumulated in place below
+        d_v_new = dX[..., K:]
+        d_v_new.copy_(A_qk.transpose(-1, -2) @ dO)
+        dS = q_exp.transpose(-1, -2) @ dO  # P_i; becomes dS_i (the gradient of S_i) below
+        last = torch.zeros_like(dS[0]) if dS_final is None else dS_final
+        decay = G_exp[..., -1:, :].transpose(-1, -2)  # exp(G_C): [n, b, K, 1]
+        dS_i, dV_i, K_i = dS.unbind(0), d_v_new.unbind(0), k_to_end.unbind(0)
+        decay_i, Wt_i = decay.unbind(0), W.transpose(-1, -2).unbind(0)
+        nxt = last
+        for i in range(n - 1, -1, -1):
+            dV_i[i].baddbmm_(K_i[i], nxt)
+            nxt = dS_i[i].addcmul_(decay_i[i], nxt).baddbmm_(Wt_i[i], dV_i[i], alpha=-1.0)
+        # with dS_{i+1} (dS[1:], then the final state's gradient), without concatenating them
+        d_k_to_end = torch.empty_like(k_to_end)  # V' dS_{i+1}^T: [n, b, C, K]
+        d_decay = k.new_empty(n, b, 1, K)  # rowsum(S_i * dS_{i+1})
+        for lo, hi, nxt in ((0, n - 1, dS[1:]), (n - 1, n, last.unsqueeze(0))):
+            if hi > lo:
+                torch.matmul(v_new[lo:hi], nxt.transpose(-1, -2), out=d_k_to_end[lo:hi])
+                d_decay[lo:hi] = (starts[lo:hi] * nxt).sum(dim=-1).unsqueeze(-2)
+        dX[..., :K] = (d_v_new @ starts.transpose(-1, -2)).neg_()  # dW = -dV' S_i^T
+
+        # the solve: X = (I + M)^-1 rhs, so drhs = (I + M)^-T dX and dM = -drhs X^T (strictly
+        # lower part: the unit diagonal and the zeros above it are constants)
+        d_rhs = T_inv_t @ dX  # [n, b, C, K + V]
+        dM = (d_rhs @ X.transpose(-1, -2)).neg_().tril_(-1)
+        del dX
+        # rhs = diag(beta) [exp(G) k | v]
+        d_rk, d_rv = d_rhs[..., :K], d_rhs[..., K:]
+        dk = d_rk * G_exp  # gradient of exp(G) k, before beta
+        d_beta = (dk * k).sum(dim=-1, keepdim=True).add_((d_rv * v).sum(dim=-1, keepdim=True))
+        dk.mul_(beta)
+        dG_exp = (d_rk * k).mul_(beta)
+        dv = d_rv * beta
+        del d_rhs, d_rk, d_rv
+        # M = diag(beta) A_kk
+        d_beta.add_((dM * A_kk).sum(dim=-1, keepdim=True))
+        dA_kk = dM.mul_(beta)
+        # exp(G) q, exp(G_C - G) k, exp(G_C) and exp(G): dG collects d(log factor)
+        dq = d_q_exp * G_exp
+        dG_exp.addcmul_(d_q_exp, q)
+        # exp(G_C - G), formed here (the forward needs only its product with k)
+        to_end = (G[..., -1:, :] - G).exp_() if tail is None else down * tail
+        dk.addcmul_(d_k_to_end, to_end)
+        d_to_end = d_k_to_end.mul_(k).mul_(to_end)  # gradient of G_C - G
+        dG = dG_exp.mul_(G_exp).sub_(d_to_end)
+        dG[..., -1:, :] += d_to_end.sum(dim=-2, keepdim=True) + d_decay * G_exp[..., -1:, :]
+        # the Gram matrices
+        if up is None:
+            gq, gk, gG = _gram_backward_grouped(
+                flat(q), flat(k), flat(G), flat(dA_qk), flat(dA_kk), ctx.sub
+            )
+            dq += gq.view_as(dq)
+            dk += gk.view_as(dk)
+            dG += gG.view_as(dG)
+        else:  # factored: A_qk = (q up)(k down)^T, A_kk = (k up)(k down)^T, masked
+            k_down = k * down
+            part = (dA_qk @ k_down).mul_(up)  # into q
+            dq += part
+            dG.addcmul_(q, part)
+            part = (dA_kk @ k_down).mul_(up)  # into k as the row operand
+            dk += part
+            dG.addcmul_(k, part)
+            del k_down
+            part = dA_qk.transpose(-1, -2) @ (q * up)  # into k as the column operand
+            part.add_(dA_kk.transpose(-1, -2) @ (k * up)).mul_(down)
+            dk += part
+            dG.addcmul_(k, part, value=-1.0)
+        return dq, dk, dv, dG, d_beta, dS[0], None, None
 
 
 def kda_chunk(
@@ -362,7 +607,8 @@ def kda_chunk(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention in the chunked (WY / UT-transform) form; pure PyTorch, autograd.
 
@@ -373,35 +619,123 @@ def kda_chunk(
         q, k: ``[B, T, H, K]`` queries and keys, L2-normalised per head (as the KDA layer does;
             un-normalised keys make the delta rule, and so both forms, unstable).
         v: ``[B, T, H, V]`` values (same dtype as q and k).
-        g: ``[B, T, H, K]`` log-space per-channel decay (``<= 0``); any floating dtype.
+        g: ``[B, T, H, K]`` log-space per-channel decay in ``[-inf, 0]`` (``-inf``: complete
+            forgetting); any floating dtype. Values below
+            :data:`kimi_linear.ops.checks.LOG_DECAY_FLOOR` are clamped there, which changes no
+            decay factor (all underflow to exactly 0) and gives them a zero gradient.
         beta: ``[B, T, H]`` delta-rule step sizes in ``(0, 1)``; any floating dtype.
         scale: factor on q; defaults to ``K ** -0.5``.
-        initial_state: optional ``[B, H, K, V]`` state before the first token.
-        output_final_state: also return the ``[B, H, K, V]`` state after the last token.
-        chunk_size: tokens per chunk of the sequential state pass (a positive int; 64 is a good
-            default on CPU). Any ``T`` works: the tail chunk is zero-padded, and sequences
+        initial_state: optional ``[N, H, K, V]`` state before the first token (``N = B``, or
+            the number of sequences with ``cu_seqlens``).
+        output_final_state: also return the ``[N, H, K, V]`` state after the last token.
+        chunk_size: tokens per chunk of the sequential state pass (a positive int; default
+            :data:`DEFAULT_CHUNK_SIZE`). The intra-chunk work grows with it, the number of
+            sequential steps shrinks; on CPU 32 was the fastest of 16, 32 and 64 at T = 4K
+            (``benchmarks/kda_cpu.py --chunk-size``). Any ``T`` works: the tail chunk is zero-padded, and sequences
             shorter than a chunk use a chunk of ``T`` rounded up to 16. The result does not
             depend on it beyond rounding.
+        cu_seqlens: optional ``[N + 1]`` int32/int64 offsets of sequences packed along T
+            (needs ``B == 1``); each sequence starts from its own initial-state row, as if run
+            alone. Sequences of similar padded length are batched together (one dense pass per
+            distinct padded length), so many short documents cost about what one batch does.
 
     Returns:
-        ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[B, H, K, V]`` in
+        ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[N, H, K, V]`` in
         float32 (float64 for float64 inputs) when ``output_final_state``, else ``None``.
+        Empty inputs (``B == 0`` or ``T == 0``) give empty outputs (the final state is then the
+        initial state, or zeros); inputs on the ``meta`` device give meta outputs of the right
+        shapes.
 
     Computation runs in float32 for float16 / bfloat16 / float32 inputs and in float64 for
     float64 inputs. Double backward is not supported.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, ``scale``, ``initial_state`` or ``chunk_size``.
+        ValueError: bad shapes, dtypes, devices, ``scale``, ``initial_state``, ``cu_seqlens``
+            or ``chunk_size``, or a ``g`` value above 0 (or NaN).
     """
-    B, T, H, K, V, _ = check_kda_inputs(q, k, v, g, beta, scale, initial_state)
+    B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    check_log_decay(g)
+    compute = compute_dtype(q.dtype)
+    if q.device.type == "meta":
+        return empty_outputs(v, N, K, output_final_state, compute)
     scale = K**-0.5 if scale is None else float(scale)
     # Autocast would run the matmuls in bf16 / fp16 and cancel the fp32 compute guarantee.
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        o, S = _kda_chunk(q, k, v, g, beta, scale, initial_state, chunk_size, compute)
+    with autocast_disabled(q.device):
+        if cu_seqlens is None:
+            o, S = _kda_chunk(q, k, v, g, beta, scale, initial_state, chunk_size, compute)
+        else:
+            o, S = _kda_chunk_varlen(
+                q, k, v, g, beta, scale, initial_state, chunk_size, compute, cu_seqlens
+            )
     return o, (S if output_final_state else None)
+
+
+def _padded_length(length: int, chunk_size: int) -> int:
+    """The length :func:`_kda_chunk` pads a sequence of ``length`` tokens to (0 for 0)."""
+    C = min(chunk_size, -(-length // SUB_CHUNK) * SUB_CHUNK)
+    return -(-length // C) * C if length else 0
+
+
+def _kda_chunk_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+    compute: torch.dtype,
+    cu_seqlens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kda_chunk` over packed sequences (``B == 1``); returns ``(o, final_states)``.
+
+    Sequences are grouped by the length :func:`_kda_chunk` would pad them to anyway; each group
+    is gathered into a dense zero-padded batch (padded tokens have ``g = 0``, ``beta = 0``,
+    ``k = 0``: they neither decay nor write the state, so final states are exact) and run as
+    one :func:`_kda_chunk` call. Outputs are scattered back by one differentiable gather.
+    """
+    _, T, H, K = q.shape
+    V = v.shape[-1]
+    offsets = cu_seqlens.tolist()
+    N = len(offsets) - 1
+    dev = q.device
+    groups: dict[int, list[int]] = {}
+    for n in range(N):
+        groups.setdefault(_padded_length(offsets[n + 1] - offsets[n], chunk_size), []).append(n)
+    # one zero row appended at index T: the source of every padded position
+    ext = [
+        torch.cat([x[0], x.new_zeros(1, *x.shape[2:])]) for x in (q, k, v, g, beta)
+    ]  # [T + 1, H, ...]
+    outs, out_pos, states, state_seq = [], [], [], []
+    for L, seqs in groups.items():
+        h0 = None if initial_state is None else initial_state[seqs]
+        if L == 0:  # empty sequences: the state passes through
+            states.append(
+                q.new_zeros(len(seqs), H, K, V, dtype=compute) if h0 is None else h0.to(compute)
+            )
+            state_seq.extend(seqs)
+            continue
+        idx = torch.full((len(seqs), L), T, dtype=torch.long)
+        valid = torch.zeros(len(seqs), L, dtype=torch.bool)
+        for j, n in enumerate(seqs):
+            length = offsets[n + 1] - offsets[n]
+            idx[j, :length] = torch.arange(offsets[n], offsets[n + 1])
+            valid[j, :length] = True
+        idx, valid = idx.to(dev), valid.to(dev)
+        dense = [x[idx] for x in ext]  # [b, L, H, ...]
+        o_g, S_g = _kda_chunk(*dense, scale, h0, chunk_size, compute)
+        outs.append(o_g[valid])  # [tokens of the group, H, V], in sequence order
+        out_pos.append(idx[valid])
+        states.append(S_g)
+        state_seq.extend(seqs)
+    pos = torch.cat(out_pos) if out_pos else torch.zeros(0, dtype=torch.long, device=dev)
+    o_all = torch.cat(outs) if outs else v.new_zeros(0, H, V)
+    o = o_all[torch.argsort(pos)].unsqueeze(0)  # back to packed order: [1, T, H, V]
+    S = torch.cat(states)[torch.argsort(torch.tensor(state_seq, device=dev))]
+    return o, S
 
 
 def _kda_chunk(
@@ -424,64 +758,47 @@ def _kda_chunk(
         if initial_state is None
         else initial_state.to(compute)
     )
-    if T == 0:
-        return v.new_zeros(B, 0, H, V), S.clone()
+    if T == 0 or B == 0:
+        return v.new_zeros(B, T, H, V), S.clone()
 
     C = min(chunk_size, -(-T // SUB_CHUNK) * SUB_CHUNK)
     sub = _sub_chunk_size(C)
     n = -(-T // C)
     pad = n * C - T
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:
+    def chunked(x: torch.Tensor, floor: float | None = None) -> torch.Tensor:
         # [B, T, H, ...] -> [n, B, H, C, ...], zero-padded at the end (g = 0, beta = 0, k = 0
         # there: padded tokens neither decay nor write the state).
         x = x.to(compute)
+        # clamped only when some value is below the floor (a read-only check is cheaper than
+        # the clamp and the mask its backward keeps)
+        if floor is not None and (torch.compiler.is_compiling() or bool(x.amin() < floor)):
+            x = x.clamp(min=floor)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
         # contiguous once here, so that every batched matmul below gets dense operands
         return rearrange(x, "b (n c) h ... -> n b h c ...", c=C).contiguous()
 
-    q, k, v, g = (chunked(x) for x in (q, k, v, g))
+    q, k, v = (chunked(x) for x in (q, k, v))
+    # The log decay is clamped per step at a floor where exp underflows to exactly 0, which is
+    # exact (kimi_linear.ops.checks) and keeps the cumulative sums finite: with g = -inf, or a
+    # finite -1e30 that swallows its neighbours, G_r - G_i would be NaN or wrong.
+    g = chunked(g, LOG_DECAY_FLOOR[compute])
     beta = chunked(beta.unsqueeze(-1))  # [n, B, H, C, 1]
-    q = q * scale
     G = g.cumsum(dim=-2)  # [n, B, H, C, K]
 
-    flat = lambda x: x.reshape(n * B * H, C, x.shape[-1])
-    A_qk, A_kk = _DecayedGram.apply(flat(q), flat(k), flat(G), sub)
-    A_qk = A_qk.view(n, B, H, C, C)
-    A_kk = A_kk.view(n, B, H, C, C) * beta  # row r scaled by beta_r
-
-    # (I + A_kk) [W | U] = diag(beta) [exp(G) k | v]: unit lower-triangular, forward substitution.
-    # Solved in the transposed form [W | U]^T (I + A_kk)^T = rhs^T (left=False), whose layout
-    # LAPACK takes with fewer copies (about 2x faster on CPU than the left-sided solve).
-    G_exp = G.exp()
-    rhs = beta * torch.cat([G_exp * k, v], dim=-1)
-    WU_t = torch.linalg.solve_triangular(
-        A_kk.transpose(-1, -2), rhs.transpose(-1, -2), upper=True, left=False, unitriangular=True
-    )  # [n, B, H, K + V, C]
-    G_last = G[..., -1:, :]  # [n, B, H, 1, K]
-    k_to_end = k * (G_last - G).exp()  # [n, B, H, C, K]
-    chunk_decay = G_last.exp()  # [n, B, H, 1, K]
-
-    # The state pass, on the transposed state S^T [V, K] so that every operand is a dense slice
-    # of the tensors above (W^T, U^T are row blocks of the solve's output):
-    #     V'^T = U^T - S^T W^T,    S^T <- S^T diag(exp(G_C)) + V'^T (exp(G_C - G) * K)
-    # as fused multiply-adds (baddbmm) over [B * H] matrices. unbind (not x[i]): its backward
-    # stacks the slices instead of scattering each into a full-size zero tensor, which would
-    # make the backward quadratic in the number of chunks.
-    mats = lambda x: x.reshape(n, B * H, x.shape[-2], x.shape[-1]).unbind(0)
-    W_t, U_t = WU_t.split([K, V], dim=-2)
-    S_t = S.transpose(-1, -2).reshape(B * H, V, K)
-    starts, v_new = [], []  # S^T at the start of each chunk, V'^T
-    for U_i, W_i, decay_i, k_i in zip(mats(U_t), mats(W_t), mats(chunk_decay), mats(k_to_end)):
-        starts.append(S_t)
-        u_t = torch.baddbmm(U_i, S_t, W_i, alpha=-1.0)  # [B * H, V, C]
-        v_new.append(u_t)
-        S_t = torch.baddbmm(S_t * decay_i, u_t, k_i)
-
-    # O^T = S^T (exp(G) * Q)^T + V'^T A_qk^T: [n * B * H, V, C]
-    o_t = torch.cat(v_new) @ flat(A_qk).transpose(-1, -2)
-    o_t = torch.baddbmm(o_t, torch.cat(starts), flat(q * G_exp).transpose(-1, -2))
-    o = rearrange(o_t, "(n b h) v c -> b (n c) h v", n=n, b=B)[:, :T]
-    S = S_t.view(B, H, V, K).transpose(-1, -2).contiguous()
-    return o.to(out_dtype).contiguous(), S
+    # q enters both A_qk and exp(G) * q linearly, so ``scale`` is applied to the outputs (a
+    # matmul's alpha) instead of to q (a pass over q and over its gradient).
+    per_chunk = lambda x: x.view(n, B * H, C, x.shape[-1])
+    o, S = _ChunkedKDA.apply(
+        per_chunk(q),
+        per_chunk(k),
+        per_chunk(v),
+        per_chunk(G),
+        per_chunk(beta),
+        S.reshape(B * H, K, V),
+        scale,
+        sub,
+    )
+    o = rearrange(o, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
+    return o.to(out_dtype).contiguous(), S.view(B, H, K, V)

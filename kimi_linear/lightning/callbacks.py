@@ -1,0 +1,335 @@
+"""Lightning callbacks and checkpoint I/O of the training command line.
+
+* :class:`AtomicCheckpointIO`: checkpoint files are written to a temporary file in the target's
+  own folder, flushed to disk and renamed over the target, so a kill during the write never
+  destroys the previous good checkpoint (Lightning's default goes through the system temp dir,
+  whose final move is a plain copy when the run folder is on another filesystem).
+* :class:`KimiModelCheckpoint`: Lightning's ``ModelCheckpoint`` that also saves the final
+  training step (``max_steps`` not a multiple of ``every_n_train_steps`` otherwise leaves
+  ``last.ckpt`` behind the trained model) and writes through :class:`AtomicCheckpointIO`.
+* :class:`ResumeOverrides`: on ``fit --ckpt_path``, re-applies the optimizer hyper-parameters of
+  the *new* run (learning rate, weight decay, betas, schedule length...) after Lightning restored
+  the checkpoint's optimizer and scheduler state; moments and step counts are kept.
+* :class:`ThroughputMonitor`: tokens/s, per-device peak memory and model FLOPs utilization
+  (MFU) from the analytic FLOPs per token of :mod:`kimi_linear.flops`, logged with the losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "KimiModelCheckpoint",
+    "ResumeOverrides",
+    "ThroughputMonitor",
+    "atomic_torch_save",
+    "use_atomic_checkpoint_io",
+]
+
+
+# ------------------------------------------------------------------------ atomic writes
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    The bytes go to a temporary file in ``path``'s own folder (so the final rename never
+    crosses a filesystem, whatever the system temp dir is), are flushed and fsynced, and the
+    file is renamed over ``path`` (atomic on POSIX and Windows).  On any error the temporary file
+    is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (not possible on every platform)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    s = os.fspath(path)
+    return "://" not in s or s.startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` whose local saves go through :func:`atomic_torch_save`
+    (remote URLs keep Lightning's fsspec path)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        local = os.fspath(path)
+        atomic_torch_save(
+            checkpoint, local[len("file://") :] if local.startswith("file://") else local
+        )
+
+
+def use_atomic_checkpoint_io(trainer: pl.Trainer) -> None:
+    """Make ``trainer`` write single-file checkpoints atomically, unless a custom
+    ``CheckpointIO`` plugin was chosen (only Lightning's default is replaced)."""
+    strategy = trainer.strategy
+    current = getattr(strategy, "_checkpoint_io", None)
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+# ------------------------------------------------------------------ final-step checkpoint
+class KimiModelCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`ModelCheckpoint` (same arguments) that also saves at the end of
+    training when the last step was not saved yet, and writes files atomically.
+
+    The final save follows the callback's own settings: a step-named file when it keeps
+    checkpoints (``save_top_k != 0``; with a ``monitor``, only when the monitored value is
+    available), and ``last.ckpt`` when ``save_last`` is set.  The shipped configs use it;
+    the command line turns a plain ``ModelCheckpoint`` into this one.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        use_atomic_checkpoint_io(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self.save_top_k != 0:
+                if self.monitor is None:
+                    self._save_none_monitor_checkpoint(trainer, candidates)
+                elif self.monitor in candidates:
+                    self._save_monitor_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
+# ------------------------------------------------------------------------ resume overrides
+class ResumeOverrides(Callback):
+    """Keep the new run's optimizer hyper-parameters when resuming ``fit`` from a checkpoint.
+
+    Lightning restores the optimizer's ``param_groups`` (learning rate, weight decay, betas...)
+    and the scheduler's state (base learning rates, the schedule function's fields) from the
+    checkpoint, which would silently undo ``--model.lr`` and friends.  This callback records the
+    freshly configured values before the restore (``on_fit_start``) and puts them back after it
+    (``on_train_start``): every group's hyper-parameters and the scheduler's base learning rates,
+    and the schedule function itself when one of :attr:`SCHEDULE_KEYS` changed; then each
+    group's learning rate is set for the restored step count.
+    Optimizer moments, step counts and the scheduler's position come from the checkpoint.
+
+    Args:
+        changes: ``{hyper-parameter: (checkpoint value, new value)}``, reported once.
+    """
+
+    #: Module hyper-parameters that shape the schedule: when one changed, the new run's schedule
+    #: function replaces the checkpoint's (otherwise the checkpoint's schedule is kept).
+    SCHEDULE_KEYS = frozenset({"warmup_steps", "max_steps", "min_lr_ratio"})
+
+    def __init__(self, changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+        self.changes = dict(changes or {})
+        self._groups: list[list[dict[str, Any]]] = []
+        self._schedulers: list[dict[str, Any]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groups = [
+            [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            for opt in trainer.optimizers
+        ]
+        self._schedulers = []
+        for cfg in trainer.lr_scheduler_configs:
+            sch = cfg.scheduler
+            lambdas = getattr(sch, "lr_lambdas", [])
+            self._schedulers.append(
+                {
+                    "base_lrs": list(getattr(sch, "base_lrs", [])),
+                    "lambdas": [copy.deepcopy(getattr(fn, "__dict__", {})) for fn in lambdas],
+                }
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt, groups in zip(trainer.optimizers, self._groups):
+            for group, fresh in zip(opt.param_groups, groups):
+                group.update(copy.deepcopy(fresh))
+        for cfg, saved in zip(trainer.lr_scheduler_configs, self._schedulers):
+            sch = cfg.scheduler
+            if saved["base_lrs"]:
+                sch.base_lrs = list(saved["base_lrs"])
+            if self.SCHEDULE_KEYS & set(self.changes):
+                for fn, fields in zip(getattr(sch, "lr_lambdas", []), saved["lambdas"]):
+                    fn.__dict__.update(fields)
+            if hasattr(sch, "lr_lambdas"):
+                step = sch.last_epoch
+                for group, base, fn in zip(
+                    sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas
+                ):
+                    group["lr"] = base * fn(step)
+                sch._last_lr = [g["lr"] for g in sch.optimizer.param_groups]
+        if self.changes:
+            listed = ", ".join(
+                f"model.{k}: {old!r} -> {new!r}" for k, (old, new) in self.changes.items()
+            )
+            rank_zero_info(f"Resumed with new hyper-parameters ({listed})")
+
+
+# ------------------------------------------------------------------------------ throughput
+#: Dense peak FLOP/s per device by precision, for MFU (NVIDIA's spec sheets, without the 2x
+#: of structured sparsity), matched as a substring of ``torch.cuda.get_device_name`` (longest
+#: key first, so "H100 PCIe" wins over "H100", which means the SXM part).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183.0e12, "fp32": 91.6e12},
+    "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
+}
+
+
+def _precision_key(trainer: pl.Trainer) -> str:
+    p = str(getattr(trainer, "precision", "32-true"))
+    if "bf16" in p:
+        return "bf16"
+    if "16" in p:
+        return "fp16"
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "fp32"
+
+
+def peak_flops_of(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of a CUDA ``device`` at ``precision`` (``bf16``, ``fp16``, ``tf32``,
+    ``fp32``) from :data:`PEAK_FLOPS`; ``None`` for a CPU or an unlisted GPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key.lower() in name.lower():
+            return table.get(precision)
+    return None
+
+
+class ThroughputMonitor(Callback):
+    """Log training throughput with the losses: ``perf/tokens_per_s`` (all ranks),
+    ``perf/step_time_s``, ``perf/peak_memory_gib`` (peak allocated on rank 0's device since
+    training started; CUDA only) and ``perf/mfu``.
+
+    MFU is ``tokens/s * flops_per_token / (world_size * peak)``, where ``flops_per_token`` is the
+    analytic training cost (forward + backward) of the model's config at the batch's length
+    (:func:`kimi_linear.flops.flops_per_token`) and ``peak`` the device's dense peak FLOP/s:
+    ``peak_flops`` if given, else looked up in :data:`PEAK_FLOPS` by the CUDA device name and
+    trainer precision.  Without either (a CPU, an unlisted GPU) MFU is not logged, and a
+    one-line note says so.
+
+    Args:
+        peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100 in bf16).
+        log_every_n_steps: log every this many optimizer steps (``None``: the trainer's
+            ``log_every_n_steps``).  Tokens and time are averaged over the window.
+    """
+
+    def __init__(
+        self, peak_flops: float | None = None, log_every_n_steps: int | None = None
+    ) -> None:
+        if peak_flops is not None and not (
+            isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops > 0
+        ):
+            raise ValueError(f"peak_flops must be None or a finite number > 0, got {peak_flops!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}"
+            )
+        self.peak_flops = None if peak_flops is None else float(peak_flops)
+        self.log_every_n_steps = log_every_n_steps
+        self._peak: float | None = None
+        self._tokens = 0
+        self._seq_len = 0
+        self._t0: float | None = None
+        self._step0 = 0
+        self._last_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._peak = self.peak_flops or peak_flops_of(pl_module.device, _precision_key(trainer))
+        if self._peak is None:
+            rank_zero_info(
+                "ThroughputMonitor: MFU not available (no peak FLOP/s known for "
+                f"{pl_module.device.type} device; pass peak_flops to log it)"
+            )
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._reset(trainer.global_step)
+
+    def _reset(self, step: int) -> None:
+        self._tokens = 0
+        self._step0 = step
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            self._tokens += ids.numel()
+            self._seq_len = ids.shape[1]
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        if step == self._last_step or step % every != 0 or self._t0 is None or not self._tokens:
+            return
+        self._last_step = step
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        world = max(trainer.world_size, 1)
+        tokens_per_s = self._tokens * world / elapsed
+        stats = {
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/step_time_s": elapsed / max(step - self._step0, 1),
+        }
+        if pl_module.device.type == "cuda":
+            stats["perf/peak_memory_gib"] = (
+                torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            )
+        config = getattr(pl_module, "config", None)
+        if self._peak is not None and config is not None:
+            from kimi_linear.flops import flops_per_token
+
+            fpt = flops_per_token(config, self._seq_len, training=True)
+            stats["perf/mfu"] = tokens_per_s * fpt / (world * self._peak)
+        pl_module.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._reset(step)

@@ -1,0 +1,319 @@
+"""Checkpoint hygiene of the command line: the final step is saved, files are written
+atomically, broken checkpoints and changed hyper-parameters on resume are clean errors (or are
+applied), and the throughput callback logs with the losses."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kimi_linear.cli import main
+from kimi_linear.lightning.callbacks import (
+    AtomicCheckpointIO,
+    KimiModelCheckpoint,
+    ThroughputMonitor,
+    atomic_torch_save,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+FAST = [
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.batch_size",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.val_check_interval",
+    "3",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--model.warmup_steps",
+    "1",
+]
+
+
+def _callbacks(folder: Path, every: int, peak_flops: float | None = None) -> str:
+    """A second ``--config``: a *plain* Lightning ModelCheckpoint every ``every`` steps (the CLI
+    upgrades it) and a ThroughputMonitor."""
+    monitor: dict = {"class_path": "kimi_linear.lightning.callbacks.ThroughputMonitor"}
+    if peak_flops is not None:
+        monitor["init_args"] = {"peak_flops": peak_flops}
+    path = folder / "callbacks.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {
+                                "save_last": True,
+                                "every_n_train_steps": every,
+                                "save_top_k": -1,
+                            },
+                        },
+                        monitor,
+                    ]
+                }
+            }
+        )
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``fit`` for 5 steps with a checkpoint every 3: the final step 5 is not a multiple."""
+    root = tmp_path_factory.mktemp("ckpt")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        rc = main(
+            ["fit", "--config", TINY, "--config", _callbacks(root, 3, peak_flops=1e11), *FAST]
+            + ["--trainer.max_steps", "5"]
+        )
+    torch.set_num_threads(n)
+    assert rc == 0
+    return root / "runs" / "tiny" / "version_0"
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_final_step_is_saved(run5: Path) -> None:
+    names = sorted(p.name for p in (run5 / "checkpoints").glob("*.ckpt"))
+    assert any("step=3" in n for n in names) and any("step=5" in n for n in names), names
+    assert _step(run5 / "checkpoints" / "last.ckpt") == 5
+    assert not [p for p in (run5 / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_throughput_is_logged_with_the_losses(run5: Path) -> None:
+    rows = list(csv.DictReader(open(run5 / "metrics.csv")))
+    perf = [r for r in rows if r.get("perf/tokens_per_s")]
+    assert perf and all(float(r["perf/tokens_per_s"]) > 0 for r in perf)
+    assert all(0 < float(r["perf/mfu"]) for r in perf)  # peak_flops given
+    assert any(r.get("train/loss") for r in perf)  # same rows as the losses
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated"])
+def test_broken_checkpoint_is_one_line_naming_it_and_the_others(
+    run5: Path, kind: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    good = run5 / "checkpoints" / "last.ckpt"
+    (folder / "good.ckpt").write_bytes(good.read_bytes())
+    bad = folder / "bad.ckpt"
+    bad.write_bytes(b"" if kind == "empty" else good.read_bytes()[: good.stat().st_size // 2])
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", TINY, *FAST, "--ckpt_path", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(bad) in err and ("empty" if kind == "empty" else "truncated") in err
+    assert "other checkpoints in" in err and "good.ckpt" in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["validate", "--model.preset", "small"],
+            "validate of a checkpoint cannot change model.preset='small' (checkpoint: 'tiny')",
+        ),
+        (
+            ["fit", "--model.optimizer", "adamw", "--model.overrides", '{"num_hidden_layers": 2}'],
+            "resuming cannot change model.overrides={'num_hidden_layers': 2} (checkpoint: "
+            "{'kda_backend': 'torch'}); model.optimizer='adamw' (checkpoint: 'muonclip')",
+        ),
+        (["test", "--model.lr", "0.5"], "test of a checkpoint cannot change model.lr=0.5"),
+    ],
+)
+def test_changed_architecture_on_resume_is_refused(
+    run5: Path, argv: list[str], message: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(run5 / "checkpoints" / "last.ckpt")
+    assert main([argv[0], "--config", TINY, *FAST, *argv[1:], "--ckpt_path", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_changed_learning_rate_on_resume_is_applied(
+    run5: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    ckpt = str(run5 / "checkpoints" / "last.ckpt")
+    argv = ["fit", "--config", TINY, "--config", _callbacks(tmp_path, 100), *FAST]
+    argv += ["--model.lr", "1e-4", "--trainer.max_steps", "6", "--ckpt_path", ckpt]
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert "model.lr: 0.003 -> 0.0001" in caplog.text
+    assert "MFU not available" in caplog.text  # CPU, no peak_flops given
+    last = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6 and last["hyper_parameters"]["lr"] == 1e-4
+    groups = last["optimizer_states"][0]["param_groups"]
+    assert all(g["initial_lr"] == 1e-4 for g in groups)
+    # the checkpoint's schedule (5 steps, finished) is kept: lr = 1e-4 * min_lr_ratio
+    assert all(g["lr"] == pytest.approx(1e-5) for g in groups)
+
+
+# ------------------------------------------------------------------------ atomic writes
+def test_atomic_save_writes_in_the_target_folder_not_the_temp_dir(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The temporary file lives next to the target, so the rename never crosses filesystems
+    (here the system temp dir is elsewhere; /dev/shm is a different filesystem when present)."""
+    other = Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp_path / "elsewhere"
+    other = Path(tempfile.mkdtemp(dir=other))
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append(os.fspath(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "run" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(3)}, target)
+    assert torch.equal(torch.load(target)["w"], torch.arange(3))
+    assert len(seen) == 1 and Path(seen[0]).parent == target.parent
+    assert not list(other.iterdir()) and sorted(os.listdir(target.parent)) == ["last.ckpt"]
+    other.rmdir()
+
+
+class _Explodes:
+    def __reduce__(self):
+        raise RuntimeError("killed half-way")
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(1000)}, target)
+    before = target.read_bytes()
+    with pytest.raises((RuntimeError, pickle.PicklingError), match="killed half-way"):
+        atomic_torch_save({"w": torch.zeros(1000), "bad": _Explodes()}, target)
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_the_cli_trainer_writes_atomically(tmp_path: Path, monkeypatch) -> None:
+    from kimi_linear.lightning.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", TINY, "--config", _callbacks(tmp_path, 3), *FAST], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert any(type(cb) is KimiModelCheckpoint for cb in cli.trainer.callbacks)
+
+
+def test_throughput_monitor_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="peak_flops must be None or a finite number > 0"):
+        ThroughputMonitor(peak_flops=0)
+    with pytest.raises(ValueError, match="log_every_n_steps must be None or an int >= 1"):
+        ThroughputMonitor(log_every_n_steps=0)
+
+
+# ------------------------------------------------------------- activation checkpointing
+def test_activation_checkpointing_gives_the_same_loss_gradients_and_moe_loads() -> None:
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    cfg = KimiLinearConfig.from_preset("tiny", kda_backend="torch")
+    model = KimiLinearForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    moes = [m for m in model.modules() if hasattr(m, "expert_load")]
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        for m in moes:
+            m.expert_load.zero_()
+        model.model.set_activation_checkpointing(enabled)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, [m.expert_load.clone() for m in moes]))
+    (l0, g0, m0), (l1, g1, m1) = results
+    # same ops in the same order: identical up to float32 rounding of re-run kernels
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(m0, m1):
+        assert torch.equal(a, b)  # tokens counted once, not again by the recomputation
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        model.model.set_activation_checkpointing("yes")  # type: ignore[arg-type]
+
+
+def test_peak_flops_lookup(monkeypatch) -> None:
+    from kimi_linear.lightning import callbacks
+
+    assert callbacks.peak_flops_of(torch.device("cpu"), "fp32") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, precision, expected in [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
+        ("NVIDIA H100 PCIe", "bf16", 756.0e12),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156.0e12),
+        ("Tesla T4", "fp16", None),  # not in the table: MFU not logged
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert callbacks.peak_flops_of(torch.device("cuda", 0), precision) == expected, name
+
+
+@pytest.mark.slow
+def test_activation_memory_benchmark(tmp_path: Path) -> None:
+    """``benchmarks/activation_memory.py`` on the tiny preset: checkpointing keeps fewer bytes;
+    a bad length is an argparse error."""
+    import json
+    import subprocess
+    import sys
+
+    script = REPO / "benchmarks" / "activation_memory.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", "--seq-lens", "64", "--threads", "1"]
+        + ["--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads((tmp_path / "activation_memory.json").read_text())["rows"]
+    assert 0 < row["checkpointed_bytes"] < row["plain_bytes"]
+    assert row["checkpointed_tensors"] < row["plain_tensors"]
+    bad = subprocess.run(
+        [sys.executable, str(script), "--seq-lens", "0"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_generate_and_export_name_a_truncated_checkpoint(
+    run5: Path, tmp_path: Path, capsys
+) -> None:
+    good = run5 / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[:1000])
+    for argv in (
+        ["generate", "--ckpt_path", str(bad), "--prompt", "x"],
+        ["export", "--ckpt_path", str(bad), "--output_dir", str(tmp_path / "out")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{str(bad)!r} is truncated" in err, argv

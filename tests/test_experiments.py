@@ -1,0 +1,115 @@
+"""The synthetic-task study script (experiments/synthetic_tasks.py): protocol pieces, resumability,
+arguments. The full study is far too long for a test; a toy-size run checks the pipeline."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    folder = str(ROOT / "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("synthetic_tasks")
+
+
+def test_run_or_load_skips_saved_runs_and_reruns_changed_settings(study, tmp_path):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    first, seconds = study.run_or_load(tmp_path, "k", {"a": 1}, run)
+    assert first == {"value": 1} and seconds is not None
+    again, seconds = study.run_or_load(tmp_path, "k", {"a": 1}, run)
+    assert again == {"value": 1} and seconds is None and len(calls) == 1  # loaded, not rerun
+    changed, _ = study.run_or_load(tmp_path, "k", {"a": 2}, run)
+    assert changed == {"value": 2} and len(calls) == 2  # other settings: run again
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_progress_estimates_time_left_from_trained_runs(study):
+    p = study.Progress(total=4, enabled=False)
+    assert "not yet estimated" in p.update("saved run", None)
+    line = p.update("trained", 60.0)
+    assert "2/4 runs" in line and "~2.0 min left" in line
+
+
+def _run(model, lr, seed, acc, steps=10, task="mqar", L=64):
+    ev = {"acc": acc, "exact_match": acc / 2}
+    return {"task": task, "train_length": L, "model": model, "lr": lr, "seed": seed,
+            "steps": steps, "eval": {str(L): ev, str(2 * L): ev}}  # fmt: skip
+
+
+def test_summary_sanity_gate_and_orderings(study):
+    args = type("A", (), {"seeds": [0, 1], "train_lengths": [64]})()
+    runs = [
+        _run("mla", 1e-3, 0, 0.95), _run("mla", 1e-3, 1, 0.97),
+        _run("kda", 1e-3, 0, 0.9, steps=100), _run("kda", 1e-3, 1, 0.8, steps=200),
+        _run("gdn", 1e-3, 0, 0.5, steps=300), _run("gdn", 1e-3, 1, 0.6, steps=300),
+        _run("kda", 3e-3, 0, 0.1),  # not the chosen lr: ignored
+    ]  # fmt: skip
+    chosen = {"mqar/mla": 1e-3, "mqar/kda": 1e-3, "mqar/gdn": 1e-3}
+    s = study.summarize(runs, chosen, args)
+    assert s["sanity_gate"]["passed"] and s["sanity_gate"]["acc"] == pytest.approx(0.96)
+    cell = s["cells"]["mqar/64/kda/64"]
+    assert cell["acc"]["mean"] == pytest.approx(0.85) and cell["acc"]["n"] == 2
+    claims = {(o["claim"], o["eval_length"]): o["reproduced"] for o in s["orderings"]}
+    assert claims[("KDA >= GDN-like (answer accuracy)", 64)]
+    assert claims[("KDA converges in no more steps than GDN-like", 64)]
+    failing = [_run("mla", 1e-3, 0, 0.5), _run("mla", 1e-3, 1, 0.6)]
+    assert not study.summarize(failing, {"mqar/mla": 1e-3}, args)["sanity_gate"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "1", "2"], "--seeds must include 0"),
+        (["--target", "1.5"], "--target must be in (0, 1]"),
+        (["--lrs", "0.001", "-1"], "--lrs must be positive"),
+        (["--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--train-lengths", "0"], "--train-lengths must be positive"),
+        (["--models", "rwkv"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_with_message(study, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        study.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_profile_defaults(study, monkeypatch):
+    monkeypatch.setattr(study.torch.cuda, "is_available", lambda: True)
+    args = study.parse_args(["--device", "cuda"])
+    assert args.profile == "paper" and args.precision == "bf16-mixed"
+    assert args.train_lengths == [256, 512, 1024, 2048] and args.lrs == [5e-5, 1e-4, 5e-4, 1e-3]
+    assert args.max_steps == 20_000 and args.kda_backend == "auto"
+
+
+@pytest.mark.slow
+def test_quick_study_runs_and_resumes(study, tmp_path, monkeypatch):
+    argv = ["--quick", "--models", "mla", "--no-progress", "--out-dir", str(tmp_path)]
+    assert study.main(argv) == 0
+    data = json.loads((tmp_path / "synthetic_tasks.json").read_text())
+    assert len(data["runs"]) == 3  # 2 learning rates at seed 0, then seed 1 at the chosen one
+    assert data["summary"]["sanity_gate"] is not None
+    assert (tmp_path / "synthetic_tasks.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "synthetic_tasks.md").read_text()
+    assert "## Sanity gate" in md and "## Protocol" in md
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 3
+
+    def no_training(*a, **k):
+        raise AssertionError("a saved run was trained again")
+
+    monkeypatch.setattr(study, "run_one", no_training)
+    assert study.main(argv) == 0  # every run loaded from runs/

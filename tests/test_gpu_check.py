@@ -1,0 +1,306 @@
+"""``python -m kimi_linear.gpu_check``: arguments, budget, result files, and a whole dry run.
+
+The dry run (every part at toy sizes on the CPU, kernels under the Triton interpreter) goes
+through a subprocess, as CI would run it, and is marked slow; the rest runs in-process in
+well under a second each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimi_linear import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "0"], "--budget: must be a finite number of minutes > 0"),
+        (["--budget", "-1"], "--budget: must be a finite number of minutes > 0"),
+        (["--budget", "nan"], "--budget: must be a finite number of minutes > 0"),
+        (["--budget", "soon"], "--budget: expected minutes as a number"),
+        (["--parts", "speed,kernels"], "--parts: expected a comma-separated subset"),
+        (["--parts", ","], "--parts: expected a comma-separated subset"),
+        (["--seed", "x"], "--seed: invalid int value"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_argument_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("")
+    assert gpu_check.main(["--dry-run", "--out-dir", str(target)]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+
+
+def test_parts_keep_the_value_order():
+    args = gpu_check.parse_args(["--parts", "model,correctness"])
+    assert args.parts == ("correctness", "model")
+    assert gpu_check.parse_args([]).parts == gpu_check.PARTS
+    assert gpu_check.parse_args([]).budget == 8.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_without_cuda_it_points_to_dry_run(capsys):
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "--dry-run" in err
+
+
+def test_dry_run_refuses_an_already_imported_triton_without_the_interpreter(monkeypatch):
+    import triton  # noqa: F401  (imported: the interpreter can no longer be chosen)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
+        gpu_check._prepare_triton(True)
+    gpu_check._prepare_triton(False)  # a GPU run needs nothing
+
+
+# ------------------------------------------------------------------------------ errors
+def test_rel_err_is_norm_relative_and_inf_for_non_finite():
+    ref = torch.tensor([3.0, 4.0])
+    assert gpu_check.rel_err(ref, ref) == 0.0
+    assert gpu_check.rel_err(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert gpu_check.rel_err(torch.tensor([float("nan"), 4.0]), ref) == math.inf
+    assert gpu_check.rel_err(None, ref) == math.inf
+    assert gpu_check.rel_err(torch.tensor([0.5]), torch.tensor([0.0])) == 0.5
+
+
+def test_compare_tolerance_and_fla_slack():
+    ref = {"o": torch.ones(100, dtype=torch.float64)}
+    tol = gpu_check.TOLERANCE[torch.bfloat16]
+    within = {"o": ref["o"] * (1 + tol / 2)}
+    outside = {"o": ref["o"] * (1 + 2 * tol)}
+    rows, ok = gpu_check.compare(within, ref, None, torch.bfloat16)
+    assert ok and rows[0]["pass"] and rows[0]["err_vs_fp64"] == pytest.approx(tol / 2)
+    _, ok = gpu_check.compare(outside, ref, None, torch.bfloat16)
+    assert not ok
+    # beyond the tolerance, but no worse than FLA_SLACK x fla's own error: passes
+    fla = {"o": ref["o"] * (1 + 1.9 * tol)}
+    rows, ok = gpu_check.compare(outside, ref, fla, torch.bfloat16)
+    assert ok and rows[0]["fla_err_vs_fp64"] == pytest.approx(1.9 * tol)
+    _, ok = gpu_check.compare({"o": ref["o"] * float("nan")}, ref, fla, torch.bfloat16)
+    assert not ok
+
+
+def test_per_sequence_runs_each_packed_sequence_alone():
+    from kimi_linear.ops import kda_recurrent
+
+    lengths = [3, 5]
+    cu = torch.tensor([0, 3, 8])
+    x = gpu_check.kda_inputs(1, 8, 2, 4, 4, torch.float64, torch.device("cpu"), 0, N=2)
+    packed = gpu_check.per_sequence(kda_recurrent)
+    o, ht = packed(*(x[n] for n in ("q", "k", "v", "g", "beta")), x["h0"], True, cu_seqlens=cu)
+    start = 0
+    for i, n in enumerate(lengths):
+        oi, hi = kda_recurrent(
+            *(x[k][:, start : start + n] for k in ("q", "k", "v", "g", "beta")),
+            initial_state=x["h0"][i : i + 1],
+            output_final_state=True,
+        )
+        torch.testing.assert_close(o[:, start : start + n], oi, rtol=0, atol=0)
+        torch.testing.assert_close(ht[i : i + 1], hi, rtol=0, atol=0)
+        start += n
+
+
+def test_a_failing_fla_is_recorded_and_the_item_goes_on(tmp_path):
+    run = _run(tmp_path, 60)
+    record: dict = {}
+    ctx = gpu_check.ItemContext(record, gpu_check.PartReport("speed", tmp_path, {}), run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this dtype")
+
+    assert gpu_check._try_fla(ctx, broken, 1, x=2) is None
+    assert record["fla_error"] == "RuntimeError: no kernel for this dtype"
+    assert gpu_check._probe_fla(ctx, lambda: None) is True
+    assert gpu_check._probe_fla(ctx, broken) is False
+
+
+def test_bench_interleaved_alternates_and_resets_grads():
+    common = gpu_check.bench_module("common")
+    calls: list[str] = []
+    w = torch.ones(2, requires_grad=True)
+
+    def a():
+        assert w.grad is None  # reset before every timed call
+        (w * 2).sum().backward()
+        calls.append("a")
+
+    t = common.bench_interleaved(
+        {"a": a, "b": lambda: calls.append("b")},
+        torch.device("cpu"),
+        rounds=2,
+        cpu_reps=2,
+        grad_to_none={"a": [w]},
+    )
+    # one untimed call each in the first round, then the timed ones, alternating by round
+    assert calls == ["a", "a", "a", "b", "b", "b", "a", "a", "b", "b"]
+    assert t["a"]["n"] == t["b"]["n"] == 4
+    assert 0 <= t["a"]["min"] <= t["a"]["median"] <= t["a"]["max"]
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        common.bench_interleaved({"a": a}, torch.device("cpu"), rounds=0)
+
+
+def test_decode_step_bytes():
+    kernels = gpu_check.bench_module("kernels")
+    x = gpu_check.kda_inputs(3, 1, 2, 8, 16, torch.bfloat16, torch.device("cpu"), 0)
+    state, io = kernels.decode_step_bytes(*(x[n] for n in ("q", "k", "v", "g", "beta")))
+    assert state == 3 * 2 * 8 * 16 * 4  # fp32 state
+    # q, k (bf16), v (bf16), g (fp32), beta (bf16), and the output o like v
+    assert io == 2 * (3 * 2 * 8 * 2) + 3 * 2 * 16 * 2 + 3 * 2 * 8 * 4 + 3 * 2 * 2 + 3 * 2 * 16 * 2
+
+
+# ------------------------------------------------------------------------------ budget
+def _run(tmp_path: Path, seconds: float) -> gpu_check.Run:
+    return gpu_check.Run(
+        device=torch.device("cpu"),
+        dtypes=(torch.float32,),
+        sizes=gpu_check.dry_run_sizes(),
+        budget=gpu_check.Budget(seconds),
+        folder=tmp_path,
+        dry_run=True,
+        seed=0,
+        header={"env": {"device": "test"}, "dry_run": True},
+    )
+
+
+def test_the_timer_cuts_off_the_item_in_flight_and_later_items_are_skipped(tmp_path):
+    run = _run(tmp_path, 0.3)
+
+    def forever(ctx):
+        ctx.add_row({"i": 0})
+        while True:
+            time.sleep(0.01)
+
+    def never(ctx):  # pragma: no cover - must be skipped
+        raise AssertionError("ran after the budget ran out")
+
+    run.budget.start_timer()
+    try:
+        report = gpu_check.run_part(
+            run, "speed", [gpu_check.Item("a", "x", forever), gpu_check.Item("b", "x", never)]
+        )
+    finally:
+        run.budget.stop_timer()
+    first, second = report.items
+    assert first["status"] == "cut off" and "budget ran out" in first["reason"]
+    assert first["rows"] == [{"i": 0}]  # what the item measured before is kept
+    assert second["status"] == "skipped" and "budget left" in second["reason"]
+    saved = json.loads((tmp_path / "gpu_check_speed.json").read_text())
+    assert [i["status"] for i in saved["items"]] == ["cut off", "skipped"]
+    assert saved["status"] == "incomplete"
+
+
+def test_an_item_error_is_recorded_and_the_part_goes_on(tmp_path):
+    run = _run(tmp_path, 60)
+
+    def broken(ctx):
+        raise ValueError("bad shape")
+
+    def fine(ctx):
+        ctx.record["status"] = "pass"
+
+    report = gpu_check.run_part(
+        run, "correctness", [gpu_check.Item("a", "x", broken), gpu_check.Item("b", "x", fine)]
+    )
+    assert report.items[0]["status"] == "error"
+    assert report.items[0]["reason"] == "ValueError: bad shape"
+    assert report.items[1]["status"] == "pass"
+    assert report.data["status"] == "failed"
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["verdict"]["kernels_validated"] is False
+
+
+def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path):
+    assert gpu_check.main(["--dry-run", "--budget", "1e-6", "--out-dir", str(tmp_path)]) == 0
+    for part in gpu_check.PARTS:
+        data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
+        assert data["dry_run"] is True and data["items"]
+        for item in data["items"]:
+            assert item["status"] == "skipped", item
+            assert "of the budget left" in item["reason"]
+        assert (tmp_path / f"gpu_check_{part}.md").read_text().startswith(f"# GPU check: {part}")
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["verdict"]["kernels_validated"] is False
+    assert set(summary["parts"]) == set(gpu_check.PARTS)
+
+
+def test_summary_verdict_needs_every_correctness_item_passed_on_a_gpu(tmp_path):
+    part = {
+        "part": "correctness",
+        "env": {
+            "arch": "sm_90",
+            "capability": [9, 0],
+            "device": "NVIDIA H100 80GB HBM3",
+            "time_utc": "t",
+        },
+        "dry_run": False,
+        "status": "complete",
+        "items": [{"name": "a", "status": "pass"}, {"name": "b", "status": "pass"}],
+    }
+    (tmp_path / "gpu_check_correctness.json").write_text(json.dumps(part))
+    verdict = gpu_check.write_summary(tmp_path)["verdict"]
+    assert verdict["kernels_validated"] is True and verdict["arch"] == "sm_90"
+    assert "add (9, 0) to VALIDATED_TRITON_ARCHS" in verdict["next_step"]
+    assert "Next step: add (9, 0)" in (tmp_path / "gpu_check.md").read_text()
+    part["items"][1]["status"] = "skipped"
+    (tmp_path / "gpu_check_correctness.json").write_text(json.dumps(part))
+    verdict = gpu_check.write_summary(tmp_path)["verdict"]
+    assert verdict["kernels_validated"] is False and "['b']" in verdict["reason"]
+    assert "**no**" in (tmp_path / "gpu_check.md").read_text()
+
+
+# ------------------------------------------------------------------------------ dry run
+@pytest.mark.slow
+def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)  # the entry point sets it itself
+    res = subprocess.run(
+        [sys.executable, "-m", "kimi_linear.gpu_check", "--dry-run", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "verdict: kernels validated on this GPU: no (dry run" in res.stdout
+    for part in gpu_check.PARTS:
+        data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
+        assert data["status"] == "complete", data
+        assert data["env"]["arch"].startswith("cpu")
+        for item in data["items"]:
+            assert item["status"] in ("pass", "ok"), item
+        md = (tmp_path / f"gpu_check_{part}.md").read_text()
+        assert md.startswith(f"# GPU check: {part}") and "dry run" in md
+    corr = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
+    checked = {r["tensor"] for i in corr["items"] for r in i.get("checks", [])}
+    assert checked == set(gpu_check.TENSORS)
+    speed = json.loads((tmp_path / "gpu_check_speed.json").read_text())
+    modes = [r["mode"] for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
+    assert modes.count("fwd") == modes.count("fwd+bwd") == 2
+    model = json.loads((tmp_path / "gpu_check_model.json").read_text())
+    decode = [r for i in model["items"] if i["name"].startswith("decode") for r in i["rows"]]
+    assert {r["batch"] for r in decode} >= {1} and all(r["floor_ms"] > 0 for r in decode)
+    train = [i for i in model["items"] if i["name"].startswith("train")]
+    assert all(i["tokens_per_s"] > 0 for i in train)
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert summary.startswith("# GPU check: summary") and "**no**" in summary
