@@ -6,16 +6,23 @@ from a difference of cumulated gates split at a reference row, so nothing overfl
 strong the decay; the intra-chunk triangular system ``(I + Akk)`` is inverted by forward
 substitution (16 x 16 diagonal blocks, then block substitution) into the UT/WY form
 ``W, U``; one sequential kernel per (sequence, head, value block) carries the fp32 state across
-chunks and stores the chunk-start states, from which a parallel kernel forms the outputs. The
-backward recomputes the forward intermediates (no state history is kept between forward and
-backward), walks the chunks in reverse for the state gradient, then computes the per-chunk and
-pairwise gradient terms. Packed variable-length batches
+chunks and stores the chunk-start states, from which a parallel kernel forms the outputs. When
+gradients are needed the forward keeps the cumulative gate ``G`` (fp32) and the ``Aqk`` and
+inverse ``N`` tiles (input dtype), and the backward recomputes only the decayed ``qg``, ``kg``,
+``W``, ``U``, the chunk-start states and residuals (no state history
+is kept between forward and backward; under ``torch.no_grad`` nothing beyond the output),
+walks the chunks in reverse for the state gradient, then computes the per-chunk and pairwise
+gradient terms. 16-bit inputs feed 16-bit operands to the tensor-core products (fp32
+accumulation; see :mod:`kimi_linear.kernels.chunk_fwd`). Packed variable-length batches
 (``cu_seqlens``) index chunks per sequence, so no chunk straddles two sequences.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kimi_linear.ops.backend import gate_check_enabled
+from kimi_linear.ops.checks import check_log_decay
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import chunk_kda_fwd
@@ -27,18 +34,32 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, v, g, beta, scale, initial_state, output_final_state, tables: ChunkTables
+        ctx,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        tables: ChunkTables,
+        keep: bool,
     ):
-        o, final_state = chunk_kda_fwd(
-            q, k, v, g, beta, scale, initial_state, output_final_state, *tables
-        )[:2]
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        # With gradients to come (``keep``, decided by the caller: grad mode is off in here),
+        # keep the intermediates the backward would otherwise recompute with the most work
+        # (G, Aqk, N); under no_grad / inference nothing beyond the output.
+        fwd = chunk_kda_fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, *tables, keep=keep
+        )
+        saved = (fwd.G, fwd.Aqk, fwd.Ainv) if keep else ()
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, *saved)
         ctx.scale, ctx.tables = scale, tables
-        return o, final_state
+        return fwd.o, fwd.final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, *saved = ctx.saved_tensors
         dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd(
             q,
             k,
@@ -50,8 +71,9 @@ class ChunkKDAFunction(torch.autograd.Function):
             do.contiguous(),
             None if dht is None else dht.contiguous(),
             *ctx.tables,
+            saved=tuple(saved) or None,
         )
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
 def chunk_kda(
@@ -74,7 +96,10 @@ def chunk_kda(
         q, k: ``[B, T, H, K]`` queries and keys (L2-normalise them: the chunked form relies on
             ``||k|| <= 1``), fp16 / bf16 / fp32, one dtype for q, k, v.
         v: ``[B, T, H, V]`` values; ``V`` may differ from ``K``; both at most 256.
-        g: ``[B, T, H, K]`` log decay ``<= 0`` (any of the three dtypes; used in fp32).
+        g: ``[B, T, H, K]`` log decay in ``[-inf, 0]`` (any of the three dtypes; used in fp32);
+            ``-inf`` (complete forgetting) and values far below -1000 are exact (clamped per
+            step where ``exp`` underflows to 0). ``g > 0`` is not checked unless
+            ``KIMI_LINEAR_CHECK_GATE=1`` (a device sync) and may overflow to inf / NaN.
         beta: ``[B, T, H]`` delta-rule step sizes.
         scale: factor on q, default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` state before the first token (cast to fp32), ``N = B``,
@@ -88,16 +113,22 @@ def chunk_kda(
         Gradients flow to q, k, v, g, beta, initial_state (and from a gradient on final_state).
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, or CPU
-            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there).
+        ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, CPU
+            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), or (with
+            ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` value above 0 or NaN.
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
     B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if gate_check_enabled():  # opt-in: one reduction and a device sync
+        check_log_decay(g)
     scale = K**-0.5 if scale is None else float(scale)
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    keep = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
+    )
     o, final_state = ChunkKDAFunction.apply(
-        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables
+        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep
     )
     return o.view(B, T, H, V), final_state

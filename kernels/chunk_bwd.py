@@ -51,11 +51,20 @@ from .chunk_fwd import (
     _WARPS8,
     _chunk_bounds,
     _decay_row,
+    _load_op,
     _load_tile,
     _state_block,
     chunk_kda_fwd,
 )
-from .utils import CHUNK_SIZE, SUB_CHUNK_SIZE, autotune, config_space, dot_precision, next_pow2
+from .utils import (
+    CHUNK_SIZE,
+    SUB_CHUNK_SIZE,
+    autotune,
+    config_space,
+    dot_precision,
+    next_pow2,
+    state_dtype,
+)
 
 _BWD_STATE_CONFIGS = config_space(
     triton.Config({"BV": 16}, num_warps=8, num_stages=2),
@@ -71,7 +80,7 @@ def _chunk_bwd_state_kernel(
     qg,
     kg,
     W,
-    G,
+    Gl,
     do,
     dh,
     dht,
@@ -92,7 +101,8 @@ def _chunk_bwd_state_kernel(
 ):
     """Reverse pass over the chunks: chunk-end state gradients ``dh`` and ``d_delta``.
 
-    Grid ``(cdiv(V, BV), N * H)``; ``dh [NT, H, K, V]`` and ``ddelta [TT, H, V]`` fp32. The state
+    Grid ``(cdiv(V, BV), N * H)``; ``dh [NT, H, K, V]`` in the input dtype (the state gradient
+    is carried in fp32 registers), ``ddelta [TT, H, V]`` fp32. The state
     gradient ``[BK, BV]`` is held as ``BK // BKS`` key blocks ``b_ds1 .. b_ds4`` (as the forward
     state), so only ``[BT, BKS]`` operands are live at a time.
     """
@@ -130,45 +140,56 @@ def _chunk_bwd_state_kernel(
         k_c = (start * H + i_h) * K  # int64 scalar row bases, int32 offsets inside the chunk
         v_c = (start * H + i_h) * V
         dh_c = dh + ((boh + i_c) * H + i_h) * K * V
-        p, m = _state_block(dh_c, 0, cols_v, K, V, BKS)
-        tl.store(p, b_ds1, mask=m)
+        p_c, m_c = _state_block(dh_c, 0, cols_v, K, V, BKS)
+        tl.store(p_c, b_ds1, mask=m_c)
         if BK > BKS:
-            p, m = _state_block(dh_c, BKS, cols_v, K, V, BKS)
-            tl.store(p, b_ds2, mask=m)
+            p_c, m_c = _state_block(dh_c, BKS, cols_v, K, V, BKS)
+            tl.store(p_c, b_ds2, mask=m_c)
         if BK > 2 * BKS:
-            p, m = _state_block(dh_c, 2 * BKS, cols_v, K, V, BKS)
-            tl.store(p, b_ds3, mask=m)
-            p, m = _state_block(dh_c, 3 * BKS, cols_v, K, V, BKS)
-            tl.store(p, b_ds4, mask=m)
+            p_c, m_c = _state_block(dh_c, 2 * BKS, cols_v, K, V, BKS)
+            tl.store(p_c, b_ds3, mask=m_c)
+            p_c, m_c = _state_block(dh_c, 3 * BKS, cols_v, K, V, BKS)
+            tl.store(p_c, b_ds4, mask=m_c)
         m_tv = m_t[:, None] & m_v[None, :]
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
         b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
         # d_delta = Aqk^T dO + kg dS1 (the first term, chunk-local, is already in ddelta)
         b_dd = tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0)
-        b_dd += tl.dot(_load_tile(kg + k_c, m_t, H, K, 0, BT, BKS), b_ds1, input_precision=DOT_PREC)
+        b_dd += tl.dot(
+            _load_op(kg + k_c, m_t, H, K, 0, BT, BKS).to(dh.dtype.element_ty),
+            b_ds1.to(dh.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
         if BK > BKS:
             b_dd += tl.dot(
-                _load_tile(kg + k_c, m_t, H, K, BKS, BT, BKS), b_ds2, input_precision=DOT_PREC
+                _load_op(kg + k_c, m_t, H, K, BKS, BT, BKS).to(dh.dtype.element_ty),
+                b_ds2.to(dh.dtype.element_ty),
+                input_precision=DOT_PREC,
             )
         if BK > 2 * BKS:
             b_dd += tl.dot(
-                _load_tile(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS), b_ds3, input_precision=DOT_PREC
+                _load_op(kg + k_c, m_t, H, K, 2 * BKS, BT, BKS).to(dh.dtype.element_ty),
+                b_ds3.to(dh.dtype.element_ty),
+                input_precision=DOT_PREC,
             )
             b_dd += tl.dot(
-                _load_tile(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS), b_ds4, input_precision=DOT_PREC
+                _load_op(kg + k_c, m_t, H, K, 3 * BKS, BT, BKS).to(dh.dtype.element_ty),
+                b_ds4.to(dh.dtype.element_ty),
+                input_precision=DOT_PREC,
             )
         tl.store(ddelta + v_c + off_v, b_dd, mask=m_tv)
         # dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta
-        last = tl.minimum(start + BT, eos) - 1
+        last = boh + i_c  # row of Gl
         b_ds1 = _state_grad_step(
-            b_ds1, qg + k_c, W + k_c, G, m_t, last, i_h, H, b_do, b_dd, K, 0, BT, BKS, DOT_PREC
+            b_ds1, qg + k_c, W + k_c, dh, Gl, m_t, last, i_h, H, b_do, b_dd, K, 0, BT, BKS, DOT_PREC
         )
         if BK > BKS:
             b_ds2 = _state_grad_step(
                 b_ds2,
                 qg + k_c,
                 W + k_c,
-                G,
+                dh,
+                Gl,
                 m_t,
                 last,
                 i_h,
@@ -186,7 +207,8 @@ def _chunk_bwd_state_kernel(
                 b_ds3,
                 qg + k_c,
                 W + k_c,
-                G,
+                dh,
+                Gl,
                 m_t,
                 last,
                 i_h,
@@ -203,7 +225,8 @@ def _chunk_bwd_state_kernel(
                 b_ds4,
                 qg + k_c,
                 W + k_c,
-                G,
+                dh,
+                Gl,
                 m_t,
                 last,
                 i_h,
@@ -234,6 +257,7 @@ def _state_grad_step(
     b_ds,
     qg,
     W,
+    dh,
     G,
     m_t,
     last,
@@ -248,13 +272,18 @@ def _state_grad_step(
     DOT_PREC: tl.constexpr,
 ):
     """One key block of ``dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta`` (``qg``, ``W`` point at
-    the chunk's first row in the head)."""
+    the chunk's first row in the head; ``dh`` only gives the
+    operand dtype of the state-gradient products)."""
     b_ds = b_ds * _decay_row(G, last, i_h, H, K, col0, BKS)[:, None]
     b_ds += tl.dot(
-        tl.trans(_load_tile(qg, m_t, H, K, col0, BT, BKS)), b_do, input_precision=DOT_PREC
+        tl.trans(_load_op(qg, m_t, H, K, col0, BT, BKS)),
+        b_do.to(qg.dtype.element_ty),
+        input_precision=DOT_PREC,
     )
     b_ds -= tl.dot(
-        tl.trans(_load_tile(W, m_t, H, K, col0, BT, BKS)), b_dd, input_precision=DOT_PREC
+        tl.trans(_load_op(W, m_t, H, K, col0, BT, BKS)).to(dh.dtype.element_ty),
+        b_dd.to(dh.dtype.element_ty),
+        input_precision=DOT_PREC,
     )
     return b_ds
 
@@ -321,13 +350,21 @@ def _bwd_dv_kernel(
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
         b_d = tl.load(delta + v_c + off_v, mask=m_tv, other=0.0)
         b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_daqk += tl.dot(b_do, tl.trans(b_d), input_precision=DOT_PREC)
-        b_drt = tl.dot(
-            tl.trans(b_n),
-            tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0),
+        b_daqk += tl.dot(
+            b_do.to(k.dtype.element_ty),
+            (tl.trans(b_d)).to(k.dtype.element_ty),
             input_precision=DOT_PREC,
         )
-        b_dl += tl.dot(b_drt, tl.trans(b_d), input_precision=DOT_PREC)
+        b_drt = tl.dot(
+            (tl.trans(b_n)).to(k.dtype.element_ty),
+            (tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0)).to(k.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
+        b_dl += tl.dot(
+            b_drt.to(k.dtype.element_ty),
+            (tl.trans(b_d)).to(k.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
         b_dr = b_drt * b_beta[:, None]
         tl.store(dv + v_c + off_v, b_dr.to(dv.dtype.element_ty), mask=m_tv)
         tl.store(ddelta + v_c + off_v, b_dr, mask=m_tv)
@@ -337,7 +374,9 @@ def _bwd_dv_kernel(
             b_g = _load_tile(G + k_c, m_t, H, K, i_k * BKS, BT, BKS)
             p, m = _state_block(h_c, i_k * BKS, cols_v, K, V, BKS)
             b_r -= tl.dot(
-                b_k * tl.exp(b_g), tl.load(p, mask=m, other=0.0), input_precision=DOT_PREC
+                (b_k * tl.exp(b_g)).to(h.dtype.element_ty),
+                tl.load(p, mask=m, other=0.0).to(h.dtype.element_ty),
+                input_precision=DOT_PREC,
             )
         b_dbeta += tl.sum(b_r * b_drt, axis=1)
     tl.store(
@@ -414,15 +453,27 @@ def _bwd_dqkg_kernel(
         m_tv = m_t[:, None] & (cols_v < V)[None, :]
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
         p, m_s = _state_block(h + s_base, i_k * BKB, cols_v, K, V, BKB)
-        b_h = tl.load(p, mask=m_s, other=0.0)
+        b_h = tl.load(p, mask=m_s, other=0.0).to(tl.float32)
         p, m_s = _state_block(dh + s_base, i_k * BKB, cols_v, K, V, BKB)
-        b_dh = tl.load(p, mask=m_s, other=0.0)
+        b_dh = tl.load(p, mask=m_s, other=0.0).to(tl.float32)
         b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_x1 += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PREC)
+        b_x1 += tl.dot(
+            b_do.to(h.dtype.element_ty),
+            tl.trans(b_h).to(h.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
         b_d = tl.load(delta + v_c + off_v, mask=m_tv, other=0.0)
-        b_x2 += tl.dot(b_d, tl.trans(b_dh), input_precision=DOT_PREC)
+        b_x2 += tl.dot(
+            b_d.to(dh.dtype.element_ty),
+            tl.trans(b_dh).to(dh.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
         b_dr = tl.load(dr + v_c + off_v, mask=m_tv, other=0.0)
-        b_x3 += tl.dot(b_dr, tl.trans(b_h), input_precision=DOT_PREC)
+        b_x3 += tl.dot(
+            b_dr.to(h.dtype.element_ty),
+            tl.trans(b_h).to(h.dtype.element_ty),
+            input_precision=DOT_PREC,
+        )
         b_sds += tl.sum(b_h * b_dh, axis=1)
     m_tk = m_t[:, None] & m_k[None, :]
     off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
@@ -521,8 +572,16 @@ def _intra_bwd_kernel(
             j_off = a_rows + i_j * BC + o_c[None, :]
             b_da = tl.load(dAqk + j_off, mask=m_r[:, None], other=0.0)
             b_dl = tl.load(dL + j_off, mask=m_r[:, None], other=0.0)
-            b_yq += tl.dot(b_da, b_kj, input_precision=DOT_PREC)
-            b_yk += tl.dot(b_dl, b_kj, input_precision=DOT_PREC)
+            b_yq += tl.dot(
+                b_da.to(q.dtype.element_ty),
+                b_kj.to(q.dtype.element_ty),
+                input_precision=DOT_PREC,
+            )
+            b_yk += tl.dot(
+                b_dl.to(q.dtype.element_ty),
+                b_kj.to(q.dtype.element_ty),
+                input_precision=DOT_PREC,
+            )
         b_er = tl.exp(tl.where(m_rd, b_g - b_ref[None, :], 0.0))
         b_yq *= b_er
         b_yk *= b_er
@@ -549,8 +608,16 @@ def _intra_bwd_kernel(
             j_off = rows_j[:, None] * H * BT + i_h * BT + i_i * BC + o_c[None, :]
             b_da = tl.load(dAqk + j_off, mask=m_j[:, None], other=0.0)
             b_dl = tl.load(dL + j_off, mask=m_j[:, None], other=0.0)
-            b_zq += tl.dot(tl.trans(b_da), b_qj, input_precision=DOT_PREC)
-            b_zk += tl.dot(tl.trans(b_dl), b_kj * b_bj[:, None], input_precision=DOT_PREC)
+            b_zq += tl.dot(
+                (tl.trans(b_da)).to(q.dtype.element_ty),
+                b_qj.to(q.dtype.element_ty),
+                input_precision=DOT_PREC,
+            )
+            b_zk += tl.dot(
+                (tl.trans(b_dl)).to(q.dtype.element_ty),
+                (b_kj * b_bj[:, None]).to(q.dtype.element_ty),
+                input_precision=DOT_PREC,
+            )
         b_ec = tl.exp(tl.where(m_rd, b_refc[None, :] - b_g, 0.0))
         b_zq *= b_ec
         b_zk *= b_ec
@@ -581,11 +648,13 @@ def chunk_kda_bwd(
     chunk_indices: torch.Tensor,
     chunk_offsets: torch.Tensor,
     num_chunks: int,
+    saved: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of chunked KDA on packed, contiguous inputs (layout of ``chunk_kda_fwd``).
 
-    Recomputes the forward intermediates (``G``, ``Aqk``, ``N``, ``W``, states, residuals) rather
-    than keeping them from the forward. ``do``: ``[TT, H, V]``; ``dht``: ``[N, H, K, V]`` or None.
+    Takes ``saved = (G, Aqk, N)`` from a forward run with ``keep=True`` (or recomputes
+    them when None) and recomputes the rest of the forward (``qg``, ``kg``, ``W``, chunk-start
+    states, residuals). ``do``: ``[TT, H, V]``; ``dht``: ``[N, H, K, V]`` or None.
 
     Returns:
         ``(dq, dk, dv, dg, dbeta, dh0)`` in the dtypes of their inputs (dh0 fp32, or None
@@ -615,8 +684,11 @@ def chunk_kda_bwd(
         num_chunks,
         for_backward=True,
         do=do,
+        saved=saved,
     )
-    dh = torch.empty(num_chunks, H, K, V, **f32)
+    # Chunk-end state gradients: carried in fp32 registers, stored in the input dtype (their
+    # only consumer rounds them to it for the tensor-core products).
+    dh = torch.empty(num_chunks, H, K, V, dtype=state_dtype(q.dtype), device=dev)
     ddelta = fwd.ddelta
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
@@ -624,7 +696,7 @@ def chunk_kda_bwd(
         fwd.qg,
         fwd.kg,
         fwd.W,
-        fwd.G,
+        fwd.Gl,
         do,
         dh,
         dht,

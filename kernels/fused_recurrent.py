@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.backend import gate_check_enabled
+from kimi_linear.ops.checks import check_log_decay
+
 from .utils import check_kernel_inputs, next_pow2, pack
 
 
@@ -144,11 +147,16 @@ def fused_recurrent_kda(
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state or None)``.
 
+    ``g = -inf`` forgets exactly (``exp(-inf) = 0``); ``g > 0`` is not checked unless
+    ``KIMI_LINEAR_CHECK_GATE=1`` (a device sync) and grows the state without bound.
+
     Raises:
         ValueError: the checks of :func:`chunk_kda`, plus ``inplace_state`` without a suitable
             ``initial_state``.
     """
     B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if gate_check_enabled():  # opt-in: one reduction and a device sync
+        check_log_decay(g)
     scale = K**-0.5 if scale is None else float(scale)
     if inplace_state:
         if initial_state is None:

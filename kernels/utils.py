@@ -11,10 +11,11 @@ first chunk, so per-chunk buffers (states ``h``) are indexed by the global chunk
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,93 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def interpret_mode() -> bool:
     """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter numerics. On a GPU, bf16 / fp16 operands of ``tl.dot`` are multiplied exactly with
+# fp32 accumulation, ``x.to(tl.bfloat16)`` rounds to nearest even, and fp32 operands with
+# ``input_precision="tf32"`` are rounded to TF32 (10-bit mantissa) first. Triton's CPU
+# interpreter (3.x) instead multiplies the raw uint16 bit patterns of bf16 operands, truncates
+# fp32 -> bf16 casts and ignores ``input_precision``. :func:`patch_interpreter` (applied on
+# import and before every CPU launch, only under ``TRITON_INTERPRET=1``) fixes the first two for
+# every Triton kernel; :func:`emulate_tf32` is the test switch for the third, so the CPU suite
+# sees the rounding error a GPU will have.
+# ---------------------------------------------------------------------------------------------
+
+_TF32 = {"on": False}
+
+
+def _round_mantissa(x, drop_bits: int):
+    """fp32 numpy array rounded to nearest even at ``23 - drop_bits`` mantissa bits."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    half = np.uint64((1 << (drop_bits - 1)) - 1)
+    bits = bits + half + ((bits >> np.uint64(drop_bits)) & np.uint64(1))
+    bits = bits & np.uint64(0xFFFFFFFF ^ ((1 << drop_bits) - 1))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def patch_interpreter() -> None:
+    """Make the Triton interpreter's ``tl.dot`` and fp32 -> bf16 casts match a GPU (see above).
+
+    Idempotent; a no-op unless ``TRITON_INTERPRET=1``. Affects every kernel run under the
+    interpreter in this process (also other libraries'): it only corrects results.
+    """
+    if not interpret_mode():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_kimi_linear_patched", False):
+        return
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+    tf32 = getattr(interpreter._ir.INPUT_PRECISION, "TF32", None)
+
+    def as_fp32(h):
+        if h.dtype.scalar == tl.bfloat16:  # stored as uint16 bit patterns
+            data = (h.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        if _TF32["on"] and h.dtype.scalar == tl.float32:
+            return interpreter.TensorHandle(_round_mantissa(h.data, 13), tl.float32)
+        return h
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if (
+            a.dtype.scalar == tl.bfloat16
+            or b.dtype.scalar == tl.bfloat16
+            or (_TF32["on"] and input_precision == tf32)
+        ):
+            a, b = as_fp32(a), as_fp32(b)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = _round_mantissa(src.data, 16).view(np.uint32) >> np.uint32(16)
+            return interpreter.TensorHandle(data.astype(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = dot, cast
+    for name in ("create_fp_ext", "create_fp_trunc"):
+        setattr(builder, name, lambda self, src, dst_type: self.cast_impl(src, dst_type))
+    builder._kimi_linear_patched = True
+
+
+@contextlib.contextmanager
+def emulate_tf32(enabled: bool = True) -> Iterator[None]:
+    """Test switch: under the interpreter, round fp32 ``tl.dot`` operands of products with
+    ``input_precision="tf32"`` to TF32 (10-bit mantissa, nearest even), as a GPU does.
+
+    Without it the interpreter computes those products exactly, hiding the TF32 error."""
+    patch_interpreter()
+    previous = _TF32["on"]
+    _TF32["on"] = enabled
+    try:
+        yield
+    finally:
+        _TF32["on"] = previous
 
 
 def autotune(
@@ -96,8 +184,21 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the stored chunk states ``h`` and state gradients ``dh`` for inputs of ``dtype``,
+    and of the operands of every product with a state or state gradient: the input dtype, but
+    bf16 for fp16 inputs (a state or its gradient can exceed fp16's range, 65504; bf16 has
+    fp32's). They are carried in fp32 registers either way."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """Matmul precision inside the kernels: exact fp32 for fp32 inputs, TF32 for 16-bit ones."""
+    """``input_precision`` of the kernels' products: exact fp32 ("ieee") for fp32 inputs.
+
+    For 16-bit inputs every product takes 16-bit operands (``input_precision`` does not apply)
+    except the solve's 16 x 16 block products, which are fixed to "ieee"; "tf32" is returned
+    so that a new fp32-operand product would at least not run at the CUDA-core rate, and
+    ``compile_check --targets`` reports any TF32 instruction as a miss."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -128,6 +229,7 @@ def check_kernel_inputs(
     if V > MAX_HEAD_DIM:
         raise ValueError(f"v head dim V={V} exceeds the kernels' maximum {MAX_HEAD_DIM}")
     if q.device.type == "cpu":
+        patch_interpreter()
         if not interpret_mode():
             raise ValueError(
                 "q is on the CPU: the Triton KDA kernels need a CUDA device (or TRITON_INTERPRET=1, "
@@ -186,3 +288,6 @@ def pack(
     else:
         offsets = tuple(int(x) for x in cu_seqlens.tolist())
     return packed, chunk_tables(offsets, q.device)
+
+
+patch_interpreter()

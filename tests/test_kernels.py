@@ -127,6 +127,60 @@ def test_chunk_extreme_gates(gate):
     assert_grads_close(grads, rgrads, rtol=1e-4)
 
 
+def _extreme_gates(g, pattern):
+    """``g [1, T >= 70, H >= 1, K >= 4]`` with -inf / huge negative log decays written in."""
+    g = g.clone()
+    if pattern == "neg_inf":  # complete forgetting: channels, a whole token, chunk edges
+        g[0, 0, 0, :2] = -float("inf")
+        g[0, 15:17, 0, 1] = -float("inf")
+        g[0, 30, 0] = -float("inf")
+        g[0, 63, 0, 3] = -float("inf")
+        g[0, 64, 0, 0] = -float("inf")
+        g[0, -1, 0, 2] = -float("inf")
+    elif pattern == "huge_finite":  # one value far below -1000, then a few past the floor
+        g[0, 20, 0, :] = -1e30
+        g[0, 40, 0, 1] = -1e30
+        g[0, 50, 0, 2] = -300.0
+    else:  # all -inf: every token forgets everything before it
+        g[:] = -float("inf")
+    return g
+
+
+@pytest.mark.parametrize("pattern", ["neg_inf", "huge_finite", "all_neg_inf"])
+def test_chunk_equals_recurrence_for_any_log_decay(pattern):
+    """g in [-inf, 0]: -inf (complete forgetting) and values far below -1000 give the
+    recurrence's answer, forward and all gradients (finite), across chunk boundaries."""
+    B, T, H, K, V = 1, 70, 1, 16, 16
+    inputs = make_inputs(B, T, H, K, V, seed=31)
+    inputs[3] = _extreme_gates(inputs[3], pattern)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEVICE)
+    dht = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
+    o, final, grads = run_with_grads(chunk_kda, inputs, do, dht)
+    ro, rfinal, rgrads = reference(inputs, do, dht)
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=0)
+    torch.testing.assert_close(final.double(), rfinal, atol=1e-4, rtol=0)
+    assert_grads_close(grads, rgrads, rtol=1e-4)
+    fo, ffinal = fused_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    torch.testing.assert_close(fo.double(), ro, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ffinal.double(), rfinal, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda], ids=["chunk", "fused_recurrent"])
+def test_positive_log_decay_check_is_opt_in(fn, monkeypatch):
+    """The kernels check g <= 0 only with KIMI_LINEAR_CHECK_GATE=1 (the check syncs the device)."""
+    q, k, v, g, beta, _ = make_inputs(1, 4, 1, 16, 16, h0=False, seed=32)
+    g = g.clone()
+    g[0, 2, 0, 5] = 0.5
+    monkeypatch.delenv("KIMI_LINEAR_CHECK_GATE", raising=False)
+    fn(q, k, v, g, beta)  # unchecked: runs (the result is undefined)
+    monkeypatch.setenv("KIMI_LINEAR_CHECK_GATE", "1")
+    with pytest.raises(ValueError, match=r"g must be a log decay in \[-inf, 0\]"):
+        fn(q, k, v, g, beta)
+    fn(q, k, v, g.clamp(max=0), beta)  # valid gates pass the check
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_chunk_16bit(dtype):
     B, T, H, K, V = 1, 80, 2, 32, 32
@@ -404,3 +458,83 @@ def test_kernels_compile_for_gpu_without_one(args):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| yes |") == 10
+
+
+def _kernel_cost(*args, out_dir):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_cost.py"), *args, "--out-dir", out_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_kernel_cost_model_runs(tmp_path):
+    """The static cost model (launches, bytes, tensor FLOPs; ours vs fla) at a small shape."""
+    import json
+
+    providers = ["ours", "fla"]
+    try:
+        import fla.ops.kda  # noqa: F401
+    except ImportError:
+        providers = ["ours"]
+    proc = _kernel_cost(
+        "--shapes", "1x2x128", "--head-dim", "16", "--flop-tokens", "64", "--providers",
+        *providers, out_dir=str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "kernel_cost.json").read_text())
+    assert (tmp_path / "kernel_cost.md").exists()
+    for row in result["totals"]:
+        assert row["launches"] > 0 and row["bytes"] > 0 and row["tensor_gflop"] > 0, row
+    ours_fwd = next(
+        r for r in result["totals"] if r["provider"] == "ours" and r["phase"] == "forward"
+    )
+    assert ours_fwd["launches"] == 5  # cumsum, intra, solve, state, output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shapes", "4x32"], "shape must be BxHxT"),
+        (["--shapes", "1x1x100"], "multiple of 64"),
+        (["--head-dim", "512"], "--head-dim must be in"),
+        (["--flop-tokens", "10"], "--flop-tokens must be"),
+        (["--dtype", "int8"], "--dtype must be one of"),
+    ],
+)
+def test_kernel_cost_model_rejects_bad_arguments(tmp_path, args, message):
+    proc = _kernel_cost(*args, out_dir=str(tmp_path))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_chunk_keeps_intermediates_only_when_gradients_will_flow(monkeypatch):
+    """The forward keeps G, Aqk and N for the backward only with grad mode on and an input that
+    requires grad; under no_grad / inference it keeps nothing beyond the output."""
+    import kimi_linear.kernels.chunk as chunk_mod
+
+    calls = []
+    real = chunk_mod.chunk_kda_fwd
+
+    def spy(*args, keep=False, **kwargs):
+        calls.append(keep)
+        return real(*args, keep=keep, **kwargs)
+
+    monkeypatch.setattr(chunk_mod, "chunk_kda_fwd", spy)
+    q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 16, 16, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    with torch.no_grad():
+        o_nograd, _ = chunk_kda(*leaves)
+    with torch.inference_mode():
+        chunk_kda(*leaves)
+    chunk_kda(q, k, v, g, beta)  # grad mode on, nothing requires grad
+    o, _ = chunk_kda(*leaves)
+    assert calls == [False, False, False, True]
+    assert o_nograd.grad_fn is None and o.grad_fn is not None
+    node = o.grad_fn
+    while "ChunkKDA" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert len([t for t in node.saved_tensors if t is not None]) == 5 + 3  # inputs + G, Aqk, N
+    torch.testing.assert_close(o, o_nograd)  # the same output either way
+    o.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
