@@ -25,6 +25,9 @@ from kimi_linear.ops.backend import KDA_BACKENDS, check_kda_backend
 
 LAYER_TYPES = ("kda", "mla")
 KDA_GATES = ("channel", "head")
+#: the allowed ``kda_gate_lower_bound`` of the safe gate: ``[-5, 0)`` (fla recommends -5);
+#: also checked by :func:`kimi_linear.ops.gate.kda_gate`
+SAFE_GATE_LOWER_BOUND_RANGE = (-5.0, 0.0)
 
 
 @dataclass
@@ -168,15 +171,16 @@ class KimiLinearConfig:
                 f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}"
             )
         lb = self.kda_gate_lower_bound
+        lo, hi = SAFE_GATE_LOWER_BOUND_RANGE
         if lb is not None and (
             isinstance(lb, bool)
             or not isinstance(lb, (int, float))
             or not math.isfinite(lb)
-            or not -5.0 <= lb < 0.0
+            or not lo <= lb < hi
         ):
             raise ValueError(
                 "KimiLinearConfig.kda_gate_lower_bound must be None (the release softplus gate) "
-                f"or a number in [-5, 0) (the safe gate), got {lb!r}"
+                f"or a number in [{lo:g}, {hi:g}) (the safe gate), got {lb!r}"
             )
         check_kda_backend(self.kda_backend, "KimiLinearConfig.kda_backend")
         if self.num_experts > 0:

@@ -87,6 +87,19 @@ def test_opcheck() -> None:
     )
 
 
+def test_fake_state_dtype_resolves_auto_like_the_real_op() -> None:
+    """``"auto"`` off CUDA runs the torch backend, whose float64 state the fake must report."""
+    q, k, v, g, beta, _ = (
+        None if t is None else t.double() for t in _inputs(B=1, T=9, H=1, K=4, V=4, h0=False)
+    )
+    _, real = torch.ops.kimi_linear.kda_chunk(q, k, v, g, beta, 0.5, None, None, "auto", 64)
+    mode = FakeTensorMode()
+    with mode:
+        fake = [mode.from_tensor(t) for t in (q, k, v, g, beta)]
+        _, state = torch.ops.kimi_linear.kda_chunk(*fake, 0.5, None, None, "auto", 64)
+    assert real.dtype == state.dtype == torch.float64
+
+
 def test_experts_op_matches_the_module_forward_backward_and_fake() -> None:
     from kimi_linear.layers.moe import GroupedExperts
     from kimi_linear.ops.custom_op import grouped_experts_op

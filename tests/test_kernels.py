@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import kda_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
@@ -29,20 +29,11 @@ NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
 def make_inputs(B, T, H, K, V, *, gate=(-1.0, 0.0), h0=True, seed=0, dtype=torch.float32, N=None):
-    """Normalised q, k; g uniform in ``gate``; beta in (0, 1); optional ``[N, H, K, V]`` state."""
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    lo, hi = gate
-    g = lo + (hi - lo) * torch.rand(B, T, H, K, generator=gen)
-    beta = torch.rand(B, T, H, generator=gen)
-    state = torch.randn(B if N is None else N, H, K, V, generator=gen) if h0 else None
-    xs = [q, k, v, g, beta, state]
-    return [
-        None if x is None else x.to(DEVICE, dtype if i < 3 else torch.float32)
-        for i, x in enumerate(xs)
-    ]
+    """:func:`helpers.kda_inputs` on ``DEVICE``; ``h0=False`` drops the initial state."""
+    xs = kda_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, gate=gate, N=N, seed=seed)
+    if not h0:
+        xs[5] = None
+    return xs
 
 
 def run_with_grads(fn, inputs, do, dht, **kwargs):
@@ -115,8 +106,16 @@ def test_chunk_matches_reference(case):
 )
 def test_chunk_extreme_gates(gate):
     B, T, H, K, V = 1, 100, 2, 16, 16
-    inputs = make_inputs(B, T, H, K, V, gate=gate, seed=3)
-    gen = torch.Generator().manual_seed(2)
+    _assert_chunk_finite_and_close(make_inputs(B, T, H, K, V, gate=gate, seed=3), grad_seed=2)
+
+
+def _assert_chunk_finite_and_close(inputs, grad_seed):
+    """chunk_kda on ``inputs`` (with an initial state), back-propagating random ``do`` / ``dht``
+    drawn from ``grad_seed``: finite, and output, final state and gradients within 1e-4 of the
+    float64 reference. Returns the reference ``(o, final_state)``."""
+    B, T, H, K = inputs[0].shape
+    V = inputs[2].shape[-1]
+    gen = torch.Generator().manual_seed(grad_seed)
     do = torch.randn(B, T, H, V, generator=gen).to(DEVICE)
     dht = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
     o, final, grads = run_with_grads(chunk_kda, inputs, do, dht)
@@ -125,6 +124,7 @@ def test_chunk_extreme_gates(gate):
     torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=0)
     torch.testing.assert_close(final.double(), rfinal, atol=1e-4, rtol=0)
     assert_grads_close(grads, rgrads, rtol=1e-4)
+    return ro, rfinal
 
 
 def _extreme_gates(g, pattern):
@@ -153,15 +153,7 @@ def test_chunk_equals_recurrence_for_any_log_decay(pattern):
     B, T, H, K, V = 1, 70, 1, 16, 16
     inputs = make_inputs(B, T, H, K, V, seed=31)
     inputs[3] = _extreme_gates(inputs[3], pattern)
-    gen = torch.Generator().manual_seed(4)
-    do = torch.randn(B, T, H, V, generator=gen).to(DEVICE)
-    dht = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
-    o, final, grads = run_with_grads(chunk_kda, inputs, do, dht)
-    ro, rfinal, rgrads = reference(inputs, do, dht)
-    assert torch.isfinite(o).all() and torch.isfinite(final).all()
-    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=0)
-    torch.testing.assert_close(final.double(), rfinal, atol=1e-4, rtol=0)
-    assert_grads_close(grads, rgrads, rtol=1e-4)
+    ro, rfinal = _assert_chunk_finite_and_close(inputs, grad_seed=4)
     fo, ffinal = fused_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True)
     torch.testing.assert_close(fo.double(), ro, atol=1e-4, rtol=0)
     torch.testing.assert_close(ffinal.double(), rfinal, atol=1e-4, rtol=0)

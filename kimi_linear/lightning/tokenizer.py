@@ -53,6 +53,15 @@ def _ids_list(ids: Iterable[int] | torch.Tensor) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _checked_ids(ids: Iterable[int] | torch.Tensor, vocab_size: int) -> list[int]:
+    """:func:`_ids_list` of ``ids``; ``ValueError`` for an id outside ``[0, vocab_size)``."""
+    ids = _ids_list(ids)
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"ids: token id {i} outside [0, {vocab_size})")
+    return ids
+
+
 class ByteTokenizer:
     """Bytes ``0..255`` map to ids ``0..255``; ``bos_id = 256``, ``eos_id = 257``, ``pad_id = 258``.
 
@@ -90,14 +99,8 @@ class ByteTokenizer:
 
         Raises ``ValueError`` for an id outside ``[0, vocab_size)``.
         """
-        out = bytearray()
-        for i in _ids_list(ids):
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ids: token id {i} outside [0, {self.vocab_size})")
-            if i < self.num_bytes:
-                out.append(i)
-        return out.decode("utf-8", errors=errors)
+        ids = _checked_ids(ids, self.vocab_size)
+        return bytes(i for i in ids if i < self.num_bytes).decode("utf-8", errors=errors)
 
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
         """:meth:`decode` of each row of a ``[B, T]`` batch."""
@@ -275,10 +278,7 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor, errors: str = "replace") -> str:
         """Text of ``ids`` with special tokens dropped; ``ValueError`` for an id outside the vocabulary."""
-        ids = _ids_list(ids)
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ids: token id {i} outside [0, {self.vocab_size})")
+        ids = _checked_ids(ids, self.vocab_size)
         return self._decode([i for i in ids if i not in self._specials])
 
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
@@ -429,10 +429,7 @@ class TiktokenTokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor, errors: str = "replace") -> str:
         """Text of ``ids`` with special tokens dropped; ``ValueError`` for an id outside the vocabulary."""
-        ids = _ids_list(ids)
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ids: token id {i} outside [0, {self.vocab_size})")
+        ids = _checked_ids(ids, self.vocab_size)
         return self._enc.decode([i for i in ids if i not in self._specials], errors=errors)
 
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:

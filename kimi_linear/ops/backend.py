@@ -268,19 +268,8 @@ def kda_chunked(
             chunk_size=chunk_size,
         )
     ops = get_kda_backend(backend, q.device)
-    if ops.name == "torch":
-        return ops.chunk(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            chunk_size=chunk_size,
-            cu_seqlens=cu_seqlens,
-        )
+    # only the torch backend takes a chunk size (the kernels use a fixed 64)
+    extra = {"chunk_size": chunk_size} if ops.name == "torch" else {}
     if ops.name == "fla":
         cu_seqlens = _fla_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     return ops.chunk(
@@ -293,6 +282,7 @@ def kda_chunked(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        **extra,
     )
 
 

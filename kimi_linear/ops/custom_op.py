@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from kimi_linear.ops.checks import compute_dtype
+
 __all__ = ["grouped_experts_op", "kda_chunk_op"]
 
 
@@ -55,7 +57,12 @@ def _autograd_inside_op() -> Iterator[None]:
 
 
 def _final_state_dtype(v: Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if (v.dtype == torch.float64 and backend == "torch") else torch.float32
+    """The final state's dtype: the torch backend's compute dtype, float32 for the kernels
+    (``backend`` is resolved first: ``"auto"`` runs the torch backend off CUDA)."""
+    from kimi_linear.ops.backend import resolve_kda_backend
+
+    concrete = resolve_kda_backend(backend, v.device) if backend == "auto" else backend
+    return compute_dtype(v.dtype) if concrete == "torch" else torch.float32
 
 
 def _num_states(q: Tensor, initial_state: Tensor | None, cu_seqlens: Tensor | None) -> int:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SAFE_GATE_LOWER_BOUND_RANGE", "kda_gate"]
+# the allowed ``lower_bound`` of the safe gate, ``[-5, 0)``: one rule with the config's check
+from kimi_linear.config import SAFE_GATE_LOWER_BOUND_RANGE
 
-#: the allowed ``lower_bound`` of the safe gate: ``[-5, 0)`` (fla recommends -5)
-SAFE_GATE_LOWER_BOUND_RANGE = (-5.0, 0.0)
+__all__ = ["SAFE_GATE_LOWER_BOUND_RANGE", "kda_gate"]
 
 
 def kda_gate(

@@ -101,7 +101,9 @@ def _recurrent(
     out_dtype = v.dtype
     q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
     q = q * scale
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(compute).clone()
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(compute)
+    if T == 0:  # no step makes a new state: never hand back the caller's tensor
+        S = S.clone()
     outputs = []
     # Slices come from unbind and outputs are stacked once: writing o[:, t] in place would make
     # autograd copy the whole output gradient at every step (a backward quadratic in T).
@@ -158,16 +160,8 @@ def kda_decode_step(
     scale = K**-0.5 if scale is None else float(scale)
     if cu_seqlens is not None:  # [1, N, ...] -> [N, 1, ...]: one token per sequence
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
-    with autocast_disabled(q.device):
-        qf, kf, vf, gf, bf = (t[:, 0].to(compute) for t in (q, k, v, g, beta))
-        if initial_state is None:
-            S = qf.new_zeros(qf.shape[0], H, K, V)
-        else:
-            S = initial_state.to(compute)
-        S = S * gf.exp().unsqueeze(-1)  # decay key rows
-        residual = vf - torch.einsum("bhkv,bhk->bhv", S, kf)
-        S = S + torch.einsum("bhk,bhv->bhkv", kf * bf.unsqueeze(-1), residual)
-        o = torch.einsum("bhkv,bhk->bhv", S, qf * scale).unsqueeze(1).to(v.dtype)
+    with autocast_disabled(q.device):  # one step of the recurrence
+        o, S = _recurrent(q, k, v, g, beta, scale, initial_state, True, compute)
     if cu_seqlens is not None:
         o = o.transpose(0, 1)
     return o, (S if output_final_state else None)

@@ -205,15 +205,5 @@ class TokenDataModule(_BaseDataModule):
                     "the same sequence of batches"
                 )
 
-    def describe(self) -> str:
-        """One line: documents and tokens per split, tokenizer."""
-        s = self.meta["splits"]
-        return (
-            f"{self.path}: train {s['train']['num_documents']} documents / "
-            f"{s['train']['num_tokens']} tokens, val {s['val']['num_documents']} / "
-            f"{s['val']['num_tokens']}, tokenizer {json.dumps(self.meta['tokenizer'].get('kind'))}, "
-            f"vocab {self.vocab_size}"
-        )
-
 
 __all__ = ["PACK_MODES", "TokenDataModule", "TokenWindowDataset", "collate_windows"]
