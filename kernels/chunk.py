@@ -5,8 +5,11 @@ chunks of 64 tokens; the gate is cumulated within each chunk and every decay fac
 from a difference of cumulated gates split at a reference row, so nothing overflows however
 strong the decay; the intra-chunk triangular system ``(I + Akk)`` is inverted by forward
 substitution (16 x 16 diagonal blocks, then block substitution) into the UT/WY form
-``W, U``; one sequential kernel per (sequence, head, value block) carries the fp32 state across
-chunks and stores the chunk-start states, from which a parallel kernel forms the outputs. When
+``W, U`` in the same kernel that forms ``Akk`` (which never leaves its registers); with
+``gate_lower_bound`` (the safe gate) the diagonal sub-chunks also run as tensor-core products,
+forward and backward; one sequential kernel per (sequence, head, value block) carries the
+fp32 state across chunks and stores the chunk-start states, from which a parallel kernel forms
+the outputs. When
 gradients are needed the forward keeps the cumulative gate ``G`` (fp32) and the ``Aqk`` and
 inverse ``N`` tiles (input dtype), and the backward recomputes only the decayed ``qg``, ``kg``,
 ``W``, ``U``, the chunk-start states and residuals (no state history
@@ -21,7 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.backend import gate_check_enabled
+from kimi_linear.ops.backend import (
+    check_gate_lower_bound,
+    check_safe_gate_argument,
+    gate_check_enabled,
+)
 from kimi_linear.ops.checks import check_log_decay
 
 from .chunk_bwd import chunk_kda_bwd
@@ -45,16 +52,27 @@ class ChunkKDAFunction(torch.autograd.Function):
         output_final_state,
         tables: ChunkTables,
         keep: bool,
+        safe_gate: bool = False,
     ):
         # With gradients to come (``keep``, decided by the caller: grad mode is off in here),
         # keep the intermediates the backward would otherwise recompute with the most work
         # (G, Aqk, N); under no_grad / inference nothing beyond the output.
         fwd = chunk_kda_fwd(
-            q, k, v, g, beta, scale, initial_state, output_final_state, *tables, keep=keep
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale,
+            initial_state,
+            output_final_state,
+            *tables,
+            keep=keep,
+            safe_gate=safe_gate,
         )
         saved = (fwd.G, fwd.Aqk, fwd.Ainv) if keep else ()
         ctx.save_for_backward(q, k, v, g, beta, initial_state, *saved)
-        ctx.scale, ctx.tables = scale, tables
+        ctx.scale, ctx.tables, ctx.safe_gate = scale, tables, safe_gate
         return fwd.o, fwd.final_state
 
     @staticmethod
@@ -72,8 +90,9 @@ class ChunkKDAFunction(torch.autograd.Function):
             None if dht is None else dht.contiguous(),
             *ctx.tables,
             saved=tuple(saved) or None,
+            safe_gate=ctx.safe_gate,
         )
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
 
 
 def chunk_kda(
@@ -86,6 +105,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention, chunked, with Triton kernels for forward and backward.
 
@@ -107,6 +127,12 @@ def chunk_kda(
         output_final_state: also return the ``[N, H, K, V]`` fp32 state after the last token.
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (needs ``B == 1``);
             each sequence starts from its own initial-state row, as if run alone.
+        gate_lower_bound: ``None`` (any ``g``), or the caller's promise that every
+            ``g >= gate_lower_bound``, a number in ``[-5, 0)`` (the bounded safe gate,
+            ``KimiLinearConfig.kda_gate_lower_bound``): the forward and backward then form the
+            diagonal 16-token sub-chunk factors by tensor-core products (the fast path of
+            :mod:`kimi_linear.kernels.chunk_fwd`); same results. A ``g`` below the bound is
+            not checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state fp32 or ``None``.
@@ -114,14 +140,18 @@ def chunk_kda(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, CPU
-            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), or (with
-            ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` value above 0 or NaN.
+            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), a
+            ``gate_lower_bound`` outside ``[-5, 0)``, or (with ``KIMI_LINEAR_CHECK_GATE=1``) a
+            ``g`` value above 0, below ``gate_lower_bound``, or NaN.
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
     B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    if gate_check_enabled():  # opt-in: one reduction and a device sync
+    lower_bound = check_safe_gate_argument(gate_lower_bound)
+    if gate_check_enabled():  # opt-in: a reduction or two and a device sync
         check_log_decay(g)
+        if lower_bound is not None:
+            check_gate_lower_bound(g, lower_bound)
     scale = K**-0.5 if scale is None else float(scale)
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
@@ -129,6 +159,6 @@ def chunk_kda(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
     )
     o, final_state = ChunkKDAFunction.apply(
-        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep
+        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep, lower_bound is not None
     )
     return o.view(B, T, H, V), final_state

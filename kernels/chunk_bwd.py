@@ -25,8 +25,9 @@ of the chunk-end state:
        dbeta += rowsum(k Yk)
 
    with the same overflow-free factorisation as the forward (reference row between
-   sub-chunks, pairwise exponents inside a diagonal sub-chunk; the diagonal of Aqk contributes
-   to dq and dk but cancels exactly in dG).
+   sub-chunks, pairwise exponents inside a diagonal sub-chunk, formed one partner row at a time
+   on ``[16, BKD]`` tiles; the diagonal of Aqk contributes to dq and dk but cancels exactly in
+   dG).
 4. ``_bwd_dqkg_kernel`` (one program per chunk and block of key columns) adds the inter-chunk
    terms and finishes dq, dk, dg::
 
@@ -38,7 +39,9 @@ of the chunk-end state:
 GPU layout (guided by ``compile_check``'s register / spill report, no GPU needed): sequential
 state kernels hold the state as ``[64, BV]`` key blocks; per-chunk work that would hold several
 ``[BT, K]`` fp32 tiles is split by what it contracts over (V in step 2, key blocks in step 4);
-in-chunk addresses are int32 offsets from an int64 scalar row base.
+in-chunk addresses are int32 offsets from an int64 scalar row base. First autotune configs
+(what the interpreter runs and ``compile_check`` reports) are one warpgroup (4 warps): at
+K = V = 128 bf16 on sm_90 every kernel is spill-free with at least 2 CTAs per SM.
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
-    _WARPS8,
     _chunk_bounds,
     _decay_row,
+    _fast_operand,
     _load_op,
     _load_tile,
     _state_block,
@@ -59,22 +62,27 @@ from .chunk_fwd import (
 from .utils import (
     CHUNK_SIZE,
     SUB_CHUNK_SIZE,
+    TUNE_KEYS,
     autotune,
     config_space,
     dot_precision,
     next_pow2,
     state_dtype,
+    tune_buckets,
 )
 
+# First configs of the backward kernels: one warpgroup (4 warps) wherever the tiles fit it
+# without spills, so that at least two CTAs share an SM (compile_check --targets at
+# K = V = 128 bf16 on sm_90; also spill-free on sm_80).
 _BWD_STATE_CONFIGS = config_space(
-    triton.Config({"BV": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BV": 16}, num_warps=4, num_stages=2),
     BV=(16, 32, 64),
-    num_warps=(8, 4),
+    num_warps=(4, 8),
     num_stages=(2, 3, 1),
 )
 
 
-@autotune(_BWD_STATE_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
+@autotune(_BWD_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], restore_value=["ddelta"])
 @triton.jit
 def _chunk_bwd_state_kernel(
     qg,
@@ -89,6 +97,8 @@ def _chunk_bwd_state_kernel(
     cu_seqlens,
     chunk_offsets,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -289,14 +299,14 @@ def _state_grad_step(
 
 
 _DV_CONFIGS = config_space(
-    triton.Config({"BV": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     BV=(32, 16, 64),
-    num_warps=(8, 4),
-    num_stages=(1, 2),
+    num_warps=(4, 8),
+    num_stages=(2, 1),
 )
 
 
-@autotune(_DV_CONFIGS, key=["K", "V"], restore_value=["ddelta"])
+@autotune(_DV_CONFIGS, key=["K", "V", *TUNE_KEYS], restore_value=["ddelta"])
 @triton.jit
 def _bwd_dv_kernel(
     k,
@@ -315,6 +325,8 @@ def _bwd_dv_kernel(
     cu_seqlens,
     chunk_indices,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -391,15 +403,15 @@ def _bwd_dv_kernel(
 
 
 _DQKG_CONFIGS = config_space(
-    triton.Config({"BKB": 32, "BV": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BKB": 32, "BV": 32}, num_warps=4, num_stages=2),
     BKB=(32, 64),
     BV=(32, 64),
-    num_warps=(8, 4),
+    num_warps=(4, 8),
     num_stages=(2, 1),
 )
 
 
-@autotune(_DQKG_CONFIGS, key=["K", "V"])
+@autotune(_DQKG_CONFIGS, key=["K", "V", *TUNE_KEYS])
 @triton.jit
 def _bwd_dqkg_kernel(
     q,
@@ -420,6 +432,8 @@ def _bwd_dqkg_kernel(
     chunk_indices,
     scale,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -498,7 +512,14 @@ def _bwd_dqkg_kernel(
     tl.store(dg + off_k, b_dg.to(dg.dtype.element_ty), mask=m_tk)
 
 
-@autotune(_WARPS8, key=["K"], restore_value=["dbeta"])
+_INTRA_BWD_CONFIGS = config_space(
+    triton.Config({}, num_warps=4, num_stages=1),
+    num_warps=(4, 8, 2),
+    num_stages=(1, 2),
+)
+
+
+@autotune(_INTRA_BWD_CONFIGS, key=["K", *TUNE_KEYS], restore_value=["dbeta"])
 @triton.jit
 def _intra_bwd_kernel(
     q,
@@ -515,14 +536,18 @@ def _intra_bwd_kernel(
     chunk_indices,
     scale,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SAFE_GATE: tl.constexpr,
 ):
     """Pairwise (intra-chunk) gradient terms for the rows of sub-chunk ``i_i``. Grid
-    ``(NT, BT // BC, H)``.
+    ``(NT, BT // BC, H)``. ``SAFE_GATE`` (``g >= -5``): the diagonal sub-chunk by tensor-core
+    products split at the reference rows, as the forward's (else pair by pair, exact for any g).
 
     Writes the fp32 partials ``dq_p = Yq`` (of dq^), ``dk_p = beta Yk + Zq + Zk`` and
     ``dG_p = q^ Yq + beta k Yk - k (Zq + Zk)``, which :func:`_bwd_dqkg_kernel` completes, and
@@ -537,12 +562,10 @@ def _intra_bwd_kernel(
     m_r = rows < eos
     b_beta = tl.load(beta + rows * H + i_h, mask=m_r, other=0.0).to(tl.float32)
     a_rows = rows[:, None] * H * BT + i_h * BT
-    d_off = a_rows + i_i * BC + o_c[None, :]
-    b_daqk_d = tl.load(dAqk + d_off, mask=m_r[:, None], other=0.0)
-    b_dl_d = tl.load(dL + d_off, mask=m_r[:, None], other=0.0)
     # Reference rows: first row of this sub-chunk (row ops), its last valid row (column ops).
     last_c = tl.minimum(row0 + BC, eos) - 1
-    m_pair = (o_c[:, None] >= o_c[None, :]) & m_r[:, None] & m_r[None, :]
+    n_valid = tl.minimum(tl.maximum(eos - row0, 0), BC).to(tl.int32)  # valid rows of sub-chunk
+    a_diag = (row0 * H + i_h) * BT + i_i * BC  # int64 scalar: entry (row0, first column) of D
     b_dbeta = tl.zeros([BC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BKD)):
         cols = i_k * BKD + tl.arange(0, BKD)
@@ -585,12 +608,6 @@ def _intra_bwd_kernel(
         b_er = tl.exp(tl.where(m_rd, b_g - b_ref[None, :], 0.0))
         b_yq *= b_er
         b_yk *= b_er
-        # Diagonal sub-chunk, pairwise: b_e[r, i, d] = exp(G_r - G_i) for i <= r.
-        m_3 = m_pair[:, :, None] & m_d[None, None, :]
-        b_e = tl.exp(tl.where(m_3, b_g[:, None, :] - b_g[None, :, :], float("-inf")))
-        b_ke3 = b_k[None, :, :] * b_e
-        b_yq += tl.sum(b_daqk_d[:, :, None] * b_ke3, axis=1)
-        b_yk += tl.sum(b_dl_d[:, :, None] * b_ke3, axis=1)
 
         # Column side: Z[i] = sum_{r >= i} D[r, i] X_r exp(G_r - G_i).
         b_zq = tl.zeros([BC, BKD], dtype=tl.float32)
@@ -621,8 +638,54 @@ def _intra_bwd_kernel(
         b_ec = tl.exp(tl.where(m_rd, b_refc[None, :] - b_g, 0.0))
         b_zq *= b_ec
         b_zk *= b_ec
-        b_zq += tl.sum(b_daqk_d[:, :, None] * b_q[:, None, :] * b_e, axis=0)
-        b_zk += tl.sum(b_dl_d[:, :, None] * (b_k * b_beta[:, None])[:, None, :] * b_e, axis=0)
+
+        if SAFE_GATE:
+            # Bounded gate: the diagonal sub-chunk split at the same reference rows (factors
+            # within e^{+-75}, finite in fp32 / bf16), D the block's strictly lower triangle
+            # (dL's is all of it): Y += exp(G - G_ref) D (k exp(G_ref - G)),
+            # Z += exp(G_refc - G) D^T (X exp(G - G_refc)). dAqk's diagonal (factor 1) is added
+            # elementwise in fp32, as the pairwise path does, so that it still cancels exactly
+            # in dG (q Yq - k Zq): with 16-bit operands it would leave a rounding residue of
+            # the size of dAqk q k, far above dg itself under strong decay.
+            d_off = a_rows + i_i * BC + o_c[None, :]
+            b_da = tl.load(dAqk + d_off, mask=m_r[:, None], other=0.0)
+            b_dag = tl.sum(tl.where(o_c[:, None] == o_c[None, :], b_da, 0.0), axis=1)
+            b_dad = _fast_operand(tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0), q)
+            b_dld = _fast_operand(tl.load(dL + d_off, mask=m_r[:, None], other=0.0), q)
+            b_kn = _fast_operand(b_k * tl.exp(tl.where(m_rd, b_ref[None, :] - b_g, 0.0)), q)
+            b_yq += b_er * tl.dot(b_dad, b_kn, input_precision=DOT_PREC) + b_dag[:, None] * b_k
+            b_yk += b_er * tl.dot(b_dld, b_kn, input_precision=DOT_PREC)
+            b_rn = tl.exp(tl.where(m_rd, b_g - b_refc[None, :], 0.0))
+            b_xq = _fast_operand(b_q * b_rn, q)
+            b_xk = _fast_operand(b_k * b_beta[:, None] * b_rn, q)
+            b_zq += b_ec * tl.dot(tl.trans(b_dad), b_xq, input_precision=DOT_PREC)
+            b_zq += b_dag[:, None] * b_q
+            b_zk += b_ec * tl.dot(tl.trans(b_dld), b_xk, input_precision=DOT_PREC)
+        # Diagonal sub-chunk, exact pairwise exponents, one partner row j at a time (only
+        # [BC, BKD] tiles live; no [BC, BC, BKD] tensor): row side
+        # Y[r] += D[r, j] k_j exp(G_r - G_j) for r >= j, column side
+        # Z[i] += D[j, i] X_j exp(G_j - G_i) for i <= j (j a valid row). None with SAFE_GATE.
+        for j in range(0, 0 if SAFE_GATE else n_valid):
+            off_jr = (row0 + j) * HK + i_h * K + cols
+            b_kj = tl.load(k + off_jr, mask=m_d, other=0.0).to(tl.float32)
+            b_gj = tl.load(G + off_jr, mask=m_d, other=0.0)
+            b_qj = tl.load(q + off_jr, mask=m_d, other=0.0).to(tl.float32) * scale
+            b_bj = tl.load(beta + (row0 + j) * H + i_h).to(tl.float32)
+            # column j of D (rows r of the sub-chunk) and row j of D (columns i)
+            col_j = a_diag + o_c * (H * BT) + j
+            row_j = a_diag + j * (H * BT) + o_c
+            b_dacol = tl.load(dAqk + col_j, mask=m_r, other=0.0)
+            b_dlcol = tl.load(dL + col_j, mask=m_r, other=0.0)
+            b_darow = tl.load(dAqk + row_j)
+            b_dlrow = tl.load(dL + row_j)
+            m_lo = ((o_c >= j) & m_r)[:, None] & m_d[None, :]
+            b_kej = b_kj[None, :] * tl.exp(tl.where(m_lo, b_g - b_gj[None, :], float("-inf")))
+            b_yq += b_dacol[:, None] * b_kej
+            b_yk += b_dlcol[:, None] * b_kej
+            m_up = (o_c <= j)[:, None] & m_d[None, :]
+            b_fj = tl.exp(tl.where(m_up, b_gj[None, :] - b_g, float("-inf")))
+            b_zq += b_darow[:, None] * b_qj[None, :] * b_fj
+            b_zk += b_dlrow[:, None] * (b_kj * b_bj)[None, :] * b_fj
 
         b_dbeta += tl.sum(b_k * b_yk, axis=1)
         tl.store(dq_p + off_r, b_yq, mask=m_rd)
@@ -649,12 +712,15 @@ def chunk_kda_bwd(
     chunk_offsets: torch.Tensor,
     num_chunks: int,
     saved: tuple[torch.Tensor, ...] | None = None,
+    safe_gate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of chunked KDA on packed, contiguous inputs (layout of ``chunk_kda_fwd``).
 
     Takes ``saved = (G, Aqk, N)`` from a forward run with ``keep=True`` (or recomputes
     them when None) and recomputes the rest of the forward (``qg``, ``kg``, ``W``, chunk-start
     states, residuals). ``do``: ``[TT, H, V]``; ``dht``: ``[N, H, K, V]`` or None.
+    ``safe_gate``: the caller promises ``g >= -5`` (the safe gate): the tensor-core path for the
+    diagonal sub-chunks (see :func:`kimi_linear.kernels.chunk_fwd.chunk_kda_fwd`).
 
     Returns:
         ``(dq, dk, dv, dg, dbeta, dh0)`` in the dtypes of their inputs (dh0 fp32, or None
@@ -663,6 +729,7 @@ def chunk_kda_bwd(
     TT, H, K = q.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
+    buckets = tune_buckets(TT, N * H)  # autotune-key size buckets (utils.tune_buckets)
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
     BK = next_pow2(K)
     BKS = min(BK, 64)
@@ -685,6 +752,7 @@ def chunk_kda_bwd(
         for_backward=True,
         do=do,
         saved=saved,
+        safe_gate=safe_gate,
     )
     # Chunk-end state gradients: carried in fp32 registers, stored in the input dtype (their
     # only consumer rounds them to it for the tensor-core products).
@@ -705,6 +773,7 @@ def chunk_kda_bwd(
         cu_seqlens,
         chunk_offsets,
         H,
+        **buckets,
         K=K,
         V=V,
         BT=BT,
@@ -741,6 +810,7 @@ def chunk_kda_bwd(
             cu_seqlens,
             chunk_indices,
             H,
+            **buckets,
             K=K,
             V=V,
             BT=BT,
@@ -763,11 +833,13 @@ def chunk_kda_bwd(
             chunk_indices,
             scale,
             H,
+            **buckets,
             K=K,
             BT=BT,
             BC=BC,
             BKD=min(BK, 32),
             DOT_PREC=prec,
+            SAFE_GATE=bool(safe_gate),
         )
         grid = lambda meta: (triton.cdiv(K, meta["BKB"]), num_chunks, H)
         _bwd_dqkg_kernel[grid](
@@ -789,6 +861,7 @@ def chunk_kda_bwd(
             chunk_indices,
             scale,
             H,
+            **buckets,
             K=K,
             V=V,
             BT=BT,

@@ -4,10 +4,10 @@ Per head and chunk (rows ``r`` of the chunk, ``G`` the within-chunk cumulative l
 ``q^ = scale * q``), the pipeline computes::
 
     G        = cumsum(g)                                             (_chunk_cumsum_kernel)
-    Akk[r,i] = beta_r sum_d k_r k_i exp(G_r - G_i),  i <  r          (_intra_fwd_kernel)
-    Aqk[r,i] =        sum_d q^_r k_i exp(G_r - G_i),  i <= r
-    qg       = q^ * exp(G),   kg = k * exp(G_last - G)               (decayed operands)
-    N        = (I + Akk)^-1                 (16 x 16 block inversion) (_solve_wy_kernel)
+    Akk[r,i] = beta_r sum_d k_r k_i exp(G_r - G_i),  i <  r          (_intra_solve_fwd_kernel,
+    Aqk[r,i] =        sum_d q^_r k_i exp(G_r - G_i),  i <= r           one program per chunk;
+    qg       = q^ * exp(G),   kg = k * exp(G_last - G)                 Akk stays in registers)
+    N        = (I + Akk)^-1                 (16 x 16 block inversion)
     W        = N (beta * k * exp(G)),   U = N (beta * v) (in the state kernel) (WY / UT)
     per chunk, sequentially carrying the fp32 state S [K, V]:        (_chunk_fwd_state_kernel)
         h     = S                           (chunk-start state)
@@ -16,11 +16,21 @@ Per head and chunk (rows ``r`` of the chunk, ``G`` the within-chunk cumulative l
     then all chunks in parallel:                                     (_chunk_fwd_o_kernel)
         o     = qg h + Aqk delta
 
+Fusion: the intra-chunk pairs, the solve and ``W`` run in one kernel per (chunk, head). It walks
+the four 16-row sub-chunks in order; the ten nonzero ``[16, 16]`` blocks of ``Akk`` (fp32) are
+consumed by the block inversion as soon as their block row exists, so ``Akk`` never goes to
+global memory (the unfused pipeline wrote and re-read it in fp32, ``TT * H * 64 * 4`` bytes
+each way); ``N`` is stored once (input dtype, what the state kernel and the backward read) and
+re-read whole, after a barrier, for the ``[64, 64] x [64, BK]`` tensor-core product ``W``. The
+backward re-forms ``W``, ``qg``, ``kg`` from the kept ``G`` and ``N`` in
+:func:`_recompute_wy_kernel` (with its ``Aqk^T dO`` term).
+
 Precision: for bf16 / fp16 inputs every tensor-core product takes operands in the input dtype
 with fp32 accumulation (the GPU's full tensor-core rate), except the block inversion of the
 ``[BC, BC]`` tiles of ``(I + Akk)``, which is exact fp32 (forward substitution inside each
-diagonal block, 16 small fp32 products for the blocks below; about 64K FMAs per chunk). The state is carried in fp32 registers
-and ``G``, ``Akk`` stay fp32; what is only ever a product operand (``Aqk``, ``N``, ``W``,
+diagonal block, 16 small fp32 products for the blocks below; about 64K FMAs per chunk). The
+state is carried in fp32 registers and ``G``, ``Akk`` stay fp32 (``Akk`` only in registers);
+what is only ever a product operand (``Aqk``, ``N``, ``W``,
 ``qg``, ``kg``, the chunk-start states ``h`` and residuals ``delta``) is stored in the input
 dtype, so rounding it once on store changes nothing; the states ``h`` (and the backward's state
 gradients) and the products with them use ``utils.state_dtype``: bf16 for fp16 inputs, whose
@@ -40,6 +50,22 @@ different sub-chunks the pairwise factor is split at a reference row ``ref`` bet
 the products on tensor-core matmuls; inside a 16-row diagonal sub-chunk the factor is formed
 pair by pair. Nothing overflows however strong the decay; the tail chunk and sequence ends are
 masked (padded rows have ``k = v = beta = 0`` and are never stored).
+
+Safe-gate fast path (``safe_gate`` / ``chunk_kda(gate_lower_bound=...)``, a constexpr
+``SAFE_GATE`` of the intra kernels, forward and backward): when the caller promises every
+``g >= lower_bound`` with ``lower_bound`` in ``[-5, 0)`` (the bounded safe gate,
+``lower_bound * sigmoid(...)``), a 16-row sub-chunk accumulates at most ``15 * 5 = 75`` of log
+decay from its first row to its last, so the diagonal sub-chunk's factor is split at its first
+row too, ``exp(G_r - G_i) = exp(G_r - G_0) exp(G_0 - G_i)``, factors in ``[e^-75, 1]`` and
+``[1, e^75]`` (finite in fp32 and bf16; fp16 inputs take bf16 operands there, since e^75 is
+past fp16's range), and the block becomes a tensor-core product instead of the pair-by-pair
+``[16, 16, BKD]`` path. Pairs above the diagonal (also finite) are masked. The diagonal of
+``Aqk`` (factor 1) is still formed exactly in fp32, and the backward adds its ``dAqk`` diagonal
+elementwise, so its exact cancellation in ``dg`` (``q Yq - k Zq``) survives 16-bit operands.
+The results match the exact path to rounding (``tests/test_kernels_safe_gate.py``). The
+promise is checked only with ``KIMI_LINEAR_CHECK_GATE=1``: a broken one whose 15 steps in a
+sub-chunk sum below about -88 (e.g. ``g = -6.5`` throughout) overflows the split factors and
+gives NaN; ``g = -5.5`` throughout still matches the reference (interpreter check).
 
 GPU layout: the sequential kernel keeps the state as up to four ``[64, BV]`` key-block register
 tiles and does only the work that must be sequential; the outputs, which need no carried
@@ -61,11 +87,13 @@ from kimi_linear.ops.checks import LOG_DECAY_FLOOR
 from .utils import (
     CHUNK_SIZE,
     SUB_CHUNK_SIZE,
+    TUNE_KEYS,
     autotune,
     config_space,
     dot_precision,
     next_pow2,
     state_dtype,
+    tune_buckets,
 )
 
 #: Per-step floor of the log decay in the kernels (they compute in fp32).
@@ -86,7 +114,7 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
     return i_n, bos + i_c * BT, eos
 
 
-@autotune(_WARPS, key=["K"])
+@autotune(_WARPS, key=["K", *TUNE_KEYS])
 @triton.jit
 def _chunk_cumsum_kernel(
     g,
@@ -95,6 +123,8 @@ def _chunk_cumsum_kernel(
     cu_seqlens,
     chunk_indices,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
@@ -120,111 +150,164 @@ def _chunk_cumsum_kernel(
     tl.store(Gl + (i_t * H + i_h).to(tl.int64) * K + cols, b_last, mask=cols < K)
 
 
-@autotune(_WARPS, key=["K"])
 @triton.jit
-def _intra_fwd_kernel(
+def _fast_operand(x, like):
+    """``x`` as an operand of a safe-gate product: in ``like``'s element dtype, but bf16 for fp16
+    (the split factors of a diagonal sub-chunk reach ``e^75``, past fp16's range of 65504; bf16
+    has fp32's)."""
+    if like.dtype.element_ty == tl.float16:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(like.dtype.element_ty)
+
+
+@triton.jit
+def _intra_rows(
     q,
     k,
     G,
     beta,
-    Akk,
     Aqk,
     qg,
     kg,
-    cu_seqlens,
-    chunk_indices,
+    start,
+    eos,
+    i_h,
     scale,
     H,
+    I: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    BK: tl.constexpr,
     BKD: tl.constexpr,
+    BKW: tl.constexpr,
+    SAFE_GATE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Rows of sub-chunk ``i_i`` of Akk (beta-scaled, strictly lower) and Aqk (scaled, lower).
-
-    Also writes the decayed operands of the sequential kernels for these rows,
-    ``qg = scale q exp(G)`` and ``kg = k exp(G_last - G)`` (in q's dtype), so those kernels need
-    no per-row exponentials. Grid ``(NT, BT // BC, H)``. Akk, Aqk ``[TT, H, BT]``
-    fp32; every entry of a valid row is written (zeros above the diagonal block).
-    """
-    i_t, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
+    """Row sub-chunk ``I`` (rows ``I * BC ..``) of a chunk: stores its rows of ``qg``, ``kg``
+    and of ``Aqk`` (all ``BT`` columns, zeros right of the diagonal block) and returns its four
+    ``[BC, BC]`` blocks of ``Akk`` (fp32, beta-scaled, strictly lower; zero right of the diagonal
+    block and in rows past the sequence end), which stay in registers for the solve. The head
+    dim is walked in ``BKW``-column slices (only ``[BC, BKW]`` tiles live)."""
     HK = H * K
-    row0 = start + i_i * BC
+    row0 = start + I * BC
     o_c = tl.arange(0, BC)
     rows = row0 + o_c
     m_r = rows < eos
-    cols = tl.arange(0, BK)
-    m_k = cols < K
-    m_rk = m_r[:, None] & m_k[None, :]
-    off_r = rows[:, None] * HK + i_h * K + cols[None, :]
-    b_q = tl.load(q + off_r, mask=m_rk, other=0.0).to(tl.float32) * scale
-    b_k = tl.load(k + off_r, mask=m_rk, other=0.0).to(tl.float32)
-    b_g = tl.load(G + off_r, mask=m_rk, other=0.0)
     b_beta = tl.load(beta + rows * H + i_h, mask=m_r, other=0.0).to(tl.float32)
-    # Reference: the sub-chunk's first row; G_r - G_ref <= 0 for its rows, >= 0 for earlier ones.
-    b_ref = tl.load(G + row0 * HK + i_h * K + cols, mask=m_k & (row0 + cols * 0 < eos), other=0.0)
-    b_dr = tl.exp(tl.where(m_rk, b_g - b_ref[None, :], 0.0))
-    # Tensor-core operands in the input dtype (fp32 accumulation): no-op casts for fp32 inputs.
-    b_qe = (b_q * b_dr).to(q.dtype.element_ty)
-    b_ke = (b_k * b_dr).to(q.dtype.element_ty)
+    # Reference: the sub-chunk's first row (the chunk's last row when the sub-chunk is past the
+    # sequence end, which keeps every factor finite); G_r - G_ref <= 0 for its rows, >= 0 before.
+    ref = tl.minimum(row0, eos - 1)
     last = tl.minimum(start + BT, eos) - 1
-    b_gl = tl.load(G + last * HK + i_h * K + cols, mask=m_k, other=0.0)
-    tl.store(qg + off_r, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_rk)
-    b_kg = b_k * tl.exp(tl.where(m_rk, b_gl[None, :] - b_g, 0.0))
-    tl.store(kg + off_r, b_kg.to(kg.dtype.element_ty), mask=m_rk)
     a_rows = rows[:, None] * H * BT + i_h * BT
-    for i_j in range(0, tl.where(row0 < eos, i_i, 0)):  # none if the sub-chunk is empty
-        rows_j = start + i_j * BC + o_c
-        m_jk = (rows_j < eos)[:, None] & m_k[None, :]
-        off_j = rows_j[:, None] * HK + i_h * K + cols[None, :]
-        b_kj = tl.load(k + off_j, mask=m_jk, other=0.0).to(tl.float32)
-        b_gj = tl.load(G + off_j, mask=m_jk, other=0.0)
-        b_kj = (b_kj * tl.exp(tl.where(m_jk, b_ref[None, :] - b_gj, 0.0))).to(q.dtype.element_ty)
-        b_akk = tl.dot(b_ke, tl.trans(b_kj), input_precision=DOT_PREC) * b_beta[:, None]
-        b_aqk = tl.dot(b_qe, tl.trans(b_kj), input_precision=DOT_PREC)
-        a_off = a_rows + i_j * BC + o_c[None, :]
-        tl.store(Akk + a_off, b_akk, mask=m_r[:, None])
-        tl.store(Aqk + a_off, b_aqk, mask=m_r[:, None])
-    # Diagonal sub-chunk: exponents formed pair by pair on [BC, BC, BKD] slices of the head dim.
-    b_akk = tl.zeros([BC, BC], dtype=tl.float32)
-    b_aqk = tl.zeros([BC, BC], dtype=tl.float32)
-    m_pair = (o_c[:, None] >= o_c[None, :]) & m_r[:, None] & m_r[None, :]
-    for i_k in range(0, tl.cdiv(K, BKD)):
-        cols_d = i_k * BKD + tl.arange(0, BKD)
-        m_rd = m_r[:, None] & (cols_d < K)[None, :]
-        off_d = rows[:, None] * HK + i_h * K + cols_d[None, :]
-        b_qd = tl.load(q + off_d, mask=m_rd, other=0.0).to(tl.float32) * scale
-        b_kd = tl.load(k + off_d, mask=m_rd, other=0.0).to(tl.float32)
-        b_gd = tl.load(G + off_d, mask=m_rd, other=0.0)
-        b_e = tl.exp(
-            tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf"))
+    # qg, kg rows and (safe gate) the diagonal block, slice by slice.
+    b_akd = tl.zeros([BC, BC], dtype=tl.float32)
+    b_aqd = tl.zeros([BC, BC], dtype=tl.float32)
+    b_qk = tl.zeros([BC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BKW)):
+        cols = i_k * BKW + tl.arange(0, BKW)
+        m_k = cols < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        off_r = rows[:, None] * HK + i_h * K + cols[None, :]
+        b_q = tl.load(q + off_r, mask=m_rk, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + off_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_g = tl.load(G + off_r, mask=m_rk, other=0.0)
+        b_gl = tl.load(G + last * HK + i_h * K + cols, mask=m_k, other=0.0)
+        tl.store(qg + off_r, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_rk)
+        b_kg = b_k * tl.exp(tl.where(m_rk, b_gl[None, :] - b_g, 0.0))
+        tl.store(kg + off_r, b_kg.to(kg.dtype.element_ty), mask=m_rk)
+        if SAFE_GATE:
+            # Bounded gate (every g >= lower_bound >= -5): inside the sub-chunk
+            # G_ref - G_i <= 75, so the split at the first row stays finite (factors in
+            # [e^-75, e^75]) and the diagonal block is one more tensor-core product; the upper
+            # triangle (finite too) is masked below.
+            b_ref = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
+            b_dr = tl.exp(tl.where(m_rk, b_g - b_ref[None, :], 0.0))
+            b_kc = b_k * tl.exp(tl.where(m_rk, b_ref[None, :] - b_g, 0.0))
+            b_kc = tl.trans(_fast_operand(b_kc, q))
+            b_akd += tl.dot(_fast_operand(b_k * b_dr, q), b_kc, input_precision=DOT_PREC)
+            b_aqd += tl.dot(_fast_operand(b_q * b_dr, q), b_kc, input_precision=DOT_PREC)
+            b_qk += tl.sum(b_q * b_k, axis=1)
+    if SAFE_GATE:
+        # The diagonal of Aqk (factor exp(0) = 1) exactly, as on the pairwise path: a 16-bit
+        # product of the two split factors would round it (and the backward's dG relies on
+        # its exact cancellation).
+        b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
+    else:
+        # Exact for any decay: exponents formed pair by pair on [BC, BC, BKD] slices.
+        m_pair = (o_c[:, None] >= o_c[None, :]) & m_r[:, None] & m_r[None, :]
+        for i_k in range(0, tl.cdiv(K, BKD)):
+            cols_d = i_k * BKD + tl.arange(0, BKD)
+            m_rd = m_r[:, None] & (cols_d < K)[None, :]
+            off_d = rows[:, None] * HK + i_h * K + cols_d[None, :]
+            b_qd = tl.load(q + off_d, mask=m_rd, other=0.0).to(tl.float32) * scale
+            b_kd = tl.load(k + off_d, mask=m_rd, other=0.0).to(tl.float32)
+            b_gd = tl.load(G + off_d, mask=m_rd, other=0.0)
+            b_e = tl.exp(
+                tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf"))
+            )
+            b_ke3 = b_kd[None, :, :] * b_e
+            b_akd += tl.sum(b_kd[:, None, :] * b_ke3, axis=2)
+            b_aqd += tl.sum(b_qd[:, None, :] * b_ke3, axis=2)
+    b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
+    b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
+    tl.store(
+        Aqk + a_rows + I * BC + o_c[None, :], b_aqd.to(Aqk.dtype.element_ty), mask=m_r[:, None]
+    )
+    # Upper blocks are zero: written here so the buffer needs no memset.
+    for j in tl.static_range(I + 1, BT // BC):
+        tl.store(
+            Aqk + a_rows + j * BC + o_c[None, :],
+            tl.zeros([BC, BC], dtype=Aqk.dtype.element_ty),
+            mask=m_r[:, None],
         )
-        b_ke3 = b_kd[None, :, :] * b_e
-        b_akk += tl.sum(b_kd[:, None, :] * b_ke3, axis=2)
-        b_aqk += tl.sum(b_qd[:, None, :] * b_ke3, axis=2)
-    b_akk = tl.where(o_c[:, None] > o_c[None, :], b_akk * b_beta[:, None], 0.0)
-    a_off = a_rows + i_i * BC + o_c[None, :]
-    tl.store(Akk + a_off, b_akk, mask=m_r[:, None])
-    tl.store(Aqk + a_off, b_aqk, mask=m_r[:, None])
-    # Upper blocks are zero: written here so the buffers need no memset.
-    b_zero = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_j in range(i_i + 1, BT // BC):
-        a_off = a_rows + i_j * BC + o_c[None, :]
-        tl.store(Akk + a_off, b_zero, mask=m_r[:, None])
-        tl.store(Aqk + a_off, b_zero, mask=m_r[:, None])
-
-
-@triton.jit
-def _akk_block(Akk, a_base, i, j, n_valid, H, BT: tl.constexpr, BC: tl.constexpr):
-    """Block ``(i, j)`` ``[BC, BC]`` of a chunk's ``[BT, BT]`` matrix in a ``[TT, H, BT]`` buffer
-    (fp32), rows past the chunk's ``n_valid`` rows read as 0."""
-    o_c = tl.arange(0, BC)
-    r = i * BC + o_c
-    off = r[:, None] * (H * BT) + (j * BC + o_c)[None, :]
-    return tl.load(Akk + a_base + off, mask=(r < n_valid)[:, None], other=0.0).to(tl.float32)
+    a_0 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_1 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_2 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_3 = tl.zeros([BC, BC], dtype=tl.float32)
+    # Blocks left of the diagonal: exp(G_r - G_i) = exp(G_r - G_ref) exp(G_ref - G_i), both <= 1,
+    # one partner sub-chunk j at a time (a loop, not unrolled), slice by slice.
+    for j in range(0, I):
+        rows_j = start + j * BC + o_c
+        m_j = rows_j < eos
+        b_akk = tl.zeros([BC, BC], dtype=tl.float32)
+        b_aqk = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BKW)):
+            cols = i_k * BKW + tl.arange(0, BKW)
+            m_k = cols < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            m_jk = m_j[:, None] & m_k[None, :]
+            off_r = rows[:, None] * HK + i_h * K + cols[None, :]
+            off_j = rows_j[:, None] * HK + i_h * K + cols[None, :]
+            b_ref = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
+            b_dr = tl.exp(tl.where(m_rk, tl.load(G + off_r, mask=m_rk, other=0.0) - b_ref, 0.0))
+            b_qe = tl.load(q + off_r, mask=m_rk, other=0.0).to(tl.float32) * scale * b_dr
+            b_ke = tl.load(k + off_r, mask=m_rk, other=0.0).to(tl.float32) * b_dr
+            b_gj = tl.load(G + off_j, mask=m_jk, other=0.0)
+            b_kj = tl.load(k + off_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_kj = b_kj * tl.exp(tl.where(m_jk, b_ref[None, :] - b_gj, 0.0))
+            # Tensor-core operands in the input dtype (fp32 accumulation).
+            b_kj = tl.trans(b_kj.to(q.dtype.element_ty))
+            b_akk += tl.dot(b_ke.to(q.dtype.element_ty), b_kj, input_precision=DOT_PREC)
+            b_aqk += tl.dot(b_qe.to(q.dtype.element_ty), b_kj, input_precision=DOT_PREC)
+        tl.store(
+            Aqk + a_rows + j * BC + o_c[None, :],
+            b_aqk.to(Aqk.dtype.element_ty),
+            mask=m_r[:, None],
+        )
+        b_akk = b_akk * b_beta[:, None]
+        a_0 = tl.where(j == 0, b_akk, a_0)
+        a_1 = tl.where(j == 1, b_akk, a_1)
+        a_2 = tl.where(j == 2, b_akk, a_2)
+    if I == 0:
+        a_0 = b_akd
+    elif I == 1:
+        a_1 = b_akd
+    elif I == 2:
+        a_2 = b_akd
+    else:
+        a_3 = b_akd
+    return a_0, a_1, a_2, a_3
 
 
 @triton.jit
@@ -249,13 +332,136 @@ def _inv_unit_lower(b_a, BC: tl.constexpr):
     return b_n
 
 
-@autotune(_WARPS8, key=["K", "V"])
+# One warpgroup, no software pipelining of the loops' loads (num_stages=2 adds buffers that
+# push the sm_90 bf16 K = 128 build to 255 registers and a few spilled bytes; 1 stage compiles
+# spill-free at ~245 registers, 2 CTAs/SM).
+_INTRA_CONFIGS = config_space(
+    triton.Config({}, num_warps=4, num_stages=1), num_warps=(4, 8), num_stages=(1, 2)
+)
+
+
+@autotune(_INTRA_CONFIGS, key=["K", *TUNE_KEYS])
 @triton.jit
-def _solve_wy_kernel(
+def _intra_solve_fwd_kernel(
+    q,
     k,
     G,
     beta,
-    Akk,
+    Aqk,
+    Ainv,
+    W,
+    qg,
+    kg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H,
+    T_BUCKET,
+    NH_BUCKET,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKD: tl.constexpr,
+    BKW: tl.constexpr,
+    SAFE_GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Intra-chunk pairs, solve and WY operands of one chunk and head. Grid ``(NT, H)``.
+
+    Per 16-row sub-chunk (:func:`_intra_rows`): the rows of ``Aqk`` (scaled, lower),
+    ``qg = scale q exp(G)`` and ``kg = k exp(G_last - G)``, and the ten nonzero ``[BC, BC]``
+    blocks of ``Akk`` (beta-scaled, strictly lower), which stay in fp32 registers (no ``Akk``
+    buffer). Then ``N = (I + Akk)^-1`` by 16 x 16 block inversion and ``W = N (beta k exp(G))``,
+    ``BKW`` key columns at a time. Aqk, Ainv ``[TT, H, BT]`` and W, qg, kg ``[TT, H, K]`` in
+    the input dtype. ``SAFE_GATE``: the diagonal sub-chunk blocks by tensor-core products (valid
+    only for ``g >= -5``; see the module docstring), else pair by pair.
+    """
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
+    tl.static_assert(BT == 4 * BC)
+    a_base = (start * H + i_h) * BT  # int64 scalar row base, int32 offsets inside the chunk
+    n_valid = (eos - start).to(tl.int32)
+    b_zero = tl.zeros([BC, BC], dtype=tl.float32)
+    # N = (I + Akk)^-1 in 16 x 16 blocks (unit lower triangular, BT = 4 BC), one block row as
+    # soon as its Akk blocks exist (so at most six N blocks and four Akk blocks are live): the
+    # diagonal blocks by forward substitution (elementwise, no tensor-core work), the blocks
+    # below them by block substitution, N_ij = -N_ii sum_{j <= m < i} Akk_im N_mj: 16 products
+    # of [BC, BC] x [BC, BC] tiles in exact fp32 (CUDA-core FMAs, 64K per chunk: no TF32 and no
+    # rounding of N before its single rounding to the input dtype, on store).
+    a00, _, _, _ = _intra_rows(
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 0, K, BT, BC, BKD, BKW,
+        SAFE_GATE, DOT_PREC,
+    )  # fmt: skip
+    n00 = _inv_unit_lower(a00, BC)
+    _store_block(Ainv, a_base, 0, 0, n00, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 0, 1, b_zero, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 0, 2, b_zero, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 0, 3, b_zero, n_valid, H, BT, BC)
+    a10, a11, _, _ = _intra_rows(
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 1, K, BT, BC, BKD, BKW,
+        SAFE_GATE, DOT_PREC,
+    )  # fmt: skip
+    n11 = _inv_unit_lower(a11, BC)
+    n10 = -tl.dot(n11, tl.dot(a10, n00, input_precision="ieee"), input_precision="ieee")
+    _store_block(Ainv, a_base, 1, 0, n10, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 1, 1, n11, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 1, 2, b_zero, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 1, 3, b_zero, n_valid, H, BT, BC)
+    a20, a21, a22, _ = _intra_rows(
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 2, K, BT, BC, BKD, BKW,
+        SAFE_GATE, DOT_PREC,
+    )  # fmt: skip
+    n22 = _inv_unit_lower(a22, BC)
+    n21 = -tl.dot(n22, tl.dot(a21, n11, input_precision="ieee"), input_precision="ieee")
+    b_t = tl.dot(a20, n00, input_precision="ieee") + tl.dot(a21, n10, input_precision="ieee")
+    n20 = -tl.dot(n22, b_t, input_precision="ieee")
+    _store_block(Ainv, a_base, 2, 0, n20, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 2, 1, n21, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 2, 2, n22, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 2, 3, b_zero, n_valid, H, BT, BC)
+    a30, a31, a32, a33 = _intra_rows(
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 3, K, BT, BC, BKD, BKW,
+        SAFE_GATE, DOT_PREC,
+    )  # fmt: skip
+    n33 = _inv_unit_lower(a33, BC)
+    n32 = -tl.dot(n33, tl.dot(a32, n22, input_precision="ieee"), input_precision="ieee")
+    b_t = tl.dot(a31, n11, input_precision="ieee") + tl.dot(a32, n21, input_precision="ieee")
+    n31 = -tl.dot(n33, b_t, input_precision="ieee")
+    b_t = tl.dot(a30, n00, input_precision="ieee") + tl.dot(a31, n10, input_precision="ieee")
+    b_t += tl.dot(a32, n20, input_precision="ieee")
+    n30 = -tl.dot(n33, b_t, input_precision="ieee")
+    _store_block(Ainv, a_base, 3, 0, n30, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 3, 1, n31, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 3, 2, n32, n_valid, H, BT, BC)
+    _store_block(Ainv, a_base, 3, 3, n33, n_valid, H, BT, BC)
+    # Read N back whole (in the input dtype: the operand of the W product) after a barrier, so
+    # every thread of the program sees every block (an L1/L2 hit: the tile was just written).
+    tl.debug_barrier()
+    o_t = tl.arange(0, BT)
+    rows = start + o_t
+    m_t = rows < eos
+    b_nl = tl.load(
+        Ainv + a_base + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0
+    )
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    for i_k in range(0, tl.cdiv(K, BKW)):
+        cols_k = i_k * BKW + tl.arange(0, BKW)
+        m_tk = m_t[:, None] & (cols_k < K)[None, :]
+        off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
+        b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
+        b_kb = (b_k * tl.exp(b_g) * b_beta[:, None]).to(k.dtype.element_ty)
+        b_w = tl.dot(b_nl, b_kb, input_precision=DOT_PREC)
+        tl.store(W + off_k, b_w.to(W.dtype.element_ty), mask=m_tk)
+
+
+@autotune(_WARPS8, key=["K", "V", *TUNE_KEYS])
+@triton.jit
+def _recompute_wy_kernel(
+    k,
+    G,
+    beta,
     Ainv,
     W,
     Aqk,
@@ -269,97 +475,47 @@ def _solve_wy_kernel(
     chunk_indices,
     scale,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
     HAS_DO: tl.constexpr,
-    SOLVE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """N = (I + Akk)^-1 by 16 x 16 block inversion, then W = N (beta k exp(G)).
+    """The backward's per-chunk operands from what the forward kept (``G``, ``Aqk``, ``N``).
+    Grid ``(NT, H)``.
 
-    W is formed BK key columns at a time (``BK <= 64``); ``U = N (beta v)`` is not stored (the
-    state kernel forms it where it is used). Grid ``(NT, H)``. Ainv ``[TT, H, BT]`` and W
-    ``[TT, H, K]`` in the input dtype (the products' operand dtype). In the
-    backward's recompute (``HAS_DO``) it also writes the chunk-local part of the residual
-    gradient, ``ddelta = Aqk^T dO`` ``[TT, H, V]`` fp32, which the sequential backward kernel
-    completes (so that kernel holds no ``[BT, BT]`` tile). Without ``SOLVE`` (the backward,
-    given the forward's ``N``) it reads ``N`` from Ainv instead of forming it, and writes the
-    decayed operands ``qg = scale q exp(G)``, ``kg = k exp(G_last - G)`` and the last rows
-    ``Gl`` (as :func:`_intra_fwd_kernel` and the cumulative sum do in the forward; not kept
-    between forward and backward).
+    ``RECOMPUTE``: ``W = N (beta k exp(G))`` ``[TT, H, K]`` (BK key columns at a time,
+    ``BK <= 64``), the decayed operands ``qg = scale q exp(G)``, ``kg = k exp(G_last - G)`` (input
+    dtype) and the chunks' last rows ``Gl [NT, H, K]`` (fp32), as the forward's
+    :func:`_intra_solve_fwd_kernel` and cumulative sum form them (not kept between forward and
+    backward). ``HAS_DO``: the chunk-local part of the residual gradient,
+    ``ddelta = Aqk^T dO`` ``[TT, H, V]`` fp32, which the sequential backward kernel completes
+    (so that kernel holds no ``[BT, BT]`` tile).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     o_t = tl.arange(0, BT)
     rows = start + o_t
     m_t = rows < eos
-    a_off = rows[:, None] * H * BT + i_h * BT + o_t[None, :]
-    if SOLVE:
-        # N = (I + Akk)^-1 in 16 x 16 blocks (unit lower triangular, BT = 4 BC): the diagonal blocks
-        # by forward substitution (elementwise, no tensor-core work), then the blocks below them by
-        # block substitution, N_ij = -N_ii sum_{j <= m < i} Akk_im N_mj: 16 products of
-        # [BC, BC] x [BC, BC] tiles in exact fp32 (CUDA-core FMAs, 64K per chunk: no TF32 and
-        # no rounding of N before its single rounding to the input dtype).
-        tl.static_assert(BT == 4 * BC)
-        a_base = (start * H + i_h) * BT  # int64 scalar row base, int32 offsets inside the chunk
-        n_valid = (eos - start).to(tl.int32)
-        a10 = _akk_block(Akk, a_base, 1, 0, n_valid, H, BT, BC)
-        a20 = _akk_block(Akk, a_base, 2, 0, n_valid, H, BT, BC)
-        a21 = _akk_block(Akk, a_base, 2, 1, n_valid, H, BT, BC)
-        a30 = _akk_block(Akk, a_base, 3, 0, n_valid, H, BT, BC)
-        a31 = _akk_block(Akk, a_base, 3, 1, n_valid, H, BT, BC)
-        a32 = _akk_block(Akk, a_base, 3, 2, n_valid, H, BT, BC)
-        n00 = _inv_unit_lower(_akk_block(Akk, a_base, 0, 0, n_valid, H, BT, BC), BC)
-        n11 = _inv_unit_lower(_akk_block(Akk, a_base, 1, 1, n_valid, H, BT, BC), BC)
-        n22 = _inv_unit_lower(_akk_block(Akk, a_base, 2, 2, n_valid, H, BT, BC), BC)
-        n33 = _inv_unit_lower(_akk_block(Akk, a_base, 3, 3, n_valid, H, BT, BC), BC)
-        n10 = -tl.dot(n11, tl.dot(a10, n00, input_precision="ieee"), input_precision="ieee")
-        n21 = -tl.dot(n22, tl.dot(a21, n11, input_precision="ieee"), input_precision="ieee")
-        n32 = -tl.dot(n33, tl.dot(a32, n22, input_precision="ieee"), input_precision="ieee")
-        b_t = tl.dot(a20, n00, input_precision="ieee") + tl.dot(a21, n10, input_precision="ieee")
-        n20 = -tl.dot(n22, b_t, input_precision="ieee")
-        b_t = tl.dot(a31, n11, input_precision="ieee") + tl.dot(a32, n21, input_precision="ieee")
-        n31 = -tl.dot(n33, b_t, input_precision="ieee")
-        b_t = tl.dot(a30, n00, input_precision="ieee") + tl.dot(a31, n10, input_precision="ieee")
-        b_t += tl.dot(a32, n20, input_precision="ieee")
-        n30 = -tl.dot(n33, b_t, input_precision="ieee")
-        b_zero = tl.zeros([BC, BC], dtype=tl.float32)
-        _store_block(Ainv, a_base, 0, 0, n00, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 0, 1, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 0, 2, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 0, 3, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 1, 0, n10, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 1, 1, n11, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 1, 2, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 1, 3, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 2, 0, n20, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 2, 1, n21, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 2, 2, n22, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 2, 3, b_zero, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 3, 0, n30, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 3, 1, n31, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 3, 2, n32, n_valid, H, BT, BC)
-        _store_block(Ainv, a_base, 3, 3, n33, n_valid, H, BT, BC)
-        # Read N back whole (in the input dtype: the operand of the W product) after a barrier, so
-        # every thread of the program sees every block.
-        tl.debug_barrier()
-    b_nl = tl.load(Ainv + a_off, mask=m_t[:, None], other=0.0)
-
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        cols_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (cols_k < K)[None, :]
-        off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
-        b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
-        b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
-        b_kb = (b_k * tl.exp(b_g) * b_beta[:, None]).to(k.dtype.element_ty)
-        tl.store(W + off_k, tl.dot(b_nl, b_kb, input_precision=DOT_PREC), mask=m_tk)
-        if not SOLVE:
-            last = tl.minimum(start + BT, eos) - 1
+    if RECOMPUTE:
+        a_off = rows[:, None] * H * BT + i_h * BT + o_t[None, :]
+        b_nl = tl.load(Ainv + a_off, mask=m_t[:, None], other=0.0)
+        b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        last = tl.minimum(start + BT, eos) - 1
+        for i_k in range(0, tl.cdiv(K, BK)):
+            cols_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (cols_k < K)[None, :]
+            off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
+            b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
+            b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
+            b_kb = (b_k * tl.exp(b_g) * b_beta[:, None]).to(k.dtype.element_ty)
+            b_w = tl.dot(b_nl, b_kb, input_precision=DOT_PREC)
+            tl.store(W + off_k, b_w.to(W.dtype.element_ty), mask=m_tk)
             b_gl = tl.load(G + last * H * K + i_h * K + cols_k, mask=cols_k < K, other=0.0)
             tl.store(Gl + (i_t * H + i_h).to(tl.int64) * K + cols_k, b_gl, mask=cols_k < K)
             b_q = tl.load(q + off_k, mask=m_tk, other=0.0).to(tl.float32) * scale
@@ -420,18 +576,19 @@ def _state_block(base, row0, cols_v, K: tl.constexpr, V: tl.constexpr, BD: tl.co
 
 # The state is split along K into up to four [BKS, BV] blocks (BKS = min(BK, 64)), each its own
 # register tile: no [BT, K] operand is ever live at once, which keeps K = 128 / 256 out of local
-# memory. First config at K = V = 128 bf16 on sm_90: 20 KB shared memory, 8 spill bytes/thread
+# memory. First config at K = V = 128 bf16 on sm_90 (one warpgroup, loads of the next chunk
+# prefetched by a 2-stage pipeline): 168 registers, no spills, 96 KB shared memory, 2 CTAs/SM
 # (benchmarks/results/cpu/kernels.compile_sm90_bf16_k128.md). Configs that exceed a device's
-# shared memory (e.g. the first one for fp32 at K = 128 on sm_80) are skipped by the autotuner.
+# shared memory are skipped by the autotuner.
 _STATE_CONFIGS = config_space(
-    triton.Config({"BV": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=2),
     BV=(32, 64, 16),
-    num_warps=(8, 4),
-    num_stages=(3, 2, 1),
+    num_warps=(4, 8),
+    num_stages=(2, 3, 1),
 )
 
 
-@autotune(_STATE_CONFIGS, key=["K", "V"])
+@autotune(_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS])
 @triton.jit
 def _chunk_fwd_state_kernel(
     kg,
@@ -447,6 +604,8 @@ def _chunk_fwd_state_kernel(
     cu_seqlens,
     chunk_offsets,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -591,7 +750,7 @@ _O_CONFIGS = config_space(
 )
 
 
-@autotune(_O_CONFIGS, key=["K", "V"])
+@autotune(_O_CONFIGS, key=["K", "V", *TUNE_KEYS])
 @triton.jit
 def _chunk_fwd_o_kernel(
     qg,
@@ -602,6 +761,8 @@ def _chunk_fwd_o_kernel(
     cu_seqlens,
     chunk_indices,
     H,
+    T_BUCKET,
+    NH_BUCKET,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -675,6 +836,7 @@ def chunk_kda_fwd(
     do: torch.Tensor | None = None,
     keep: bool = False,
     saved: tuple[torch.Tensor, ...] | None = None,
+    safe_gate: bool = False,
 ) -> ChunkForward:
     """Run the forward pipeline on packed, contiguous, checked inputs.
 
@@ -694,13 +856,16 @@ def chunk_kda_fwd(
             per chunk (``[TT, H, V]`` fp32), the chunk-local part of the residual gradient.
         keep: also return the intermediates the backward would otherwise recompute with the
             most work, ``G`` (fp32) and ``Aqk``, ``Ainv`` (input dtype), with the output.
-        saved: ``(G, Aqk, Ainv)`` kept by a forward with ``keep``: skips the cumulative sum,
-            the intra-chunk kernel and the inversion (the backward then forms only ``Gl``,
-            ``qg``, ``kg``, ``W``, the states and the residuals).
+        saved: ``(G, Aqk, Ainv)`` kept by a forward with ``keep``: skips the cumulative sum
+            and the intra-chunk / solve kernel (the backward then forms only ``Gl``, ``qg``,
+            ``kg``, ``W``, the states and the residuals).
+        safe_gate: the caller promises ``g >= -5`` everywhere (the bounded safe gate): the
+            diagonal sub-chunk blocks run as tensor-core products (module docstring).
     """
     TT, H, K = q.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
+    buckets = tune_buckets(TT, N * H)  # autotune-key size buckets (utils.tune_buckets)
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
     BK, BVW = next_pow2(K), min(next_pow2(V), 64)
     BKS = min(BK, 64)  # key block of the state kernels
@@ -708,75 +873,75 @@ def chunk_kda_fwd(
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     # Intermediates used only as tensor-core operands are stored in the input dtype (they are
-    # rounded to it before every product anyway); G, Akk (the solve's input) and the carried
-    # state stay fp32; U = N (beta v), the base of the residual, is formed in fp32 registers.
+    # rounded to it before every product anyway); G and the carried state stay fp32, Akk never
+    # leaves the registers of the intra / solve kernel; U = N (beta v), the base of the
+    # residual, is formed in fp32 registers.
     io = dict(dtype=q.dtype, device=dev)
     if saved is None:
         G = torch.empty(TT, H, K, **f32)
-        Gl = torch.empty(num_chunks, H, K, **f32)
-        Akk = torch.empty(TT, H, BT, **f32)
         Aqk = torch.empty(TT, H, BT, **io)
         Ainv = torch.empty(TT, H, BT, **io)
-        qg, kg = torch.empty_like(q), torch.empty_like(k)
     else:
-        (G, Aqk, Ainv), Akk = saved, None
-        Gl = torch.empty(num_chunks, H, K, **f32)
-        qg, kg = torch.empty_like(q), torch.empty_like(k)
+        G, Aqk, Ainv = saved
+    Gl = torch.empty(num_chunks, H, K, **f32)
+    qg, kg = torch.empty_like(q), torch.empty_like(k)
     W = torch.empty(TT, H, K, **io)
     ddelta = None if do is None else torch.empty(TT, H, V, **f32)
     if num_chunks > 0 and saved is None:
-        BKC = min(BK, 64)
+        BKC = min(BK, 32)  # [64, 32] tiles: spill-free with 4 warps on sm_80 and sm_90
         _chunk_cumsum_kernel[(num_chunks, H, triton.cdiv(K, BKC))](
-            g, G, Gl, cu_seqlens, chunk_indices, H, K=K, BT=BT, BK=BKC, G_FLOOR=G_FLOOR
+            g, G, Gl, cu_seqlens, chunk_indices, H, **buckets, K=K, BT=BT, BK=BKC, G_FLOOR=G_FLOOR
         )
-        _intra_fwd_kernel[(num_chunks, BT // BC, H)](
+        _intra_solve_fwd_kernel[(num_chunks, H)](
             q,
             k,
             G,
             beta,
-            Akk,
             Aqk,
+            Ainv,
+            W,
             qg,
             kg,
             cu_seqlens,
             chunk_indices,
             scale,
             H,
+            **buckets,
             K=K,
             BT=BT,
             BC=BC,
             BK=BK,
             BKD=min(BK, 32),
+            BKW=min(BK, 64),
+            SAFE_GATE=bool(safe_gate),
             DOT_PREC=prec,
         )
-    if num_chunks > 0:
-        recompute = saved is not None  # the backward: also form qg, kg, Gl
-        _solve_wy_kernel[(num_chunks, H)](
+    if num_chunks > 0 and (saved is not None or do is not None):
+        _recompute_wy_kernel[(num_chunks, H)](
             k,
             G,
             beta,
-            Akk,
             Ainv,
             W,
             Aqk,
             do,
             ddelta,
-            q if recompute else None,
-            qg if recompute else None,
-            kg if recompute else None,
-            Gl if recompute else None,
+            q,
+            qg,
+            kg,
+            Gl,
             cu_seqlens,
             chunk_indices,
             scale,
             H,
+            **buckets,
             K=K,
             V=V,
             BT=BT,
-            BC=BC,
             BK=min(BK, 64),
             BV=BVW,
+            RECOMPUTE=saved is not None,  # the backward: form qg, kg, Gl, W from G and N
             HAS_DO=do is not None,
-            SOLVE=saved is None,
             DOT_PREC=prec,
         )
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -797,6 +962,7 @@ def chunk_kda_fwd(
         cu_seqlens,
         chunk_offsets,
         H,
+        **buckets,
         K=K,
         V=V,
         BT=BT,
@@ -820,6 +986,7 @@ def chunk_kda_fwd(
                 cu_seqlens,
                 chunk_indices,
                 H,
+                **buckets,
                 K=K,
                 V=V,
                 BT=BT,

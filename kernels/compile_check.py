@@ -5,7 +5,10 @@ they compile for a GPU: loop-carried types, layouts, shared-memory budgets are o
 the real compiler. This tool runs Triton's ahead-of-time compiler (its bundled ``ptxas``) for a
 chosen architecture, with the constexpr values the launchers use and each kernel's first
 autotune config (block sizes, warps, stages; ``--num-warps`` / ``--num-stages`` override the
-last two), and prints per kernel::
+last two), the pointer arguments specialised as 16-byte aligned as the JIT does at a launch
+(every tensor the launchers pass is; without that hint the compiler vectorises no global access
+and the figures are those of a variant that never runs), kernels with a ``SAFE_GATE`` switch
+once per value (``name[SAFE_GATE]`` for the bounded-gate variant), and prints per kernel::
 
     python -m kimi_linear.kernels.compile_check --arch 90 --dtype bf16 --head-dim 128
 
@@ -25,8 +28,8 @@ last two), and prints per kernel::
 Exit code 1 when a kernel fails to compile, or cannot be resident on an SM (``ctas_per_sm`` 0:
 more shared memory per block than the architecture allows, or more registers than an SM has;
 the compiler accepts such a kernel, its launch would fail), or with ``--targets`` when one is
-missed. Kernels are
-jitted at import, so under ``TRITON_INTERPRET=1`` the tool re-executes itself without it.
+missed. Kernels are jitted at import, so under ``TRITON_INTERPRET=1`` the tool re-executes
+itself without it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .utils import (
     CHUNK_SIZE,
     MAX_HEAD_DIM,
     SUB_CHUNK_SIZE,
+    TUNE_KEYS,
     dot_precision,
     interpret_mode,
     next_pow2,
@@ -206,7 +210,7 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "H":
+        elif name == "H" or name in TUNE_KEYS:
             sig[name] = "i32"
         elif name == "scale":
             sig[name] = "fp32"
@@ -219,6 +223,19 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
         else:
             sig[name] = "*fp32"
     return sig
+
+
+def _aligned(fn: JITFunction, signature: dict[str, str]) -> dict[tuple[int], list]:
+    """Divisibility attributes of the pointer arguments: 16-byte aligned, as the JIT specialises
+    them at a launch (every tensor the launchers pass is a fresh allocation or a contiguous view
+    of one at offset 0). Without them the compiler may not vectorise any global access (16-bit
+    elements one at a time), which inflates registers and instruction counts. Integer arguments
+    (``H``) stay unspecialised: the report holds for any head count."""
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*")
+    }
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
@@ -273,22 +290,46 @@ def kernel_specs(
     prec = dot_precision(_DTYPES[dtype])
     state = dict(K=K, V=V, BT=BT, BK=BK, BKS=BKS, DOT_PREC=prec)
     launches = [
-        (chunk_fwd._chunk_cumsum_kernel, dict(K=K, BT=BT, BK=BKS, G_FLOOR=chunk_fwd.G_FLOOR)),
         (
-            chunk_fwd._intra_fwd_kernel,
-            dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), DOT_PREC=prec),
+            chunk_fwd._chunk_cumsum_kernel,
+            dict(K=K, BT=BT, BK=min(BK, 32), G_FLOOR=chunk_fwd.G_FLOOR),
         ),
         (
-            chunk_fwd._solve_wy_kernel,
+            chunk_fwd._intra_solve_fwd_kernel,
+            dict(
+                K=K,
+                BT=BT,
+                BC=BC,
+                BK=BK,
+                BKD=min(BK, 32),
+                BKW=BKS,
+                SAFE_GATE=False,
+                DOT_PREC=prec,
+            ),
+        ),
+        (
+            chunk_fwd._intra_solve_fwd_kernel,
+            dict(
+                K=K,
+                BT=BT,
+                BC=BC,
+                BK=BK,
+                BKD=min(BK, 32),
+                BKW=BKS,
+                SAFE_GATE=True,
+                DOT_PREC=prec,
+            ),
+        ),
+        (
+            chunk_fwd._recompute_wy_kernel,
             dict(
                 K=K,
                 V=V,
                 BT=BT,
-                BC=BC,
                 BK=BKS,
                 BV=min(next_pow2(V), 64),
+                RECOMPUTE=True,
                 HAS_DO=True,
-                SOLVE=True,
                 DOT_PREC=prec,
             ),
         ),
@@ -296,7 +337,14 @@ def kernel_specs(
         (chunk_fwd._chunk_fwd_o_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
         (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
         (chunk_bwd._bwd_dv_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
-        (chunk_bwd._intra_bwd_kernel, dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec)),
+        (
+            chunk_bwd._intra_bwd_kernel,
+            dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec, SAFE_GATE=False),
+        ),
+        (
+            chunk_bwd._intra_bwd_kernel,
+            dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec, SAFE_GATE=True),
+        ),
         (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec)),
     ]
     specs = []
@@ -346,19 +394,21 @@ def check(
         head_dim_k, head_dim_v or head_dim_k, dtype
     ):
         fn = _jit_fn(kernel)
-        src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+        name = fn.__name__ + ("[SAFE_GATE]" if constexprs.get("SAFE_GATE") else "")
+        sig = _signature(fn, dtype, constexprs)
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_aligned(fn, sig))
         try:
             options = {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
             compiled = triton.compile(src, target=target, options=options)
         except Exception as e:  # noqa: BLE001 - report every compiler failure
-            results.append(Result(fn.__name__, False, error=f"{type(e).__name__}: {e}"))
+            results.append(Result(name, False, error=f"{type(e).__name__}: {e}"))
             continue
         regs, spills = _resource_usage(compiled.asm["cubin"])
         meta = compiled.metadata
         ctas, limiter = ctas_per_sm(arch, meta.num_warps, regs, meta.shared)
         results.append(
             Result(
-                fn.__name__,
+                name,
                 True,
                 meta.shared,
                 regs,

@@ -123,13 +123,52 @@ def emulate_tf32(enabled: bool = True) -> Iterator[None]:
         _TF32["on"] = previous
 
 
+#: Names of the two size-bucket arguments every autotuned chunk kernel takes (after ``H``) and
+#: lists in its autotune ``key`` (see :func:`autotune` and :func:`tune_buckets`).
+TUNE_KEYS = ("T_BUCKET", "NH_BUCKET")
+
+
+def tune_bucket(n: int) -> int:
+    """Coarse autotune-key bucket of a size ``n``: the largest power of 4 not above it (1 for
+    ``n <= 1``), so 1, 4, 16, ..., 4096 (``n`` in [4096, 16384)), 16384, ...
+
+    Raises:
+        TypeError: ``n`` is not an int.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    bucket = 1
+    while bucket * 4 <= n:
+        bucket *= 4
+    return bucket
+
+
+def tune_buckets(total_tokens: int, num_seqs_heads: int) -> dict[str, int]:
+    """The size-bucket launch arguments of an autotuned chunk kernel:
+    ``{"T_BUCKET": tune_bucket(total_tokens), "NH_BUCKET": tune_bucket(N * H)}``.
+
+    ``total_tokens`` is the packed length ``TT`` (``B * T`` for a dense batch),
+    ``num_seqs_heads`` the number of (sequence, head) pairs ``N * H``. Pass them as keyword
+    arguments at the launch: ``kernel[grid](..., H, **tune_buckets(TT, N * H), K=K, ...)``; the
+    kernel declares ``T_BUCKET, NH_BUCKET`` (plain ints it does not read) and names them in its
+    autotune ``key``, e.g. ``key=["K", "V", *TUNE_KEYS]``.
+    """
+    return {"T_BUCKET": tune_bucket(total_tokens), "NH_BUCKET": tune_bucket(num_seqs_heads)}
+
+
 def autotune(
     configs: Sequence[triton.Config], key: list[str], restore_value: Sequence[str] = ()
 ) -> Callable:
     """``triton.autotune`` on GPU; a fixed first config under the interpreter (no driver there).
 
-    Keys name head dims only (never the sequence length): varlen batches of new lengths reuse the
-    tuned config. Triton's autotuner also keys on the dtypes of the tensor arguments.
+    Keys: the head dims (``K``, ``V``) and two coarse size buckets, ``T_BUCKET`` (packed
+    tokens ``TT``) and ``NH_BUCKET`` (sequences x heads ``N * H``), powers of 4 from
+    :func:`tune_buckets` passed as launch arguments (:data:`TUNE_KEYS`). A short prefill and a
+    long training batch, or few heads and many packed sequences, are tuned apart (the best tile
+    and warp count depend on how many programs fill the GPU), while the exact sequence length
+    never is: varlen batches of new lengths in a bucket reuse its tuned config. Triton's
+    autotuner also keys on the dtypes of the tensor arguments. Under the interpreter the keys
+    are ignored (the first config always runs).
     """
 
     def decorate(fn):

@@ -426,6 +426,8 @@ class KimiDeltaAttention(nn.Module):
             output_final_state=want_state,
             cu_seqlens=cu_seqlens,
             chunk_size=self.chunk_size,
+            # the safe gate's bound (None for the release gate): the kernels' fast path
+            gate_lower_bound=self.config.kda_gate_lower_bound,
         )
 
     def extra_repr(self) -> str:

@@ -26,6 +26,14 @@ a :class:`KDABackend`:
 
 Both accept packed sequences (``cu_seqlens``: ``[N + 1]`` int32 offsets with ``B == 1``) and
 an initial / final state ``[N, H, K, V]`` on every backend.
+
+:func:`kda_chunked` also takes ``gate_lower_bound``: the caller's promise that every ``g`` is at
+least that bound (the safe gate, ``KimiLinearConfig.kda_gate_lower_bound``, in ``[-5, 0)``).
+It changes no result, only the path: our Triton kernels and fla's (``safe_gate=True``) then form
+the diagonal 16-token sub-chunk factors by tensor-core products instead of pair by pair; the
+torch backend is exact for any ``g`` and needs no fast path (it validates the argument and
+otherwise ignores it). With ``KIMI_LINEAR_CHECK_GATE=1`` every backend verifies the promise
+(:func:`check_gate_lower_bound`).
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ __all__ = [
     "KDA_BACKENDS",
     "VALIDATED_TRITON_ARCHS",
     "KDABackend",
+    "check_gate_lower_bound",
     "check_kda_backend",
+    "check_safe_gate_argument",
     "gate_check_enabled",
     "get_kda_backend",
     "kda_chunked",
@@ -75,6 +85,54 @@ def gate_check_enabled() -> bool:
     """True when ``KIMI_LINEAR_CHECK_GATE=1``: the GPU paths then refuse ``g > 0`` (or NaN)
     with ``ValueError``, at the cost of one reduction and a device synchronisation per call."""
     return os.environ.get(GATE_CHECK_ENV, "0") == "1"
+
+
+def check_safe_gate_argument(
+    lower_bound: object, argument: str = "gate_lower_bound"
+) -> float | None:
+    """``None``, or ``lower_bound`` as a float when it lies in the safe gate's range
+    ``[-5, 0)`` (:data:`kimi_linear.config.SAFE_GATE_LOWER_BOUND_RANGE`); else ``ValueError``
+    naming ``argument``. The range is what the kernels' fast path needs: 15 steps of at least
+    -5 keep the split factors of a 16-token sub-chunk within ``e^75`` (finite in fp32 / bf16)."""
+    from kimi_linear.config import SAFE_GATE_LOWER_BOUND_RANGE  # (config imports this module)
+
+    if lower_bound is None:
+        return None
+    lo, hi = SAFE_GATE_LOWER_BOUND_RANGE
+    if (
+        isinstance(lower_bound, bool)
+        or not isinstance(lower_bound, (int, float))
+        or not (lo <= lower_bound < hi)
+    ):
+        raise ValueError(
+            f"{argument} must be None or a number in [{lo}, {hi}) (the safe gate's lower bound "
+            f"on g), got {lower_bound!r}"
+        )
+    return float(lower_bound)
+
+
+def check_gate_lower_bound(g: torch.Tensor, lower_bound: float, name: str = "g") -> None:
+    """Raise ``ValueError`` unless every value of ``g`` is at least ``lower_bound`` (NaN refused),
+    up to the rounding of ``g``'s dtype (a bound of ``lower_bound * (1 + eps)``: a safe-gate
+    value rounded to bf16 may land half an ulp below a bound that bf16 cannot represent).
+
+    The check behind ``KIMI_LINEAR_CHECK_GATE=1`` for ``gate_lower_bound``: one reduction (a
+    device sync on CUDA); skipped for tensors without data (meta) and under ``torch.compile``.
+    """
+    import torch
+
+    if g.device.type == "meta" or g.numel() == 0 or torch.compiler.is_compiling():
+        return
+    eps = torch.finfo(g.dtype).eps if g.dtype.is_floating_point else 0.0
+    bound = lower_bound * (1.0 + eps)
+    if not bool(g.min() >= bound):  # min propagates NaN
+        bad = g[~(g >= bound)]
+        raise ValueError(
+            f"{name} must be >= gate_lower_bound={lower_bound} everywhere (the safe gate's "
+            f"promise, which selects the kernels' fast path); found {bad.numel()} value(s) below "
+            f"it or NaN, e.g. {bad.flatten()[0].item()!r}. Pass gate_lower_bound=None for an "
+            "unbounded gate"
+        )
 
 
 def check_kda_backend(name: object, argument: str = "kda_backend") -> str:
@@ -197,14 +255,18 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fla_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens) -> torch.Tensor | None:
-    """Our input checks (fla's own differ), and the opt-in gate check, before fla's kernels;
+def _fla_inputs(
+    q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound=None
+) -> torch.Tensor | None:
+    """Our input checks (fla's own differ), and the opt-in gate checks, before fla's kernels;
     returns ``cu_seqlens`` as the int64 tensor fla takes."""
     from kimi_linear.ops.checks import check_kda_inputs, check_log_decay
 
     check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if gate_check_enabled():
         check_log_decay(g)
+        if gate_lower_bound is not None:
+            check_gate_lower_bound(g, gate_lower_bound)
     return None if cu_seqlens is None else cu_seqlens.long()
 
 
@@ -221,6 +283,7 @@ def kda_chunked(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    gate_lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention over whole blocks of tokens (training, prefill): one entry point for
     every backend; differentiable.
@@ -240,6 +303,12 @@ def kda_chunked(
         cu_seqlens: ``[N + 1]`` int32 (or int64) offsets of sequences packed along T
             (``B == 1``); each sequence runs as if alone, from its own initial-state row.
         chunk_size: chunk length of the torch backend (the kernels use a fixed 64).
+        gate_lower_bound: ``None``, or the promise that every ``g >= gate_lower_bound`` (a
+            number in ``[-5, 0)``: the safe gate's bound). Selects the tensor-core fast path of
+            the ``triton`` backend (and fla's ``safe_gate``); same results. The torch backend
+            needs no fast path and ignores it (after validating it), as does the
+            ``torch.compile`` custom op (the exact path). A broken promise is caught only with
+            ``KIMI_LINEAR_CHECK_GATE=1`` (else the kernels' result is undefined).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state or None)``.
@@ -247,10 +316,12 @@ def kda_chunked(
     Raises:
         ValueError: bad backend (see :func:`resolve_kda_backend`) or inputs (the backend's own
             checks; ``g > 0`` on the torch backend always, on the others with
-            ``KIMI_LINEAR_CHECK_GATE=1``).
+            ``KIMI_LINEAR_CHECK_GATE=1``), a ``gate_lower_bound`` outside ``[-5, 0)``, or (with
+            ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` below it.
     """
     import torch
 
+    gate_lower_bound = check_safe_gate_argument(gate_lower_bound)
     if torch.compiler.is_compiling():  # one opaque node for torch.compile (ops/custom_op.py)
         from kimi_linear.ops.custom_op import kda_chunk_op
 
@@ -268,10 +339,21 @@ def kda_chunked(
             chunk_size=chunk_size,
         )
     ops = get_kda_backend(backend, q.device)
-    # only the torch backend takes a chunk size (the kernels use a fixed 64)
-    extra = {"chunk_size": chunk_size} if ops.name == "torch" else {}
+    # only the torch backend takes a chunk size (the kernels use a fixed 64); the bound selects
+    # the kernels' fast path (the torch path is exact for any g and only checks the promise)
+    extra: dict[str, object] = {}
+    if ops.name == "torch":
+        extra["chunk_size"] = chunk_size
+        if gate_lower_bound is not None and gate_check_enabled():
+            check_gate_lower_bound(g, gate_lower_bound)
+    elif gate_lower_bound is not None and ops.name == "triton":
+        extra["gate_lower_bound"] = gate_lower_bound
+    elif gate_lower_bound is not None:  # fla: its own safe-gate path
+        extra.update(safe_gate=True, lower_bound=gate_lower_bound)
     if ops.name == "fla":
-        cu_seqlens = _fla_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+        cu_seqlens = _fla_inputs(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
+        )
     return ops.chunk(
         q,
         k,
