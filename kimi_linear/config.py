@@ -61,7 +61,10 @@ class KimiLinearConfig:
     kda_conv_size: int = 4  # ``short_conv_kernel_size``
     kda_gate: Literal["channel", "head"] = "channel"  # "head": GDN-like scalar gate per head
     kda_backend: str = "auto"  # one of kimi_linear.ops.backend.KDA_BACKENDS
-    kda_chunk_size: int = 64
+    # chunk length of the pure-PyTorch KDA (the "torch" backend, kimi_linear.ops.kda_chunk): 32,
+    # that op's default, is the fastest on CPU; the Triton kernels and fla always use 64 and
+    # ignore it. Results do not depend on it beyond rounding. A positive int.
+    kda_chunk_size: int = 32
     # decay gate: None = the release gate ``-exp(A_log) * softplus(x + dt_bias)``; a value in
     # [-5, 0) = fla's bounded "safe gate" ``lower_bound * sigmoid(exp(A_log) * (x + dt_bias))``
     # (``linear_attn_config.gate_lower_bound`` in config.json; see kimi_linear.ops.gate)

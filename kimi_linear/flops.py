@@ -9,7 +9,9 @@ Per token of a training sequence of length ``T``:
   experts; the LM head), ``2 * E * D`` for the router, ``2 * 3 * D * I_moe`` for each of the
   ``num_experts_per_token`` routed experts, and ``2 * W`` per channel for the depthwise short
   convolutions of KDA.  The input embedding is a lookup (0 FLOPs).
-* **KDA chunked form** (chunk ``C = min(kda_chunk_size, T)``, head dim ``K = V = d``), per head:
+* **KDA chunked form** (chunk ``C = min(chunk, T)``, head dim ``K = V = d``; ``chunk`` is the
+  chunk the backend runs: ``kda_chunk_size`` for the pure-PyTorch ``torch`` backend, 64 for the
+  Triton kernels and fla, see :func:`kda_flops_chunk`), per head:
   the two decayed Gram matrices ``q k^T`` and ``k k^T`` (``2 * 2 * C * d``), the triangular solve
   of ``(I + A_kk)`` (``2 * C^2 / 3``: ``C^3 / 3`` multiply-adds per chunk of ``C`` tokens), the WY
   products ``w = A k`` and ``u = A v`` (``2 * 2 * C * d``), the intra-chunk output ``A_qk v``
@@ -25,7 +27,25 @@ from __future__ import annotations
 
 from kimi_linear.config import KimiLinearConfig
 
-__all__ = ["flops_breakdown", "flops_per_token"]
+__all__ = ["KERNEL_CHUNK_SIZE", "flops_breakdown", "flops_per_token", "kda_flops_chunk"]
+
+#: The chunk length of the Triton kernels and of fla's ``chunk_kda`` (fixed; they ignore
+#: ``KimiLinearConfig.kda_chunk_size``, which only the ``torch`` backend reads).
+KERNEL_CHUNK_SIZE = 64
+
+
+def kda_flops_chunk(config: KimiLinearConfig, device: str | None = None) -> int:
+    """The KDA chunk length a model of ``config`` runs with on ``device`` (``"cpu"``,
+    ``"cuda"``, ...): ``config.kda_chunk_size`` when the backend resolves to ``torch``, else
+    :data:`KERNEL_CHUNK_SIZE`. Without a device, ``auto`` counts as the kernels (the GPU case,
+    where MFU matters)."""
+    from kimi_linear.ops.backend import resolve_kda_backend
+
+    if device is None:
+        torch_backend = config.kda_backend == "torch"
+    else:
+        torch_backend = resolve_kda_backend(config.kda_backend, device) == "torch"
+    return config.kda_chunk_size if torch_backend else KERNEL_CHUNK_SIZE
 
 
 def _check(config: KimiLinearConfig, seq_len: int) -> None:
@@ -39,14 +59,23 @@ def _mlp_weights(hidden: int, intermediate: int) -> int:
     return 3 * hidden * intermediate  # gate, up, down
 
 
-def flops_breakdown(config: KimiLinearConfig, seq_len: int) -> dict[str, float]:
+def flops_breakdown(
+    config: KimiLinearConfig, seq_len: int, kda_chunk: int | None = None
+) -> dict[str, float]:
     """Forward FLOPs per token at training length ``seq_len``, by part (see the module docstring).
+
+    ``kda_chunk``: the KDA chunk length to count (default :func:`kda_flops_chunk` without a
+    device: ``kda_chunk_size`` for the ``torch`` backend, else the kernels' 64).
 
     Returns a dict with ``kda_projections``, ``kda_conv``, ``kda_mixing``, ``mla_projections``,
     ``mla_attention``, ``dense_mlp``, ``router``, ``routed_experts``, ``shared_experts``,
     ``lm_head`` and their sum ``total``.
     """
     _check(config, seq_len)
+    if kda_chunk is None:
+        kda_chunk = kda_flops_chunk(config)
+    elif isinstance(kda_chunk, bool) or not isinstance(kda_chunk, int) or kda_chunk < 1:
+        raise ValueError(f"kda_chunk must be None or an int >= 1, got {kda_chunk!r}")
     c = config
     D, T = c.hidden_size, seq_len
     out = dict.fromkeys(
@@ -77,7 +106,7 @@ def flops_breakdown(config: KimiLinearConfig, seq_len: int) -> dict[str, float]:
         + d * proj  # output gate (low rank)
         + proj * D  # o
     )
-    C = min(c.kda_chunk_size, T)
+    C = min(kda_chunk, T)
     kda_mix_per_head = 2 * (2 * C * d + 2 * C * d + C * d + 3 * d * d) + 2 * C * C / 3
     # MLA
     Hm = c.num_attention_heads
@@ -120,8 +149,11 @@ def flops_breakdown(config: KimiLinearConfig, seq_len: int) -> dict[str, float]:
     return out
 
 
-def flops_per_token(config: KimiLinearConfig, seq_len: int, training: bool = True) -> float:
+def flops_per_token(
+    config: KimiLinearConfig, seq_len: int, training: bool = True, kda_chunk: int | None = None
+) -> float:
     """FLOPs per token of ``config`` on sequences of ``seq_len`` tokens: the forward
-    (:func:`flops_breakdown` ``total``), times 3 when ``training`` (forward + backward)."""
-    total = flops_breakdown(config, seq_len)["total"]
+    (:func:`flops_breakdown` ``total``, ``kda_chunk`` as there), times 3 when ``training``
+    (forward + backward)."""
+    total = flops_breakdown(config, seq_len, kda_chunk)["total"]
     return 3.0 * total if training else total

@@ -284,7 +284,8 @@ def test_train_profile_quick_run(tmp_path):
         )
         # the KDA op lies inside the KDA layers: the spans nest
         assert p["spans_ms"]["kda_op/fwd"] <= p["spans_ms"]["kda_layer/fwd"] + 1e-6
-        assert set(m["steps_per_s"]) == {"HEAD C=64", "now C=64"}
+        C = m["kda_chunk_size"]  # the model's own (config default: kda_chunk's, 32)
+        assert set(m["steps_per_s"]) == {f"HEAD C={C}", f"now C={C}"}
     assert (tmp_path / "train_profile.md").read_text().startswith("# Where a CPU training step")
 
 

@@ -85,6 +85,20 @@ def test_validation_names_the_field(field, value):
         KimiLinearConfig.from_preset("tiny", **{field: value})
 
 
+def test_kda_chunk_size_defaults_to_the_torch_ops_default_and_round_trips():
+    """config.kda_chunk_size is the chunk of the pure-PyTorch op (the Triton kernels fix 64):
+    its default is kda_chunk's own, the fastest on CPU; other values survive the HF config."""
+    from kimi_linear.ops import chunk as chunk_mod
+
+    assert KimiLinearConfig().kda_chunk_size == chunk_mod.DEFAULT_CHUNK_SIZE == 32
+    assert KimiLinearConfig.from_preset("tiny").kda_chunk_size == 32
+    cfg = KimiLinearConfig.from_preset("tiny", kda_chunk_size=64)
+    assert KimiLinearConfig.from_hf_config(cfg.to_hf_config()).kda_chunk_size == 64
+    for bad in (None, -32, 16.0, True):
+        with pytest.raises(ValueError, match=r"KimiLinearConfig\.kda_chunk_size"):
+            KimiLinearConfig.from_preset("tiny", kda_chunk_size=bad)
+
+
 def test_replace_validates_and_twins():
     cfg = KimiLinearConfig.from_preset("tiny")
     with pytest.raises(ValueError, match="hidden_size"):

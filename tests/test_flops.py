@@ -23,6 +23,7 @@ def _dense() -> KimiLinearConfig:
         kda_head_dim=8,
         kda_conv_size=4,
         kda_chunk_size=4,
+        kda_backend="torch",  # the backend that runs kda_chunk_size (the kernels run 64)
         num_attention_heads=2,
         q_lora_rank=None,
         kv_lora_rank=8,
@@ -99,3 +100,22 @@ def test_bad_input() -> None:
         flops_per_token(_dense(), 0)
     with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         flops_breakdown(_dense(), 3.5)  # type: ignore[arg-type]
+
+
+def test_kda_chunk_follows_the_backend() -> None:
+    """The torch backend runs ``kda_chunk_size``; the kernels and fla a fixed 64."""
+    from kimi_linear.flops import KERNEL_CHUNK_SIZE, kda_flops_chunk
+
+    torch_cfg = _dense()  # kda_backend="torch", kda_chunk_size=4
+    auto_cfg = KimiLinearConfig.from_preset("tiny", kda_backend="auto", kda_chunk_size=16)
+    assert kda_flops_chunk(torch_cfg) == 4
+    assert kda_flops_chunk(auto_cfg) == KERNEL_CHUNK_SIZE == 64  # no device: the GPU case
+    assert kda_flops_chunk(auto_cfg, "cpu") == 16  # auto on CPU is the torch backend
+    assert kda_flops_chunk(KimiLinearConfig.from_preset("tiny", kda_backend="triton")) == 64
+    T = 256
+    at4 = flops_breakdown(torch_cfg, T)["kda_mixing"]
+    assert flops_breakdown(torch_cfg, T, kda_chunk=4)["kda_mixing"] == at4
+    assert flops_breakdown(torch_cfg, T, kda_chunk=64)["kda_mixing"] > at4
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="kda_chunk must be None or an int >= 1"):
+            flops_per_token(torch_cfg, T, kda_chunk=bad)

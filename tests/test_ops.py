@@ -586,17 +586,74 @@ def _chunked_kda_inputs(n: int, b: int, C: int, K: int, V: int, step: float, see
     return q, k, v, G, beta, S0
 
 
-@pytest.mark.parametrize("step", [0.5, 200.0], ids=["factored", "sub_chunks"])
-def test_chunked_kda_function_gradcheck(step: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_gram_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    paths: list[str] = []
+    fn = chunk_mod._gram_path
+
+    def recorded(*args, **kwargs):
+        paths.append(fn(*args, **kwargs))
+        return paths[-1]
+
+    monkeypatch.setattr(chunk_mod, "_gram_path", recorded)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "step, offset, path",
+    [(0.5, 0.0, "zero"), (0.5, -400.0, "mid"), (200.0, 0.0, "sub")],
+    ids=["factored_zero", "factored_mid", "sub_chunks"],
+)
+def test_chunked_kda_function_gradcheck(
+    step: float, offset: float, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The hand-written backward of the whole chunked computation (solve through the inverse,
     reverse state pass, element-wise factors, Gram matrices) against finite differences, on
-    both Gram paths: the inline factored one, and the grouped one (sub-chunks) that a decay span
-    above 2 * FACTORED_LIMIT (600 in float64) selects."""
+    every Gram path: factored around 0 (every |G| <= FACTORED_LIMIT, 300 in float64), factored
+    around each chunk's middle (a span within 2 * FACTORED_LIMIT, further from 0: the offset),
+    and the grouped one (sub-chunks) that a larger span selects."""
     calls = _count_calls(monkeypatch, "_gram_grouped")
-    args = tuple(x.requires_grad_() for x in _chunked_kda_inputs(3, 2, 8, 4, 3, step))
+    paths = _record_gram_paths(monkeypatch)
+    q, k, v, G, beta, S0 = _chunked_kda_inputs(3, 2, 8, 4, 3, step)
+    args = tuple(x.requires_grad_() for x in (q, k, v, G + offset, beta, S0))
     fn = lambda *a: chunk_mod._ChunkedKDA.apply(*a, 0.7, 4)
     assert torch.autograd.gradcheck(fn, args, fast_mode=True)
-    assert (calls[0] > 0) == (step > 75)
+    assert set(paths) == {path}
+    assert (calls[0] > 0) == (path == "sub")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunk_first_token_far_below_the_limit_takes_the_mid_path(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strong decay on the first token of every chunk (beyond FACTORED_LIMIT) and weak decay
+    after it: the factored path around each chunk's middle; outputs, final state and every
+    gradient agree with the recurrence (in float64 to 1e-10)."""
+    paths = _record_gram_paths(monkeypatch)
+    inputs = make_inputs(T=64, seed=3)
+    limit = chunk_mod.FACTORED_LIMIT[dtype]
+    inputs["g"] = inputs["g"].clone()
+    inputs["g"][:, ::16] = -1.5 * limit  # each chunk's first token (chunk 16)
+    x = {n: t.detach().to(dtype).requires_grad_() for n, t in inputs.items()}
+    results = []
+    for op in (kda_chunk, kda_recurrent):
+        kw = {"chunk_size": 16} if op is kda_chunk else {}
+        o, s = op(**x, output_final_state=True, **kw)
+        results.append((o, s, *torch.autograd.grad((o.square().sum() + s.sum()), list(x.values()))))
+    assert paths and set(paths) == {"mid"}
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for got, want in zip(*results):
+        assert (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("C", [8, 15, 16, 32, 40, 64])
+def test_unit_lower_inverse_matches_dense_inverse(C: int) -> None:
+    """The (blocked, for even C >= 16) inverse the chunked form solves the UT transform with."""
+    gen = torch.Generator().manual_seed(C)
+    k = F.normalize(torch.randn(6, C, 8, generator=gen, dtype=torch.float64), dim=-1)
+    beta = torch.rand(6, C, 1, generator=gen, dtype=torch.float64)
+    M = (k @ k.transpose(-1, -2)).tril(-1) * beta
+    want = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + M).transpose(-1, -2)
+    assert (chunk_mod._unit_lower_inverse_t(M) - want).abs().max().item() < 1e-12
 
 
 def test_chunked_kda_without_final_state_gradient() -> None:

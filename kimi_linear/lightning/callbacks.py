@@ -327,9 +327,10 @@ class ThroughputMonitor(Callback):
             )
         config = getattr(pl_module, "config", None)
         if self._peak is not None and config is not None:
-            from kimi_linear.flops import flops_per_token
+            from kimi_linear.flops import flops_per_token, kda_flops_chunk
 
-            fpt = flops_per_token(config, self._seq_len, training=True)
+            chunk = kda_flops_chunk(config, pl_module.device.type)
+            fpt = flops_per_token(config, self._seq_len, training=True, kda_chunk=chunk)
             stats["perf/mfu"] = tokens_per_s * fpt / (world * self._peak)
         pl_module.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
         self._reset(step)

@@ -29,7 +29,9 @@ with decay down to ``g = -20`` per step, ``G`` reaches ``-1280`` within a chunk 
    (50 in float32, 300 in float64) over the chunk, i.e. a decay span of at most 100 (about
    ``|g| <= 1.5`` per step on average in a 64-token chunk, which covers the KDA layer at
    initialisation); the factors then stay far from overflow and underflow (gradients too) and
-   each term keeps full relative precision.
+   each term keeps full relative precision. When every ``|G| <= FACTORED_LIMIT`` (the usual
+   case) ``R = 0`` is used instead: ``up = exp(G)`` is then itself the factor the rest of the
+   chunk needs (``exp(G) q``, ``exp(G) k``), which saves two passes.
 2. **Sub-chunks** of ``c = 16`` tokens otherwise. A query sub-chunk ``a`` against the keys of
    earlier sub-chunks uses the reference point ``E_a`` (``G`` at the last token before ``a``):
    ``exp(G_r - G_i) = exp(G_r - E_a) * exp(E_a - G_i)``, both factors in ``(0, 1]`` whatever
@@ -45,7 +47,10 @@ contains a clamped step underflows to exactly 0 with or without the clamp, and t
 finite (``-inf - (-inf)`` would be NaN; a finite ``-1e30`` would swallow the other terms of a
 sum). ``g > 0`` (or NaN) is refused with ``ValueError``.
 
-Autograd. Everything after the cumulative sum of ``g`` is one custom
+Autograd. The cumulative sum of ``g`` is a small custom function (:class:`_ChunkCumsum`: one
+addition per token slice, written straight into the chunk layout; ``torch.cumsum`` along that
+axis is 2x slower on one thread and can be 10x slower on two under load), and everything after
+it is one custom
 :class:`torch.autograd.Function` (:class:`_ChunkedKDA`) with a hand-written backward: the
 state pass backward is one reverse loop of two fused multiply-adds per chunk, everything else
 is batched over all chunks, and gradients are accumulated in place (autograd through the same
@@ -56,9 +61,11 @@ factors saved by the forward when every chunk is on path 1, and recomputes them 
 bounded by processing the chunks in groups (the pairwise path's ``[c, c, K]`` blocks are 16x
 the inputs). Saved for the backward: ``O(T (K + V + C))`` per head plus one ``[K, V]`` state per
 chunk; no ``[chunks, C, C, K]`` tensor is ever stored. The unit lower-triangular system
-``(I + M) X = rhs`` is solved through the inverse of ``I + M`` (one solve against the
-identity, then a matmul; the backward reuses it), as fla's kernels do.
-Computation runs with autocast disabled (float32 / float64).
+``(I + M) X = rhs`` is solved through the inverse of ``I + M`` (solves of its two diagonal
+blocks against the identity and two matmuls for the third block, then one matmul; the backward
+reuses it), as fla's kernels do. ``q``, ``k`` and ``v`` are never copied into the chunk layout:
+the first product that reads each one reads the ``[B, T, H, *]`` input, and their gradients are
+written in that layout. Computation runs with autocast disabled (float32 / float64).
 """
 
 from __future__ import annotations
@@ -87,6 +94,9 @@ SUB_CHUNK = 16
 #: chunk or sub-chunk is computed in factored form, by dtype: ``exp(+-limit)``, and gradients
 #: scaled by it, stay far from overflow and underflow. Stronger decay takes the next path.
 FACTORED_LIMIT = {torch.float32: 50.0, torch.float64: 300.0}
+#: Longest chunk whose cumulative sums are formed by one addition per token slice
+#: (:class:`_ChunkCumsum`); longer chunks use ``torch.cumsum``.
+_CUMSUM_LOOP_MAX = 64
 #: Elements of one pairwise ``[group, s, c, c, K]`` temporary (64 MiB in fp32): bounds peak memory.
 _GROUP_ELEMENTS = 1 << 24
 
@@ -94,6 +104,53 @@ _GROUP_ELEMENTS = 1 << 24
 def _sub_chunk_size(chunk_size: int) -> int:
     """The largest divisor of ``chunk_size`` that is at most :data:`SUB_CHUNK`."""
     return max(d for d in range(1, min(SUB_CHUNK, chunk_size) + 1) if chunk_size % d == 0)
+
+
+def _gram_mask(C: int, device: torch.device) -> torch.Tensor:
+    """``[2C, C]`` bool: True where ``[A_qk; A_kk]`` is zero (above the diagonal of ``A_qk``,
+    on and above it for ``A_kk``)."""
+    upper = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
+    return torch.cat([upper, upper | torch.eye(C, dtype=torch.bool, device=device)])
+
+
+def _unit_lower_inverse_t(M: torch.Tensor) -> torch.Tensor:
+    """``(I + M)^-T`` for strictly lower-triangular ``M: [N, C, C]`` (contiguous).
+
+    LAPACK solves the batch one matrix at a time, against the identity (in the transposed
+    right-sided form it takes without copies). For even ``C >= 16`` the two diagonal
+    ``C/2``-blocks are solved that way (half the work: a cost cubic in the size) and the
+    off-diagonal block of the transposed inverse is ``-L11^-T L21^T L22^-T`` (two batched
+    matmuls), about 1.2x (one thread) to 1.7x (two) faster than one solve of the whole.
+    """
+    N, C, _ = M.shape
+    if C < 16 or C % 2:
+        eye = torch.eye(C, dtype=M.dtype, device=M.device).expand(N, C, C)
+        return torch.linalg.solve_triangular(
+            M.transpose(-1, -2), eye, upper=True, left=False, unitriangular=True
+        )
+    h = C // 2
+    blocks = M.view(N, 2, h, 2, h)
+    diag = torch.stack([blocks[:, 0, :, 0], blocks[:, 1, :, 1]], dim=1)  # [N, 2, h, h]
+    eye = torch.eye(h, dtype=M.dtype, device=M.device).expand(N, 2, h, h)
+    inv_t = torch.linalg.solve_triangular(
+        diag.transpose(-1, -2), eye, upper=True, left=False, unitriangular=True
+    )  # (I + M_jj)^-T
+    out = M.new_zeros(N, 2, h, 2, h)
+    out[:, 0, :, 0] = inv_t[:, 0]
+    out[:, 1, :, 1] = inv_t[:, 1]
+    upper = inv_t[:, 0] @ blocks[:, 1, :, 0].transpose(-1, -2) @ inv_t[:, 1]
+    out[:, 0, :, 1] = upper.neg_()
+    return out.view(N, C, C)
+
+
+def _gram_path(G_first: torch.Tensor, G_last: torch.Tensor, limit: float) -> str:
+    """How :class:`_ChunkedKDA` forms the Gram matrices of all chunks, from the first and last
+    cumulative log decay of each chunk (``G`` is non-increasing along a chunk): ``"zero"``
+    (path 1 around ``R = 0``: every ``|G| <= limit``), ``"mid"`` (path 1 around the middle of
+    each chunk's range: every decay span within ``2 * limit``) or ``"sub"`` (paths 2 and 3)."""
+    if not bool(((G_first - G_last) <= 2 * limit).all()):  # False for NaN too
+        return "sub"
+    return "zero" if bool((G_last >= -limit).all()) else "mid"
 
 
 def _pairwise_decay(Gb: torch.Tensor) -> torch.Tensor:
@@ -405,14 +462,55 @@ class _DecayedGram(torch.autograd.Function):
         return dq, dk, dG, None
 
 
+class _ChunkCumsum(torch.autograd.Function):
+    """Cumulative sum along the chunk axis: ``g [n, *batch, C, K]`` (any strides, e.g. a
+    permuted view of the ``[B, T, H, K]`` input) to a contiguous ``G`` of the same shape.
+
+    One pass that also lays ``G`` out chunk by chunk (instead of a copy into that layout and a
+    cumulative sum after it, which is about 2.5x slower on CPU): ``C - 1`` additions of whole
+    token slices, each ``G_r = G_{r-1} + g_r`` (the same sequential order as a cumulative sum).
+    The backward is the reverse cumulative sum, written straight into ``g``'s layout.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        C = g.shape[-2]
+        G = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        if C > _CUMSUM_LOOP_MAX:
+            torch.cumsum(g, dim=-2, out=G)
+        else:
+            G.select(-2, 0).copy_(g.select(-2, 0))
+            for r in range(1, C):
+                torch.add(G.select(-2, r - 1), g.select(-2, r), out=G.select(-2, r))
+        ctx.layout = (g.shape, g.stride())  # g is a dense (permuted) view: _kda_chunk
+        return G
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dG: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        shape, stride = ctx.layout
+        C = shape[-2]
+        dg = torch.empty_strided(shape, stride, dtype=dG.dtype, device=dG.device)
+        if C > _CUMSUM_LOOP_MAX:
+            dg.copy_(dG.flip(-2).cumsum(-2).flip(-2))
+        else:
+            dg.select(-2, C - 1).copy_(dG.select(-2, C - 1))
+            for r in range(C - 2, -1, -1):
+                torch.add(dg.select(-2, r + 1), dG.select(-2, r), out=dg.select(-2, r))
+        return dg
+
+
 class _ChunkedKDA(torch.autograd.Function):
     """Everything of :func:`kda_chunk` after the cumulative sum of the log decay, with a
     hand-written backward.
 
-    Inputs (``b = B * H``, ``n`` chunks of ``C`` tokens; contiguous): ``q, k, G: [n, b, C, K]``
-    (unscaled queries, keys, cumulative log decay per chunk), ``v: [n, b, C, V]``,
-    ``beta: [n, b, C, 1]``, ``S0: [b, K, V]`` (the state before the first chunk), ``scale`` and
-    the sub-chunk width ``sub``. Returns ``(O: [n, b, C, V], S_final: [b, K, V])``.
+    Inputs (``n`` chunks of ``C`` tokens, batch dims ``*batch`` (``(B, H)`` from
+    :func:`kda_chunk`), ``b`` their product): ``q, k: [n, *batch, C, K]`` (unscaled queries,
+    keys; any strides, e.g. permuted views of the ``[B, T, H, K]`` inputs: they are only read
+    element-wise), ``v: [n, *batch, C, V]`` (likewise), ``G: [n, *batch, C, K]`` (cumulative
+    log decay per chunk) and ``beta: [n, *batch, C, 1]`` (both contiguous), ``S0: [b, K, V]``
+    (the state before the first chunk), ``scale`` and the sub-chunk width ``sub``. Returns
+    ``(O: [n, *batch, C, V], S_final: [b, K, V])``.
 
     Forward, per chunk (batched over all chunks except the state pass)::
 
@@ -427,12 +525,14 @@ class _ChunkedKDA(torch.autograd.Function):
     W_i^T dV'_i``, then again batched the gradients of the state-pass operands, the solve
     (``drhs = (I + M)^-T [dW | dV']``, ``dM = -tril(drhs [W | U]^T)``), the element-wise
     factors, and the Gram matrices. When every chunk is on the factored path 1 (the common
-    case: a decay span within ``2 * FACTORED_LIMIT``) the Gram matrices are formed here and
-    their factors ``exp(+-(G - R))`` saved, so the backward accumulates their gradients in
-    place without recomputing anything; otherwise :func:`_gram_grouped` and
-    :func:`_gram_backward_grouped` take every chunk through the three paths. Every per-chunk step is
-    two fused multiply-adds into preallocated buffers (autograd through the same loop records
-    about ten nodes per chunk), and the gradients are accumulated in place.
+    case: a decay span within ``2 * FACTORED_LIMIT``; :func:`_gram_path` says which) the Gram
+    matrices are formed here (``(q up) (k down)^T``, ``(k up) (k down)^T``) and their factors
+    ``exp(+-(G - R))`` saved, so the backward accumulates their gradients in place without
+    recomputing anything; otherwise :func:`_gram_grouped` and :func:`_gram_backward_grouped`
+    take every chunk through the three paths. Every per-chunk step is two fused multiply-adds
+    into preallocated buffers (autograd through the same loop records about ten nodes per
+    chunk), and the gradients are accumulated in place. ``q``, ``k`` and ``v`` are never copied into the chunk layout: each
+    is read where it is first multiplied, and their gradients are written in their own layout.
     """
 
     @staticmethod
@@ -447,69 +547,96 @@ class _ChunkedKDA(torch.autograd.Function):
         scale: float,
         sub: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, b, C, K = k.shape
+        n, *bd, C, K = k.shape
         V = v.shape[-1]
-        flat = lambda x: x.reshape(n * b, x.shape[-2], x.shape[-1])
-        per_chunk = lambda x: x.view(n, b, C, x.shape[-1])
+        b = S0.shape[0]
+        flat = lambda x: x.reshape(n * b, x.shape[-2], x.shape[-1])  # a view where contiguous
         G_first, G_last = G[..., :1, :], G[..., -1:, :]
-        limit = FACTORED_LIMIT[k.dtype]
-        factored = bool(((G_first - G_last) <= 2 * limit).all())  # G is non-increasing
-        if factored:
-            # Every chunk on path 1 (module docstring): the factors are computed here once and
-            # saved, and also give exp(G_C - G) = down * exp(G_C - R) (both factors within
-            # exp(+-limit), so the product neither overflows nor loses precision).
-            mid = (G_first + G_last) * 0.5  # R: [n, b, 1, K]
-            up = (G - mid).exp_()
+        path = _gram_path(G_first, G_last, FACTORED_LIMIT[k.dtype])
+        k_to_end = torch.empty_like(G)  # exp(G_C - G) k
+        rhs = k.new_empty(n, *bd, C, K + V)  # [exp(G) k | v]; beta goes into the inverse
+        exp_mid = None
+        if path == "zero":
+            # Path 1 around R = 0 (|G| <= limit: the usual case at initialisation): up = exp(G)
+            # itself, so exp(G) q and exp(G) k are the Gram matrices' row operands.
+            up = G.exp()
             down = up.reciprocal()
-            k_down = k * down
-            keys = k_down.transpose(-1, -2)
-            A_qk = ((q * up) @ keys).tril_()
-            A_kk = ((k * up) @ keys).tril_(-1)
+            q_exp = torch.mul(q, up, out=torch.empty_like(up))
+            k_exp = torch.mul(k, up, out=rhs[..., :K])
+            torch.mul(k, down, out=k_to_end)  # k down, for now
+            keys = flat(k_to_end).transpose(-1, -2)
+            A_qk = torch.bmm(flat(q_exp), keys).view(n, *bd, C, C).tril_()
+            A_kk = torch.bmm(flat(k_exp), keys).view(n, *bd, C, C).tril_(-1)
+            G_exp = up
+            decay = tail = G_last.exp()  # exp(G_C) = exp(G_C - R)
+            k_to_end.mul_(tail)
+        elif path == "mid":
+            # Every chunk on path 1 (module docstring) around the middle R of its range: the
+            # factors are computed here once and saved. They also give exp(G) = up * exp(R) and
+            # exp(G_C - G) = down * exp(G_C - R): the first product underflows only where exp(G)
+            # is far below the other terms of its sums (exp(R) <= 1 and up <= exp(limit)), the
+            # second neither overflows nor loses precision (both factors within exp(+-limit)).
+            mid = (G_first + G_last) * 0.5  # R: [n, *batch, 1, K]
+            up = torch.sub(G, mid).exp_()
+            down = up.reciprocal()
+            rows = G.new_empty(n, *bd, 2 * C, K)  # [q up; k up]: one matmul for both Grams
+            q_up, k_up = rows[..., :C, :], rows[..., C:, :]
+            torch.mul(q, up, out=q_up)
+            torch.mul(k, up, out=k_up)
+            torch.mul(k, down, out=k_to_end)  # k down, for now
+            A = torch.bmm(flat(rows), flat(k_to_end).transpose(-1, -2))  # [A_qk; A_kk]
+            A = A.view(n, *bd, 2 * C, C)
+            A_qk, A_kk = A[..., :C, :], A[..., C:, :]
+            # tril(A_qk), strict tril(A_kk): one strict tril over the [C, C] blocks of the
+            # contiguous buffer, A_qk's diagonal put back
+            diag = A_qk.diagonal(dim1=-2, dim2=-1).clone()
+            A.view(-1, C, C).tril_(-1)
+            A_qk.diagonal(dim1=-2, dim2=-1).copy_(diag)
             tail = (G_last - mid).exp_()
-            k_to_end = k_down.mul_(tail)
-            del k_down, keys
+            k_to_end.mul_(tail)
+            exp_mid = mid.exp_()
+            q_exp = q_up.mul_(exp_mid)  # exp(G) q
+            torch.mul(k_up, exp_mid, out=rhs[..., :K])  # exp(G) k
+            G_exp = None  # the backward forms it from up and exp(R)
+            decay = G_last.exp()  # exp(G_C)
         else:
-            A_qk, A_kk = (per_chunk(A) for A in _gram_grouped(flat(q), flat(k), flat(G), sub))
+            A_qk, A_kk = (
+                x.view(n, *bd, C, C) for x in _gram_grouped(flat(q), flat(k), flat(G), sub)
+            )
             up = down = tail = None
-            k_to_end = (G_last - G).exp_().mul_(k)  # exp(G_C - G) k: never overflows
+            torch.sub(G_last, G, out=k_to_end).exp_().mul_(k)  # exp(G_C - G) k: never overflows
+            G_exp = G.exp()
+            q_exp = torch.mul(q, G_exp, out=torch.empty_like(G_exp))
+            torch.mul(G_exp, k, out=rhs[..., :K])
+            decay = G_exp[..., -1:, :]
         M = A_kk * beta  # row r scaled by beta_r
-        G_exp = G.exp()
-        q_exp = q * G_exp
-        decay = G_exp[..., -1:, :].transpose(-1, -2)  # exp(G_C): [n, b, K, 1]
-        rhs = k.new_empty(n, b, C, K + V)
-        torch.mul(G_exp, k, out=rhs[..., :K]).mul_(beta)
-        torch.mul(v, beta, out=rhs[..., K:])
-        # (I + M) X = rhs with I + M unit lower-triangular, through its inverse: one solve
-        # against the identity (C columns instead of K + V, in the transposed right-sided form
-        # that LAPACK takes without copies), then a batched matmul; the backward reuses the
-        # inverse instead of a second solve. About 1.5x faster than solving for X directly.
-        eye = torch.eye(C, dtype=k.dtype, device=k.device).expand(n, b, C, C)
-        T_inv_t = torch.linalg.solve_triangular(
-            M.transpose(-1, -2), eye, upper=True, left=False, unitriangular=True
-        )  # (I + M)^-T: [n, b, C, C]
-        X = T_inv_t.transpose(-1, -2) @ rhs  # [W | U]: [n, b, C, K + V]
+        rhs[..., K:] = v
+        T_inv_t = _unit_lower_inverse_t(flat(M)).view(n, *bd, C, C)  # (I + M)^-T
+        del M
+        X = (T_inv_t * beta).transpose(-1, -2) @ rhs  # [W | U]: [n, *batch, C, K + V]
         del rhs
-        W, U = X[..., :K], X[..., K:]
+        W, U = flat(X).view(n, b, C, K + V).split([K, V], dim=-1)
         states = k.new_empty(n + 1, b, K, V)  # S_i entering chunk i; states[n]: final
         states[0] = S0
         v_new = k.new_empty(n, b, C, V)
+        decay = decay.reshape(n, b, K, 1)  # exp(G_C): [n, b, K, 1]
+        k_t = k_to_end.view(n, b, C, K).transpose(-1, -2)
         # per-chunk views made once (unbind), not by indexing inside the loop
         S_i, V_i = states.unbind(0), v_new.unbind(0)
-        operands = zip(
-            U.unbind(0), W.unbind(0), decay.unbind(0), k_to_end.transpose(-1, -2).unbind(0)
-        )
+        operands = zip(U.unbind(0), W.unbind(0), decay.unbind(0), k_t.unbind(0))
         for i, (U_i, W_i, decay_i, kt_i) in enumerate(operands):
             torch.baddbmm(U_i, W_i, S_i[i], alpha=-1.0, out=V_i[i])
             torch.mul(S_i[i], decay_i, out=S_i[i + 1])
             S_i[i + 1].baddbmm_(kt_i, V_i[i])
-        o = torch.bmm(flat(A_qk), flat(v_new))
-        o = o.baddbmm_(flat(q_exp), flat(states[:n]), beta=scale, alpha=scale)
+        o = torch.bmm(flat(q_exp), flat(states[:n]))
+        o = o.baddbmm_(flat(A_qk), flat(v_new), beta=scale, alpha=scale)
+        v_new = v_new.view(n, *bd, C, V)
         ctx.save_for_backward(
             q, k, v, G, beta, A_qk, A_kk, G_exp, k_to_end, q_exp, T_inv_t, X, states, v_new,
-            up, down, tail,
+            up, down, tail, exp_mid,
         )  # fmt: skip
         ctx.scale, ctx.sub = scale, sub
-        return o.view(n, b, C, V), states[n].clone()
+        return o.view(n, *bd, C, V), states[n].clone()
 
     @staticmethod
     @once_differentiable
@@ -517,56 +644,65 @@ class _ChunkedKDA(torch.autograd.Function):
         # ctx.saved_tensors unpacks (and, under activation checkpointing, recomputes) on every
         # access: read it exactly once.
         (q, k, v, G, beta, A_qk, A_kk, G_exp, k_to_end, q_exp, T_inv_t, X, states, v_new, up, down,
-         tail) = ctx.saved_tensors  # fmt: skip
-        n, b, C, K = k.shape
+         tail, exp_mid) = ctx.saved_tensors  # fmt: skip
+        n, *bd, C, K = k.shape
         V = v.shape[-1]
+        b = states.shape[1]
         flat = lambda x: x.reshape(n * b, x.shape[-2], x.shape[-1])
-        dO = dO.reshape(n, b, C, V) * ctx.scale
+        per_chunk = lambda x: x.view(n, b, x.shape[-2], x.shape[-1])  # views only
+        dO = dO.reshape(n, *bd, C, V)  # often a permuted view: made contiguous, and scaled
+        dO = torch.mul(dO, ctx.scale, out=dO.new_empty(dO.shape))
         W = X[..., :K]
-        starts = states[:n]
+        starts = states[:n].view(n, *bd, K, V)
+        if G_exp is None:  # factored path: exp(G) = up * exp(R), as in the forward
+            G_exp = up * exp_mid
 
         # outputs: O = exp(G) q S_i + A_qk V'
         dA_qk = (dO @ v_new.transpose(-1, -2)).tril_()
-        d_q_exp = dO @ starts.transpose(-1, -2)  # [n, b, C, K]
-        dX = X.new_empty(n, b, C, K + V)  # [dW | dU]; dU == dV', accumulated in place below
+        d_q_exp = dO @ starts.transpose(-1, -2)  # [n, *batch, C, K]
+        dX = X.new_empty(n, *bd, C, K + V)  # [dW | dU]; dU == dV', accumulated in place below
         d_v_new = dX[..., K:]
-        d_v_new.copy_(A_qk.transpose(-1, -2) @ dO)
+        torch.matmul(A_qk.transpose(-1, -2), dO, out=d_v_new)
         dS = q_exp.transpose(-1, -2) @ dO  # P_i; becomes dS_i (the gradient of S_i) below
-        last = torch.zeros_like(dS[0]) if dS_final is None else dS_final
-        decay = G_exp[..., -1:, :].transpose(-1, -2)  # exp(G_C): [n, b, K, 1]
-        dS_i, dV_i, K_i = dS.unbind(0), d_v_new.unbind(0), k_to_end.unbind(0)
-        decay_i, Wt_i = decay.unbind(0), W.transpose(-1, -2).unbind(0)
+        dS_flat = per_chunk(dS)
+        last = torch.zeros_like(dS_flat[0]) if dS_final is None else dS_final
+        decay = per_chunk(G_exp[..., -1:, :].transpose(-1, -2))  # exp(G_C): [n, b, K, 1]
+        dS_i, dV_i, K_i = dS_flat.unbind(0), per_chunk(d_v_new).unbind(0), per_chunk(k_to_end)
+        decay_i, Wt_i = decay.unbind(0), per_chunk(W).transpose(-1, -2).unbind(0)
+        K_i = K_i.unbind(0)
         nxt = last
         for i in range(n - 1, -1, -1):
             dV_i[i].baddbmm_(K_i[i], nxt)
             nxt = dS_i[i].addcmul_(decay_i[i], nxt).baddbmm_(Wt_i[i], dV_i[i], alpha=-1.0)
         # with dS_{i+1} (dS[1:], then the final state's gradient), without concatenating them
-        d_k_to_end = torch.empty_like(k_to_end)  # V' dS_{i+1}^T: [n, b, C, K]
+        d_k_to_end = k.new_empty(n, *bd, C, K)  # V' dS_{i+1}^T
         d_decay = k.new_empty(n, b, 1, K)  # rowsum(S_i * dS_{i+1})
-        for lo, hi, nxt in ((0, n - 1, dS[1:]), (n - 1, n, last.unsqueeze(0))):
+        dkte, vn, st = per_chunk(d_k_to_end), per_chunk(v_new), states[:n]
+        for lo, hi, nxt in ((0, n - 1, dS_flat[1:]), (n - 1, n, last.unsqueeze(0))):
             if hi > lo:
-                torch.matmul(v_new[lo:hi], nxt.transpose(-1, -2), out=d_k_to_end[lo:hi])
-                d_decay[lo:hi] = (starts[lo:hi] * nxt).sum(dim=-1).unsqueeze(-2)
+                torch.matmul(vn[lo:hi], nxt.transpose(-1, -2), out=dkte[lo:hi])
+                d_decay[lo:hi] = (st[lo:hi] * nxt).sum(dim=-1).unsqueeze(-2)
+        d_decay = d_decay.view(n, *bd, 1, K)
         dX[..., :K] = (d_v_new @ starts.transpose(-1, -2)).neg_()  # dW = -dV' S_i^T
 
         # the solve: X = (I + M)^-1 rhs, so drhs = (I + M)^-T dX and dM = -drhs X^T (strictly
         # lower part: the unit diagonal and the zeros above it are constants)
-        d_rhs = T_inv_t @ dX  # [n, b, C, K + V]
+        d_rhs = T_inv_t @ dX  # [n, *batch, C, K + V]
         dM = (d_rhs @ X.transpose(-1, -2)).neg_().tril_(-1)
         del dX
         # rhs = diag(beta) [exp(G) k | v]
         d_rk, d_rv = d_rhs[..., :K], d_rhs[..., K:]
-        dk = d_rk * G_exp  # gradient of exp(G) k, before beta
+        dk = torch.mul(d_rk, G_exp, out=torch.empty_like(k))  # of exp(G) k, before beta
         d_beta = (dk * k).sum(dim=-1, keepdim=True).add_((d_rv * v).sum(dim=-1, keepdim=True))
         dk.mul_(beta)
         dG_exp = (d_rk * k).mul_(beta)
-        dv = d_rv * beta
+        dv = torch.mul(d_rv, beta, out=torch.empty_like(v))
         del d_rhs, d_rk, d_rv
         # M = diag(beta) A_kk
         d_beta.add_((dM * A_kk).sum(dim=-1, keepdim=True))
         dA_kk = dM.mul_(beta)
         # exp(G) q, exp(G_C - G) k, exp(G_C) and exp(G): dG collects d(log factor)
-        dq = d_q_exp * G_exp
+        dq = torch.mul(d_q_exp, G_exp, out=torch.empty_like(q))
         dG_exp.addcmul_(d_q_exp, q)
         # exp(G_C - G), formed here (the forward needs only its product with k)
         to_end = (G[..., -1:, :] - G).exp_() if tail is None else down * tail
@@ -595,7 +731,7 @@ class _ChunkedKDA(torch.autograd.Function):
             part.add_(dA_kk.transpose(-1, -2) @ (k * up)).mul_(down)
             dk += part
             dG.addcmul_(k, part, value=-1.0)
-        return dq, dk, dv, dG, d_beta, dS[0], None, None
+        return dq, dk, dv, dG, d_beta, dS_flat[0], None, None
 
 
 def kda_chunk(
@@ -631,7 +767,8 @@ def kda_chunk(
         chunk_size: tokens per chunk of the sequential state pass (a positive int; default
             :data:`DEFAULT_CHUNK_SIZE`). The intra-chunk work grows with it, the number of
             sequential steps shrinks; on CPU 32 was the fastest of 16, 32 and 64 at T = 4K
-            (``benchmarks/kda_cpu.py --chunk-size``). Any ``T`` works: the tail chunk is zero-padded, and sequences
+            (``benchmarks/kda_cpu.py --chunk-size``; ``KimiLinearConfig.kda_chunk_size``
+            defaults to it). Any ``T`` works: the tail chunk is zero-padded, and sequences
             shorter than a chunk use a chunk of ``T`` rounded up to 16. The result does not
             depend on it beyond rounding.
         cu_seqlens: optional ``[N + 1]`` int32/int64 offsets of sequences packed along T
@@ -656,20 +793,34 @@ def kda_chunk(
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    check_log_decay(g)
     compute = compute_dtype(q.dtype)
+    clamp = _check_log_decay(g, compute)
     if q.device.type == "meta":
         return empty_outputs(v, N, K, output_final_state, compute)
     scale = K**-0.5 if scale is None else float(scale)
     # Autocast would run the matmuls in bf16 / fp16 and cancel the fp32 compute guarantee.
     with autocast_disabled(q.device):
         if cu_seqlens is None:
-            o, S = _kda_chunk(q, k, v, g, beta, scale, initial_state, chunk_size, compute)
+            o, S = _kda_chunk(q, k, v, g, beta, scale, initial_state, chunk_size, compute, clamp)
         else:
             o, S = _kda_chunk_varlen(
-                q, k, v, g, beta, scale, initial_state, chunk_size, compute, cu_seqlens
+                q, k, v, g, beta, scale, initial_state, chunk_size, compute, cu_seqlens, clamp
             )
     return o, (S if output_final_state else None)
+
+
+def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:
+    """:func:`~kimi_linear.ops.checks.check_log_decay` and whether some ``g`` lies below
+    ``LOG_DECAY_FLOOR[compute]`` (so that it must be clamped), from one ``aminmax`` pass.
+    While ``torch.compile`` traces (no data-dependent branch) it says True: always clamp."""
+    if g.device.type == "meta" or g.numel() == 0:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    lo, hi = torch.aminmax(g)
+    if not bool(hi <= 0):  # NaN fails too
+        check_log_decay(g)  # raises, with the message
+    return bool(lo < LOG_DECAY_FLOOR[compute])
 
 
 def _padded_length(length: int, chunk_size: int) -> int:
@@ -689,6 +840,7 @@ def _kda_chunk_varlen(
     chunk_size: int,
     compute: torch.dtype,
     cu_seqlens: torch.Tensor,
+    clamp: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`kda_chunk` over packed sequences (``B == 1``); returns ``(o, final_states)``.
 
@@ -726,7 +878,7 @@ def _kda_chunk_varlen(
             valid[j, :length] = True
         idx, valid = idx.to(dev), valid.to(dev)
         dense = [x[idx] for x in ext]  # [b, L, H, ...]
-        o_g, S_g = _kda_chunk(*dense, scale, h0, chunk_size, compute)
+        o_g, S_g = _kda_chunk(*dense, scale, h0, chunk_size, compute, clamp)
         outs.append(o_g[valid])  # [tokens of the group, H, V], in sequence order
         out_pos.append(idx[valid])
         states.append(S_g)
@@ -748,8 +900,10 @@ def _kda_chunk(
     initial_state: torch.Tensor | None,
     chunk_size: int,
     compute: torch.dtype,
+    clamp: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The computation of :func:`kda_chunk` on validated inputs; returns ``(o, final_state)``."""
+    """The computation of :func:`kda_chunk` on validated inputs; returns ``(o, final_state)``.
+    ``clamp``: some ``g`` lies below ``LOG_DECAY_FLOOR[compute]`` (:func:`_check_log_decay`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -768,37 +922,27 @@ def _kda_chunk(
 
     def chunked(x: torch.Tensor, floor: float | None = None) -> torch.Tensor:
         # [B, T, H, ...] -> [n, B, H, C, ...], zero-padded at the end (g = 0, beta = 0, k = 0
-        # there: padded tokens neither decay nor write the state).
+        # there: padded tokens neither decay nor write the state). A permuted view of a dense
+        # tensor, not a copy: q, k, v are read in this layout where they are first multiplied.
         x = x.to(compute)
-        # clamped only when some value is below the floor (a read-only check is cheaper than
-        # the clamp and the mask its backward keeps)
-        if floor is not None and (torch.compiler.is_compiling() or bool(x.amin() < floor)):
+        # clamped only when some value is below the floor (``clamp``, from the read-only check
+        # in kda_chunk: cheaper than the clamp and the mask its backward keeps)
+        if floor is not None and clamp:
             x = x.clamp(min=floor)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        # contiguous once here, so that every batched matmul below gets dense operands
-        return rearrange(x, "b (n c) h ... -> n b h c ...", c=C).contiguous()
+        x = x.contiguous()  # a no-op for the usual contiguous inputs
+        return x.view(B, n, C, *x.shape[2:]).movedim(0, 1).transpose(2, 3)
 
     q, k, v = (chunked(x) for x in (q, k, v))
     # The log decay is clamped per step at a floor where exp underflows to exactly 0, which is
     # exact (kimi_linear.ops.checks) and keeps the cumulative sums finite: with g = -inf, or a
     # finite -1e30 that swallows its neighbours, G_r - G_i would be NaN or wrong.
-    g = chunked(g, LOG_DECAY_FLOOR[compute])
-    beta = chunked(beta.unsqueeze(-1))  # [n, B, H, C, 1]
-    G = g.cumsum(dim=-2)  # [n, B, H, C, K]
+    G = _ChunkCumsum.apply(chunked(g, LOG_DECAY_FLOOR[compute]))  # [n, B, H, C, K]
+    beta = chunked(beta.unsqueeze(-1)).contiguous()  # [n, B, H, C, 1]
 
     # q enters both A_qk and exp(G) * q linearly, so ``scale`` is applied to the outputs (a
     # matmul's alpha) instead of to q (a pass over q and over its gradient).
-    per_chunk = lambda x: x.view(n, B * H, C, x.shape[-1])
-    o, S = _ChunkedKDA.apply(
-        per_chunk(q),
-        per_chunk(k),
-        per_chunk(v),
-        per_chunk(G),
-        per_chunk(beta),
-        S.reshape(B * H, K, V),
-        scale,
-        sub,
-    )
-    o = rearrange(o, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
+    o, S = _ChunkedKDA.apply(q, k, v, G, beta, S.reshape(B * H, K, V), scale, sub)
+    o = rearrange(o, "n b h c v -> b (n c) h v")[:, :T]
     return o.to(out_dtype).contiguous(), S.view(B, H, K, V)
