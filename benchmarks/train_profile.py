@@ -24,8 +24,8 @@ depend on the tokens), and reports two things:
 Models: ``tiny`` (the ``tiny`` preset: 3 KDA + 1 MLA layer, hidden 64, 4 experts top-2 + a shared
 one; batch 8 x 128 tokens, MuonClip, as configs/tiny.yaml) and the four models of
 ``experiments/synthetic_tasks.py`` (``syn-kda``, ``syn-gdn``, ``syn-mla``, ``syn-hybrid``:
-4 layers, hidden 64, parameter-matched dense MLPs; MQAR vocabulary, batch 32 x ``--seq-len``,
-AdamW, the study's defaults).
+as the study builds them, hidden 64, parameter-matched dense MLPs; MQAR vocabulary, batch 32 x
+``--seq-len``, AdamW, the study's defaults).
 
 Writes ``train_profile.json`` and ``.md`` under ``benchmarks/results/<device>/`` (or
 ``--out-dir``).
