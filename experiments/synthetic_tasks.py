@@ -135,7 +135,9 @@ DEVIATIONS: dict[str, list[str]] = {
     ],
 }
 #: How the CPU profile was chosen (MQAR, 8 pairs over 64 tokens, length 64; answer accuracy):
-#: the MLA-only sanity gate failed at every step, so no ordering has been reported yet.
+#: the MLA-only sanity gate failed at every step, so no ordering has been reported yet. The
+#: "plain loop" and GPT figures come from hand-run diagnostic loops on the same data (AdamW, batch
+#: 32, seed 0), not from this script; the others are runs of this script.
 SETUP_HISTORY: list[str] = [
     "4 layers, 2 heads x 32, MLA-only NoPE, cap 1500, seed 0: MLA-only 0.30 / 0.29 / 0.25 at "
     "learning rates 5e-4 / 1e-3 / 3e-3. NoPE attention alone has no position signal for the "
@@ -458,7 +460,12 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) ->
         verdict = "passed" if gate["passed"] else "FAILED: the setup is wrong; no comparison below"
         lines.append(f"MLA-only MQAR answer accuracy {gate['acc']:.3f}: {verdict}.")
     if meta["profile"] == "cpu":
-        lines += ["", "How the CPU profile was chosen (MQAR, answer accuracy):", ""]
+        lines += [
+            "",
+            "How the CPU profile was chosen (MQAR, answer accuracy; the plain-loop and GPT "
+            "figures are hand-run diagnostic loops on the same data, not runs of this script):",
+            "",
+        ]
         lines += [f"- {h}" for h in SETUP_HISTORY]
     lines += [
         "",
