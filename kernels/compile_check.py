@@ -289,37 +289,18 @@ def kernel_specs(
     BKS = min(BK, 64)
     prec = dot_precision(_DTYPES[dtype])
     state = dict(K=K, V=V, BT=BT, BK=BK, BKS=BKS, DOT_PREC=prec)
+    intra_fwd = dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), BKW=BKS, DOT_PREC=prec)
+    intra_bwd = dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec)
     launches = [
         (
             chunk_fwd._chunk_cumsum_kernel,
             dict(K=K, BT=BT, BK=min(BK, 32), G_FLOOR=chunk_fwd.G_FLOOR),
         ),
-        (
-            chunk_fwd._intra_solve_fwd_kernel,
-            dict(
-                K=K,
-                BT=BT,
-                BC=BC,
-                BK=BK,
-                BKD=min(BK, 32),
-                BKW=BKS,
-                SAFE_GATE=False,
-                DOT_PREC=prec,
-            ),
-        ),
-        (
-            chunk_fwd._intra_solve_fwd_kernel,
-            dict(
-                K=K,
-                BT=BT,
-                BC=BC,
-                BK=BK,
-                BKD=min(BK, 32),
-                BKW=BKS,
-                SAFE_GATE=True,
-                DOT_PREC=prec,
-            ),
-        ),
+        # the kernels with a safe-gate fast path: both variants
+        *[
+            (chunk_fwd._intra_solve_fwd_kernel, dict(intra_fwd, SAFE_GATE=sg))
+            for sg in (False, True)
+        ],
         (
             chunk_fwd._recompute_wy_kernel,
             dict(
@@ -337,14 +318,7 @@ def kernel_specs(
         (chunk_fwd._chunk_fwd_o_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
         (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
         (chunk_bwd._bwd_dv_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
-        (
-            chunk_bwd._intra_bwd_kernel,
-            dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec, SAFE_GATE=False),
-        ),
-        (
-            chunk_bwd._intra_bwd_kernel,
-            dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec, SAFE_GATE=True),
-        ),
+        *[(chunk_bwd._intra_bwd_kernel, dict(intra_bwd, SAFE_GATE=sg)) for sg in (False, True)],
         (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec)),
     ]
     specs = []

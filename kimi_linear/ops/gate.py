@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 # the allowed ``lower_bound`` of the safe gate, ``[-5, 0)``: one rule with the config's check
 from kimi_linear.config import SAFE_GATE_LOWER_BOUND_RANGE
+from kimi_linear.ops.backend import check_safe_gate_argument
 
 __all__ = ["SAFE_GATE_LOWER_BOUND_RANGE", "kda_gate"]
 
@@ -56,14 +57,7 @@ def kda_gate(
         raise ValueError(f"A_log must hold H={H} values, got shape {tuple(A_log.shape)}")
     if dt_bias.numel() != H * K:
         raise ValueError(f"dt_bias must hold H*K={H * K} values, got shape {tuple(dt_bias.shape)}")
-    if lower_bound is not None:
-        lo, hi = SAFE_GATE_LOWER_BOUND_RANGE
-        if (
-            isinstance(lower_bound, bool)
-            or not isinstance(lower_bound, (int, float))
-            or not (lo <= lower_bound < hi)
-        ):
-            raise ValueError(f"lower_bound must be None or in [{lo}, {hi}), got {lower_bound!r}")
+    lower_bound = check_safe_gate_argument(lower_bound, "lower_bound")
     x = f.float() + dt_bias.float().reshape(H, K)
     A = A_log.float().reshape(H, 1).exp()
     if lower_bound is None:
