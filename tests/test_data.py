@@ -99,8 +99,27 @@ def test_mqar_layout_follows_zoology() -> None:
     tokens, mask = task.generate(__import__("numpy").random.default_rng(0), 64)
     keys, values = tokens[0:8:2], tokens[1:8:2]
     assert ((keys >= 1) & (keys < 32)).all() and len(set(keys.tolist())) == 4
-    assert ((values >= 32) & (values < 64)).all()
+    assert ((values >= 32) & (values < 64)).all() and len(set(values.tolist())) == 4
     assert mask.sum() == 4 and not mask[:8].any()
+
+
+@pytest.mark.parametrize("answers_in_input", [False, True])
+def test_mqar_answers_hidden_from_the_input_unless_asked(answers_in_input: bool) -> None:
+    """Zoology's layout: the answer slot of the input is filler, so an earlier answer cannot
+    reveal which values are still unqueried; ``answers_in_input=True`` feeds the answers back."""
+    task = MQARTask(num_kv_pairs=8, num_tokens=64, answers_in_input=answers_in_input)
+    ds = SyntheticTaskDataset(task, 64, num_samples=16, seed=1)
+    for i in range(len(ds)):
+        item, (tokens, mask) = ds[i], ds.example(i)
+        answers = torch.from_numpy(mask)
+        assert torch.equal(item["labels"][answers], torch.from_numpy(tokens)[answers])
+        assert bool((item["labels"][answers] >= 32).all())  # the answers are values
+        in_slots = item["input_ids"][answers]
+        if answers_in_input:
+            assert torch.equal(in_slots, item["labels"][answers])
+        else:
+            assert bool((in_slots == MQARTask.pad_id).all())
+        assert torch.equal(item["input_ids"][~answers], torch.from_numpy(tokens)[~answers])
 
 
 def test_same_seed_same_batches_other_seed_differs() -> None:

@@ -113,3 +113,26 @@ def test_quick_study_runs_and_resumes(study, tmp_path, monkeypatch):
 
     monkeypatch.setattr(study, "run_one", no_training)
     assert study.main(argv) == 0  # every run loaded from runs/
+
+
+@pytest.mark.slow
+def test_report_only_trains_nothing_and_lists_missing_runs(study, tmp_path, monkeypatch):
+    argv = ["--quick", "--models", "mla", "--no-progress", "--out-dir", str(tmp_path)]
+    assert study.main(argv) == 0
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    seed1 = next(p for p in runs if p.name.endswith("seed1.json"))
+    seed1.unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr(study, "run_one", no_training)
+    assert study.main([*argv, "--report-only"]) == 0
+    data = json.loads((tmp_path / "synthetic_tasks.json").read_text())
+    assert data["meta"]["missing_runs"] == [seed1.stem]
+    cell = data["summary"]["cells"]["mqar/32/mla/32"]
+    assert cell["acc"]["n"] == 1 and not cell["complete"]
+    assert data["summary"]["sanity_gate"] is None  # a partial cell is not a result
+    md = (tmp_path / "synthetic_tasks.md").read_text()
+    assert "## Not yet run" in md and seed1.stem in md and "partial" in md
+    assert not seed1.exists()

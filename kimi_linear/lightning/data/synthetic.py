@@ -44,6 +44,11 @@ class SyntheticTask:
         """One example: ``tokens`` int64 ``[seq_len]`` and ``answer_mask`` bool ``[seq_len]``."""
         raise NotImplementedError
 
+    def model_input(self, tokens: np.ndarray, answer_mask: np.ndarray) -> np.ndarray:
+        """The model's input for one example of :meth:`generate`: the tokens themselves, answers
+        included (teacher forcing), unless the task hides its answers (MQAR)."""
+        return tokens
+
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len < self.min_seq_len():
             raise UsageError(
@@ -59,21 +64,28 @@ class SyntheticTask:
 class MQARTask(SyntheticTask):
     """Multi-query associative recall, following Zoology's generator (Arora et al., 2023).
 
-    Layout of one example (``P = num_kv_pairs``)::
+    Layout of one example (``P = num_kv_pairs``; ``_`` is the answer slot)::
 
-        k_1 v_1 k_2 v_2 ... k_P v_P | 0 ... k_a v_a 0 ... k_b v_b 0 ...
+        k_1 v_1 k_2 v_2 ... k_P v_P | 0 ... k_a _ 0 ... k_b _ 0 ...
 
-    Keys come from ``[1, vocab_size // 2)`` and values from ``[vocab_size // 2, vocab_size)``
-    (distinct keys; values drawn with replacement).  Every key is queried once in the second
-    part, at slot ``2 * gap`` with ``gap`` drawn without replacement from a power law
-    ``p(gap) ~ gap ** (power_a - 1)`` (short gaps likely), and the answer -- the key's value --
-    follows it.  Only the answers are scored.  Token 0 is filler.
+    Keys come from ``[1, vocab_size // 2)`` and values from ``[vocab_size // 2, vocab_size)``,
+    both distinct within an example.  Every key is queried once in the second part, at slot
+    ``2 * gap`` with ``gap`` drawn without replacement from a power law
+    ``p(gap) ~ gap ** (power_a - 1)`` (short gaps likely); the answer -- the key's value -- is
+    the label of the slot after it.  Only the answers are scored.  Token 0 is filler.
+
+    As in Zoology, the answer slot of the *input* holds filler, not the answer
+    (``answers_in_input=False``): were the answers fed back, an earlier answer would reveal
+    which values are still unqueried, and a model could score well above chance by elimination
+    instead of recall (a 2-layer MLA-only model settles at about 0.39 answer accuracy that way,
+    with 8 pairs: ``experiments/synthetic_tasks.py``).  ``answers_in_input=True`` feeds them back.
     """
 
     name: ClassVar[str] = "mqar"
     num_kv_pairs: int = 16
     num_tokens: int = 256
     power_a: float = 0.01
+    answers_in_input: bool = False
 
     def __post_init__(self) -> None:
         if self.num_tokens < 4 or self.num_tokens % 2:
@@ -96,7 +108,7 @@ class MQARTask(SyntheticTask):
     def generate(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         P, half = self.num_kv_pairs, self.num_tokens // 2
         keys = rng.choice(np.arange(1, half), size=P, replace=False)
-        values = rng.integers(half, self.num_tokens, size=P)
+        values = rng.choice(np.arange(half, self.num_tokens), size=P, replace=False)
         tokens = np.zeros(seq_len, dtype=np.int64)
         tokens[0 : 2 * P : 2] = keys
         tokens[1 : 2 * P : 2] = values
@@ -109,6 +121,10 @@ class MQARTask(SyntheticTask):
         mask = np.zeros(seq_len, dtype=bool)
         mask[query_pos + 1] = True
         return tokens, mask
+
+    def model_input(self, tokens: np.ndarray, answer_mask: np.ndarray) -> np.ndarray:
+        """Filler in the answer slots unless ``answers_in_input`` (see the class docstring)."""
+        return tokens if self.answers_in_input else np.where(answer_mask, self.pad_id, tokens)
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,8 @@ class SyntheticTaskDataset(Dataset):
     ``(seed, split, i)`` (a NumPy ``default_rng`` seeded with that triple).
 
     Items are ``{"input_ids": [T] long, "labels": [T] long}`` with labels ``-100`` except at the
-    answer positions, where they equal the input token.
+    answer positions, where they hold the answer; ``input_ids`` is the task's
+    :meth:`~SyntheticTask.model_input` (the answer too, except in MQAR's answer slots).
     """
 
     def __init__(
@@ -285,8 +302,8 @@ class SyntheticTaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens, mask = self.example(index)
-        input_ids = torch.from_numpy(tokens)
-        labels = torch.where(torch.from_numpy(mask), input_ids, IGNORE_INDEX)
+        input_ids = torch.from_numpy(self.task.model_input(tokens, mask))
+        labels = torch.where(torch.from_numpy(mask), torch.from_numpy(tokens), IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels}
 
 
@@ -301,7 +318,7 @@ class SyntheticDataModule(_BaseDataModule):
         num_val: examples in the validation and in the test split.
         seed: seeds every example (with the split and the example's index).
         task_kwargs: the task's options: ``mqar``: ``num_kv_pairs`` (16), ``num_tokens`` (256),
-            ``power_a`` (0.01); ``palindrome``: ``num_symbols`` (64); ``stack``:
+            ``power_a`` (0.01), ``answers_in_input`` (False); ``palindrome``: ``num_symbols`` (64); ``stack``:
             ``num_stacks`` (64), ``num_values`` (64), ``pop_prob`` (0.5).
         num_workers: DataLoader worker processes.
     """
