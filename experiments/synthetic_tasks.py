@@ -380,6 +380,17 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def _verdict(
+    margin: float, a: dict[str, float], b: dict[str, float], resolution: float = 0.0
+) -> str:
+    """``margin`` (positive: the paper's way) against the noise: a difference within one
+    standard deviation over seeds (the larger of the two) or the measurement's resolution is a
+    tie, not a reproduction or a contradiction."""
+    if abs(margin) <= max(a["std"], b["std"], resolution):
+        return "tie"
+    return "reproduced" if margin > 0 else "not reproduced"
+
+
 def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -> dict[str, Any]:
     """Mean and spread per (task, train length, model, eval length) at the chosen lr; the
     sanity gate; the paper's orderings."""
@@ -421,14 +432,17 @@ def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -
             orderings.append({
                 "task": task, "train_length": int(L), "eval_length": int(Le),
                 "claim": "KDA >= GDN-like (answer accuracy)", "kda": a, "gdn": b,
-                "reproduced": a >= b,
+                "reproduced": a >= b, "verdict": _verdict(a - b, cell["acc"], other["acc"]),
             })  # fmt: skip
             if Le == L:
                 sa, sb = cell["steps"]["mean"], other["steps"]["mean"]
+                # steps are known to the evaluation interval only
+                res = getattr(args, "eval_every", 0)
                 orderings.append({
                     "task": task, "train_length": int(L), "eval_length": int(Le),
                     "claim": "KDA converges in no more steps than GDN-like", "kda": sa, "gdn": sb,
                     "reproduced": sa <= sb,
+                    "verdict": _verdict(sb - sa, cell["steps"], other["steps"], res),
                 })  # fmt: skip
     for key, cell in full.items():
         task, L, model, Le = key.split("/")
@@ -442,11 +456,13 @@ def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -
         # "best of the four" needs all four
         if len(rivals) == len(MODELS) - 1:
             best_rival = max(rivals, key=lambda m: rivals[m])
+            rival = full[f"{task}/{L}/{best_rival}/{Le}"]["acc"]
             orderings.append({
                 "task": task, "train_length": int(L), "eval_length": int(Le),
                 "claim": f"KDA is the best model (answer accuracy; best rival {best_rival})",
                 "kda": cell["acc"]["mean"], best_rival: rivals[best_rival],
                 "reproduced": cell["acc"]["mean"] >= rivals[best_rival],
+                "verdict": _verdict(cell["acc"]["mean"] - rival["mean"], cell["acc"], rival),
             })  # fmt: skip
     return {"cells": table, "sanity_gate": gate, "orderings": orderings}
 
@@ -531,20 +547,25 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) ->
     elif not summary["orderings"]:
         lines.append("Not evaluated (needs complete kda and gdn cells).")
     else:
-        n_ok = sum(o["reproduced"] for o in summary["orderings"])
+        n = {v: sum(o["verdict"] == v for o in summary["orderings"])
+             for v in ("reproduced", "tie", "not reproduced")}  # fmt: skip
         lines += [
-            f"{n_ok} of {len(summary['orderings'])} comparisons reproduce the paper's ordering "
-            "(differences within one standard deviation are listed as they fall; see the table).",
+            f"Of {len(summary['orderings'])} comparisons: {n['reproduced']} reproduce the "
+            f"paper's ordering, {n['tie']} are ties and {n['not reproduced']} contradict it. A "
+            "tie is a difference within one standard deviation over seeds (the larger of the "
+            f"two) or, for steps, within the evaluation interval ({meta['eval_every']} steps).",
             "",
         ]
         for o in summary["orderings"]:
             other = next(k for k in o if k not in ("task", "train_length", "eval_length", "claim",
-                                                   "kda", "reproduced"))  # fmt: skip
+                                                   "kda", "reproduced", "verdict"))  # fmt: skip
             fmt = ".0f" if "steps" in o["claim"] or "converges" in o["claim"] else ".3f"
             lines.append(
                 f"- {o['task']}, trained at {o['train_length']}, evaluated at {o['eval_length']}: "
                 f"{o['claim']}: KDA {o['kda']:{fmt}} vs {other} {o[other]:{fmt}}: "
-                + ("reproduced" if o["reproduced"] else "NOT reproduced")
+                + {"reproduced": "reproduced", "tie": "tie", "not reproduced": "NOT reproduced"}[
+                    o["verdict"]
+                ]
             )
     if meta["missing_runs"]:
         lines += [

@@ -63,9 +63,14 @@ def test_summary_sanity_gate_and_orderings(study):
     assert s["sanity_gate"]["passed"] and s["sanity_gate"]["acc"] == pytest.approx(0.96)
     cell = s["cells"]["mqar/64/kda/64"]
     assert cell["acc"]["mean"] == pytest.approx(0.85) and cell["acc"]["n"] == 2
-    claims = {(o["claim"], o["eval_length"]): o["reproduced"] for o in s["orderings"]}
-    assert claims[("KDA >= GDN-like (answer accuracy)", 64)]
-    assert claims[("KDA converges in no more steps than GDN-like", 64)]
+    claims = {(o["claim"], o["eval_length"]): o["verdict"] for o in s["orderings"]}
+    assert claims[("KDA >= GDN-like (answer accuracy)", 64)] == "reproduced"
+    assert claims[("KDA converges in no more steps than GDN-like", 64)] == "reproduced"
+    # a difference within one standard deviation over seeds is a tie, either way round
+    close = [*runs[:2], _run("kda", 1e-3, 0, 0.90), _run("kda", 1e-3, 1, 0.96),
+             _run("gdn", 1e-3, 0, 0.94), _run("gdn", 1e-3, 1, 0.95)]  # fmt: skip
+    verdicts = {o["claim"]: o["verdict"] for o in study.summarize(close, chosen, args)["orderings"]}
+    assert verdicts["KDA >= GDN-like (answer accuracy)"] == "tie"
     failing = [_run("mla", 1e-3, 0, 0.5), _run("mla", 1e-3, 1, 0.6)]
     assert not study.summarize(failing, {"mqar/mla": 1e-3}, args)["sanity_gate"]["passed"]
 
@@ -134,5 +139,5 @@ def test_report_only_trains_nothing_and_lists_missing_runs(study, tmp_path, monk
     assert cell["acc"]["n"] == 1 and not cell["complete"]
     assert data["summary"]["sanity_gate"] is None  # a partial cell is not a result
     md = (tmp_path / "synthetic_tasks.md").read_text()
-    assert "## Not yet run" in md and seed1.stem in md and "partial" in md
+    assert "## Not yet run" in md and "| mqar | mla | 1 |" in md and "partial" in md
     assert not seed1.exists()
