@@ -71,6 +71,16 @@ def test_summary_sanity_gate_and_orderings(study):
              _run("gdn", 1e-3, 0, 0.94), _run("gdn", 1e-3, 1, 0.95)]  # fmt: skip
     verdicts = {o["claim"]: o["verdict"] for o in study.summarize(close, chosen, args)["orderings"]}
     assert verdicts["KDA >= GDN-like (answer accuracy)"] == "tie"
+    # runs stopped by the convergence rule: their accuracies at the training length only say
+    # where each crossed the target, so any difference there is a tie; stack has no step claim
+    stopped = [*runs[:2], *(dict(_run(m, 1e-3, sd, a, task="stack"), converged=True)
+                            for m, sd, a in [("kda", 0, .990), ("kda", 1, .990),
+                                             ("gdn", 0, .999), ("gdn", 1, .999)])]  # fmt: skip
+    got = study.summarize(stopped, {**chosen, "stack/kda": 1e-3, "stack/gdn": 1e-3}, args)
+    stack = {(o["claim"], o["eval_length"]): o["verdict"] for o in got["orderings"]}
+    assert stack[("KDA >= GDN-like (answer accuracy)", 64)] == "tie"
+    assert stack[("KDA >= GDN-like (answer accuracy)", 128)] == "not reproduced"
+    assert not any("converges" in claim for claim, _ in stack)
     failing = [_run("mla", 1e-3, 0, 0.5), _run("mla", 1e-3, 1, 0.6)]
     assert not study.summarize(failing, {"mqar/mla": 1e-3}, args)["sanity_gate"]["passed"]
 
