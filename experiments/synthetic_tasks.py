@@ -381,12 +381,17 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _verdict(
-    margin: float, a: dict[str, float], b: dict[str, float], resolution: float = 0.0
+    margin: float,
+    a: dict[str, float],
+    b: dict[str, float],
+    resolution: float = 0.0,
+    stopped: bool = False,
 ) -> str:
     """``margin`` (positive: the paper's way) against the noise: a difference within one
     standard deviation over seeds (the larger of the two) or the measurement's resolution is a
-    tie, not a reproduction or a contradiction."""
-    if abs(margin) <= max(a["std"], b["std"], resolution):
+    tie, not a reproduction or a contradiction; so is any difference when the convergence rule
+    stopped every run of both cells (``stopped``)."""
+    if stopped or abs(margin) <= max(a["std"], b["std"], resolution):
         return "tie"
     return "reproduced" if margin > 0 else "not reproduced"
 
@@ -416,10 +421,10 @@ def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -
     # Comparisons use complete cells only (every seed finished): a partial mean is not a result.
     full = {k: c for k, c in table.items() if c["complete"]}
 
-    def both_stopped(a: dict[str, Any], b: dict[str, Any], L: str, Le: str) -> float:
+    def both_stopped(a: dict[str, Any], b: dict[str, Any], L: str, Le: str) -> bool:
         """At the training length a run stops once it reaches the target, so when every run
-        of both cells did, their accuracies differ only by where each crossed it: a tie."""
-        return 1.0 if Le == L and a["all_converged"] and b["all_converged"] else 0.0
+        of both cells did, their accuracies differ only by where each crossed it."""
+        return Le == L and a["all_converged"] and b["all_converged"]
 
     L0 = min(args.train_lengths)
     gate_cell = full.get(f"mqar/{L0}/mla/{L0}")
@@ -441,7 +446,9 @@ def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -
                 "task": task, "train_length": int(L), "eval_length": int(Le),
                 "claim": "KDA >= GDN-like (answer accuracy)", "kda": a, "gdn": b,
                 "reproduced": a >= b,
-                "verdict": _verdict(a - b, cell["acc"], other["acc"], both_stopped(cell, other, L, Le)),
+                "verdict": _verdict(
+                    a - b, cell["acc"], other["acc"], stopped=both_stopped(cell, other, L, Le)
+                ),
             })  # fmt: skip
             # the paper's convergence claim is for palindrome and MQAR (not stack)
             if Le == L and task in ("palindrome", "mqar"):
@@ -474,7 +481,9 @@ def summarize(runs: list[dict[str, Any]], chosen: dict[str, float], args: Any) -
                 "claim": f"KDA is the best model (answer accuracy; best rival {best_rival})",
                 "kda": cell["acc"]["mean"], best_rival: rivals[best_rival],
                 "reproduced": cell["acc"]["mean"] >= rivals[best_rival],
-                "verdict": _verdict(cell["acc"]["mean"] - rival["mean"], cell["acc"], rival, stopped),
+                "verdict": _verdict(
+                    cell["acc"]["mean"] - rival["mean"], cell["acc"], rival, stopped=stopped
+                ),
             })  # fmt: skip
     return {"cells": table, "sanity_gate": gate, "orderings": orderings}
 

@@ -166,6 +166,8 @@ def test_synthetic_bad_input_errors() -> None:
         SyntheticDataModule(task="mqar", seq_len=32, task_kwargs={"num_kv_pairs": 16})
     with pytest.raises(UsageError, match="num_kv_pairs must be in"):
         MQARTask(num_kv_pairs=200, num_tokens=256)
+    with pytest.raises(UsageError, match=r"mqar answers_in_input must be a bool, got 'no'"):
+        SyntheticDataModule(task="mqar", task_kwargs={"answers_in_input": "no"})
     with pytest.raises(UsageError, match="data.batch_size must be a positive int"):
         SyntheticDataModule(batch_size=0)
     with pytest.raises(UsageError, match="fewer than one batch"):

@@ -97,6 +97,8 @@ class MQARTask(SyntheticTask):
             )
         if not 0 < self.power_a <= 1:
             raise UsageError(f"mqar power_a must be in (0, 1], got {self.power_a}")
+        if not isinstance(self.answers_in_input, bool):
+            raise UsageError(f"mqar answers_in_input must be a bool, got {self.answers_in_input!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -318,8 +320,8 @@ class SyntheticDataModule(_BaseDataModule):
         num_val: examples in the validation and in the test split.
         seed: seeds every example (with the split and the example's index).
         task_kwargs: the task's options: ``mqar``: ``num_kv_pairs`` (16), ``num_tokens`` (256),
-            ``power_a`` (0.01), ``answers_in_input`` (False); ``palindrome``: ``num_symbols`` (64); ``stack``:
-            ``num_stacks`` (64), ``num_values`` (64), ``pop_prob`` (0.5).
+            ``power_a`` (0.01), ``answers_in_input`` (False); ``palindrome``: ``num_symbols``
+            (64); ``stack``: ``num_stacks`` (64), ``num_values`` (64), ``pop_prob`` (0.5).
         num_workers: DataLoader worker processes.
     """
 
