@@ -42,4 +42,29 @@ def did_you_mean(name: object, choices: Iterable[object], cutoff: float = 0.6) -
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["UsageError", "did_you_mean"]
+def import_failure(
+    error: ImportError, package: str, install: str, requires: tuple[str, ...] = ()
+) -> str:
+    """Why ``package`` failed to import, in words that point at the fix.
+
+    A :class:`ModuleNotFoundError` for ``package`` itself means it is not installed (``install``
+    says how to get it), and so does one for a package named in ``requires``. Anything else is a broken environment: a dependency of ``package``
+    missing or incompatible, or a module of the working directory shadowing one (Python puts
+    the working directory or the script's folder first on ``sys.path``); the message then names
+    the module and the file that were found instead of suggesting a reinstall that changes
+    nothing.
+    """
+    top = package.split(".")[0]
+    missing = getattr(error, "name", None)
+    if isinstance(error, ModuleNotFoundError) and missing in (top, package, *requires):
+        return f"{missing} is not installed ({install})"
+    where = getattr(error, "path", None)
+    found = f" (found {where})" if where else ""
+    return (
+        f"{package} is installed but failed to import: {type(error).__name__}: {error}{found}; "
+        "a module of the working directory or the script's folder may shadow one of its "
+        "dependencies, or a dependency's version may not fit"
+    )
+
+
+__all__ = ["UsageError", "did_you_mean", "import_failure"]

@@ -35,7 +35,7 @@ the verdict: the kernels are validated on this GPU architecture when every corre
 ran and passed.
 
 The benchmark helpers come from the repository's ``benchmarks/`` folder (``common.py``,
-``kernels.py``, ``decode.py``, ``prefill.py``): run this from a checkout (``pip install -e .``).
+``kernel_speed.py``, ``decode.py``, ``prefill.py``): run this from a checkout (``pip install -e .``).
 """
 
 from __future__ import annotations
@@ -1002,7 +1002,7 @@ def _probe_fla(ctx: ItemContext, fn: Callable[[], Any]) -> bool:
 
 def _speed_chunk(shape: tuple[int, int, int, int, int]) -> Callable[[ItemContext], None]:
     def item(ctx: ItemContext) -> None:
-        kb = bench_module("kernels")
+        kb = bench_module("kernel_speed")
         B, T, H, K, V = shape
         x = kda_inputs(B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed)
         flops = B * H * kb.kda_flops(T, K)
@@ -1012,7 +1012,7 @@ def _speed_chunk(shape: tuple[int, int, int, int, int]) -> Callable[[ItemContext
 
 
 def _speed_varlen(ctx: ItemContext) -> None:
-    kb = bench_module("kernels")
+    kb = bench_module("kernel_speed")
     n, lo, hi, H = ctx.run.sizes.speed_varlen
     K = V = ctx.run.sizes.speed_decode_heads[1]
     gen = torch.Generator(device="cpu").manual_seed(ctx.run.seed)
@@ -1030,7 +1030,7 @@ def _speed_decode(ctx: ItemContext) -> None:
     """One decode step of one layer (all heads): ours (state updated in place) and fla's."""
     from kimi_linear.kernels import fused_recurrent_kda
 
-    common, kb = bench_module("common"), bench_module("kernels")
+    common, kb = bench_module("common"), bench_module("kernel_speed")
     dev = ctx.run.device
     fla_step = _fla_ops(dev).recurrent
     bw, bw_source = common.bandwidth(dev, nbytes=1 << 22 if ctx.run.dry_run else 1 << 28)

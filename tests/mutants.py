@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Mutant:
     doc: str
     tests: tuple[str, ...]  #: test files (or node ids) that must fail
-    edits: tuple[tuple[str, str], ...] = ()  #: (old, new) in kernels/chunk_bwd.py
+    edits: tuple[tuple[str, str], ...] = ()  #: (old, new) in kernels/kda/chunk_bwd.py
     plant: Callable[[], None] | None = field(default=None, compare=False)
 
 
@@ -196,8 +196,8 @@ MUTANTS: dict[str, Mutant] = {
 
 def missing_pattern(name: str) -> str | None:
     """The first source pattern of kernel mutant ``name`` that does not occur exactly once in
-    ``kernels/chunk_bwd.py`` (``None``: the mutant can be planted)."""
-    source = (ROOT / "kernels" / "chunk_bwd.py").read_text()
+    ``kernels/kda/chunk_bwd.py`` (``None``: the mutant can be planted)."""
+    source = (ROOT / "kernels" / "kda" / "chunk_bwd.py").read_text()
     for old, _ in MUTANTS[name].edits:
         if source.count(old) != 1:
             return old
@@ -205,15 +205,15 @@ def missing_pattern(name: str) -> str | None:
 
 
 def _plant_kernel_edits(name: str, edits: tuple[tuple[str, str], ...]) -> None:
-    """Import an edited copy of ``kernels/chunk_bwd.py`` and route ``chunk_kda``'s backward to it."""
+    """Import an edited copy of ``kernels/kda/chunk_bwd.py`` and route ``chunk_kda``'s backward to it."""
     import kimi_linear.kernels.chunk as chunk
 
-    source = (ROOT / "kernels" / "chunk_bwd.py").read_text()
+    source = (ROOT / "kernels" / "kda" / "chunk_bwd.py").read_text()
     for old, new in edits:
         count = source.count(old)
         if count != 1:
             raise RuntimeError(
-                f"mutant {name}: pattern found {count} times in kernels/chunk_bwd.py (the kernel "
+                f"mutant {name}: pattern found {count} times in kernels/kda/chunk_bwd.py (the kernel "
                 f"changed: update the mutant): {old!r}"
             )
         source = source.replace(old, new)

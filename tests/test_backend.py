@@ -212,7 +212,8 @@ def test_entry_points_check_inputs_and_gates():
 def test_fla_decode_through_the_entry_point():
     """fla's fused recurrent kernel runs under the Triton interpreter (its chunked one needs a
     GPU driver): the entry point hands it int64 offsets and our checks run first."""
-    fla = pytest.importorskip("fla.ops.kda")  # noqa: F841
+    import fla.ops.kda  # noqa: F401  (a dependency: a broken install fails here)
+
     ops = backend_mod._fla_backend()  # a resolved backend skips the CUDA-only resolution
     q, k, v, g, beta, h0 = make_inputs(1, 9, N=2, seed=8)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)

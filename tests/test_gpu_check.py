@@ -160,7 +160,7 @@ def test_bench_interleaved_alternates_and_resets_grads():
 
 
 def test_decode_step_bytes():
-    kernels = gpu_check.bench_module("kernels")
+    kernels = gpu_check.bench_module("kernel_speed")
     x = gpu_check.kda_inputs(3, 1, 2, 8, 16, torch.bfloat16, torch.device("cpu"), 0)
     state, io = kernels.decode_step_bytes(*(x[n] for n in ("q", "k", "v", "g", "beta")))
     assert state == 3 * 2 * 8 * 16 * 4  # fp32 state

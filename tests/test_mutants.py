@@ -28,7 +28,7 @@ def test_unknown_mutant_is_refused(capsys):
 def test_mutant_is_caught(name):
     mutant = MUTANTS[name]
     if mutant.edits and (old := missing_pattern(name)) is not None:
-        pytest.xfail(f"kernels/chunk_bwd.py changed, update mutant {name}'s pattern: {old!r}")
+        pytest.xfail(f"kernels/kda/chunk_bwd.py changed, update mutant {name}'s pattern: {old!r}")
     baseline = _baseline(mutant.tests)
     assert baseline == 0, f"{' '.join(mutant.tests)} fail without a mutant (exit {baseline})"
     rc = run_tests(mutant.tests, name)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kimi_linear.errors import did_you_mean
+from kimi_linear.errors import did_you_mean, import_failure
 
 # This module is imported by kimi_linear.config, which must stay importable without torch (the
 # command line loads it first): torch and the operators are imported where they are used.
@@ -172,9 +172,10 @@ def _triton_backend() -> KDABackend:
     try:
         from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
     except ImportError as e:  # triton missing or broken
+        why = import_failure(e, "kimi_linear.kernels", "pip install triton", ("triton",))
         raise ValueError(
-            f"kda_backend='triton' needs kimi_linear.kernels (Triton), which failed to import "
-            f"({e}); use kda_backend='torch' or 'fla'"
+            f"kda_backend='triton' needs kimi_linear.kernels (Triton): {why}; use "
+            "kda_backend='torch' or 'fla'"
         ) from e
     return KDABackend("triton", chunk_kda, fused_recurrent_kda)
 
@@ -184,10 +185,10 @@ def _fla_backend() -> KDABackend:
     try:
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
     except ImportError as e:
+        why = import_failure(e, "fla.ops.kda", "pip install flash-linear-attention")
         raise ValueError(
-            f"kda_backend='fla' (also what 'auto' picks on CUDA) needs flash-linear-attention "
-            f"with fla.ops.kda ({e}); install it (pip install flash-linear-attention), or set "
-            "kda_backend='triton' (our kernels) or 'torch'"
+            f"kda_backend='fla' (also what 'auto' picks on CUDA) needs fla.ops.kda: {why}; or "
+            "set kda_backend='triton' (our kernels) or 'torch'"
         ) from e
     return KDABackend("fla", chunk_kda, fused_recurrent_kda)
 

@@ -23,9 +23,9 @@ about GPU speed.
 
 Examples::
 
-    python benchmarks/kernels.py                       # GPU defaults
-    python benchmarks/kernels.py --seqlens 4K,16K --tokens 64K --dtype fp32
-    python benchmarks/kernels.py --quick --device cpu  # CI smoke run
+    python benchmarks/kernel_speed.py                       # GPU defaults
+    python benchmarks/kernel_speed.py --seqlens 4K,16K --tokens 64K --dtype fp32
+    python benchmarks/kernel_speed.py --quick --device cpu  # CI smoke run
 """
 
 from __future__ import annotations
