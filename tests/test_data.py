@@ -325,16 +325,21 @@ def test_resumable_loader_skips_consumed_batches() -> None:
     for _ in range(3):
         next(it)
     state = first.state_dict()
-    assert state == {"epoch": 0, "batches": 3}
+    assert (state["epoch"], state["samples"], state["world_size"], state["batch_size"]) == (
+        0,
+        12,
+        1,
+        4,
+    )
     resumed = _loader()
     resumed.load_state_dict(state)
     rest = [b["input_ids"] for b in resumed]
     assert len(rest) == 7 and all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
-    assert resumed.state_dict() == {"epoch": 0, "batches": 10}
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["samples"]) == (0, 40)
     # the skip applies once: the next pass is the next epoch, complete and reshuffled
     nxt = [b["input_ids"] for b in resumed]
     assert len(nxt) == 10 and not torch.equal(nxt[0], full[0])
-    assert resumed.state_dict() == {"epoch": 1, "batches": 10}
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["samples"]) == (1, 40)
     # the loader owns the epoch count: the trainer's set_epoch does not change the order
     resumed.sampler.set_epoch(7)
     assert torch.equal(
@@ -342,13 +347,13 @@ def test_resumable_loader_skips_consumed_batches() -> None:
     )
     # a state saved at the very end of an epoch resumes at the start of the next one
     end = _loader()
-    end.load_state_dict({"epoch": 0, "batches": 10})
+    end.load_state_dict({"epoch": 0, "batches": 10})  # the first format: same topology
     assert torch.equal(next(iter(end))["input_ids"], nxt[0])
 
 
 def _loader_at_epoch(epoch: int) -> ResumableDataLoader:
     loader = _loader()
-    loader.load_state_dict({"epoch": epoch, "batches": 0})
+    loader.load_state_dict({"epoch": epoch, "samples": 0})
     return loader
 
 
@@ -361,3 +366,77 @@ def test_resumable_loader_requires_its_sampler() -> None:
     ds = SyntheticTaskDataset(PalindromeTask(), 16, num_samples=8)
     with pytest.raises(ValueError, match="needs a ResumableSampler"):
         ResumableDataLoader(ds, batch_size=2)
+
+
+def _topology_loaders(n: int, world: int, batch: int, seed: int = 5) -> list[ResumableDataLoader]:
+    """One loader per simulated rank over a dataset whose sample ``i`` is the number ``i``."""
+    ds = list(range(n))
+    return [
+        ResumableDataLoader(
+            ds,
+            batch_size=batch,
+            sampler=ResumableSampler(ds, num_replicas=world, rank=r, seed=seed),
+            drop_last=True,
+        )
+        for r in range(world)
+    ]
+
+
+def _steps(loaders: list[ResumableDataLoader], steps: int | None) -> list[int]:
+    """Run every simulated rank for ``steps`` steps (``None``: to the end of the epoch)."""
+    its = [iter(ld) for ld in loaders]
+    seen: list[int] = []
+    step = 0
+    while steps is None or step < steps:
+        batches = [next(it, None) for it in its]
+        if batches[0] is None:
+            assert all(b is None for b in batches), "ranks ran out of batches at different steps"
+            break
+        seen += [int(x) for b in batches for x in b]
+        step += 1
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((2, 4), (1, 4)), ((1, 4), (2, 4)), ((1, 4), (1, 2)), ((1, 2), (1, 4)), ((2, 2), (3, 4))],
+    ids=["2-ranks-to-1", "1-rank-to-2", "batch-4-to-2", "batch-2-to-4", "2x2-to-3x4"],
+)
+def test_resume_on_another_topology_sees_each_sample_of_the_epoch_once(before, after) -> None:
+    n = 48  # a multiple of every global batch above but 3 x 4: that run drops a tail
+    first = _topology_loaders(n, *before)
+    seen_before = _steps(first, 3)
+    state = first[0].state_dict()
+    assert state["samples"] == 3 * before[0] * before[1]
+    assert all(ld.state_dict() == state for ld in first)  # every rank saves the same state
+    resumed = _topology_loaders(n, *after)
+    for ld in resumed:
+        ld.load_state_dict(state)
+    seen_after = _steps(resumed, None)
+    seen = seen_before + seen_after
+    assert len(seen) == len(set(seen)), "a sample was repeated"
+    # what was seen is a prefix of the epoch's permutation, short of one epoch by less than one
+    # global batch of the resumed run (drop_last); here exactly one epoch when it divides
+    order = list(ResumableSampler(list(range(n)), seed=5))
+    assert sorted(seen) == sorted(order[: len(seen)])
+    assert n - len(seen) < after[0] * after[1]
+    if (n - len(seen_before)) % (after[0] * after[1]) == 0:
+        assert sorted(seen) == list(range(n))
+    # the next epoch is a complete epoch of the new topology, reshuffled
+    nxt = _steps(resumed, None)
+    assert len(set(nxt)) == len(nxt) == (n // (after[0] * after[1])) * after[0] * after[1]
+    assert nxt[: after[1]] != seen[: after[1]]  # reshuffled
+    assert resumed[0].state_dict()["epoch"] == 1
+
+
+def test_resume_of_another_dataset_or_seed_is_refused() -> None:
+    state = _topology_loaders(48, 2, 4)[0].state_dict()
+    with pytest.raises(UsageError, match="training set of 48 samples, this one has 40"):
+        _topology_loaders(40, 1, 4)[0].load_state_dict(state)
+    with pytest.raises(UsageError, match="data.seed=5, this run with 6"):
+        _topology_loaders(48, 1, 4, seed=6)[0].load_state_dict(state)
+    with pytest.raises(UsageError, match="outside the training set"):
+        _topology_loaders(48, 1, 4)[0].load_state_dict({**state, "samples": 49})
+    ds = list(range(8))
+    with pytest.raises(ValueError, match="drop_last=True"):
+        ResumableDataLoader(ds, batch_size=2, sampler=ResumableSampler(ds), drop_last=False)

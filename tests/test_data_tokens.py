@@ -399,6 +399,56 @@ def test_lightning_resume_on_packed_documents_is_exact(tmp_path: Path) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.slow
+def test_lightning_resume_on_another_batch_size_trains_each_window_once(tmp_path: Path) -> None:
+    """2 steps of batch 4, checkpoint, resume with batch 2 to the end of the epoch: every
+    training window is trained on exactly once (the loader continues from the global sample
+    position, not from "2 batches" of the new size)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from kimi_linear.lightning.module import KimiLinearLitModule
+
+    class Rows(Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, ...]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.rows += [tuple(r.tolist()) for r in batch["input_ids"]]
+
+    data = _dataset(tmp_path, n=10)
+
+    def fit(root: Path, batch_size: int, ckpt_in: Path | None = None, **kw) -> list:
+        pl.seed_everything(0)
+        dm = TokenDataModule(str(data), seq_len=64, batch_size=batch_size, seed=1)
+        module = KimiLinearLitModule(
+            preset="tiny",
+            overrides=dict(num_hidden_layers=1, kda_backend="torch"),
+            vocab_size=dm.vocab_size,
+        )  # fmt: skip
+        rows = Rows()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            default_root_dir=str(root), **kw,
+            callbacks=[rows, ModelCheckpoint(dirpath=root, filename="{step}", save_top_k=-1,
+                                             every_n_train_steps=2)],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_in) if ckpt_in else None)
+        return rows.rows
+
+    before = fit(tmp_path / "a", 4, max_steps=2)
+    dm = TokenDataModule(str(data), seq_len=64)
+    dm.setup("fit")
+    windows = {tuple(dm.train_set[i]["input_ids"].tolist()) for i in range(len(dm.train_set))}
+    assert len(windows) == len(dm.train_set) and len(windows) % 2 == 0
+    rest = (len(windows) - 8) // 2  # the steps of batch 2 left in the epoch
+    after = fit(tmp_path / "b", 2, tmp_path / "a" / "step=2.ckpt", max_steps=2 + rest)
+    seen = before + after
+    assert len(before) == 8 and len(seen) == len(set(seen)), "a window was trained on twice"
+    assert set(seen) == windows
+
+
 def _loader_bench():
     import importlib
     import sys
