@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -105,6 +106,23 @@ def cast_model_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
+def check_logits_finite(
+    logits: torch.Tensor, rows: torch.Tensor | None = None, what: str = "logits"
+) -> None:
+    """Raise ``ValueError`` naming the rows of ``logits: [B, V]`` from which no token can be
+    drawn: a NaN or ``+inf`` entry, or every entry ``-inf`` (``-inf`` alone is a masked token).
+    ``rows``: the index of each row to report (e.g. its row in the caller's batch)."""
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+    bad |= torch.isneginf(logits).all(dim=-1)
+    if bool(bad.any()):
+        index = bad.nonzero().squeeze(-1)
+        named = (index if rows is None else rows[index]).tolist()
+        raise ValueError(
+            f"{what} of batch row(s) {named} hold NaN / inf (or only -inf): no token can be "
+            "drawn from them"
+        )
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -117,11 +135,28 @@ def sample_next_token(
     ``temperature == 0`` is greedy (argmax; ``top_k`` / ``top_p`` then do not matter).  Otherwise
     the logits are divided by ``temperature``, restricted to the ``top_k`` largest and then to
     the nucleus of cumulative probability ``top_p`` (the most likely token always stays), and
-    sampled with ``torch.multinomial`` (``generator`` makes it reproducible).
+    sampled with ``torch.multinomial`` (``generator`` makes it reproducible). The logits are
+    shifted by their row maximum before the division, so any finite ``temperature > 0`` is
+    well defined: a tiny (even subnormal) one samples uniformly among the row's maxima, the
+    limit of the distribution as the temperature goes to 0, instead of overflowing to NaN.
+
+    Raises:
+        ValueError: ``temperature`` not a finite number ``>= 0``, or a row of ``logits`` that
+            holds NaN / ``+inf`` or only ``-inf`` (named by its index: nothing can be drawn).
     """
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    check_logits_finite(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # float64 for a temperature float32 cannot hold (it would round to 0: 0 / 0 = NaN)
+    tiny = temperature < torch.finfo(torch.float32).tiny
+    logits = logits.double() if tiny else logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0, max at 0
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -171,16 +206,21 @@ class KimiDecoderLayer(nn.Module):
         cu_seqlens: torch.Tensor | PackedDocuments | None = None,
         pad_lengths: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        cp: Any = None,
     ) -> torch.Tensor:
         """``x: [B, T, D] -> [B, T, D]``; ``cache`` is this layer's entry of a HybridCache.
 
         Sequence layout (:mod:`kimi_linear.packing`): ``cu_seqlens`` packed documents
         (``B == 1``); ``pad_lengths [B]`` left pads per row (absolute, cache included) with
         ``token_mask [B, T]`` the real tokens of this block (both or neither; the MoE counts
-        only those in its expert loads).
+        only those in its expert loads). ``cp``: context parallelism
+        (:class:`kimi_linear.context_parallel.ContextParallel`; ``x`` is this rank's shard),
+        passed to the token mixer.
         """
         h = self.input_layernorm(x)
-        if self.kind == "kda":
+        if cp is not None:
+            h = self.self_attn(h, cp=cp)
+        elif self.kind == "kda":
             layout = {}
             if cu_seqlens is not None:
                 layout["cu_seqlens"] = cu_seqlens
@@ -270,13 +310,23 @@ class KimiLinearModel(nn.Module):
         cache: HybridCache | None = None,
         cu_seqlens: torch.Tensor | PackedDocuments | None = None,
         pad_lengths: torch.Tensor | None = None,
+        cp: Any = None,
     ) -> torch.Tensor:
         """Final-norm hidden states ``[B, T, D]``; with ``cache``, continue from
         ``cache.seq_len`` and advance it by ``T`` (inputs are checked by the LM wrapper).
 
         ``cu_seqlens``: packed documents of ``input_ids [1, N]``; ``pad_lengths [B]``: left pads
         per row counted from the row's first (cached) token (:mod:`kimi_linear.packing`).
+        ``cp``: context parallelism (:mod:`kimi_linear.context_parallel`): ``input_ids`` is this
+        rank's shard ``[B, T_r]`` and ``cp`` its layout (no cache, ``cu_seqlens`` or pads).
         """
+        if cp is not None and (
+            cache is not None or cu_seqlens is not None or pad_lengths is not None
+        ):
+            raise ValueError(
+                "context parallelism (cp) cannot be combined with a cache, cu_seqlens or pads "
+                "(the cp object holds the layout)"
+            )
         offset = 0 if cache is None else cache.seq_len
         token_mask = None
         if pad_lengths is not None:
@@ -290,6 +340,8 @@ class KimiLinearModel(nn.Module):
                 pad_lengths=pad_lengths,
                 token_mask=token_mask,
             )
+            if cp is not None:
+                kwargs["cp"] = cp
             if recompute:
                 x = _checkpointed_layer(layer, x, **kwargs)
             else:
@@ -693,6 +745,7 @@ class KimiLinearForCausalLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Continue ``input_ids: [B, T]`` by up to ``max_new_tokens`` tokens: ``[B, T + n]``.
 
@@ -713,6 +766,8 @@ class KimiLinearForCausalLM(nn.Module):
                 token per row. Each row continues as its prompt alone would (pads never reach
                 the cache's state, conv tails or attention; positions are per row). The
                 output keeps the pads: ``[B, T + n]``.
+            streamer: called after each decoding step with that step's tokens ``[B]`` (rows
+                that finished earlier read ``eos_token_id``), e.g. to print text as it comes.
 
         Raises:
             ValueError: a bad argument, right padding, or a prompt + ``max_new_tokens`` that
@@ -728,9 +783,9 @@ class KimiLinearForCausalLM(nn.Module):
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
-            or not temperature >= 0
+            or not (math.isfinite(temperature) and temperature >= 0)
         ):
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
@@ -776,9 +831,19 @@ class KimiLinearForCausalLM(nn.Module):
             active = torch.arange(B, device=input_ids.device)  # the rows still decoding
             n = 0
             for step in range(max_new_tokens):
+                # a NaN row (e.g. a NaN embedding in one prompt) leaves the other rows intact
+                # but cannot be sampled: say which prompt carried it
+                check_logits_finite(
+                    logits,
+                    active,
+                    f"the model's logits for new token {step} (a NaN / inf came from these "
+                    "input_ids rows' tokens or from the weights)",
+                )
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 new[active, step] = token.to(new.dtype)
                 n = step + 1
+                if streamer is not None:
+                    streamer(new[:, step])
                 if step == max_new_tokens - 1:
                     break
                 if eos_token_id is not None:

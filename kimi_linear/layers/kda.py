@@ -28,6 +28,7 @@ load without renaming.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,7 @@ class KimiDeltaAttention(nn.Module):
         cache: KDALayerCache | None = None,
         cu_seqlens: torch.Tensor | PackedDocuments | None = None,
         attention_mask: torch.Tensor | None = None,
+        cp: Any = None,
     ) -> torch.Tensor:
         """Mix tokens of ``x: [B, T, D]``; returns ``[B, T, D]``.
 
@@ -323,8 +325,17 @@ class KimiDeltaAttention(nn.Module):
                 inputs are zeroed, their decay is 1 and their step size 0), so the state and
                 the conv tails after them are those of the real tokens alone. Pads must come
                 before every real token of their row (left padding), across cached blocks too.
+            cp: context parallelism (:class:`kimi_linear.context_parallel.ContextParallel`):
+                ``x`` is this rank's shard; the conv inputs before it and the KDA start state
+                come from the CP group. No cache, ``cu_seqlens`` or mask (``cp`` holds the
+                layout).
         """
         self._check_inputs(x, cache)
+        if cp is not None and any(t is not None for t in (cache, cu_seqlens, attention_mask)):
+            raise ValueError(
+                "context parallelism (cp) cannot be combined with a cache, cu_seqlens or an "
+                "attention_mask (the cp object holds the layout)"
+            )
         H, T = self.num_heads, x.shape[1]
         positions = None
         if cu_seqlens is not None:
@@ -351,7 +362,9 @@ class KimiDeltaAttention(nn.Module):
             keep = attention_mask[..., None].to(x.dtype)
             projected = [p * keep for p in projected]
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        if positions is not None:
+        if cp is not None:  # halo exchange: the last conv inputs of the ranks before
+            q, k, v = cp.causal_conv1d(projected, [c.weight for c in convs])
+        elif positions is not None:
             q, k, v = (
                 causal_conv1d_packed(p, c.weight, positions) for p, c in zip(projected, convs)
             )
@@ -371,7 +384,20 @@ class KimiDeltaAttention(nn.Module):
             beta = beta.masked_fill(~attention_mask[..., None], 0.0)
 
         state = None if cache is None else cache.state
-        o, new_state = self._mix(q, k, v, g, beta, state, cu_seqlens)
+        if cp is not None:  # the true start state from the CP group's shard transitions
+            new_state = None
+            o = cp.kda(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                backend=self.backend,
+                chunk_size=self.chunk_size,
+                gate_lower_bound=self.config.kda_gate_lower_bound,
+            )
+        else:
+            o, new_state = self._mix(q, k, v, g, beta, state, cu_seqlens)
 
         if cache is not None:
             cache.conv_q = tail_q.to(cache.conv_q.dtype)

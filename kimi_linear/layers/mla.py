@@ -42,6 +42,8 @@ Weight layout (release names; what MuonClip's per-head rescaling relies on): que
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -59,6 +61,43 @@ LATENT_NORM_EPS = 1e-6
 
 # Largest number of fp32 logits materialised at once when measuring max logits in the plain path.
 MAX_LOGIT_BLOCK_ELEMENTS = 1 << 24
+
+#: Most attention scores (``B * H * queries * keys``) one SDPA call may hold when PyTorch would
+#: run its unfused math kernel (which materialises them), and the bound on the elements of the
+#: boolean mask built for one call: beyond it, queries are attended in blocks of
+#: :func:`query_block_rows` rows, so prefill memory stays linear in T on every device.
+ATTENTION_BLOCK_ELEMENTS = 1 << 24
+
+_MATH_OR_ERROR = (0, -1)  # torch.nn.attention.SDPBackend.MATH / ERROR
+
+
+def query_block_rows(batch_heads: int, keys: int, block_elements: int | None = None) -> int:
+    """Queries per SDPA call so that ``batch_heads * rows * keys <= block_elements`` (default
+    :data:`ATTENTION_BLOCK_ELEMENTS`), at least 1."""
+    if block_elements is None:
+        block_elements = ATTENTION_BLOCK_ELEMENTS
+    return max(1, block_elements // max(1, batch_heads * keys))
+
+
+def _fused_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> bool:
+    """Whether ``scaled_dot_product_attention`` runs a fused kernel (flash, memory-efficient,
+    cuDNN or a backend's own) for these inputs: those never hold the ``[T, L]`` scores.
+
+    Asks PyTorch's own dispatcher (``torch._fused_sdp_choice``, which honours ``sdpa_kernel``);
+    if it cannot answer, the math kernel is assumed (the caller then attends in blocks).
+    """
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal)
+    except Exception:  # noqa: BLE001 - private API: treat any failure as "not fused"
+        return False
+    return int(choice) not in _MATH_OR_ERROR
+
 
 _SDPA_MIXED_V_DIM: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -334,6 +373,7 @@ class MLAttention(nn.Module):
         absorb: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         pad_lengths: torch.Tensor | None = None,
+        cp: Any = None,
     ) -> torch.Tensor:
         """Attend causally over the cached tokens (if any) and this block.
 
@@ -353,11 +393,22 @@ class MLAttention(nn.Module):
                 row's first (cached) token: pad keys are hidden from real queries and positions
                 start at the first real token. Pass the same value for every block of a
                 cached sequence (cached pads stay masked).
+            cp: context parallelism (:class:`kimi_linear.context_parallel.ContextParallel`):
+                ``x`` is this rank's shard, attending over the latents gathered from the CP
+                group (:meth:`~kimi_linear.context_parallel.ContextParallel.mla`). No cache,
+                offset, ``cu_seqlens`` or pads (``cp`` holds the layout).
 
         Returns:
             ``[B, T, hidden]``.
         """
         packed = self._check_inputs(x, cache, position_offset, cu_seqlens, pad_lengths)
+        if cp is not None:
+            if cache is not None or position_offset or packed is not None or pad_lengths is not None:
+                raise ValueError(
+                    "context parallelism (cp) cannot be combined with a cache, a position "
+                    "offset, cu_seqlens or pad_lengths (the cp object holds the layout)"
+                )
+            return cp.mla(self, x)
         B, T, _ = x.shape
         q = self._project_q(x)  # [B, T, H, nope + rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -375,17 +426,15 @@ class MLAttention(nn.Module):
 
         if absorb is None:
             absorb = cache is not None and T <= self.absorb_max_tokens
-        mask = None
-        if pad_lengths is not None:
-            mask = _padded_causal_mask(q_start, T, latent.shape[1], pad_lengths)  # [B, T, L]
         if absorb:
+            mask = None
+            if pad_lengths is not None:
+                mask = _padded_causal_mask(q_start, T, latent.shape[1], pad_lengths)  # [B, T, L]
             out = self._attend_absorbed(
                 q_nope, q_rope, latent, k_rope, q_start, mask, packed, pad_lengths
             )
-        else:
-            out = self._attend_plain(
-                q_nope, q_rope, latent, k_rope, q_start, mask, packed, pad_lengths
-            )
+        else:  # builds its masks per query block
+            out = self._attend_plain(q_nope, q_rope, latent, k_rope, q_start, packed, pad_lengths)
         return self.o_proj(out)
 
     def _attend_plain(
@@ -395,15 +444,14 @@ class MLAttention(nn.Module):
         latent: torch.Tensor,
         k_rope: torch.Tensor,
         q_start: int,
-        mask: torch.Tensor | None = None,
         packed: PackedDocuments | None = None,
         pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Materialised K/V + SDPA. q_*: ``[B, T, H, *]``; latent ``[B, L, R]``; k_rope ``[B, L, P]``.
 
-        ``mask``: optional boolean ``[B, T, L]`` (left-padded rows) replacing the causal mask;
-        ``packed``: packed documents (``B == 1``, no cache), one causal SDPA call per document.
-        Returns ``[B, T, H * v]``.
+        ``pad_lengths``: optional ``[B]`` left pads (their keys are hidden from real queries);
+        ``packed``: packed documents (``B == 1``, no cache), one causal attention per document.
+        Memory is linear in T (see :meth:`_attention`).  Returns ``[B, T, H * v]``.
         """
         H, T, L = self.num_heads, q_nope.shape[1], latent.shape[1]
         kv = rearrange(self.kv_b_proj(latent), "b l (h d) -> b h l d", h=H)
@@ -411,14 +459,19 @@ class MLAttention(nn.Module):
         k_pe = rearrange(k_rope, "b l p -> b 1 l p").expand(-1, H, -1, -1)
         k = torch.cat([k_nope, k_pe], dim=-1)  # [B, H, L, nope + rope]
         q = rearrange(torch.cat([q_nope, q_rope], dim=-1), "b t h d -> b h t d")
+        if v.shape[-1] != k.shape[-1]:
+            # Zero columns up to the q/k head dim (the output is sliced back): fused SDPA kernels
+            # (CPU flash, CUDA flash) need one head dim for q, k and v; without one, PyTorch's
+            # math kernel would materialise the [T, L] scores.
+            v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
 
-        # eager: one SDPA call per document; traced by torch.compile: one call with a mask built
-        # from tensors only (the document offsets are Python ints that would be guarded on)
+        # eager: one causal attention per document; traced by torch.compile: one SDPA call with
+        # an N x N mask built from tensors only (the document offsets are Python ints that would
+        # be guarded on)
         loop = packed is not None and not torch.compiler.is_compiling()
         doc_ids = None
         if packed is not None and not loop:
             doc_ids = (packed.positions == 0).cumsum(0)  # [T]: a document number per token
-            mask = (doc_ids[:, None] == doc_ids[None, :]) & _causal_mask(0, T, L, q.device)[None]
         docs = packed.spans if loop else [(0, T)]
         if self.record_max_logits and self.training:
             for a, b in docs:
@@ -432,35 +485,80 @@ class MLAttention(nn.Module):
                         doc_ids=doc_ids,
                     )
                 )
-
-        mixed_ok = v.shape[-1] == k.shape[-1] or _sdpa_accepts_mixed_v_dim(q.device, q.dtype)
-        if not mixed_ok:  # pad v to the q/k head dim, slice the output back
-            v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
         if loop:  # block-diagonal: each document attends causally to itself
             o = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[:, :, a:b],
-                        k[:, :, a:b],
-                        v[:, :, a:b],
-                        is_causal=True,
-                        scale=self.softmax_scale,
-                    )
-                    for a, b in docs
-                ],
+                [self._attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0) for a, b in docs],
                 dim=2,
             )
-        elif mask is not None:
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale
-            )
-        elif q_start == 0 and T == L:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            causal = _causal_mask(q_start, T, L, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=self.softmax_scale)
+            o = self._attention(q, k, v, q_start, pad_lengths, doc_ids)
         o = o[..., : self.v_head_dim]
         return rearrange(o, "b h t d -> b t (h d)")
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_start: int,
+        pad_lengths: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal SDPA of ``q [B, H, T, D]`` (positions ``q_start + arange(T)``) over
+        ``k, v [B, H, L, D]`` (positions ``arange(L)``), with left pads (``pad_lengths [B]``) or
+        documents (``doc_ids [L]``, ``q_start == 0``) masked.  Returns ``[B, H, T, D]``.
+
+        Memory is linear in T on every device: a plain causal prefill (no pads, documents or
+        cache) is one ``is_causal`` call when PyTorch has a fused kernel for it (CPU and CUDA
+        flash: nothing ``[T, L]`` is held); otherwise (the math kernel, or a mask is needed) the
+        queries go in blocks of :func:`query_block_rows` rows, each over the keys it can see
+        and with its own mask, so at most :data:`ATTENTION_BLOCK_ELEMENTS` scores or mask
+        elements exist at once.
+        """
+        B, H, T, _ = q.shape
+        L = k.shape[2]
+        scale = self.softmax_scale
+        causal_only = pad_lengths is None and doc_ids is None and q_start == 0 and T == L
+        if torch.compiler.is_compiling():  # one call, shapes static in the graph
+            if causal_only:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            mask = self._block_mask(0, T, L, q_start, pad_lengths, doc_ids, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if causal_only and (
+            B * H * T * L <= ATTENTION_BLOCK_ELEMENTS or _fused_sdpa(q, k, v, None, True)
+        ):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        rows = query_block_rows(B * H, L)
+        out = []
+        for s in range(0, T, rows):
+            e = min(T, s + rows)
+            visible = min(L, q_start + e)  # keys after the block's last query are all masked
+            mask = self._block_mask(s, e, visible, q_start, pad_lengths, doc_ids, q.device)
+            out.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, s:e], k[:, :, :visible], v[:, :, :visible], attn_mask=mask, scale=scale
+                )
+            )
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    @staticmethod
+    def _block_mask(
+        s: int,
+        e: int,
+        visible: int,
+        q_start: int,
+        pad_lengths: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Boolean ``[B or 1, 1, e - s, visible]``: which keys ``arange(visible)`` queries
+        ``s .. e - 1`` (absolute positions ``q_start + s ...``) may see."""
+        if pad_lengths is not None:
+            return _padded_causal_mask(q_start + s, e - s, visible, pad_lengths)[:, None]
+        mask = _causal_mask(q_start + s, e - s, visible, device)
+        if doc_ids is not None:
+            mask = mask & (doc_ids[q_start + s : q_start + e, None] == doc_ids[None, :visible])
+        return mask[None, None]
 
     def _attend_absorbed(
         self,
