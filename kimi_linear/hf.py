@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ __all__ = [
     "CONFIG_NAME",
     "IGNORED_KEYS",
     "NOOP_KEYS",
+    "NonFiniteWeightsWarning",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "check_output_dir",
@@ -857,13 +859,14 @@ def _weight_files(root: Path) -> list[Path]:
         wm = index.get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise ValueError(f"{index_path}: has no 'weight_map' object")
-        files = [root / f for f in sorted(set(wm.values()))]
+        names = set(wm.values())
+        files = [_weight_file(root, f, str(index_path)) for f in sorted(names, key=str)]
         for f in files:
             if not f.is_file():
                 raise ValueError(f"{f}: listed in {index_path.name} but missing")
         return files
     if (root / WEIGHTS_NAME).is_file():
-        return [root / WEIGHTS_NAME]
+        return [_weight_file(root, WEIGHTS_NAME, str(root / WEIGHTS_NAME))]
     raise ValueError(
         f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}"
     )
@@ -873,6 +876,49 @@ def _open(path: Path) -> Any:
     from safetensors import safe_open
 
     try:
+#: at most this many tensors are named in the non-finite weights warning
+MAX_NAMED_TENSORS = 5
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """Folders a weight file of ``root`` may resolve into: ``root`` itself, and for a snapshot
+    of the Hugging Face cache (``.../snapshots/<revision>/``, whose files are symlinks to
+    ``../../blobs/<hash>``) that repository's ``blobs/`` folder."""
+    real = root.resolve()
+    allowed = [real]
+    if real.parent.name == "snapshots":
+        allowed.append(real.parent.parent / "blobs")
+    return allowed
+
+
+def _weight_file(root: Path, name: Any, source: str) -> Path:
+    """``root / name`` for a weight-file name read from ``source`` (the index, or the default
+    name); ``ValueError`` naming it when it is not a relative path inside ``root`` (``..``,
+    absolute paths, a symlink that resolves outside the folder), so a checkpoint's files never
+    make the loader read elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: weight file names must be non-empty strings, got {name!r}")
+    rel = Path(name)
+    if (
+        rel.is_absolute()
+        or ".." in rel.parts
+        or name.startswith(("/", "\\"))
+        or ".." in name.split("\\")
+    ):
+        raise ValueError(
+            f"{source}: weight file {name!r} is outside the checkpoint folder {str(root)!r} "
+            "(only relative paths inside it are read)"
+        )
+    path = root / rel
+    real = path.resolve()
+    if not any(real == a or a in real.parents for a in _allowed_roots(root)):
+        raise ValueError(
+            f"{source}: weight file {name!r} resolves to {str(real)!r}, outside the checkpoint "
+            f"folder {str(root)!r} (a symlink leaving the folder is not followed)"
+        )
+    return path
+
+
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError: header truncated or not safetensors
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
@@ -965,7 +1011,7 @@ def _plan_load(
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
                 if key == "model.embed_tokens.weight":
-                    stored_dtype = _ST_DTYPES.get(sl.get_dtype(), stored_dtype)
+                    stored_dtype = _ST_DTYPES[st_dtype]
                 if tied and key == "lm_head.weight":
                     tied_head = path
                     continue
@@ -987,7 +1033,14 @@ def _plan_load(
                 if shape != want:
                     raise ValueError(
                         f"{path}: tensor {key!r} has shape {list(shape)}, the model expects "
-                        f"{list(want)} (for {first_t})"
+                st_dtype = sl.get_dtype()
+                if st_dtype not in _ST_DTYPES:
+                    raise ValueError(
+                        f"{path}: tensor {key!r} is stored as {st_dtype}, not a float dtype "
+                        f"({'/'.join(_ST_DTYPES)}); integer or quantized weights are not loaded "
+                        "(a cast would not restore their values): dequantize the checkpoint first"
+                    )
+                        f"{list(want)} (for {first_t}){experts}"
                     )
                 for t, part in routes:
                     covered[t].add("full" if part[0] != "index" else part[1])
@@ -1000,6 +1053,12 @@ def _plan_load(
         m = _STACKED.match(t)
         if m and parts:
             gaps = sorted(set(range(targets[t].shape[0])) - parts)
+                if first_part[0] == "index" and first_part[1] >= targets[first_t].shape[0]:
+                    raise ValueError(
+                        f"{path}: tensor {key!r} is expert {first_part[1]}, but config.json has "
+                        f"num_experts={targets[first_t].shape[0]} (experts 0.."
+                        f"{targets[first_t].shape[0] - 1}); does config.json match the weights?"
+                    )
             missing += [f"{m['prefix']}{e}.{m['w']}.weight" for e in gaps]
         elif m:
             missing.append(f"{m['prefix']}{{0..{targets[t].shape[0] - 1}}}.{m['w']}.weight")
@@ -1008,6 +1067,9 @@ def _plan_load(
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{root}: weights missing from the checkpoint: {missing[:5]}{more}")
+                    experts = ""
+                    if _STACKED.match(first_t) and len(shape) == len(want) == 3:
+                        experts = f"; config.json has num_experts={want[0]}"
 
     return plan, tied_head, stored_dtype
 
@@ -1025,9 +1087,14 @@ def _fill(model: KimiLinearForCausalLM, plan: _Plan, tied_head: Path | None) -> 
                         raise ValueError(f"{path}: cannot read tensor {key!r} ({e})") from None
                     for t, part in routes:
                         if part[0] == "narrow":  # a packed tensor: this target is one slice
-                            state[t].data.copy_(src.narrow(part[1], part[2], part[3]))
+                            dst = state[t].data
+                            dst.copy_(src.narrow(part[1], part[2], part[3]))
                         else:
-                            _view(state[t].data, part).copy_(src)
+                            dst = _view(state[t].data, part)
+                            dst.copy_(src)
+                        bad += _count_nonfinite(dst)  # after the cast: overflow counts too
+                    if bad:
+                        nonfinite.append(f"{key} ({bad} of {src.numel()})")
                     del src
         if tied_head is not None:
             with _open(tied_head) as f:
@@ -1038,4 +1105,32 @@ def _fill(model: KimiLinearForCausalLM, plan: _Plan, tied_head: Path | None) -> 
                     f"{tied_head}: lm_head.weight differs from model.embed_tokens.weight but "
                     "config.json says tie_word_embeddings=true; load with "
                     "tie_word_embeddings=False to keep both matrices"
+    nonfinite: list[str] = []
                 )
+                    bad = 0
+    if nonfinite:
+        more = len(nonfinite) - MAX_NAMED_TENSORS
+        shown = ", ".join(nonfinite[:MAX_NAMED_TENSORS]) + (f" and {more} more" if more > 0 else "")
+        root = plan[0][0].parent if plan else "checkpoint"
+        warnings.warn(
+            f"{root}: non-finite (NaN / inf) values in {len(nonfinite)} loaded weight tensor(s), "
+            f"after the cast to the model's dtype: {shown}; the model's outputs may be NaN",
+            NonFiniteWeightsWarning,
+            stacklevel=3,
+        )
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A loaded checkpoint holds NaN / inf weights (or values that overflow the target dtype)."""
+
+
+def _count_nonfinite(t: torch.Tensor, block: int = 1 << 22) -> int:
+    """Number of NaN / inf elements of float tensor ``t`` (checked in blocks of ``block``
+    elements, so the temporary is small whatever the tensor's size); 0 for other dtypes."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), block):
+        bad += int((~torch.isfinite(flat[start : start + block])).sum())
+    return bad

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -419,6 +421,102 @@ def test_load_errors(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="device"):
         KimiLinearForCausalLM.from_pretrained(tmp_path, device="nodevice")
+
+
+def _sharded_small(folder: Path) -> dict:
+    """A SMALL model saved in shards; returns its index."""
+    KimiLinearForCausalLM(KimiLinearConfig(**SMALL)).save_pretrained(folder, max_shard_size=20_000)
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def test_index_pointing_outside_the_folder_is_refused(tmp_path):
+    import os
+
+    ckpt = tmp_path / "ckpt"
+    index = _sharded_small(ckpt)
+    first = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((ckpt / first).read_bytes())  # a readable file: only the path is wrong
+    for target in ("../outside.safetensors", str(outside), "sub/../../outside.safetensors"):
+        wm = {k: (target if v == first else v) for k, v in index["weight_map"].items()}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+        with pytest.raises(ValueError, match=r"index\.json: weight file .* outside the checkpoint"):
+            KimiLinearForCausalLM.from_pretrained(ckpt)
+    # a symlink inside the folder that leads out of it
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    (ckpt / first).unlink()
+    os.symlink(outside, ckpt / first)
+    with pytest.raises(ValueError, match=rf"{first}.*resolves to .*outside.*symlink"):
+        KimiLinearForCausalLM.from_pretrained(ckpt)
+    # ... but the Hugging Face cache layout (snapshots/<rev>/file -> ../../blobs/<hash>) loads
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        os.symlink(Path("..", "..", "blobs", blob.name), snap / f.name)
+    assert KimiLinearForCausalLM.from_pretrained(snap).config.num_experts == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.float8_e4m3fn])
+def test_integer_or_quantized_weights_are_refused(tmp_path, dtype):
+    KimiLinearForCausalLM(KimiLinearConfig(**SMALL)).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd[name] = sd[name].clamp(-1, 1).to(dtype)  # a quantized export under the release name
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    st = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3"}
+    with pytest.raises(ValueError, match=rf"{name}' is stored as {st[dtype]}, not a float dtype"):
+        KimiLinearForCausalLM.from_pretrained(tmp_path)
+
+
+def test_nonfinite_weights_load_with_a_warning_naming_them(tmp_path):
+    KimiLinearForCausalLM(KimiLinearConfig(**SMALL)).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    bad = [k for k in sd if k.endswith("experts.0.w1.weight")] + ["model.norm.weight"]
+    bad += [f"model.layers.{i}.input_layernorm.weight" for i in range(3)]  # 6 tensors in all
+    for i, k in enumerate(bad):
+        sd[k] = sd[k].clone()
+        sd[k].view(-1)[: i + 1] = float("nan") if i % 2 else float("inf")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.warns(hf.NonFiniteWeightsWarning) as record:
+        model = KimiLinearForCausalLM.from_pretrained(tmp_path)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "in 6 loaded weight tensor(s)" in msg and msg.endswith("outputs may be NaN")
+    assert "and 1 more" in msg and len(re.findall(r"\(\d+ of \d+\)", msg)) == 5  # bounded
+    assert "model.layers.1.block_sparse_moe.experts.0.w1.weight (1 of" in msg
+    assert (~torch.isfinite(model.model.norm.weight)).sum() == bad.index("model.norm.weight") + 1
+    # values that overflow the requested dtype are reported too
+    big = load_file(str(tmp_path / "model.safetensors"))
+    big = {k: torch.nan_to_num(v) for k, v in big.items()}
+    big["model.norm.weight"] = torch.full_like(big["model.norm.weight"], 1e6)
+    save_file(big, str(tmp_path / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KimiLinearForCausalLM.from_pretrained(tmp_path)  # fp32: finite, no warning
+    with pytest.warns(hf.NonFiniteWeightsWarning, match=r"model\.norm\.weight \(32 of 32\)"):
+        KimiLinearForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+def test_fewer_num_experts_than_the_weights_hold_names_both(tmp_path):
+    KimiLinearForCausalLM(KimiLinearConfig(**SMALL)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_experts": 3}))
+    with pytest.raises(
+        ValueError, match=r"experts\.3\.w1\.weight' is expert 3, but config\.json has num_experts=3"
+    ):
+        KimiLinearForCausalLM.from_pretrained(tmp_path)
+    # transformers' internal layout (stacked experts): the shape error names the setting
+    model = KimiLinearForCausalLM(KimiLinearConfig(**SMALL))
+    sd = _transformers_internal_layout(model.state_dict())
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"experts\.(gate_up|down)_proj' has shape \[4, .*num_experts=3"
+    ):
+        KimiLinearForCausalLM.from_pretrained(tmp_path)
 
 
 def test_tied_head_that_differs_is_an_error(tmp_path):
