@@ -852,30 +852,6 @@ _ST_DTYPES = {
 }
 
 
-def _weight_files(root: Path) -> list[Path]:
-    index_path = root / WEIGHTS_INDEX_NAME
-    if index_path.is_file():
-        index = _read_json(index_path, "a safetensors index")
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict) or not wm:
-            raise ValueError(f"{index_path}: has no 'weight_map' object")
-        names = set(wm.values())
-        files = [_weight_file(root, f, str(index_path)) for f in sorted(names, key=str)]
-        for f in files:
-            if not f.is_file():
-                raise ValueError(f"{f}: listed in {index_path.name} but missing")
-        return files
-    if (root / WEIGHTS_NAME).is_file():
-        return [_weight_file(root, WEIGHTS_NAME, str(root / WEIGHTS_NAME))]
-    raise ValueError(
-        f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}"
-    )
-
-
-def _open(path: Path) -> Any:
-    from safetensors import safe_open
-
-    try:
 #: at most this many tensors are named in the non-finite weights warning
 MAX_NAMED_TENSORS = 5
 
@@ -919,6 +895,30 @@ def _weight_file(root: Path, name: Any, source: str) -> Path:
     return path
 
 
+def _weight_files(root: Path) -> list[Path]:
+    index_path = root / WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        index = _read_json(index_path, "a safetensors index")
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ValueError(f"{index_path}: has no 'weight_map' object")
+        names = set(wm.values())
+        files = [_weight_file(root, f, str(index_path)) for f in sorted(names, key=str)]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{f}: listed in {index_path.name} but missing")
+        return files
+    if (root / WEIGHTS_NAME).is_file():
+        return [_weight_file(root, WEIGHTS_NAME, str(root / WEIGHTS_NAME))]
+    raise ValueError(
+        f"pretrained_dir: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} in {str(root)!r}"
+    )
+
+
+def _open(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError: header truncated or not safetensors
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
@@ -1010,6 +1010,13 @@ def _plan_load(
             for key in f.keys():
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
+                st_dtype = sl.get_dtype()
+                if st_dtype not in _ST_DTYPES:
+                    raise ValueError(
+                        f"{path}: tensor {key!r} is stored as {st_dtype}, not a float dtype "
+                        f"({'/'.join(_ST_DTYPES)}); integer or quantized weights are not loaded "
+                        "(a cast would not restore their values): dequantize the checkpoint first"
+                    )
                 if key == "model.embed_tokens.weight":
                     stored_dtype = _ST_DTYPES[st_dtype]
                 if tied and key == "lm_head.weight":
@@ -1023,6 +1030,12 @@ def _plan_load(
                         "does config.json match the weights?"
                     )
                 first_t, first_part = routes[0]
+                if first_part[0] == "index" and first_part[1] >= targets[first_t].shape[0]:
+                    raise ValueError(
+                        f"{path}: tensor {key!r} is expert {first_part[1]}, but config.json has "
+                        f"num_experts={targets[first_t].shape[0]} (experts 0.."
+                        f"{targets[first_t].shape[0] - 1}); does config.json match the weights?"
+                    )
                 if first_part[0] == "narrow":  # a packed tensor: its parts side by side
                     dim = first_part[1]
                     want_l = list(targets[first_t].shape)
@@ -1031,15 +1044,11 @@ def _plan_load(
                 else:
                     want = tuple(_view(targets[first_t], first_part).shape)
                 if shape != want:
+                    experts = ""
+                    if _STACKED.match(first_t) and len(shape) == len(want) == 3:
+                        experts = f"; config.json has num_experts={want[0]}"
                     raise ValueError(
                         f"{path}: tensor {key!r} has shape {list(shape)}, the model expects "
-                st_dtype = sl.get_dtype()
-                if st_dtype not in _ST_DTYPES:
-                    raise ValueError(
-                        f"{path}: tensor {key!r} is stored as {st_dtype}, not a float dtype "
-                        f"({'/'.join(_ST_DTYPES)}); integer or quantized weights are not loaded "
-                        "(a cast would not restore their values): dequantize the checkpoint first"
-                    )
                         f"{list(want)} (for {first_t}){experts}"
                     )
                 for t, part in routes:
@@ -1053,12 +1062,6 @@ def _plan_load(
         m = _STACKED.match(t)
         if m and parts:
             gaps = sorted(set(range(targets[t].shape[0])) - parts)
-                if first_part[0] == "index" and first_part[1] >= targets[first_t].shape[0]:
-                    raise ValueError(
-                        f"{path}: tensor {key!r} is expert {first_part[1]}, but config.json has "
-                        f"num_experts={targets[first_t].shape[0]} (experts 0.."
-                        f"{targets[first_t].shape[0] - 1}); does config.json match the weights?"
-                    )
             missing += [f"{m['prefix']}{e}.{m['w']}.weight" for e in gaps]
         elif m:
             missing.append(f"{m['prefix']}{{0..{targets[t].shape[0] - 1}}}.{m['w']}.weight")
@@ -1067,9 +1070,6 @@ def _plan_load(
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{root}: weights missing from the checkpoint: {missing[:5]}{more}")
-                    experts = ""
-                    if _STACKED.match(first_t) and len(shape) == len(want) == 3:
-                        experts = f"; config.json has num_experts={want[0]}"
 
     return plan, tied_head, stored_dtype
 
@@ -1077,6 +1077,7 @@ def _plan_load(
 def _fill(model: KimiLinearForCausalLM, plan: _Plan, tied_head: Path | None) -> None:
     """Copy the planned tensors into ``model``, one stored tensor at a time."""
     state = model.state_dict(keep_vars=True)
+    nonfinite: list[str] = []
     with torch.no_grad():
         for path, entries in plan:
             with _open(path) as f:
@@ -1085,6 +1086,7 @@ def _fill(model: KimiLinearForCausalLM, plan: _Plan, tied_head: Path | None) -> 
                         src = f.get_tensor(key)
                     except Exception as e:
                         raise ValueError(f"{path}: cannot read tensor {key!r} ({e})") from None
+                    bad = 0
                     for t, part in routes:
                         if part[0] == "narrow":  # a packed tensor: this target is one slice
                             dst = state[t].data
@@ -1105,9 +1107,7 @@ def _fill(model: KimiLinearForCausalLM, plan: _Plan, tied_head: Path | None) -> 
                     f"{tied_head}: lm_head.weight differs from model.embed_tokens.weight but "
                     "config.json says tie_word_embeddings=true; load with "
                     "tie_word_embeddings=False to keep both matrices"
-    nonfinite: list[str] = []
                 )
-                    bad = 0
     if nonfinite:
         more = len(nonfinite) - MAX_NAMED_TENSORS
         shown = ", ".join(nonfinite[:MAX_NAMED_TENSORS]) + (f" and {more} more" if more > 0 else "")
