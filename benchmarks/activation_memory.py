@@ -14,6 +14,11 @@ given preset, batch, length and dtype.
 Example::
 
     python benchmarks/activation_memory.py --preset small --batch-size 1 --seq-lens 512 2048
+    python benchmarks/activation_memory.py --quick     # tiny preset, 64 / 128 tokens, seconds
+
+The committed results (``benchmarks/results/cpu/activation_memory.*``) are never replaced
+unless ``--overwrite`` is given; ``--out-dir`` writes elsewhere and ``--quick`` writes to the
+git-ignored ``quick/`` subfolder.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from common import (  # noqa: E402
     fmt_bytes,
     markdown_table,
     positive_int,
+    refuse_overwrite,
     save_results,
     set_threads,
 )
@@ -67,15 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/cpu/")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: the tiny preset at 64 and 128 tokens, written to results/cpu/quick/",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the committed results in results/cpu/"
+    )
     args = parser.parse_args(argv)
+    refuse_overwrite(
+        "activation_memory", torch.device("cpu"), args.out_dir, args.quick, args.overwrite
+    )
+    if args.quick:
+        args.preset, args.seq_lens = "tiny", [64, 128]
     set_threads(args.threads)
     from kimi_linear.model import KimiLinearForCausalLM
 
     config = config_from_args(args).replace(kda_backend="torch")
+    print(f"building {config.name} ({config.num_hidden_layers} layers)...", flush=True)
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(config).train()
     rows = []
-    for T in args.seq_lens:
+    for i, T in enumerate(args.seq_lens):
+        print(f"[{i + 1}/{len(args.seq_lens)}] T={T}: measuring...", flush=True)
         ids = torch.randint(0, config.vocab_size, (args.batch_size, T))
         row: dict[str, Any] = {"seq_len": T, "batch_size": args.batch_size}
         for name, enabled in (("plain", False), ("checkpointed", True)):
@@ -112,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         {"config": config.name, "overrides": vars(args), "rows": rows},
         title + markdown_table(table),
         out_dir=args.out_dir,
+        quick=args.quick,
     )
     print(f"wrote {paths['md']}")
     return 0

@@ -282,6 +282,29 @@ def save_results(
     return paths
 
 
+def refuse_overwrite(
+    name: str,
+    device: torch.device,
+    out_dir: str | os.PathLike | None = None,
+    quick: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Stop (:func:`fail`) before any work when a run would replace committed results: the
+    default folder (``benchmarks/results/<device>/``, where :func:`save_results` writes without
+    ``out_dir`` / ``quick``) already holds ``name``.json / .md / .png.  ``--out-dir``,
+    ``--quick`` (its git-ignored ``quick/`` subfolder) or ``--overwrite`` (asked for) pass."""
+    if out_dir is not None or quick or overwrite:
+        return
+    folder = RESULTS_DIR / device_slug(device)
+    existing = [folder / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    existing = [p for p in existing if p.exists()]
+    if existing:
+        fail(
+            f"{existing[0]} exists (committed results); pass --overwrite to replace them, "
+            "--out-dir DIR to write elsewhere, or --quick for a smoke run"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Command-line helpers shared by the model-level benchmarks (kv_cache, decode, prefill).
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ memory during ``from_pretrained`` (``VmHWM``), the checkpoint bytes, the model b
 builds an fp32 model (measured too, ``eager_baseline``) holds the bf16 copy and the fp32 model at
 once; the meta-device, shard-by-shard loader holds the model plus a few shard pages.
 
-    python benchmarks/load_memory.py            # writes benchmarks/results/cpu/load_memory.{json,md}
+    python benchmarks/load_memory.py --overwrite  # replaces benchmarks/results/cpu/load_memory.{json,md}
+    python benchmarks/load_memory.py --quick      # a ~20 MB checkpoint, results/cpu/quick/
+
+The committed results are never replaced unless ``--overwrite`` is given; ``--out-dir`` writes
+elsewhere and ``--quick`` to the git-ignored ``quick/`` subfolder.
 """
 
 from __future__ import annotations
@@ -41,6 +45,21 @@ SHAPE = dict(
     first_k_dense_replace=1,
     kda_backend="torch",
 )
+#: ``--quick``: the same layout, small enough to write and load in seconds.
+QUICK_SHAPE = {
+    **SHAPE,
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "layer_types": ("kda", "kda", "kda", "mla"),
+    "kda_num_heads": 4,
+    "kda_head_dim": 64,
+    "num_attention_heads": 4,
+    "kv_lora_rank": 64,
+    "intermediate_size": 1024,
+    "num_experts": 8,
+    "moe_intermediate_size": 256,
+}
 
 
 def status_bytes(field: str) -> int:
@@ -104,24 +123,46 @@ def child(path: str, mode: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shard_mb", type=int, default=50, help="max shard size (MB)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a small checkpoint (seconds), written to quick/"
+    )
+    ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/cpu/")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace the committed results in results/cpu/"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="from_pretrained", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.mode)
         return 0
+    if args.shard_mb < 1:
+        ap.error(f"--shard_mb must be >= 1, got {args.shard_mb}")
+    out = Path(args.out_dir) if args.out_dir else RESULTS / "quick" if args.quick else RESULTS
+    existing = [out / n for n in ("load_memory.json", "load_memory.md") if (out / n).exists()]
+    if existing and not (args.overwrite or args.out_dir or args.quick):
+        print(
+            f"error: {existing[0]} exists (committed results); pass --overwrite to replace them, "
+            "--out-dir DIR to write elsewhere, or --quick for a smoke run",
+            file=sys.stderr,
+        )
+        return 2
     import torch
 
     from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
+    shape = QUICK_SHAPE if args.quick else SHAPE
+    shard_mb = min(args.shard_mb, 4) if args.quick else args.shard_mb
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
-        model = KimiLinearForCausalLM(KimiLinearConfig(**SHAPE)).to(torch.bfloat16)
-        model.save_pretrained(d, max_shard_size=args.shard_mb * 2**20)
+        model = KimiLinearForCausalLM(KimiLinearConfig(**shape)).to(torch.bfloat16)
         n_params = model.num_parameters()
+        print(f"writing a {n_params / 1e6:.1f}M-parameter bf16 checkpoint...", flush=True)
+        model.save_pretrained(d, max_shard_size=shard_mb * 2**20)
         del model
         runs = {}
-        for mode in ("from_pretrained", "eager"):
+        for i, mode in enumerate(("from_pretrained", "eager")):
+            print(f"[{i + 1}/2] loading with {mode} in a fresh process...", flush=True)
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", d, "--mode", mode],
                 capture_output=True,
@@ -133,13 +174,14 @@ def main() -> int:
     e["peak_over_checkpoint"] = (e["peak_rss"] - e["baseline_rss"]) / e["checkpoint_bytes"]
     r["eager_baseline"] = e
     r["parameters"] = n_params
-    r["shard_mb"] = args.shard_mb
+    r["shard_mb"] = shard_mb
+    r["quick"] = args.quick
     r["peak_over_checkpoint"] = (r["peak_rss"] - r["baseline_rss"]) / r["checkpoint_bytes"]
     r["peak_minus_model_over_shard"] = (r["peak_rss"] - r["baseline_rss"] - r["model_bytes"]) / r[
         "largest_shard_bytes"
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load_memory.json").write_text(json.dumps(r, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load_memory.json").write_text(json.dumps(r, indent=2) + "\n")
     mb = 2**20
     md = [
         "# from_pretrained peak host memory (bf16 checkpoint, CPU)",
@@ -164,8 +206,9 @@ def main() -> int:
         "shard).",
         "",
     ]
-    (RESULTS / "load_memory.md").write_text("\n".join(md))
+    (out / "load_memory.md").write_text("\n".join(md))
     print("\n".join(md))
+    print(f"wrote {out / 'load_memory.md'}")
     return 0
 
 

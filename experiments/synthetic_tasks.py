@@ -58,6 +58,13 @@ over seeds).
     python experiments/synthetic_tasks.py                    # the CPU study (hours on 2 cores)
     python experiments/synthetic_tasks.py --device cuda      # the paper-size study
     python experiments/synthetic_tasks.py --quick            # a smoke run (under a minute)
+    python experiments/synthetic_tasks.py --report-only --out-dir /tmp/report \
+        --runs-dir experiments/results/runs                   # the report of the saved runs
+
+The committed results (``experiments/results/synthetic_tasks.*``) are never replaced unless
+``--overwrite`` is given: a run that would write them stops before any work (``--quick`` writes
+to the git-ignored ``results/quick/``, ``--out-dir`` elsewhere; ``--runs-dir`` reads and saves
+the runs in another folder than ``OUT_DIR/runs``).
 """
 
 from __future__ import annotations
@@ -681,6 +688,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     p.add_argument("--out-dir", default=None,
                    help="output folder (default experiments/results; --quick: .../quick)")  # fmt: skip
+    p.add_argument("--runs-dir", default=None,
+                   help="folder of the saved runs (read and written; default OUT_DIR/runs)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the committed results (experiments/results/synthetic_tasks.*); "
+                        "without it, a run that would replace them stops before any work")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the results from the runs saved under these "
@@ -725,8 +737,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     root = Path(__file__).resolve().parent / "results"
     out = Path(args.out_dir) if args.out_dir is not None else root / ("quick" if args.quick else "")
-    folder = out / "runs"
+    committed = [out / f"synthetic_tasks.{ext}" for ext in ("json", "md", "png")]
+    committed = [f for f in committed if f.exists()]
+    if args.out_dir is None and not args.quick and committed and not args.overwrite:
+        print(
+            f"error: {committed[0]} exists (committed results); pass --overwrite to replace "
+            "them, or --out-dir DIR to write elsewhere (with --runs-dir "
+            f"{root / 'runs'} to read the saved runs from here)",
+            file=sys.stderr,
+        )
+        return 2
+    folder = Path(args.runs_dir) if args.runs_dir is not None else out / "runs"
+    if args.report_only and not folder.is_dir():
+        print(f"error: --report-only: no saved runs in {folder} (see --runs-dir)", file=sys.stderr)
+        return 2
     folder.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"runs: {folder}; results: {out}", flush=True)
 
     matched, meta_params, meta_width = {}, {}, {}
     for task in args.tasks:
@@ -740,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     L0 = min(args.train_lengths)
     sweep = [(t, L0, m, lr, 0) for t in args.tasks for m in args.models for lr in args.lrs]
     n_final = len(args.tasks) * len(args.models) * (len(args.train_lengths) * len(args.seeds) - 1)
-    progress = Progress(len(sweep) + n_final, enabled=not (args.no_progress or args.report_only))
+    progress = Progress(len(sweep) + n_final, enabled=not args.no_progress)
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     t_start = time.perf_counter()
@@ -805,7 +832,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n"
     )
     write_markdown(out / "synthetic_tasks.md", meta, summary)
-    plot(out / "synthetic_tasks.png", summary)
+    if runs:
+        plot(out / "synthetic_tasks.png", summary)
+    else:  # nothing to draw yet
+        print("no run saved yet: no synthetic_tasks.png")
     gate = summary["sanity_gate"]
     if gate is not None:
         print(f"sanity gate (MLA-only MQAR accuracy > {SANITY_THRESHOLD}): "

@@ -151,3 +151,84 @@ def test_report_only_trains_nothing_and_lists_missing_runs(study, tmp_path, monk
     md = (tmp_path / "synthetic_tasks.md").read_text()
     assert "## Not yet run" in md and "| mqar | mla | 1 |" in md and "partial" in md
     assert not seed1.exists()
+
+
+def _committed(folder: Path, pattern: str) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob(pattern)}
+
+
+def test_committed_results_are_not_overwritten_without_asking(study, capsys):
+    """The default output folder holds the committed study: a run (``--report-only`` too) that
+    would rewrite it stops before any work, naming the file and the options (issue 24)."""
+    results = ROOT / "experiments" / "results"
+    before = _committed(results, "synthetic_tasks.*")
+    assert before, "the committed study results are missing"
+    assert study.main(["--report-only", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic_tasks.json exists (committed results)" in err
+    assert "--overwrite" in err and "--out-dir" in err
+    assert _committed(results, "synthetic_tasks.*") == before
+
+
+def test_report_only_reads_runs_from_runs_dir_and_writes_out_dir(study, tmp_path, capsys):
+    """``--report-only --out-dir X --runs-dir R`` reads R and writes X, with a progress line per
+    run; an empty runs folder is a named error."""
+    runs = tmp_path / "runs"
+    argv = ["--report-only", "--quick", "--models", "mla", "--out-dir", str(tmp_path / "out")]
+    assert study.main([*argv, "--runs-dir", str(tmp_path / "none")]) == 2
+    assert "--report-only: no saved runs in" in capsys.readouterr().err
+    runs.mkdir()
+    assert study.main([*argv, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert f"runs: {runs}" in out
+    data = json.loads((tmp_path / "out" / "synthetic_tasks.json").read_text())
+    assert data["meta"]["missing_runs"] and data["runs"] == []
+
+
+def _bench(name: str):
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_activation_memory_refuses_to_overwrite_and_has_a_quick_mode(tmp_path, capsys):
+    """benchmarks/activation_memory.py: the committed results stay unless ``--overwrite``;
+    ``--quick`` measures the tiny preset with progress lines (issue 24)."""
+    bench = _bench("activation_memory")
+    results = ROOT / "benchmarks" / "results" / "cpu"
+    before = _committed(results, "activation_memory.*")
+    assert before
+    with pytest.raises(SystemExit) as exc:
+        bench.main([])
+    assert exc.value.code == 2
+    assert "activation_memory.json exists (committed results)" in capsys.readouterr().err
+    assert bench.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] T=64: measuring" in out and "[2/2] T=128" in out
+    data = json.loads((tmp_path / "activation_memory.json").read_text())
+    assert data["config"] == "tiny" and [r["seq_len"] for r in data["rows"]] == [64, 128]
+    assert all(r["plain_bytes"] > r["checkpointed_bytes"] > 0 for r in data["rows"])
+    assert _committed(results, "activation_memory.*") == before
+
+
+def test_load_memory_refuses_to_overwrite(capsys, monkeypatch):
+    bench = _bench("load_memory")
+    results = ROOT / "benchmarks" / "results" / "cpu"
+    before = _committed(results, "load_memory.*")
+    assert before
+    monkeypatch.setattr(sys, "argv", ["load_memory.py"])
+    assert bench.main() == 2
+    assert "load_memory.json exists (committed results)" in capsys.readouterr().err
+    assert _committed(results, "load_memory.*") == before
+
+
+@pytest.mark.slow
+def test_load_memory_quick(tmp_path, capsys, monkeypatch):
+    bench = _bench("load_memory")
+    monkeypatch.setattr(sys, "argv", ["load_memory.py", "--quick", "--out-dir", str(tmp_path)])
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "[1/2] loading with from_pretrained" in out and "[2/2] loading with eager" in out
+    data = json.loads((tmp_path / "load_memory.json").read_text())
+    assert data["quick"] and data["peak_rss"] > data["baseline_rss"]
