@@ -161,6 +161,67 @@ def test_a_moved_or_changed_tokenizer_is_named(run, tmp_path: Path, capsys) -> N
     )
 
 
+def test_another_tokenizer_of_the_same_vocabulary_size_is_refused(
+    run, tmp_path: Path, capsys
+) -> None:
+    """--tokenizer with another 300-id BPE (same vocabulary size, other merges): an error naming
+    the recorded tokenizer and the override flag, for a checkpoint and an exported folder; the
+    override runs with a warning.  The same tokenizer in another form is accepted."""
+    from kimi_linear.lightning.data import prepare
+
+    prepare(
+        [_write_docs(tmp_path / "other.jsonl", 40, seed=5)], tmp_path / "other",
+        train_bpe_vocab=300, val_fraction=0.2, num_workers=1, progress=False,
+    )  # fmt: skip
+    other = tmp_path / "other" / "tokenizer.json"
+    assert load_tokenizer(other).vocab_size == 300  # fits the model: only the ids differ
+    out = tmp_path / "export"
+    assert main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out)]) == 0
+    capsys.readouterr()
+    for ckpt, where in ((run["ckpt"], "tokenizer recorded in"), (out, "tokenizer files of")):
+        rc = main(["generate", "--ckpt_path", str(ckpt), "--tokenizer", str(other), *GEN])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--tokenizer is not the {where} " in err, err
+        assert "token id" in err and "--allow_tokenizer_mismatch" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert (
+            main(
+                [
+                    "generate",
+                    "--ckpt_path",
+                    str(ckpt),
+                    "--tokenizer",
+                    str(other),
+                    "--allow_tokenizer_mismatch",
+                    *GEN,
+                ]
+            )  # fmt: skip
+            == 0
+        )
+        assert "warning: --tokenizer is not" in capsys.readouterr().err
+    # the same tokenizer as the exported folder, or the original file for the folder: accepted
+    for ckpt, given in ((run["ckpt"], out), (out, run["tokenizer"])):
+        assert main(["generate", "--ckpt_path", str(ckpt), "--tokenizer", str(given), *GEN]) == 0
+        assert "warning" not in capsys.readouterr().err
+    rc = main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(tmp_path / "x"),
+               "--tokenizer", str(other)])  # fmt: skip
+    assert rc == 2 and "--allow_tokenizer_mismatch" in capsys.readouterr().err
+
+
+def test_tokenizer_difference_compares_behaviour(run, tmp_path: Path) -> None:
+    from kimi_linear.lightning import tokenizer as tk
+
+    bpe = load_tokenizer(run["tokenizer"])
+    assert tk.tokenizer_difference(bpe, load_tokenizer(run["tokenizer"])) is None
+    assert tk.tokenizer_difference(ByteTokenizer(), bpe) == "vocab_size 259 vs 300"
+    if hasattr(tk, "byte_tokenizer_json"):  # the byte tokenizer's tokenizer.json form agrees
+        (tmp_path / "tokenizer.json").write_text(tk.byte_tokenizer_json())
+        as_json = load_tokenizer(
+            tmp_path / "tokenizer.json", eos_token="<eos>", bos_token="<bos>", pad_token="<pad>"
+        )
+        assert tk.tokenizer_difference(ByteTokenizer(), as_json) is None
+
+
 def test_export_copies_the_tokenizer_and_generate_reads_it_back(
     run, tmp_path: Path, capsys
 ) -> None:
@@ -232,8 +293,9 @@ def test_export_names_a_tokenizer_it_cannot_copy(run, tmp_path: Path, capsys) ->
     spec = json.dumps({"kind": "tiktoken", "path": str(bpe), "pattern": "gpt2"})
     out = tmp_path / "export"
     rc = main(
-        ["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out), "--tokenizer", spec]
-    )
+        ["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out), "--tokenizer", spec,
+         "--allow_tokenizer_mismatch"]  # not the tokenizer it was trained with (a BPE)
+    )  # fmt: skip
     assert rc == 0
     assert "the tokenizer (tiktoken) was not copied; pass it to generate as --tokenizer" in (
         capsys.readouterr().out

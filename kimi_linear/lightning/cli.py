@@ -361,6 +361,12 @@ _TOKENIZER_HELP = (
 )
 
 
+_MISMATCH_HELP = (
+    "use --tokenizer even when it differs from the tokenizer the model was trained with "
+    "(recorded in the checkpoint, or the folder's tokenizer files); a warning instead of an error"
+)
+
+
 def _recorded_tokenizer_spec(path: Path) -> dict[str, Any] | None:
     """The tokenizer spec a Lightning checkpoint (file, or sharded folder's ``meta.pt``)
     recorded from its data module (``None`` when it recorded none)."""
@@ -378,11 +384,56 @@ def _recorded_tokenizer_spec(path: Path) -> dict[str, Any] | None:
     return find_tokenizer_spec(ckpt) if isinstance(ckpt, dict) else None
 
 
+def _check_trained_tokenizer(tok: Any, ckpt_path: Path, allow_mismatch: bool) -> None:
+    """``--tokenizer`` (loaded as ``tok``) must be the tokenizer the model at ``ckpt_path`` was
+    trained with when that is known (recorded in the checkpoint, or the folder's tokenizer
+    files): the same ids for the same text (compared by behaviour, so a copy or an exported
+    form agrees), or, when the recorded files are gone or changed, files with the recorded
+    sha256.  Otherwise a :class:`UsageError`, or with ``allow_mismatch`` a warning on stderr."""
+    from kimi_linear.lightning.tokenizer import (
+        has_tokenizer_files,
+        holds_recorded_files,
+        load_tokenizer,
+        tokenizer_difference,
+    )
+
+    spec: Any
+    if ckpt_path.is_dir() and not (ckpt_path / "meta.pt").is_file():
+        if not has_tokenizer_files(ckpt_path):
+            return
+        where, spec = f"the tokenizer files of {os.fspath(ckpt_path)!r}", os.fspath(ckpt_path)
+    else:
+        spec = _recorded_tokenizer_spec(ckpt_path)
+        where = f"the tokenizer recorded in {os.fspath(ckpt_path)!r}"
+    if spec is None:  # e.g. a synthetic-task model: nothing to compare with
+        return
+    try:
+        ref = load_tokenizer(spec)
+    except (ValueError, TypeError, OSError):  # moved or changed since: compare the files
+        ref = None
+    if ref is not None:
+        why = tokenizer_difference(tok, ref)
+    elif holds_recorded_files(spec, tok.spec.get("path", "")):
+        why = None
+    else:
+        why = "it cannot be loaded and --tokenizer's files do not have its sha256"
+    if why is None:
+        return
+    message = (
+        f"--tokenizer is not {where} ({why}); the model would read other token ids than it was "
+        "trained on"
+    )
+    if not allow_mismatch:
+        raise UsageError(f"{message}; pass --allow_tokenizer_mismatch to use it anyway")
+    print(f"warning: {message} (--allow_tokenizer_mismatch)", file=sys.stderr)
+
+
 def resolve_tokenizer(
     tokenizer: str | None,
     ckpt_path: str | os.PathLike,
     model_vocab_size: int,
     byte_fallback: bool = True,
+    allow_mismatch: bool = False,
 ) -> Any:
     """The tokenizer for ``generate`` / ``export`` of the model at ``ckpt_path``.
 
@@ -395,7 +446,9 @@ def resolve_tokenizer(
 
     Raises :class:`UsageError` when the tokenizer cannot be loaded or its vocabulary does not
     fit the model's: more ids than ``model_vocab_size`` (ids the model cannot embed), or, for the
-    byte tokenizer taken by default, a different size (the model was not trained on bytes).
+    byte tokenizer taken by default, a different size (the model was not trained on bytes); and
+    when ``tokenizer`` is not the one the model was trained with, where that is known, unless
+    ``allow_mismatch`` (then a warning; see :func:`_check_trained_tokenizer`).
     """
     from kimi_linear.lightning.tokenizer import (
         has_tokenizer_files,
@@ -437,6 +490,8 @@ def resolve_tokenizer(
             f"{what}: the tokenizer has {tok.vocab_size} token ids, more than the model's "
             f"vocabulary ({model_vocab_size}); it is not the tokenizer the model was trained with"
         )
+    if tokenizer is not None:
+        _check_trained_tokenizer(tok, p, allow_mismatch)
     return tok
 
 
@@ -451,6 +506,7 @@ def _generate_parser() -> argparse.ArgumentParser:
         "--ckpt_path", required=True, help="Lightning checkpoint file or exported model folder"
     )
     p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
+    p.add_argument("--allow_tokenizer_mismatch", action="store_true", help=_MISMATCH_HELP)
     p.add_argument(
         "--prompt",
         required=True,
@@ -478,7 +534,12 @@ def generate_main(argv: list[str]) -> int:
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
     model = load_model(args.ckpt_path, args.device).eval()
-    tok = resolve_tokenizer(args.tokenizer, args.ckpt_path, model.config.vocab_size)
+    tok = resolve_tokenizer(
+        args.tokenizer,
+        args.ckpt_path,
+        model.config.vocab_size,
+        allow_mismatch=args.allow_tokenizer_mismatch,
+    )
     prompts = [text for text in args.prompt for _ in range(args.num_samples)]
     rows = [tok.encode(text, add_bos=tok.bos_id is not None) for text in prompts]
     for text, row in zip(prompts, rows):
@@ -553,6 +614,7 @@ def _export_parser() -> argparse.ArgumentParser:
         default=None,
         help=_TOKENIZER_HELP + "; a Hugging Face tokenizer is copied into --output_dir",
     )
+    p.add_argument("--allow_tokenizer_mismatch", action="store_true", help=_MISMATCH_HELP)
     return p
 
 
@@ -573,7 +635,11 @@ def export_main(argv: list[str]) -> int:
     else:
         model = load_model(args.ckpt_path, "cpu")
     tok = resolve_tokenizer(
-        args.tokenizer, args.ckpt_path, model.config.vocab_size, byte_fallback=False
+        args.tokenizer,
+        args.ckpt_path,
+        model.config.vocab_size,
+        byte_fallback=False,
+        allow_mismatch=args.allow_tokenizer_mismatch,
     )
     if args.dtype is not None:
         from kimi_linear.model import cast_model_

@@ -613,6 +613,45 @@ def parse_tokenizer_spec(text: str) -> str | dict[str, Any]:
     return text
 
 
+#: text encoded by :func:`tokenizer_difference` (ASCII, accents, CJK, emoji, code, digits)
+_PROBE_TEXT = "The quick brown fox, déjà vu: 東京 🙂 def f(x):\n    return x ** 2  # 0123456789"
+
+
+def tokenizer_difference(a: Any, b: Any, max_ids: int = 4096) -> str | None:
+    """Why tokenizers ``a`` and ``b`` would not give the same token ids (``None`` when they
+    agree): their vocabulary size and special ids, the text of single ids (all of them up to
+    ``max_ids``, else ``max_ids`` evenly spaced ones and the last), and the ids of a probe text.
+
+    It compares behaviour, not files, so the same vocabulary in another form (a
+    ``tokenizer.json`` and the folder an export copied it into, the byte tokenizer and its
+    ``tokenizer.json``) agrees, while another tokenizer of the same vocabulary size does not.
+    """
+    for attr in ("vocab_size", "eos_id", "bos_id", "pad_id"):
+        va, vb = getattr(a, attr, None), getattr(b, attr, None)
+        if va != vb:
+            return f"{attr} {va} vs {vb}"
+    n = int(a.vocab_size)
+    ids = range(n) if n <= max_ids else sorted({*range(0, n, -(-n // max_ids)), n - 1})
+    for i in ids:
+        da, db = a.decode([i]), b.decode([i])
+        if da != db:
+            return f"token id {i} is {da!r} vs {db!r}"
+    if a.encode(_PROBE_TEXT) != b.encode(_PROBE_TEXT):
+        return f"{_PROBE_TEXT[:20]!r}... encodes to other ids"
+    return None
+
+
+def holds_recorded_files(spec: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a file, or a folder's files) holds the files a recorded spec's
+    ``sha256`` names: a tokenizer file that moved (or was copied into an export folder)."""
+    sha, p = spec.get("sha256"), Path(path)
+    if not sha or not p.exists():
+        return False
+    if _fingerprint(p) == sha:
+        return True
+    return p.is_dir() and any(_fingerprint(f) == sha for f in p.iterdir() if f.is_file())
+
+
 def save_tokenizer_files(
     tok: ByteTokenizer | HFTokenizer | TiktokenTokenizer, output_dir: str | os.PathLike
 ) -> list[str]:
@@ -665,8 +704,10 @@ __all__ = [
     "Tokenizer",
     "find_tokenizer_spec",
     "has_tokenizer_files",
+    "holds_recorded_files",
     "load_tokenizer",
     "parse_tokenizer_spec",
     "read_tiktoken_ranks",
     "save_tokenizer_files",
+    "tokenizer_difference",
 ]
