@@ -210,13 +210,106 @@ def test_default_path_choice(monkeypatch):
     )
 
 
-def test_sdpa_padding_fallback_matches(monkeypatch):
-    layer = make_layer(use_nope=False)
-    x = torch.randn(2, 6, layer.config.hidden_size)
-    with torch.no_grad():
-        expected = layer(x)
-        monkeypatch.setitem(mla_module._SDPA_MIXED_V_DIM, (x.device.type, x.dtype), False)
-        torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
+# ------------------------------------------------------------------ prefill memory linear in T
+def _attention_case(case: str, layer: MLAttention, T: int, generator: torch.Generator):
+    """``(x [B, T, D], forward kwargs, prefix [B, P, D] or None)`` of one attention layout."""
+    D = layer.config.hidden_size
+    B = 2 if case in ("pad", "cache") else 1
+    x = torch.randn(B, T, D, generator=generator)
+    if case == "pad":  # row 0 has 5 left pads, row 1 none
+        return x, {"pad_lengths": torch.tensor([5, 0])}, None
+    if case == "packed":
+        cuts = [0, T // 3, T // 3 + 1, T]  # a one-token document in the middle
+        return x, {"cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}, None
+    if case == "cache":  # continue a 9-token cache with a block of T tokens (plain path)
+        return x, {"absorb": False}, torch.randn(B, 9, D, generator=generator)
+    return x, {}, None
+
+
+def _run_attention(layer: MLAttention, x, kwargs, prefix):
+    """Output and input gradient (and parameter gradients) of one forward + backward."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    if prefix is None:
+        out = layer(x, **kwargs)
+    else:
+        cache = LatentKVCache(x.shape[0], layer.kv_lora_rank, layer.rope_dim)
+        layer(prefix, cache, 0)
+        out = layer(x, cache, prefix.shape[1], **kwargs)
+    weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("case", ["causal", "pad", "packed", "cache"])
+@pytest.mark.parametrize("use_nope", [True, False])
+def test_blocked_attention_matches_one_call(monkeypatch, case, use_nope):
+    """Attending in query blocks (the path taken without a fused SDPA kernel, or with a mask)
+    gives the outputs and gradients of one SDPA call over the whole block, within fp32
+    tolerance: plain causal, left-padded rows, packed documents and a cache continuation."""
+    layer = make_layer(use_nope, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x, kwargs, prefix = _attention_case(case, layer, 40, gen)
+    monkeypatch.setattr(mla_module, "ATTENTION_BLOCK_ELEMENTS", 1 << 30)  # one call
+    one_call = _run_attention(layer, x, kwargs, prefix)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(mla_module, "ATTENTION_BLOCK_ELEMENTS", 3 * 40 * 7)  # blocks of 3-7 rows
+    monkeypatch.setattr(mla_module, "_fused_sdpa", lambda *a, **k: False)
+    monkeypatch.setattr(
+        mla_module.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(a) or sdpa(*a, **k),
+    )
+    blocked = _run_attention(layer, x, kwargs, prefix)
+    assert len(calls) > 3  # it did split the queries
+    torch.testing.assert_close(blocked[0], one_call[0], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(blocked[1], one_call[1], atol=ATOL, rtol=1e-5)
+    for name, grad in one_call[2].items():
+        torch.testing.assert_close(blocked[2][name], grad, atol=ATOL, rtol=1e-4, msg=name)
+    if case == "causal":  # and both equal the explicit reference
+        with torch.no_grad():
+            expected, _ = reference_mla(layer, x)
+        torch.testing.assert_close(blocked[0], expected, atol=ATOL, rtol=1e-5)
+
+
+def test_query_block_rows_bound_the_scores():
+    assert mla_module.query_block_rows(8, 1024, block_elements=1 << 20) == 128
+    assert mla_module.query_block_rows(8, 1 << 20, block_elements=1 << 20) == 1  # at least one
+    for bh, keys in [(1, 1), (3, 5000), (64, 65536)]:
+        rows = mla_module.query_block_rows(bh, keys)
+        assert rows >= 1 and (rows == 1 or bh * rows * keys <= mla_module.ATTENTION_BLOCK_ELEMENTS)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn()`` runs (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+
+@pytest.mark.parametrize(
+    "case,fused", [("causal", True), ("causal", False), ("pad", True), ("packed", True)]
+)
+def test_prefill_never_allocates_t_by_t(monkeypatch, case, fused):
+    """Forward + backward at T = 2048 never allocates a [T, T] tensor (fp32 scores would be
+    T * T * 4 bytes per head; here nothing reaches T * T bytes), whether PyTorch has a fused
+    SDPA kernel for the shapes (CPU flash: one call) or not (forced: blocks of queries)."""
+    T = 2048
+    layer = MLAttention(make_config().replace(max_position_embeddings=T))
+    x, kwargs, _ = _attention_case(case, layer, T, torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    budget = 1 << 18
+    monkeypatch.setattr(mla_module, "ATTENTION_BLOCK_ELEMENTS", budget, raising=False)
+    if not fused:
+        monkeypatch.setattr(mla_module, "_fused_sdpa", lambda *a, **k: False, raising=False)
+    largest = _largest_allocation(lambda: layer(x, **kwargs).sum().backward())
+    # a block's scores / float mask hold at most `budget` fp32 elements (B * H * rows * keys);
+    # the rest is linear in T (projections, K/V, gradients)
+    assert largest < T * T, f"largest allocation {largest} bytes >= T * T = {T * T}"
 
 
 @pytest.mark.parametrize("use_nope", [True, False])
