@@ -173,6 +173,51 @@ def test_changed_learning_rate_on_resume_is_applied(
     assert all(g["lr"] == pytest.approx(1e-5) for g in groups)
 
 
+def _other_corpus(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"doc{i}.txt").write_text(f"document {i}: " + "other text, " * 40)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--data.init_args.seq_len", "48"], "data.seq_len: 32 there, 48 now"),
+        (["--data.init_args.val_fraction", "0.3"], "data.val_fraction: 0.02 there, 0.3 now"),
+        (["--data.init_args.path", "{corpus}"], "another corpus (sha256 of its text): '"),
+    ],
+)
+def test_text_data_resume_on_another_corpus_or_seq_len_is_refused(
+    run5: Path, change: list[str], message: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``TextDataModule`` records its corpus hash and sequence settings in the checkpoint; a
+    resumed ``fit`` with another corpus or ``seq_len`` is a one-line error naming it (as
+    ``TokenDataModule``), instead of silently training on other batches."""
+    corpus = _other_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(run5 / "checkpoints" / "last.ckpt")
+    change = [a.format(corpus=corpus) for a in change]
+    argv = ["fit", "--config", TINY, *FAST, *change, "--trainer.max_steps", "8"]
+    assert main([*argv, "--ckpt_path", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "resuming would not continue" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_text_data_checkpoint_validates_on_another_corpus(
+    run5: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Evaluating a checkpoint on other text is not a resume: it is allowed."""
+    corpus = _other_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    ckpt = str(run5 / "checkpoints" / "last.ckpt")
+    argv = ["validate", "--config", TINY, *FAST, "--data.init_args.path", str(corpus)]
+    assert main([*argv, "--ckpt_path", ckpt]) == 0
+
+
 # ------------------------------------------------------------------------ atomic writes
 def test_atomic_save_writes_in_the_target_folder_not_the_temp_dir(
     tmp_path: Path, monkeypatch

@@ -257,6 +257,40 @@ def test_predict_step_and_load_from_checkpoint(tmp_path: Path) -> None:
         assert torch.equal(out[0]["predictions"], module(ids).argmax(-1))
 
 
+def test_batch_without_scored_labels_trains_and_is_skipped_by_metrics(tmp_path: Path) -> None:
+    """A batch whose labels are all -100 (e.g. only prompts) gives the documented loss of 0 and
+    no crash inside torchmetrics; perplexity and accuracy skip it, in training and evaluation
+    (the validation loss and perplexity are those of the scored batch alone)."""
+    pl.seed_everything(0)
+    V = 64
+    ids = torch.randint(0, V, (8, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:4] = -100  # the first batch of 4 rows has nothing to score
+    rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(8)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4)
+    module = KimiLinearLitModule(
+        preset="tiny", overrides=SMALL, vocab_size=V, lr=1e-3, warmup_steps=1, optimizer="adamw"
+    )
+    trainer = _trainer(
+        tmp_path,
+        2,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        limit_val_batches=2,
+        val_check_interval=2,
+    )
+    trainer.fit(module, loader, loader)
+    log = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    train = [r for r in log if r.get("train/loss")]
+    assert [float(r["train/loss"]) for r in train][0] == 0.0
+    assert [bool(r.get("train/ppl")) for r in train] == [False, True]
+    assert math.isfinite(float(train[1]["train/ppl"]))
+    val = next(r for r in log if r.get("val/loss"))
+    assert float(val["val/loss"]) > 1.0  # the mean of the scored batch, not halved by a 0
+    assert float(val["val/ppl"]) == pytest.approx(math.exp(float(val["val/loss"])), rel=1e-4)
+    assert 0.0 <= float(val["val/acc"]) <= 1.0
+
+
 def test_seq_len_longer_than_model_context_is_rejected(tmp_path: Path) -> None:
     dm = _data(seq_len=64)
     module = _module(dm, overrides={**SMALL, "max_position_embeddings": 32})

@@ -389,6 +389,10 @@ class KimiLinearLitModule(pl.LightningModule):
             raise ValueError(
                 "batch must be a dict with 'input_ids' [B, T] (and optionally 'labels' [B, T])"
             )
+        if getattr(getattr(self._trainer, "strategy", None), "cp_size", 1) > 1:
+            from kimi_linear.lightning.context_parallel import context_parallel_step
+
+            return context_parallel_step(self, batch, stage)  # this rank's shard of the rows
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
         cu_seqlens = batch.get("cu_seqlens")
@@ -405,10 +409,18 @@ class KimiLinearLitModule(pl.LightningModule):
         preds = logits[:, :-1].detach().float()
         target = labels[:, 1:]
         answers = target != IGNORE_INDEX
-        pred_ids = preds.argmax(-1)
-        ppl, acc = self.metrics[f"{stage}_ppl"], self.metrics[f"{stage}_acc"]
         on_step, on_epoch = stage == "train", stage != "train"
         B = input_ids.shape[0]
+        if not bool(answers.any()):
+            # No scored label in the batch (every label -100): the model's loss is exactly 0
+            # with zero gradients (documented); the metrics have nothing to count, so they skip
+            # the batch (torchmetrics cannot update on zero tokens), and an evaluation mean
+            # does not count it either.
+            if stage == "train":
+                self.log(f"{stage}/loss", loss, prog_bar=True, on_step=True, batch_size=B)
+            return loss
+        pred_ids = preds.argmax(-1)
+        ppl, acc = self.metrics[f"{stage}_ppl"], self.metrics[f"{stage}_acc"]
         if stage == "train":
             ppl(preds, target)
             acc(pred_ids[answers], target[answers])

@@ -177,7 +177,11 @@ class TextDataModule(_BaseDataModule):
     sequences are held out instead, with a warning.  Each split's documents are framed
     ``<bos> ... <eos>``, concatenated and cut into sequences.  On ``setup`` the module logs the
     Python version, the corpus size and a sha256 of the text (see :attr:`corpus_info`), since
-    the default corpus depends on the interpreter.
+    the default corpus depends on the interpreter.  The module's ``state_dict`` (kept in
+    Lightning checkpoints) records that sha256 and the settings that shape the sequences
+    (``seq_len``, ``val_fraction``, ``seed``); resuming ``fit`` on another corpus or with other
+    settings is a :class:`UsageError` naming what changed, instead of a silently different
+    sequence of batches (``validate`` / ``test`` of a checkpoint on any corpus are allowed).
 
     Args:
         path: a text file or a folder (files with a suffix in ``extensions``, recursively);
@@ -273,6 +277,45 @@ class TextDataModule(_BaseDataModule):
         if self.trainer is not None:
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({f"corpus/{k}": v for k, v in self.corpus_info.items()})
+
+    #: the state keys a resumed ``fit`` must match, and how the error names them
+    RESUME_KEYS = {
+        "corpus_sha256": "corpus (sha256 of its text)",
+        "seq_len": "data.seq_len",
+        "val_fraction": "data.val_fraction",
+        "seed": "data.seed",
+    }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed ``fit`` checks: the corpus text's sha256 and the sequence settings."""
+        if not self.corpus_info:
+            self.setup()
+        return {
+            "corpus_sha256": self.corpus_info["sha256"],
+            "seq_len": self.seq_len,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume ``fit`` on another corpus or with another ``seq_len``,
+        ``val_fraction`` or ``seed`` (:class:`UsageError` naming each difference); evaluating a
+        checkpoint (``validate`` / ``test`` / ``predict``) on any corpus is fine."""
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        if fn is not None and getattr(fn, "value", fn) != "fit":
+            return
+        mine = self.state_dict()
+        differing = [
+            f"{what}: {state_dict[key]!r} there, {mine[key]!r} now"
+            for key, what in self.RESUME_KEYS.items()
+            if key in state_dict and state_dict[key] != mine[key]
+        ]
+        if differing:
+            raise UsageError(
+                "the checkpoint was trained with another "
+                + "; ".join(differing)
+                + "; resuming would not continue the same sequence of batches"
+            )
 
 
 __all__ = [
