@@ -4,6 +4,10 @@ One source for the bounds: ``torch>=A``, ``triton>=B`` and ``flash-linear-attent
 ``[project].dependencies`` become ``torch==A triton==B flash-linear-attention==C fla-core==C``
 (fla's kernels live in ``fla-core``, released in lockstep). A missing or non-``>=`` bound is an
 error naming the package.
+
+``EXTRA_PINS`` are not bounds of ours but what the lowest versions need beside them: triton 3.6's
+interpreter (CPU tests) converts one-element arrays to Python ints, which numpy 2.4 (what pip
+picks today) refuses; numpy 2.2 only warns.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import tomllib
 
 PINNED = ("torch", "triton", "flash-linear-attention")
+EXTRA_PINS = ("numpy<2.3",)
 
 
 def lowest_pins(pyproject: Path) -> list[str]:
@@ -30,7 +35,7 @@ def lowest_pins(pyproject: Path) -> list[str]:
         pins.append(f"{name}=={m.group(1)}")
         if name == "flash-linear-attention":
             pins.append(f"fla-core=={m.group(1)}")
-    return pins
+    return pins + [f"'{p}'" for p in EXTRA_PINS]
 
 
 if __name__ == "__main__":

@@ -100,7 +100,10 @@ def test_missing_fla_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "fla.ops.kda", None)  # import of it raises ImportError
     backend_mod._fla_backend.cache_clear()
     try:
-        with pytest.raises(ValueError, match="needs flash-linear-attention.*install"):
+        with pytest.raises(
+            ValueError,
+            match=r"needs fla\.ops\.kda: .* is not installed \(pip install flash-linear-attention\)",
+        ):
             get_kda_backend("fla", CUDA)
     finally:
         backend_mod._fla_backend.cache_clear()
