@@ -20,7 +20,7 @@ from kimi_linear.lightning.data import (
     collate_windows,
     prepare,
 )
-from kimi_linear.lightning.data.sources import is_held_out
+from kimi_linear.lightning.data.sources import is_held_out, list_units
 from kimi_linear.lightning.tokenizer import ByteTokenizer
 
 EOS = ByteTokenizer.eos_id
@@ -297,6 +297,9 @@ def test_prepare_errors(tmp_path: Path) -> None:
         prepare([tmp_path / "a.txt"], tmp_path / "o", val_fraction=0, progress=False)
     with pytest.raises(UsageError, match="the val split is empty"):
         prepare([tmp_path / "a.txt"], tmp_path / "o", val_fraction=1e-9, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # nothing left behind
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "meta.json").write_text("{}")
     with pytest.raises(UsageError, match="is not empty; pass --overwrite"):
         prepare([tmp_path / "a.txt"], tmp_path / "o", progress=False)
     (tmp_path / "mine").mkdir()
@@ -312,6 +315,108 @@ def test_prepare_errors(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["x"]}), pq_file)
     with pytest.raises(UsageError, match="has no column 'text'.*--text_field"):
         prepare([pq_file], tmp_path / "o3", progress=False)
+
+
+def test_prepare_reads_a_file_given_twice_once(corpus, tmp_path: Path) -> None:
+    src, root = corpus["src"], corpus["root"]
+    once = prepare([src], root / "once", val_fraction=0.2, num_workers=0, progress=False)
+    (tmp_path / "link.jsonl").symlink_to(src / "b.jsonl")
+    for inputs in (
+        [src / "b.jsonl", src / "b.jsonl"],
+        [src, src / "b.jsonl", src / "txt"],  # a file and a folder inside the folder given
+        [src, tmp_path / "link.jsonl"],  # a link to a file of the folder
+    ):
+        with pytest.warns(UserWarning, match=r"--input: \d+ file\(s\) given more than once"):
+            units, _ = list_units(inputs)
+        assert len({Path(u.path).resolve() for u in units if u.kind != "parquet"}) == len(
+            [u for u in units if u.kind != "parquet"]
+        )
+    with pytest.warns(UserWarning, match="given more than once.*b.jsonl"):
+        twice = prepare(
+            [src, src / "b.jsonl"], root / "twice", val_fraction=0.2, num_workers=0,
+            progress=False,
+        )  # fmt: skip
+    assert twice["documents"] == once["documents"] == 40
+    a, b = TokenShards(root / "once", "train"), TokenShards(root / "twice", "train")
+    assert np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 61])  # one unit; many units cut mid-line
+def test_prepare_reads_jsonl_with_a_bom_and_any_line_endings(tmp_path: Path, chunk_bytes) -> None:
+    docs = _docs(12)
+    lines = [json.dumps({"text": d}) for d in docs]
+    files = {
+        "bom.jsonl": b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n",
+        "crlf.jsonl": "\r\n".join(lines).encode() + b"\r\n",
+        "bom_crlf.jsonl": b"\xef\xbb\xbf" + "\r\n".join(lines).encode(),  # no final newline
+        "cr.jsonl": "\r".join(lines).encode() + b"\r",  # classic Mac line endings
+    }
+    from kimi_linear.lightning.data.sources import SourceCounts, iter_documents
+
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        units, _ = list_units([tmp_path / name], chunk_bytes=chunk_bytes)
+        counts = SourceCounts()
+        got = [d for u in units for d in iter_documents(u, counts)]
+        assert got == docs and counts.skipped == 0, (name, counts)
+    # a text file's BOM is not part of its document
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbf" + docs[0].encode())
+    units, _ = list_units([tmp_path / "t.txt"])
+    assert list(iter_documents(units[0], SourceCounts())) == [docs[0]]
+    # a JSON record spread over lines with inner CRs is still bad JSON, counted once per piece
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\r{"text": \r\n')
+    counts = SourceCounts()
+    got = list(iter_documents(list_units([tmp_path / "bad.jsonl"])[0][0], counts))
+    assert got == ["a"] and counts.skipped_bad_json == 1
+
+
+def test_failed_overwrite_keeps_the_previous_dataset(corpus, tmp_path: Path, monkeypatch) -> None:
+    from kimi_linear.lightning.data import preparation
+
+    src, out = corpus["src"], tmp_path / "data" / "ds"
+    first = prepare([src / "b.jsonl"], out, val_fraction=0.2, num_workers=0, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def unchanged() -> None:
+        after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert after == before
+        assert [p.name for p in out.parent.iterdir()] == ["ds"]  # no staging folder left
+        assert TokenDataModule(str(out)).meta["summary"]["documents"] == first["documents"]
+
+    # an error found late (the parquet file lacks the column), and an interrupt mid-way
+    with pytest.raises(UsageError, match="no column 'body'"):
+        prepare([src / "txt", src / "c.parquet"], out, text_field="body", overwrite=True,
+                num_workers=0, progress=False)  # fmt: skip
+    unchanged()
+    real, calls = preparation._process_unit, []
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(preparation, "_process_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], out, val_fraction=0.2, overwrite=True, num_workers=0, progress=False)
+    unchanged()
+    monkeypatch.setattr(preparation, "_process_unit", real)
+    # a successful overwrite replaces it (with a trained tokenizer inside, found by name)
+    again = prepare([src], out, val_fraction=0.2, overwrite=True, train_bpe_vocab=300,
+                    num_workers=0, progress=False)  # fmt: skip
+    assert again["documents"] == 40 and [p.name for p in out.parent.iterdir()] == ["ds"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"]["path"] == "tokenizer.json"
+    assert TokenDataModule(str(out)).tokenizer.vocab_size == 300
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_prepare_command_line_then_fit_with_resets(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -7,6 +7,10 @@ parallel worker processes, each document followed by the tokenizer's EOS, and wr
 of the format in :mod:`~kimi_linear.lightning.data.shards`, with a progress bar and a summary
 (documents, tokens, bytes, tokens/s, and everything skipped).
 
+The dataset is written to a new folder beside ``--output_dir`` and renamed into place only when
+it is complete, so a failed or interrupted ``prepare --overwrite`` leaves the previous dataset
+as it was.
+
 Documents are held out for validation by a hash of their text
 (:func:`~kimi_linear.lightning.data.sources.is_held_out`), so the split does not depend on the
 number of workers or the input order, and no document (nor a copy of it) is in both splits.
@@ -33,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +136,9 @@ def _checksum(shards: list[dict[str, Any]]) -> str:
     return f"{total % 2**64:016x}"
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+def _check_output(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``--output_dir`` that is a file, or a non-empty folder unless ``overwrite`` and
+    it holds a prepared dataset (nothing is deleted here: see :func:`_replace_output`)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir: {os.fspath(output_dir)!r} is a file")
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -146,11 +153,37 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> None:
                 f"--output_dir: {os.fspath(output_dir)!r} is not empty and holds no prepared "
                 "dataset; refusing to overwrite it"
             )
-        (output_dir / META).unlink(missing_ok=True)
-        for s in SPLITS:
-            shutil.rmtree(output_dir / s, ignore_errors=True)
-        (output_dir / "tokenizer.json").unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _staging_dir(output_dir: Path) -> Path:
+    """A new empty folder beside ``output_dir`` (same filesystem, so the final swap is a rename)
+    where the dataset is written before it replaces ``output_dir``."""
+    parent = output_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:  # mkdir (not mkdtemp): the folder gets the usual mode (umask), not 0700
+        path = parent / f".{output_dir.name}.prepare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _replace_output(staging: Path, output_dir: Path) -> None:
+    """Move the finished dataset in ``staging`` to ``output_dir``.  An existing ``output_dir``
+    (checked by :func:`_check_output`) is renamed aside first and deleted only once the new one
+    is in place; if the rename fails it is put back, so the old dataset is never lost."""
+    if not output_dir.exists():
+        staging.rename(output_dir)
+        return
+    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    output_dir.rename(old)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        old.rename(output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_bpe(
@@ -227,10 +260,47 @@ def prepare(
         finer = max(1 << 20, sum(u.size for u in units) // (4 * wanted))
         if finer < chunk_bytes:
             units, ignored = list_units(inputs, extensions, finer)
-    out = Path(output_dir)
+    final = Path(output_dir)
+    if final.is_symlink():  # replace the folder the link points to, keep the link
+        final = final.resolve()
     if train_bpe_vocab is None:
         tok = load_tokenizer(tokenizer, **tokenizer_options)  # fail early on a bad tokenizer
-    _prepare_output(out, overwrite)
+    _check_output(final, overwrite)
+    out = _staging_dir(final)  # written here, moved to ``final`` only when complete
+    try:
+        summary = _prepare_into(
+            out, final, inputs, units, ignored, tokenizer, tokenizer_options,
+            None if train_bpe_vocab is not None else tok, train_bpe_vocab, text_field,
+            val_fraction, num_workers, wanted, max_invalid_fraction, progress,
+        )  # fmt: skip
+        _replace_output(out, final)
+    finally:
+        if out.exists():  # failed or interrupted: the old dataset (if any) is untouched
+            shutil.rmtree(out, ignore_errors=True)
+    return summary
+
+
+def _prepare_into(
+    out: Path,
+    final: Path,
+    inputs: Sequence[str | os.PathLike],
+    units: list[Unit],
+    ignored: list[str],
+    tokenizer: Any,
+    tokenizer_options: dict[str, Any],
+    tok: Any,
+    train_bpe_vocab: int | None,
+    text_field: str,
+    val_fraction: float,
+    num_workers: int | None,
+    wanted: int,
+    max_invalid_fraction: float,
+    progress: bool,
+) -> dict[str, Any]:
+    """The body of :func:`prepare`: write the dataset into the staging folder ``out`` (which
+    becomes ``final``); returns the summary."""
+    from kimi_linear.lightning.tokenizer import load_tokenizer
+
     if train_bpe_vocab is not None:
         path = train_bpe(
             units, train_bpe_vocab, out / "tokenizer.json", text_field, val_fraction,
@@ -323,7 +393,7 @@ def prepare(
         "ignored_files": len(ignored),
     }
     spec = dict(tok.spec)
-    if "path" in spec and Path(spec["path"]).parent == out.resolve():
+    if "path" in spec and Path(spec["path"]).parent in (out.resolve(), final.resolve()):
         spec["path"] = Path(spec["path"]).name  # a tokenizer inside the dataset moves with it
     meta = {
         "format": FORMAT,

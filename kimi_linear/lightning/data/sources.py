@@ -5,6 +5,9 @@ never trained on: a file or record with a NUL byte, or with more than ``max_inva
 its bytes not valid UTF-8, is skipped and counted (:class:`SourceCounts`), and the callers refuse
 to go on when nothing readable is left.
 
+JSONL files may start with a UTF-8 byte-order mark and use LF, CRLF or CR line endings.  A file
+given twice (by name, or also through a folder) is read once, with a warning.
+
 Large JSONL files are cut into line-aligned byte ranges and parquet files into row groups
 (:func:`list_units`), so several worker processes can read one big file; the documents of the
 units, in unit order, are the same whatever the number of workers.
@@ -18,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ PARQUET_EXTENSIONS = (".parquet",)
 #: default share of a document's bytes that may be invalid UTF-8 (replaced) before it is skipped
 MAX_INVALID_FRACTION = 0.001
 _REPLACEMENT = "\ufffd".encode()
+_BOM = "\ufeff"  # a UTF-8 byte-order mark (EF BB BF) decodes to this; never document content
 
 
 #: the input name that reads CPython's bundled help topics (``pydoc_data.topics``), no file needed
@@ -141,9 +146,17 @@ def list_units(
     files: list[Path] = []
     ignored: list[str] = []
     units: list[Unit] = []
+    builtin = False
     for item in inputs:
         p = Path(item)
         if os.fspath(item) == BUILTIN_CORPUS and not p.exists():
+            if builtin:
+                warnings.warn(
+                    f"--input: {BUILTIN_CORPUS} is given more than once; it is read once",
+                    stacklevel=2,
+                )
+                continue
+            builtin = True
             from pydoc_data.topics import topics
 
             size = sum(len(v.encode("utf-8")) for v in topics.values())
@@ -165,6 +178,7 @@ def list_units(
             raise UsageError(
                 f"--input: folder {os.fspath(item)!r} has no files with suffix in {sorted(exts)}"
             )
+    files = _unique_files(files)
     for f in files:
         kind, size = _kind(f), f.stat().st_size
         if kind == "jsonl" and size > chunk_bytes:
@@ -184,6 +198,31 @@ def list_units(
     return units, ignored
 
 
+def _unique_files(files: list[Path]) -> list[Path]:
+    """``files`` without repeats of the same file (by resolved path: the same name twice, a
+    file inside a folder also given, overlapping folders, a symlink to a listed file), first
+    occurrence kept; a warning names the files read once instead of several times."""
+    seen: dict[Path, Path] = {}
+    out: list[Path] = []
+    repeated: dict[str, None] = {}
+    for f in files:
+        real = f.resolve()
+        if real in seen:
+            repeated[os.fspath(seen[real])] = None
+            continue
+        seen[real] = f
+        out.append(f)
+    if repeated:
+        names = list(repeated)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"--input: {len(names)} file(s) given more than once (by name, through a folder or "
+            f"a link) are read once: {shown}",
+            stacklevel=3,
+        )
+    return out
+
+
 def _parquet_row_groups(path: Path) -> int:
     try:
         import pyarrow.parquet as pq
@@ -195,6 +234,32 @@ def _parquet_row_groups(path: Path) -> int:
         return pq.ParquetFile(path).num_row_groups
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise UsageError(f"--input: {os.fspath(path)!r} is not a parquet file ({e})") from e
+
+
+def _json_records(line: str, counts: SourceCounts) -> list[dict]:
+    """The JSON object(s) of one JSONL line (``\\n``-terminated; a trailing ``\\r`` of CRLF
+    endings is whitespace to JSON).  A line that does not parse but holds inner ``\\r``
+    characters is read as records separated by lone CRs (classic Mac line endings): JSON
+    strings cannot hold a raw CR, so outside a record it can only be a line break.  What is
+    still not a JSON object is counted in ``counts.skipped_bad_json``."""
+    try:
+        pieces = [json.loads(line)]
+    except json.JSONDecodeError:
+        if "\r" not in line.strip():
+            counts.skipped_bad_json += 1
+            return []
+        pieces = []
+        for part in line.split("\r"):
+            part = part.strip().removeprefix(_BOM)
+            if not part:
+                continue
+            try:
+                pieces.append(json.loads(part))
+            except json.JSONDecodeError:
+                counts.skipped_bad_json += 1
+    records = [r for r in pieces if isinstance(r, dict)]
+    counts.skipped_bad_json += len(pieces) - len(records)
+    return records
 
 
 def iter_documents(
@@ -224,7 +289,8 @@ def iter_documents(
             if doc is not None:
                 yield doc
     elif unit.kind == "text":
-        doc = accept(decode_text(Path(unit.path).read_bytes(), max_invalid_fraction))
+        text = decode_text(Path(unit.path).read_bytes(), max_invalid_fraction)
+        doc = accept(text.removeprefix(_BOM) if text is not None else None)
         if doc is not None:
             yield doc
     elif unit.kind == "jsonl":
@@ -243,21 +309,14 @@ def iter_documents(
                 if raw is None:
                     counts.skipped_binary += 1
                     continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError:
-                    counts.skipped_bad_json += 1
-                    continue
-                if not isinstance(record, dict):
-                    counts.skipped_bad_json += 1
-                    continue
-                text = record.get(text_field)
-                if not isinstance(text, str):
-                    counts.skipped_no_text += 1
-                    continue
-                doc = accept(text)
-                if doc is not None:
-                    yield doc
+                for record in _json_records(raw.removeprefix(_BOM), counts):
+                    text = record.get(text_field)
+                    if not isinstance(text, str):
+                        counts.skipped_no_text += 1
+                        continue
+                    doc = accept(text)
+                    if doc is not None:
+                        yield doc
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
