@@ -290,3 +290,63 @@ def test_cli_generate_takes_several_prompts(tmp_path, capsys):
             assert f"--- prompt {i} sample {s}\n{text}" in out
     assert main(["generate", "--ckpt_path", str(tmp_path / "m"), "--prompt"]) == 2  # no text
     assert "--prompt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- arguments that cannot be meant, NaN
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0])
+def test_non_finite_temperature_is_refused(temperature):
+    model = make_model("hybrid")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        model.generate(ids, 2, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sample_next_token(torch.zeros(1, 4), temperature)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-45, 1e-30])
+def test_tiny_temperature_samples_among_the_maxima(temperature):
+    """A subnormal temperature overflowed ``logits / T`` to inf and NaN inside the sampler; it
+    is the limit T -> 0: uniform among each row's largest logits (a tie here), never another."""
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 0.0, 1.0, 2.999]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(logits, temperature, generator=gen) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2}  # both maxima drawn, nothing else
+    assert set(draws[:, 1].tolist()) == {0}
+
+
+def test_nan_logits_row_is_named():
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"logits of batch row\(s\) \[1, 2\] hold NaN"):
+            sample_next_token(logits, temperature)
+    ok = torch.zeros(2, 5)
+    ok[0, :4] = float("-inf")  # masked tokens are fine while one stays
+    assert sample_next_token(ok, 1.0)[0] == 4
+
+
+@pytest.mark.parametrize("name", ["hybrid", "kda"])
+def test_nan_embedding_in_one_row_leaves_the_other_rows_intact(name):
+    """Issue 27 item 8: a NaN in one batch row stopped the whole forward with an error about
+    `g` (the KDA decay, an input the user never passes). The other rows must be exact, the
+    poisoned row NaN from the poisoned token on; generation names the prompt that carried it."""
+    model = make_model(name)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (3, 40), generator=torch.Generator().manual_seed(5))
+    ids[1, 30] = 0
+    with torch.no_grad():
+        ref = model(ids)
+        model.model.embed_tokens.weight[0] = float("nan")
+        out = model(ids)
+    torch.testing.assert_close(out[[0, 2]], ref[[0, 2]], atol=0, rtol=0)
+    assert torch.isnan(out[1, 30:]).all()
+    if name == "kda":  # causal within the row too (MLA: see test_numerics.py)
+        torch.testing.assert_close(out[1, :30], ref[1, :30], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"logits for new token 0 .*row\(s\) \[1\]"):
+        model.generate(ids, 2, temperature=0)
+    torch.testing.assert_close(  # rows without the NaN token continue exactly as before
+        model.generate(ids[[0, 2]], 2, temperature=0)[:, :40], ids[[0, 2]], atol=0, rtol=0
+    )

@@ -141,6 +141,30 @@ def test_load_counts():
     assert "expert_load" not in moe.state_dict() and "last_expert_load" not in moe.state_dict()
 
 
+@pytest.mark.parametrize("num_groups", [1, 3])
+def test_nan_token_is_isolated_and_not_counted(num_groups: int) -> None:
+    """A NaN hidden state (one poisoned batch row) gives NaN for that token only: every other
+    token's output is unchanged, and it adds nothing to the expert loads (it would steer the
+    balancing bias of the whole model), with or without group-limited routing."""
+    overrides = {"num_expert_group": 3, "topk_group": 2} if num_groups > 1 else {}
+    moe = make_moe(seed=4, **overrides)
+    x = torch.randn(3, 5, moe.hidden_size)
+    moe.train()
+    ref = moe(x)
+    ref_load = moe.last_expert_load.clone()
+    bad = x.clone()
+    bad[1, 2, 7] = float("nan")
+    out = moe(bad)
+    assert torch.isnan(out[1, 2]).all()
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1, 2] = False
+    torch.testing.assert_close(out[keep], ref[keep], atol=0, rtol=0)
+    idx, _, _ = moe.gate(x[1, 2].reshape(1, -1))  # the clean token's experts, counted before
+    expected = ref_load - torch.bincount(idx.reshape(-1), minlength=moe.num_experts).float()
+    torch.testing.assert_close(moe.last_expert_load, expected, atol=0, rtol=0)
+    assert moe.last_expert_load.sum() == (15 - 1) * moe.top_k
+
+
 def test_update_bias_step():
     moe = make_moe(seed=3)
     moe.train()

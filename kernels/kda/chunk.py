@@ -22,6 +22,8 @@ accumulation; see :mod:`kimi_linear.kernels.chunk_fwd`). Packed variable-length 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kimi_linear.ops.backend import (
@@ -30,6 +32,7 @@ from kimi_linear.ops.backend import (
     gate_check_enabled,
 )
 from kimi_linear.ops.checks import check_log_decay
+from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import chunk_kda_fwd
@@ -142,7 +145,12 @@ def chunk_kda(
         ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, CPU
             tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), a
             ``gate_lower_bound`` outside ``[-5, 0)``, or (with ``KIMI_LINEAR_CHECK_GATE=1``) a
-            ``g`` value above 0, below ``gate_lower_bound``, or NaN.
+            ``g`` value above 0 or below ``gate_lower_bound``.
+
+    Non-finite inputs (NaN / inf in q, k, v, beta; NaN in g) are isolated as the recurrence
+    isolates them: outputs of the poisoned sequence and head are NaN from the poisoned token on,
+    nothing else changes (:mod:`kimi_linear.ops.isolation`; one reduction per input and a
+    device sync per call detect them, the isolated run happens only then).
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
@@ -153,6 +161,16 @@ def chunk_kda(
         if lower_bound is not None:
             check_gate_lower_bound(g, lower_bound)
     scale = K**-0.5 if scale is None else float(scale)
+    if has_nonfinite(q, k, v, g, beta):  # one reduction per input and a sync (isolation.py)
+        run = functools.partial(
+            chunk_kda,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            gate_lower_bound=gate_lower_bound,
+        )
+        return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     keep = torch.is_grad_enabled() and any(

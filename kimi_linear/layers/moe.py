@@ -400,7 +400,8 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
 
         ``token_mask``: optional bool ``[...]`` (``x.shape[:-1]``, e.g. ``[B, T]``), ``False``
         at pad tokens: they are not counted in the expert loads (their outputs are computed
-        as usual and ignored by the caller).
+        as usual and ignored by the caller). Tokens with a non-finite ``x`` (NaN router scores)
+        are not counted either; their outputs are NaN and every other token's is unchanged.
         """
         _check_features(x, self.hidden_size, self.experts.w1, "KimiMoE")
         if token_mask is not None and (
@@ -420,15 +421,18 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
             )
         shape = x.shape
         flat = x.reshape(-1, self.hidden_size)
-        topk_idx, topk_weight, _ = self.gate(flat)
+        topk_idx, topk_weight, scores = self.gate(flat)
         if flat.device.type != "meta":  # no load to count for data-less (meta) inputs
             with torch.no_grad():
-                # tokens per expert; a fixed-size scatter (not bincount) keeps shapes static
+                # tokens per expert; a fixed-size scatter (not bincount) keeps shapes static.
+                # A token whose router scores are NaN (a NaN / inf hidden state: one poisoned
+                # row of the batch) was routed arbitrarily: it adds 0, so it cannot steer the
+                # balancing bias of the whole model (its own output stays NaN).
+                counted = torch.isfinite(scores).all(dim=-1)  # [N]
+                if token_mask is not None:  # pads add 0 (same shapes as without a mask)
+                    counted = counted & token_mask.reshape(-1)
                 flat_idx = topk_idx.reshape(-1)
-                if token_mask is None:
-                    counts = torch.ones_like(flat_idx, dtype=torch.float32)
-                else:  # pads add 0 (same shapes as without a mask)
-                    counts = token_mask.reshape(-1, 1).expand_as(topk_idx).reshape(-1).float()
+                counts = counted.reshape(-1, 1).expand_as(topk_idx).reshape(-1).float()
                 load = flat.new_zeros(self.num_experts, dtype=torch.float32).scatter_add_(
                     0, flat_idx, counts
                 )

@@ -82,7 +82,7 @@ KDAOp = Callable[..., "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 def gate_check_enabled() -> bool:
-    """True when ``KIMI_LINEAR_CHECK_GATE=1``: the GPU paths then refuse ``g > 0`` (or NaN)
+    """True when ``KIMI_LINEAR_CHECK_GATE=1``: the GPU paths then refuse ``g > 0``
     with ``ValueError``, at the cost of one reduction and a device synchronisation per call."""
     return os.environ.get(GATE_CHECK_ENV, "0") == "1"
 
@@ -112,7 +112,8 @@ def check_safe_gate_argument(
 
 
 def check_gate_lower_bound(g: torch.Tensor, lower_bound: float, name: str = "g") -> None:
-    """Raise ``ValueError`` unless every value of ``g`` is at least ``lower_bound`` (NaN refused),
+    """Raise ``ValueError`` unless every value of ``g`` is at least ``lower_bound`` (NaN passes:
+    the ops isolate it as a poisoned token),
     up to the rounding of ``g``'s dtype (a bound of ``lower_bound * (1 + eps)``: a safe-gate
     value rounded to bf16 may land half an ulp below a bound that bf16 cannot represent).
 
@@ -125,14 +126,15 @@ def check_gate_lower_bound(g: torch.Tensor, lower_bound: float, name: str = "g")
         return
     eps = torch.finfo(g.dtype).eps if g.dtype.is_floating_point else 0.0
     bound = lower_bound * (1.0 + eps)
-    if not bool(g.min() >= bound):  # min propagates NaN
-        bad = g[~(g >= bound)]
-        raise ValueError(
-            f"{name} must be >= gate_lower_bound={lower_bound} everywhere (the safe gate's "
-            f"promise, which selects the kernels' fast path); found {bad.numel()} value(s) below "
-            f"it or NaN, e.g. {bad.flatten()[0].item()!r}. Pass gate_lower_bound=None for an "
-            "unbounded gate"
-        )
+    if not bool(g.min() >= bound):  # min propagates NaN: then look closer
+        bad = g[g < bound]  # NaN is a poisoned token, isolated by the ops (not a broken promise)
+        if bad.numel():
+            raise ValueError(
+                f"{name} must be >= gate_lower_bound={lower_bound} everywhere (the safe gate's "
+                f"promise, which selects the kernels' fast path); found {bad.numel()} value(s) "
+                f"below it, e.g. {bad.flatten()[0].item()!r}. Pass gate_lower_bound=None for an "
+                "unbounded gate"
+            )
 
 
 def check_kda_backend(name: object, argument: str = "kda_backend") -> str:
@@ -319,10 +321,16 @@ def kda_chunked(
             checks; ``g > 0`` on the torch backend always, on the others with
             ``KIMI_LINEAR_CHECK_GATE=1``), a ``gate_lower_bound`` outside ``[-5, 0)``, or (with
             ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` below it.
+
+    NaN / inf inputs are never an error: on every backend a poisoned token changes only the
+    outputs of its own sequence and head from that token on (:mod:`kimi_linear.ops.isolation`).
     """
     import torch
 
+    from kimi_linear.ops.checks import check_scale
+
     gate_lower_bound = check_safe_gate_argument(gate_lower_bound)
+    scale = check_scale(scale)
     if torch.compiler.is_compiling():  # one opaque node for torch.compile (ops/custom_op.py)
         from kimi_linear.ops.custom_op import kda_chunk_op
 
@@ -352,9 +360,21 @@ def kda_chunked(
     elif gate_lower_bound is not None:  # fla: its own safe-gate path
         extra.update(safe_gate=True, lower_bound=gate_lower_bound)
     if ops.name == "fla":
+        from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
+
         cu_seqlens = _fla_inputs(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
         )
+        if has_nonfinite(q, k, v, g, beta):  # fla's chunked kernels leak NaN as ours did
+            run = functools.partial(
+                ops.chunk,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens,
+                **extra,
+            )
+            return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
     return ops.chunk(
         q,
         k,
@@ -404,8 +424,10 @@ def kda_decode(
     """
     import torch
 
+    from kimi_linear.ops.checks import check_scale
     from kimi_linear.ops.naive import kda_decode_step, kda_recurrent
 
+    scale = check_scale(scale)
     ops = get_kda_backend(backend, q.device)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if ops.name == "torch":

@@ -16,6 +16,8 @@ swallows the other terms of a cumulative sum.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import torch
 
@@ -28,19 +30,25 @@ LOG_DECAY_FLOOR = {torch.float32: -128.0, torch.float64: -1024.0}
 
 
 def check_log_decay(g: torch.Tensor, name: str = "g") -> None:
-    """Raise ``ValueError`` unless every value of ``g`` lies in ``[-inf, 0]`` (NaN refused too).
+    """Raise ``ValueError`` unless every value of ``g`` is a log decay: ``<= 0`` (``-inf``
+    included), or NaN.
 
-    One reduction over ``g``; on CUDA it synchronises with the device. Skipped for tensors
-    without data (meta device) and while ``torch.compile`` traces (a data-dependent branch).
+    NaN is not refused: it marks a poisoned token, which the ops isolate causally (outputs from
+    that token of its sequence and head on are NaN, nothing else changes:
+    :mod:`kimi_linear.ops.isolation`); refusing it would stop a whole batch for one bad row.
+    ``g > 0`` (a decay factor above 1) is a bug of the caller's gate and refused. One reduction
+    over ``g``; on CUDA it synchronises with the device. Skipped for tensors without data (meta
+    device) and while ``torch.compile`` traces (a data-dependent branch).
     """
     if g.device.type == "meta" or g.numel() == 0 or torch.compiler.is_compiling():
         return
-    if not bool(g.max() <= 0):  # max propagates NaN
-        bad = g[~(g <= 0)]
-        raise ValueError(
-            f"{name} must be a log decay in [-inf, 0] (decay factors exp({name}) in [0, 1]); "
-            f"found {bad.numel()} value(s) > 0 or NaN, e.g. {bad.flatten()[0].item()!r}"
-        )
+    if not bool(g.max() <= 0):  # max propagates NaN: then look closer
+        bad = g[g > 0]
+        if bad.numel():
+            raise ValueError(
+                f"{name} must be a log decay in [-inf, 0] (decay factors exp({name}) in [0, 1]); "
+                f"found {bad.numel()} value(s) > 0, e.g. {bad.flatten()[0].item()!r}"
+            )
 
 
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
@@ -52,6 +60,42 @@ def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager
         except RuntimeError:  # a device type this torch build cannot autocast
             return contextlib.nullcontext()
     return contextlib.nullcontext()
+
+
+def check_scale(scale: object, name: str = "scale") -> float | None:
+    """``scale`` as a Python float (``None`` stays ``None``); else ``ValueError`` naming ``name``.
+
+    Accepted: a finite real number ``> 0`` (int, float, a NumPy scalar) or a one-element real
+    tensor without gradient (read once: a device sync on CUDA). Refused: bool, ``0``, negative,
+    ``inf`` / NaN (every output would be non-finite or zero), complex values, tensors of more
+    than one element and tensors that require grad (the ops take ``scale`` as a constant: no
+    gradient would reach it).
+    """
+    if scale is None:
+        return None
+    value = scale
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be None or a positive finite number (a float or a one-element real "
+                f"tensor), got a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            )
+        if scale.requires_grad:
+            raise ValueError(
+                f"{name} is a constant of the op (no gradient reaches it); got a tensor that "
+                f"requires grad: pass {name}.detach() or a float"
+            )
+        if scale.device.type == "meta":
+            raise ValueError(f"{name} must hold a value, got a tensor on the meta device")
+        value = scale.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be None or a positive finite number, got {type(scale).__name__} {scale!r}"
+        )
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+    return value
 
 
 def check_kda_inputs(
@@ -105,8 +149,7 @@ def check_kda_inputs(
             raise ValueError(
                 f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device"
             )
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be None or a positive float, got {scale!r}")
+    check_scale(scale)
     N = B
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:

@@ -45,7 +45,10 @@ Any log decay in ``[-inf, 0]`` is exact: ``g`` is clamped per step at
 before the cumulative sum. Every factor above is ``exp`` of a sum of steps ``<= 0``, so one that
 contains a clamped step underflows to exactly 0 with or without the clamp, and the sums stay
 finite (``-inf - (-inf)`` would be NaN; a finite ``-1e30`` would swallow the other terms of a
-sum). ``g > 0`` (or NaN) is refused with ``ValueError``.
+sum). ``g > 0`` is refused with ``ValueError``. NaN / inf inputs are isolated causally (a
+poisoned token never reaches an earlier token, another sequence or head) by a run on cleaned
+inputs, :mod:`kimi_linear.ops.isolation`: every intra-chunk matrix product would otherwise
+carry a NaN row into the earlier rows of its chunk (``0 * NaN = NaN``).
 
 Autograd. The cumulative sum of ``g`` is a small custom function (:class:`_ChunkCumsum`: one
 addition per token slice, written straight into the chunk layout; ``torch.cumsum`` along that
@@ -70,6 +73,8 @@ written in that layout. Computation runs with autocast disabled (float32 / float
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from einops import rearrange
 from torch.autograd.function import once_differentiable
@@ -82,6 +87,7 @@ from kimi_linear.ops.checks import (
     compute_dtype,
     empty_outputs,
 )
+from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
 
 __all__ = ["kda_chunk"]
 
@@ -788,7 +794,12 @@ def kda_chunk(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``scale``, ``initial_state``, ``cu_seqlens``
-            or ``chunk_size``, or a ``g`` value above 0 (or NaN).
+            or ``chunk_size``, or a ``g`` value above 0.
+
+    Non-finite inputs are isolated as the recurrence isolates them: a NaN / inf in ``k``,
+    ``v``, ``beta`` or a NaN ``g`` at token ``t`` makes the outputs of that sequence and head
+    NaN from ``t`` on (and its final state), a non-finite ``q`` only ``o_t``; earlier tokens,
+    other sequences and heads are exact (:mod:`kimi_linear.ops.isolation`).
     """
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -798,6 +809,42 @@ def kda_chunk(
     if q.device.type == "meta":
         return empty_outputs(v, N, K, output_final_state, compute)
     scale = K**-0.5 if scale is None else float(scale)
+    if has_nonfinite(q, k, v, g, beta):
+        # NaN / inf inputs: the intra-chunk products would carry them to earlier tokens of the
+        # chunk (0 * NaN = NaN); run on cleaned inputs and put the NaNs where the recurrence has
+        # them (kimi_linear.ops.isolation)
+        run = functools.partial(
+            _kda_chunk_clean,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            chunk_size=chunk_size,
+            cu_seqlens=cu_seqlens,
+        )
+        return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
+    return _kda_chunk_clean(
+        q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, cu_seqlens, clamp
+    )
+
+
+def _kda_chunk_clean(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+    cu_seqlens: torch.Tensor | None,
+    clamp: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kda_chunk` on checked, finite inputs (``clamp``: :func:`_check_log_decay`'s
+    answer, recomputed when ``None``)."""
+    compute = compute_dtype(q.dtype)
+    if clamp is None:
+        clamp = _check_log_decay(g, compute)
     # Autocast would run the matmuls in bf16 / fp16 and cancel the fp32 compute guarantee.
     with autocast_disabled(q.device):
         if cu_seqlens is None:
@@ -818,8 +865,8 @@ def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:
     if torch.compiler.is_compiling():
         return True
     lo, hi = torch.aminmax(g)
-    if not bool(hi <= 0):  # NaN fails too
-        check_log_decay(g)  # raises, with the message
+    if not bool(hi <= 0):  # some g > 0 (refused) or NaN (isolated by kda_chunk)
+        check_log_decay(g)  # raises for g > 0, with the message
     return bool(lo < LOG_DECAY_FLOOR[compute])
 
 

@@ -59,7 +59,8 @@ def kda_recurrent(
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``scale``, ``initial_state``, ``cu_seqlens``,
-            or a ``g`` value above 0 (or NaN).
+            or a ``g`` value above 0 (NaN is not refused: it poisons its sequence from that
+            token on, as any non-finite input).
     """
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_log_decay(g)

@@ -1,0 +1,334 @@
+"""Long-horizon numerics of KDA on every backend that runs on the CPU (issue 25, class 7).
+
+What users of other KDA implementations hit, for ``torch`` (:func:`kda_chunk`,
+:func:`kda_recurrent`, :func:`kda_decode_step`) and ``triton`` (:func:`chunk_kda`,
+:func:`fused_recurrent_kda`, under the Triton interpreter at small sizes):
+
+* **NaN isolation.** A NaN / inf in one token's ``k``, ``v``, ``beta`` or ``g`` changes only the
+  outputs of its own sequence and head from that token on (the recurrence's causality); a NaN
+  ``q`` only that token. The chunked forms used to carry it to every *earlier* token of the
+  chunk (masked products, ``0 * NaN = NaN``) and, packed, along the chunk; gradients of a loss
+  over the finite outputs must stay finite and exact.
+* **Slow decay over thousands of steps in bf16.** ``exp(-1e-3)`` rounded to bf16 is exactly 1:
+  a decay narrowed to bf16 (or cumulated in bf16) before the recurrence never forgets. The
+  gates must stay fp32 and be accumulated in fp32: a memory written once must fade exactly as
+  ``exp(sum g)``, whatever the input dtype, and a bf16 model must hand fp32 gates to the op.
+* **Prefill then decode** from the prefill's final state equals one full forward, at every
+  prefill length across chunk borders, also across backends (the state layouts agree).
+
+Tolerances are the norm-relative errors of ``helpers`` (fp32: ~1e-6 observed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from helpers import assert_rel_close, kda_inputs
+from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
+
+from kimi_linear.ops import kda_chunk, kda_decode_step, kda_recurrent
+
+NAN = float("nan")
+CHUNKED: dict[str, Callable] = {"torch": kda_chunk, "triton": chunk_kda}
+RTOL = 1e-4  # fp32 against fp32 / float64 (observed ~1e-6)
+#: the interpreted kernels take seconds per call: their full matrix runs with -m slow
+TRITON_SLOW = pytest.param("triton", marks=pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(B: int, T: int, H: int = 2, K: int = 16, V: int = 16, seed: int = 0):
+    q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, V, gate=(-0.5, 0.0), seed=seed)
+    return {"q": q, "k": k, "v": v, "g": g, "beta": beta}, h0
+
+
+def _poison(x: dict[str, torch.Tensor], name: str, b: int, t: int, h: int, value: float = NAN):
+    bad = {n: a.clone() for n, a in x.items()}
+    if name == "beta":
+        bad[name][b, t, h] = value
+    else:
+        bad[name][b, t, h, 3] = value
+    return bad
+
+
+# -------------------------------------------------------------------------------- NaN isolation
+
+
+@pytest.mark.parametrize(
+    ("backend", "name"),
+    [("torch", n) for n in ("k", "v", "beta", "g", "q", "k_inf")]
+    # the triton kernels clamp g with a NaN-dropping max: a NaN gate was silent forgetting
+    + [("triton", "k"), ("triton", "g")]
+    + [pytest.param("triton", n, marks=pytest.mark.slow) for n in ("v", "beta", "q", "k_inf")],
+)
+def test_nan_token_never_reaches_earlier_tokens_other_rows_or_heads(backend, name):
+    """Token 37 (mid-chunk for the 32- and 64-token chunks) of row 0, head 1 is poisoned."""
+    op = CHUNKED[backend]
+    T = 48
+    x, h0 = _inputs(B=2, T=T)
+    field, value = ("k", float("inf")) if name == "k_inf" else (name, NAN)
+    t = 37
+    # the reference: the clean inputs on the torch chunked op (one interpreted call fewer)
+    ref, ref_state = kda_chunk(**x, initial_state=h0, output_final_state=True)
+    o, state = op(**_poison(x, field, 0, t, 1, value), initial_state=h0, output_final_state=True)
+    poisoned = torch.zeros(2, T, 2, dtype=torch.bool)
+    if field == "q":  # only the token's own output
+        poisoned[0, t, 1] = True
+    else:
+        poisoned[0, t:, 1] = True
+    assert torch.isnan(o[poisoned]).all(), "the poisoned outputs must be NaN"
+    assert_rel_close(o[~poisoned], ref[~poisoned], RTOL, "untouched outputs")
+    assert_rel_close(o[0, :t, 1], ref[0, :t, 1], RTOL, "earlier tokens of the poisoned head")
+    state_bad = torch.zeros(2, 2, dtype=torch.bool)
+    state_bad[0, 1] = field != "q"
+    assert torch.isnan(state[state_bad]).all()
+    assert_rel_close(state[~state_bad], ref_state[~state_bad], RTOL, "other final states")
+
+
+DOCS = [0, 12, 45, 60]  # a NaN at token 30: mid-document, mid-chunk
+
+
+@pytest.mark.parametrize("backend", list(CHUNKED))
+def test_nan_never_crosses_packed_documents(backend):
+    """Three documents packed in one row (cu_seqlens); a NaN key in the middle one, head 0."""
+    op = CHUNKED[backend]
+    x, _ = _inputs(B=1, T=DOCS[-1], seed=1)
+    h0 = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    ref, ref_state = kda_chunk(**x, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o, state = op(
+        **_poison(x, "k", 0, 30, 0), initial_state=h0, output_final_state=True, cu_seqlens=cu
+    )
+    poisoned = torch.zeros(1, DOCS[-1], 2, dtype=torch.bool)
+    poisoned[0, 30 : DOCS[2], 0] = True  # from the NaN to the end of its document, its head
+    assert torch.isnan(o[poisoned]).all()
+    assert_rel_close(o[~poisoned], ref[~poisoned], RTOL, "other documents and earlier tokens")
+    assert torch.isnan(state[1, 0]).all()
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    keep[1, 0] = False
+    assert_rel_close(state[keep], ref_state[keep], RTOL, "other documents' final states")
+
+
+def _masked_grads(op, x, h0, ok, do, **kw):
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in x.items()}
+    o, _ = op(**leaves, initial_state=h0, **kw)
+    (torch.where(ok.unsqueeze(-1), o, 0.0) * do).sum().backward()
+    return {n: a.grad for n, a in leaves.items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_SLOW])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_of_finite_outputs_stay_finite_and_exact(backend, packed):
+    """A loss over the finite outputs (the rest masked out) has the gradients it has without
+    the NaN: the poisoned token influences none of those outputs. Without the isolation the
+    backward's products spread the NaN to every token of the chunk (and of the sequence)."""
+    op = CHUNKED[backend]
+    T = DOCS[-1]
+    x, h0 = _inputs(B=1, T=T, seed=3)
+    kw = {}
+    if packed:
+        kw["cu_seqlens"] = torch.tensor(DOCS, dtype=torch.int32)
+        h0 = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    ok = torch.ones(1, T, 2, dtype=torch.bool)
+    ok[0, 30 : (DOCS[2] if packed else T), 0] = False
+    do = torch.randn(1, T, 2, 16, generator=torch.Generator().manual_seed(5))
+    ref = _masked_grads(kda_chunk, x, h0, ok, do, **kw)
+    got = _masked_grads(op, _poison(x, "k", 0, 30, 0), h0, ok, do, **kw)
+    for n in ref:
+        assert torch.isfinite(got[n]).all(), f"d{n} has non-finite values"
+        assert_rel_close(got[n], ref[n], RTOL, f"d{n}")
+
+
+def test_isolation_costs_nothing_without_nan(monkeypatch):
+    """Finite inputs never take the isolated (cleaned) path."""
+    import kimi_linear.ops.chunk as chunk_mod
+
+    calls = []
+    monkeypatch.setattr(chunk_mod, "isolate_nonfinite", lambda *a, **k: calls.append(1))
+    x, h0 = _inputs(B=1, T=20)
+    x["g"][0, 3] = float("-inf")  # complete forgetting is a valid decay, not a poisoned token
+    o, _ = kda_chunk(**x, initial_state=h0)
+    assert not calls and torch.isfinite(o).all()
+
+
+# ------------------------------------------------------------------ slow decay in bf16 over T
+
+
+def _memory_inputs(T: int, dtype: torch.dtype, g_dtype: torch.dtype, step: float = -1e-3):
+    """One write at token 0 (``k = e_0``, ``beta = 1``, value ``v_0``), none after (``beta =
+    0``), read with ``q = e_0`` and ``scale = 1``: ``o_t = v_0 exp(sum_{1 <= s <= t} g_s[0])``
+    exactly. Channel 0 decays slowly (``step`` per token), the others fast."""
+    K = V = 16
+    q = torch.zeros(1, T, 1, K)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, T, 1, K)
+    k[:, 0, :, 0] = 1.0
+    k[:, 1:, :, 1] = 1.0
+    v = torch.randn(1, T, 1, V, generator=torch.Generator().manual_seed(0))
+    g = torch.full((1, T, 1, K), -0.5)
+    g[..., 0] = step
+    beta = torch.zeros(1, T, 1)
+    beta[:, 0] = 1.0
+    x = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype), "g": g.to(g_dtype)}
+    x["beta"] = beta.to(dtype)
+    G = x["g"][0, :, 0, 0].double().clone()
+    G[0] = 0.0  # the decay of token 0 acts before the write
+    expected = x["v"][0, 0, 0].double() * G.cumsum(0).exp().unsqueeze(-1)  # [T, V]
+    return x, expected
+
+
+def _decode_all(step, x):
+    state, outs = None, []
+    for t in range(x["q"].shape[1]):
+        o, state = step(
+            **{n: a[:, t : t + 1] for n, a in x.items()},
+            scale=1.0,
+            initial_state=state,
+            output_final_state=True,
+        )
+        outs.append(o)
+    return torch.cat(outs, dim=1)
+
+
+SLOW_DECAY_OPS = {
+    "torch_chunk": (kda_chunk, 4096),
+    "torch_recurrent": (kda_recurrent, 2048),
+    "torch_decode_step": ("decode", 2048),
+    "triton_chunk": (chunk_kda, 192),
+    "triton_recurrent": (fused_recurrent_kda, 192),
+}
+
+
+def _check_slow_decay(name: str, T: int, g_dtype: torch.dtype) -> None:
+    op, _ = SLOW_DECAY_OPS[name]
+    x, expected = _memory_inputs(T, torch.bfloat16, g_dtype)
+    if op == "decode":
+        o = _decode_all(kda_decode_step, x)
+    else:
+        o, _ = op(**x, scale=1.0)
+    assert o.dtype == torch.bfloat16
+    # bf16 output rounding (2^-9) and the fp32 cumulative sum: well under 1%; a decay narrowed
+    # to bf16 (exp(-1e-3) -> 1.0) keeps the memory at full strength: off by up to 60x
+    assert_rel_close(o[0, :, 0], expected.float(), 1e-2, f"{name} memory, T={T}, g {g_dtype}")
+    final = o[0, -1, 0].double().norm() / o[0, 1, 0].double().norm()
+    want = expected[-1].norm() / expected[1].norm()
+    assert abs(final / want - 1) < 2e-2, f"faded to {final:.4f} of its strength, want {want:.4f}"
+
+
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(SLOW_DECAY_OPS))
+def test_slow_decay_channels_forget_over_long_horizons_in_bf16(name, g_dtype):
+    _check_slow_decay(name, SLOW_DECAY_OPS[name][1], g_dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["torch_recurrent", "triton_chunk", "triton_recurrent"])
+def test_slow_decay_over_4096_steps_in_bf16(name):
+    _check_slow_decay(name, 4096, torch.bfloat16)
+
+
+def test_gates_reach_the_op_in_float32_in_a_bf16_model(monkeypatch):
+    """The KDA layer of a bf16 model forms ``g`` in fp32 and hands it over unnarrowed, prefill
+    and decode; the cache keeps the state in fp32."""
+    import kimi_linear.layers.kda as kda_layer
+    from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+
+    seen: list[torch.dtype] = []
+    for fn in ("kda_chunked", "kda_decode"):
+        real = getattr(kda_layer, fn)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(args[3].dtype)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kda_layer, fn, spy)
+    cfg = KimiLinearConfig.from_preset("tiny", num_hidden_layers=2, layer_types=["kda", "kda"])
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids[:, :8], cache=cache)
+        model(ids[:, 8:], cache=cache)
+    assert len(seen) == 4 and set(seen) == {torch.float32}, seen
+    states = [c.state for c in cache.layers if hasattr(c, "state")]
+    assert states and all(s.dtype == torch.float32 for s in states)
+
+
+# ------------------------------------------------------------------- prefill, then decode
+
+
+def _prefill_then_decode(prefill, decode, x, h0, L):
+    pre = {n: a[:, :L] for n, a in x.items()}
+    rest = {n: a[:, L:] for n, a in x.items()}
+    if L > 0:
+        o1, S = prefill(**pre, initial_state=h0, output_final_state=True)
+    else:
+        o1, S = x["v"][:, :0], h0
+    o2, S = decode(**rest, initial_state=S, output_final_state=True)
+    return torch.cat([o1, o2], dim=1), S
+
+
+def _decode_tokens(**kw):
+    """kda_decode_step token by token (what generation runs on the torch backend)."""
+    S, outs = kw.pop("initial_state"), []
+    kw.pop("output_final_state")
+    for t in range(kw["q"].shape[1]):
+        o, S = kda_decode_step(
+            **{n: a[:, t : t + 1] for n, a in kw.items()}, initial_state=S, output_final_state=True
+        )
+        outs.append(o)
+    return torch.cat(outs, dim=1) if outs else kw["v"][:, :0], S
+
+
+def test_prefill_then_decode_equals_full_forward_at_every_length_torch():
+    """kda_chunk (chunks of 16) for the first L tokens, kda_decode_step for the rest, for
+    every L from 0 to T: the outputs and the final state of one full forward."""
+    T = 51
+    x, h0 = _inputs(B=2, T=T, seed=6)
+    chunk16 = lambda **kw: kda_chunk(**kw, chunk_size=16)
+    full, S_full = chunk16(**x, initial_state=h0, output_final_state=True)
+    for L in range(T + 1):
+        o, S = _prefill_then_decode(chunk16, _decode_tokens, x, h0, L)
+        assert_rel_close(o, full, RTOL, f"outputs, prefill of {L}")
+        assert_rel_close(S, S_full, RTOL, f"final state, prefill of {L}")
+
+
+def _triton_prefill_decode(lengths, T):
+    x, h0 = _inputs(B=1, T=T, seed=7)
+    full, S_full = kda_recurrent(**x, initial_state=h0, output_final_state=True)
+    for L in lengths:
+        o, S = _prefill_then_decode(chunk_kda, fused_recurrent_kda, x, h0, L)
+        assert_rel_close(o, full, RTOL, f"outputs, prefill of {L}")
+        assert_rel_close(S, S_full, RTOL, f"final state, prefill of {L}")
+
+
+def test_prefill_then_decode_equals_full_forward_triton_at_the_chunk_border():
+    _triton_prefill_decode([63, 64, 65], 66)
+
+
+@pytest.mark.slow
+def test_prefill_then_decode_equals_full_forward_triton_across_chunk_borders():
+    _triton_prefill_decode([1, 17, 63, 64, 65, 127, 128, 129], 130)
+
+
+@pytest.mark.parametrize("direction", ["torch->triton", "triton->torch"])
+def test_prefill_state_layout_is_shared_by_the_backends(direction):
+    """A state prefilled by one backend continues on the other: same ``[N, H, K, V]`` layout."""
+    T, L = 40, 33
+    x, h0 = _inputs(B=2, T=T, seed=8)
+    full, S_full = kda_recurrent(**x, initial_state=h0, output_final_state=True)
+    if direction == "torch->triton":
+        o, S = _prefill_then_decode(kda_chunk, fused_recurrent_kda, x, h0, L)
+    else:
+        o, S = _prefill_then_decode(chunk_kda, _decode_tokens, x, h0, L)
+    assert_rel_close(o, full, RTOL, "outputs")
+    assert_rel_close(S, S_full, RTOL, "final state")
