@@ -8,6 +8,8 @@ summary, from which the overview (``kimi-linear --help``) is built:
   (:func:`kimi_linear.lightning.cli.lightning_main`, which receives the subcommand name too);
 * ``generate`` / ``export``: :mod:`kimi_linear.lightning.cli`;
 * ``prepare``: :mod:`kimi_linear.lightning.data.preparation` (tokenise a corpus);
+* ``evaluate`` / ``retrieval``: :mod:`kimi_linear.lightning.evaluate` (lm-eval tasks) and
+  :mod:`kimi_linear.lightning.retrieval` (long-context retrieval grid);
 * ``info``: :mod:`kimi_linear.info`.
 
 Adding a subcommand is one entry in :data:`SUBCOMMANDS`.  An entry point takes the arguments
@@ -74,6 +76,15 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand(
         "kimi_linear.lightning.data.preparation:prepare_main",
         "tokenize local text / JSONL / parquet into a token dataset (TokenDataModule)",
+    ),
+    "evaluate": Subcommand(
+        "kimi_linear.lightning.evaluate:evaluate_main",
+        "lm-evaluation-harness tasks on a checkpoint or model folder (needs lm_eval)",
+    ),
+    "retrieval": Subcommand(
+        "kimi_linear.lightning.retrieval:retrieval_main",
+        "needle / passkey retrieval by context length and depth, with cache bytes and decode "
+        "time beside the all-MLA twin",
     ),
     "info": Subcommand(
         "kimi_linear.info:info_main",
