@@ -515,8 +515,7 @@ def context_parallel_loss(
     if batch.targets is None:
         raise ValueError("context_parallel_loss needs targets (shard_batch with labels)")
     cp = batch.cp
-    hidden = model.model(batch.input_ids, cp=cp)
-    logits = model.lm_head(hidden)
+    logits = model(batch.input_ids, cp=cp)  # through the root module (FSDP's hooks)
     t = batch.targets
     count = (t != -100).sum().to(torch.float32)
     dist.all_reduce(count, group=cp.group)

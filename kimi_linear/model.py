@@ -584,6 +584,7 @@ class KimiLinearForCausalLM(nn.Module):
         logits_to_keep: int = 0,
         cu_seqlens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cp: Any = None,
     ) -> torch.Tensor | CausalLMOutput:
         """Logits ``[B, T, V]`` of ``input_ids: [B, T]``, or ``CausalLMOutput(loss, logits)``.
 
@@ -612,6 +613,10 @@ class KimiLinearForCausalLM(nn.Module):
                 logits at pad positions are meaningless (finite) and labels there are not
                 scored. With a cache the mask must agree with the pads it recorded; blocks after
                 the pads may leave it out (:attr:`HybridCache.pad_lengths` keeps them masked).
+            cp: context parallelism (:mod:`kimi_linear.context_parallel`): ``input_ids`` is
+                this rank's shard ``[B, T_r]`` and ``cp`` its layout; returns the shard's logits
+                (the loss: :func:`~kimi_linear.context_parallel.context_parallel_loss`). Not
+                combinable with labels, a cache, ``logits_to_keep``, ``cu_seqlens`` or a mask.
 
         Raises:
             ValueError: bad ids, labels, cache, ``logits_to_keep`` (negative or ``> T``),
@@ -645,6 +650,18 @@ class KimiLinearForCausalLM(nn.Module):
                     "labels need T >= 2 tokens per row (position t is scored on labels[:, t + 1]), "
                     f"got T={labels.shape[1]}"
                 )
+        if cp is not None:
+            if labels is not None or cache is not None or logits_to_keep:
+                raise ValueError(
+                    "context parallelism (cp) cannot be combined with labels, a cache or "
+                    "logits_to_keep (the loss: kimi_linear.context_parallel.context_parallel_loss)"
+                )
+            if cu_seqlens is not None or attention_mask is not None:
+                raise ValueError(
+                    "context parallelism (cp) cannot be combined with cu_seqlens or an "
+                    "attention_mask (the cp object holds the layout)"
+                )
+            return self.lm_head(self.model(input_ids, cp=cp))
         if cache is not None:
             self._check_cache(cache, B)
         packed, pad_lengths = self._check_layout(input_ids, cache, cu_seqlens, attention_mask)

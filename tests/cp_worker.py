@@ -263,6 +263,122 @@ def _steps_rank(rank: int, out_dir: str, port: int) -> None:
     dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------ Lightning
+FIT_OVERRIDES = {"num_hidden_layers": 2, "mla_every": 2, "vocab_size": 64, "kda_chunk_size": 8}
+
+
+def fit_batches(n: int = 3) -> torch.utils.data.DataLoader:
+    """``n`` packed rows of T = 37 tokens (documents across the CP borders), one per step: the
+    checkpoint at step 3 ends epoch 0, so a resumed run reads the same batches after it."""
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (1, T), generator=gen)
+        cu = torch.tensor(OFFSETS, dtype=torch.int32)
+        out.append({"input_ids": ids, "labels": ids, "cu_seqlens": cu})
+    return torch.utils.data.DataLoader(out, batch_size=None, shuffle=False)
+
+
+def _lit(optimizer: str):
+    from kimi_linear.lightning.module import KimiLinearLitModule
+
+    return KimiLinearLitModule(
+        overrides=FIT_OVERRIDES,
+        optimizer=optimizer,
+        lr=1e-2,
+        warmup_steps=2,
+        max_steps=6,
+        qk_clip_tau=0.5,
+        init_seed=SEED,
+    )
+
+
+def _trainer(root: str, **kw):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=6,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        **kw,
+    )
+
+
+def _full_state(module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.clone() for k, v in get_model_state_dict(module.model, options=opts).items()}
+
+
+def run_fit(out_dir: str) -> None:
+    """Lightning, 2 ranks, ContextParallelStrategy(cp_size=2): AdamW 6 steps; MuonClip 6 steps
+    with a sharded checkpoint at step 3; MuonClip resumed from it to step 6. Rank 0 saves the
+    full weights (``fit.pt``). Muon's Newton-Schulz in float32 (see :func:`_ns_fp32`)."""
+    import torch.optim._muon as muon
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kimi_linear.lightning.context_parallel import ContextParallelStrategy
+
+    torch.set_num_threads(1)
+    muon._zeropower_via_newtonschulz = _ns_fp32
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    out: dict = {}
+    for name, optimizer, ckpt in (
+        ("adamw", "adamw", None),
+        ("muonclip", "muonclip", None),
+        ("muonclip_resumed", "muonclip", os.path.join(ckpt_dir, "step3.ckpt")),
+    ):
+        module = _lit(optimizer)
+        callbacks = []
+        if name == "muonclip":
+            callbacks = [
+                ModelCheckpoint(
+                    dirpath=ckpt_dir,
+                    filename="step{step}",
+                    every_n_train_steps=3,
+                    save_top_k=-1,
+                    auto_insert_metric_name=False,
+                )
+            ]
+        tr = _trainer(
+            out_dir, devices=2, strategy=ContextParallelStrategy(cp_size=2), callbacks=callbacks
+        )
+        tr.fit(module, fit_batches(), ckpt_path=ckpt)
+        out[name] = _full_state(module)
+        out[name + "_step"] = tr.global_step
+    if tr.global_rank == 0:
+        torch.save(out, os.path.join(out_dir, "fit.pt"))
+
+
+def run_one(out_dir: str, ckpt: str | None) -> None:
+    """One process: AdamW and MuonClip 6 steps from scratch (the references), and MuonClip
+    resumed at CP = 1 from the CP = 2 checkpoint ``ckpt`` to step 6 (``one.pt``)."""
+    import torch.optim._muon as muon
+
+    from kimi_linear.lightning.context_parallel import ContextParallelStrategy
+
+    torch.set_num_threads(1)
+    muon._zeropower_via_newtonschulz = _ns_fp32
+    out: dict = {}
+    for name, optimizer in (("adamw", "adamw"), ("muonclip", "muonclip")):
+        module = _lit(optimizer)
+        _trainer(out_dir, devices=1).fit(module, fit_batches())
+        out[name] = {k: v.clone() for k, v in module.model.state_dict().items()}
+    if ckpt is not None:
+        module = _lit("muonclip")
+        tr = _trainer(out_dir, devices=1, strategy=ContextParallelStrategy(cp_size=1))
+        tr.fit(module, fit_batches(), ckpt_path=ckpt)
+        out["muonclip_resumed_cp1"] = _full_state(module)
+        out["muonclip_resumed_cp1_step"] = tr.global_step
+    torch.save(out, os.path.join(out_dir, "one.pt"))
+
+
 def _spawn(fn, out_dir: str, nprocs: int = 4) -> None:
     import torch.multiprocessing as mp
 
@@ -275,6 +391,11 @@ def _spawn(fn, out_dir: str, nprocs: int = 4) -> None:
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     modes = {"parity": _parity_rank, "steps": _steps_rank}
-    if mode not in modes:
-        raise SystemExit(f"unknown mode {mode!r}; expected one of {sorted(modes)}")
-    _spawn(modes[mode], out)
+    if mode == "fit":
+        run_fit(out)
+    elif mode == "one":
+        run_one(out, sys.argv[3] if len(sys.argv) > 3 else None)
+    elif mode in modes:
+        _spawn(modes[mode], out)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; expected one of {sorted(modes)}, fit, one")

@@ -168,3 +168,75 @@ def test_cp_optimizer_steps_match_one_process(tmp_path: Path) -> None:
     for case, err in results.items():
         limit = 2e-2 if case.startswith("muonclip_bf16") else 1e-5
         assert err <= limit, f"{case}: relative error {err:.2e} > {limit:.0e}"
+
+
+@pytest.mark.slow
+def test_lightning_cp_fit_resume_and_cp1_resume(tmp_path: Path) -> None:
+    """Lightning, ContextParallelStrategy(cp_size=2) on 2 ranks, packed rows crossing the shard
+    border: 6 AdamW / MuonClip steps equal 6 single-process steps (1e-5; Muon's Newton-Schulz in
+    float32); resumed from the step-3 sharded checkpoint the run is bit-identical; the CP = 2
+    checkpoint resumed at CP = 1 (one process) ends within 1e-5 of it."""
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "fit", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "ckpt" / "step3.ckpt"
+    assert ckpt.is_dir()  # a sharded folder
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "one", str(tmp_path), str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fit = torch.load(tmp_path / "fit.pt", weights_only=False)
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert fit["muonclip_resumed_step"] == one["muonclip_resumed_cp1_step"] == 6
+    for name in ("adamw", "muonclip"):
+        for key, ref in one[name].items():
+            assert_rel_close(
+                fit[name][key].float(), ref.float(), 1e-5, f"{name}: {key}", min_norm=-1
+            )
+    for key, ref in fit["muonclip"].items():
+        assert torch.equal(fit["muonclip_resumed"][key], ref), key
+        got = one["muonclip_resumed_cp1"][key].float()
+        assert_rel_close(got, ref.float(), 1e-5, f"cp1 resume: {key}", min_norm=-1)
+
+
+# ------------------------------------------------------------------ named errors
+def test_cp_strategy_errors() -> None:
+    from kimi_linear.errors import UsageError
+    from kimi_linear.lightning.context_parallel import ContextParallelStrategy
+
+    with pytest.raises(UsageError, match="strategy.cp_size must be an int >= 1"):
+        ContextParallelStrategy(cp_size=0)
+    with pytest.raises(UsageError, match="replicate_size > 1 \\(HSDP\\) is not supported yet"):
+        ContextParallelStrategy(cp_size=2, replicate_size=2)
+    s = ContextParallelStrategy(cp_size=3)
+    s.parallel_devices = [torch.device("cpu")] * 4
+    with pytest.raises(UsageError, match="strategy.cp_size=3 must divide the world size \\(4"):
+        s.setup_environment()
+
+
+def test_cp_layer_and_model_errors() -> None:
+    from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+
+    cfg = KimiLinearConfig.from_preset("tiny", num_hidden_layers=2, mla_every=2, vocab_size=64)
+    model = KimiLinearForCausalLM(cfg)
+    cp = ContextParallel.build(8, rank=0, size=2)
+    ids = torch.randint(0, 64, (1, 4))
+    with pytest.raises(ValueError, match="cp\\) cannot be combined with labels"):
+        model(ids, labels=ids, cp=cp)
+    with pytest.raises(ValueError, match="cp\\) cannot be combined with cu_seqlens"):
+        model(ids, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), cp=cp)
+    x = torch.randn(1, 4, cfg.hidden_size)
+    kda, mla = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    with pytest.raises(ValueError, match="cp\\) cannot be combined with a cache"):
+        kda(x, cache=model.new_cache(1).layers[0], cp=cp)
+    with pytest.raises(ValueError, match="cp\\) cannot be combined with a cache"):
+        mla(x, position_offset=3, cp=cp)

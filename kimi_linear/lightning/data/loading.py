@@ -204,6 +204,10 @@ class ResumableDataLoader(DataLoader):
 def _rank_and_world(trainer: pl.Trainer | None) -> tuple[int, int]:
     if trainer is None:
         return 0, 1
+    # data-parallel replicas only: the ranks of a context-parallel group read the same rows
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    if isinstance(kwargs, dict) and "rank" in kwargs and "num_replicas" in kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
     return trainer.global_rank, trainer.world_size
 
 
