@@ -3,7 +3,8 @@
 A model is a stack of ``num_hidden_layers`` decoder blocks.  Each block has a token mixer
 (``"kda"``: Kimi Delta Attention, or ``"mla"``: multi-head latent attention) and a feed-forward
 part (a dense SwiGLU MLP for the first ``first_k_dense_replace`` layers, a sigmoid-routed MoE
-after that, or dense everywhere when ``num_experts == 0``).
+after that every ``moe_layer_freq`` layers, or any per-layer pattern in ``mlp_layer_types``;
+dense everywhere when ``num_experts == 0``).
 
 Field names follow the released Kimi-Linear ``config.json`` where one exists, so that
 :meth:`KimiLinearConfig.from_hf_config` and :meth:`KimiLinearConfig.to_hf_config` are thin.
@@ -24,6 +25,8 @@ from kimi_linear.errors import did_you_mean
 from kimi_linear.ops.backend import KDA_BACKENDS, check_kda_backend
 
 LAYER_TYPES = ("kda", "mla")
+#: entries of ``KimiLinearConfig.mlp_layer_types`` (transformers writes "dense" / "sparse")
+MLP_LAYER_TYPES = ("dense", "moe")
 KDA_GATES = ("channel", "head")
 #: the allowed ``kda_gate_lower_bound`` of the safe gate: ``[-5, 0)`` (fla recommends -5);
 #: also checked by :func:`kimi_linear.ops.gate.kda_gate`
@@ -38,6 +41,13 @@ class KimiLinearConfig:
     Otherwise it is derived: layer ``i`` (0-based) is MLA when ``(i + 1) % mla_every == 0`` or,
     with ``last_layer_mla``, when it is the last layer; KDA elsewhere.  ``mla_every = 0`` means
     no MLA from the period rule, ``mla_every = 1`` every layer MLA.
+
+    Feed-forward pattern (:meth:`is_moe_layer`): ``mlp_layer_types`` (one ``"dense"`` / ``"moe"``
+    entry per layer) wins when given, for patterns the rule cannot express (e.g. dense layers
+    between MoE layers, as transformers' ``mlp_layer_types`` allows); otherwise layer ``i`` is MoE
+    when ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``.  Both given and
+    different (with ``first_k_dense_replace`` / ``moe_layer_freq`` not at their defaults) is an
+    error.
     """
 
     name: str = "custom"
@@ -86,6 +96,8 @@ class KimiLinearConfig:
     moe_intermediate_size: int = 1024
     first_k_dense_replace: int = 1
     moe_layer_freq: int = 1  # MoE at layers i >= first_k_dense_replace with i % freq == 0
+    # explicit per-layer feed-forward, "dense" or "moe" (MLP_LAYER_TYPES); None: the rule above
+    mlp_layer_types: tuple[str, ...] | None = None
     num_expert_group: int = 1  # grouped (node-limited) routing, DeepSeek-V3; 1 = plain top-k
     topk_group: int = 1  # groups kept per token when num_expert_group > 1
     routed_scaling_factor: float = 2.446
@@ -95,6 +107,8 @@ class KimiLinearConfig:
     def __post_init__(self) -> None:
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
+        if isinstance(self.mlp_layer_types, list):
+            self.mlp_layer_types = tuple(self.mlp_layer_types)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -239,6 +253,45 @@ class KimiLinearConfig:
                 raise ValueError(
                     f"KimiLinearConfig.layer_types entries must be one of {LAYER_TYPES}, got {bad[0]!r}"
                 )
+        if self.mlp_layer_types is not None:
+            self._validate_mlp_layer_types()
+
+    def _validate_mlp_layer_types(self) -> None:
+        types, n = self.mlp_layer_types, self.num_hidden_layers
+        if not isinstance(types, tuple) or len(types) != n:
+            got = f"{len(types)} entries" if isinstance(types, tuple) else repr(types)
+            raise ValueError(
+                f"KimiLinearConfig.mlp_layer_types must be None or a list of num_hidden_layers={n} "
+                f"entries, got {got}"
+            )
+        bad = [t for t in types if t not in MLP_LAYER_TYPES]
+        if bad:
+            hint = (
+                " (transformers' 'sparse' is 'moe' here)"
+                if bad[0] == "sparse"
+                else did_you_mean(str(bad[0]), MLP_LAYER_TYPES)
+            )
+            raise ValueError(
+                f"KimiLinearConfig.mlp_layer_types entries must be one of {MLP_LAYER_TYPES}, got "
+                f"{bad[0]!r}{hint}"
+            )
+        if self.num_experts == 0 and "moe" in types:
+            raise ValueError(
+                "KimiLinearConfig.mlp_layer_types has 'moe' layers "
+                f"{[i for i, t in enumerate(types) if t == 'moe']} but num_experts is 0"
+            )
+        defaults = KimiLinearConfig.__dataclass_fields__
+        rule_given = (self.first_k_dense_replace, self.moe_layer_freq) != (
+            defaults["first_k_dense_replace"].default,
+            defaults["moe_layer_freq"].default,
+        )
+        rule = tuple("moe" if self._rule_is_moe(i) else "dense" for i in range(n))
+        if self.num_experts and rule_given and rule != types:
+            raise ValueError(
+                f"KimiLinearConfig.mlp_layer_types {list(types)} contradicts "
+                f"first_k_dense_replace={self.first_k_dense_replace} / moe_layer_freq="
+                f"{self.moe_layer_freq} ({list(rule)}); give one of them"
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -263,13 +316,24 @@ class KimiLinearConfig:
     def mla_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_kinds) if t == "mla"]
 
+    def _rule_is_moe(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` (0-based) has a routed MoE (DeepSeek-V3's rule:
-        ``layer_idx >= first_k_dense_replace and layer_idx % moe_layer_freq == 0``)."""
-        return (
-            self.num_experts > 0
-            and layer_idx >= self.first_k_dense_replace
-            and layer_idx % self.moe_layer_freq == 0
+        """Whether layer ``layer_idx`` (0-based) has a routed MoE: ``mlp_layer_types[layer_idx]
+        == "moe"`` when that list is given, else DeepSeek-V3's rule (``layer_idx >=
+        first_k_dense_replace and layer_idx % moe_layer_freq == 0``); never with no experts."""
+        if self.num_experts == 0:
+            return False
+        if self.mlp_layer_types is not None:
+            return self.mlp_layer_types[layer_idx] == "moe"
+        return self._rule_is_moe(layer_idx)
+
+    @property
+    def mlp_layer_kinds(self) -> tuple[str, ...]:
+        """``"dense"`` or ``"moe"`` for each layer (0-based), resolved from the pattern fields."""
+        return tuple(
+            "moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)
         )
 
     @property
@@ -375,8 +439,9 @@ class KimiLinearConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["layer_types"] is not None:
-            d["layer_types"] = list(d["layer_types"])
+        for key in ("layer_types", "mlp_layer_types"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
 

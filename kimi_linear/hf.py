@@ -15,7 +15,8 @@ Everything that touches the on-disk formats lives here (one source per rule):
   at the listed values).  Absent keys take transformers' ``KimiLinearConfig`` defaults (which are
   the release values), so the kit and transformers read a file the same way.
   :func:`config_to_hf` writes the release form (plus ``mlp_layer_types``, which transformers
-  needs when ``moe_layer_freq > 1``).
+  needs when ``moe_layer_freq > 1``; a per-layer pattern the release's two fields cannot
+  express, ``KimiLinearConfig.mlp_layer_types``, as ``mlp_layer_types`` alone).
 * **Weight names** (:func:`route_weight`, :func:`release_state_dict`).  The kit's modules carry
   the release names, except that MoE experts are stacked (``experts.w1 [E, I, D]``) where the
   release stores ``experts.{e}.w1.weight``.  The loader also reads what transformers writes:
@@ -303,8 +304,25 @@ def _layer_kinds(r: _Reader, n: int) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def _moe_pattern(r: _Reader, n: int, num_experts: int) -> tuple[int, int]:
-    """``(first_k_dense_replace, moe_layer_freq)`` from those keys and / or ``mlp_layer_types``."""
+def _moe_rule(first_k: int, freq: int, n: int) -> list[bool]:
+    """MoE per layer by the rule ``i >= first_k_dense_replace and i % moe_layer_freq == 0``."""
+    return [i >= first_k and i % freq == 0 for i in range(n)]
+
+
+def _rule_of(sparse: list[bool]) -> tuple[int, int] | None:
+    """``(first_k_dense_replace, moe_layer_freq)`` that give the MoE layers ``sparse``, or
+    ``None`` when no rule does (e.g. dense layers between MoE layers)."""
+    n = len(sparse)
+    if not any(sparse):
+        return n, 1
+    k = sparse.index(True)
+    return next(((k, f) for f in range(1, n + 1) if _moe_rule(k, f, n) == sparse), None)
+
+
+def _moe_pattern(r: _Reader, n: int, num_experts: int) -> tuple[int, int, tuple[str, ...] | None]:
+    """``(first_k_dense_replace, moe_layer_freq, mlp_layer_types)`` from those keys and / or
+    ``mlp_layer_types``: the rule's two fields when they express the pattern (the list is then
+    ``None``), else the defaults and the explicit per-layer list (``"dense"`` / ``"moe"``)."""
     first_k = r.get("first_k_dense_replace")
     freq = r.get("moe_layer_freq")
     types = r.get("mlp_layer_types")
@@ -318,6 +336,7 @@ def _moe_pattern(r: _Reader, n: int, num_experts: int) -> tuple[int, int]:
         return (
             _DEFAULTS["first_k_dense_replace"] if first_k is None else first_k,
             _DEFAULTS["moe_layer_freq"] if freq is None else freq,
+            None,
         )
     if (
         not isinstance(types, list)
@@ -332,27 +351,23 @@ def _moe_pattern(r: _Reader, n: int, num_experts: int) -> tuple[int, int]:
     if any(sparse) and num_experts == 0:
         raise ValueError("config.json: mlp_layer_types has 'sparse' layers but num_experts is 0")
 
-    def pattern(k: int, f: int) -> list[bool]:
-        return [i >= k and i % f == 0 for i in range(n)]
-
     if first_k is not None or freq is not None:
         k = _DEFAULTS["first_k_dense_replace"] if first_k is None else first_k
         f = _DEFAULTS["moe_layer_freq"] if freq is None else freq
-        if num_experts and pattern(k, f) != sparse:
+        if num_experts and _moe_rule(k, f, n) != sparse:
             raise ValueError(
                 f"config.json: mlp_layer_types contradicts first_k_dense_replace={k} / "
                 f"moe_layer_freq={f}"
             )
-        return k, f
-    if not any(sparse):
-        return n, 1
-    k = sparse.index(True)
-    for f in range(1, n + 1):
-        if pattern(k, f) == sparse:
-            return k, f
-    raise ValueError(
-        "config.json: mlp_layer_types is not of the form 'MoE at layers i >= first_k_dense_replace "
-        f"with i % moe_layer_freq == 0', which is the only one implemented: {types}"
+        return k, f, None
+    rule = _rule_of(sparse)
+    if rule is not None:
+        return (*rule, None)
+    # any other pattern (e.g. dense layers between MoE layers): the explicit per-layer list
+    return (
+        _DEFAULTS["first_k_dense_replace"],
+        _DEFAULTS["moe_layer_freq"],
+        tuple("moe" if s else "dense" for s in sparse),
     )
 
 
@@ -417,7 +432,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> KimiL
 
     num_experts = r.get("num_experts", "num_local_experts", "n_routed_experts", default=None)
     num_experts = _DEFAULTS["num_experts"] if num_experts is None else num_experts
-    first_k, freq = _moe_pattern(r, n, num_experts)
+    first_k, freq, mlp_types = _moe_pattern(r, n, num_experts)
     groups = r.get("num_expert_group", "n_group", default=_DEFAULTS["num_expert_group"])
     if hf.get("use_grouped_topk") is False and groups == 1:
         r.used.add("use_grouped_topk")  # plain top-k is grouped top-k with one group
@@ -508,6 +523,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> KimiL
         ),
         first_k_dense_replace=min(first_k, n) if num_experts else first_k,
         moe_layer_freq=freq,
+        mlp_layer_types=mlp_types,
         num_expert_group=groups,
         topk_group=r.get("topk_group", default=_DEFAULTS["topk_group"]) or 1,
         routed_scaling_factor=r.get(
@@ -604,6 +620,13 @@ def config_to_hf(config: KimiLinearConfig) -> dict[str, Any]:
         "use_cache": True,
         "dtype": "bfloat16",
     }
+    if config.mlp_layer_types is not None and config.num_experts:
+        rule = _rule_of([config.is_moe_layer(i) for i in range(n)])
+        if rule is not None:  # an explicit list the release's two fields can spell
+            hf["first_k_dense_replace"], hf["moe_layer_freq"] = rule
+        else:  # mlp_layer_types alone (what transformers reads; the release's remote code
+            # cannot build such a model)
+            del hf["first_k_dense_replace"], hf["moe_layer_freq"]
     defaults = KimiLinearConfig.__dataclass_fields__
     extra = {
         f: getattr(config, f)

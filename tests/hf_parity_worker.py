@@ -62,6 +62,9 @@ CASES: dict[str, dict] = {
     "grouped_routing": dict(num_experts=8, num_expert_group=4, topk_group=2),
     "moe_every_other_layer": dict(moe_layer_freq=2),
     "tied_embeddings": dict(tie_word_embeddings=True),
+    # a per-layer pattern first_k_dense_replace / moe_layer_freq cannot express (transformers'
+    # mlp_layer_types): dense layers between MoE layers
+    "dense_between_moe": dict(mlp_layer_types=("dense", "moe", "dense", "moe")),
 }
 
 

@@ -167,3 +167,47 @@ def test_from_hf_config_errors(tmp_path):
         KimiLinearConfig.from_hf_config({**RELEASE_48B, "moe_router_activation_func": "softmax"})
     with pytest.raises(ValueError, match="hidden_act"):
         KimiLinearConfig.from_hf_config({**RELEASE_48B, "hidden_act": "gelu"})
+
+
+# ------------------------------------------------------------- per-layer feed-forward pattern
+def test_mlp_layer_types_builds_each_layer_as_listed():
+    types = ("dense", "moe", "dense", "moe", "moe")
+    cfg = KimiLinearConfig.from_preset("tiny", num_hidden_layers=5, mlp_layer_types=list(types))
+    assert cfg.mlp_layer_types == types and cfg.mlp_layer_kinds == types
+    assert [cfg.is_moe_layer(i) for i in range(5)] == [t == "moe" for t in types]
+    model = KimiLinearForCausalLM(cfg)
+    built = tuple(
+        "moe" if hasattr(layer, "block_sparse_moe") else "dense" for layer in model.model.layers
+    )
+    assert built == types
+    assert model(torch.randint(0, cfg.vocab_size, (1, 7))).shape == (1, 7, cfg.vocab_size)
+    assert cfg.to_dict()["mlp_layer_types"] == list(types)
+    assert KimiLinearConfig(**cfg.to_dict()) == cfg
+    # without the list, the rule (first_k_dense_replace / moe_layer_freq) decides, as before
+    rule = KimiLinearConfig.from_preset("tiny", first_k_dense_replace=1, moe_layer_freq=2)
+    assert rule.mlp_layer_types is None and rule.mlp_layer_kinds == (
+        "dense",
+        "dense",
+        "moe",
+        "dense",
+    )
+    # a list that agrees with non-default rule fields is accepted
+    assert rule.replace(mlp_layer_types=("dense", "dense", "moe", "dense")).is_moe_layer(2)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(mlp_layer_types=["moe"] * 3), r"mlp_layer_types must be None or a list of num_hidden_layers=4 entries, got 3"),
+        (dict(mlp_layer_types=["dense", "sparse", "moe", "moe"]), r"entries must be one of \('dense', 'moe'\), got 'sparse' \(transformers' 'sparse' is 'moe' here\)"),
+        (dict(mlp_layer_types=["dense", "mo", "moe", "moe"]), r"got 'mo'.*did you mean 'moe'"),
+        (dict(mlp_layer_types=["dense", "moe", "dense", "dense"], num_experts=0), r"has 'moe' layers \[1\] but num_experts is 0"),
+        (
+            dict(mlp_layer_types=["dense", "moe", "dense", "moe"], first_k_dense_replace=2),
+            r"mlp_layer_types \['dense', 'moe', 'dense', 'moe'\] contradicts first_k_dense_replace=2 / moe_layer_freq=1",
+        ),
+    ],
+)  # fmt: skip
+def test_mlp_layer_types_errors_name_the_field(changes, match):
+    with pytest.raises(ValueError, match=match):
+        KimiLinearConfig.from_preset("tiny", **changes)

@@ -31,7 +31,7 @@ HAVE_TF_KIMI = importlib.util.find_spec("transformers") is not None and (
 needs_tf = pytest.mark.skipif(
     not HAVE_TF_KIMI, reason="transformers without a native KimiLinearForCausalLM"
 )
-FAST_CASES = ["base", "q_lora", "grouped_routing", "tied_embeddings"]
+FAST_CASES = ["base", "q_lora", "grouped_routing", "tied_embeddings", "dense_between_moe"]
 SLOW_CASES = ["dense_first_two_shared_two", "pattern_mla_first", "moe_every_other_layer"]
 # fp32 tolerance on the logits (|logit| is O(1) here).  Module by module (forward hooks on the
 # same inputs) the kit's norms, MLA, dense MLP and MoE equal transformers' bit for bit; KDA
@@ -239,6 +239,48 @@ def test_reads_the_transformers_native_form():
     assert KimiLinearConfig.from_hf_config(aliased) == cfg
 
 
+def test_any_per_layer_mlp_pattern_reads_and_writes_both_forms():
+    """transformers' mlp_layer_types with dense layers between MoE layers (no first-k / period
+    rule spells it): read as KimiLinearConfig.mlp_layer_types, written back as mlp_layer_types
+    alone (release form), and read again as the same config; a rule-shaped list keeps the rule."""
+    native = _native(mlp_layer_types=["dense", "sparse", "dense", "sparse"])
+    cfg = KimiLinearConfig.from_hf_config(native)
+    assert cfg.mlp_layer_types == ("dense", "moe", "dense", "moe")
+    assert [cfg.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+    out = cfg.to_hf_config()
+    assert out["mlp_layer_types"] == ["dense", "sparse", "dense", "sparse"]
+    assert "first_k_dense_replace" not in out and "moe_layer_freq" not in out
+    assert KimiLinearConfig.from_hf_config(out) == cfg
+    # a rule-shaped pattern is read as the rule; an explicit list of that shape spells it
+    rule = KimiLinearConfig.from_hf_config(_native(mlp_layer_types=["dense"] * 2 + ["sparse"] * 2))
+    assert rule.mlp_layer_types is None and rule.first_k_dense_replace == 2
+    spelled = cfg.replace(mlp_layer_types=("dense", "dense", "moe", "moe")).to_hf_config()
+    assert (spelled["first_k_dense_replace"], spelled["moe_layer_freq"]) == (2, 1)
+    assert KimiLinearConfig.from_hf_config(spelled).mlp_layer_kinds == (
+        "dense",
+        "dense",
+        "moe",
+        "moe",
+    )
+    # a release-form config that also carries first_k_dense_replace must agree with the list
+    with pytest.raises(ValueError, match="mlp_layer_types contradicts first_k_dense_replace=1"):
+        KimiLinearConfig.from_hf_config({**out, "first_k_dense_replace": 1})
+
+
+def test_per_layer_mlp_pattern_saves_and_loads(tmp_path):
+    cfg = KimiLinearConfig(**{**SMALL, "mlp_layer_types": ("moe", "dense", "moe")})
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    names = load_file(str(tmp_path / "model.safetensors"))
+    assert "model.layers.1.mlp.gate_proj.weight" in names
+    assert "model.layers.2.block_sparse_moe.experts.3.w1.weight" in names
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.mlp_layer_kinds == ("moe", "dense", "moe")
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    assert torch.equal(model(ids), loaded(ids))
+
+
 def test_safe_gate_keys():
     lin = {**RELEASE["linear_attn_config"], "gate_lower_bound": -5.0}
     cfg = KimiLinearConfig.from_hf_config({**RELEASE, "linear_attn_config": lin})
@@ -290,7 +332,7 @@ def _release_with(**lin_changes) -> dict:
         ({**RELEASE, "num_expert_groups": 2}, "did you mean 'num_expert_group'"),
         ({k: v for k, v in RELEASE.items() if k != "linear_attn_config"}, "no layer pattern"),
         (_native(layer_types=["linear_attention"] * 3 + ["mamba"]), "layer_types entries"),
-        (_native(mlp_layer_types=["dense", "sparse", "dense", "sparse"]), "not of the form"),
+        (_native(mlp_layer_types=["dense", "sparse", "dense", "mlp"]), "each 'dense' or 'sparse'"),
         (_native(kimi_linear={"kda_mode": "x"}), "unknown key kimi_linear.kda_mode"),
         ({**RELEASE, "num_expert_group": 3}, "num_expert_group must divide"),
     ],
