@@ -10,6 +10,7 @@ summary, from which the overview (``kimi-linear --help``) is built:
 * ``prepare``: :mod:`kimi_linear.lightning.data.preparation` (tokenise a corpus);
 * ``evaluate`` / ``retrieval``: :mod:`kimi_linear.lightning.evaluate` (lm-eval tasks) and
   :mod:`kimi_linear.lightning.retrieval` (long-context retrieval grid);
+* ``plot``: :mod:`kimi_linear.plot` (training curves of runs);
 * ``info``: :mod:`kimi_linear.info`.
 
 Adding a subcommand is one entry in :data:`SUBCOMMANDS`.  An entry point takes the arguments
@@ -67,7 +68,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "predict": Subcommand(_LIGHTNING, "greedy next-token predictions", pass_name=True),
     "generate": Subcommand(
         "kimi_linear.lightning.cli:generate_main",
-        "sample text from a checkpoint with the byte tokenizer",
+        "stream a continuation of a prompt from a checkpoint or exported folder "
+        "(its own tokenizer)",
     ),
     "export": Subcommand(
         "kimi_linear.lightning.cli:export_main",
@@ -76,6 +78,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "prepare": Subcommand(
         "kimi_linear.lightning.data.preparation:prepare_main",
         "tokenize local text / JSONL / parquet into a token dataset (TokenDataModule)",
+    ),
+    "plot": Subcommand(
+        "kimi_linear.plot:plot_main",
+        "draw loss, learning rate, tokens/s and QK max logits of runs to a PNG (matplotlib)",
     ),
     "evaluate": Subcommand(
         "kimi_linear.lightning.evaluate:evaluate_main",

@@ -39,6 +39,7 @@ module.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -77,6 +78,7 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 #: section of config.json holding the kit's own fields (absent from the release form)
 EXTRA_CONFIG_KEY = "kimi_linear"
 EXTRA_CONFIG_FIELDS = ("name", "kda_gate", "kda_chunk_size", "moe_bias_update_rate")
@@ -669,6 +671,34 @@ def _view(t: torch.Tensor, part: Part) -> torch.Tensor:
     return t[part[1]] if part[0] == "index" else t
 
 
+_SHARED_EXPERT = re.compile(
+    r"^model\.layers\.(?P<i>\d+)\.(?:block_sparse_moe|mlp)\.shared_experts\.[a-z_]+\.weight$"
+)
+
+
+def _no_shared_expert(
+    name: str, shape: tuple[int, ...], config: KimiLinearConfig, path: Path
+) -> bool:
+    """Whether the stored tensor ``name`` (no place in the model) is a shared-expert tensor of
+    zero size in a MoE layer of a model with ``num_shared_experts == 0``: transformers and the
+    release code build the shared expert at width ``moe_intermediate_size * n_shared_experts``,
+    so they save ``[0, D]`` / ``[D, 0]`` tensors where the kit has no module (nothing to load).
+    A non-empty one there is a ``ValueError`` naming the count in config.json."""
+    m = _SHARED_EXPERT.match(name)
+    if m is None or config.num_shared_experts != 0:
+        return False
+    i = int(m["i"])
+    if i >= config.num_hidden_layers or not config.is_moe_layer(i):
+        return False
+    if math.prod(shape) == 0:
+        return True
+    raise ValueError(
+        f"{path}: tensor {name!r} has shape {list(shape)}, a shared expert, but config.json has "
+        "num_shared_experts=0 (n_shared_experts; no shared expert); does config.json match the "
+        "weights?"
+    )
+
+
 def route_weight(name: str, targets: Mapping[str, torch.Tensor]) -> list[tuple[str, Part]] | None:
     """Where the stored tensor ``name`` goes among the kit's state-dict tensors ``targets``.
 
@@ -774,10 +804,24 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if p.exists() and not p.is_dir():
         raise ValueError(f"output dir {str(p)!r} is a file")
     if not overwrite and p.is_dir() and any(p.iterdir()):
+        names = sorted(q.name + ("/" if q.is_dir() else "") for q in p.iterdir())
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
         raise ValueError(
-            f"output dir {str(p)!r} is not empty; pass --overwrite to replace its checkpoint files"
+            f"output dir {str(p)!r} already exists and is not empty ({shown}); pass --overwrite "
+            "to replace its checkpoint files, or choose another folder"
         )
     return p
+
+
+def generation_config(config: KimiLinearConfig) -> dict[str, Any]:
+    """The ``generation_config.json`` of ``config``: its special token ids (those set) and
+    greedy decoding as the default, as transformers' ``GenerationConfig`` reads it."""
+    ids = {
+        k: getattr(config, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(config, k) is not None
+    }
+    return {**ids, "do_sample": False}
 
 
 def save_pretrained(
@@ -785,7 +829,8 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     max_shard_size: int | None = None,
 ) -> None:
-    """Write ``config.json`` and the weights (safetensors, release names) to ``save_directory``.
+    """Write ``config.json``, ``generation_config.json`` and the weights (safetensors, release
+    names) to ``save_directory``; every file gets the process's normal file mode (umask).
 
     ``max_shard_size`` (bytes): split into ``model-0000i-of-0000n.safetensors`` files of at most
     about that size plus ``model.safetensors.index.json``; otherwise one ``model.safetensors``.
@@ -813,6 +858,12 @@ def save_pretrained(
     hf = config_to_hf(model.config)
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
     (out / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
+    (out / GENERATION_CONFIG_NAME).write_text(
+        json.dumps(generation_config(model.config), indent=2) + "\n"
+    )
+    # safetensors writes its files owner-only (0600); give them the mode every other file of the
+    # folder gets (the process umask's, e.g. 0644), so the export is readable wherever it is used
+    file_mode = (out / CONFIG_NAME).stat().st_mode & 0o777
     for stale in [
         *out.glob("model-*-of-*.safetensors"),
         out / WEIGHTS_NAME,
@@ -857,6 +908,7 @@ def save_pretrained(
             shard[k] = v if own else v.to("cpu", copy=True).contiguous()
             seen.add(storage.data_ptr())
         save_file(shard, str(out / fname), metadata={"format": "pt"})
+        os.chmod(out / fname, file_mode)
         weight_map.update(dict.fromkeys(shard, fname))
         del shard
     if names != [WEIGHTS_NAME]:
@@ -1046,6 +1098,8 @@ def _plan_load(
                     tied_head = path
                     continue
                 routes = route_weight(key, targets)
+                if routes is None and _no_shared_expert(key, shape, config, path):
+                    continue  # zero-width shared expert (n_shared_experts=0): nothing to load
                 if routes is None:
                     raise ValueError(
                         f"{path}: tensor {key!r} has no place in this model "

@@ -279,7 +279,13 @@ def test_helpers_errors(tmp_path: Path) -> None:
     assert parse_tokenizer_spec('{"kind": "byte"}') == {"kind": "byte"}
     with pytest.raises(UsageError, match="JSON object"):
         parse_tokenizer_spec("{1: 2}")
-    assert save_tokenizer_files(ByteTokenizer(), tmp_path) == []
+    byte_dir = tmp_path / "byte"
+    byte_dir.mkdir()
+    assert save_tokenizer_files(ByteTokenizer(), byte_dir) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    shutil.rmtree(byte_dir)
     assert not any(tmp_path.iterdir())
 
 
@@ -336,3 +342,32 @@ def test_cli_fit_on_tiny_bpe_then_generate_and_export(run, tmp_path: Path, monke
     assert capsys.readouterr().out.rstrip("\n") == _reference(last, tok, "doc 3: alpha", 6)
     assert main(["export", "--ckpt_path", str(last), "--output_dir", "exported"]) == 0
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+def test_byte_tokenizer_json_round_trips_the_byte_ids(tmp_path: Path) -> None:
+    """The byte tokenizer's tokenizer.json (built with the tokenizers library) gives the byte
+    ids for any text, special-token names in the text included, and its folder loads back as a
+    tokenizer equal to ours (issue 24)."""
+    from tokenizers import Tokenizer
+
+    from kimi_linear.lightning.tokenizer import byte_tokenizer_json
+
+    tok = Tokenizer.from_str(byte_tokenizer_json())
+    tok.encode_special_tokens = True  # "<eos>" in a text is text (split_special_tokens)
+    ours = ByteTokenizer()
+    rng = random.Random(0)
+    texts = ["", " a  b\n\t\r\n", "<bos><eos><pad>", "é日本🙂\x00\x7f", "".join(
+        chr(rng.randrange(0x20, 0x3000)) for _ in range(200)
+    )]  # fmt: skip
+    for text in texts:
+        enc = tok.encode(text, add_special_tokens=False)
+        assert enc.ids == ours.encode(text), text
+        assert tok.encode(text).ids[:1] == [ours.bos_id] or text == ""
+        assert tok.decode(enc.ids) == text
+    assert tok.decode([104, 0xC3]) == ours.decode([104, 0xC3])  # a cut UTF-8 sequence
+    save_tokenizer_files(ours, tmp_path)
+    back = load_tokenizer(str(tmp_path))
+    assert (back.vocab_size, back.bos_id, back.eos_id, back.pad_id) == (259, 256, 257, 258)
+    for text in texts:
+        assert back.encode(text, add_bos=True, add_eos=True) == ours.encode(text, True, True)
+        assert back.decode(ours.encode(text, True, True)) == text

@@ -1,4 +1,4 @@
-"""The learning-rate schedule as training applies it: a real ``KimiLinearLitModule`` trained by a
+"""The learning-rate schedule as training applies it, and as a resumed fit changes it: a real ``KimiLinearLitModule`` trained by a
 Lightning ``Trainer`` (tiny model, CPU, a few steps), its optimizer's learning rate read before
 every batch and compared with linear warmup + cosine decay, written out here independently of
 ``WarmupCosine``. Epochs are shorter than the run, so a schedule stepped per epoch (or per batch
@@ -113,3 +113,104 @@ def test_lr_schedule_length_from_max_epochs() -> None:
     """Without ``model.max_steps`` the cosine spans the trainer's estimated optimizer steps."""
     record, _ = _fit("adamw", None, max_epochs=2)
     _assert_schedule(record, total=2 * SAMPLES // BATCH)
+
+
+# ------------------------------------------------------------------------ resumed schedules
+def _lr(step: int, warmup: int, total: int, min_ratio: float, base: float = BASE_LR) -> float:
+    """``expected_lr`` with every schedule setting explicit."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _resume_fit(
+    tmp_path, first_steps: int, resume_steps: int, changes: dict, first=None, **module_kwargs
+):
+    """Train ``first_steps`` (schedule over them), then resume from that checkpoint until
+    ``resume_steps`` with the module built from ``module_kwargs`` and ``ResumeOverrides``
+    told about ``changes``; returns the learning rates recorded in the resumed part."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kimi_linear.lightning.callbacks import ResumeOverrides
+
+    def module(**kw):
+        torch.manual_seed(0)
+        args = dict(
+            preset="tiny",
+            overrides=SMALL,
+            vocab_size=VOCAB,
+            optimizer="adamw",
+            lr=BASE_LR,
+            warmup_steps=WARMUP,
+            max_steps=None,
+            min_lr_ratio=MIN_RATIO,
+        )
+        return KimiLinearLitModule(**{**args, **kw})
+
+    def trainer(steps, callbacks):
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+        )
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(first_steps, [ckpt]).fit(
+        module(**(first or {})), train_dataloaders=DataLoader(_Tokens(), batch_size=BATCH)
+    )
+    record, overrides = _RecordLR(), ResumeOverrides(changes)
+    trainer(resume_steps, [record, overrides]).fit(
+        module(**module_kwargs),
+        train_dataloaders=DataLoader(_Tokens(), batch_size=BATCH),
+        ckpt_path=str(tmp_path / "last.ckpt"),
+    )
+    return record.seen, overrides
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["trainer.max_steps", "model.max_steps", "model.warmup_steps", "model.min_lr_ratio"],
+)
+def test_a_resumed_fit_applies_its_new_schedule(tmp_path, change: str) -> None:
+    """Decided (issue 24 item 6, issue 25 item 8): a resumed fit that changes the schedule's
+    length (``trainer.max_steps`` with ``model.max_steps`` unset, or ``model.max_steps``), its
+    warmup or its floor runs the *new* schedule from the restored step on: the learning rate of
+    step s is the new schedule's at s, as if the run had been set up that way from the start.
+    Before, the checkpoint's schedule was kept (the extra steps ran at the floor)."""
+    first, total = 6, 10
+    warmup, ratio, kwargs, changes = WARMUP, MIN_RATIO, {}, {}
+    if change == "model.max_steps":
+        kwargs, changes = {"max_steps": total}, {"max_steps": (None, total)}
+    elif change == "model.warmup_steps":
+        warmup = 5
+        kwargs, changes = {"warmup_steps": warmup}, {"warmup_steps": (WARMUP, warmup)}
+    elif change == "model.min_lr_ratio":
+        ratio = 0.5
+        kwargs, changes = {"min_lr_ratio": ratio}, {"min_lr_ratio": (MIN_RATIO, ratio)}
+    seen, overrides = _resume_fit(tmp_path, first, total, changes, **kwargs)
+    assert [s for s, _ in seen] == list(range(first, total))
+    for step, lrs in seen:
+        want = _lr(step, warmup, total, ratio)
+        old = _lr(step, WARMUP, first, MIN_RATIO)
+        assert want != pytest.approx(old, rel=1e-6)  # the test tells the schedules apart
+        for lr in lrs:
+            assert lr == pytest.approx(want, rel=1e-9), (change, step, lrs)
+    assert len(overrides.schedule_changes) == 1
+    old_fields, new_fields = overrides.schedule_changes[0]
+    assert old_fields == {"warmup_steps": WARMUP, "total_steps": first, "min_ratio": MIN_RATIO}
+    assert new_fields == {"warmup_steps": warmup, "total_steps": total, "min_ratio": ratio}
+
+
+def test_a_resumed_fit_with_the_same_schedule_keeps_it(tmp_path) -> None:
+    """A 10-step schedule interrupted at step 6 and resumed with the same settings continues
+    it unchanged (nothing reported as changed)."""
+    seen, overrides = _resume_fit(tmp_path, 6, 10, {}, first={"max_steps": 10}, max_steps=10)
+    assert [s for s, _ in seen] == [6, 7, 8, 9] and overrides.schedule_changes == []
+    for step, lrs in seen:
+        assert lrs[0] == pytest.approx(_lr(step, WARMUP, 10, MIN_RATIO), rel=1e-9)

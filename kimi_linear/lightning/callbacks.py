@@ -7,18 +7,26 @@
 * :class:`KimiModelCheckpoint`: Lightning's ``ModelCheckpoint`` that also saves the final
   training step (``max_steps`` not a multiple of ``every_n_train_steps`` otherwise leaves
   ``last.ckpt`` behind the trained model) and writes through :class:`AtomicCheckpointIO`.
-* :class:`ResumeOverrides`: on ``fit --ckpt_path``, re-applies the optimizer hyper-parameters of
-  the *new* run (learning rate, weight decay, betas, schedule length...) after Lightning restored
-  the checkpoint's optimizer and scheduler state; moments and step counts are kept.
+* :class:`ResumeOverrides`: on ``fit --ckpt_path``, re-applies the optimizer hyper-parameters and
+  the learning-rate schedule of the *new* run (learning rate, weight decay, betas, warmup,
+  schedule length, minimum ratio) after Lightning restored the checkpoint's optimizer and
+  scheduler state; moments and step counts are kept.
+* :class:`KimiRichProgressBar`: no ``Epoch 0/-2`` in a run bounded by steps.
 * :class:`ThroughputMonitor`: tokens/s, per-device peak memory and model FLOPs utilization
   (MFU) from the analytic FLOPs per token of :mod:`kimi_linear.flops`, logged with the losses.
+* :func:`load_checkpoint`: read a ``torch.save`` checkpoint file (a Lightning ``.ckpt``, a
+  sharded folder's ``meta.pt``) without running code from it: ``weights_only=True`` with the
+  small allow-list :data:`SAFE_GLOBALS`; anything else is refused with one line naming the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
+import pathlib
+import pickle
 import tempfile
 import time
 from collections.abc import Mapping
@@ -28,15 +36,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = [
+    "SAFE_GLOBALS",
     "AtomicCheckpointIO",
     "KimiModelCheckpoint",
+    "KimiRichProgressBar",
     "ResumeOverrides",
     "ThroughputMonitor",
     "atomic_torch_save",
+    "load_checkpoint",
     "use_atomic_checkpoint_io",
 ]
 
@@ -77,6 +88,72 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+# ------------------------------------------------------------------------ safe loading
+def _attribute_dict() -> type:
+    from lightning.fabric.utilities.data import AttributeDict
+
+    return AttributeDict
+
+
+#: Globals a checkpoint may reference on top of what ``torch.load(weights_only=True)`` accepts
+#: by default (tensors, dtypes, containers, numbers, strings): plain value types that
+#: hyper-parameters and callback states can hold.  Rebuilding them runs no code of the file.
+SAFE_GLOBALS: tuple[Any, ...] = (
+    pathlib.PosixPath,
+    pathlib.PurePosixPath,
+    pathlib.WindowsPath,
+    pathlib.PureWindowsPath,
+    argparse.Namespace,
+    _attribute_dict(),
+)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", what: str = "--ckpt_path"
+) -> Any:
+    """The object in the ``torch.save`` file ``path``, read without running code from it.
+
+    Lightning checkpoints are pickles; a crafted one can name any importable function
+    (``__reduce__``) to run while it is unpickled.  Here the file's pickle is first scanned
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``, which executes nothing): a
+    reference to anything outside ``torch.load(weights_only=True)``'s own allow-list and
+    :data:`SAFE_GLOBALS` is refused; then it is loaded with ``weights_only=True``.
+
+    Raises:
+        UsageError: one line ``{what}: '{path}' ...`` naming the file and why it was refused
+            or could not be read.
+    """
+    from kimi_linear.errors import UsageError
+
+    name = os.fspath(path)
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    try:
+        unsafe = [
+            g
+            for g in torch.serialization.get_unsafe_globals_in_checkpoint(name)
+            if g not in allowed
+        ]
+    except Exception as e:  # noqa: BLE001 - not a readable torch.save archive
+        raise UsageError(f"{what}: {name!r} could not be read ({_first_line(e)})") from None
+    if unsafe:
+        listed = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise UsageError(
+            f"{what}: {name!r} was refused: it references {listed}, which no checkpoint of this "
+            "kit holds (checkpoints are loaded with weights_only=True and never run code); if "
+            "you trust the file, load it yourself with torch.load(weights_only=False)"
+        )
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(name, map_location=map_location, weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+        raise UsageError(f"{what}: {name!r} could not be read ({_first_line(e)})") from None
+
+
 def _is_local(path: str | os.PathLike) -> bool:
     s = os.fspath(path)
     return "://" not in s or s.startswith("file://")
@@ -84,7 +161,16 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """:class:`TorchCheckpointIO` whose local saves go through :func:`atomic_torch_save`
-    (remote URLs keep Lightning's fsspec path)."""
+    (remote URLs keep Lightning's fsspec path), and whose local loads go through
+    :func:`load_checkpoint` (no code from the file runs) unless ``weights_only=False`` is asked
+    for explicitly."""
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False or not _is_local(path) or not os.path.isfile(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -135,29 +221,44 @@ class KimiModelCheckpoint(ModelCheckpoint):
 
 # ------------------------------------------------------------------------ resume overrides
 class ResumeOverrides(Callback):
-    """Keep the new run's optimizer hyper-parameters when resuming ``fit`` from a checkpoint.
+    """Apply the new run's optimizer hyper-parameters and learning-rate schedule when resuming
+    ``fit`` from a checkpoint (``kimi-linear fit --ckpt_path`` adds it to every resumed fit).
 
     Lightning restores the optimizer's ``param_groups`` (learning rate, weight decay, betas...)
-    and the scheduler's state (base learning rates, the schedule function's fields) from the
-    checkpoint, which would silently undo ``--model.lr`` and friends.  This callback records the
-    freshly configured values before the restore (``on_fit_start``) and puts them back after it
-    (``on_train_start``): every group's hyper-parameters and the scheduler's base learning rates,
-    and the schedule function itself when one of :attr:`SCHEDULE_KEYS` changed; then each
-    group's learning rate is set for the restored step count.
+    and the scheduler's state (base learning rates and the schedule function's fields:
+    ``WarmupCosine``'s ``warmup_steps``, ``total_steps``, ``min_ratio``) from the checkpoint,
+    which would silently undo ``--model.lr`` and friends and keep the old schedule.  This
+    callback records the freshly configured values before the restore (``on_fit_start``) and
+    applies them after it (``on_train_start``):
+
+    * ``changes`` (the ``model.*`` values that differ from the checkpoint's): every group's
+      hyper-parameters and the scheduler's base learning rates are the new run's;
+    * the schedule: when the new run's schedule function differs from the restored one (a
+      changed ``model.warmup_steps`` / ``model.max_steps`` / ``model.min_lr_ratio``, or a
+      changed ``trainer.max_steps`` / ``max_epochs`` when ``model.max_steps`` is unset, which
+      sets the schedule's length), the new one replaces it.  The learning rate of step ``s`` is
+      then the new schedule's at ``s``, as if the run had been configured that way from the
+      start; e.g. a finished 120-step run resumed with ``max_steps: 240`` continues from the
+      cosine's value at 120 / 240 (up from its floor), instead of running the extra steps at
+      the minimum learning rate.  An unchanged schedule is kept as it was.
+
     Optimizer moments, step counts and the scheduler's position come from the checkpoint.
+    Every change is reported in one line (``Resumed with new hyper-parameters (...)``, and
+    the schedule before and after with the learning rate at the resumed step).
 
     Args:
         changes: ``{hyper-parameter: (checkpoint value, new value)}``, reported once.
     """
 
-    #: Module hyper-parameters that shape the schedule: when one changed, the new run's schedule
-    #: function replaces the checkpoint's (otherwise the checkpoint's schedule is kept).
+    #: Module hyper-parameters that shape the schedule (the function's fields follow them).
     SCHEDULE_KEYS = frozenset({"warmup_steps", "max_steps", "min_lr_ratio"})
 
     def __init__(self, changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
         self.changes = dict(changes or {})
         self._groups: list[list[dict[str, Any]]] = []
         self._schedulers: list[dict[str, Any]] = []
+        #: what was applied, for tests and logs: ``(old fields, new fields)`` per scheduler
+        self.schedule_changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._groups = [
@@ -176,28 +277,66 @@ class ResumeOverrides(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for opt, groups in zip(trainer.optimizers, self._groups):
-            for group, fresh in zip(opt.param_groups, groups):
-                group.update(copy.deepcopy(fresh))
+        if self.changes:
+            for opt, groups in zip(trainer.optimizers, self._groups):
+                for group, fresh in zip(opt.param_groups, groups):
+                    group.update(copy.deepcopy(fresh))
+        self.schedule_changes = []
         for cfg, saved in zip(trainer.lr_scheduler_configs, self._schedulers):
             sch = cfg.scheduler
-            if saved["base_lrs"]:
+            if self.changes and saved["base_lrs"]:
                 sch.base_lrs = list(saved["base_lrs"])
-            if self.SCHEDULE_KEYS & set(self.changes):
-                for fn, fields in zip(getattr(sch, "lr_lambdas", []), saved["lambdas"]):
-                    fn.__dict__.update(fields)
-            if hasattr(sch, "lr_lambdas"):
+            lambdas = list(getattr(sch, "lr_lambdas", []))
+            for fn, fields in zip(lambdas, saved["lambdas"]):
+                old = dict(getattr(fn, "__dict__", {}))
+                if fields and old != fields:
+                    fn.__dict__.update(copy.deepcopy(fields))
+                    if (old, fields) not in self.schedule_changes:
+                        self.schedule_changes.append((old, dict(fields)))
+            if lambdas:
+                before = [g["lr"] for g in sch.optimizer.param_groups]
                 step = sch.last_epoch
-                for group, base, fn in zip(
-                    sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas
-                ):
+                for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, lambdas):
                     group["lr"] = base * fn(step)
                 sch._last_lr = [g["lr"] for g in sch.optimizer.param_groups]
+                for old, new in self.schedule_changes:
+                    rank_zero_info(
+                        f"Resumed with a new learning-rate schedule at step {step}: "
+                        f"{_fields(old)} -> {_fields(new)} (lr {before[0]:.4g} -> "
+                        f"{sch._last_lr[0]:.4g})"
+                    )
         if self.changes:
             listed = ", ".join(
                 f"model.{k}: {old!r} -> {new!r}" for k, (old, new) in self.changes.items()
             )
             rank_zero_info(f"Resumed with new hyper-parameters ({listed})")
+
+
+def _fields(fields: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in fields.items())
+
+
+# --------------------------------------------------------------------------- progress bar
+class KimiRichProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar`` whose description reads ``Epoch 3 (max_steps 120)`` when
+    the run is bounded by steps (``max_epochs: -1``), not ``Epoch 3/-2``, and without the
+    ``v_num: 0.000`` field; the command line uses it in place of a plain ``RichProgressBar``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}"
+        if max_epochs is not None and max_epochs > 0:
+            text += f"/{max_epochs - 1}"
+        elif self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+            text += f" (max_steps {self.trainer.max_steps})"
+        width = len(self.validation_description)
+        return f"{text:{width}}" if len(text) < width else text
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's metrics without ``v_num`` (the run folder is printed at the start)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 # ------------------------------------------------------------------------------ throughput

@@ -652,6 +652,52 @@ def holds_recorded_files(spec: Mapping[str, Any], path: str | os.PathLike) -> bo
     return p.is_dir() and any(_fingerprint(f) == sha for f in p.iterdir() if f.is_file())
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE convention (GPT-2): each byte as one printable character; printable
+    Latin-1 bytes stand for themselves, the other 68 get the characters from U+0100 on."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + shifted)
+            shifted += 1
+    return out
+
+
+#: Names of the byte tokenizer's special tokens in its ``tokenizer.json`` (ids 256, 257, 258).
+BYTE_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+
+
+def byte_tokenizer_json() -> str:
+    """The :class:`ByteTokenizer` as a ``tokenizers`` JSON (``tokenizer.json``), built with the
+    ``tokenizers`` library: a byte-level pre-tokenizer and decoder, a BPE model whose vocabulary
+    is the 256 bytes at ids ``0..255`` with no merges, and ``<bos>`` / ``<eos>`` / ``<pad>`` at
+    256 / 257 / 258.  Encoding gives the byte tokenizer's ids exactly, for any text; with
+    ``add_special_tokens=True`` (transformers' default) ``<bos>`` is prepended, as
+    ``kimi-linear generate`` does.  Decoding drops specials and replaces invalid UTF-8 as
+    :meth:`ByteTokenizer.decode` does."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _Tokenizer
+
+    chars = _bytes_to_unicode()
+    tok = _Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIAL_TOKENS]
+    )
+    bos = BYTE_SPECIAL_TOKENS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ByteTokenizer.bos_id)]
+    )
+    ids = [tok.token_to_id(t) for t in BYTE_SPECIAL_TOKENS]
+    if ids != [ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.pad_id]:
+        raise RuntimeError(f"byte tokenizer.json: special tokens got ids {ids}")
+    return tok.to_str(pretty=True)
+
+
 def save_tokenizer_files(
     tok: ByteTokenizer | HFTokenizer | TiktokenTokenizer, output_dir: str | os.PathLike
 ) -> list[str]:
@@ -662,8 +708,10 @@ def save_tokenizer_files(
       :func:`load_tokenizer` both read the folder back with the same ids;
     * a saved tokenizer folder: its tokenizer files (:data:`HF_TOKENIZER_FILES` and any
       ``tokenization_*.py``), copied verbatim;
-    * the byte tokenizer (the default of ``generate``) and tiktoken files (whose
-      pre-tokenisation regex has no standard file): nothing.
+    * the byte tokenizer: a ``tokenizer.json`` built by :func:`byte_tokenizer_json` and its
+      ``tokenizer_config.json`` (special tokens in text are split as bytes,
+      ``split_special_tokens``, so every text round-trips to the byte ids);
+    * tiktoken files (whose pre-tokenisation regex has no standard file): nothing.
 
     Returns the names of the files written (``[]`` when nothing was written).
     """
@@ -671,6 +719,19 @@ def save_tokenizer_files(
     import shutil
 
     out = Path(output_dir)
+    if isinstance(tok, ByteTokenizer):
+        (out / "tokenizer.json").write_text(byte_tokenizer_json() + "\n")
+        bos, eos, pad = BYTE_SPECIAL_TOKENS
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": bos,
+            "eos_token": eos,
+            "pad_token": pad,
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json"]
     if isinstance(tok, HFTokenizer) and tok.path.is_file():
         shutil.copyfile(tok.path, out / "tokenizer.json")
         config = {
@@ -695,6 +756,7 @@ def save_tokenizer_files(
 
 
 __all__ = [
+    "BYTE_SPECIAL_TOKENS",
     "ByteTokenizer",
     "HF_TOKENIZER_FILES",
     "TOKENIZER_STATE_KEY",
@@ -702,6 +764,7 @@ __all__ = [
     "TOKENIZER_KINDS",
     "TiktokenTokenizer",
     "Tokenizer",
+    "byte_tokenizer_json",
     "find_tokenizer_spec",
     "has_tokenizer_files",
     "holds_recorded_files",
