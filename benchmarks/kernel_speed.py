@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.providers) - {"ours", "fla", "torch", "sdpa"}
     if unknown:
         p.error(f"unknown providers {sorted(unknown)}; choose from ours, fla, torch, sdpa")
+    kernels = sorted({"ours", "fla"} & set(args.providers))
+    if kernels and args.head_dim > 256:  # the KDA kernels' largest head dim (kernels/kda/utils.py)
+        p.error(
+            f"--head-dim {args.head_dim} exceeds 256, the largest head dim of the KDA kernels "
+            f"({', '.join(kernels)}); use --providers torch,sdpa for larger heads"
+        )
     if args.quick:
         args.tokens = min(args.tokens, 64)
         args.seqlens = args.seqlens or [64]

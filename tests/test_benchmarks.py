@@ -316,3 +316,15 @@ def test_train_profile_spans_nest_and_close():
     spans = out["spans_ms"]
     assert spans["kda_layer/bwd"] > 0 and spans["kda_op/bwd"] > 0 and spans["mla/bwd"] > 0
     assert spans["kda_op/bwd"] <= spans["kda_layer/bwd"] + 1e-6
+
+
+def test_kernel_speed_refuses_head_dims_the_kernels_cannot_run(capsys):
+    """``--head-dim 300`` used to be accepted and end as error rows (or be dropped by
+    ``--quick``): the KDA kernels take head dims up to 256, so it is a one-line error unless
+    only providers without that limit run (issue 25.4)."""
+    ks = _module("kernel_speed")
+    with pytest.raises(SystemExit):
+        ks.parse_args(["--head-dim", "300", "--quick"])
+    assert "--head-dim 300 exceeds 256" in capsys.readouterr().err
+    args = ks.parse_args(["--head-dim", "300", "--quick", "--providers", "torch,sdpa"])
+    assert args.head_dim == 300

@@ -440,3 +440,27 @@ def test_resume_of_another_dataset_or_seed_is_refused() -> None:
     ds = list(range(8))
     with pytest.raises(ValueError, match="drop_last=True"):
         ResumableDataLoader(ds, batch_size=2, sampler=ResumableSampler(ds), drop_last=False)
+
+
+def test_genuine_replacement_characters_are_text(tmp_path) -> None:
+    """U+FFFD is a valid character (EF BF BD): a short document that holds one, or many, is
+    text, and only bytes that are really invalid count against ``max_invalid_fraction``
+    (issue 25: counting every U+FFFD as invalid dropped such documents as binary)."""
+    from kimi_linear.lightning.data.sources import SourceCounts, iter_documents, list_units
+
+    short = "ok \ufffd"  # 6 bytes: one U+FFFD is half its bytes
+    assert decode_text(short.encode()) == short
+    assert decode_text(("\ufffd" * 50).encode()) == "\ufffd" * 50
+    # 2000 bytes of text, five genuine U+FFFD and one invalid byte: 1 invalid byte in 2016
+    mixed = b"x" * 2000 + "\ufffd".encode() * 5 + b"\xff"
+    assert decode_text(mixed) == "x" * 2000 + "\ufffd" * 6
+    assert decode_text(b"x" * 100 + "\ufffd".encode() * 5 + b"\xff\xfe") is None  # 2 in 115
+    # through the readers: a text file and a JSONL record
+    (tmp_path / "a.txt").write_text(short, encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "caf\\ufffd"}\n', encoding="utf-8")
+    units, _ = list_units([tmp_path])
+    counts = SourceCounts()
+    docs = [d for u in units for d in iter_documents(u, counts)]
+    assert sorted(docs) == sorted([short, "caf\ufffd"]) and counts.skipped_binary == 0
+    (tmp_path / "c.txt").write_text("text " * 40 + "\ufffd", encoding="utf-8")
+    assert "text " * 40 + "\ufffd" in read_corpus(tmp_path)

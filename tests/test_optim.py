@@ -599,3 +599,206 @@ def test_sharded_muon_row_ranges_follow_torch_chunk() -> None:
                 r0, r1 = _row_range(rows, world, rank)
                 expected = chunks[rank].tolist() if rank < len(chunks) else []
                 assert list(range(r0, r1)) == expected, (rows, world, rank)
+
+
+# ------------------------------------------------------- simulated ranks (single process, fast)
+# The sharded and distributed rules of MuonClip were caught only by the slow 2-process tests
+# (issue 25, class 8). Here the collectives run between threads of this process: each thread is
+# a rank, torch.distributed's calls used by kimi_linear.optim go to _SimulatedWorld, and DTensor
+# row shards are pieces of a tensor with their offsets (what local_shard returns for a shard).
+
+
+class _SimulatedWorld:
+    """The ``torch.distributed`` calls of :mod:`kimi_linear.optim` for ``world`` thread ranks."""
+
+    ReduceOp = dist.ReduceOp
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.local = threading.local()
+        self.slots: dict[int, object] = {}
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self, group=None) -> int:
+        return self.world
+
+    def get_rank(self, group=None) -> int:
+        return self.local.rank
+
+    def get_backend(self, group=None) -> str:
+        return "gloo"
+
+    def _exchange(self, value):
+        """Every rank's ``value``, in rank order (a collective: all ranks must call it)."""
+        self.barrier.wait()
+        self.slots[self.local.rank] = value
+        self.barrier.wait()
+        values = [self.slots[r] for r in range(self.world)]
+        self.barrier.wait()
+        return values
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None) -> None:
+        stacked = torch.stack(self._exchange(tensor.clone()))
+        if op == dist.ReduceOp.MAX:
+            tensor.copy_(stacked.amax(0))
+        elif op == dist.ReduceOp.SUM:
+            tensor.copy_(stacked.sum(0))
+        elif op == dist.ReduceOp.AVG:
+            tensor.copy_(stacked.mean(0))
+        else:
+            raise NotImplementedError(op)
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, group=None):
+        sent = self._exchange(list(input.split(list(input_split_sizes))))
+        got = [sent[src][self.local.rank] for src in range(self.world)]
+        assert [t.numel() for t in got] == list(output_split_sizes), "split sizes disagree"
+        output.copy_(torch.cat(got) if got else output)
+
+    def run(self, fn):
+        """``[fn(rank) for rank in range(world)]``, the ranks running concurrently."""
+        import threading
+
+        results, errors = [None] * self.world, []
+
+        def body(rank: int) -> None:
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append((isinstance(e, threading.BrokenBarrierError), rank, e))
+                self.barrier.abort()  # the other ranks stop waiting
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:  # the first error that is not another rank's abort
+            _, rank, error = min(errors, key=lambda e: e[0])
+            raise RuntimeError(f"simulated rank {rank} failed: {error!r}") from error
+        return results
+
+
+class _RowShard:
+    """A stand-in for a DTensor row shard: ``.shape`` is the full tensor's; the data a view."""
+
+    def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
+        from kimi_linear.optim import _row_range
+
+        r0, r1 = _row_range(full.shape[0], world, rank)
+        self.shape = full.shape
+        self.local, self.offset = full[r0:r1], (r0,) + (0,) * (full.dim() - 1)
+
+
+def _simulate_shards(monkeypatch) -> None:
+    import kimi_linear.optim as optim_mod
+
+    real_local, real_is = optim_mod.local_shard, optim_mod.is_dtensor
+    monkeypatch.setattr(
+        optim_mod,
+        "local_shard",
+        lambda t: (t.local, t.offset) if isinstance(t, _RowShard) else real_local(t),
+    )
+    monkeypatch.setattr(optim_mod, "is_dtensor", lambda t: isinstance(t, _RowShard) or real_is(t))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_row_sharded_orthogonalization_reassembles_every_matrix(monkeypatch, world):
+    """Each matrix's row blocks reach its owner in rank order, the owner transforms the whole
+    matrix once, and each rank gets back exactly its rows (torch.chunk layout; shapes not
+    divisible by the rank count, one with fewer rows than ranks)."""
+    import kimi_linear.optim as optim_mod
+    from kimi_linear.optim import _orthogonalize_row_shards, _row_range
+
+    sim = _SimulatedWorld(world)
+    monkeypatch.setattr(optim_mod, "dist", sim)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (8, 4), (13, 2), (1, 6), (7, 7)]
+    full = [torch.randn(s, generator=gen) for s in shapes]
+    ns = lambda x: x @ x.T @ x + torch.arange(x.shape[0], dtype=x.dtype)[:, None]  # noqa: E731
+
+    def rank_fn(rank: int):
+        rows = [m[slice(*_row_range(m.shape[0], world, rank))] for m in full]
+        return _orthogonalize_row_shards(rows, shapes, None, ns)
+
+    for rank, out in enumerate(sim.run(rank_fn)):
+        for m, o in zip(full, out):
+            torch.testing.assert_close(o, ns(m)[slice(*_row_range(m.shape[0], world, rank))])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_qk_clip_on_row_shards_scales_each_row_by_its_global_head(monkeypatch, world):
+    """QK-Clip of a row-sharded MLA layer: every shard scales its rows by the factor of their
+    global row (head), so the shards together equal the clip of the whole weights."""
+    import kimi_linear.optim as optim_mod
+
+    model, _ = _clip_setup()
+    name, attn = next(iter(find_mla_modules(model).items()))
+    twin = copy.deepcopy(attn)
+    H = attn.num_heads
+    max_logits = torch.linspace(0.5, 3.0, H)  # some heads over tau, some not
+    gamma_ref = apply_qk_clip_(twin, max_logits, tau=1.5)
+    assert (gamma_ref < 1).any() and (gamma_ref == 1).any()
+
+    _simulate_shards(monkeypatch)
+    real_scale = optim_mod._scale_head_rows_
+
+    def scale_by_shards(weight, row_scale):  # each rank scales its own row shard in place
+        for rank in range(world):
+            real_scale(_RowShard(weight.data, rank, world), row_scale)
+
+    monkeypatch.setattr(optim_mod, "_scale_head_rows_", scale_by_shards)
+    gamma = apply_qk_clip_(attn, max_logits, tau=1.5)
+    torch.testing.assert_close(gamma, gamma_ref, rtol=0, atol=0)
+    for (n, a), b in zip(attn.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}.{n}")
+
+
+def test_data_sharded_ranks_max_reduce_logits_and_match_one_large_batch(monkeypatch):
+    """Two simulated data-parallel ranks, each on its own half of the batch (rank r takes
+    chunk r), gradients averaged as DDP does: the step's max logits are the MAX over the ranks
+    (rank 0's half alone has smaller maxima), so both ranks clip and step exactly as one
+    process on the whole batch."""
+    import kimi_linear.optim as optim_mod
+
+    world = 2
+    _, ids = _clip_setup()
+    tau = _tau_under_the_logits(ids)
+    ref_model, _ = _clip_setup()
+    lm_loss(ref_model, ids).backward()
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
+    big_model, big_opt = _one_big_batch_step(tau)
+    own = _max_logits_on(ids.chunk(world)[0])  # rank 0's half alone
+    assert any((own[k] < s - 1e-4).any() for k, s in big_opt.last_max_logits.items())
+    sim = _SimulatedWorld(world)
+    monkeypatch.setattr(optim_mod, "dist", sim)
+
+    ranks = [_clip_setup()[0] for _ in range(world)]  # built here: the global RNG is seeded
+    opts = [MuonClip(m, lr=1e-2, qk_clip_tau=tau) for m in ranks]
+
+    def rank_fn(rank: int):
+        model, opt = ranks[rank], opts[rank]
+        shard = ids.chunk(world)[rank]
+        lm_loss(model, shard).backward()
+        for p in model.parameters():  # DDP's gradient all-reduce (mean)
+            sim.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        _take_grads(model, ref_grads)  # == the large batch's (see the accumulation test)
+        opt.step()
+        return model, opt
+
+    results = sim.run(rank_fn)
+    for model, opt in results:
+        assert set(opt.last_max_logits) == set(big_opt.last_max_logits)
+        for name, s in big_opt.last_max_logits.items():
+            torch.testing.assert_close(opt.last_max_logits[name], s, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(opt.last_clip_gamma[name], big_opt.last_clip_gamma[name])
+        for (n, a), b in zip(model.named_parameters(), big_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
