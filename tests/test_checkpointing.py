@@ -362,3 +362,266 @@ def test_generate_and_export_name_a_truncated_checkpoint(
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{str(bad)!r} is truncated" in err, argv
+
+
+# ------------------------------------------------------------ no code runs from a checkpoint
+def _load(path: Path) -> dict:
+    """One of our own (trusted) checkpoint files, as a dict."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: the marker file proves the code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _sharded_copy(ckpt: dict, folder: Path, step: int | None = None) -> Path:
+    """``ckpt`` (a single-file Lightning checkpoint's dict) saved as a sharded folder by
+    ``FSDP2Strategy`` in this process (``torch.distributed.checkpoint`` without a group)."""
+    import warnings
+
+    from kimi_linear.lightning.parallel import FSDP2Strategy
+
+    ckpt = dict(ckpt)
+    if step is not None:
+        ckpt["global_step"] = step
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process")
+        FSDP2Strategy().save_checkpoint(ckpt, folder)
+    return folder
+
+
+def _hostile_checkpoints(run5: Path, root: Path, marker: Path) -> dict[str, Path]:
+    """A payload in each place a checkpoint can carry one: a ``.ckpt``'s pickle, a sharded
+    folder's ``meta.pt``, its ``.metadata`` pickle and a non-tensor entry of its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    good = _load(run5 / "checkpoints" / "last.ckpt")
+    out = {}
+    out["ckpt"] = root / "evil.ckpt"
+    torch.save({**good, "callbacks": {"x": _Payload(marker)}}, out["ckpt"])
+    out["meta.pt"] = _sharded_copy(good, root / "meta_pt.ckpt")
+    torch.save({**good, "payload": _Payload(marker)}, out["meta.pt"] / "meta.pt")
+    out[".metadata"] = _sharded_copy(good, root / "metadata.ckpt")
+    (out[".metadata"] / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    out["entry"] = _sharded_copy(good, root / "entry.ckpt")
+    state = {"state_dict": {k: v.clone() for k, v in good["state_dict"].items()}}
+    state["optimizer_0"] = {"param_groups": [{"lr": _Payload(marker)}]}
+    for f in out["entry"].iterdir():
+        if f.name != "meta.pt":
+            f.unlink()
+    dcp.save(state, checkpoint_id=out["entry"], no_dist=True)
+    assert not marker.exists()  # writing them ran nothing
+    return out
+
+
+@pytest.mark.parametrize("where", ["ckpt", "meta.pt", ".metadata", "entry"])
+def test_a_checkpoint_payload_never_runs(
+    run5: Path, where: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A checkpoint carrying a pickle payload is refused on every path that reads it (fit and
+    validate --ckpt_path, generate, export, and the FSDP2 strategy's resume) with one line
+    naming the file, and its code never runs."""
+    marker = tmp_path / "payload-ran"
+    evil = _hostile_checkpoints(run5, tmp_path, marker)[where]
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["fit", "--config", TINY, *FAST, "--trainer.max_steps", "8", "--ckpt_path", str(evil)],
+        ["validate", "--config", TINY, *FAST, "--ckpt_path", str(evil)],
+        ["generate", "--ckpt_path", str(evil), "--prompt", "x", "--max_new_tokens", "1"],
+        ["export", "--ckpt_path", str(evil), "--output_dir", str(tmp_path / "out")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+        assert str(evil) in err and ("refused" in err or "could not be read" in err), (argv, err)
+        assert not marker.exists(), argv
+    if where != "ckpt":  # the strategy's own resume path (Python API), checked the same way
+        from kimi_linear.errors import UsageError
+        from kimi_linear.lightning.parallel import FSDP2Strategy
+
+        with pytest.raises(UsageError, match="refused|could not be read"):
+            FSDP2Strategy().load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_load_checkpoint_allow_list(tmp_path: Path) -> None:
+    """Plain values (paths, namespaces) that hyper-parameters may hold load; a reference to
+    anything else is refused before unpickling, naming it."""
+    import argparse
+
+    from kimi_linear.errors import UsageError
+    from kimi_linear.lightning.callbacks import load_checkpoint
+
+    ok = {"w": torch.ones(2), "p": Path("/x"), "ns": argparse.Namespace(a=1), "t": (1, "a")}
+    torch.save(ok, tmp_path / "ok.ckpt")
+    got = load_checkpoint(tmp_path / "ok.ckpt")
+    assert got["p"] == Path("/x") and got["ns"].a == 1 and torch.equal(got["w"], torch.ones(2))
+    marker = tmp_path / "ran"
+    torch.save({"x": _Payload(marker)}, tmp_path / "bad.ckpt")
+    with pytest.raises(
+        UsageError, match=r"bad\.ckpt' was refused: it references (io|builtins)\.open"
+    ):
+        load_checkpoint(tmp_path / "bad.ckpt")
+    assert not marker.exists()
+
+
+def test_pretrained_folders_run_no_code(run5: Path, tmp_path: Path, monkeypatch) -> None:
+    """``from_pretrained`` and ``--model.init_from`` read config.json and safetensors only: a
+    folder that also ships a pickled ``pytorch_model.bin`` and remote code (``auto_map``) loads
+    without running either."""
+    import json
+
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "export"
+    assert main(["export", "--ckpt_path", str(run5 / "checkpoints" / "last.ckpt"),
+                 "--output_dir", str(folder)]) == 0  # fmt: skip
+    torch.save({"x": _Payload(marker)}, folder / "pytorch_model.bin")
+    (folder / "evil_modeling.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    KimiLinearForCausalLM.from_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--config", TINY, *FAST, "--model.preset", "null", "--model.init_from"]
+    assert main([*argv, str(folder), "--trainer.max_steps", "1"]) == 0
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ atomic sharded saves
+_PHASES = ["writing", "tmp_ready", "written", "old_moved", "new_moved", "old_removed"]
+
+
+@pytest.mark.parametrize("phase", _PHASES)
+def test_sharded_save_killed_at_every_phase_keeps_a_checkpoint(
+    run5: Path, phase: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A kill at any phase of a sharded (FSDP2) save leaves a complete checkpoint: the previous
+    one until the new one is complete and swapped in; the next reader (here ``export``)
+    recovers the name deterministically and leaves no ``.tmp`` / ``.old`` behind."""
+    import lightning.fabric.strategies.model_parallel as lmp
+
+    from kimi_linear.lightning import parallel
+
+    load_checkpoint = _load
+    good = _load(run5 / "checkpoints" / "last.ckpt")
+    path = _sharded_copy(good, tmp_path / "last.ckpt", step=1)
+    newer = dict(good, state_dict={k: v + 1 for k, v in good["state_dict"].items()})
+
+    class Killed(Exception):
+        pass
+
+    if phase == "writing":  # half the shard files written, then the process dies
+
+        def half(state, folder):
+            (Path(folder) / "__0_0.distcp").write_bytes(b"partial")
+            raise Killed
+
+        monkeypatch.setattr(lmp, "_distributed_checkpoint_save", half)
+    else:
+
+        def kill(name, p):
+            if name == phase:
+                raise Killed
+
+        monkeypatch.setattr(parallel, "_checkpoint_phase", kill)
+    with pytest.raises(Killed):
+        _sharded_copy(newer, path, step=2)
+    monkeypatch.undo()
+    expected = 1 if phase in ("writing", "tmp_ready", "written") else 2
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt_path", str(path), "--output_dir", str(out)]) == 0
+    assert "interrupted save was recovered" in capsys.readouterr().err or phase == "old_removed"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    assert load_checkpoint(path / "meta.pt")["global_step"] == expected
+    weights = parallel.load_sharded_state_dict(path)
+    source = good if expected == 1 else newer
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, source["state_dict"]["model." + name]), name
+    # and the next save after the kill works and replaces it
+    _sharded_copy(good, path, step=3)
+    assert load_checkpoint(path / "meta.pt")["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+
+
+def test_recover_checkpoint_swap_rules(tmp_path: Path) -> None:
+    from kimi_linear.lightning.parallel import recover_checkpoint_swap
+
+    def folder(name: str, step: int, complete: bool = True) -> Path:
+        p = tmp_path / name
+        p.mkdir()
+        (p / ".metadata").write_bytes(b"x")
+        if complete:
+            torch.save({"global_step": step}, p / "meta.pt")
+        return p
+
+    def step() -> int:
+        return torch.load(tmp_path / "c.ckpt" / "meta.pt")["global_step"]
+
+    assert recover_checkpoint_swap(tmp_path / "c.ckpt") is None  # nothing to do
+    folder("c.ckpt.old", 1), folder("c.ckpt.tmp", 2)  # killed between the two renames
+    assert "moved c.ckpt.tmp" in recover_checkpoint_swap(tmp_path / "c.ckpt") and step() == 2
+    folder("c.ckpt.tmp", 3, complete=False)  # a save killed while writing
+    assert recover_checkpoint_swap(tmp_path / "c.ckpt") == "kept c.ckpt" and step() == 2
+    import shutil
+
+    shutil.move(tmp_path / "c.ckpt", tmp_path / "c.ckpt.old")
+    folder("c.ckpt.tmp", 4, complete=False)  # only the previous one is complete
+    assert "restored c.ckpt.old" in recover_checkpoint_swap(tmp_path / "c.ckpt") and step() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
+
+
+_KILL_WORKER = """
+import sys, warnings, torch
+from pathlib import Path
+from kimi_linear.lightning.parallel import FSDP2Strategy
+warnings.filterwarnings("ignore")
+path, strategy = Path(sys.argv[1]), FSDP2Strategy()
+for step in range(1, 10**6):
+    w = torch.full((512, 1024), float(step))  # 2 MiB per tensor, 8 tensors
+    ckpt = {"state_dict": {f"model.w{i}": w + i for i in range(8)}, "optimizer_states": [],
+            "global_step": step}
+    strategy.save_checkpoint(ckpt, path)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_save_survives_kill_9(tmp_path: Path) -> None:
+    """A real ``kill -9`` at random moments of back-to-back sharded saves: after each kill the
+    checkpoint recovers to a complete, self-consistent one (every tensor of the same step)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kimi_linear.lightning.callbacks import load_checkpoint
+    from kimi_linear.lightning.parallel import load_sharded_state_dict, recover_checkpoint_swap
+
+    path = tmp_path / "last.ckpt"
+    rng = random.Random(0)
+    last_seen = 0
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_WORKER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip()  # at least one save finished
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        recover_checkpoint_swap(path)
+        step = load_checkpoint(path / "meta.pt")["global_step"]
+        weights = load_sharded_state_dict(path)
+        assert len(weights) == 8 and step >= 1
+        for i in range(8):
+            assert torch.equal(weights[f"w{i}"], torch.full((512, 1024), float(step + i)))
+        last_seen = step
+    assert last_seen >= 1
