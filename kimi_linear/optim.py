@@ -20,7 +20,9 @@ arXiv 2507.20534; Moonlight, arXiv 2502.16982):
   part by ``sqrt(gamma)``, rope part by ``gamma``) together with its ``k_nope`` rows of
   ``kv_b_proj`` (by ``sqrt(gamma)``).  Every logit of that head is then multiplied by exactly
   ``gamma``; the shared latent projections, the rope key and the values are left alone, and heads
-  under ``tau`` are bit-identical.
+  under ``tau`` are bit-identical.  A layer whose query or ``kv_b_proj`` weight is frozen
+  (``requires_grad=False``, e.g. the base model under LoRA) is skipped with a warning: the clip
+  never changes a weight the optimizer does not train.
 
 **Sharded parameters.**  Under FSDP2 / HSDP (``fully_shard``; parameters are DTensors sharded
 on dim 0) the same step is taken without gathering whole parameters anywhere but where
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -422,6 +425,7 @@ class MuonClip(torch.optim.Optimizer):
                 mod.record_max_logits = True
         self.last_max_logits: dict[str, Tensor] = {}
         self.last_clip_gamma: dict[str, Tensor] = {}
+        self._frozen_mla_warned: set[str] = set()
 
     # ------------------------------------------------------------------ introspection
     def describe_groups(self) -> dict[str, list[str]]:
@@ -584,7 +588,20 @@ class MuonClip(torch.optim.Optimizer):
         if self.qk_clip_tau is None:
             return
         for name, s_max in self.last_max_logits.items():
-            self.last_clip_gamma[name] = apply_qk_clip_(self._mla[name], s_max, self.qk_clip_tau)
+            attn = self._mla[name]
+            if not (_query_proj(attn).weight.requires_grad and attn.kv_b_proj.weight.requires_grad):
+                # Frozen query / kv_b_proj weights (e.g. the base under LoRA, whose wrappers'
+                # ``.weight`` is the frozen base weight): the clip would change weights this
+                # optimizer does not train, so the layer is skipped (absent from last_clip_gamma)
+                if name not in self._frozen_mla_warned:
+                    self._frozen_mla_warned.add(name)
+                    warnings.warn(
+                        f"QK-Clip skips MLA layer {name!r}: its query / kv_b_proj weights are "
+                        "frozen (requires_grad=False)",
+                        stacklevel=3,
+                    )
+                continue
+            self.last_clip_gamma[name] = apply_qk_clip_(attn, s_max, self.qk_clip_tau)
 
 
 # ----------------------------------------------------------------------------------------------
