@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HelpFormatter,
     add_model_args,
+    apply_quick,
     config_from_args,
+    explicit_dests,
     fmt_bytes,
     markdown_table,
     positive_int,
@@ -85,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     refuse_overwrite(
         "activation_memory", torch.device("cpu"), args.out_dir, args.quick, args.overwrite
     )
-    if args.quick:
-        args.preset, args.seq_lens = "tiny", [64, 128]
+    if args.quick:  # a tiny model and lengths, except those given explicitly
+        apply_quick(args, explicit_dests(parser, argv), preset="tiny", seq_lens=[64, 128])
     set_threads(args.threads)
     from kimi_linear.model import KimiLinearForCausalLM
 

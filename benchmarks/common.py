@@ -631,6 +631,28 @@ def add_model_args(parser: Any, default_preset: str | None) -> None:
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="override vocab_size")
 
 
+def explicit_dests(parser: Any, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the options given explicitly in ``argv`` (``None``: ``sys.argv``),
+    whatever their value: argparse sets a default only on a namespace that lacks the attribute,
+    so parsing into a namespace pre-filled with a marker leaves the marker exactly where no
+    option was given."""
+    import argparse
+
+    marker = object()
+    ns = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != "help"})
+    parser.parse_known_args(argv, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not marker}
+
+
+def apply_quick(args: Any, explicit: set[str], **values: Any) -> None:
+    """``--quick`` sizes: set each ``args.<name>`` to ``values[name]`` unless the option was
+    given explicitly (:func:`explicit_dests`): an explicit size is honoured, never silently
+    replaced by the quick one."""
+    for name, value in values.items():
+        if name not in explicit:
+            setattr(args, name, value)
+
+
 def add_timed_run_args(parser: Any, quick_help: str, seed_help: str) -> None:
     """The run options shared by the timing scripts (decode.py, prefill.py): ``--dtype``,
     ``--device``, ``--threads``, ``--quick``, ``--out-dir``, ``--seed``, ``--no-progress``."""

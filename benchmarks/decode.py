@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         seed_help="seed of weights, cache contents and tokens",
     )
     args = p.parse_args(argv)
+    args.explicit = common.explicit_dests(p, argv)
     if args.warmup < 0:
         p.error(f"argument --warmup: must be >= 0, got {args.warmup}")
     return args
@@ -132,8 +133,8 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.steps = 2 if args.quick or not gpu else 16
     if args.reps is None:
         args.reps = 2 if args.quick else (5 if gpu else 3)
-    if args.quick:
-        args.warmup = min(args.warmup, 1)
+    if args.quick:  # an explicit --warmup is honoured
+        common.apply_quick(args, getattr(args, "explicit", set()), warmup=min(args.warmup, 1))
     if args.dtype is None:
         args.dtype = "bf16" if gpu else "fp32"
     if args.max_batch is None:

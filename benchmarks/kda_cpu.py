@@ -495,9 +495,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--reps must be >= 0, got {args.reps}")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
-    if args.quick:
+    if args.quick:  # tiny sizes, except those given explicitly
         args.T = args.T or [64, 128]
-        args.heads, args.head_dim, args.reps, args.threads = 2, 16, 1, 1
+        common.apply_quick(
+            args, common.explicit_dests(p, argv), heads=2, head_dim=16, reps=1, threads=1
+        )
     args.T = args.T or DEFAULT_T
     return args
 

@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 from common import (
+    apply_quick,
     bandwidth,
+    explicit_dests,
     fmt_tokens,
     markdown_table,
     parse_dtype,
@@ -118,12 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--head-dim {args.head_dim} exceeds 256, the largest head dim of the KDA kernels "
             f"({', '.join(kernels)}); use --providers torch,sdpa for larger heads"
         )
-    if args.quick:
-        args.tokens = min(args.tokens, 64)
-        args.seqlens = args.seqlens or [64]
-        args.heads, args.head_dim = 1, min(args.head_dim, 16)
-        args.decode_batches = args.decode_batches or [1, 2]
-        args.reps = args.reps or 1
+    if args.quick:  # tiny sizes, except those given explicitly
+        apply_quick(
+            args,
+            explicit_dests(p, argv),
+            tokens=64,
+            seqlens=args.seqlens or [64],
+            heads=1,
+            head_dim=16,
+            decode_batches=args.decode_batches or [1, 2],
+            reps=args.reps or 1,
+        )
     args.seqlens = args.seqlens or [1 << i for i in range(10, 17)]
     args.decode_batches = args.decode_batches or [1, 8, 64, 256]
     args.reps = args.reps or 10

@@ -152,7 +152,9 @@ def main() -> int:
     from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
     shape = QUICK_SHAPE if args.quick else SHAPE
-    shard_mb = min(args.shard_mb, 4) if args.quick else args.shard_mb
+    # --quick caps the shard size at 4 MB unless --shard_mb was given explicitly
+    explicit = any(a == "--shard_mb" or a.startswith("--shard_mb=") for a in sys.argv[1:])
+    shard_mb = min(args.shard_mb, 4) if args.quick and not explicit else args.shard_mb
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         model = KimiLinearForCausalLM(KimiLinearConfig(**shape)).to(torch.bfloat16)

@@ -66,16 +66,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
         common.fail(f"--workers must be comma-separated ints, got {args.workers!r}")
     if not workers or min(workers) < 0:
         common.fail(f"--workers must be ints >= 0, got {args.workers!r}")
-    if args.quick:
-        args.seq_len, args.batch_size, args.batches, args.rounds = 64, 4, 5, 2
-        workers = [0]
+    if args.quick:  # tiny sizes, except those given explicitly
+        explicit = common.explicit_dests(parser, argv)
+        common.apply_quick(args, explicit, seq_len=64, batch_size=4, batches=5, rounds=2)
+        workers = workers if "workers" in explicit else [0]
     threads = common.set_threads(args.threads)
     device = torch.device("cpu")
     tmp = tempfile.TemporaryDirectory()

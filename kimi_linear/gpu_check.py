@@ -58,7 +58,13 @@ from typing import Any
 
 import torch
 
-PARTS = ("correctness", "speed", "model")
+PARTS = ("correctness", "speed", "model", "extra")
+#: The parts a run does by default (``extra``: prefill, training, packed-batch speed, on request).
+DEFAULT_PARTS = ("correctness", "speed", "model")
+#: The autotune space of our kernels per part (``kimi_linear.kernels.utils.AUTOTUNE_SPACES``):
+#: correctness needs no tuning (the first config, one binary per kernel); the timed parts tune
+#: over the small pre-chosen ``suite`` set. fla's autotuning is left alone.
+PART_SPACE = {"correctness": "first", "speed": "suite", "model": "suite", "extra": "suite"}
 
 #: Norm-relative tolerance of our kernels against the float64 reference, by input dtype. An
 #: item also passes when our error is at most ``FLA_SLACK`` times fla's own error against the
@@ -110,29 +116,82 @@ class Sizes:
     train_batch: tuple[int, int]
     train_steps: int
     train_backends: tuple[str, ...]
-    cost_s: dict[str, float]
+    costs: dict[str, Cost]
+    compile_s: dict[str, float]
+    grid_chunks: int = 8  # the grid item: chunks of its long sequence
+    safe_gate_bound: float = -5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Estimated cost of one item on an H100 / H200 from a cold Triton cache: ``run_s`` seconds
+    of work, plus the compile of every kernel set in ``compiles`` (:data:`COMPILE_S`) that no
+    earlier item of the run compiled."""
+
+    run_s: float
+    compiles: tuple[str, ...] = ()
+
+
+#: Cold-cache compile seconds of each kernel set the suite builds, charged to the first item that
+#: uses it. ``ours ...``: the sum over the kernels of the set of ``compile_s`` in
+#: ``python -m kimi_linear.kernels.compile_check --arch 90 --space first|suite`` (Triton's sm_90
+#: compiler on this repository's 2-core CI-class CPU, shared: an upper bound for a GPU host),
+#: rounded up; the sets are per dtype and head dims (the head count and size buckets are not
+#: specialised, ``utils.NO_SPECIALIZE``). ``fla ...``: estimates, not measured (fla's kernels
+#: were not compiled here): its autotune lists hold about 80 configs for ``chunk_kda`` forward +
+#: backward, at ~1 s each, and its head count ``H`` is a compile-time constant, so each new H
+#: compiles the set again.
+COMPILE_S: dict[str, float] = {
+    # benchmarks/results/cpu/kernels.compile_sm90_bf16_k128_suite.md (CPU seconds), rounded up
+    "ours chunk bf16 K=V=128": 16.0,
+    "ours safe gate bf16 K=V=128": 6.0,
+    "ours suite configs bf16 K=V=128": 5.0,
+    "ours recurrent bf16": 1.0,
+    "ours decode variants bf16": 1.0,
+    # kernels.compile_sm90_fp32_k128_first.md (compile_check --dtype fp32, first space)
+    "ours chunk fp32 K=V=128": 33.0,
+    "ours safe gate fp32 K=V=128": 10.0,
+    "ours recurrent fp32": 1.0,
+    # the two state kernels again, without initial / final state (the model's layers)
+    "ours state variants fp32": 13.0,
+    # kernels.compile_sm90_bf16_k64v128_first.md (--head-dim 64 --value-dim 128)
+    "ours chunk bf16 K=64 V=128": 14.0,
+    # estimates (see above)
+    "fla chunk bf16 H=64 (full autotune)": 80.0,
+    "fla chunk bf16 H=16 (full autotune)": 80.0,
+    "fla recurrent bf16": 3.0,
+}
+
+#: Default wall-clock budget of a run (``--budget``), minutes.
+DEFAULT_BUDGET_MIN = 8.0
+#: Seconds before the first item: imports (torch, triton, fla), the CUDA context, the result
+#: folder (the budget's clock starts after them; the plan counts them against it anyway).
+STARTUP_S = 15.0
 
 
 def gpu_sizes() -> Sizes:
     """The sizes of a real run on one H100 / H200 (80-141 GB)."""
     return Sizes(
-        chunk_shapes=((4, 8192, 32, 128, 128), (1, 65536, 16, 128, 128)),
-        odd_shape=(2, 1000, 4, 64, 128),
+        # correctness: small batches (the float64 reference runs on the GPU too), the long
+        # sequence at full depth, every chunk item at one head count
+        chunk_shapes=((2, 2048, 8, 128, 128), (1, 32768, 8, 128, 128)),
+        odd_shape=(2, 1000, 8, 64, 128),
         reference_check_shape=(1, 1024, 4, 64, 64),
         varlen_lengths=(1, 17, 63, 64, 65, 1000, 3000, 4096, 200),
         varlen_heads=(8, 128, 128),
         recurrent_shapes=((64, 1, 32, 128, 128), (4, 512, 32, 128, 128)),
         model_preset="small",
-        model_batch=(4, 2048),
-        model_steps=4,
-        speed_shapes=((4, 8192, 32, 128, 128), (1, 65536, 16, 128, 128)),
+        model_batch=(2, 1024),
+        model_steps=3,
+        # speed: the anchor shapes, 1M token-heads each (issue 21)
+        speed_shapes=((2, 8192, 64, 128, 128), (1, 65536, 16, 128, 128)),
         speed_varlen=(256, 16, 512, 32),
         speed_decode_batches=(1, 64),
         speed_decode_heads=(32, 128, 128),
         speed_rounds=3,
         bench_preset="kimi-linear-48b-a3b",
         bench_experts=16,
-        decode_contexts=(1 << 20, 512 << 10, 128 << 10),
+        decode_contexts=(1 << 20, 128 << 10),
         decode_steps=8,
         decode_reps=3,
         max_batch=256,
@@ -142,28 +201,43 @@ def gpu_sizes() -> Sizes:
         train_batch=(8, 2048),
         train_steps=5,
         train_backends=("triton", "fla"),
-        cost_s={
-            "reference": 10,
-            "chunk": 45,
-            "chunk_long": 45,
-            "odd": 20,
-            "varlen": 25,
-            "recurrent": 20,
-            "model_check": 40,
-            "speed_chunk": 30,
-            "speed_varlen": 25,
-            "speed_decode": 10,
-            "decode_model": 60,
-            "prefill_model": 30,
-            "train": 30,
+        grid_chunks=70_000,  # 4.48M tokens: past CUDA's 65,535 blocks on a grid's axes 1 and 2
+        costs={
+            "reference": Cost(6),
+            "chunk bf16": Cost(6, ("ours chunk bf16 K=V=128",)),
+            "chunk fp32": Cost(5, ("ours chunk fp32 K=V=128",)),
+            "safe gate bf16": Cost(5, ("ours safe gate bf16 K=V=128",)),
+            "safe gate fp32": Cost(5, ("ours safe gate fp32 K=V=128",)),
+            "varlen bf16": Cost(6),
+            "varlen fp32": Cost(5),
+            "odd bf16": Cost(4, ("ours chunk bf16 K=64 V=128",)),
+            "long bf16": Cost(10),
+            "grid bf16": Cost(8),
+            "recurrent bf16": Cost(3, ("ours recurrent bf16",)),
+            "recurrent fp32": Cost(3, ("ours recurrent fp32",)),
+            "recurrent varlen bf16": Cost(3),
+            "recurrent varlen fp32": Cost(3),
+            "model_check": Cost(15, ("ours state variants fp32",)),
+            "speed B=2 T=8K H=64": Cost(
+                20, ("ours suite configs bf16 K=V=128", "fla chunk bf16 H=64 (full autotune)")
+            ),
+            "speed safe gate": Cost(10),
+            "speed B=1 T=64K H=16": Cost(20, ("fla chunk bf16 H=16 (full autotune)",)),
+            "speed_decode": Cost(6, ("fla recurrent bf16",)),
+            "decode_model": Cost(25, ("ours decode variants bf16",)),
+            # not in the default parts (--parts extra)
+            "speed_varlen": Cost(60),
+            "prefill_model": Cost(30),
+            "train": Cost(30),
         },
+        compile_s=COMPILE_S,
     )
 
 
 def dry_run_sizes() -> Sizes:
     """Toy sizes that run every item on a CPU under the Triton interpreter in seconds."""
     return Sizes(
-        chunk_shapes=((2, 70, 2, 16, 16),),  # the long-sequence items reuse its code path
+        chunk_shapes=((2, 70, 2, 16, 16), (1, 150, 2, 16, 16)),
         odd_shape=(1, 37, 2, 16, 32),
         reference_check_shape=(1, 40, 2, 8, 8),
         varlen_lengths=(1, 17, 40),
@@ -172,7 +246,7 @@ def dry_run_sizes() -> Sizes:
         model_preset="tiny",
         model_batch=(1, 32),
         model_steps=2,
-        speed_shapes=((1, 64, 1, 16, 16),),
+        speed_shapes=((1, 64, 1, 16, 16), (1, 128, 1, 16, 16)),
         speed_varlen=(3, 4, 16, 1),
         speed_decode_batches=(1, 4),
         speed_decode_heads=(2, 16, 16),
@@ -189,7 +263,9 @@ def dry_run_sizes() -> Sizes:
         train_batch=(1, 32),
         train_steps=1,
         train_backends=("triton", "torch"),
-        cost_s={},
+        grid_chunks=8,
+        costs={},
+        compile_s={},
     )
 
 
@@ -330,9 +406,69 @@ class Run:
     dry_run: bool
     seed: int
     header: dict[str, Any]
+    compiled: set[str] = dataclasses.field(default_factory=set)
+    #: run fla beside ours on every correctness item ("always"), or only when ours misses the
+    #: tolerance (fla then decides through FLA_SLACK; saves compiling fla's kernels)
+    fla_second_opinion: str = "on miss"
 
     def cost(self, key: str) -> float:
-        return 0.0 if self.dry_run else self.sizes.cost_s.get(key, 30.0)
+        """Estimated seconds of an item with cost ``key``: its run plus every kernel set it
+        compiles first (0 in a dry run)."""
+        if self.dry_run:
+            return 0.0
+        c = self.sizes.costs.get(key, Cost(30.0))
+        return c.run_s + sum(
+            self.sizes.compile_s.get(k, 0.0) for k in c.compiles if k not in self.compiled
+        )
+
+    def mark_compiled(self, key: str) -> None:
+        self.compiled.update(self.sizes.costs.get(key, Cost(0.0)).compiles)
+
+
+def plan(run: Run, parts: Sequence[str] = DEFAULT_PARTS) -> list[dict[str, Any]]:
+    """The items ``parts`` run, in order, each with its estimated compile and run seconds (a
+    kernel set's compile charged to its first item): the budget table of the README."""
+    builders = {
+        "correctness": correctness_items,
+        "speed": speed_items,
+        "model": model_items,
+        "extra": extra_items,
+    }
+    seen: set[str] = set()
+    rows = []
+    for part in parts:
+        for item in builders[part](run):
+            c = run.sizes.costs.get(item.cost, Cost(30.0))
+            new = [k for k in c.compiles if k not in seen]
+            seen.update(new)
+            rows.append(
+                {
+                    "part": part,
+                    "item": item.name,
+                    "cost": item.cost,
+                    "compile_s": sum(run.sizes.compile_s.get(k, 0.0) for k in new),
+                    "compiles": new,
+                    "run_s": c.run_s,
+                }
+            )
+    return rows
+
+
+def budget_markdown(rows: Sequence[dict[str, Any]], budget_min: float = DEFAULT_BUDGET_MIN) -> str:
+    """The budget table (Markdown) of :func:`plan` rows, with its total against ``budget_min``."""
+    lines = ["| part | item | compile s | run s |", "|---|---|---|---|"]
+    lines.append(f"| - | start-up: imports, CUDA context | 0 | {STARTUP_S:g} |")
+    for r in rows:
+        lines.append(f"| {r['part']} | {r['item']} | {r['compile_s']:g} | {r['run_s']:g} |")
+    comp = sum(r["compile_s"] for r in rows)
+    work = sum(r["run_s"] for r in rows) + STARTUP_S
+    lines.append(f"| **total** | {len(rows)} items | {comp:g} | {work:g} |")
+    lines.append("")
+    lines.append(
+        f"Planned: {comp + work:g} s of the {budget_min * 60:g} s default budget "
+        f"({comp:g} s compiling from a cold Triton cache, {work:g} s of work)."
+    )
+    return "\n".join(lines) + "\n"
 
 
 def run_part(run: Run, part: str, items: Sequence[Item]) -> PartReport:
@@ -344,6 +480,7 @@ def run_part(run: Run, part: str, items: Sequence[Item]) -> PartReport:
         record: dict[str, Any] = {"name": item.name, "status": "running"}
         report.items.append(record)
         need = run.cost(item.cost)
+        record["planned_s"] = need
         left = run.budget.remaining()
         if left <= need:
             record["status"] = "skipped"
@@ -373,6 +510,7 @@ def run_part(run: Run, part: str, items: Sequence[Item]) -> PartReport:
                 f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             )
         record["seconds"] = round(time.monotonic() - t0, 2)
+        run.mark_compiled(item.cost)
         _free_memory(run.device)
         report.save()
         print(f"  {item.name}: {record['status']} ({record['seconds']:.1f} s)" + _brief(record))
@@ -601,6 +739,35 @@ def _try_fla(
         return None
 
 
+def _second_opinion(
+    ctx: ItemContext,
+    ours: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    runner: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor] | None:
+    """fla's result for the :data:`FLA_SLACK` rule, run (inside :func:`_try_fla`, which also
+    contains a failing import of fla) only when ours misses the tolerance somewhere, or always
+    when ``run.fla_second_opinion == "always"`` (the dry run): a passing item then needs no fla
+    kernel compiled."""
+    _, ok = compare(ours, ref, None, dtype)
+    if ok and ctx.run.fla_second_opinion != "always":
+        ctx.record["fla_run"] = "no: every tensor within the tolerance"
+        return None
+    ctx.record["fla_run"] = "yes" if not ok else "yes (always)"
+    return _try_fla(ctx, runner)
+
+
+def _fla_name(ctx: ItemContext, which: str) -> str:
+    """The name of fla's function for the record (``which``: chunk or recurrent), guarded."""
+    if which == "recurrent":
+        return "fla fused_recurrent_kda"
+    try:
+        return "fla " + _fla_ops(ctx.run.device).chunk_name
+    except Exception as e:  # noqa: BLE001 - informative only
+        return f"fla unavailable ({type(e).__name__})"
+
+
 def _reference(T: int, dry_run: bool) -> tuple[Callable[..., Any], str]:
     """The float64 reference: the token-by-token recurrence for short sequences, else the
     chunked op (whose autograd keeps one state per chunk, not one per token)."""
@@ -613,53 +780,69 @@ def _reference(T: int, dry_run: bool) -> tuple[Callable[..., Any], str]:
 
 # ----------------------------------------------------------------------------- part 1
 def correctness_items(run: Run) -> list[Item]:
+    """Every kernel path we ship, bf16 and fp32: equal-length, safe gate, packed varlen, K != V
+    under strong decay, a long sequence, more than 65,535 chunks in one launch, decode (dense,
+    varlen, state in place), and the model's triton backend against its torch backend."""
     s = run.sizes
     items = [Item("fp64 reference: chunked op = recurrence", "reference", _check_reference)]
     main, long = s.chunk_shapes[0], s.chunk_shapes[-1]
+    bf16 = run.dtypes[0]
     for dtype in run.dtypes:
+        dt = DTYPE_NAMES[dtype]
+        items.append(
+            Item(f"chunk_kda {dt} {shape_str(*main)}", f"chunk {dt}", _chunk_item(main, dtype))
+        )
+    for dtype in run.dtypes:
+        dt = DTYPE_NAMES[dtype]
         items.append(
             Item(
-                f"chunk_kda {DTYPE_NAMES[dtype]} {shape_str(*main)}",
-                "chunk",
-                _chunk_item(main, dtype),
+                f"chunk_kda safe gate (gate_lower_bound={s.safe_gate_bound:g}) {dt} "
+                f"{shape_str(*main)}",
+                f"safe gate {dt}",
+                _chunk_item(main, dtype, gate_low=s.safe_gate_bound, bound=s.safe_gate_bound),
             )
         )
     for dtype in run.dtypes:
-        items.append(Item(f"chunk_kda varlen {DTYPE_NAMES[dtype]}", "varlen", _varlen_item(dtype)))
+        dt = DTYPE_NAMES[dtype]
+        items.append(Item(f"chunk_kda varlen {dt}", f"varlen {dt}", _varlen_item(dtype)))
+    dt = DTYPE_NAMES[bf16]
+    items.append(
+        Item(
+            f"chunk_kda strong decay, K != V {dt} {shape_str(*s.odd_shape)}",
+            f"odd {dt}",
+            _chunk_item(s.odd_shape, bf16, gate_low=-20.0),
+        )
+    )
+    if long != main:
+        items.append(
+            Item(f"chunk_kda {dt} {shape_str(*long)}", f"long {dt}", _chunk_item(long, bf16))
+        )
+    items.append(
+        Item(
+            f"chunk_kda forward, {s.grid_chunks:,} chunks in one launch {dt}",
+            f"grid {dt}",
+            _grid_item(bf16),
+        )
+    )
     for dtype in run.dtypes:
+        dt = DTYPE_NAMES[dtype]
         for shape in s.recurrent_shapes:
             items.append(
                 Item(
-                    f"fused_recurrent_kda {DTYPE_NAMES[dtype]} {shape_str(*shape)}",
-                    "recurrent",
+                    f"fused_recurrent_kda {dt} {shape_str(*shape)}",
+                    f"recurrent {dt}",
                     _recurrent_item(shape, dtype),
                 )
             )
     for dtype in run.dtypes:
+        dt = DTYPE_NAMES[dtype]
         items.append(
             Item(
-                f"fused_recurrent_kda varlen, state in place {DTYPE_NAMES[dtype]}",
-                "recurrent",
+                f"fused_recurrent_kda varlen, state in place {dt}",
+                f"recurrent varlen {dt}",
                 _recurrent_varlen_item(dtype),
             )
         )
-    for dtype in run.dtypes:
-        items.append(
-            Item(
-                f"chunk_kda strong decay, K != V {DTYPE_NAMES[dtype]} {shape_str(*s.odd_shape)}",
-                "odd",
-                _chunk_item(s.odd_shape, dtype, gate_low=-20.0),
-            )
-        )
-    if long != main:
-        for dtype in run.dtypes:
-            items.append(
-                Item(
-                    f"chunk_kda {DTYPE_NAMES[dtype]} {shape_str(*long)}",
-                    "chunk_long",
-                    _chunk_item(long, dtype),
-                )
-            )
     items.append(
         Item(f"model {s.model_preset}: triton vs torch backend", "model_check", _model_check)
     )
@@ -689,20 +872,77 @@ def _check_reference(ctx: ItemContext) -> None:
 
 
 def _chunk_item(
-    shape: tuple[int, int, int, int, int], dtype: torch.dtype, gate_low: float = -1.0
+    shape: tuple[int, int, int, int, int],
+    dtype: torch.dtype,
+    gate_low: float = -1.0,
+    bound: float | None = None,
 ) -> Callable[[ItemContext], None]:
+    """fwd + bwd of ``chunk_kda`` (``bound``: with ``gate_lower_bound``, the safe-gate path; the
+    inputs' g then lies in ``[bound, 0]``) against the float64 reference (fla on a miss)."""
+
     def item(ctx: ItemContext) -> None:
         from kimi_linear.kernels import chunk_kda
 
         B, T, H, K, V = shape
-        x = kda_inputs(B, T, H, K, V, dtype, ctx.run.device, ctx.run.seed + T, gate_low=gate_low)
+        dev = ctx.run.device
+        x = kda_inputs(B, T, H, K, V, dtype, dev, ctx.run.seed + T, gate_low=gate_low)
         ref_fn, ref_name = _reference(T, ctx.run.dry_run)
         ref = fwd_bwd(ref_fn, x, torch.float64)
-        ours = fwd_bwd(chunk_kda, x)
-        fla_ops = _fla_ops(ctx.run.device)
-        fla = _try_fla(ctx, fwd_bwd, fla_ops.chunk, x)
-        _finish(
-            ctx, ours, ref, fla, dtype, shape_str(*shape), ref_name, f"fla {fla_ops.chunk_name}"
+        kw = {} if bound is None else {"gate_lower_bound": bound}
+        ours = fwd_bwd(chunk_kda, x, **kw)
+        fla = _second_opinion(ctx, ours, ref, dtype, lambda: fwd_bwd(_fla_ops(dev).chunk, x))
+        _finish(ctx, ours, ref, fla, dtype, shape_str(*shape), ref_name, _fla_name(ctx, "chunk"))
+        if bound is not None:
+            ctx.record["gate_lower_bound"] = bound
+
+    return item
+
+
+def _grid_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
+    """Forward of a packed batch whose first sequence has ``grid_chunks`` chunks (past CUDA's
+    65,535 blocks on grid axes 1 and 2 on a GPU run): it must launch, and the short sequence
+    packed after it must match a run of that sequence alone."""
+
+    def item(ctx: ItemContext) -> None:
+        from kimi_linear.kernels import chunk_kda
+        from kimi_linear.kernels.utils import CHUNK_SIZE
+
+        s, dev = ctx.run.sizes, ctx.run.device
+        K = V = s.chunk_shapes[0][3]
+        long_len, short_len = s.grid_chunks * CHUNK_SIZE - 5, 100
+        cu = torch.tensor([0, long_len, long_len + short_len], device=dev)
+        x = kda_inputs(1, long_len + short_len, 1, K, V, dtype, dev, ctx.run.seed + 3, N=2)
+        names = ("q", "k", "v", "g", "beta")
+        with torch.no_grad():
+            o, ht = chunk_kda(
+                *(x[n] for n in names),
+                initial_state=x["h0"],
+                output_final_state=True,
+                cu_seqlens=cu,
+            )
+            o1, h1 = chunk_kda(
+                *(x[n][:, long_len:] for n in names),
+                initial_state=x["h0"][1:],
+                output_final_state=True,
+            )
+        rows = [
+            {"tensor": "o (short sequence)", "err": rel_err(o[:, long_len:], o1)},
+            {"tensor": "ht (short sequence)", "err": rel_err(ht[1:], h1)},
+            {
+                "tensor": "o (long sequence) finite",
+                "err": 0.0 if torch.isfinite(o).all() else math.inf,
+            },
+        ]
+        tol = TOLERANCE[dtype]
+        for r in rows:
+            r["tol"], r["pass"] = tol, r["err"] <= tol
+        ctx.record.update(
+            dtype=DTYPE_NAMES[dtype],
+            shape=f"2 sequences of {long_len:,} ({s.grid_chunks:,} chunks) and {short_len} "
+            f"tokens, H=1 K={K} V={V}",
+            checks=rows,
+            status="pass" if all(r["pass"] for r in rows) else "fail",
+            summary=f"launched; short sequence err {max(rows[0]['err'], rows[1]['err']):.1e}",
         )
 
     return item
@@ -720,18 +960,12 @@ def _varlen_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
         ref_fn, ref_name = _reference(max(lengths), ctx.run.dry_run)
         ref = fwd_bwd(ref_fn, x, torch.float64, cu_seqlens=cu)
         ours = fwd_bwd(chunk_kda, x, cu_seqlens=cu)
-        fla_ops = _fla_ops(dev)
-        fla = _try_fla(ctx, fwd_bwd, fla_ops.chunk, x, cu_seqlens=cu)
+        fla = _second_opinion(
+            ctx, ours, ref, dtype, lambda: fwd_bwd(_fla_ops(dev).chunk, x, cu_seqlens=cu)
+        )
         what = f"{len(lengths)} sequences of lengths {list(lengths)}, H={H} K={K} V={V}"
         _finish(
-            ctx,
-            ours,
-            ref,
-            fla,
-            dtype,
-            what,
-            ref_name + " per sequence",
-            f"fla {fla_ops.chunk_name}",
+            ctx, ours, ref, fla, dtype, what, ref_name + " per sequence", _fla_name(ctx, "chunk")
         )
 
     return item
@@ -748,7 +982,10 @@ def _recurrent_item(
         x = kda_inputs(B, T, H, K, V, dtype, ctx.run.device, ctx.run.seed + 11 + T)
         ref = forward_only(kda_recurrent, x, torch.float64)
         ours = forward_only(fused_recurrent_kda, x)
-        fla = _try_fla(ctx, forward_only, _fla_ops(ctx.run.device).recurrent, x)
+        dev = ctx.run.device
+        fla = _second_opinion(
+            ctx, ours, ref, dtype, lambda: forward_only(_fla_ops(dev).recurrent, x)
+        )
         _finish(
             ctx,
             ours,
@@ -757,7 +994,7 @@ def _recurrent_item(
             dtype,
             shape_str(*shape),
             "kda_recurrent (fp64)",
-            "fla fused_recurrent_kda",
+            _fla_name(ctx, "recurrent"),
         )
 
     return item
@@ -785,17 +1022,20 @@ def _recurrent_varlen_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
             )
         if ht is None or ht.data_ptr() != ptr:
             raise RuntimeError("inplace_state=True did not return the updated initial_state")
-        fla = _try_fla(ctx, forward_only, _fla_ops(dev).recurrent, x, cu_seqlens=cu)
+        ours = {"o": o, "ht": state}
+        fla = _second_opinion(
+            ctx, ours, ref, dtype, lambda: forward_only(_fla_ops(dev).recurrent, x, cu_seqlens=cu)
+        )
         what = f"{len(lengths)} sequences of lengths {list(lengths)}, H={H} K={K} V={V}"
         _finish(
             ctx,
-            {"o": o, "ht": state},
+            ours,
             ref,
             fla,
             dtype,
             what,
             "kda_recurrent (fp64) per sequence",
-            "fla fused_recurrent_kda",
+            _fla_name(ctx, "recurrent"),
         )
 
     return item
@@ -887,20 +1127,24 @@ def _model_check(ctx: ItemContext) -> None:
 
 # ----------------------------------------------------------------------------- part 2
 def speed_items(run: Run) -> list[Item]:
+    """The anchor shapes (forward, forward + backward, ours against fla), the safe-gate fast
+    path at the first anchor, and one decode step per layer against its bytes floor."""
     s = run.sizes
+    keys = ("speed B=2 T=8K H=64", "speed B=1 T=64K H=16")
     items = []
-    for shape in s.speed_shapes:
+    for i, shape in enumerate(s.speed_shapes):
         items.append(
-            Item(f"chunk_kda bf16 {shape_str(*shape)}", "speed_chunk", _speed_chunk(shape))
+            Item(f"chunk_kda bf16 {shape_str(*shape)}", keys[min(i, 1)], _speed_chunk(shape))
         )
-    n, lo, hi, H = s.speed_varlen
-    items.append(
-        Item(
-            f"chunk_kda bf16 varlen: {n} sequences of {lo}-{hi} tokens, H={H}",
-            "speed_varlen",
-            _speed_varlen,
-        )
-    )
+        if i == 0:
+            items.append(
+                Item(
+                    f"chunk_kda bf16 safe gate (gate_lower_bound={s.safe_gate_bound:g}) "
+                    f"{shape_str(*shape)}",
+                    "speed safe gate",
+                    _speed_chunk(shape, safe_gate=True),
+                )
+            )
     items.append(
         Item("decode step per layer (fused_recurrent_kda) vs floor", "speed_decode", _speed_decode)
     )
@@ -913,18 +1157,26 @@ def _timed_providers(
     flops: float,
     what: str,
     cu_seqlens: torch.Tensor | None = None,
+    safe_gate: float | None = None,
 ) -> None:
-    """Forward and forward + backward of ours and fla's chunk kernel, interleaved.
+    """Forward and forward + backward of ours and fla's chunk kernel, interleaved (and, with
+    ``safe_gate``, ours on the safe-gate fast path, ``gate_lower_bound=safe_gate``).
 
     fla's ``chunk_kda`` may modify ``g`` and ``v`` in place, so every timed call (ours too, for
     an equal cost) first restores its own copies of g and v; that restore is timed alone in the
     same rounds and subtracted (``net``)."""
+    from functools import partial
+
     from kimi_linear.kernels import chunk_kda
 
     common = bench_module("common")
     dev, rounds = ctx.run.device, ctx.run.sizes.speed_rounds
-    fla_chunk = _fla_ops(dev).chunk
-    impls = {"ours": chunk_kda, "fla": fla_chunk}
+    impls: dict[str, Callable[..., Any]] = {"ours": chunk_kda}
+    if safe_gate is not None:
+        impls["ours_safe_gate"] = partial(chunk_kda, gate_lower_bound=safe_gate)
+    fla_ops = _try_fla(ctx, _fla_ops, dev)  # fla missing or broken: ours are timed alone
+    if fla_ops is not None:
+        impls["fla"] = fla_ops.chunk
     kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     names = ("q", "k", "v", "g", "beta")
     results: dict[str, Any] = {}
@@ -970,18 +1222,29 @@ def _timed_providers(
         row["samples"] = t["ours"]["n"]
         if "fla" in net:
             row["fla_over_ours"] = net["fla"] / net["ours"] if net["ours"] > 0 else None
+        if "ours_safe_gate" in net:
+            row["safe_gate_speedup"] = (
+                net["ours"] / net["ours_safe_gate"] if net["ours_safe_gate"] > 0 else None
+            )
         results[mode] = row
         ctx.add_row(row)
+    summary = "fla / ours: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
+        results["fwd"].get("fla_over_ours") or math.nan,
+        results["fwd+bwd"].get("fla_over_ours") or math.nan,
+    )
+    if safe_gate is not None:
+        summary += "; ours / ours safe gate: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
+            results["fwd"].get("safe_gate_speedup") or math.nan,
+            results["fwd+bwd"].get("safe_gate_speedup") or math.nan,
+        )
     ctx.record.update(
         shape=what,
         dtype="bf16",
         timer="triton.testing.do_bench" if dev.type == "cuda" else "perf_counter (CPU dry run)",
         rounds=rounds,
-        fla="fla " + _fla_ops(dev).chunk_name,
-        summary="fla / ours: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
-            results["fwd"].get("fla_over_ours") or math.nan,
-            results["fwd+bwd"].get("fla_over_ours") or math.nan,
-        ),
+        fla=None if fla_ops is None else "fla " + fla_ops.chunk_name,
+        gate_lower_bound=safe_gate,
+        summary=summary,
     )
 
 
@@ -1000,13 +1263,18 @@ def _probe_fla(ctx: ItemContext, fn: Callable[[], Any]) -> bool:
         return False
 
 
-def _speed_chunk(shape: tuple[int, int, int, int, int]) -> Callable[[ItemContext], None]:
+def _speed_chunk(
+    shape: tuple[int, int, int, int, int], safe_gate: bool = False
+) -> Callable[[ItemContext], None]:
     def item(ctx: ItemContext) -> None:
         kb = bench_module("kernel_speed")
         B, T, H, K, V = shape
-        x = kda_inputs(B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed)
+        bound = ctx.run.sizes.safe_gate_bound if safe_gate else None
+        x = kda_inputs(
+            B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed, gate_low=bound or -1.0
+        )
         flops = B * H * kb.kda_flops(T, K)
-        _timed_providers(ctx, x, flops, shape_str(*shape))
+        _timed_providers(ctx, x, flops, shape_str(*shape), safe_gate=bound)
 
     return item
 
@@ -1032,7 +1300,8 @@ def _speed_decode(ctx: ItemContext) -> None:
 
     common, kb = bench_module("common"), bench_module("kernel_speed")
     dev = ctx.run.device
-    fla_step = _fla_ops(dev).recurrent
+    fla_ops = _try_fla(ctx, _fla_ops, dev)
+    fla_step = None if fla_ops is None else fla_ops.recurrent
     bw, bw_source = common.bandwidth(dev, nbytes=1 << 22 if ctx.run.dry_run else 1 << 28)
     H, K, V = ctx.run.sizes.speed_decode_heads
     ctx.record.update(bandwidth_GBps=bw / 1e9, bandwidth_source=bw_source, heads=[H, K, V])
@@ -1053,7 +1322,9 @@ def _speed_decode(ctx: ItemContext) -> None:
             with torch.no_grad():
                 fla_step(*xs, initial_state=state, output_final_state=True)
 
-        fns = {"ours": ours, "fla": fla} if _probe_fla(ctx, fla) else {"ours": ours}
+        fns = {"ours": ours}
+        if fla_step is not None and _probe_fla(ctx, fla):
+            fns["fla"] = fla
         t = common.bench_interleaved(fns, dev, rounds=ctx.run.sizes.speed_rounds)
         fla_net = t["fla"]["median"] if "fla" in t else math.nan
         ctx.add_row(
@@ -1079,11 +1350,28 @@ def _speed_decode(ctx: ItemContext) -> None:
 
 # ----------------------------------------------------------------------------- part 3
 def model_items(run: Run) -> list[Item]:
+    """Decode of the 48B layout and its all-MLA twin at long contexts, against the bytes floor."""
     s = run.sizes
     label = s.bench_preset + (f" --experts {s.bench_experts}" if s.bench_experts else "")
-    items = []
-    for name in ("hybrid", "all_mla"):
-        items.append(Item(f"decode {name} ({label})", "decode_model", _decode_item(name)))
+    return [
+        Item(f"decode {name} ({label})", "decode_model", _decode_item(name))
+        for name in ("hybrid", "all_mla")
+    ]
+
+
+def extra_items(run: Run) -> list[Item]:
+    """On request (``--parts extra``): a packed batch of short sequences, chunked prefill of both
+    models, and bf16 training steps with each backend."""
+    s = run.sizes
+    label = s.bench_preset + (f" --experts {s.bench_experts}" if s.bench_experts else "")
+    n, lo, hi, H = s.speed_varlen
+    items = [
+        Item(
+            f"chunk_kda bf16 varlen: {n} sequences of {lo}-{hi} tokens, H={H}",
+            "speed_varlen",
+            _speed_varlen,
+        )
+    ]
     for name in ("hybrid", "all_mla"):
         items.append(Item(f"prefill {name} ({label})", "prefill_model", _prefill_item(name)))
     for backend in s.train_backends:
@@ -1338,6 +1626,146 @@ def _train_item(backend: str) -> Callable[[ItemContext], None]:
     return item
 
 
+# ----------------------------------------------------------------------------- records
+class CompileLog:
+    """Triton compiles of this process (ours and fla's), timed per kernel, through Triton's
+    compilation and autotuning listeners (``triton.knobs``; absent in old Triton releases,
+    where the log stays empty and says so)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.tunings: list[dict[str, Any]] = []
+        self._previous: tuple[Any, Any] | None = None
+
+    def install(self) -> None:
+        knobs = getattr(importlib.import_module("triton"), "knobs", None)
+        if knobs is None or not hasattr(getattr(knobs, "compilation", None), "listener"):
+            return
+        tuning = getattr(knobs, "autotuning", None)
+        self._previous = (knobs.compilation.listener, getattr(tuning, "listener", None))
+
+        def on_compile(*, src: Any, metadata: Any, times: Any, cache_hit: bool, **_: Any) -> None:
+            fn = getattr(src, "fn", None)
+            name = getattr(fn, "__name__", None) or str(getattr(src, "name", "?"))
+            module = getattr(getattr(fn, "fn", fn), "__module__", "") or ""
+            total_us = getattr(times, "ir_initialization", 0) + sum(
+                t for _, t in getattr(times, "lowering_stages", [])
+            )
+            self.events.append(
+                {
+                    "kernel": name,
+                    "owner": "fla"
+                    if module.startswith("fla")
+                    else "ours"
+                    if "kimi_linear" in module or module.startswith("kernels")
+                    else module.split(".")[0] or "?",
+                    "seconds": total_us / 1e6,
+                    "cache_hit": bool(cache_hit),
+                }
+            )
+
+        def on_tune(
+            *, fn: Any, key: Any, best_config: Any, duration: Any, cache_hit: bool, **_: Any
+        ):
+            self.tunings.append(
+                {
+                    "kernel": getattr(fn, "__name__", "?"),
+                    "key": str(key),
+                    "best": str(best_config),
+                    "seconds": duration,
+                    "cache_hit": bool(cache_hit),
+                }
+            )
+
+        knobs.compilation.listener = on_compile
+        if tuning is not None and hasattr(tuning, "listener"):
+            tuning.listener = on_tune
+
+    def uninstall(self) -> None:
+        if self._previous is None:
+            return
+        knobs = importlib.import_module("triton").knobs
+        knobs.compilation.listener = self._previous[0]
+        if hasattr(knobs, "autotuning"):
+            knobs.autotuning.listener = self._previous[1]
+        self._previous = None
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.events), len(self.tunings)
+
+    def since(self, mark: tuple[int, int]) -> dict[str, Any]:
+        """Compile seconds per kernel (binaries built, not cache hits) and autotuning since
+        ``mark``."""
+        if self._previous is None:
+            return {"available": False, "reason": "this Triton has no compilation listener"}
+        per: dict[str, dict[str, Any]] = {}
+        for e in self.events[mark[0] :]:
+            if e["cache_hit"]:
+                continue
+            row = per.setdefault(e["kernel"], {"owner": e["owner"], "binaries": 0, "seconds": 0.0})
+            row["binaries"] += 1
+            row["seconds"] = round(row["seconds"] + e["seconds"], 3)
+        tuned = [t for t in self.tunings[mark[1] :] if not t["cache_hit"]]
+        return {
+            "available": True,
+            "per_kernel": per,
+            "seconds": {
+                o: round(sum(r["seconds"] for r in per.values() if r["owner"] == o), 2)
+                for o in sorted({r["owner"] for r in per.values()})
+            },
+            "autotuning": tuned,
+        }
+
+
+def fla_backends() -> dict[str, Any]:
+    """fla's version and the KDA backends it could dispatch to here (availability, switch)."""
+    out: dict[str, Any] = {}
+    try:
+        fla = importlib.import_module("fla")
+        out["version"] = getattr(fla, "__version__", None)
+        importlib.import_module("fla.ops.kda")
+        backends = importlib.import_module("fla.backends")
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return out
+    regs = list(getattr(backends, "_function_registries", {}).values())
+    regs += list(getattr(backends, "_operation_registries", {}).values())
+    avail = {}
+    for reg in regs:
+        for b in getattr(reg, "_backends", {}).values():
+            try:
+                avail[f"{reg.operation_name}:{b.backend_type}"] = {
+                    "available": bool(b.is_available()),
+                    "enabled": bool(b.is_enabled()),
+                }
+            except Exception as e:  # noqa: BLE001
+                avail[f"{reg.operation_name}:{b.backend_type}"] = {"error": type(e).__name__}
+    # the KDA op's own backends and those of the shared ops it calls
+    out["registered"] = {k: v for k, v in avail.items() if "kda" in k or k.startswith("common:")}
+    out["default"] = "Triton (fla's own kernels) unless a backend above is available and enabled"
+    return out
+
+
+def fla_dispatch() -> list[str]:
+    """What fla's backend dispatch chose so far in this process (``"op.function -> backend"``;
+    empty: every fla call ran fla's default Triton kernels), from its registries' log keys."""
+    mod = sys.modules.get("fla.backends")
+    if mod is None:
+        return []
+    regs = list(getattr(mod, "_function_registries", {}).values())
+    regs += list(getattr(mod, "_operation_registries", {}).values())
+    out = set()
+    for reg in regs:
+        for key in getattr(reg, "_logged", ()):
+            parts = str(key).split(":")
+            if len(parts) >= 3:
+                out.add(
+                    f"{parts[0]}.{parts[1]} -> {parts[2]}"
+                    + (" (rejected)" if parts[-1] == "fail" else "")
+                )
+    return sorted(out)
+
+
 # ----------------------------------------------------------------------------- markdown
 def _fmt(v: Any) -> str:
     if isinstance(v, bool):
@@ -1371,6 +1799,27 @@ def render_part_markdown(data: dict[str, Any]) -> str:
         )
         + f". Part status: **{data['status']}**.\n",
     ]
+    fla = env.get("fla_backends") or {}
+    comp = data.get("compile") or {}
+    out.append(
+        f"Autotune space of our kernels: {data.get('autotune_space', 'full')}. fla "
+        f"{fla.get('version', env.get('fla'))} dispatch: "
+        + (", ".join(data.get("fla_dispatch") or []) or "fla's default Triton kernels")
+        + ". Compile seconds (cold binaries, this part): "
+        + (
+            ", ".join(f"{k} {v:g}" for k, v in comp.get("seconds", {}).items()) or "none"
+            if comp.get("available")
+            else "not recorded"
+        )
+        + ".\n"
+    )
+    if comp.get("per_kernel"):
+        out.append(
+            _table(
+                [{"kernel": k, **v} for k, v in sorted(comp["per_kernel"].items())],
+                ("kernel", "owner", "binaries", "seconds"),
+            )
+        )
     if data["part"] == "correctness":
         out.append(
             "Errors are norm-relative, ||x - ref|| / ||ref||, per tensor, against a float64 "
@@ -1496,16 +1945,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget",
         type=_positive_minutes,
-        default=8.0,
+        default=DEFAULT_BUDGET_MIN,
         metavar="MINUTES",
-        help="wall-clock budget in minutes (default 8); items that would not fit are skipped "
-        "with the reason, the item in flight is stopped when it runs out",
+        help=f"wall-clock budget in minutes (default {DEFAULT_BUDGET_MIN:g}, from a cold Triton "
+        "cache); items that would not fit are skipped with the reason, the item in flight is "
+        "stopped when it runs out",
     )
     p.add_argument(
         "--parts",
         type=_parts,
-        default=PARTS,
-        help="comma-separated subset of correctness,speed,model (default: all, in that order)",
+        default=DEFAULT_PARTS,
+        help="comma-separated subset of correctness,speed,model,extra (default: "
+        "correctness,speed,model, in that order; extra: packed-batch speed, prefill, training)",
     )
     p.add_argument(
         "--out-dir",
@@ -1567,6 +2018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["capability"] = [major, minor]
     else:
         env["arch"] = "cpu (Triton interpreter)"
+    env["fla_backends"] = fla_backends()
     header = {
         "env": env,
         "args": {"budget_min": args.budget, "parts": list(args.parts), "seed": args.seed},
@@ -1581,20 +2033,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run=args.dry_run,
         seed=args.seed,
         header=header,
+        fla_second_opinion="always" if args.dry_run else "on miss",
     )
     print(
         f"gpu_check on {env['device']} ({env['arch']}), budget {args.budget:g} min, parts "
         f"{', '.join(args.parts)}{' (dry run)' if args.dry_run else ''}; writing to {folder}"
     )
-    builders = {"correctness": correctness_items, "speed": speed_items, "model": model_items}
+    builders = {
+        "correctness": correctness_items,
+        "speed": speed_items,
+        "model": model_items,
+        "extra": extra_items,
+    }
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
+    from kimi_linear.kernels import utils as kernel_utils
+
+    compile_log = CompileLog()
+    compile_log.install()
+    reports = []
     budget.start_timer()
     try:
         for part in args.parts:
-            run_part(run, part, builders[part](run))
+            kernel_utils.set_autotune_space(PART_SPACE[part])
+            header["autotune_space"] = PART_SPACE[part]
+            mark = compile_log.mark()
+            report = run_part(run, part, builders[part](run))
+            report.data["compile"] = compile_log.since(mark)
+            report.data["fla_dispatch"] = fla_dispatch()
+            report.save()
+            reports.append(report)
     finally:
         budget.stop_timer()
+        compile_log.uninstall()
+        kernel_utils.set_autotune_space(None)
     summary = write_summary(folder)
     verdict = summary["verdict"]
     print(
@@ -1604,6 +2076,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {folder / 'gpu_check.md'} and the part files beside it ({budget.elapsed():.0f} s)"
     )
+    not_passed = [
+        f"{r.part}: {i['name']} ({i['status']})"
+        for r in reports
+        for i in r.items
+        if i["status"] not in ("pass", "ok")
+    ]
+    if not_passed:
+        print(
+            f"exit 1: {len(not_passed)} item(s) did not pass: " + "; ".join(not_passed[:10]),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -318,6 +318,39 @@ def test_train_profile_spans_nest_and_close():
     assert spans["kda_op/bwd"] <= spans["kda_layer/bwd"] + 1e-6
 
 
+# ------------------------------------------------------------------------------ --quick
+def test_quick_honours_explicitly_given_sizes():
+    """``--quick`` fills tiny sizes only where none was given (issue 27.7): an explicit size,
+    even one equal to the normal default, is kept."""
+    ks = _module("kernel_speed")
+    args = ks.parse_args(["--quick", "--heads", "4", "--head-dim", "128", "--tokens", "256"])
+    assert (args.heads, args.head_dim, args.tokens) == (4, 128, 256)
+    args = ks.parse_args(["--quick"])
+    assert (args.heads, args.head_dim, args.tokens) == (1, 16, 64)
+    cpu = _module("kda_cpu")
+    args = cpu.parse_args(["--quick", "--heads", "8", "--reps", "3"])
+    assert (args.heads, args.head_dim, args.reps) == (8, 16, 3)
+    decode = _module("decode")
+    args = decode.parse_args(["--quick", "--warmup", "3"])
+    decode.resolve_defaults(args, torch.device("cpu"))
+    assert args.warmup == 3
+    args = decode.parse_args(["--quick"])
+    decode.resolve_defaults(args, torch.device("cpu"))
+    assert args.warmup == 1
+
+
+def test_explicit_dests_sees_options_given_with_their_default_value():
+    import argparse
+
+    common = _module("common")
+    p = argparse.ArgumentParser()
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--quick", action="store_true")
+    assert common.explicit_dests(p, ["--heads", "16", "--quick"]) == {"heads", "quick"}
+    assert common.explicit_dests(p, []) == set()
+
+
 def test_kernel_speed_refuses_head_dims_the_kernels_cannot_run(capsys):
     """``--head-dim 300`` used to be accepted and end as error rows (or be dropped by
     ``--quick``): the KDA kernels take head dims up to 256, so it is a one-line error unless

@@ -201,3 +201,24 @@ def test_targets_flag_sets_the_exit_code(monkeypatch, capsys):
     assert cc.main([]) == 0  # targets are only checked on request
     assert cc.main(["--targets"]) == 1
     assert "- _chunk_a: 16 spill bytes/thread" in capsys.readouterr().out
+
+
+def test_spaces_compile_each_config_of_the_space(monkeypatch):
+    """--space suite / full list one spec per autotune config (first: one per kernel); the
+    first config of every kernel is also the first of its suite set."""
+    first = cc.kernel_specs(128, 128, "bf16", "first")
+    suite = cc.kernel_specs(128, 128, "bf16", "suite")
+    full = cc.kernel_specs(128, 128, "bf16", "full")
+    assert len(first) < len(suite) < len(full)
+
+    def names(specs):
+        out = []
+        for k, *_ in specs:
+            while hasattr(k, "fn"):
+                k = k.fn
+            out.append(k.__name__)
+        return out
+
+    assert set(names(first)) == set(names(suite)) == set(names(full))
+    with pytest.raises(ValueError, match="space must be one of full, suite, first"):
+        cc.check(space="all")

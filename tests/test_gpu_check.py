@@ -53,8 +53,8 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
 def test_parts_keep_the_value_order():
     args = gpu_check.parse_args(["--parts", "model,correctness"])
     assert args.parts == ("correctness", "model")
-    assert gpu_check.parse_args([]).parts == gpu_check.PARTS
-    assert gpu_check.parse_args([]).budget == 8.0
+    assert gpu_check.parse_args([]).parts == gpu_check.DEFAULT_PARTS
+    assert gpu_check.parse_args([]).budget == gpu_check.DEFAULT_BUDGET_MIN == 8.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
@@ -120,6 +120,31 @@ def test_per_sequence_runs_each_packed_sequence_alone():
         start += n
 
 
+def test_a_broken_fla_import_is_contained_by_the_guard(tmp_path, monkeypatch):
+    """_fla_ops runs inside _try_fla: a broken fla install is recorded, the item goes on."""
+    run = _run(tmp_path, 60)
+    run.fla_second_opinion = "always"
+    record: dict = {}
+    ctx = gpu_check.ItemContext(record, gpu_check.PartReport("correctness", tmp_path, {}), run)
+
+    def broken(device):
+        raise ImportError("fla is broken")
+
+    monkeypatch.setattr(gpu_check, "_fla_ops", broken)
+    x = gpu_check.kda_inputs(1, 8, 1, 4, 4, torch.float32, torch.device("cpu"), 0)
+    ours = {"o": x["v"]}
+    out = gpu_check._second_opinion(
+        ctx, ours, ours, torch.float32, lambda: gpu_check._fla_ops(run.device)
+    )
+    assert out is None and record["fla_error"] == "ImportError: fla is broken"
+    assert gpu_check._fla_name(ctx, "chunk").startswith("fla unavailable")
+    # on a GPU run fla is asked only when ours misses the tolerance
+    run.fla_second_opinion = "on miss"
+    record.clear()
+    assert gpu_check._second_opinion(ctx, ours, ours, torch.float32, broken) is None
+    assert record == {"fla_run": "no: every tensor within the tolerance"}
+
+
 def test_a_failing_fla_is_recorded_and_the_item_goes_on(tmp_path):
     run = _run(tmp_path, 60)
     record: dict = {}
@@ -169,10 +194,10 @@ def test_decode_step_bytes():
 
 
 # ------------------------------------------------------------------------------ budget
-def _run(tmp_path: Path, seconds: float) -> gpu_check.Run:
+def _run(tmp_path: Path, seconds: float, both_dtypes: bool = False) -> gpu_check.Run:
     return gpu_check.Run(
         device=torch.device("cpu"),
-        dtypes=(torch.float32,),
+        dtypes=(torch.bfloat16, torch.float32) if both_dtypes else (torch.float32,),
         sizes=gpu_check.dry_run_sizes(),
         budget=gpu_check.Budget(seconds),
         folder=tmp_path,
@@ -229,9 +254,11 @@ def test_an_item_error_is_recorded_and_the_part_goes_on(tmp_path):
     assert summary["verdict"]["kernels_validated"] is False
 
 
-def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path):
-    assert gpu_check.main(["--dry-run", "--budget", "1e-6", "--out-dir", str(tmp_path)]) == 0
-    for part in gpu_check.PARTS:
+def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path, capsys):
+    # exit 1: not every item passed (they were skipped), so a script cannot take it for a pass
+    assert gpu_check.main(["--dry-run", "--budget", "1e-6", "--out-dir", str(tmp_path)]) == 1
+    assert "did not pass" in capsys.readouterr().err
+    for part in gpu_check.DEFAULT_PARTS:
         data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
         assert data["dry_run"] is True and data["items"]
         for item in data["items"]:
@@ -240,7 +267,81 @@ def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path):
         assert (tmp_path / f"gpu_check_{part}.md").read_text().startswith(f"# GPU check: {part}")
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["verdict"]["kernels_validated"] is False
-    assert set(summary["parts"]) == set(gpu_check.PARTS)
+    assert set(summary["parts"]) == set(gpu_check.DEFAULT_PARTS)
+
+
+def test_exit_code_is_1_when_a_correctness_item_fails(tmp_path, monkeypatch, capsys):
+    def failing(run):
+        def fail(ctx):
+            ctx.record["status"] = "fail"
+
+        return [gpu_check.Item("a failing check", "reference", fail)]
+
+    monkeypatch.setattr(gpu_check, "correctness_items", failing)
+    argv = ["--dry-run", "--parts", "correctness", "--out-dir", str(tmp_path)]
+    assert gpu_check.main(argv) == 1
+    assert "correctness: a failing check (fail)" in capsys.readouterr().err
+
+    def passing(run):
+        def ok(ctx):
+            ctx.record["status"] = "pass"
+
+        return [gpu_check.Item("a passing check", "reference", ok)]
+
+    monkeypatch.setattr(gpu_check, "correctness_items", passing)
+    assert gpu_check.main(argv) == 0
+
+
+# ------------------------------------------------------------------------------ plan
+def _gpu_run(tmp_path: Path) -> gpu_check.Run:
+    return gpu_check.Run(
+        device=torch.device("cpu"),
+        dtypes=(torch.bfloat16, torch.float32),
+        sizes=gpu_check.gpu_sizes(),
+        budget=gpu_check.Budget(480),
+        folder=tmp_path,
+        dry_run=False,
+        seed=0,
+        header={},
+    )
+
+
+def test_planned_compile_and_run_fit_the_default_budget(tmp_path):
+    rows = gpu_check.plan(_gpu_run(tmp_path))
+    total = gpu_check.STARTUP_S + sum(r["compile_s"] + r["run_s"] for r in rows)
+    assert total <= gpu_check.DEFAULT_BUDGET_MIN * 60, gpu_check.budget_markdown(rows)
+    # every cost key has an estimate, and every compiled set a compile time
+    sizes = gpu_check.gpu_sizes()
+    assert all(r["cost"] in sizes.costs for r in rows)
+    assert {k for c in sizes.costs.values() for k in c.compiles} <= set(sizes.compile_s)
+    # each kernel set's compile is charged once, to its first item
+    charged = [k for r in rows for k in r["compiles"]]
+    assert len(charged) == len(set(charged))
+
+
+def test_dry_run_plans_the_same_items_in_the_same_order(tmp_path):
+    gpu = [(r["part"], r["cost"]) for r in gpu_check.plan(_gpu_run(tmp_path))]
+    dry = [(r["part"], r["cost"]) for r in gpu_check.plan(_run(tmp_path, 60, both_dtypes=True))]
+    assert dry == gpu
+    assert any(key.startswith("safe gate") for _, key in gpu)  # the safe-gate path is checked
+    assert ("speed", "speed safe gate") in gpu  # and timed
+    assert any(key.startswith("grid") for _, key in gpu)
+
+
+def test_readme_budget_table_is_the_plan(tmp_path):
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    start, end = "<!-- gpu-budget -->\n", "<!-- /gpu-budget -->"
+    assert start in text and end in text
+    table = text.split(start, 1)[1].split(end, 1)[0]
+    assert table == gpu_check.budget_markdown(gpu_check.plan(_gpu_run(tmp_path)))
+
+
+def test_run_cost_charges_a_kernel_set_once(tmp_path):
+    run = _gpu_run(tmp_path)
+    first = run.cost("chunk bf16")
+    assert first == 6 + gpu_check.COMPILE_S["ours chunk bf16 K=V=128"]
+    run.mark_compiled("chunk bf16")
+    assert run.cost("chunk bf16") == 6
 
 
 def test_summary_verdict_needs_every_correctness_item_passed_on_a_gpu(tmp_path):
@@ -274,7 +375,17 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)  # the entry point sets it itself
     res = subprocess.run(
-        [sys.executable, "-m", "kimi_linear.gpu_check", "--dry-run", "--out-dir", str(tmp_path)],
+        # the budget is a GPU run's; toy sizes under the interpreter take minutes on a CPU
+        [
+            sys.executable,
+            "-m",
+            "kimi_linear.gpu_check",
+            "--dry-run",
+            "--budget",
+            "60",
+            "--out-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -283,7 +394,10 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "verdict: kernels validated on this GPU: no (dry run" in res.stdout
-    for part in gpu_check.PARTS:
+    corr = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
+    assert corr["env"]["fla_backends"]["version"] and corr["autotune_space"] == "first"
+    assert "compile" in corr and "fla_dispatch" in corr
+    for part in gpu_check.DEFAULT_PARTS:
         data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
         assert data["status"] == "complete", data
         assert data["env"]["arch"].startswith("cpu")
@@ -296,7 +410,7 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     assert checked == set(gpu_check.TENSORS)
     speed = json.loads((tmp_path / "gpu_check_speed.json").read_text())
     modes = [r["mode"] for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
-    assert modes.count("fwd") == modes.count("fwd+bwd") == 2
+    assert modes.count("fwd") == modes.count("fwd+bwd") == 3  # two anchors + the safe gate
     model = json.loads((tmp_path / "gpu_check_model.json").read_text())
     decode = [r for i in model["items"] if i["name"].startswith("decode") for r in i["rows"]]
     assert {r["batch"] for r in decode} >= {1} and all(r["floor_ms"] > 0 for r in decode)

@@ -11,6 +11,10 @@ of the chunk-end state:
        d_delta = Aqk^T dO + kg dS1                  (kg = k El, qg = q^ E from the forward)
        dS0     = exp(G_last) dS1 + qg^T dO - W^T d_delta
 
+   (``Aqk^T dO`` comes from the forward's recompute kernel; ``d_delta`` is stored in the input
+   dtype, the dtype of its one use; no kernel updates a ``[TT, H, V]`` buffer in place, so
+   autotuning never copies one)
+
 2. ``_bwd_dv_kernel`` (one program per chunk), the terms that contract over V, with
    ``dRt = N^T d_delta``::
 
@@ -61,9 +65,11 @@ from .chunk_fwd import (
 )
 from .utils import (
     CHUNK_SIZE,
+    NO_SPECIALIZE,
     SUB_CHUNK_SIZE,
     TUNE_KEYS,
     autotune,
+    checked_grid,
     config_space,
     dot_precision,
     next_pow2,
@@ -82,8 +88,8 @@ _BWD_STATE_CONFIGS = config_space(
 )
 
 
-@autotune(_BWD_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], restore_value=["ddelta"])
-@triton.jit
+@autotune(_BWD_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 8))  # + BV=32 w4 s1
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_bwd_state_kernel(
     qg,
     kg,
@@ -94,6 +100,7 @@ def _chunk_bwd_state_kernel(
     dht,
     dh0,
     ddelta,
+    dd,
     cu_seqlens,
     chunk_offsets,
     H,
@@ -111,12 +118,18 @@ def _chunk_bwd_state_kernel(
 ):
     """Reverse pass over the chunks: chunk-end state gradients ``dh`` and ``d_delta``.
 
-    Grid ``(cdiv(V, BV), N * H)``; ``dh [NT, H, K, V]`` in the input dtype (the state gradient
-    is carried in fp32 registers), ``ddelta [TT, H, V]`` fp32. The state
-    gradient ``[BK, BV]`` is held as ``BK // BKS`` key blocks ``b_ds1 .. b_ds4`` (as the forward
-    state), so only ``[BT, BKS]`` operands are live at a time.
+    Grid ``(cdiv(V, BV) * N * H,)``, value blocks fastest (``utils.checked_grid``);
+    ``dh [NT, H, K, V]`` in the input dtype (the state gradient is carried in fp32 registers).
+    Reads the chunk-local ``ddelta = Aqk^T dO [TT, H, V]`` (fp32) and writes the complete
+    ``dd = ddelta + kg dS1`` to a separate buffer in the input dtype (its one consumer,
+    :func:`_bwd_dv_kernel`, rounds it to that dtype for a tensor-core product anyway). Nothing is
+    updated in place, so the autotuner's repeated benchmark launches need no copy of a
+    ``[TT, H, V]`` buffer (``restore_value``). The state gradient ``[BK, BV]`` is held as
+    ``BK // BKS`` key blocks ``b_ds1 .. b_ds4`` (as the forward state), so only ``[BT, BKS]``
+    operands are live at a time.
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -187,7 +200,7 @@ def _chunk_bwd_state_kernel(
                 b_ds4.to(dh.dtype.element_ty),
                 input_precision=DOT_PREC,
             )
-        tl.store(ddelta + v_c + off_v, b_dd, mask=m_tv)
+        tl.store(dd + v_c + off_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
         # dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta
         last = boh + i_c  # row of Gl
         b_ds1 = _state_grad_step(
@@ -306,8 +319,8 @@ _DV_CONFIGS = config_space(
 )
 
 
-@autotune(_DV_CONFIGS, key=["K", "V", *TUNE_KEYS], restore_value=["ddelta"])
-@triton.jit
+@autotune(_DV_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 4))  # + BV=16 w4 s2
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dv_kernel(
     k,
     v,
@@ -316,7 +329,8 @@ def _bwd_dv_kernel(
     Ainv,
     h,
     delta,
-    ddelta,
+    dd,
+    dr,
     do,
     dv,
     dbeta,
@@ -340,8 +354,8 @@ def _bwd_dv_kernel(
     partial ``rowsum(R * dRt)`` with ``R = v - (k E) S0`` (stored, the intra kernel adds to it),
     ``dAqk = tril(dO delta^T)`` and ``dL = -strict_tril(dRt delta^T)`` ``[TT, H, BT]`` fp32.
     ``R`` is formed key block by key block, so no ``[BT, K]`` operand is held across the loop.
-    ``ddelta`` is overwritten in place with ``beta dRt`` in fp32 (each program reads and writes
-    only its own chunk), the operand :func:`_bwd_dqkg_kernel` needs.
+    Reads ``dd`` (``d_delta``, input dtype) and writes ``dr = beta dRt`` in fp32 (to the buffer
+    that held ``Aqk^T dO``), the operand :func:`_bwd_dqkg_kernel` needs: nothing in place.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
@@ -369,7 +383,7 @@ def _bwd_dv_kernel(
         )
         b_drt = tl.dot(
             (tl.trans(b_n)).to(k.dtype.element_ty),
-            (tl.load(ddelta + v_c + off_v, mask=m_tv, other=0.0)).to(k.dtype.element_ty),
+            (tl.load(dd + v_c + off_v, mask=m_tv, other=0.0)).to(k.dtype.element_ty),
             input_precision=DOT_PREC,
         )
         b_dl += tl.dot(
@@ -379,7 +393,7 @@ def _bwd_dv_kernel(
         )
         b_dr = b_drt * b_beta[:, None]
         tl.store(dv + v_c + off_v, b_dr.to(dv.dtype.element_ty), mask=m_tv)
-        tl.store(ddelta + v_c + off_v, b_dr, mask=m_tv)
+        tl.store(dr + v_c + off_v, b_dr, mask=m_tv)
         b_r = tl.load(v + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
         for i_k in range(0, tl.cdiv(K, BKS)):
             b_k = _load_tile(k + k_c, m_t, H, K, i_k * BKS, BT, BKS)
@@ -411,8 +425,8 @@ _DQKG_CONFIGS = config_space(
 )
 
 
-@autotune(_DQKG_CONFIGS, key=["K", "V", *TUNE_KEYS])
-@triton.jit
+@autotune(_DQKG_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 4))  # + BV=64
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dqkg_kernel(
     q,
     k,
@@ -443,13 +457,15 @@ def _bwd_dqkg_kernel(
 ):
     """Inter-chunk terms of dq, dk, dg for a block of BKB key columns; finalises all three.
 
-    Grid ``(cdiv(K, BKB), NT, H)``. With ``X1 = dO S0^T``, ``X2 = delta dS1^T``,
-    ``X3 = dR S0^T`` (``dR = beta N^T d_delta``, left by :func:`_bwd_dv_kernel`) accumulated
+    Grid ``(NT * cdiv(K, BKB), H)``, key blocks fastest: the chunk count is on axis 0 (limit
+    2**31 - 1 blocks; axis 1 allows 65,535), see ``utils.checked_grid``. With
+    ``X1 = dO S0^T``, ``X2 = delta dS1^T``, ``X3 = dR S0^T`` (``dR = beta N^T d_delta``, left by :func:`_bwd_dv_kernel`) accumulated
     over value blocks, adds the pairwise partials of the
     intra kernel (``dq_p``, ``dk_p``, ``dG_p``), writes dq, dk in the input dtype, and
     ``dg`` = the reverse cumulative sum of dG within the chunk.
     """
-    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BKB - 1) // BKB
+    i_k, i_t, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     o_t = tl.arange(0, BT)
     rows = start + o_t
@@ -520,7 +536,7 @@ _INTRA_BWD_CONFIGS = config_space(
 
 
 @autotune(_INTRA_BWD_CONFIGS, key=["K", *TUNE_KEYS], restore_value=["dbeta"])
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _intra_bwd_kernel(
     q,
     k,
@@ -757,9 +773,13 @@ def chunk_kda_bwd(
     # Chunk-end state gradients: carried in fp32 registers, stored in the input dtype (their
     # only consumer rounds them to it for the tensor-core products).
     dh = torch.empty(num_chunks, H, K, V, dtype=state_dtype(q.dtype), device=dev)
+    # d_delta = Aqk^T dO (fp32, from the recompute) + kg dS1, written to its own buffer in the
+    # input dtype; the dv kernel then writes dR (fp32) over Aqk^T dO. No kernel updates a
+    # [TT, H, V] buffer in place, so autotuning copies none (restore_value).
     ddelta = fwd.ddelta
+    dd = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
+    grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
     _chunk_bwd_state_kernel[grid](
         fwd.qg,
         fwd.kg,
@@ -770,6 +790,7 @@ def chunk_kda_bwd(
         dht,
         dh0,
         ddelta,
+        dd,
         cu_seqlens,
         chunk_offsets,
         H,
@@ -801,6 +822,7 @@ def chunk_kda_bwd(
             fwd.Ainv,
             fwd.h,
             fwd.delta,
+            dd,
             ddelta,
             do,
             dv,
@@ -841,7 +863,8 @@ def chunk_kda_bwd(
             DOT_PREC=prec,
             SAFE_GATE=bool(safe_gate),
         )
-        grid = lambda meta: (triton.cdiv(K, meta["BKB"]), num_chunks, H)
+        del dd
+        grid = lambda meta: checked_grid(num_chunks * triton.cdiv(K, meta["BKB"]), H)
         _bwd_dqkg_kernel[grid](
             q,
             k,

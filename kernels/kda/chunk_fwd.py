@@ -86,9 +86,11 @@ from kimi_linear.ops.checks import LOG_DECAY_FLOOR
 
 from .utils import (
     CHUNK_SIZE,
+    NO_SPECIALIZE,
     SUB_CHUNK_SIZE,
     TUNE_KEYS,
     autotune,
+    checked_grid,
     config_space,
     dot_precision,
     next_pow2,
@@ -115,7 +117,7 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
 
 
 @autotune(_WARPS, key=["K", *TUNE_KEYS])
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_cumsum_kernel(
     g,
     G,
@@ -341,7 +343,7 @@ _INTRA_CONFIGS = config_space(
 
 
 @autotune(_INTRA_CONFIGS, key=["K", *TUNE_KEYS])
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _intra_solve_fwd_kernel(
     q,
     k,
@@ -457,7 +459,7 @@ def _intra_solve_fwd_kernel(
 
 
 @autotune(_WARPS8, key=["K", "V", *TUNE_KEYS])
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _recompute_wy_kernel(
     k,
     G,
@@ -588,8 +590,8 @@ _STATE_CONFIGS = config_space(
 )
 
 
-@autotune(_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS])
-@triton.jit
+@autotune(_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 12))  # + BV=16 w4 s2
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_fwd_state_kernel(
     kg,
     W,
@@ -618,14 +620,17 @@ def _chunk_fwd_state_kernel(
 ):
     """Sequential pass over the chunks of one sequence and head, for a block of BV value columns.
 
-    Grid ``(cdiv(V, BV), N * H)``. The state ``[BK, BV]`` stays in fp32 registers as
-    ``BK // BKS`` (1, 2 or 4) key blocks ``b_s1 .. b_s4``; per chunk it writes the chunk-start
-    state ``h [NT, H, K, V]`` and the residual ``delta [TT, H, V]`` (in the input dtype), from
-    which :func:`_chunk_fwd_o_kernel` forms the outputs of all chunks in parallel. The residual
-    ``delta = U - W S`` is formed in fp32, with ``U = N (beta v)`` computed here from ``Ainv``
-    (it does not depend on the state, so it is off the sequential path and never stored).
+    Grid ``(cdiv(V, BV) * N * H,)``, value blocks fastest (axis 0: no 65,535 limit on the
+    number of sequences x heads, ``utils.checked_grid``). The state ``[BK, BV]`` stays in fp32
+    registers as ``BK // BKS`` (1, 2 or 4) key blocks ``b_s1 .. b_s4``; per chunk it writes the
+    chunk-start state ``h [NT, H, K, V]`` and the residual ``delta [TT, H, V]`` (in the input
+    dtype), from which :func:`_chunk_fwd_o_kernel` forms the outputs of all chunks in
+    parallel. The residual ``delta = U - W S`` is formed in fp32, with ``U = N (beta v)``
+    computed here from ``Ainv`` (it does not depend on the state, so it is off the sequential
+    path and never stored).
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -750,8 +755,8 @@ _O_CONFIGS = config_space(
 )
 
 
-@autotune(_O_CONFIGS, key=["K", "V", *TUNE_KEYS])
-@triton.jit
+@autotune(_O_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 6))  # + BV=32 w4 s2
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_fwd_o_kernel(
     qg,
     Aqk,
@@ -770,13 +775,16 @@ def _chunk_fwd_o_kernel(
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Outputs of one chunk and value block, ``o = qg h + Aqk delta``. Grid ``(cdiv(V, BV), NT, H)``.
+    """Outputs of one chunk and value block, ``o = qg h + Aqk delta``. Grid
+    ``(NT * cdiv(V, BV), H)``, value blocks fastest: the chunk count is on axis 0, whose limit
+    is 2**31 - 1 blocks (axis 1 allows 65,535: ~4.19M packed tokens), see ``utils.checked_grid``.
 
     Every chunk is independent once the sequential kernel has stored the chunk-start states
     ``h`` and residuals ``delta``, so this runs with full parallelism; the key dimension is
     walked in ``BKS`` blocks (a ``[BT, BKS]`` and a ``[BKS, BV]`` operand live at a time).
     """
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_t, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < (eos - start).to(tl.int32)
@@ -947,7 +955,7 @@ def chunk_kda_fwd(
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=state_dtype(q.dtype), device=dev)
     delta = torch.empty(TT, H, V, **io)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
+    grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
     _chunk_fwd_state_kernel[grid](
         kg,
         W,
@@ -976,7 +984,7 @@ def chunk_kda_fwd(
     if not for_backward:
         o = torch.empty_like(v)
         if num_chunks > 0:
-            grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks, H)
+            grid = lambda meta: checked_grid(num_chunks * triton.cdiv(V, meta["BV"]), H)
             _chunk_fwd_o_kernel[grid](
                 qg,
                 Aqk,

@@ -22,6 +22,11 @@ once per value (``name[SAFE_GATE]`` for the bounded-gate variant), and prints pe
   warp in 256-register units from four sub-partitions, 1 KiB of shared memory reserved per CTA,
   the largest shared-memory carveout), and which of the three limits it (``limited_by``).
 
+- ``config`` and ``compile s``: the autotune config compiled and the CPU seconds of its cold
+  compile (this process and ``ptxas``). ``--space suite`` / ``full`` compiles every config of
+  that autotune space (``utils.AUTOTUNE_SPACES``) instead of the first: the report behind the
+  GPU suite's pruned set and its compile budget (``kimi_linear.gpu_check.COMPILE_S``).
+
 ``--targets`` also checks the performance targets (:func:`target_misses`: no TF32 products for
 16-bit inputs, no spills, every chunk kernel at least 2 CTAs per SM) and lists the misses.
 
@@ -35,6 +40,7 @@ itself without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,6 +48,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +60,17 @@ from triton.runtime.jit import JITFunction
 
 from . import chunk_bwd, chunk_fwd, fused_recurrent
 from .utils import (
+    AUTOTUNE_SPACES,
     CHUNK_SIZE,
     MAX_HEAD_DIM,
     SUB_CHUNK_SIZE,
     TUNE_KEYS,
+    autotuned_kernels,
+    config_str,
     dot_precision,
     interpret_mode,
     next_pow2,
+    space_configs,
 )
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,7 +78,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq", "dk", "qg", "kg"}
 # Intermediates the chunk kernels store in the input dtype (tensor-core operands only), and the
 # chunk states / state gradients, stored in utils.state_dtype (bf16 for fp16 inputs).
-_IO_ARGS |= {"Aqk", "Ainv", "W", "delta"}
+_IO_ARGS |= {"Aqk", "Ainv", "W", "delta", "dd"}
 _STATE_ARGS = {"h", "dh"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 
@@ -197,6 +208,11 @@ class Result:
     #: a CTA fits on an SM: shared memory per block within the architecture's limit, and
     #: registers for all its warps
     fits: bool | None = None
+    #: the autotune config compiled (``utils.config_str``: meta-parameters, warps, stages)
+    config: str | None = None
+    #: CPU seconds of ``triton.compile`` (source to cubin, no cache: this process and its
+    #: ``ptxas`` child), on this machine's CPU; CPU time, so a loaded machine does not inflate it
+    compile_s: float | None = None
 
 
 def _jit_fn(kernel: Any) -> JITFunction:
@@ -261,28 +277,31 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, spill)
 
 
-def _first_config(kernel: Any) -> tuple[dict[str, Any], int, int]:
-    """(meta-parameters, num_warps, num_stages) of a kernel's first autotune config.
+def _configs(kernel: Any, space: str = "first") -> list[tuple[dict[str, Any], int, int]]:
+    """(meta-parameters, num_warps, num_stages) of each config of ``kernel`` in ``space``
+    (``utils.AUTOTUNE_SPACES``; ``"first"``: the first config alone).
 
-    That is the config the interpreter runs; the kernels order their configs so that it is
-    the one picked from this report (the autotuner times all of them on a GPU).
+    The first config is the one the interpreter runs; the kernels order their configs so that
+    it is the one picked from this report (the autotuner times a space's configs on a GPU).
     """
-    configs = getattr(kernel, "configs", None)
-    if configs:  # triton.autotune
-        first = configs[0]
-        return dict(first.kwargs), first.num_warps, first.num_stages
+    for entry in autotuned_kernels():
+        if entry.kernel is kernel:
+            return [
+                (dict(c.kwargs), c.num_warps, c.num_stages) for c in space_configs(entry, space)
+            ]
     fixed = getattr(kernel, "kwargs", None)
-    if fixed is not None:  # the interpreter's fixed config
+    if fixed is not None:  # a fixed config outside the registry
         meta = dict(fixed)
-        return meta, meta.pop("num_warps"), meta.pop("num_stages")
-    return {}, 4, 2
+        return [(meta, meta.pop("num_warps"), meta.pop("num_stages"))]
+    return [({}, 4, 2)]
 
 
 def kernel_specs(
-    head_dim_k: int, head_dim_v: int, dtype: str
+    head_dim_k: int, head_dim_v: int, dtype: str, space: str = "first"
 ) -> list[tuple[Any, dict[str, Any], int, int]]:
     """(kernel, constexprs, num_warps, num_stages) for every kernel, as the launchers use them:
-    the launchers' constexprs plus the kernel's first autotune config."""
+    the launchers' constexprs plus each config of the kernel's autotune ``space`` (one entry
+    per config; ``"first"``: the first config only)."""
     BT, BC = CHUNK_SIZE, SUB_CHUNK_SIZE
     K, V = head_dim_k, head_dim_v
     BK = next_pow2(K)
@@ -323,8 +342,8 @@ def kernel_specs(
     ]
     specs = []
     for kernel, constexprs in launches:
-        meta, warps, stages = _first_config(kernel)
-        specs.append((kernel, {**constexprs, **meta}, warps, stages))
+        for meta, warps, stages in _configs(kernel, space):
+            specs.append((kernel, {**constexprs, **meta}, warps, stages))
     # Not autotuned: the launcher's choice (fused_recurrent._launch).
     BV = min(next_pow2(V), 32 if BK >= 128 else 64)
     specs.append(
@@ -345,15 +364,20 @@ def check(
     head_dim_v: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    space: str = "first",
 ) -> list[Result]:
-    """Compile all kernels for ``sm_<arch>``; one :class:`Result` per kernel variant.
+    """Compile all kernels for ``sm_<arch>``; one :class:`Result` per kernel variant and config
+    of the autotune ``space`` (``"first"``, ``"suite"`` or ``"full"``), with its compile time.
 
-    ``num_warps`` / ``num_stages`` override the per-kernel defaults.
+    ``num_warps`` / ``num_stages`` override the per-kernel defaults. Compiles skip Triton's
+    on-disk cache (``TRITON_ALWAYS_COMPILE``), so ``compile_s`` is a cold-cache figure.
 
     Raises:
-        ValueError: ``arch`` not in :data:`ARCH_LIMITS`, ``dtype`` not one of bf16/fp16/fp32, or
-            head dims outside ``[1, 256]``.
+        ValueError: ``arch`` not in :data:`ARCH_LIMITS`, ``dtype`` not one of bf16/fp16/fp32,
+            head dims outside ``[1, 256]``, or an unknown ``space``.
     """
+    if space not in AUTOTUNE_SPACES:
+        raise ValueError(f"space must be one of {', '.join(AUTOTUNE_SPACES)}, got {space!r}")
     if arch not in ARCH_LIMITS:
         raise ValueError(f"arch must be one of {sorted(ARCH_LIMITS)}, got {arch!r}")
     if dtype not in _DTYPES:
@@ -365,17 +389,24 @@ def check(
     target = GPUTarget("cuda", arch, 32)
     results = []
     for kernel, constexprs, warps, stages in kernel_specs(
-        head_dim_k, head_dim_v or head_dim_k, dtype
+        head_dim_k, head_dim_v or head_dim_k, dtype, space
     ):
         fn = _jit_fn(kernel)
         name = fn.__name__ + ("[SAFE_GATE]" if constexprs.get("SAFE_GATE") else "")
         sig = _signature(fn, dtype, constexprs)
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_aligned(fn, sig))
+        options = {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
+        tuned = {k: constexprs[k] for k in sorted(constexprs) if k in _tuned_meta(kernel)}
+        label = config_str(
+            triton.Config(tuned, num_warps=options["num_warps"], num_stages=options["num_stages"])
+        )
         try:
-            options = {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
-            compiled = triton.compile(src, target=target, options=options)
+            t0 = _cpu_seconds()
+            with _always_compile():
+                compiled = triton.compile(src, target=target, options=options)
+            seconds = _cpu_seconds() - t0
         except Exception as e:  # noqa: BLE001 - report every compiler failure
-            results.append(Result(name, False, error=f"{type(e).__name__}: {e}"))
+            results.append(Result(name, False, error=f"{type(e).__name__}: {e}", config=label))
             continue
         regs, spills = _resource_usage(compiled.asm["cubin"])
         meta = compiled.metadata
@@ -393,9 +424,54 @@ def check(
                 ctas_per_sm=ctas,
                 limited_by=limiter,
                 fits=meta.shared <= limit and ctas != 0,
+                config=label,
+                compile_s=round(seconds, 3),
             )
         )
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (``ptxas``)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def compile_time_summary(results: list[Result]) -> str:
+    """One line: total compile seconds and the seconds per kernel (all its configs)."""
+    per: dict[str, float] = {}
+    for r in results:
+        per[r.kernel] = per.get(r.kernel, 0.0) + (r.compile_s or 0.0)
+    return (
+        f"compile time (CPU seconds, cold cache): {sum(per.values()):.1f} s for {len(results)} "
+        "binaries; per kernel: " + ", ".join(f"{k} {v:.1f} s" for k, v in per.items())
+    )
+
+
+def _tuned_meta(kernel: Any) -> set[str]:
+    """Names of the meta-parameters ``kernel``'s autotune configs set (e.g. ``{"BV"}``)."""
+    for entry in autotuned_kernels():
+        if entry.kernel is kernel:
+            return {k for c in entry.full for k in c.kwargs}
+    return set()
+
+
+@contextlib.contextmanager
+def _always_compile() -> Iterator[None]:
+    """Bypass Triton's on-disk kernel cache, so every compile is timed from source."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.compilation, "always_compile"):
+        yield
+        return
+    previous = knobs.compilation.always_compile
+    knobs.compilation.always_compile = True
+    try:
+        yield
+    finally:
+        knobs.compilation.always_compile = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-warps", type=int, default=None, help="override every kernel's num_warps")
     p.add_argument(
         "--num-stages", type=int, default=None, help="override every kernel's num_stages"
+    )
+    p.add_argument(
+        "--space",
+        choices=AUTOTUNE_SPACES,
+        default="first",
+        help="autotune configs to compile per kernel: first (default: the config the "
+        "interpreter runs), suite (the GPU suite's small set, KIMI_LINEAR_AUTOTUNE=suite) or "
+        "full (every config the autotuner times by default)",
     )
     p.add_argument(
         "--targets",
@@ -450,12 +534,18 @@ def main(argv: list[str] | None = None) -> int:
         ]
         return subprocess.run(cmd, env=env, check=False).returncode
     results = check(
-        args.arch, args.dtype, args.head_dim, args.value_dim, args.num_warps, args.num_stages
+        args.arch,
+        args.dtype,
+        args.head_dim,
+        args.value_dim,
+        args.num_warps,
+        args.num_stages,
+        space=args.space,
     )
     title = (
         f"sm_{args.arch}, {args.dtype}, K={args.head_dim}, V={args.value_dim or args.head_dim}, "
         f"num_warps={args.num_warps or 'default'}, num_stages={args.num_stages or 'default'}, "
-        f"triton {triton.__version__}"
+        f"autotune space {args.space}, triton {triton.__version__}"
     )
     dash = lambda x: "-" if x is None else str(x)
     limit = ARCH_LIMITS[args.arch].max_shared_per_block
@@ -463,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         title,
         "",
         "| kernel | compiles | num_warps | shared bytes | registers/thread | spill bytes/thread "
-        "| mma | CTAs/SM (limited by) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mma | CTAs/SM (limited by) | config | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         shared = dash(r.shared) + ("" if r.fits in (True, None) else f" (> {limit}: too much)")
@@ -472,8 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {r.kernel} | {'yes' if r.ok else 'NO'} | {dash(r.num_warps)} | {shared} | "
             f"{dash(r.registers)} | {dash(r.local_bytes)} | {', '.join(r.mma) or 'none (FMA)'} | "
-            f"{ctas} |"
+            f"{ctas} | {dash(r.config)} | {dash(r.compile_s)} |"
         )
+    lines += ["", compile_time_summary(results)]
     problems = [f"{r.kernel}: {r.error}" for r in results if r.error]
     for r in results:
         if r.fits is False and r.shared is not None and r.shared > limit:

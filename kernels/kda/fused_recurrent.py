@@ -16,10 +16,10 @@ import triton.language as tl
 from kimi_linear.ops.backend import gate_check_enabled
 from kimi_linear.ops.checks import check_log_decay
 
-from .utils import check_kernel_inputs, next_pow2, pack
+from .utils import NO_SPECIALIZE, check_kernel_inputs, checked_grid, next_pow2, pack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fused_recurrent_kernel(
     q,
     k,
@@ -39,8 +39,10 @@ def _fused_recurrent_kernel(
     USE_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), N * H)``; inputs packed ``[TT, H, D]``, states ``[N, H, K, V]``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Grid ``(cdiv(V, BV) * N * H,)``, value blocks fastest (``utils.checked_grid``: no 65,535
+    limit on sequences x heads); inputs packed ``[TT, H, D]``, states ``[N, H, K, V]``."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -76,7 +78,7 @@ def _launch(q, k, v, g, beta, scale, h0, ht, cu_seqlens, o) -> None:
     N = cu_seqlens.numel() - 1
     BK = next_pow2(K)
     BV = min(next_pow2(V), 32 if BK >= 128 else 64)
-    _fused_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+    _fused_recurrent_kernel[checked_grid(triton.cdiv(V, BV) * N * H)](
         q,
         k,
         v,

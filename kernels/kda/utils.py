@@ -156,8 +156,128 @@ def tune_buckets(total_tokens: int, num_seqs_heads: int) -> dict[str, int]:
     return {"T_BUCKET": tune_bucket(total_tokens), "NH_BUCKET": tune_bucket(num_seqs_heads)}
 
 
+#: CUDA's launch-grid limits per axis: ``2**31 - 1`` blocks on axis 0, 65,535 on axes 1 and 2.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def checked_grid(*axes: int) -> tuple[int, ...]:
+    """``axes`` as a launch grid, after checking CUDA's per-axis limits (:data:`GRID_LIMITS`).
+
+    The launchers put every dimension that grows with the batch (chunks, sequences x heads,
+    times the value or key blocks) on axis 0, flattened, and only the head count on axis 1: a
+    grid with the chunk count on axis 1 would fail to launch past 65,535 chunks (~4.19M packed
+    tokens).
+
+    Raises:
+        ValueError: more than three axes, or an axis past its limit (named in the message).
+    """
+    if not 1 <= len(axes) <= 3:
+        raise ValueError(f"a launch grid has 1 to 3 axes, got {len(axes)}")
+    for i, (n, limit) in enumerate(zip(axes, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"launch grid axis {i} has {n} blocks, more than CUDA's {limit}")
+    return tuple(axes)
+
+
+#: Integer launch arguments the kernels never specialise on (``triton.jit(do_not_specialize=...)``):
+#: the head count ``H`` and the size buckets. Triton otherwise compiles a separate binary for a
+#: value of 1 and for values divisible by 16 (bucket values 1, 4, 16, ... would give three
+#: binaries per kernel); unspecialised, one binary serves every value, and it is the binary
+#: ``compile_check`` reports (it compiles these arguments as plain ``i32``).
+NO_SPECIALIZE = ("H", *TUNE_KEYS)
+
+#: Autotune spaces (:func:`set_autotune_space`, env ``KIMI_LINEAR_AUTOTUNE``): ``"full"`` (the
+#: default: every config of the kernel), ``"suite"`` (a small set per kernel chosen from the sm_90
+#: compile report, spill-free at >= 2 CTAs/SM; what the GPU suite tunes over, so that a cold-cache
+#: run compiles a few binaries per kernel instead of ~110 configs per dtype and head dim) and
+#: ``"first"`` (the first config alone: nothing is benchmarked, one binary per kernel).
+AUTOTUNE_SPACES = ("full", "suite", "first")
+AUTOTUNE_ENV = "KIMI_LINEAR_AUTOTUNE"
+
+
+class TunedKernel(NamedTuple):
+    """An autotuned kernel and its config spaces (the registry :func:`autotuned_kernels` lists)."""
+
+    kernel: object  #: the ``triton.autotune`` object (``_FixedConfig`` under the interpreter)
+    name: str
+    full: tuple[triton.Config, ...]
+    suite: tuple[triton.Config, ...]
+    restore_value: tuple[str, ...]
+
+
+_TUNED: list[TunedKernel] = []
+_SPACE = {"name": None}
+
+
+def config_id(c: triton.Config) -> tuple:
+    """A hashable identity of a config: (sorted meta-parameters, num_warps, num_stages)."""
+    return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+
+
+def config_str(c: triton.Config) -> str:
+    """``"BV=32 w4 s2"``: a config as the reports print it."""
+    meta = " ".join(f"{k}={v}" for k, v in sorted(c.kwargs.items()))
+    return (meta + " " if meta else "") + f"w{c.num_warps} s{c.num_stages}"
+
+
+def autotune_space() -> str:
+    """The autotune space in effect: set by :func:`set_autotune_space`, else the environment
+    variable ``KIMI_LINEAR_AUTOTUNE``, else ``"full"``.
+
+    Raises:
+        ValueError: ``KIMI_LINEAR_AUTOTUNE`` is not one of :data:`AUTOTUNE_SPACES`.
+    """
+    if _SPACE["name"] is not None:
+        return _SPACE["name"]
+    name = os.environ.get(AUTOTUNE_ENV, "full") or "full"
+    if name not in AUTOTUNE_SPACES:
+        raise ValueError(
+            f"{AUTOTUNE_ENV} must be one of {', '.join(AUTOTUNE_SPACES)}, got {name!r}"
+        )
+    return name
+
+
+def space_configs(entry: TunedKernel, space: str) -> tuple[triton.Config, ...]:
+    """The configs of ``entry`` in ``space`` (:data:`AUTOTUNE_SPACES`)."""
+    if space not in AUTOTUNE_SPACES:
+        raise ValueError(f"space must be one of {', '.join(AUTOTUNE_SPACES)}, got {space!r}")
+    return {"full": entry.full, "suite": entry.suite, "first": entry.full[:1]}[space]
+
+
+def set_autotune_space(space: str | None) -> None:
+    """Switch every autotuned KDA kernel to the configs of ``space`` (``None``: back to the
+    environment's choice). Tuned results of the previous space are dropped (the next launch of
+    each size bucket tunes again, over the new space); compiled binaries are kept.
+
+    Raises:
+        ValueError: ``space`` is not one of :data:`AUTOTUNE_SPACES`.
+    """
+    if space is not None and space not in AUTOTUNE_SPACES:
+        raise ValueError(f"space must be one of {', '.join(AUTOTUNE_SPACES)}, got {space!r}")
+    _SPACE["name"] = space
+    _apply_space()
+
+
+def _apply_space() -> None:
+    space = autotune_space()
+    for entry in _TUNED:
+        configs = getattr(entry.kernel, "configs", None)
+        if configs is None:  # the interpreter's fixed config: always the first
+            continue
+        entry.kernel.configs = list(space_configs(entry, space))
+        entry.kernel.cache.clear()
+
+
+def autotuned_kernels() -> tuple[TunedKernel, ...]:
+    """Every kernel decorated with :func:`autotune`, in definition order."""
+    return tuple(_TUNED)
+
+
 def autotune(
-    configs: Sequence[triton.Config], key: list[str], restore_value: Sequence[str] = ()
+    configs: Sequence[triton.Config],
+    key: list[str],
+    restore_value: Sequence[str] = (),
+    suite: Sequence[int] = (0,),
 ) -> Callable:
     """``triton.autotune`` on GPU; a fixed first config under the interpreter (no driver there).
 
@@ -169,14 +289,36 @@ def autotune(
     never is: varlen batches of new lengths in a bucket reuse its tuned config. Triton's
     autotuner also keys on the dtypes of the tensor arguments. Under the interpreter the keys
     are ignored (the first config always runs).
+
+    ``suite``: indices into ``configs`` of the GPU suite's small set (:data:`AUTOTUNE_SPACES`),
+    starting with 0. ``restore_value``: arguments the kernel updates in place (Triton clones
+    them before every benchmarked call): only small ones, since a clone of a ``[TT, H, V]``
+    fp32 buffer is gigabytes at long context.
     """
+    configs = tuple(configs)
+    if not suite or suite[0] != 0 or len(set(suite)) != len(suite):
+        raise ValueError(f"suite must list distinct config indices starting with 0, got {suite}")
+    if max(suite) >= len(configs):
+        raise ValueError(f"suite index {max(suite)} is out of range for {len(configs)} configs")
 
     def decorate(fn):
         if interpret_mode():
-            return _FixedConfig(fn, configs[0])
-        return triton.autotune(configs=list(configs), key=key, restore_value=list(restore_value))(
-            fn
+            tuned = _FixedConfig(fn, configs[0])
+        else:
+            tuned = triton.autotune(
+                configs=list(configs), key=key, restore_value=list(restore_value)
+            )(fn)
+        entry = TunedKernel(
+            tuned,
+            getattr(fn, "__name__", str(fn)),
+            configs,
+            tuple(configs[i] for i in suite),
+            tuple(restore_value),
         )
+        _TUNED.append(entry)
+        if not interpret_mode():
+            tuned.configs = list(space_configs(entry, autotune_space()))
+        return tuned
 
     return decorate
 
