@@ -335,8 +335,20 @@ class MLAttention(nn.Module):
         return rearrange(q, "b t (h d) -> b t h d", h=self.num_heads)
 
     def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``kv_b_proj.weight`` as ``W_uk [H, nope, R]`` and ``W_uv [H, v, R]``."""
-        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.num_heads)
+        """``kv_b_proj.weight`` as ``W_uk [H, nope, R]`` and ``W_uv [H, v, R]``.
+
+        A ``kv_b_proj`` that is not a plain ``nn.Linear`` (a wrapper, e.g. an unmerged LoRA
+        adapter, whose ``.weight`` is only the base weight) gives its effective linear map,
+        read off its outputs on the ``R`` unit latents (one extra ``[R, R] x [R, H * (nope + v)]``
+        product per call)."""
+        proj = self.kv_b_proj
+        if type(proj) is nn.Linear:
+            weight = proj.weight
+        else:
+            base = next(proj.parameters())
+            eye = torch.eye(self.kv_lora_rank, dtype=base.dtype, device=base.device)
+            weight = proj(eye).transpose(0, 1)  # [H * (nope + v), R]
+        w = rearrange(weight, "(h d) r -> h d r", h=self.num_heads)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _rotate(

@@ -403,7 +403,9 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
         as usual and ignored by the caller). Tokens with a non-finite ``x`` (NaN router scores)
         are not counted either; their outputs are NaN and every other token's is unchanged.
         """
-        _check_features(x, self.hidden_size, self.experts.w1, "KimiMoE")
+        # the experts' first weight (w1), reached through parameters(): a wrapper of the experts
+        # module (e.g. a LoRA adapter, kimi_linear.lightning.finetune) keeps it as a submodule
+        _check_features(x, self.hidden_size, next(self.experts.parameters()), "KimiMoE")
         if token_mask is not None and (
             not isinstance(token_mask, torch.Tensor)
             or token_mask.dtype != torch.bool

@@ -198,6 +198,11 @@ class KimiLinearLitModule(pl.LightningModule):
             whose config and weights the training starts from (``kimi_linear.hf``); not with
             ``preset`` / ``config``; ``overrides`` may change fields that keep the weights'
             shapes (e.g. ``kda_backend``).
+        lora: LoRA fine-tuning through peft (:mod:`kimi_linear.lightning.finetune`): a dict of
+            :class:`~kimi_linear.lightning.finetune.LoraOptions` fields (``targets``, ``r``,
+            ``alpha``, ``dropout``, ``rslora``), usually with ``init_from``.  Only the adapters
+            train; QK-Clip and the MoE router-bias update are off (they would change the frozen
+            base); ``kimi-linear export`` merges the adapters into the weights.
     """
 
     def __init__(
@@ -220,6 +225,7 @@ class KimiLinearLitModule(pl.LightningModule):
         init_from: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool | dict[str, Any] = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -262,6 +268,13 @@ class KimiLinearLitModule(pl.LightningModule):
             self.config = _init_from_config(init_from, preset, config, overrides, vocab_size)
         else:
             self.config = build_config(preset, overrides, config, vocab_size)
+        self._lora = None
+        if lora is not None:  # LoRA (kimi_linear.lightning.finetune): checked before any work
+            from kimi_linear.lightning import finetune
+
+            self._lora = finetune.LoraOptions.from_value(lora)
+            finetune.require_peft()
+            finetune.check_targets(self.config, self._lora)
         V = self.config.vocab_size
         metrics: dict[str, nn.Module] = {}
         for stage in _STAGES:
@@ -336,12 +349,40 @@ class KimiLinearLitModule(pl.LightningModule):
                     hf.load_weights_(model, self.hparams.init_from)
                 except ValueError as e:
                     raise UsageError(f"model.init_from: {e}") from e
+        if self._lora is not None:
+            self._apply_lora(model, mesh)
         self.model = model
         self._moe = {name: m for name, m in model.named_modules() if hasattr(m, "update_bias")}
         self._mla = {name: m for name, m in model.named_modules() if hasattr(m, "reset_max_logits")}
         if self.hparams.log_max_logits:
             for m in self._mla.values():
                 m.record_max_logits = True
+
+    def _apply_lora(self, model: KimiLinearForCausalLM, mesh: Any) -> None:
+        """Inject the LoRA adapters (after the base weights are loaded) and freeze the rest; the
+        ``PeftModel`` handle is kept outside the module tree (its parameters are the model's)."""
+        from kimi_linear.lightning import finetune
+
+        if mesh is not None:
+            raise UsageError(
+                "model.lora: LoRA is not supported with a sharded strategy (FSDP2) yet; train "
+                "the adapters with a single device or DDP"
+            )
+        self.__dict__["peft_model"] = finetune.apply_lora(model, self._lora)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"LoRA ({', '.join(self._lora.targets)}): {finetune.trainable_summary(model)}"
+        )
+
+    def save_adapter(self, path: str) -> None:
+        """Write the LoRA adapters alone (peft's format) to the folder ``path``."""
+        from kimi_linear.lightning import finetune
+
+        if self._lora is None:
+            raise UsageError("save_adapter: this module has no model.lora")
+        self.configure_model()
+        finetune.save_adapter(self.__dict__["peft_model"], path)
 
     def _load_init_from_sharded(self, model: KimiLinearForCausalLM) -> None:
         """``init_from`` into a sharded model: rank 0 reads the full weights into a CPU copy
@@ -506,8 +547,11 @@ class KimiLinearLitModule(pl.LightningModule):
         )
         if hp.optimizer == "muonclip":
             kwargs.update(
-                qk_clip_tau=hp.qk_clip_tau,
-                track_max_logits=hp.qk_clip_tau is not None or hp.log_max_logits,
+                # LoRA: QK-Clip would rescale the frozen query / kv_b_proj weights, so it is
+                # off; the max logits are still tracked for the logs
+                qk_clip_tau=hp.qk_clip_tau if self._lora is None else None,
+                track_max_logits=(hp.qk_clip_tau is not None and self._lora is None)
+                or hp.log_max_logits,
             )
         optimizer = build_optimizer(self.model, hp.optimizer, **kwargs)
         total = hp.max_steps
@@ -535,7 +579,9 @@ class KimiLinearLitModule(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         stats: dict[str, torch.Tensor] = {}
         for name, moe in self._moe.items():
-            load = moe.update_bias(rate=self.hparams.moe_bias_update_rate)
+            # LoRA keeps the router bias (part of the frozen base): rate 0 only counts the loads
+            rate = 0.0 if self._lora is not None else self.hparams.moe_bias_update_rate
+            load = moe.update_bias(rate=rate)
             if load.sum() > 0:
                 stats[f"moe/balance/layer_{_layer_index(name)}"] = (
                     load.max() / load.mean()

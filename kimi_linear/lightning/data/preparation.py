@@ -17,6 +17,12 @@ number of workers or the input order, and no document (nor a copy of it) is in b
 Input that is not text is skipped and counted (:mod:`~kimi_linear.lightning.data.sources`);
 when nothing readable is left, or a split is empty, prepare stops with an error.
 
+``--format`` reads instruction / chat records (``{"prompt", "completion"}``, Alpaca's
+``{"instruction", "input", "output"}``, ``{"messages": [{"role", "content"}, ...]}``, or ``auto``
+per record; :mod:`~kimi_linear.lightning.data.instruct`): each record is rendered (Alpaca's
+prompt; the tokenizer's chat template or the built-in one), tokenised segment by segment, and
+stored with a per-token loss mask (1 on the responses), so training scores only the responses.
+
 ``--train_bpe VOCAB`` first trains a byte-level BPE tokenizer (Hugging Face ``tokenizers``) on
 the training documents only, saves it as ``DIR/tokenizer.json`` and tokenises with it, so a
 corpus and its tokenizer can be made offline in one command.
@@ -45,6 +51,12 @@ from typing import Any
 import numpy as np
 
 from kimi_linear.errors import UsageError
+from kimi_linear.lightning.data.instruct import (
+    Example,
+    check_record_format,
+    encode_segments,
+    make_renderer,
+)
 from kimi_linear.lightning.data.shards import (
     FORMAT,
     META,
@@ -76,10 +88,16 @@ def _init_worker(
     text_field: str,
     val_fraction: float,
     max_invalid_fraction: float,
+    record_format: str = "text",
+    chat_template: str = "auto",
 ) -> None:
     from kimi_linear.lightning.tokenizer import ByteTokenizer, load_tokenizer
 
     tok = load_tokenizer(tokenizer_spec, **tokenizer_options)
+    _WORKER.update(
+        record_format=record_format,
+        renderer=None if record_format == "text" else make_renderer(chat_template, tok),
+    )
     _WORKER.update(
         tokenizer=tok,
         is_byte=isinstance(tok, ByteTokenizer),
@@ -100,24 +118,46 @@ def _encode(text: str) -> np.ndarray:
     return np.append(ids, np.asarray(tok.eos_id, dtype=dtype))
 
 
+def _encode_example(example: Example) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids, the uint8 loss mask and the rendered UTF-8 bytes of an instruction / chat /
+    text example, rendered by the worker's chat renderer and tokenised segment by segment
+    (ends with EOS)."""
+    tok, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
+    segments = _WORKER["renderer"].render(example)
+    ids, mask = encode_segments(segments, tok.encode, tok.eos_id)
+    size = sum(len(t.encode("utf-8")) for t, _ in segments if t is not None)
+    return np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8), size
+
+
 def _process_unit(job: tuple[int, Unit]) -> dict[str, Any]:
     """Tokenise one work unit and write its shard of each split; returns its statistics."""
     index, unit = job
     counts = SourceCounts()
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     keys: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for doc in iter_documents(unit, counts, _WORKER["text_field"], _WORKER["max_invalid_fraction"]):
-        key = document_key(doc)
+    record_format = _WORKER["record_format"]
+    for doc in iter_documents(
+        unit, counts, _WORKER["text_field"], _WORKER["max_invalid_fraction"], record_format
+    ):
+        key = document_key(doc.key_text if isinstance(doc, Example) else doc)
         split = "val" if key < _WORKER["val_fraction"] * 2**64 else "train"  # is_held_out
-        parts[split].append(_encode(doc))
+        if isinstance(doc, Example):
+            ids, mask, size = _encode_example(doc)
+            counts.bytes += size - doc.num_bytes  # the rendered text (template included)
+            parts[split].append(ids)
+            masks[split].append(mask)
+        else:
+            parts[split].append(_encode(doc))
         keys[split].append(key)
     shards: dict[str, dict[str, Any]] = {}
     for split, arrays in parts.items():
         if not arrays:
             continue
         ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        loss_mask = np.concatenate(masks[split]) if record_format != "text" else None
         shards[split] = write_shard(
-            _WORKER["output_dir"], split, index, np.concatenate(arrays), ends
+            _WORKER["output_dir"], split, index, np.concatenate(arrays), ends, loss_mask
         )
         # order-sensitive checksum pieces of the unit's documents (see _checksum)
         shards[split]["key_sum"] = sum(keys[split]) % 2**64
@@ -193,18 +233,28 @@ def train_bpe(
     text_field: str = "text",
     val_fraction: float = 0.01,
     max_invalid_fraction: float = MAX_INVALID_FRACTION,
+    record_format: str = "text",
 ) -> Path:
     """Train a byte-level BPE tokenizer (``tokenizers``) with ``<|endoftext|>`` as its EOS on the
-    *training* documents of ``units`` and save it to ``output`` (a ``tokenizer.json``)."""
+    *training* documents of ``units`` and save it to ``output`` (a ``tokenizer.json``).
+    Instruction / chat records train it on their text as rendered with the built-in template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
         raise UsageError(f"--train_bpe must be >= 257 (256 bytes + EOS), got {vocab_size}")
 
+    renderer = make_renderer("builtin")
+
     def train_docs() -> Iterator[str]:
         for unit in units:
-            for doc in iter_documents(unit, SourceCounts(), text_field, max_invalid_fraction):
-                if not is_held_out(doc, val_fraction):
+            docs = iter_documents(
+                unit, SourceCounts(), text_field, max_invalid_fraction, record_format
+            )
+            for doc in docs:
+                if isinstance(doc, Example):
+                    if not is_held_out(doc.key_text, val_fraction):
+                        yield "".join(t for t, _ in renderer.render(doc) if t is not None)
+                elif not is_held_out(doc, val_fraction):
                     yield doc
 
     tok = Tokenizer(models.BPE())
@@ -236,10 +286,12 @@ def prepare(
     chunk_bytes: int = 64 << 20,
     overwrite: bool = False,
     progress: bool = True,
+    record_format: str = "text",
+    chat_template: str = "auto",
 ) -> dict[str, Any]:
     """Tokenise ``inputs`` into a prepared dataset at ``output_dir``; returns the summary
     (also stored in ``meta.json``).  See the module docstring; arguments mirror
-    ``kimi-linear prepare --help``."""
+    ``kimi-linear prepare --help`` (``record_format`` is ``--format``)."""
     from kimi_linear.lightning.tokenizer import load_tokenizer
 
     if not 0 < val_fraction < 1:
@@ -250,6 +302,9 @@ def prepare(
         raise UsageError(f"--num_workers must be >= 0, got {num_workers}")
     if not text_field:
         raise UsageError("--text_field must be a non-empty field name")
+    check_record_format(record_format, chat_template)
+    if train_bpe_vocab is not None and chat_template == "tokenizer":
+        raise UsageError("--chat_template tokenizer: a --train_bpe tokenizer has no chat template")
     tokenizer_options = dict(tokenizer_options or {})
     if train_bpe_vocab is not None and tokenizer not in (None, "byte"):
         raise UsageError("--train_bpe trains the tokenizer: do not also give --tokenizer")
@@ -265,13 +320,16 @@ def prepare(
         final = final.resolve()
     if train_bpe_vocab is None:
         tok = load_tokenizer(tokenizer, **tokenizer_options)  # fail early on a bad tokenizer
+        if record_format != "text":
+            make_renderer(chat_template, tok)  # fail early on a missing chat template
     _check_output(final, overwrite)
     out = _staging_dir(final)  # written here, moved to ``final`` only when complete
     try:
         summary = _prepare_into(
             out, final, inputs, units, ignored, tokenizer, tokenizer_options,
             None if train_bpe_vocab is not None else tok, train_bpe_vocab, text_field,
-            val_fraction, num_workers, wanted, max_invalid_fraction, progress,
+            val_fraction, num_workers, wanted, max_invalid_fraction, progress, record_format,
+            chat_template,
         )  # fmt: skip
         _replace_output(out, final)
     finally:
@@ -296,6 +354,8 @@ def _prepare_into(
     wanted: int,
     max_invalid_fraction: float,
     progress: bool,
+    record_format: str = "text",
+    chat_template: str = "auto",
 ) -> dict[str, Any]:
     """The body of :func:`prepare`: write the dataset into the staging folder ``out`` (which
     becomes ``final``); returns the summary."""
@@ -304,13 +364,13 @@ def _prepare_into(
     if train_bpe_vocab is not None:
         path = train_bpe(
             units, train_bpe_vocab, out / "tokenizer.json", text_field, val_fraction,
-            max_invalid_fraction,
+            max_invalid_fraction, record_format,
         )  # fmt: skip
         tokenizer, tokenizer_options = os.fspath(path), {"eos_token": "<|endoftext|>"}
         tok = load_tokenizer(tokenizer, **tokenizer_options)
     started = time.perf_counter()  # tokenising and writing (after any BPE training)
     init = (tokenizer, tokenizer_options, os.fspath(out), text_field, val_fraction,
-            max_invalid_fraction)  # fmt: skip
+            max_invalid_fraction, record_format, chat_template)  # fmt: skip
     workers = 0 if num_workers == 0 else min(wanted, len(units))  # 0 or 1: in this process
     results: list[dict[str, Any]] = []
     bar = None
@@ -354,7 +414,8 @@ def _prepare_into(
         raise UsageError(
             f"--input: no text documents found ({counts.skipped_binary} not text, "
             f"{counts.skipped_empty} empty, {counts.skipped_bad_json} bad JSON lines, "
-            f"{counts.skipped_no_text} records without a string {text_field!r})"
+            f"{counts.skipped_no_text} records without a string {text_field!r}, "
+            f"{counts.skipped_bad_record} records not in --format {record_format})"
         )
     splits: dict[str, Any] = {}
     for split in SPLITS:
@@ -365,6 +426,8 @@ def _prepare_into(
             "checksum": _checksum(shards),
             "shards": shards,
         }
+        if record_format != "text":
+            splits[split]["num_loss_tokens"] = sum(s["num_loss_tokens"] for s in shards)
     for split in SPLITS:
         if splits[split]["num_documents"] == 0:
             raise UsageError(
@@ -392,6 +455,10 @@ def _prepare_into(
         "skipped_no_text_field": counts.skipped_no_text,
         "ignored_files": len(ignored),
     }
+    if record_format != "text":
+        summary["skipped_bad_record"] = counts.skipped_bad_record
+        summary["train_loss_tokens"] = splits["train"]["num_loss_tokens"]
+        summary["val_loss_tokens"] = splits["val"]["num_loss_tokens"]
     spec = dict(tok.spec)
     if "path" in spec and Path(spec["path"]).parent in (out.resolve(), final.resolve()):
         spec["path"] = Path(spec["path"]).name  # a tokenizer inside the dataset moves with it
@@ -404,6 +471,9 @@ def _prepare_into(
         "dtype": token_dtype(tok.vocab_size).str,
         "val_fraction": val_fraction,
         "text_field": text_field,
+        "records": None
+        if record_format == "text"
+        else {"format": record_format, "chat_template": make_renderer(chat_template, tok).template},
         "inputs": [os.fspath(i) for i in inputs],
         "splits": splits,
         "summary": summary,
@@ -424,6 +494,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"time:      {s['seconds']:.2f} s, {s['tokens_per_second']:,} tokens/s "
         f"({s['workers']} worker(s), {s['units']} unit(s))",
     ]
+    if "train_loss_tokens" in s:  # instruction / chat data
+        loss = f"train {s['train_loss_tokens']:,}, val {s['val_loss_tokens']:,}"
+        lines.insert(2, f"in loss:   {loss} tokens (the responses; prompts masked)")
     skipped = {
         k: v for k, v in s.items() if (k.startswith("skipped_") or k == "ignored_files") and v
     }
@@ -463,6 +536,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_remote_code", action="store_true",
                    help="tokenizer folders: allow a tokenizer class shipped in the folder")  # fmt: skip
     p.add_argument("--text_field", default="text", help="JSONL field / parquet column (text)")
+    p.add_argument(
+        "--format", default="text", dest="record_format",
+        choices=["text", "auto", "prompt_completion", "alpaca", "chat"],
+        help="JSONL / parquet records: 'text' (the --text_field, all tokens in the loss; "
+        "default), 'prompt_completion' ({prompt, completion}), 'alpaca' ({instruction, input, "
+        "output}), 'chat' ({messages: [{role, content}, ...]}) or 'auto' (by each record's "
+        "keys); instruction forms keep only the responses in the loss",
+    )  # fmt: skip
+    p.add_argument(
+        "--chat_template", default="auto", choices=["auto", "builtin", "tokenizer"],
+        help="chat records: the tokenizer's chat template ('tokenizer'), the built-in "
+        "<|user|> / <|assistant|> template ('builtin'), or the tokenizer's when it has one "
+        "('auto', default)",
+    )  # fmt: skip
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="share of the documents held out for validation (0.01)")  # fmt: skip
     p.add_argument("--num_workers", type=int, default=None,
@@ -516,6 +603,8 @@ def prepare_main(argv: list[str]) -> int:
         max_invalid_fraction=args.max_invalid_fraction,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        record_format=args.record_format,
+        chat_template=args.chat_template,
     )
     print(f"prepared {args.output_dir}")
     print(format_summary(summary))

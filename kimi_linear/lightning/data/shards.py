@@ -6,6 +6,9 @@
     DIR/train/000000.tokens       the token ids of one work unit's documents, back to back,
                                   each document followed by EOS (raw little-endian uint16/uint32)
     DIR/train/000000.docs.npy     int64 [documents]: end offset of each document in that file
+    DIR/train/000000.mask         instruction / chat data only (``prepare --format``): one uint8
+                                  per token, 1 where the token is in the loss (responses), 0 on
+                                  prompts; labels become -100 where it is 0
     DIR/val/...                   the same for the held-out documents
 
 A split is the concatenation of its shards in order.  :class:`TokenShards` reads any window of
@@ -41,25 +44,38 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_shard(
-    root: str | os.PathLike, split: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray
+    root: str | os.PathLike,
+    split: str,
+    index: int,
+    tokens: np.ndarray,
+    doc_ends: np.ndarray,
+    loss_mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write one shard of ``split`` (``tokens`` in the dataset dtype, ``doc_ends`` cumulative
-    int64); returns its ``meta.json`` entry."""
+    int64, optionally ``loss_mask``: bool / uint8 per token, 1 = in the loss); returns its
+    ``meta.json`` entry."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if len(doc_ends) == 0 or int(doc_ends[-1]) != len(tokens):
         raise ValueError("doc_ends must be non-empty and end at len(tokens)")
+    if loss_mask is not None and len(loss_mask) != len(tokens):
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {len(tokens)} tokens")
     folder = Path(root) / split
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{index:06d}"
     tokens.tofile(folder / f"{name}.tokens")
     np.save(folder / f"{name}.docs.npy", doc_ends.astype(np.int64))
-    return {
+    entry = {
         "tokens": f"{split}/{name}.tokens",
         "docs": f"{split}/{name}.docs.npy",
         "num_tokens": len(tokens),
         "num_documents": len(doc_ends),
     }
+    if loss_mask is not None:
+        np.asarray(loss_mask, dtype=np.uint8).tofile(folder / f"{name}.mask")
+        entry["mask"] = f"{split}/{name}.mask"
+        entry["num_loss_tokens"] = int(np.count_nonzero(loss_mask))
+    return entry
 
 
 def read_meta(root: str | os.PathLike) -> dict[str, Any]:
@@ -92,6 +108,8 @@ class TokenShards:
     Attributes:
         num_tokens: tokens in the split.
         num_documents: documents in the split.
+        has_loss_mask: every shard has a loss mask (instruction / chat data): see
+            :meth:`read_loss_mask`.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, meta: dict[str, Any] | None = None):
@@ -108,6 +126,20 @@ class TokenShards:
                     f"data.path: shard {os.fspath(f)!r} is missing or has the wrong size "
                     "(the dataset is damaged; prepare it again)"
                 )
+        with_mask = ["mask" in s for s in self.shards]
+        if any(with_mask) and not all(with_mask):
+            raise UsageError(
+                f"data.path: {os.fspath(self.root)!r}: some {split} shards have a loss mask and "
+                "some do not (the dataset is damaged; prepare it again)"
+            )
+        self.has_loss_mask = bool(with_mask) and all(with_mask)
+        for s in self.shards if self.has_loss_mask else ():
+            f = self.root / s["mask"]
+            if not f.is_file() or f.stat().st_size != s["num_tokens"]:
+                raise UsageError(
+                    f"data.path: loss mask {os.fspath(f)!r} is missing or has the wrong size "
+                    "(the dataset is damaged; prepare it again)"
+                )
         counts = np.array([s["num_tokens"] for s in self.shards], dtype=np.int64)
         #: start offset of each shard in the split's stream, plus the total at the end
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -115,16 +147,21 @@ class TokenShards:
         self.num_documents = sum(int(s["num_documents"]) for s in self.shards)
         self._tokens: list[np.ndarray] | None = None
         self._docs: list[np.ndarray] | None = None
+        self._masks: list[np.ndarray] | None = None
 
     def _open(self) -> None:
         self._tokens = [
             np.memmap(self.root / s["tokens"], dtype=self.dtype, mode="r") for s in self.shards
         ]
         self._docs = [np.load(self.root / s["docs"], mmap_mode="r") for s in self.shards]
+        if self.has_loss_mask:
+            self._masks = [
+                np.memmap(self.root / s["mask"], dtype=np.uint8, mode="r") for s in self.shards
+            ]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_tokens"] = state["_docs"] = None  # re-opened in each worker process
+        state["_tokens"] = state["_docs"] = state["_masks"] = None  # re-opened in each worker
         return state
 
     def _spans(self, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -150,6 +187,16 @@ class TokenShards:
         assert self._tokens is not None
         parts = [self._tokens[i][a:b] for i, a, b in self._spans(start, stop)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def read_loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """Loss flags of tokens ``[start, stop)`` (bool; all ``True`` without a loss mask)."""
+        if not self.has_loss_mask:
+            return np.ones(stop - start, dtype=bool)
+        if self._tokens is None:
+            self._open()
+        assert self._masks is not None
+        parts = [self._masks[i][a:b] for i, a, b in self._spans(start, stop)]
+        return np.concatenate(parts).astype(bool) if parts else np.zeros(0, bool)
 
     def document_starts(self, start: int, stop: int) -> np.ndarray:
         """Positions ``p`` in ``(0, stop - start)`` (relative to ``start``) where a document

@@ -12,6 +12,9 @@ Large JSONL files are cut into line-aligned byte ranges and parquet files into r
 (:func:`list_units`), so several worker processes can read one big file; the documents of the
 units, in unit order, are the same whatever the number of workers.
 
+Instruction and chat records (``record_format`` other than ``"text"``) are parsed by
+:mod:`~kimi_linear.lightning.data.instruct` and yielded as its ``Example`` objects.
+
 This module imports neither torch nor Lightning (it runs in ``kimi-linear prepare``'s workers).
 """
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kimi_linear.errors import UsageError
+from kimi_linear.lightning.data.instruct import Example, parse_record
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
@@ -84,6 +88,10 @@ class SourceCounts:
     skipped_empty: int = 0  #: empty documents
     skipped_bad_json: int = 0  #: JSONL lines that are not a JSON object
     skipped_no_text: int = 0  #: records whose text field is missing or not a string
+    #: instruction / chat records that do not fit ``--format`` (a field missing or not a
+    #: string, an unknown role, no non-empty response), and text files under an instruction
+    #: format other than ``auto``
+    skipped_bad_record: int = 0
 
     def add(self, other: SourceCounts) -> None:
         for f in dataclasses.fields(self):
@@ -92,7 +100,11 @@ class SourceCounts:
     @property
     def skipped(self) -> int:
         return (
-            self.skipped_binary + self.skipped_empty + self.skipped_bad_json + self.skipped_no_text
+            self.skipped_binary
+            + self.skipped_empty
+            + self.skipped_bad_json
+            + self.skipped_no_text
+            + self.skipped_bad_record
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -267,8 +279,19 @@ def iter_documents(
     counts: SourceCounts,
     text_field: str = "text",
     max_invalid_fraction: float = MAX_INVALID_FRACTION,
-) -> Iterator[str]:
-    """The documents of ``unit``, updating ``counts`` (read and skipped)."""
+    record_format: str = "text",
+) -> Iterator[str | Example]:
+    """The documents of ``unit``, updating ``counts`` (read and skipped).
+
+    With ``record_format="text"`` a document is a ``str``; otherwise (``auto`` or an
+    instruction form, see :mod:`~kimi_linear.lightning.data.instruct`) it is an ``Example``:
+    JSONL records and parquet rows are parsed in that form, and text files (and the builtin
+    corpus) are plain-text examples under ``auto`` and skipped (``skipped_bad_record``) under an
+    explicit instruction form.
+    """
+    if record_format != "text":
+        yield from _iter_examples(unit, counts, text_field, max_invalid_fraction, record_format)
+        return
 
     def accept(text: str | None) -> str | None:
         if text is None:
@@ -335,6 +358,74 @@ def iter_documents(
                 doc = accept(value)
                 if doc is not None:
                     yield doc
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def _iter_examples(
+    unit: Unit,
+    counts: SourceCounts,
+    text_field: str,
+    max_invalid_fraction: float,
+    record_format: str,
+) -> Iterator[Example]:
+    """:func:`iter_documents` for ``auto`` and the instruction forms (``Example`` objects)."""
+
+    def accept(example: Example | None) -> Example | None:
+        if example is None:
+            counts.skipped_bad_record += 1
+            return None
+        if example.kind == "text" and not example.fields[0]:
+            counts.skipped_empty += 1
+            return None
+        counts.documents += 1
+        counts.bytes += example.num_bytes
+        return example
+
+    if unit.kind in ("builtin", "text"):
+        if record_format != "auto":  # a plain text document has no prompt / response
+            texts = SourceCounts()
+            n = sum(1 for _ in iter_documents(unit, texts, text_field, max_invalid_fraction))
+            counts.skipped_bad_record += n
+            counts.skipped_binary += texts.skipped_binary
+            counts.skipped_empty += texts.skipped_empty
+            return
+        texts = SourceCounts()
+        for doc in iter_documents(unit, texts, text_field, max_invalid_fraction):
+            ex = accept(Example("text", (doc,)))
+            if ex is not None:
+                yield ex
+        counts.skipped_binary += texts.skipped_binary
+        counts.skipped_empty += texts.skipped_empty
+    elif unit.kind == "jsonl":
+        with open(unit.path, "rb") as fh:
+            if unit.start > 0:  # the line that starts before ``start`` belongs to the previous unit
+                fh.seek(unit.start - 1)
+                fh.readline()
+            stop = unit.stop if unit.stop >= 0 else float("inf")
+            while fh.tell() < stop:
+                line = fh.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                raw = decode_text(line, max_invalid_fraction)
+                if raw is None:
+                    counts.skipped_binary += 1
+                    continue
+                for record in _json_records(raw.removeprefix(_BOM), counts):
+                    ex = accept(parse_record(record, record_format, text_field))
+                    if ex is not None:
+                        yield ex
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(unit.path)
+        for group in range(unit.start, unit.stop):
+            for record in pf.read_row_group(group).to_pylist():
+                ex = accept(parse_record(record, record_format, text_field))
+                if ex is not None:
+                    yield ex
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 

@@ -19,6 +19,11 @@ inputs; the model shifts them).  With ``pack="reset"`` each batch also carries
 
 With ``pack="window"`` windows run across document boundaries (the model sees the EOS and the
 next document in one context), as in plain GPT-style packing.
+
+Instruction / chat datasets (``kimi-linear prepare --format ...``) store a loss mask beside the
+tokens; a window's labels are ``-100`` wherever the mask is 0 (prompts, template tags, user
+messages), read from the same token range as the window, so the mask stays aligned through any
+packing (and the first-label masking of ``pack="reset"`` applies on top).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class TokenWindowDataset(Dataset):
     """Window ``i`` = tokens ``[i * seq_len, (i + 1) * seq_len)`` of a split.
 
     Items are ``{"input_ids": [T] long, "labels": [T] long}``, plus ``"doc_starts"`` (int64,
-    the positions in ``(0, T)`` where a document begins) when ``pack == "reset"``.
+    the positions in ``(0, T)`` where a document begins) when ``pack == "reset"``.  With a loss
+    mask in the dataset, ``labels`` is ``-100`` where the mask is 0.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, pack: str = "reset") -> None:
@@ -61,7 +67,11 @@ class TokenWindowDataset(Dataset):
             raise IndexError(f"window {index} out of range for {self.num_windows} windows")
         start, stop = index * self.seq_len, (index + 1) * self.seq_len
         ids = torch.from_numpy(self.shards.read(start, stop))
-        item = {"input_ids": ids, "labels": ids.clone()}
+        labels = ids.clone()
+        if self.shards.has_loss_mask:
+            keep = torch.from_numpy(self.shards.read_loss_mask(start, stop))
+            labels[~keep] = IGNORE_INDEX
+        item = {"input_ids": ids, "labels": labels}
         if self.pack == "reset":
             item["doc_starts"] = torch.from_numpy(self.shards.document_starts(start, stop))
         return item
@@ -163,6 +173,8 @@ class TokenDataModule(_BaseDataModule):
             name: {k: split.get(k) for k in ("num_documents", "num_tokens", "checksum")}
             for name, split in self.meta["splits"].items()
         }
+        if self.meta.get("records") is not None:  # instruction / chat data: form and template
+            content["records"] = self.meta["records"]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def setup(self, stage: str | None = None) -> None:
