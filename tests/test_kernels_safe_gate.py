@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kda_inputs
+import torch.nn.functional as F
+from helpers import assert_rel_close, kda_inputs
 from kimi_linear.kernels import chunk_kda
 
 from kimi_linear.ops import kda_recurrent
@@ -233,3 +234,70 @@ def test_dispatch_hands_the_bound_to_each_backend(name):
     extra = {"gate_lower_bound", "safe_gate", "lower_bound"}
     assert {key: val for key, val in seen[0].items() if key in extra} == expected
     assert not extra & set(seen[1])
+
+
+# ------------------------------------------------- gate-parameter gradients (fla's bar, fp16/bf16)
+def gate_param_run(kda_fn, dtype, seed, reference=False, **kwargs):
+    """fla's ``test_chunk`` with ``use_gate_in_kernel`` (its input draws), the gate formed by
+    :func:`kimi_linear.ops.gate.kda_gate` (safe gate, ``lower_bound = LOWER``) outside the kernel:
+    q, k, v ``rand`` in ``dtype`` (L2-normalised), raw gate ``f ~ N(0, 1)``, ``A_log ~ N(0, 1)``
+    ``[H]``, ``dt_bias ~ N(0, 1)`` ``[H * K]``, beta = sigmoid(N(0, 1)), fp32 h0. Back-propagates
+    ``<o, do> + <ht, dht>``; returns ``{o, ht, dq, dk, dv, dg, dbeta, dA, dbias, dh0}``.
+    ``reference``: the same values, everything (gate included) in float64."""
+    from kimi_linear.ops.gate import kda_gate
+
+    B, T, H, K = 1, 128, 4, 32
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.rand(B, T, H, K, generator=gen).to(dtype) for _ in range(3))
+    f = torch.randn(B, T, H, K, generator=gen)
+    A_log, dt_bias = torch.randn(H, generator=gen), torch.randn(H * K, generator=gen)
+    beta = torch.randn(B, T, H, generator=gen).sigmoid().to(dtype)
+    h0 = torch.randn(B, H, K, K, generator=gen)
+    do, dht = torch.randn(B, T, H, K, generator=gen), torch.randn(B, H, K, K, generator=gen)
+    cast = torch.float64 if reference else None
+    leaves = [
+        x.to(DEVICE, cast or x.dtype).detach().requires_grad_()
+        for x in (q, k, v, f, beta, h0, A_log, dt_bias)
+    ]
+    q, k, v, f, beta, h0, A_log, dt_bias = leaves
+    g = kda_gate(f, A_log, dt_bias, lower_bound=LOWER)
+    g.retain_grad()
+    o, ht = kda_fn(
+        F.normalize(q, dim=-1),
+        F.normalize(k, dim=-1),
+        v,
+        g,
+        beta,
+        initial_state=h0,
+        output_final_state=True,
+        **kwargs,
+    )
+    loss = (o.double() * do.to(o.device).double()).sum()
+    (loss + (ht.double() * dht.to(o.device).double()).sum()).backward()
+    grads = (q.grad, k.grad, v.grad, g.grad, beta.grad, A_log.grad, dt_bias.grad, h0.grad)
+    names = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dA", "dbias", "dh0")
+    return dict(zip(names, (o, ht, *grads)))
+
+
+# fla's tolerances (tests/ops/test_kda.py, test_chunk, fp16), the gate-parameter gradients at
+# the bar of its safe-gate cases; bf16 (3 mantissa bits fewer) at 2x, the exact (pairwise) path
+# reaches about half of each.
+FLA_RTOL = {"o": 5e-3, "ht": 5e-3, "dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dg": 2e-2}
+FLA_RTOL |= {"dbeta": 2e-2, "dA": 8e-3, "dbias": 8e-3, "dh0": 8e-3}
+
+
+@pytest.mark.parametrize(
+    "dtype, seed", [(torch.float16, 1), (torch.bfloat16, 1)], ids=["fp16", "bf16"]
+)
+def test_fast_path_gate_parameter_grads_at_fla_tolerance(dtype, seed):
+    """dg chained through the safe gate into ``A_log`` / ``dt_bias`` (summed over every token)
+    against float64. The sum does not average a systematic dg error away: the diagonal
+    sub-chunk's pair terms enter dG twice (row side +, column side -) and cancel in exact
+    arithmetic; computed from 16-bit operands the two sides round differently, and the reverse
+    cumulative sum adds each residue into every earlier row of the chunk. Before the fix (16-bit
+    operands there) fp16 gave dbias 5e-2, dA 2e-2; bf16 dbias 5e-2."""
+    got = gate_param_run(chunk_kda, dtype, seed, gate_lower_bound=LOWER)
+    ref = gate_param_run(kda_recurrent, dtype, seed, reference=True)
+    scale = 1.0 if dtype == torch.float16 else 2.0
+    for name, tol in FLA_RTOL.items():
+        assert_rel_close(got[name], ref[name], tol * scale, name)

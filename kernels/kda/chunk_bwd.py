@@ -57,7 +57,6 @@ import triton.language as tl
 from .chunk_fwd import (
     _chunk_bounds,
     _decay_row,
-    _fast_operand,
     _load_op,
     _load_tile,
     _state_block,
@@ -535,6 +534,26 @@ _INTRA_BWD_CONFIGS = config_space(
 )
 
 
+@triton.jit
+def _pair_dot(a, b, like):
+    """``a @ b`` of fp32 tiles at about fp32 accuracy, for the safe-gate diagonal sub-chunk of
+    :func:`_intra_bwd_kernel`. fp32 inputs (``like``'s element type): one exact ("ieee") product.
+    16-bit inputs: three bf16 tensor-core products of the split operands ``x = x_hi + x_lo``
+    (``a_hi b_hi + a_hi b_lo + a_lo b_hi``, relative error about 2^-16; Triton's "bf16x3"),
+    written out so that the interpreter rounds the operands as the GPU does."""
+    if like.dtype.element_ty == tl.float32:
+        acc = tl.dot(a, b, input_precision="ieee")
+    else:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(a_lo, b_hi)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    return acc
+
+
 @autotune(_INTRA_BWD_CONFIGS, key=["K", *TUNE_KEYS], restore_value=["dbeta"])
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _intra_bwd_kernel(
@@ -662,21 +681,24 @@ def _intra_bwd_kernel(
             # Z += exp(G_refc - G) D^T (X exp(G - G_refc)). dAqk's diagonal (factor 1) is added
             # elementwise in fp32, as the pairwise path does, so that it still cancels exactly
             # in dG (q Yq - k Zq): with 16-bit operands it would leave a rounding residue of
-            # the size of dAqk q k, far above dg itself under strong decay.
+            # the size of dAqk q k, far above dg itself under strong decay. The same holds for
+            # every pair of the block: its term enters dG on the row side (+) and the column
+            # side (-) from different operands, and the reverse cumsum adds any residue to
+            # every earlier row of the chunk (a bias, not noise, in dg summed over tokens: the
+            # gate parameters' gradient). So these products take fp32 operands at about fp32
+            # accuracy (_pair_dot), as the pairwise path computes them.
             d_off = a_rows + i_i * BC + o_c[None, :]
             b_da = tl.load(dAqk + d_off, mask=m_r[:, None], other=0.0)
             b_dag = tl.sum(tl.where(o_c[:, None] == o_c[None, :], b_da, 0.0), axis=1)
-            b_dad = _fast_operand(tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0), q)
-            b_dld = _fast_operand(tl.load(dL + d_off, mask=m_r[:, None], other=0.0), q)
-            b_kn = _fast_operand(b_k * tl.exp(tl.where(m_rd, b_ref[None, :] - b_g, 0.0)), q)
-            b_yq += b_er * tl.dot(b_dad, b_kn, input_precision=DOT_PREC) + b_dag[:, None] * b_k
-            b_yk += b_er * tl.dot(b_dld, b_kn, input_precision=DOT_PREC)
+            b_dad = tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0)
+            b_dld = tl.load(dL + d_off, mask=m_r[:, None], other=0.0)
+            b_kn = b_k * tl.exp(tl.where(m_rd, b_ref[None, :] - b_g, 0.0))
+            b_yq += b_er * _pair_dot(b_dad, b_kn, q) + b_dag[:, None] * b_k
+            b_yk += b_er * _pair_dot(b_dld, b_kn, q)
             b_rn = tl.exp(tl.where(m_rd, b_g - b_refc[None, :], 0.0))
-            b_xq = _fast_operand(b_q * b_rn, q)
-            b_xk = _fast_operand(b_k * b_beta[:, None] * b_rn, q)
-            b_zq += b_ec * tl.dot(tl.trans(b_dad), b_xq, input_precision=DOT_PREC)
+            b_zq += b_ec * _pair_dot(tl.trans(b_dad), b_q * b_rn, q)
             b_zq += b_dag[:, None] * b_q
-            b_zk += b_ec * tl.dot(tl.trans(b_dld), b_xk, input_precision=DOT_PREC)
+            b_zk += b_ec * _pair_dot(tl.trans(b_dld), b_k * b_beta[:, None] * b_rn, q)
         # Diagonal sub-chunk, exact pairwise exponents, one partner row j at a time (only
         # [BC, BKD] tiles live; no [BC, BC, BKD] tensor): row side
         # Y[r] += D[r, j] k_j exp(G_r - G_j) for r >= j, column side

@@ -12,7 +12,8 @@ the one of the released Kimi-Linear-48B-A3B (Moonshot's ``modeling_kimi.py``, fl
 gate FlashKDA and cuLA require) keeps every ``g`` in ``(lower_bound, 0)``, so a 16-token
 sub-chunk accumulates at most ``16 * lower_bound`` and kernels may skip overflow guards.
 
-Everything is computed in float32.  ``softplus`` is PyTorch's stable one
+Everything is computed in float32 (float64 when an input is float64: the references of the
+tests chain the gate in float64).  ``softplus`` is PyTorch's stable one
 (``log1p(exp(-|x|)) + max(x, 0)``); transformers' pure-PyTorch fallback computes
 ``log(1 + exp(x))`` for ``x <= 20``, which loses relative precision as ``x`` falls (``1 + exp(x)``
 rounds in fp32; below ``x ~ -16.6`` it returns 0 where the true value is ``exp(x)``).
@@ -36,7 +37,7 @@ def kda_gate(
     dt_bias: torch.Tensor,
     lower_bound: float | None = None,
 ) -> torch.Tensor:
-    """Log-space decay ``g <= 0`` (float32) from the gate projection ``f``.
+    """Log-space decay ``g <= 0`` (float32; float64 if an input is) from the gate projection ``f``.
 
     Args:
         f: ``[B, T, H, K]`` (per-channel gate) or ``[B, T, H, 1]`` (one gate per head).
@@ -46,7 +47,8 @@ def kda_gate(
         lower_bound: ``None`` for the release gate; a number in ``[-5, 0)`` for the safe gate.
 
     Returns:
-        ``g`` with ``f``'s shape, float32: ``-exp(A_log) * softplus(f + dt_bias)`` or
+        ``g`` with ``f``'s shape, float32 (float64 when ``f``, ``A_log`` or ``dt_bias`` is):
+        ``-exp(A_log) * softplus(f + dt_bias)`` or
         ``lower_bound * sigmoid(exp(A_log) * (f + dt_bias))``.
     """
     if not isinstance(f, torch.Tensor) or f.dim() != 4:
@@ -58,8 +60,10 @@ def kda_gate(
     if dt_bias.numel() != H * K:
         raise ValueError(f"dt_bias must hold H*K={H * K} values, got shape {tuple(dt_bias.shape)}")
     lower_bound = check_safe_gate_argument(lower_bound, "lower_bound")
-    x = f.float() + dt_bias.float().reshape(H, K)
-    A = A_log.float().reshape(H, 1).exp()
+    wide = torch.float64 in (f.dtype, A_log.dtype, dt_bias.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    x = f.to(dtype) + dt_bias.to(dtype).reshape(H, K)
+    A = A_log.to(dtype).reshape(H, 1).exp()
     if lower_bound is None:
         return -A * F.softplus(x)
     return float(lower_bound) * torch.sigmoid(A * x)
