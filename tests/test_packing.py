@@ -9,6 +9,7 @@ and RoPE-MLA models; the layer-level paths and the argument checks are tested to
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rel_close
 from test_model import make_model
 
 from kimi_linear.layers.mla import MLAttention
@@ -251,6 +252,97 @@ def test_packed_conv_equals_per_document_conv():
     got = causal_conv1d_packed(x, w, document_positions([0, 1, 3, 6, 13]))
     ref = torch.cat([causal_conv1d(part, w)[0] for part in x.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(got, ref)
+
+
+def _conv_reference(x: torch.Tensor, w: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """float64 depthwise causal conv of each document alone (zero history), by F.conv1d."""
+    W = w.shape[-1]
+    parts = [
+        F.conv1d(F.pad(part.double().transpose(1, 2), (W - 1, 0)), w.double(), groups=w.shape[0])
+        for part in x.split(lengths, dim=1)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+def _assert_rounded_once(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """``got`` (bf16) is float64 ``ref`` rounded once: within half a bf16 spacing of it (plus
+    2^-20 relative for an fp32 accumulation's own error); chains of bf16 roundings are not."""
+    _, exp = torch.frexp(ref)
+    spacing = torch.ldexp(torch.ones_like(ref), exp - 8)  # bf16: 8 significant bits
+    err = (got.double() - ref).abs()
+    bad = err > 0.5 * spacing + 2**-20 * ref.abs() + 1e-30
+    assert not bad.any(), f"{name}: {int(bad.sum())} of {bad.numel()} values not rounded once"
+
+
+def test_conv_accumulates_in_fp32_and_both_layouts_agree_bitwise():
+    """The short convolution sums its taps in fp32 and rounds once, in the packed layout as in
+    the batch one: inputs ``2^-9, 2^-9, 2^-9, 1`` (weights 1) give bf16 ``1 + 2^-7`` (the sum
+    ``1 + 3 * 2^-9`` rounded), not 1 (each partial sum from the current token back rounded to
+    bf16, as multiply-adds in bf16 do); random bf16 rows agree bit for bit between ``[B, T]``
+    and ``[1, B * T]`` with ``cu_seqlens``, and are the float64 result rounded once."""
+    from kimi_linear.layers.kda import causal_conv1d, causal_conv1d_packed
+
+    x = torch.tensor([2**-9, 2**-9, 2**-9, 1.0], dtype=torch.bfloat16).view(1, 4, 1)
+    w = torch.ones(1, 1, 4, dtype=torch.bfloat16)
+    expected = torch.tensor(1 + 2**-7, dtype=torch.bfloat16)
+    assert causal_conv1d_packed(x, w, document_positions([0, 4]))[0, -1, 0] == expected
+    assert causal_conv1d(x, w)[0][0, -1, 0] == expected
+
+    gen = torch.Generator().manual_seed(6)
+    B, T, D = 3, 37, 16
+    x = torch.randn(B, T, D, generator=gen).bfloat16()
+    w = (0.5 * torch.randn(D, 1, 4, generator=gen)).bfloat16()
+    batch, _ = causal_conv1d(x, w)
+    offsets = list(range(0, B * T + 1, T))
+    packed = causal_conv1d_packed(x.reshape(1, B * T, D), w, document_positions(offsets))
+    assert torch.equal(packed.view(B, T, D), batch)
+    ref = _conv_reference(x.reshape(1, B * T, D), w, [T] * B).view(B, T, D)
+    _assert_rounded_once(batch, ref, "y")
+
+
+def test_packed_conv_gradients_accumulate_in_fp32():
+    """bf16 gradients of the packed short convolution, input and weight (the weight's summed
+    over every token), are the float64 gradients rounded once; fp32 ones agree with float64
+    to fp32 accuracy."""
+    from kimi_linear.layers.kda import causal_conv1d_packed
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = [1, 2, 9, 200]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    x0 = torch.randn(1, sum(lengths), 8, generator=gen)
+    w0, dy = torch.randn(8, 1, 4, generator=gen), torch.randn(1, sum(lengths), 8, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = (t.to(dtype).requires_grad_() for t in (x0, w0))
+        got = causal_conv1d_packed(x, w, document_positions(offsets))
+        dx, dw = torch.autograd.grad(got, (x, w), dy.to(dtype))
+        assert dx.dtype == dtype and dw.dtype == dtype and dw.shape == w.shape
+        x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+        ref = _conv_reference(x64, w64, lengths)
+        rx, rw = torch.autograd.grad(ref, (x64, w64), dy.to(dtype).double())
+        for name, a, b in (("y", got, ref), ("dx", dx, rx), ("dw", dw, rw)):
+            if dtype == torch.bfloat16:
+                _assert_rounded_once(a, b, name)
+            else:
+                torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_batch_and_packed_rows_agree_at_fla_bar():
+    """fla's model test: the same rows as a ``[B, T]`` batch and packed ``[1, B * T]`` with
+    ``cu_seqlens`` give the same hidden states in bf16 (relative 1e-3 after 4 layers; it was
+    2.6e-2 with the packed convolution's bf16 multiply-adds)."""
+    from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    config = KimiLinearConfig.from_preset("tiny")  # 4 layers: 3 KDA, 1 MLA; MoE
+    assert config.num_hidden_layers == 4
+    model = KimiLinearForCausalLM(config).to(torch.bfloat16).eval()
+    B, T = 3, 100
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32)
+    with torch.no_grad():
+        batch = model.model(ids)
+        packed = model.model(ids.reshape(1, B * T), cu_seqlens=cu).view(B, T, -1)
+    assert_rel_close(packed, batch, 1e-3, "hidden states (packed vs batch, bf16)")
 
 
 def test_layer_level_layout_arguments_are_checked():

@@ -54,6 +54,69 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class _CausalConv(torch.autograd.Function):
+    """Depthwise causal convolution over inputs with their history in front, fp32 accumulation.
+
+    ``y[:, t] = sum_s w[:, W - 1 - s] * xp[:, t + W - 1 - s]`` for taps ``s = 0 .. W - 1``, the
+    taps ``s > positions[t]`` dropped (a document start) when ``positions`` is given. Products
+    and sums in fp32 (float64 for float64 inputs) whatever the input dtype, rounded once to it;
+    the backward likewise (``dxp`` and ``dw``, the latter summed over every token in fp32). Keeps
+    only the inputs for the backward (no fp32 copy, no per-tap tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, xp, weight, positions):
+        ctx.save_for_backward(xp, weight, positions)
+        return _conv_taps(xp, weight, positions).to(xp.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xp, weight, positions = ctx.saved_tensors
+        W, T = weight.shape[-1], dy.shape[1]
+        compute = _conv_dtype(xp)
+        w = weight.reshape(-1, W).to(compute)
+        dyf, xf = dy.to(compute), xp.to(compute)
+        dxp = xf.new_zeros(xf.shape) if ctx.needs_input_grad[0] else None
+        dw = w.new_zeros(w.shape) if ctx.needs_input_grad[1] else None
+        for s in range(W):
+            d = dyf if s == 0 else _drop_taps(dyf, positions, s)
+            window = slice(W - 1 - s, W - 1 - s + T)
+            if dxp is not None:
+                dxp[:, window] += d * w[:, W - 1 - s]
+            if dw is not None:
+                dw[:, W - 1 - s] = (d * xf[:, window]).sum((0, 1))
+        dxp = None if dxp is None else dxp.to(xp.dtype)
+        dw = None if dw is None else dw.to(weight.dtype).view_as(weight)
+        return dxp, dw, None
+
+
+def _conv_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _drop_taps(x: torch.Tensor, positions: torch.Tensor | None, s: int) -> torch.Tensor:
+    """``x [B, T, D]`` with zeros at the tokens whose tap ``s`` would cross a document start
+    (``positions < s``); ``where``, not a product, so a non-finite input of one document never
+    reaches the next."""
+    if positions is None:
+        return x
+    return torch.where((positions >= s)[None, :, None], x, 0.0)
+
+
+def _conv_taps(xp: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor | None):
+    """The forward sum of :class:`_CausalConv` in fp32 (float64 for float64 inputs)."""
+    W = weight.shape[-1]
+    T = xp.shape[1] - (W - 1)
+    compute = _conv_dtype(xp)
+    w = weight.reshape(-1, W).to(compute)  # [D, W]; tap W - 1 is the current token
+    xf = xp.to(compute)
+    y = xf[:, W - 1 :] * w[:, W - 1]
+    for s in range(1, W):
+        y += _drop_taps(xf[:, W - 1 - s : W - 1 - s + T] * w[:, W - 1 - s], positions, s)
+    return y
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +128,13 @@ def causal_conv1d(
         tail: ``[B, W - 1, D]`` the last ``W - 1`` inputs before this block (zeros if ``None``).
 
     Returns:
-        ``(y, new_tail)``: the pre-activation output ``[B, T, D]`` and the last ``W - 1`` inputs
-        ``[B, W - 1, D]`` (in x's dtype) to continue from.
+        ``(y, new_tail)``: the pre-activation output ``[B, T, D]`` in x's dtype and the last
+        ``W - 1`` inputs ``[B, W - 1, D]`` (in x's dtype) to continue from.
+
+    Products and sums run in fp32 whatever x's dtype (float64 for float64), rounded once to
+    x's dtype, forward and backward; the multi-token path is the packed one
+    (:func:`causal_conv1d_packed`, the same operations with zeros for history), so a batch
+    row and the same row packed among others give the same bits.
     """
     B, T, D = x.shape
     W = weight.shape[-1]
@@ -74,11 +142,12 @@ def causal_conv1d(
         tail = x.new_zeros(B, W - 1, D)
     xt = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W - 1 + T, D]
     if T == 1:
-        # decode: one dot product per channel over the window
-        y = torch.einsum("bwd,dw->bd", xt, weight[:, 0].to(x.dtype)).unsqueeze(1)
+        # decode: one fp32 dot product per channel over the window
+        compute = _conv_dtype(x)
+        w = weight[:, 0].to(compute)
+        y = torch.einsum("bwd,dw->bd", xt.to(compute), w).unsqueeze(1).to(x.dtype)
     else:
-        y = F.conv1d(rearrange(xt, "b t d -> b d t"), weight.to(x.dtype), groups=D)
-        y = rearrange(y, "b d t -> b t d")
+        y = _CausalConv.apply(xt, weight, None)
     new_tail = xt[:, xt.shape[1] - (W - 1) :]
     return y, new_tail
 
@@ -96,18 +165,12 @@ def causal_conv1d_packed(
             is dropped where ``positions < s``, i.e. across a document start.
 
     Returns:
-        The pre-activation output ``[B, T, D]`` (what :func:`causal_conv1d` gives each
-        document alone, with no tail), as ``W`` masked shifted multiply-adds.
+        The pre-activation output ``[B, T, D]`` in x's dtype (what :func:`causal_conv1d` gives
+        each document alone, with no tail, bit for bit): ``W`` masked shifted multiply-adds in
+        fp32 (float64 for float64 inputs), rounded once; the backward accumulates in fp32 too.
     """
-    T = x.shape[1]
     W = weight.shape[-1]
-    w = weight[:, 0].to(x.dtype)  # [D, W]; tap W - 1 is the current token
-    xp = F.pad(x, (0, 0, W - 1, 0))  # [B, W - 1 + T, D]
-    y = x * w[:, W - 1]
-    for s in range(1, W):
-        keep = (positions >= s).to(x.dtype)[None, :, None]  # [1, T, 1]
-        y = y + xp[:, W - 1 - s : W - 1 - s + T] * keep * w[:, W - 1 - s]
-    return y
+    return _CausalConv.apply(F.pad(x, (0, 0, W - 1, 0)), weight, positions)
 
 
 # ---------------------------------------------------------------------------------------------
