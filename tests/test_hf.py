@@ -32,6 +32,7 @@ needs_tf = pytest.mark.skipif(
     not HAVE_TF_KIMI, reason="transformers without a native KimiLinearForCausalLM"
 )
 FAST_CASES = ["base", "q_lora", "grouped_routing", "tied_embeddings", "dense_between_moe"]
+FAST_CASES += ["no_shared_experts"]
 SLOW_CASES = ["dense_first_two_shared_two", "pattern_mla_first", "moe_every_other_layer"]
 # fp32 tolerance on the logits (|logit| is O(1) here).  Module by module (forward hooks on the
 # same inputs) the kit's norms, MLA, dense MLP and MoE equal transformers' bit for bit; KDA
@@ -463,6 +464,33 @@ def test_load_errors(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="device"):
         KimiLinearForCausalLM.from_pretrained(tmp_path, device="nodevice")
+
+
+@pytest.mark.parametrize("layout", ["block_sparse_moe", "mlp"])
+def test_zero_width_shared_experts_load(tmp_path, layout):
+    """A folder saved with ``n_shared_experts=0`` by transformers / the release code holds
+    zero-size ``shared_experts.*`` tensors (``[0, D]``, ``[D, 0]``) in every MoE layer: they
+    load (nothing to copy) into a model with no shared expert. A non-empty one is refused,
+    naming the count in config.json."""
+    cfg = KimiLinearConfig(**{**SMALL, "num_shared_experts": 0})
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    D = cfg.hidden_size
+    empty = {"gate_proj": (0, D), "up_proj": (0, D), "down_proj": (D, 0)}
+    for i in (1, 2):  # the MoE layers of SMALL
+        for proj, shape in empty.items():
+            sd[f"model.layers.{i}.{layout}.shared_experts.{proj}.weight"] = torch.zeros(shape)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.layers[1].block_sparse_moe.shared_experts is None
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    sd["model.layers.1.block_sparse_moe.shared_experts.up_proj.weight"] = torch.zeros(3, D)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"shared_experts\.up_proj.*num_shared_experts=0"):
+        KimiLinearForCausalLM.from_pretrained(tmp_path)
 
 
 def _sharded_small(folder: Path) -> dict:
