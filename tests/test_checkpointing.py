@@ -625,3 +625,28 @@ def test_sharded_save_survives_kill_9(tmp_path: Path) -> None:
             assert torch.equal(weights[f"w{i}"], torch.full((512, 1024), float(step + i)))
         last_seen = step
     assert last_seen >= 1
+
+
+def test_load_from_checkpoint_never_runs_a_payload(run5: Path, tmp_path: Path) -> None:
+    """``KimiLinearLitModule.load_from_checkpoint`` (the Python API) reads a checkpoint with
+    ``weights_only=True`` and builds the module from its hyper-parameters: a trusted file gives
+    the trained weights back, a payload is refused before it runs, and ``weights_only=False``
+    remains the explicit way to use Lightning's loader on a trusted file."""
+    from kimi_linear.errors import UsageError
+    from kimi_linear.lightning.module import KimiLinearLitModule
+
+    good = run5 / "checkpoints" / "last.ckpt"
+    module = KimiLinearLitModule.load_from_checkpoint(good)
+    saved = _load(good)["state_dict"]
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    trusted = KimiLinearLitModule.load_from_checkpoint(good, weights_only=False)
+    assert all(torch.equal(v, saved[k]) for k, v in trusted.state_dict().items())
+    with pytest.raises(UsageError, match="unknown keyword argument"):
+        KimiLinearLitModule.load_from_checkpoint(good, lrr=1.0)
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**_load(good), "callbacks": {"x": _Payload(marker)}}, evil)
+    with pytest.raises(UsageError, match=r"evil\.ckpt' was refused"):
+        KimiLinearLitModule.load_from_checkpoint(evil)
+    assert not marker.exists()

@@ -32,7 +32,9 @@ same weights on any number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,14 +138,31 @@ def _init_from_config(
 
 class WarmupCosine:
     """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay from 1 to
-    ``min_ratio`` at ``total_steps`` (constant after).  A picklable ``LambdaLR`` function."""
+    ``min_ratio`` at ``total_steps`` (constant after).  A picklable ``LambdaLR`` function.
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+    ``total_steps=None`` is a schedule whose length is not known yet (it is the trainer's
+    estimate, which needs the training data): the factor is 1 after the warmup until
+    :meth:`resolved` fields are set, which :class:`KimiLinearLitModule` does when training
+    starts."""
+
+    def __init__(self, warmup_steps: int, total_steps: int | None, min_ratio: float) -> None:
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    @staticmethod
+    def resolved(fields: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+        """``fields`` (a ``WarmupCosine.__dict__``) with the length ``total_steps`` and the
+        warmup shortened to at most ``total_steps - 1`` (a warmup as long as the run would never
+        reach the peak learning rate)."""
+        out = dict(fields)
+        out["total_steps"] = int(total_steps)
+        out["warmup_steps"] = min(int(fields["warmup_steps"]), max(int(total_steps) - 1, 0))
+        return out
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        if self.total_steps is None:  # length not resolved yet: only before training starts
+            return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -179,7 +198,8 @@ class KimiLinearLitModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup length in optimizer steps.
         max_steps: length of the cosine schedule in optimizer steps; ``None`` uses the
-            trainer's ``estimated_stepping_batches``.
+            trainer's ``estimated_stepping_batches`` (under ``max_epochs``, resolved when
+            training starts, after a checkpoint's loader position is restored).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         qk_clip_tau: QK-Clip threshold of MuonClip (``None``: no clipping; ignored by AdamW).
         moe_bias_update_rate: router-bias step size (``None``: ``config.moe_bias_update_rate``;
@@ -408,6 +428,70 @@ class KimiLinearLitModule(pl.LightningModule):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> KimiLinearLitModule:
+        """The module saved in a Lightning checkpoint file, read without running code from it.
+
+        Lightning's own loader unpickles the file and imports and calls the ``_instantiator``
+        it names; here the file is read by
+        :func:`~kimi_linear.lightning.callbacks.load_checkpoint` (scanned, then
+        ``weights_only=True``) and the module is built from its recorded hyper-parameters
+        (``kwargs`` override them, as in Lightning). ``weights_only=False`` says the file is
+        trusted and hands the call to Lightning's loader unchanged.
+
+        Raises:
+            UsageError: the file was refused or is not a kimi-linear checkpoint, or
+                ``hparams_file`` was given (a YAML beside the checkpoint is not read here).
+        """
+        if weights_only is False:
+            return super().load_from_checkpoint(  # type: ignore[return-value]
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=False,
+                **kwargs,
+            )
+        from kimi_linear.lightning.callbacks import load_checkpoint
+
+        where = "load_from_checkpoint"
+        if hparams_file is not None:
+            raise UsageError(
+                f"{where}: hparams_file is not read by the safe loader (the checkpoint records "
+                "its hyper-parameters); pass overrides as keyword arguments, or weights_only=False "
+                "for Lightning's loader on a trusted file"
+            )
+        ckpt = load_checkpoint(checkpoint_path, map_location or "cpu", what=where)
+        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not isinstance(hp, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise UsageError(
+                f"{where}: {os.fspath(checkpoint_path)!r} is not a kimi-linear Lightning "
+                "checkpoint (no state_dict / hyper_parameters)"
+            )
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in kwargs if k not in accepted)
+        if unknown:
+            raise UsageError(
+                f"{where}: unknown keyword argument(s) {unknown}{did_you_mean(unknown[0], accepted)}"
+            )
+        init = {k: v for k, v in hp.items() if k in accepted and k != "self"}
+        init.update(kwargs)
+        module = cls(**init)
+        module.configure_model()  # the model is built here, as Lightning's loader does
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=True if strict is None else strict)
+        tensors = (t for t in ckpt["state_dict"].values() if isinstance(t, torch.Tensor))
+        first = next(tensors, None)  # where map_location put the weights, as Lightning's loader
+        return module.to(first.device) if first is not None else module
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A run started with ``init_from`` saves the resolved config instead of the folder's
         path, so its checkpoints load (``generate``, ``export``, resume) without that folder."""
@@ -554,23 +638,65 @@ class KimiLinearLitModule(pl.LightningModule):
                 or hp.log_max_logits,
             )
         optimizer = build_optimizer(self.model, hp.optimizer, **kwargs)
+        fields = {
+            "warmup_steps": hp.warmup_steps,
+            "total_steps": None,
+            "min_ratio": hp.min_lr_ratio,
+        }
         total = hp.max_steps
-        if total is None:
-            est = self.trainer.estimated_stepping_batches
-            if not math.isfinite(est):
-                raise UsageError(
-                    "model.max_steps is needed for the learning-rate schedule when the trainer has "
-                    "neither max_steps nor max_epochs"
-                )
-            total = int(est)
-        warmup = min(hp.warmup_steps, max(total - 1, 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(warmup, total, hp.min_lr_ratio)
-        )
+        if total is None and self.trainer.max_epochs == -1:  # bounded by steps: no data needed
+            total = self._schedule_length()
+        # Otherwise the length is the trainer's estimate over max_epochs, which needs the train
+        # loader: asking for it here would build the loader before Lightning restores the fit
+        # loop from a checkpoint, and the loader's saved position would never be applied (a
+        # resumed epoch would start again from its first sample).  It is resolved in
+        # on_train_start, when the loader exists with its restored state.
+        if total is not None:
+            fields = WarmupCosine.resolved(fields, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(**fields))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    def _schedule_length(self) -> int:
+        """The cosine's length when ``model.max_steps`` is unset: the trainer's
+        ``estimated_stepping_batches`` (needs the train loader unless ``max_epochs == -1``)."""
+        est = self.trainer.estimated_stepping_batches
+        if not math.isfinite(est) or est < 1:
+            raise UsageError(
+                "model.max_steps is needed for the learning-rate schedule when the trainer has "
+                "neither max_steps nor max_epochs (or its data has no length)"
+            )
+        return int(est)
+
+    def resolve_lr_schedule(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """``fields`` of a :class:`WarmupCosine` (its ``__dict__``) with a pending length
+        (``total_steps=None``: ``model.max_steps`` unset under ``max_epochs``) resolved to the
+        trainer's estimate; other fields are returned unchanged.  Call it once the train loader
+        is set up (``on_train_start``): :class:`~kimi_linear.lightning.callbacks.ResumeOverrides`
+        resolves the fresh schedule it compares with the restored one through it."""
+        if "total_steps" in fields and fields["total_steps"] is None:
+            return WarmupCosine.resolved(fields, self._schedule_length())
+        return dict(fields)
+
+    def on_train_start(self) -> None:
+        """Resolve a schedule whose length waited for the data (see ``configure_optimizers``)
+        and set the learning rate of the current step from it.  A schedule restored from a
+        checkpoint (or replaced by ``ResumeOverrides``) already has its length and is kept."""
+        for cfg in self.trainer.lr_scheduler_configs:
+            sch = cfg.scheduler
+            lambdas = getattr(sch, "lr_lambdas", [])
+            pending = [
+                fn for fn in lambdas if isinstance(fn, WarmupCosine) and fn.total_steps is None
+            ]
+            for fn in pending:
+                fn.__dict__.update(self.resolve_lr_schedule(fn.__dict__))
+            if pending:
+                step = sch.last_epoch
+                for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, lambdas):
+                    group["lr"] = base * fn(step)
+                sch._last_lr = [g["lr"] for g in sch.optimizer.param_groups]
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
