@@ -554,6 +554,70 @@ def test_lightning_resume_on_another_batch_size_trains_each_window_once(tmp_path
     assert set(seen) == windows
 
 
+@pytest.mark.parametrize("resume_batch", [4, 2])
+def test_lightning_resume_of_an_epoch_bounded_run_trains_each_window_once(
+    tmp_path: Path, resume_batch: int
+) -> None:
+    """``max_epochs=1`` and no ``max_steps`` anywhere (the schedule's length is the trainer's
+    estimate, which needs the data): stopped after 2 steps of batch 4 with a checkpoint, resumed
+    with batch 4 or 2 to the end of the epoch, every window is trained on at most once and the
+    epoch is complete.  The estimate used to build the train loader before Lightning restored
+    the loop, so the loader's saved position was never applied and the resumed epoch started
+    again from sample 0."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from kimi_linear.lightning.module import KimiLinearLitModule
+
+    class Rows(Callback):
+        def __init__(self, stop_at: int | None) -> None:
+            self.rows: list[tuple[int, ...]] = []
+            self.stop_at = stop_at
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.rows += [tuple(r.tolist()) for r in batch["input_ids"]]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.stop_at is not None and trainer.global_step >= self.stop_at:
+                trainer.should_stop = True
+
+    data = _dataset(tmp_path, n=10)
+
+    def fit(root: Path, batch_size: int, ckpt_in: Path | None = None) -> tuple[list, object]:
+        pl.seed_everything(0)
+        dm = TokenDataModule(str(data), seq_len=64, batch_size=batch_size, seed=1)
+        module = KimiLinearLitModule(
+            preset="tiny", overrides=dict(num_hidden_layers=1, kda_backend="torch"),
+            vocab_size=dm.vocab_size, warmup_steps=1,
+        )  # fmt: skip
+        rows = Rows(stop_at=None if ckpt_in else 2)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            default_root_dir=str(root),
+            callbacks=[rows, ModelCheckpoint(dirpath=root, filename="{step}", save_top_k=-1,
+                                             every_n_train_steps=2)],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_in) if ckpt_in else None)
+        return rows.rows, trainer
+
+    before, _ = fit(tmp_path / "a", 4)
+    dm = TokenDataModule(str(data), seq_len=64)
+    dm.setup("fit")
+    windows = {tuple(dm.train_set[i]["input_ids"].tolist()) for i in range(len(dm.train_set))}
+    n = len(windows)
+    assert n == len(dm.train_set) and n >= 12 and len(before) == 8
+    after, trainer = fit(tmp_path / "b", resume_batch, tmp_path / "a" / "step=2.ckpt")
+    seen = before + after
+    assert len(seen) == len(set(seen)), "a window was trained on twice"
+    assert len(after) == (n - 8) // resume_batch * resume_batch  # the rest of the epoch
+    assert set(seen) <= windows
+    # no ResumeOverrides here (plain Lightning): the restored schedule, one epoch of batch 4,
+    # is kept, not replaced by the lazily resolved one of the resumed run
+    lambdas = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas
+    assert {fn.total_steps for fn in lambdas} == {n // 4}
+
+
 def _loader_bench():
     import importlib
     import sys

@@ -125,11 +125,17 @@ def _lr(step: int, warmup: int, total: int, min_ratio: float, base: float = BASE
 
 
 def _resume_fit(
-    tmp_path, first_steps: int, resume_steps: int, changes: dict, first=None, **module_kwargs
+    tmp_path,
+    first_steps: int | dict,
+    resume_steps: int | dict,
+    changes: dict,
+    first=None,
+    **module_kwargs,
 ):
     """Train ``first_steps`` (schedule over them), then resume from that checkpoint until
     ``resume_steps`` with the module built from ``module_kwargs`` and ``ResumeOverrides``
-    told about ``changes``; returns the learning rates recorded in the resumed part."""
+    told about ``changes``; returns the learning rates recorded in the resumed part.  A dict
+    instead of a step count holds the trainer's length arguments (e.g. ``max_epochs``)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from kimi_linear.lightning.callbacks import ResumeOverrides
@@ -152,7 +158,7 @@ def _resume_fit(
         return pl.Trainer(
             accelerator="cpu",
             devices=1,
-            max_steps=steps,
+            **(steps if isinstance(steps, dict) else {"max_steps": steps}),
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -214,3 +220,55 @@ def test_a_resumed_fit_with_the_same_schedule_keeps_it(tmp_path) -> None:
     assert [s for s, _ in seen] == [6, 7, 8, 9] and overrides.schedule_changes == []
     for step, lrs in seen:
         assert lrs[0] == pytest.approx(_lr(step, WARMUP, 10, MIN_RATIO), rel=1e-9)
+
+
+def test_a_resumed_fit_bounded_by_epochs_applies_its_new_length(tmp_path) -> None:
+    """``model.max_steps`` unset and the trainer bounded by epochs: the schedule's length is the
+    estimate over ``max_epochs``, resolved when training starts (the train loader is then set up
+    with its restored position).  1 epoch (4 steps), resumed with ``max_epochs=3``: steps 4..11
+    follow the 12-step schedule; ``ResumeOverrides`` compares the restored schedule with the
+    resolved one, never with the pending length."""
+    epoch = SAMPLES // BATCH
+    seen, overrides = _resume_fit(tmp_path, {"max_epochs": 1}, {"max_epochs": 3}, {})
+    assert [s for s, _ in seen] == list(range(epoch, 3 * epoch))
+    for step, lrs in seen:
+        assert lrs[0] == pytest.approx(_lr(step, WARMUP, 3 * epoch, MIN_RATIO), rel=1e-9)
+    assert overrides.schedule_changes == [
+        (
+            {"warmup_steps": WARMUP, "total_steps": epoch, "min_ratio": MIN_RATIO},
+            {"warmup_steps": WARMUP, "total_steps": 3 * epoch, "min_ratio": MIN_RATIO},
+        )
+    ]
+    # the same epochs again: the resolved schedule equals the restored one, nothing changes
+    seen, overrides = _resume_fit(tmp_path / "same", {"max_epochs": 3}, {"max_epochs": 3}, {})
+    assert seen == [] and overrides.schedule_changes == []
+
+
+def test_an_epoch_bounded_schedule_waits_for_the_data() -> None:
+    """Under ``max_epochs`` with ``model.max_steps`` unset, ``configure_optimizers`` does not
+    build the train loader (that would happen before a checkpoint's loader state is restored):
+    the length is pending until ``on_train_start``, then the trainer's estimate."""
+    from kimi_linear.lightning.module import WarmupCosine
+
+    class _Probe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.loader_at_fit_start = trainer.train_dataloader
+            fns = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas
+            self.pending = {fn.total_steps for fn in fns}
+
+    probe = _Probe()
+    torch.manual_seed(0)
+    module = KimiLinearLitModule(
+        preset="tiny", overrides=SMALL, vocab_size=VOCAB, optimizer="adamw", lr=BASE_LR,
+        warmup_steps=10, min_lr_ratio=MIN_RATIO,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(_Tokens(), batch_size=BATCH))
+    assert probe.loader_at_fit_start is None and probe.pending == {None}
+    # 4 steps; the warmup of 10 is shortened to 3 as for a known length
+    for fn in trainer.lr_scheduler_configs[0].scheduler.lr_lambdas:
+        assert fn.__dict__ == {"warmup_steps": 3, "total_steps": 4, "min_ratio": MIN_RATIO}
+    assert WarmupCosine(3, None, 0.1)(7) == 1.0  # pending: no decay yet

@@ -282,11 +282,17 @@ class ResumeOverrides(Callback):
                 for group, fresh in zip(opt.param_groups, groups):
                     group.update(copy.deepcopy(fresh))
         self.schedule_changes = []
+        # a fresh schedule whose length is the trainer's estimate over max_epochs was configured
+        # with a pending length (it needs the train loader, only now set up with its restored
+        # position): the module resolves it before it is compared with the restored one
+        resolve = getattr(pl_module, "resolve_lr_schedule", None)
         for cfg, saved in zip(trainer.lr_scheduler_configs, self._schedulers):
             sch = cfg.scheduler
             if self.changes and saved["base_lrs"]:
                 sch.base_lrs = list(saved["base_lrs"])
             lambdas = list(getattr(sch, "lr_lambdas", []))
+            if callable(resolve):
+                saved["lambdas"] = [resolve(f) if f else f for f in saved["lambdas"]]
             for fn, fields in zip(lambdas, saved["lambdas"]):
                 old = dict(getattr(fn, "__dict__", {}))
                 if fields and old != fields:
