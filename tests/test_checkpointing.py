@@ -315,7 +315,8 @@ def test_peak_flops_lookup(monkeypatch) -> None:
         ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
         ("NVIDIA H100 PCIe", "bf16", 756.0e12),
         ("NVIDIA A100-SXM4-80GB", "tf32", 156.0e12),
-        ("Tesla T4", "fp16", None),  # not in the table: MFU not logged
+        ("Tesla T4", "fp16", 65e12),  # Lightning's get_available_flops
+        ("NVIDIA Imaginary X1", "fp16", None),  # known to no table: MFU not logged
     ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert callbacks.peak_flops_of(torch.device("cuda", 0), precision) == expected, name

@@ -397,3 +397,147 @@ def test_fsdp2_strategy_is_registered_and_unsharded_runs_use_no_mesh() -> None:
     assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy  # --trainer.strategy fsdp2
     module = KimiLinearLitModule(preset="tiny")
     assert fsdp_mesh(module) is None  # no trainer: built whole, on the CPU
+
+
+# ------------------------------------------------------------------------------ throughput
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, seq: int = 16) -> None:
+        self.ids = torch.randint(0, 32, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
+
+
+class _Clock(pl.Callback):
+    """A fake ``perf_counter``: training batch ``i`` (from 1) takes ``0.1 * i`` seconds, a
+    validation batch ``dv``, nothing else takes time."""
+
+    def __init__(self, dv: float = 0.0) -> None:
+        self.now, self.batches, self.dv, self.val_batches = 1000.0, 0, dv, 0
+        self.durations: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_train_batch_start(self, *args) -> None:
+        self.batches += 1
+        self.durations.append(0.1 * self.batches)
+        self.now += self.durations[-1]
+
+    def on_validation_batch_start(self, *args) -> None:
+        self.val_batches += 1
+        self.now += self.dv
+
+
+def _throughput_fit(monkeypatch, clock: _Clock, steps: int, every: int, **trainer_kwargs):
+    """Fit with our ThroughputMonitor on Lightning's clock replaced by ``clock``; returns the
+    module and ``[(global step, perf metrics)]`` as the monitor logged them."""
+    import types
+
+    import lightning.pytorch.callbacks.throughput_monitor as lightning_monitor
+
+    from kimi_linear.lightning.callbacks import ThroughputMonitor
+
+    fake = types.SimpleNamespace(perf_counter=clock.perf_counter)
+    monkeypatch.setattr(lightning_monitor, "time", fake)
+    torch.manual_seed(0)
+    module = KimiLinearLitModule(preset="tiny", overrides=SMALL, vocab_size=32, max_steps=steps)
+    logged: list[tuple[int, dict[str, float]]] = []
+    log_dict = module.log_dict
+
+    def spy(metrics, *args, **kwargs):
+        if any(k.startswith("perf/") for k in metrics):
+            logged.append((module.trainer.global_step, dict(metrics)))
+        return log_dict(metrics, *args, **kwargs)
+
+    module.log_dict = spy
+    loader = torch.utils.data.DataLoader(_Tokens(), batch_size=2)  # 2 x 16 tokens
+    monitor = ThroughputMonitor(peak_flops=1e12, log_every_n_steps=every)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[clock, monitor], **trainer_kwargs,
+    )  # fmt: skip
+    val = {"val_dataloaders": loader} if trainer_kwargs.get("limit_val_batches") else {}
+    trainer.fit(module, train_dataloaders=loader, **val)
+    return module, logged
+
+
+@pytest.mark.parametrize(
+    "accumulate, validation",
+    [(1, False), (2, False), (1, True)],
+    ids=["plain", "accumulate", "val"],
+)
+def test_throughput_monitor_logs_tokens_step_time_and_mfu(monkeypatch, accumulate, validation):
+    """Lightning's ThroughputMonitor fed by our analytic FLOPs logs the hand-written monitor's
+    metrics: every ``log_every_n_steps`` optimizer steps, over the batches since the previous
+    log, ``perf/tokens_per_s`` = tokens / seconds (all ranks), ``perf/step_time_s`` = seconds per
+    optimizer step (its micro-batches included), ``perf/mfu`` = tokens/s * flops_per_token(T) /
+    peak; a fake clock with a different duration for every batch, equal to 1e-9.  Validation
+    time (30 s a batch) is left out of the training windows (the hand-written monitor counted
+    it), and under gradient accumulation the first window is the first steps' (it logged one
+    micro-batch at step 0)."""
+    from kimi_linear.flops import flops_per_token, kda_flops_chunk
+
+    steps, every, tokens = 6, 2, 2 * 16
+    kwargs = dict(accumulate_grad_batches=accumulate)
+    if validation:
+        kwargs.update(limit_val_batches=2, val_check_interval=3)
+    clock = _Clock(dv=30.0)
+    module, logged = _throughput_fit(monkeypatch, clock, steps, every, **kwargs)
+    assert [s for s, _ in logged] == [2, 4, 6]
+    config = module.config
+    fpt = flops_per_token(config, 16, training=True, kda_chunk=kda_flops_chunk(config, "cpu"))
+    for step, m in logged:
+        window = clock.durations[(step - every) * accumulate : step * accumulate]
+        tokens_per_s = len(window) * tokens / sum(window)
+        assert m["perf/tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-9), step
+        assert m["perf/step_time_s"] == pytest.approx(sum(window) / every, rel=1e-9), step
+        assert m["perf/mfu"] == pytest.approx(tokens_per_s * fpt / 1e12, rel=1e-9), step
+        assert "perf/peak_memory_gib" not in m  # CUDA only
+    assert (clock.val_batches > 0) == validation  # validation ran (and took its 30 s)
+
+
+def test_throughput_monitor_needs_token_batches(monkeypatch) -> None:
+    from kimi_linear.lightning.callbacks import _rows
+
+    with pytest.raises(ValueError, match="2-D 'input_ids' tensor"):
+        _rows({"ids": torch.zeros(2, 3)})
+
+
+def test_peak_flops_come_from_lightning_and_our_corrections(monkeypatch) -> None:
+    """Lightning's ``get_available_flops`` for the GPUs it knows; our table where it has no
+    figure (H200 as it names itself), reads L40S as an L4, or lists the non-tensor rate
+    (RTX 4090 bf16)."""
+    from lightning.fabric.utilities import throughput
+
+    from kimi_linear.lightning import callbacks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for name, precision, expected in [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),  # Lightning's
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),  # Lightning's
+        ("Tesla T4", "fp16", 65e12),  # Lightning's (the hand-written table had no T4)
+        ("NVIDIA H200", "bf16", 989.4e12),  # ours: Lightning has none (its H200 rows are sparse)
+        ("NVIDIA L40S", "bf16", 362.05e12),  # ours: Lightning reads it as an L4 (121e12)
+        ("NVIDIA GeForce RTX 4090", "bf16", 165.2e12),  # ours: Lightning lists 82.6e12
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert callbacks.peak_flops_of(cuda, precision) == expected, name
+        lightning_value = throughput.get_available_flops(
+            cuda, callbacks._LIGHTNING_DTYPES[precision]
+        )
+        if name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "Tesla T4"):
+            assert lightning_value == expected
+        else:  # the corrections are needed: drop an entry when Lightning gets it right
+            assert lightning_value != expected
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Imaginary X1")
+    with pytest.warns(UserWarning, match="FLOPs not found"):
+        assert callbacks.peak_flops_of(cuda, "bf16") is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        callbacks.peak_flops_of(cuda, "int8")
+    assert callbacks.peak_flops_of(torch.device("cpu"), "fp32") is None

@@ -12,8 +12,9 @@
   schedule length, minimum ratio) after Lightning restored the checkpoint's optimizer and
   scheduler state; moments and step counts are kept.
 * :class:`KimiRichProgressBar`: no ``Epoch 0/-2`` in a run bounded by steps.
-* :class:`ThroughputMonitor`: tokens/s, per-device peak memory and model FLOPs utilization
-  (MFU) from the analytic FLOPs per token of :mod:`kimi_linear.flops`, logged with the losses.
+* :class:`ThroughputMonitor`: Lightning's ``ThroughputMonitor`` fed by the analytic FLOPs per
+  token of :mod:`kimi_linear.flops`: tokens/s, step time, per-device peak memory and model
+  FLOPs utilization (MFU), logged with the losses.
 * :func:`load_checkpoint`: read a ``torch.save`` checkpoint file (a Lightning ``.ckpt``, a
   sharded folder's ``meta.pt``) without running code from it: ``weights_only=True`` with the
   small allow-list :data:`SAFE_GLOBALS`; anything else is refused with one line naming the file.
@@ -28,7 +29,7 @@ import os
 import pathlib
 import pickle
 import tempfile
-import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = [
@@ -346,16 +349,24 @@ class KimiRichProgressBar(RichProgressBar):
 
 
 # ------------------------------------------------------------------------------ throughput
-#: Dense peak FLOP/s per device by precision, for MFU (NVIDIA's spec sheets, without the 2x
-#: of structured sparsity), matched as a substring of ``torch.cuda.get_device_name`` (longest
-#: key first, so "H100 PCIe" wins over "H100", which means the SXM part).
+#: Dense peak FLOP/s per device by precision (NVIDIA's spec sheets, without the 2x of
+#: structured sparsity) for the GPUs where Lightning's ``get_available_flops`` has no figure or
+#: a wrong one; every other device is Lightning's.  Ours does more here: ``NVIDIA H200`` (the
+#: name the SXM part reports) is unknown to Lightning, whose H200 entries are the sparse figures;
+#: ``NVIDIA L40S`` is read as an L4 (3x too low); the RTX 4090's bf16 / fp16 entry is its
+#: non-tensor rate.  Matched as a substring of ``torch.cuda.get_device_name`` (longest first).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-    "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
-    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
     "L40S": {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183.0e12, "fp32": 91.6e12},
     "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
+}
+
+#: our precision names -> the dtype keys of Lightning's FLOPs table
+_LIGHTNING_DTYPES: dict[str, torch.dtype | str] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "tf32": "tfloat32",
+    "fp32": torch.float32,
 }
 
 
@@ -372,27 +383,61 @@ def _precision_key(trainer: pl.Trainer) -> str:
 
 def peak_flops_of(device: torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of a CUDA ``device`` at ``precision`` (``bf16``, ``fp16``, ``tf32``,
-    ``fp32``) from :data:`PEAK_FLOPS`; ``None`` for a CPU or an unlisted GPU."""
+    ``fp32``): :data:`PEAK_FLOPS` for the GPUs it lists, else Lightning's
+    ``get_available_flops``; ``None`` for a CPU or a GPU neither knows."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    if precision not in _LIGHTNING_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_LIGHTNING_DTYPES)}, got {precision!r}")
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
     for key, table in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if key.lower() in name.lower():
             return table.get(precision)
-    return None
+    flops = get_available_flops(device, _LIGHTNING_DTYPES[precision])
+    return None if flops is None else float(flops)
 
 
-class ThroughputMonitor(Callback):
+def _input_ids(batch: Any) -> torch.Tensor:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(
+            "ThroughputMonitor: expected a training batch with a 2-D 'input_ids' tensor [B, T], "
+            f"got {type(batch).__name__}"
+        )
+    return ids
+
+
+def _rows(batch: Any) -> int:
+    return int(_input_ids(batch).shape[0])
+
+
+def _tokens(batch: Any) -> int:
+    return int(_input_ids(batch).numel())
+
+
+class ThroughputMonitor(LightningThroughputMonitor):
     """Log training throughput with the losses: ``perf/tokens_per_s`` (all ranks),
-    ``perf/step_time_s``, ``perf/peak_memory_gib`` (peak allocated on rank 0's device since
-    training started; CUDA only) and ``perf/mfu``.
+    ``perf/step_time_s`` (per optimizer step), ``perf/peak_memory_gib`` (peak allocated on rank
+    0's device since training started; CUDA only) and ``perf/mfu``.
+
+    Lightning's ``ThroughputMonitor`` does the timing (CUDA-synchronised, validation time left
+    out of the training windows) and its ``Throughput`` the rates and MFU over a window of the
+    last ``log_every_n_steps`` optimizer steps; this class feeds it our analytic FLOPs and logs
+    under the names above through ``LightningModule.log_dict``, so they share the losses' rows
+    of ``metrics.csv``.  Beyond Lightning's callback (hence not used as is): the FLOPs per
+    batch come from the model's config (no ``flops_per_batch`` on the module needed), the
+    window is exactly the steps since the previous log (also under gradient accumulation),
+    validation / test batches are not logged with their batch index as the step, the peak
+    memory is logged, and peak FLOP/s come from :func:`peak_flops_of` (Lightning's table plus
+    :data:`PEAK_FLOPS`).
 
     MFU is ``tokens/s * flops_per_token / (world_size * peak)``, where ``flops_per_token`` is the
     analytic training cost (forward + backward) of the model's config at the batch's length
     (:func:`kimi_linear.flops.flops_per_token`) and ``peak`` the device's dense peak FLOP/s:
-    ``peak_flops`` if given, else looked up in :data:`PEAK_FLOPS` by the CUDA device name and
-    trainer precision.  Without either (a CPU, an unlisted GPU) MFU is not logged, and a
-    one-line note says so.
+    ``peak_flops`` if given, else :func:`peak_flops_of` the device at the trainer's precision.
+    Without either (a CPU, an unknown GPU) MFU is not logged, and a one-line note says so.
 
     Args:
         peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100 in bf16).
@@ -404,7 +449,10 @@ class ThroughputMonitor(Callback):
         self, peak_flops: float | None = None, log_every_n_steps: int | None = None
     ) -> None:
         if peak_flops is not None and not (
-            isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops > 0
+            isinstance(peak_flops, (int, float))
+            and not isinstance(peak_flops, bool)
+            and math.isfinite(peak_flops)
+            and peak_flops > 0
         ):
             raise ValueError(f"peak_flops must be None or a finite number > 0, got {peak_flops!r}")
         if log_every_n_steps is not None and (
@@ -415,30 +463,56 @@ class ThroughputMonitor(Callback):
             raise ValueError(
                 f"log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}"
             )
+        super().__init__(batch_size_fn=_rows, length_fn=_tokens)
         self.peak_flops = None if peak_flops is None else float(peak_flops)
         self.log_every_n_steps = log_every_n_steps
-        self._peak: float | None = None
-        self._tokens = 0
-        self._seq_len = 0
-        self._t0: float | None = None
-        self._step0 = 0
+        self._every = 1
+        self._accumulate = 1
+        self._flops_per_token: dict[int, float] = {}
         self._last_step = -1
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        self._accumulate = max(int(trainer.accumulate_grad_batches), 1)
+        # the window: the batches of the last `every` optimizer steps and the point before them
+        self.kwargs["window_size"] = self._every * self._accumulate + 1
+        with warnings.catch_warnings():  # Lightning's own lookup; ours (below) replaces it
+            warnings.simplefilter("ignore")
+            super().setup(trainer, pl_module, stage)
+        root = trainer.strategy.root_device
+        self.available_flops = self.peak_flops or peak_flops_of(root, _precision_key(trainer))
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.available_flops
+        self._flops_per_token = {}
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._peak = self.peak_flops or peak_flops_of(pl_module.device, _precision_key(trainer))
-        if self._peak is None:
+        if self.available_flops is None:
             rank_zero_info(
                 "ThroughputMonitor: MFU not available (no peak FLOP/s known for "
                 f"{pl_module.device.type} device; pass peak_flops to log it)"
             )
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._reset(trainer.global_step)
+        super().on_train_start(trainer)
+        if trainer.is_global_zero:  # the window starts at train start, not at the first batch
+            self._throughputs[RunningStage.TRAINING].update(
+                time=0.0, batches=0, samples=0, lengths=0, flops=0
+            )
+        self._last_step = trainer.global_step
 
-    def _reset(self, step: int) -> None:
-        self._tokens = 0
-        self._step0 = step
-        self._t0 = time.perf_counter()
+    def _flops_per_batch(self, pl_module: pl.LightningModule, batch: Any) -> float | None:
+        """Analytic training FLOPs of this rank's ``batch`` (``None`` without a model config)."""
+        config = getattr(pl_module, "config", None)
+        if config is None:
+            return None
+        ids = _input_ids(batch)
+        T = int(ids.shape[1])
+        if T not in self._flops_per_token:
+            from kimi_linear.flops import flops_per_token, kda_flops_chunk
+
+            chunk = kda_flops_chunk(config, pl_module.device.type)
+            self._flops_per_token[T] = flops_per_token(config, T, training=True, kda_chunk=chunk)
+        return self._flops_per_token[T] * ids.numel()
 
     def on_train_batch_end(
         self,
@@ -448,34 +522,34 @@ class ThroughputMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-            self._tokens += ids.numel()
-            self._seq_len = ids.shape[1]
+        # Lightning's callback reads the FLOPs of the batch from this attribute of the module
+        pl_module.flops_per_batch = self._flops_per_batch(pl_module, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _compute(self, trainer: pl.Trainer, iter_num: int | None = None) -> None:
+        """Log the training window's rates under our names every ``log_every_n_steps``
+        optimizer steps (Lightning calls this after each optimizer step and each evaluation
+        batch; evaluation batches are timed only, to leave them out of the training windows)."""
+        if trainer.state.stage != RunningStage.TRAINING:
+            return
         step = trainer.global_step
-        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
-        if step == self._last_step or step % every != 0 or self._t0 is None or not self._tokens:
+        if step == self._last_step or step % self._every != 0:
             return
         self._last_step = step
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        world = max(trainer.world_size, 1)
-        tokens_per_s = self._tokens * world / elapsed
+        metrics = self._throughputs[RunningStage.TRAINING].compute()
+        sep = self._throughputs[RunningStage.TRAINING].separator
+        items = metrics.get(f"device{sep}items_per_sec")
+        if items is None:  # fewer than a window of batches (a resumed run's first log)
+            return
+        pl_module = trainer.lightning_module
         stats = {
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/step_time_s": elapsed / max(step - self._step0, 1),
+            "perf/tokens_per_s": items * max(trainer.world_size, 1),
+            "perf/step_time_s": self._accumulate / metrics[f"device{sep}batches_per_sec"],
         }
         if pl_module.device.type == "cuda":
             stats["perf/peak_memory_gib"] = (
                 torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             )
-        config = getattr(pl_module, "config", None)
-        if self._peak is not None and config is not None:
-            from kimi_linear.flops import flops_per_token, kda_flops_chunk
-
-            chunk = kda_flops_chunk(config, pl_module.device.type)
-            fpt = flops_per_token(config, self._seq_len, training=True, kda_chunk=chunk)
-            stats["perf/mfu"] = tokens_per_s * fpt / (world * self._peak)
+        if f"device{sep}mfu" in metrics:
+            stats["perf/mfu"] = metrics[f"device{sep}mfu"]
         pl_module.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._reset(step)
