@@ -3,6 +3,9 @@
 * A KDA layer holds a constant-size state per sequence: the fp32 recurrent state
   ``[B, H, K, V]`` and the last ``conv_size - 1`` pre-conv inputs of its q, k and v short
   convolutions (``[B, conv_size - 1, H * K]`` each).
+* A server keeps the KDA states of all its live sequences in one :class:`KDAStatePool`
+  ``[num_slots, H, K, V]`` addressed by slot (``ssm_state_indices``,
+  :mod:`kimi_linear.ops.serving`).
 * An MLA layer holds, per token, only the normalised latent ``c_kv`` (``kv_lora_rank``) and the
   shared rope key (``qk_rope_head_dim``): :class:`LatentKVCache`.
 
@@ -53,6 +56,88 @@ class KDALayerCache:
         self.conv_q, self.conv_k, self.conv_v, self.state = (
             t.index_select(0, index) for t in self.tensors()
         )
+
+
+class KDAStatePool:
+    """A server's KDA recurrent states: ``state [num_slots, H, K, V]`` and a free list.
+
+    The pool that :func:`kimi_linear.kernels.fused_recurrent_kda` and
+    :func:`kimi_linear.ops.kda_decode` address with ``ssm_state_indices`` (vLLM's convention,
+    :mod:`kimi_linear.ops.serving`): :meth:`allocate` hands out slots for new sequences (or
+    ``S`` per sequence for speculative decoding), :meth:`free` returns them, :meth:`store` /
+    :meth:`load` copy states in and out (prefix caching: a stored intermediate state
+    becomes a new sequence's starting state). Slots are zeroed when allocated.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        for name, n in (
+            ("num_slots", num_slots),
+            ("num_heads", num_heads),
+            ("head_k_dim", head_k_dim),
+            ("head_v_dim", head_v_dim),
+        ):
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.state = torch.zeros(
+            num_slots, num_heads, head_k_dim, head_v_dim, device=device, dtype=dtype
+        )
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> torch.Tensor:
+        """``n`` free slots (int32, on the pool's device), zeroed.
+
+        Raises:
+            ValueError: fewer than ``n`` slots are free.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if n > len(self._free):
+            raise ValueError(f"cannot allocate {n} state slots: {len(self._free)} are free")
+        slots = [self._free.pop() for _ in range(n)]
+        index = torch.tensor(slots, dtype=torch.int32, device=self.state.device)
+        self.state[index.long()] = 0
+        return index
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return ``slots`` to the pool (negative entries, padding, are ignored).
+
+        Raises:
+            ValueError: a slot out of range or not allocated.
+        """
+        values = [s for s in torch.as_tensor(slots).flatten().tolist() if s >= 0]
+        free = set(self._free)
+        for s in values:
+            if s >= self.state.shape[0] or s in free:
+                raise ValueError(f"slot {s} is not an allocated slot of this pool")
+            free.add(s)
+        self._free.extend(values)
+
+    def store(self, slots: torch.Tensor, states: torch.Tensor) -> None:
+        """Copy ``states [n, H, K, V]`` into ``slots [n]`` (cast to the pool's dtype)."""
+        self.state[torch.as_tensor(slots, device=self.state.device).long()] = states.to(
+            self.state.dtype
+        )
+
+    def load(self, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of the states in ``slots [n]``: ``[n, H, K, V]``."""
+        return self.state[torch.as_tensor(slots, device=self.state.device).long()].clone()
+
+    def nbytes(self) -> int:
+        return self.state.numel() * self.state.element_size()
 
 
 class LatentKVCache:

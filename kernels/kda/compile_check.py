@@ -226,9 +226,9 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "H" or name in TUNE_KEYS:
+        elif name == "H" or name in TUNE_KEYS or name in fused_recurrent.INT_ARGS:
             sig[name] = "i32"
-        elif name == "scale":
+        elif name == "scale" or name in fused_recurrent.FLOAT_ARGS:
             sig[name] = "fp32"
         elif name in _INDEX_ARGS:
             sig[name] = "*i32"
@@ -344,16 +344,9 @@ def kernel_specs(
     for kernel, constexprs in launches:
         for meta, warps, stages in _configs(kernel, space):
             specs.append((kernel, {**constexprs, **meta}, warps, stages))
-    # Not autotuned: the launcher's choice (fused_recurrent._launch).
-    BV = min(next_pow2(V), 32 if BK >= 128 else 64)
-    specs.append(
-        (
-            fused_recurrent._fused_recurrent_kernel,
-            dict(K=K, V=V, BK=BK, BV=BV, USE_H0=True, STORE_FINAL=True),
-            1 if BK * BV <= 1024 else 4,
-            2,
-        )
-    )
+    # Not autotuned: the launcher's choice (fused_recurrent.launch_constexprs), plain decode.
+    constexprs, warps = fused_recurrent.launch_constexprs(K, V)
+    specs.append((fused_recurrent._fused_recurrent_kernel, constexprs, warps, 2))
     return specs
 
 

@@ -287,7 +287,8 @@ def kda_chunked(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     gate_lower_bound: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_intermediate_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention over whole blocks of tokens (training, prefill): one entry point for
     every backend; differentiable.
 
@@ -312,9 +313,17 @@ def kda_chunked(
             needs no fast path and ignores it (after validating it), as does the
             ``torch.compile`` custom op (the exact path). A broken promise is caught only with
             ``KIMI_LINEAR_CHECK_GATE=1`` (else the kernels' result is undefined).
+        return_intermediate_states: also return the state at every chunk start (prefix
+            caching; fla's flag): ``h [B, NT, H, K, V]``, ``h[:, i]`` the state after
+            ``i * chunk_size`` tokens, ``NT = ceil(T / chunk_size)`` (packed: ``[1, NT, ...]``,
+            sequence after sequence). No gradient flows through ``h``. The torch backend
+            returns them in the compute dtype (fp32; float64 inputs: float64), fla in its own
+            dtype and only under ``torch.inference_mode()`` (fla's rule); the triton backend
+            does not return them yet (``ValueError``), nor does ``torch.compile``.
 
     Returns:
-        ``(o [B, T, H, V] in v's dtype, final_state or None)``.
+        ``(o [B, T, H, V] in v's dtype, final_state or None)``, and ``h`` third with
+        ``return_intermediate_states``.
 
     Raises:
         ValueError: bad backend (see :func:`resolve_kda_backend`) or inputs (the backend's own
@@ -331,6 +340,21 @@ def kda_chunked(
 
     gate_lower_bound = check_safe_gate_argument(gate_lower_bound)
     scale = check_scale(scale)
+    if return_intermediate_states:
+        return _chunked_with_states(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            backend=backend,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
+            gate_lower_bound=gate_lower_bound,
+        )
     if torch.compiler.is_compiling():  # one opaque node for torch.compile (ops/custom_op.py)
         from kimi_linear.ops.custom_op import kda_chunk_op
 
@@ -389,6 +413,61 @@ def kda_chunked(
     )
 
 
+def _chunked_with_states(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    backend: str | KDABackend,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+    gate_lower_bound: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`kda_chunked` with ``return_intermediate_states=True``."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "return_intermediate_states is not available under torch.compile (the custom op "
+            "returns (o, final_state)); call kda_chunked eagerly for prefix caching"
+        )
+    ops = get_kda_backend(backend, q.device)
+    if ops.name == "triton":
+        raise ValueError(
+            "return_intermediate_states needs kda_backend='torch' or 'fla': our Triton chunk "
+            "kernels do not return their chunk-start states yet"
+        )
+    kwargs = dict(
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        return_intermediate_states=True,
+    )
+    if ops.name == "torch":
+        if gate_lower_bound is not None and gate_check_enabled():
+            check_gate_lower_bound(g, gate_lower_bound)
+        return ops.chunk(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    kwargs["cu_seqlens"] = _fla_inputs(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
+    )
+    if chunk_size != 64:
+        kwargs["chunk_size"] = chunk_size  # fla accepts 32 or 64 (its own error otherwise)
+    if gate_lower_bound is not None:
+        kwargs.update(safe_gate=True, lower_bound=gate_lower_bound)
+    if not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "return_intermediate_states on kda_backend='fla' needs torch.inference_mode() "
+            "(fla's rule); the torch backend has no such restriction"
+        )
+    return ops.chunk(q, k, v, g, beta, **kwargs)
+
+
 def kda_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -402,6 +481,9 @@ def kda_decode(
     output_final_state: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     inplace_state: bool = False,
+    ssm_state_indices: torch.Tensor | None = None,
+    num_accepted_tokens: torch.Tensor | None = None,
+    inplace_final_state: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention token by token (decoding): one entry point for every backend.
 
@@ -418,9 +500,17 @@ def kda_decode(
             Triton kernel does when it is a contiguous float32 tensor and no gradient is
             needed: no state allocation per step). Use the returned state either way, and do
             not rely on ``initial_state`` keeping its old value.
+        ssm_state_indices, num_accepted_tokens, inplace_final_state: serving with a state
+            pool (``initial_state [num_slots, H, K, V]``, updated in place; vLLM's convention,
+            :mod:`kimi_linear.ops.serving`): each sequence's slot(s), the accepted draft count
+            of speculative decoding, and ``False`` to get every token's state back instead of
+            writing the pool. The ``triton`` backend runs its kernel, ``torch``
+            :func:`kimi_linear.ops.serving.kda_pool_recurrent`; ``fla`` is refused (its public
+            ``fused_recurrent_kda`` takes no slots). Forward only.
 
     Returns:
-        ``(o [B, T, H, V] in v's dtype, final_state or None)``.
+        ``(o [B, T, H, V] in v's dtype, final_state or None)``; with ``ssm_state_indices``,
+        ``(o, pool)`` (or ``(o, per-token states)`` with ``inplace_final_state=False``).
     """
     import torch
 
@@ -429,6 +519,34 @@ def kda_decode(
 
     scale = check_scale(scale)
     ops = get_kda_backend(backend, q.device)
+    if ssm_state_indices is not None or num_accepted_tokens is not None:
+        serving = dict(
+            scale=scale,
+            initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+            ssm_state_indices=ssm_state_indices,
+            num_accepted_tokens=num_accepted_tokens,
+            inplace_final_state=inplace_final_state,
+        )
+        if ops.name == "fla":
+            raise ValueError(
+                "ssm_state_indices / num_accepted_tokens (a state pool) need kda_backend="
+                "'triton' or 'torch': fla's public fused_recurrent_kda takes no state slots"
+            )
+        if _needs_grad(q, k, v, g, beta):
+            raise ValueError(
+                "decoding with a state pool is forward-only: run it under torch.no_grad()"
+            )
+        if ops.name == "torch":
+            from kimi_linear.ops.serving import kda_pool_recurrent
+
+            return kda_pool_recurrent(q, k, v, g, beta, **serving)
+        return ops.recurrent(q, k, v, g, beta, **serving)
+    if inplace_final_state is not None:
+        raise ValueError(
+            "inplace_final_state applies to a state pool (ssm_state_indices); for a dense state "
+            "use inplace_state"
+        )
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if ops.name == "torch":
         one_token_each = (

@@ -552,7 +552,8 @@ class _ChunkedKDA(torch.autograd.Function):
         S0: torch.Tensor,
         scale: float,
         sub: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep_states: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         n, *bd, C, K = k.shape
         V = v.shape[-1]
         b = S0.shape[0]
@@ -642,11 +643,17 @@ class _ChunkedKDA(torch.autograd.Function):
             up, down, tail, exp_mid,
         )  # fmt: skip
         ctx.scale, ctx.sub = scale, sub
+        if keep_states:  # the chunk-start states [n, b, K, V], for serving (no gradient)
+            starts = states[:n].clone()
+            ctx.mark_non_differentiable(starts)
+            return o.view(n, *bd, C, V), states[n].clone(), starts
         return o.view(n, *bd, C, V), states[n].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dO: torch.Tensor, dS_final: torch.Tensor | None):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, dO: torch.Tensor, dS_final: torch.Tensor | None, *_: torch.Tensor | None
+    ):
         # ctx.saved_tensors unpacks (and, under activation checkpointing, recomputes) on every
         # access: read it exactly once.
         (q, k, v, G, beta, A_qk, A_kk, G_exp, k_to_end, q_exp, T_inv_t, X, states, v_new, up, down,
@@ -737,7 +744,7 @@ class _ChunkedKDA(torch.autograd.Function):
             part.add_(dA_kk.transpose(-1, -2) @ (k * up)).mul_(down)
             dk += part
             dG.addcmul_(k, part, value=-1.0)
-        return dq, dk, dv, dG, d_beta, dS_flat[0], None, None
+        return dq, dk, dv, dG, d_beta, dS_flat[0], None, None, None
 
 
 def kda_chunk(
@@ -751,7 +758,8 @@ def kda_chunk(
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_intermediate_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention in the chunked (WY / UT-transform) form; pure PyTorch, autograd.
 
     Same semantics, layout and dtypes as :func:`kimi_linear.ops.kda_recurrent`; gradients flow
@@ -781,10 +789,18 @@ def kda_chunk(
             (needs ``B == 1``); each sequence starts from its own initial-state row, as if run
             alone. Sequences of similar padded length are batched together (one dense pass per
             distinct padded length), so many short documents cost about what one batch does.
+        return_intermediate_states: also return the state at every chunk start (prefix
+            caching: the state after the first ``i * chunk_size`` tokens of a sequence, from
+            which a later call resumes exactly as a full recompute would). Computed by the
+            forward anyway; returned without gradient, in the compute dtype.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[N, H, K, V]`` in
-        float32 (float64 for float64 inputs) when ``output_final_state``, else ``None``.
+        float32 (float64 for float64 inputs) when ``output_final_state``, else ``None``. With
+        ``return_intermediate_states``, ``(o, final_state, h)``: ``h [B, NT, H, K, V]`` (fla's
+        layout) with ``h[:, i]`` the state after ``i * chunk_size`` tokens (``h[:, 0]``: the
+        initial state), ``NT = ceil(T / chunk_size)``; packed (``cu_seqlens``): ``[1, NT, H, K,
+        V]`` with each sequence's ``ceil(length / chunk_size)`` states in sequence order.
         Empty inputs (``B == 0`` or ``T == 0``) give empty outputs (the final state is then the
         initial state, or zeros); inputs on the ``meta`` device give meta outputs of the right
         shapes.
@@ -807,8 +823,29 @@ def kda_chunk(
     compute = compute_dtype(q.dtype)
     clamp = _check_log_decay(g, compute)
     if q.device.type == "meta":
-        return empty_outputs(v, N, K, output_final_state, compute)
+        o, S = empty_outputs(v, N, K, output_final_state, compute)
+        if not return_intermediate_states:
+            return o, S
+        if cu_seqlens is not None:
+            raise ValueError(
+                "return_intermediate_states with cu_seqlens needs the offsets' values (not meta)"
+            )
+        return o, S, q.new_empty(B, -(-T // chunk_size), H, K, V, dtype=compute)
     scale = K**-0.5 if scale is None else float(scale)
+    if return_intermediate_states:
+        box: dict = {}
+        run = functools.partial(
+            _kda_chunk_clean,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            chunk_size=chunk_size,
+            cu_seqlens=cu_seqlens,
+            states_out=box,  # clamp recomputed from the cleaned g
+        )
+        # always isolated: the states after a poisoned token are NaN, the others exact
+        o, S = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
+        return o, S, _poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, chunk_size)
     if has_nonfinite(q, k, v, g, beta):
         # NaN / inf inputs: the intra-chunk products would carry them to earlier tokens of the
         # chunk (0 * NaN = NaN); run on cleaned inputs and put the NaNs where the recurrence has
@@ -839,21 +876,54 @@ def _kda_chunk_clean(
     chunk_size: int,
     cu_seqlens: torch.Tensor | None,
     clamp: bool | None = None,
+    states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`kda_chunk` on checked, finite inputs (``clamp``: :func:`_check_log_decay`'s
-    answer, recomputed when ``None``)."""
+    answer, recomputed when ``None``; ``states_out``: a dict that receives ``"h"``, the
+    chunk-start states of :func:`kda_chunk`'s ``return_intermediate_states``)."""
     compute = compute_dtype(q.dtype)
     if clamp is None:
         clamp = _check_log_decay(g, compute)
+    args = (q, k, v, g, beta, scale, initial_state, chunk_size, compute)
     # Autocast would run the matmuls in bf16 / fp16 and cancel the fp32 compute guarantee.
     with autocast_disabled(q.device):
         if cu_seqlens is None:
-            o, S = _kda_chunk(q, k, v, g, beta, scale, initial_state, chunk_size, compute, clamp)
+            o, S = _kda_chunk(*args, clamp, states_out)
         else:
-            o, S = _kda_chunk_varlen(
-                q, k, v, g, beta, scale, initial_state, chunk_size, compute, cu_seqlens, clamp
-            )
+            o, S = _kda_chunk_varlen(*args, cu_seqlens, clamp, states_out)
     return o, (S if output_final_state else None)
+
+
+def _poison_chunk_starts(
+    h: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """The chunk-start states ``h`` of :func:`kda_chunk` (computed on cleaned inputs) with
+    every state after a poisoning token of its sequence and head set to NaN, as the recurrence
+    has it (the rule :func:`~kimi_linear.ops.isolation.isolate_nonfinite` applies to the final
+    state)."""
+    from kimi_linear.ops.isolation import poisoned_tokens
+
+    _, _, token_bad = poisoned_tokens(*inputs, cu_seqlens)  # [B, T, H]
+    count = token_bad.to(torch.int32).cumsum(dim=1)
+    B, T, H = token_bad.shape
+    zero = count.new_zeros(B, 1, H)
+    padded = torch.cat([zero, count], dim=1)  # poisoning tokens before position t
+    if cu_seqlens is None:
+        starts = [list(range(0, T, chunk_size))]
+        before = [0]
+    else:
+        offsets = cu_seqlens.tolist()
+        starts = [list(range(a, b, chunk_size)) for a, b in zip(offsets[:-1], offsets[1:])]
+        before = offsets[:-1]
+    pos = torch.tensor([p for s in starts for p in s], dtype=torch.long, device=h.device)
+    first = torch.tensor(
+        [b for s, b in zip(starts, before) for _ in s], dtype=torch.long, device=h.device
+    )
+    bad = (padded[:, pos] - padded[:, first]) > 0  # [B or 1, NT, H]
+    return h.masked_fill(bad[..., None, None], float("nan"))
 
 
 def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:
@@ -888,8 +958,11 @@ def _kda_chunk_varlen(
     compute: torch.dtype,
     cu_seqlens: torch.Tensor,
     clamp: bool,
+    states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kda_chunk` over packed sequences (``B == 1``); returns ``(o, final_states)``.
+    """:func:`kda_chunk` over packed sequences (``B == 1``); returns ``(o, final_states)``
+    (and into ``states_out["h"]`` the chunk-start states ``[1, NT, H, K, V]``, sequence by
+    sequence, when given).
 
     Sequences are grouped by the length :func:`_kda_chunk` would pad them to anyway; each group
     is gathered into a dense zero-padded batch (padded tokens have ``g = 0``, ``beta = 0``,
@@ -909,6 +982,7 @@ def _kda_chunk_varlen(
         torch.cat([x[0], x.new_zeros(1, *x.shape[2:])]) for x in (q, k, v, g, beta)
     ]  # [T + 1, H, ...]
     outs, out_pos, states, state_seq = [], [], [], []
+    starts: dict[int, torch.Tensor] = {}  # sequence -> its chunk-start states [n, H, K, V]
     for L, seqs in groups.items():
         h0 = None if initial_state is None else initial_state[seqs]
         if L == 0:  # empty sequences: the state passes through
@@ -925,7 +999,10 @@ def _kda_chunk_varlen(
             valid[j, :length] = True
         idx, valid = idx.to(dev), valid.to(dev)
         dense = [x[idx] for x in ext]  # [b, L, H, ...]
-        o_g, S_g = _kda_chunk(*dense, scale, h0, chunk_size, compute, clamp)
+        group_states = None if states_out is None else {}
+        o_g, S_g = _kda_chunk(*dense, scale, h0, chunk_size, compute, clamp, group_states)
+        if group_states is not None:
+            starts.update(zip(seqs, group_states["h"].unbind(0)))
         outs.append(o_g[valid])  # [tokens of the group, H, V], in sequence order
         out_pos.append(idx[valid])
         states.append(S_g)
@@ -934,6 +1011,9 @@ def _kda_chunk_varlen(
     o_all = torch.cat(outs) if outs else v.new_zeros(0, H, V)
     o = o_all[torch.argsort(pos)].unsqueeze(0)  # back to packed order: [1, T, H, V]
     S = torch.cat(states)[torch.argsort(torch.tensor(state_seq, device=dev))]
+    if states_out is not None:
+        empty = q.new_zeros(0, H, K, V, dtype=compute)
+        states_out["h"] = torch.cat([starts.get(n, empty) for n in range(N)]).unsqueeze(0)
     return o, S
 
 
@@ -948,9 +1028,12 @@ def _kda_chunk(
     chunk_size: int,
     compute: torch.dtype,
     clamp: bool,
+    states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The computation of :func:`kda_chunk` on validated inputs; returns ``(o, final_state)``.
-    ``clamp``: some ``g`` lies below ``LOG_DECAY_FLOOR[compute]`` (:func:`_check_log_decay`)."""
+    ``clamp``: some ``g`` lies below ``LOG_DECAY_FLOOR[compute]`` (:func:`_check_log_decay`).
+    ``states_out``: a dict that receives ``"h"``, the chunk-start states
+    ``[B, ceil(T / chunk_size), H, K, V]`` (no gradient)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -960,6 +1043,8 @@ def _kda_chunk(
         else initial_state.to(compute)
     )
     if T == 0 or B == 0:
+        if states_out is not None:
+            states_out["h"] = S.new_zeros(B, 0, H, K, V)
         return v.new_zeros(B, T, H, V), S.clone()
 
     C = min(chunk_size, -(-T // SUB_CHUNK) * SUB_CHUNK)
@@ -990,6 +1075,11 @@ def _kda_chunk(
 
     # q enters both A_qk and exp(G) * q linearly, so ``scale`` is applied to the outputs (a
     # matmul's alpha) instead of to q (a pass over q and over its gradient).
-    o, S = _ChunkedKDA.apply(q, k, v, G, beta, S.reshape(B * H, K, V), scale, sub)
+    # A chunk is C = chunk_size tokens, or one chunk of T rounded up to 16 when T is shorter:
+    # either way the chunk starts are the multiples of chunk_size below T.
+    keep = states_out is not None
+    o, S, *starts = _ChunkedKDA.apply(q, k, v, G, beta, S.reshape(B * H, K, V), scale, sub, keep)
+    if keep:
+        states_out["h"] = starts[0].view(n, B, H, K, V).transpose(0, 1).contiguous()
     o = rearrange(o, "n b h c v -> b (n c) h v")[:, :T]
     return o.to(out_dtype).contiguous(), S.view(B, H, K, V)
