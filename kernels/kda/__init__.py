@@ -2,7 +2,8 @@
 
 - :func:`chunk_kda`: chunked forward and backward (training, prefill), varlen via ``cu_seqlens``.
 - :func:`fused_recurrent_kda`: token-by-token forward (decode), optionally updating the state
-  in place.
+  in place; fla's signature and flags (L2 norm, gate, beta sigmoid fused in the kernel), GVA,
+  and the serving state pool (``ssm_state_indices``, ``num_accepted_tokens``).
 
 Both take the layout of :func:`kimi_linear.ops.kda_recurrent` and run on CUDA devices, or on the
 CPU under ``TRITON_INTERPRET=1`` (slow; for tests). Modules: ``chunk`` (autograd function and
