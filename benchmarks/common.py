@@ -123,19 +123,55 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu_timer(fn: Callable[[], Any], reset: Sequence[torch.Tensor] = ()) -> Any:
+    """A ``torch.utils.benchmark.Timer`` of ``fn()`` on the CPU at the caller's thread count
+    (its default would time at one thread), read with ``time.perf_counter`` (its default also
+    synchronises any accelerator present); the gradients of ``reset`` are set to ``None``
+    before every block of calls, untimed (its ``setup``)."""
+    from torch.utils.benchmark import Timer
+
+    def clear() -> None:
+        for t in reset:
+            t.grad = None
+
+    return Timer(
+        stmt="fn()",
+        setup="clear()",
+        timer=time.perf_counter,
+        globals={"fn": fn, "clear": clear},
+        num_threads=torch.get_num_threads(),
+    )
+
+
+def _cpu_samples(timer: Any, measurements: int, min_run_time: float) -> list[float]:
+    """Seconds per call from ``measurements`` runs of ``timer.blocked_autorange``: each first
+    calls ``fn`` untimed (its block-size estimate, a warm-up), then times blocks of calls for at
+    least ``min_run_time`` seconds (0: one block of one call)."""
+    out: list[float] = []
+    for _ in range(measurements):
+        out += list(timer.blocked_autorange(min_run_time=min_run_time).times)
+    return out
+
+
 def timeit(
     fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5
 ) -> dict[str, float]:
-    """Run ``fn`` ``warmup`` times, then time ``reps`` runs; seconds: median, min, max, stdev."""
+    """Run ``fn`` ``warmup`` times, then time ``reps`` runs; seconds: median, min, max, stdev.
+
+    On CUDA a synchronised ``perf_counter`` loop; on the CPU ``torch.utils.benchmark`` (each
+    timed call follows an untimed one, its block-size estimate: ``warmup + 2 * reps`` calls)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    else:
+        times = _cpu_samples(_cpu_timer(fn), reps, 0.0)
     return {
         "median": statistics.median(times),
         "min": min(times),
@@ -169,35 +205,43 @@ def bench_interleaved(
     rep_ms: int = 100,
     cpu_reps: int = 1,
     grad_to_none: dict[str, Sequence[torch.Tensor]] | None = None,
+    cpu_min_run_time: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Time several implementations of one computation in interleaved rounds.
 
     Each round runs every callable in turn (so clock, temperature and neighbour drift hit all of
-    them alike): on CUDA through ``triton.testing.do_bench`` (``warmup_ms`` then ``rep_ms`` of
-    runs, L2 cache flushed between runs, ``grad_to_none[name]`` gradients reset before each
-    run), on CPU ``cpu_reps`` timed calls after one untimed call in the first round.
+    them alike, and a ratio of two comes from one run): on CUDA through
+    ``triton.testing.do_bench`` (``warmup_ms`` then ``rep_ms`` of runs, L2 cache flushed between
+    runs, ``grad_to_none[name]`` gradients reset before each run), on CPU through
+    ``torch.utils.benchmark.Timer.blocked_autorange``, ``cpu_reps`` times per round: an untimed
+    call (its block-size estimate, so every timed call is warm, also right after another
+    implementation ran), then blocks of calls for at least ``cpu_min_run_time`` seconds (0:
+    one call); gradients are reset before every block, untimed.  (``torch.utils.benchmark``
+    has no interleaving of several statements: the rounds stay ours.)
 
-    Returns, per name, seconds over all samples of all rounds: ``median``, ``min``, ``max`` and
-    the sample count ``n``.
+    Returns, per name, seconds per call over all samples of all rounds: ``median``, ``min``,
+    ``max`` and the sample count ``n``.
     """
     if rounds <= 0:
         raise ValueError(f"rounds must be a positive int, got {rounds}")
+    if cpu_reps <= 0:
+        raise ValueError(f"cpu_reps must be a positive int, got {cpu_reps}")
+    if not (cpu_min_run_time >= 0):
+        raise ValueError(f"cpu_min_run_time must be >= 0 seconds, got {cpu_min_run_time}")
     samples: dict[str, list[float]] = {name: [] for name in fns}
     grads = grad_to_none or {}
-    for r in range(rounds):
+    timers = (
+        {}
+        if device.type == "cuda"
+        else {n: _cpu_timer(f, grads.get(n, ())) for n, f in fns.items()}
+    )
+    for _ in range(rounds):
         for name, fn in fns.items():
             if device.type == "cuda":
                 ms = _do_bench_samples(fn, warmup_ms, rep_ms, grads.get(name))
                 samples[name] += [t / 1e3 for t in ms]
             else:
-                if r == 0:
-                    fn()
-                for _ in range(cpu_reps):
-                    for t in grads.get(name, ()):
-                        t.grad = None
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t0)
+                samples[name] += _cpu_samples(timers[name], cpu_reps, cpu_min_run_time)
     return {
         name: {
             "median": statistics.median(ts),
@@ -408,27 +452,16 @@ def _read_int(path: str) -> int | None:
 def available_memory(device: torch.device) -> int:
     """Bytes that can still be allocated on ``device``.
 
-    GPU: ``torch.cuda.mem_get_info`` (free device memory). CPU: ``MemAvailable`` from
-    ``/proc/meminfo``, lowered to the cgroup's remaining allowance when the process runs under
-    a cgroup memory limit (containers); ``os.sysconf`` physical pages as the last resort.
+    GPU: ``torch.cuda.mem_get_info`` (free device memory). CPU: ``psutil``'s available memory
+    (Linux: ``MemAvailable``), lowered to the cgroup's remaining allowance when the process
+    runs under a cgroup memory limit (containers), which psutil does not know of (hence ours).
     """
+    import psutil
+
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    avail: int | None = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62  # unknown: do not block
+    avail = int(psutil.virtual_memory().available)
     limit = _read_int("/sys/fs/cgroup/memory.max")  # cgroup v2 ("max" -> None)
     used = _read_int("/sys/fs/cgroup/memory.current")
     if limit is None:  # cgroup v1
@@ -451,13 +484,11 @@ def require_memory(nbytes: int, device: torch.device, what: str, fraction: float
         )
 
 
-def process_resident_bytes() -> int | None:
-    """Resident set size of this process (bytes, Linux ``/proc/self/statm``), else ``None``."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+def process_resident_bytes() -> int:
+    """Resident set size of this process (bytes; ``psutil``, any OS)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def progress(iterable: Any, desc: str, total: int | None = None, enabled: bool = True) -> Any:

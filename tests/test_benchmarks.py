@@ -361,3 +361,95 @@ def test_kernel_speed_refuses_head_dims_the_kernels_cannot_run(capsys):
     assert "--head-dim 300 exceeds 256" in capsys.readouterr().err
     args = ks.parse_args(["--head-dim", "300", "--quick", "--providers", "torch,sdpa"])
     assert args.head_dim == 300
+
+
+# ------------------------------------------------------------------ timing and memory helpers
+class _FakeClock:
+    """``perf_counter`` that only the timed functions advance (by their stated durations)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self, seconds: float, calls: list[str], name: str):
+        def fn() -> None:
+            calls.append(name)
+            self.now += seconds
+
+        return fn
+
+
+def _fake_timing(monkeypatch):
+    import types
+
+    common = _module("common")
+    clock = _FakeClock()
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    return common, clock
+
+
+def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(monkeypatch):
+    """CPU timing through ``torch.utils.benchmark``: per call seconds exactly as spent (fake
+    clock: 2 s and 6 s a call, so the ratio 3 comes from one interleaved run), rounds
+    alternating between the implementations, one untimed call before each timed one,
+    ``cpu_min_run_time`` adding blocks, and the caller's thread count kept (the Timer's default
+    would time at one thread)."""
+    common, clock = _fake_timing(monkeypatch)
+    calls: list[str] = []
+    threads: list[int] = []
+    fns = {"a": clock.work(2.0, calls, "a"), "b": clock.work(6.0, calls, "b")}
+    fns["c"] = lambda: threads.append(torch.get_num_threads())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = common.bench_interleaved(fns, torch.device("cpu"), rounds=3)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == ["a", "a", "b", "b"] * 3
+    assert set(threads) == {2}
+    assert (t["a"]["n"], t["a"]["median"], t["a"]["min"], t["a"]["max"]) == (3, 2.0, 2.0, 2.0)
+    assert t["b"]["median"] / t["a"]["median"] == 3.0
+    calls.clear()
+    t = common.bench_interleaved(
+        {"a": fns["a"]}, torch.device("cpu"), rounds=2, cpu_min_run_time=5.0
+    )
+    assert t["a"]["n"] == 6 and t["a"]["median"] == 2.0  # 3 timed calls (6 s >= 5 s) a round
+    assert len(calls) == 8
+    for bad, match in [
+        (dict(rounds=0), "rounds must be a positive int"),
+        (dict(cpu_reps=0), "cpu_reps must be a positive int"),
+        (dict(cpu_min_run_time=-1.0), "cpu_min_run_time must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            common.bench_interleaved({"a": fns["a"]}, torch.device("cpu"), **bad)
+
+
+def test_timeit_on_cpu_uses_torch_utils_benchmark(monkeypatch):
+    common, clock = _fake_timing(monkeypatch)
+    calls: list[str] = []
+    t = common.timeit(clock.work(0.5, calls, "f"), torch.device("cpu"), warmup=2, reps=4)
+    assert t == {"median": 0.5, "min": 0.5, "max": 0.5, "stdev": 0.0}
+    assert len(calls) == 2 + 2 * 4  # the warm-up, then an untimed call before each timed one
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux /proc only")
+def test_memory_helpers_agree_with_proc(monkeypatch):
+    """psutil's RSS and available memory equal what /proc says (the hand-written readers'
+    source): RSS within 4 MiB of ``/proc/self/statm``, available memory within 5% of
+    ``MemAvailable`` (other processes allocate meanwhile), the cgroup limit still applied."""
+    import os
+
+    common = _module("common")
+    with open("/proc/self/statm") as f:
+        statm = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert abs(common.process_resident_bytes() - statm) <= 4 << 20
+    with open("/proc/meminfo") as f:
+        meminfo = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    monkeypatch.setattr(common, "_read_int", lambda path: None)  # no cgroup limit
+    assert common.available_memory(torch.device("cpu")) == pytest.approx(meminfo, rel=0.05)
+    limits = {"/sys/fs/cgroup/memory.max": 96 << 20, "/sys/fs/cgroup/memory.current": 32 << 20}
+    monkeypatch.setattr(common, "_read_int", limits.get)
+    assert meminfo > 64 << 20
+    assert common.available_memory(torch.device("cpu")) == 64 << 20  # the cgroup's allowance

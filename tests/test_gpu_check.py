@@ -176,8 +176,9 @@ def test_bench_interleaved_alternates_and_resets_grads():
         cpu_reps=2,
         grad_to_none={"a": [w]},
     )
-    # one untimed call each in the first round, then the timed ones, alternating by round
-    assert calls == ["a", "a", "a", "b", "b", "b", "a", "a", "b", "b"]
+    # torch.utils.benchmark: every timed call after an untimed one (its block-size estimate),
+    # cpu_reps of them per round, alternating by round
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
     assert t["a"]["n"] == t["b"]["n"] == 4
     assert 0 <= t["a"]["min"] <= t["a"]["median"] <= t["a"]["max"]
     with pytest.raises(ValueError, match="rounds must be a positive int"):
