@@ -833,7 +833,9 @@ def save_pretrained(
     names) to ``save_directory``; every file gets the process's normal file mode (umask).
 
     ``max_shard_size`` (bytes): split into ``model-0000i-of-0000n.safetensors`` files of at most
-    about that size plus ``model.safetensors.index.json``; otherwise one ``model.safetensors``.
+    that size (a larger tensor gets a file of its own) plus ``model.safetensors.index.json``, by
+    ``huggingface_hub.split_torch_state_dict_into_shards`` (transformers' layout); weights that
+    fit in one file, or no ``max_shard_size``, give one ``model.safetensors`` and no index.
     Shards are written one at a time (host memory: one shard of copies).  Stale weight files of
     an earlier save in the folder are removed first.
     """
@@ -873,29 +875,34 @@ def save_pretrained(
             stale.unlink()
 
     sd = model.state_dict()
-    items = [(k, v) for k, v in _release_items(sd)]
-    sizes = [v.numel() * v.element_size() for _, v in items]
-    # group names into shards first (sizes only), then materialise one shard at a time
-    groups: list[list[int]] = [[]]
-    size = 0
-    for i, nbytes in enumerate(sizes):
-        if max_shard_size is not None and groups[-1] and size + nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += nbytes
-    names = (
-        [WEIGHTS_NAME]
-        if len(groups) == 1 and max_shard_size is None
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    )
-    weight_map: dict[str, str] = {}
+    items = dict(_release_items(sd))
+    # Group names into shards first (sizes only), then materialise one shard at a time.  The
+    # split is huggingface_hub's (transformers' file names and index); it is given size-only
+    # meta stand-ins, so views of one storage (the per-expert slices of a stacked expert
+    # tensor, a tied head) are sized and placed one by one, as the files store them (copies),
+    # instead of being kept together in one shard.
+    if max_shard_size is None:
+        files = {WEIGHTS_NAME: list(items)}
+        index = None
+    else:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split = split_torch_state_dict_into_shards(
+            {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in items.items()},
+            filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+            max_shard_size=max_shard_size,
+        )
+        files = split.filename_to_tensors
+        index = (
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            if split.is_sharded
+            else None
+        )
     seen: set[int] = set()
-    for fname, group in zip(names, groups):
+    for fname, keys in files.items():
         shard = {}
-        for i in group:
-            k, v = items[i]
-            v = v.detach()
+        for k in keys:
+            v = items[k].detach()
             storage = v.untyped_storage()
             own = (
                 v.device.type == "cpu"
@@ -909,10 +916,8 @@ def save_pretrained(
             seen.add(storage.data_ptr())
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         os.chmod(out / fname, file_mode)
-        weight_map.update(dict.fromkeys(shard, fname))
         del shard
-    if names != [WEIGHTS_NAME]:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    if index is not None:
         (out / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -220,3 +220,106 @@ def test_checkpoint_errors(tmp_path):
         KimiLinearForCausalLM.from_pretrained(tmp_path, dtype="bf16")
     with pytest.raises(ValueError, match="config_overrides.*kda_mode"):
         KimiLinearForCausalLM.from_pretrained(tmp_path, kda_mode="chunk")
+
+
+def test_sharded_save_splits_in_key_order_and_loads(tmp_path):
+    """``max_shard_size``: huggingface_hub's split (transformers' file names and index), in
+    release-key order, a new file when the next tensor would pass the size; the per-expert
+    slices of a stacked expert tensor are sized one by one (not kept together as views of one
+    storage).  The folder loads back identically; weights that fit in one file give a plain
+    ``model.safetensors`` without an index."""
+    from kimi_linear import hf
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig(**CFG))
+    shard = 20_000
+    model.save_pretrained(tmp_path, max_shard_size=shard)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    # the split written out here: greedy over the release keys in order
+    expected, files, size = {}, 1, 0
+    for k, v in hf.release_state_dict(model).items():
+        nbytes = v.numel() * v.element_size()
+        assert nbytes <= shard  # (no tensor above the size in this config)
+        if size and size + nbytes > shard:
+            files, size = files + 1, 0
+        expected[k] = files
+        size += nbytes
+    assert files > 2
+    names = {i: f"model-{i:05d}-of-{files:05d}.safetensors" for i in range(1, files + 1)}
+    assert index["weight_map"] == {k: names[i] for k, i in expected.items()}
+    stored = {}
+    for name in names.values():
+        tensors = load_file(str(tmp_path / name))
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= shard
+        stored.update(tensors)
+    assert index["metadata"] == {
+        "total_size": sum(t.numel() * t.element_size() for t in stored.values())
+    }
+    experts = [k for k in index["weight_map"] if ".experts." in k and k.endswith(".w1.weight")]
+    assert len({index["weight_map"][k] for k in experts}) > 1  # slices of one stacked tensor
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    # all in one file: no index (as transformers writes it); the stale shards are removed
+    model.save_pretrained(tmp_path, max_shard_size=10**9)
+    weights = sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name)
+    assert weights == ["model.safetensors"]
+    assert torch.equal(
+        KimiLinearForCausalLM.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight
+    )
+
+
+_TRANSFORMERS_LOAD = """
+import json, sys
+
+sys.modules["fla"] = None  # transformers' pure-PyTorch KDA (fla's kernels need a GPU)
+import torch
+from transformers import AutoModelForCausalLM
+
+model, info = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], output_loading_info=True, dtype=torch.float32
+)
+ids = torch.arange(1, 20).remainder(model.config.vocab_size)[None]
+with torch.no_grad():
+    logits = model(ids).logits[0]
+json.dump(
+    {
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": len(info["mismatched_keys"]),
+        "logits": logits.tolist(),
+    },
+    open(sys.argv[2], "w"),
+)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_save_loads_in_transformers(tmp_path):
+    """A sharded save (index + shards) loads in transformers' KimiLinearForCausalLM with no
+    missing or unexpected keys and the kit's logits (fp32, within the parity tolerance 2e-5 of
+    tests/test_hf.py)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("transformers.models.kimi_linear") is None:
+        pytest.skip("transformers without a native KimiLinearForCausalLM")
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig(**CFG)).eval()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    (tmp_path / "load.py").write_text(_TRANSFORMERS_LOAD)
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "ckpt"), str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["missing"] == [] and result["unexpected"] == [] and result["mismatched"] == 0
+    ids = torch.arange(1, 20).remainder(model.config.vocab_size)[None]
+    with torch.no_grad():
+        kit = model(ids)[0]
+    torch.testing.assert_close(torch.tensor(result["logits"]), kit, rtol=0, atol=2e-5)

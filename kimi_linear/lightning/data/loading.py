@@ -16,6 +16,14 @@ Its sampler, :class:`ResumableSampler`, is a ``DistributedSampler`` (rank and wo
 from the trainer), so Lightning leaves it in place under DDP; the batches of a map-style dataset
 are split across DataLoader worker processes by the DataLoader itself, in sampler order, so the
 number of workers never changes the batches.
+
+Why not torchdata's ``StatefulDataLoader`` (issue 24 item 9: a kept library where it does the
+same job): it checkpoints the iterator of *this* topology (the batches or samples each rank's
+sampler has yielded, worker states), so it continues exactly only with the same number of
+ranks, batch size and workers; this loader records one global sample position of the epoch's
+seeded permutation and splits the rest across whatever ranks and batch size the resumed run
+has (``tests/test_data_tokens.py``: resume on another batch size trains every window once),
+and refuses a checkpoint of another data set or seed.
 """
 
 from __future__ import annotations
