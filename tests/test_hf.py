@@ -702,7 +702,7 @@ def test_export_from_a_folder_and_overwrite(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     args = ["export", "--ckpt_path", str(tmp_path / "src"), "--output_dir", str(out)]
     assert main(args) == 2
-    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert "not empty (notes.txt); pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--dtype", "bfloat16"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     loaded = KimiLinearForCausalLM.from_pretrained(out)
