@@ -455,50 +455,6 @@ def test_kernels_compile_for_gpu_without_one(args):
     assert len(rows) >= 12 and all("| yes |" in row for row in rows), proc.stdout
 
 
-def _kernel_cost(*args, out_dir):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_cost.py"), *args, "--out-dir", out_dir],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_kernel_cost_model_runs(tmp_path):
-    """The static cost model (launches, bytes, tensor FLOPs; ours vs fla) at a small shape."""
-    import json
-
-    providers = ["ours", "fla"]  # fla is a dependency: a broken install must fail here
-    proc = _kernel_cost(
-        "--shapes", "1x2x128", "--head-dim", "16", "--flop-tokens", "64", "--providers",
-        *providers, out_dir=str(tmp_path),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "kernel_cost.json").read_text())
-    assert (tmp_path / "kernel_cost.md").exists()
-    for row in result["totals"]:
-        assert row["launches"] > 0 and row["bytes"] > 0 and row["tensor_gflop"] > 0, row
-    ours_fwd = next(
-        r for r in result["totals"] if r["provider"] == "ours" and r["phase"] == "forward"
-    )
-    assert ours_fwd["launches"] == 4  # cumsum, intra + solve (fused), state, output
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--shapes", "4x32"], "shape must be BxHxT"),
-        (["--shapes", "1x1x100"], "multiple of 64"),
-        (["--head-dim", "512"], "--head-dim must be in"),
-        (["--flop-tokens", "10"], "--flop-tokens must be"),
-        (["--dtype", "int8"], "--dtype must be one of"),
-    ],
-)
-def test_kernel_cost_model_rejects_bad_arguments(tmp_path, args, message):
-    proc = _kernel_cost(*args, out_dir=str(tmp_path))
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-
-
 def test_chunk_keeps_intermediates_only_when_gradients_will_flow(monkeypatch):
     """The forward keeps G, Aqk and N for the backward only with grad mode on and an input that
     requires grad; under no_grad / inference it keeps nothing beyond the output."""
