@@ -476,3 +476,149 @@ def test_max_logits_not_recorded_in_eval_mode():
     layer.train()
     layer(x)
     assert layer.max_logits is not None and layer.max_logits.shape == (layer.num_heads,)
+
+
+# ------------------------------------------------------------------ non-finite tokens stay causal
+NAN_T = 24
+NAN_AT = 13  # the poisoned token (row 0): mid-block, mid-document
+NAN_DOCS = [0, 7, 17, 24]  # packed: the NaN in the middle document
+
+
+def _nan_case(case: str, layer: MLAttention):
+    """``(x, kwargs, prefix, expected NaN outputs [B, T])`` with ``x[0, NAN_AT]`` a NaN."""
+    gen = torch.Generator().manual_seed(11)
+    x, kwargs, prefix = _attention_case(case, layer, NAN_T, gen)
+    if case == "packed":
+        kwargs = {"cu_seqlens": torch.tensor(NAN_DOCS, dtype=torch.int32)}
+    bad = torch.zeros(x.shape[:2], dtype=torch.bool)
+    bad[0, NAN_AT : NAN_DOCS[2] if case == "packed" else NAN_T] = True
+    x = x.clone()
+    x[0, NAN_AT, 3] = float("nan")
+    return x, kwargs, prefix, bad
+
+
+def _forward(layer: MLAttention, x, kwargs, prefix, path: str, monkeypatch) -> torch.Tensor:
+    kwargs = dict(kwargs, absorb=path == "absorbed")
+    if path == "blocked":  # query blocks of 1-7 rows, as without a fused kernel
+        monkeypatch.setattr(mla_module, "ATTENTION_BLOCK_ELEMENTS", 3 * 40 * 7)
+        monkeypatch.setattr(mla_module, "_fused_sdpa", lambda *a, **k: False)
+    with torch.no_grad():
+        if prefix is None:
+            return layer(x, **kwargs)
+        cache = LatentKVCache(x.shape[0], layer.kv_lora_rank, layer.rope_dim)
+        layer(prefix, cache, 0)
+        return layer(x, cache, prefix.shape[1], **kwargs)
+
+
+@pytest.mark.parametrize("path", ["plain", "absorbed", "blocked"])
+@pytest.mark.parametrize("case", ["causal", "pad", "packed", "cache"])
+def test_nan_token_reaches_no_earlier_token_document_or_row(monkeypatch, case, path):
+    """A NaN in token 13 of row 0 makes the outputs of row 0 (of its document, packed) NaN from
+    token 13 on and changes nothing else, bit for bit: attention used to multiply the NaN key
+    and value by the zero probability of every earlier query (0 * NaN = NaN)."""
+    layer = make_layer(use_nope=False, seed=3)
+    x, kwargs, prefix, bad = _nan_case(case, layer)
+    clean = x.clone()
+    clean[0, NAN_AT] = 0.0
+    ref = _forward(layer, clean, kwargs, prefix, path, monkeypatch)
+    out = _forward(layer, x, kwargs, prefix, path, monkeypatch)
+    assert torch.isnan(out[bad]).all()
+    torch.testing.assert_close(out[~bad], ref[~bad], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_nan_in_the_cache_poisons_later_outputs_of_its_row_only(absorb):
+    """Prefill then decode one token at a time (and a block of 3): a NaN cached for row 0
+    makes every later output of row 0 NaN; row 1 decodes exactly as without it."""
+    layer = make_layer(use_nope=False, seed=4)
+    D = layer.config.hidden_size
+    x = torch.randn(2, 14, D, generator=torch.Generator().manual_seed(4))
+    bad = x.clone()
+    bad[0, 4] = float("nan")
+
+    def run(inputs):
+        cache = LatentKVCache(2, layer.kv_lora_rank, layer.rope_dim)
+        with torch.no_grad():
+            outs = [layer(inputs[:, :8], cache, 0)]
+            for t in range(8, 11):
+                outs.append(layer(inputs[:, t : t + 1], cache, t, absorb=absorb))
+            outs.append(layer(inputs[:, 11:], cache, 11, absorb=absorb))
+        return torch.cat(outs, dim=1)
+
+    ref, out = run(x), run(bad)
+    assert torch.isnan(out[0, 4:]).all()
+    torch.testing.assert_close(out[0, :4], ref[0, :4], atol=0, rtol=0)
+    torch.testing.assert_close(out[1], ref[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_nan_in_a_left_pad_never_reaches_the_real_tokens(absorb):
+    """A NaN at a left pad of row 0 (its key hidden from every real query) changes no real
+    output of row 0, neither in the prefill nor when decoding over the cache."""
+    layer = make_layer(use_nope=False, seed=6)
+    D = layer.config.hidden_size
+    x = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(6))
+    pads = torch.tensor([4, 0])
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+
+    def run(inputs):
+        cache = LatentKVCache(2, layer.kv_lora_rank, layer.rope_dim)
+        with torch.no_grad():
+            outs = [layer(inputs[:, :9], cache, 0, pad_lengths=pads)]
+            for t in range(9, 12):
+                outs.append(layer(inputs[:, t : t + 1], cache, t, absorb, pad_lengths=pads))
+        return torch.cat(outs, dim=1)
+
+    ref, out = run(x), run(bad)
+    torch.testing.assert_close(out[0, 4:], ref[0, 4:], atol=0, rtol=0)
+    torch.testing.assert_close(out[1], ref[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["causal", "packed"])
+def test_input_gradients_of_finite_outputs_ignore_a_nan_token(case):
+    """A loss over the finite outputs (the NaN ones masked out after a nonlinearity, so their
+    incoming gradient is NaN) gives every other token the input gradient it has without the
+    NaN. (Weight gradients are NaN either way: ``dW = sum_t dy_t x_t^T`` meets the NaN input.)"""
+    layer = make_layer(use_nope=False, seed=7)
+    x, kwargs, _, bad = _nan_case(case, layer)
+    clean = x.clone()
+    clean[0, NAN_AT] = 0.0
+
+    def input_grad(inputs):
+        leaf = inputs.clone().requires_grad_(True)
+        out = layer(leaf, **kwargs)
+        (out.pow(2) * ~bad[..., None]).sum().backward()  # NaN * 0: NaN gradients at `bad`
+        return leaf.grad
+
+    others = torch.ones(x.shape[:2], dtype=torch.bool)
+    others[0, NAN_AT] = False
+    got, ref = input_grad(x)[others], input_grad(clean)[others]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_poisoned_queries_match_the_visibility_rule():
+    """poisoned_queries against the rule written out per query: its own value is bad, or a key
+    it may see (causal; not a pad unless the query is one, then only itself; same document)."""
+    gen = torch.Generator().manual_seed(0)
+    B, L = 3, 16
+    key_bad = torch.rand(B, L, generator=gen) < 0.1
+    for q_start, pads, positions in [
+        (0, None, None),
+        (5, None, None),
+        (4, torch.tensor([0, 6, 16]), None),
+        (0, None, torch.tensor([0, 1, 2, 0, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])),
+    ]:
+        kb = key_bad[:1] if positions is not None else key_bad
+        T = L - q_start
+        q_bad = torch.rand(kb.shape[0], T, generator=gen) < 0.1
+        got = mla_module.poisoned_queries(kb, q_bad, q_start, positions, pads)
+        for b in range(kb.shape[0]):
+            for t in range(T):
+                p = q_start + t
+                pad = 0 if pads is None else int(pads[b])
+                first = p - int(positions[t]) if positions is not None else 0
+                keys = [p] if p < pad else range(max(pad, first), p + 1)
+                want = bool(q_bad[b, t]) or any(bool(kb[b, s]) for s in keys)
+                assert bool(got[b, t]) == want, (q_start, pads, positions, b, t)

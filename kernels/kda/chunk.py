@@ -32,7 +32,7 @@ from kimi_linear.ops.backend import (
     gate_check_enabled,
 )
 from kimi_linear.ops.checks import check_log_decay
-from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
+from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import chunk_kda_fwd
@@ -149,8 +149,9 @@ def chunk_kda(
 
     Non-finite inputs (NaN / inf in q, k, v, beta; NaN in g) are isolated as the recurrence
     isolates them: outputs of the poisoned sequence and head are NaN from the poisoned token on,
-    nothing else changes (:mod:`kimi_linear.ops.isolation`; one reduction per input and a
-    device sync per call detect them, the isolated run happens only then).
+    nothing else changes (:mod:`kimi_linear.ops.isolation`: every call runs the kernels on
+    cleaned inputs and masks the poisoned outputs, device ops only, no sync and CUDA-graph
+    capturable; ``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns it off).
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
@@ -161,22 +162,41 @@ def chunk_kda(
         if lower_bound is not None:
             check_gate_lower_bound(g, lower_bound)
     scale = K**-0.5 if scale is None else float(scale)
-    if has_nonfinite(q, k, v, g, beta):  # one reduction per input and a sync (isolation.py)
-        run = functools.partial(
-            chunk_kda,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            gate_lower_bound=gate_lower_bound,
-        )
+    run = functools.partial(
+        _chunk_kda_packed,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        safe_gate=lower_bound is not None,
+    )
+    if isolation_enabled():  # device ops on every call, no sync (isolation.py)
         return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
+    return run(q, k, v, g, beta)
+
+
+def _chunk_kda_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    safe_gate: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output."""
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
     )
     o, final_state = ChunkKDAFunction.apply(
-        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep, lower_bound is not None
+        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep, safe_gate
     )
     return o.view(B, T, H, V), final_state

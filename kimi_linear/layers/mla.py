@@ -34,6 +34,19 @@ Two equivalent computations:
   attention-weighted sum run over the cached latents directly and per-head K/V of the cached
   tokens are never built.
 
+Non-finite tokens stay causal (as in the KDA ops, :mod:`kimi_linear.ops.isolation`): a NaN /
+inf in the latent or rope key of token ``s`` makes the outputs of the queries of its row (of its
+document, when packed) at and after ``s`` NaN, a NaN query only its own output; earlier tokens,
+other documents and rows are exact. Attention would otherwise spread it backwards: a masked key
+still enters ``probs @ v`` with probability 0, and ``0 * NaN = NaN``. So when a call holds a
+query that must not see some key (``T > 1``, or packed documents), the queries and keys are
+cleaned (non-finite values replaced by 0) and the poisoned outputs set to NaN, with device ops
+only (no sync, CUDA-graph capturable; :func:`poisoned_queries`). A single decode query
+(``T == 1``) sees every real key of its row, so a NaN in the cache makes its output NaN by
+itself (the softmax row is NaN) and nothing is added; left pads, the keys it must not see, are
+stored in the cache cleaned. Context parallelism (``cp``) does not isolate yet.
+``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns this off, as for the KDA ops.
+
 Weight layout (release names; what MuonClip's per-head rescaling relies on): query rows of head
 ``h`` are ``[h * (nope + rope), (h + 1) * (nope + rope))`` ordered ``[nope | rope]``;
 ``kv_b_proj`` rows of head ``h`` are ``[h * (nope + v), (h + 1) * (nope + v))`` ordered
@@ -53,6 +66,7 @@ from kimi_linear.cache import LatentKVCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.layers.rope import RotaryEmbedding, apply_rotary
+from kimi_linear.ops.isolation import isolation_enabled, nonfinite_rows, zero_nonfinite
 from kimi_linear.packing import PackedDocuments, packed_documents, padded_positions
 
 #: eps of ``q_a_layernorm`` / ``kv_a_layernorm``: the RMSNorm default 1e-6, not ``rms_norm_eps``,
@@ -135,6 +149,44 @@ def _padded_causal_mask(q_start: int, T: int, L: int, pad_lengths: torch.Tensor)
     real_key = k_pos[None, None, :] >= pad_lengths[:, None, None]  # [B, 1, L]
     itself = k_pos[None, :] == q_pos[:, None]  # [T, L]
     return (causal[None] & real_key) | itself[None]
+
+
+def poisoned_queries(
+    key_bad: torch.Tensor,
+    q_bad: torch.Tensor,
+    q_start: int = 0,
+    positions: torch.Tensor | None = None,
+    pad_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which attention outputs a non-finite key or query makes NaN (device ops only, no sync).
+
+    Args:
+        key_bad: ``[B, L]`` bool, keys (positions ``arange(L)``) with a non-finite latent or
+            rope key.
+        q_bad: ``[B, T]`` bool, queries (positions ``q_start + arange(T)``) with a non-finite
+            value.
+        q_start: position of the first query.
+        positions: ``[T]`` long, each token's position inside its packed document
+            (``q_start == 0``, ``T == L``), or ``None``.
+        pad_lengths: ``[B]`` long left pads (their keys are hidden from real queries; a pad
+            query sees only itself), or ``None``.
+
+    Returns:
+        ``[B, T]`` bool: the query is non-finite, or some key it may see (causal, same document,
+        not a pad) is.
+    """
+    B, L = key_bad.shape
+    T = q_bad.shape[1]
+    pos = torch.arange(q_start, q_start + T, device=key_bad.device)
+    visible = key_bad
+    if pad_lengths is not None:
+        visible = key_bad & (torch.arange(L, device=key_bad.device) >= pad_lengths[:, None])
+    count = visible.cumsum(dim=1, dtype=torch.int32)  # bad visible keys up to each position
+    seen = count.index_select(1, pos)  # [B, T]
+    if positions is not None:  # minus those before the document's first token
+        before = torch.cat([count.new_zeros(B, 1), count], dim=1)
+        seen = seen - before.index_select(1, pos - positions)
+    return q_bad | (seen > 0) | key_bad.index_select(1, pos)  # (the last: pad queries)
 
 
 @torch.no_grad()
@@ -411,7 +463,8 @@ class MLAttention(nn.Module):
                 offset, ``cu_seqlens`` or pads (``cp`` holds the layout).
 
         Returns:
-            ``[B, T, hidden]``.
+            ``[B, T, hidden]``; NaN where a non-finite token poisons the output (that token
+            and the later ones of its row or document, module docstring), exact elsewhere.
         """
         packed = self._check_inputs(x, cache, position_offset, cu_seqlens, pad_lengths)
         if cp is not None:
@@ -423,6 +476,12 @@ class MLAttention(nn.Module):
             return cp.mla(self, x)
         B, T, _ = x.shape
         q = self._project_q(x)  # [B, T, H, nope + rope]
+        # Non-finite tokens (module docstring): with keys some query must not see, clean the
+        # queries and keys and set the poisoned outputs to NaN afterwards
+        isolate = (T > 1 or packed is not None) and isolation_enabled()
+        if isolate:
+            q_bad = nonfinite_rows(q.flatten(2))  # [B, T]
+            q = zero_nonfinite(q)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1
@@ -433,8 +492,18 @@ class MLAttention(nn.Module):
         q_start = 0
         if cache is not None:
             q_start = cache.length
+            if pad_lengths is not None and isolation_enabled():  # hidden from later queries
+                pad = torch.arange(q_start, q_start + T, device=x.device) < pad_lengths[:, None]
+                latent = torch.where(pad[..., None], zero_nonfinite(latent), latent)
+                k_rope = torch.where(pad[..., None], zero_nonfinite(k_rope), k_rope)
             latent, k_rope = cache.append(latent, k_rope)  # all cached tokens [B, L, *]
             latent, k_rope = latent.to(q.dtype), k_rope.to(q.dtype)
+        poisoned = None
+        if isolate:
+            key_bad = nonfinite_rows(latent) | nonfinite_rows(k_rope)  # [B, L]
+            latent, k_rope = zero_nonfinite(latent), zero_nonfinite(k_rope)
+            positions = None if packed is None else packed.positions
+            poisoned = poisoned_queries(key_bad, q_bad, q_start, positions, pad_lengths)
 
         if absorb is None:
             absorb = cache is not None and T <= self.absorb_max_tokens
@@ -447,6 +516,8 @@ class MLAttention(nn.Module):
             )
         else:  # builds its masks per query block
             out = self._attend_plain(q_nope, q_rope, latent, k_rope, q_start, packed, pad_lengths)
+        if poisoned is not None:
+            out = torch.where(~poisoned.unsqueeze(-1), out, float("nan"))
         return self.o_proj(out)
 
     def _attend_plain(
@@ -624,4 +695,4 @@ class MLAttention(nn.Module):
         )
 
 
-__all__ = ["MLAttention", "masked_max_logits"]
+__all__ = ["MLAttention", "masked_max_logits", "poisoned_queries"]

@@ -384,12 +384,12 @@ def kda_chunked(
     elif gate_lower_bound is not None:  # fla: its own safe-gate path
         extra.update(safe_gate=True, lower_bound=gate_lower_bound)
     if ops.name == "fla":
-        from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
+        from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
         cu_seqlens = _fla_inputs(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
         )
-        if has_nonfinite(q, k, v, g, beta):  # fla's chunked kernels leak NaN as ours did
+        if isolation_enabled():  # fla's chunked kernels leak NaN as ours did; no sync here
             run = functools.partial(
                 ops.chunk,
                 scale=scale,

@@ -46,9 +46,10 @@ before the cumulative sum. Every factor above is ``exp`` of a sum of steps ``<= 
 contains a clamped step underflows to exactly 0 with or without the clamp, and the sums stay
 finite (``-inf - (-inf)`` would be NaN; a finite ``-1e30`` would swallow the other terms of a
 sum). ``g > 0`` is refused with ``ValueError``. NaN / inf inputs are isolated causally (a
-poisoned token never reaches an earlier token, another sequence or head) by a run on cleaned
-inputs, :mod:`kimi_linear.ops.isolation`: every intra-chunk matrix product would otherwise
-carry a NaN row into the earlier rows of its chunk (``0 * NaN = NaN``).
+poisoned token never reaches an earlier token, another sequence or head): every call runs on
+cleaned inputs and sets the poisoned outputs to NaN, on the device (no sync;
+:mod:`kimi_linear.ops.isolation`): every intra-chunk matrix product would otherwise carry a NaN
+row into the earlier rows of its chunk (``0 * NaN = NaN``).
 
 Autograd. The cumulative sum of ``g`` is a small custom function (:class:`_ChunkCumsum`: one
 addition per token slice, written straight into the chunk layout; ``torch.cumsum`` along that
@@ -87,7 +88,7 @@ from kimi_linear.ops.checks import (
     compute_dtype,
     empty_outputs,
 )
-from kimi_linear.ops.isolation import has_nonfinite, isolate_nonfinite
+from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
 __all__ = ["kda_chunk"]
 
@@ -815,7 +816,8 @@ def kda_chunk(
     Non-finite inputs are isolated as the recurrence isolates them: a NaN / inf in ``k``,
     ``v``, ``beta`` or a NaN ``g`` at token ``t`` makes the outputs of that sequence and head
     NaN from ``t`` on (and its final state), a non-finite ``q`` only ``o_t``; earlier tokens,
-    other sequences and heads are exact (:mod:`kimi_linear.ops.isolation`).
+    other sequences and heads are exact (:mod:`kimi_linear.ops.isolation`; device ops on every
+    call, no sync; ``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns it off).
     """
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -846,10 +848,11 @@ def kda_chunk(
         # always isolated: the states after a poisoned token are NaN, the others exact
         o, S = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
         return o, S, _poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, chunk_size)
-    if has_nonfinite(q, k, v, g, beta):
+    if isolation_enabled():
         # NaN / inf inputs: the intra-chunk products would carry them to earlier tokens of the
-        # chunk (0 * NaN = NaN); run on cleaned inputs and put the NaNs where the recurrence has
-        # them (kimi_linear.ops.isolation)
+        # chunk (0 * NaN = NaN); always run on cleaned inputs and put the NaNs where the
+        # recurrence has them, on the device (kimi_linear.ops.isolation). ``clamp`` also holds
+        # for the cleaned g (it is True whenever g holds a NaN).
         run = functools.partial(
             _kda_chunk_clean,
             scale=scale,
@@ -857,6 +860,7 @@ def kda_chunk(
             output_final_state=output_final_state,
             chunk_size=chunk_size,
             cu_seqlens=cu_seqlens,
+            clamp=clamp,
         )
         return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
     return _kda_chunk_clean(
@@ -937,7 +941,8 @@ def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:
     lo, hi = torch.aminmax(g)
     if not bool(hi <= 0):  # some g > 0 (refused) or NaN (isolated by kda_chunk)
         check_log_decay(g)  # raises for g > 0, with the message
-    return bool(lo < LOG_DECAY_FLOOR[compute])
+    # NaN (aminmax propagates it) says clamp too: the cleaned g may hold values below the floor
+    return not bool(lo >= LOG_DECAY_FLOOR[compute])
 
 
 def _padded_length(length: int, chunk_size: int) -> int:
