@@ -453,3 +453,16 @@ def test_memory_helpers_agree_with_proc(monkeypatch):
     monkeypatch.setattr(common, "_read_int", limits.get)
     assert meminfo > 64 << 20
     assert common.available_memory(torch.device("cpu")) == 64 << 20  # the cgroup's allowance
+
+
+def test_isolation_cpu_quick_run(tmp_path):
+    """The NaN-isolation cost benchmark times every case with isolation on and off, interleaved,
+    and writes JSON + Markdown."""
+    res = _run("isolation_cpu.py", "--quick", "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "isolation_cpu.json").read_text())
+    assert (tmp_path / "isolation_cpu.md").is_file()
+    seen = {(r["case"], r["pass"], r["isolation"]) for r in data["rows"]}
+    for case, step, _ in list(seen):
+        assert {(case, step, True), (case, step, False)} <= seen, (case, step)
+    assert {c for c, _, _ in seen} >= {"kda_chunk", "mla_prefill", "mla_block"}
