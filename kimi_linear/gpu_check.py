@@ -218,8 +218,8 @@ def gpu_sizes() -> Sizes:
             "recurrent varlen bf16": Cost(3),
             "recurrent varlen fp32": Cost(3),
             "model_check": Cost(15, ("ours state variants fp32",)),
-            "speed B=2 T=8K H=64": Cost(
-                20, ("ours suite configs bf16 K=V=128", "fla chunk bf16 H=64 (full autotune)")
+            "speed B=2 T=8K H=64": Cost(  # ours, ours without NaN isolation, fla
+                23, ("ours suite configs bf16 K=V=128", "fla chunk bf16 H=64 (full autotune)")
             ),
             "speed safe gate": Cost(10),
             "speed B=1 T=64K H=16": Cost(20, ("fla chunk bf16 H=16 (full autotune)",)),
@@ -1134,7 +1134,11 @@ def speed_items(run: Run) -> list[Item]:
     items = []
     for i, shape in enumerate(s.speed_shapes):
         items.append(
-            Item(f"chunk_kda bf16 {shape_str(*shape)}", keys[min(i, 1)], _speed_chunk(shape))
+            Item(
+                f"chunk_kda bf16 {shape_str(*shape)}",
+                keys[min(i, 1)],
+                _speed_chunk(shape, kernels_alone=i == 0),
+            )
         )
         if i == 0:
             items.append(
@@ -1158,9 +1162,12 @@ def _timed_providers(
     what: str,
     cu_seqlens: torch.Tensor | None = None,
     safe_gate: float | None = None,
+    kernels_alone: bool = False,
 ) -> None:
     """Forward and forward + backward of ours and fla's chunk kernel, interleaved (and, with
-    ``safe_gate``, ours on the safe-gate fast path, ``gate_lower_bound=safe_gate``).
+    ``safe_gate``, ours on the safe-gate fast path, ``gate_lower_bound=safe_gate``; with
+    ``kernels_alone``, ours with the NaN isolation off too: fla isolates no NaN, so the
+    kernels compare like with like, and the isolation's cost is measured beside them).
 
     fla's ``chunk_kda`` may modify ``g`` and ``v`` in place, so every timed call (ours too, for
     an equal cost) first restores its own copies of g and v; that restore is timed alone in the
@@ -1172,6 +1179,8 @@ def _timed_providers(
     common = bench_module("common")
     dev, rounds = ctx.run.device, ctx.run.sizes.speed_rounds
     impls: dict[str, Callable[..., Any]] = {"ours": chunk_kda}
+    if kernels_alone:
+        impls["ours_no_isolation"] = _without_isolation(chunk_kda)
     if safe_gate is not None:
         impls["ours_safe_gate"] = partial(chunk_kda, gate_lower_bound=safe_gate)
     fla_ops = _try_fla(ctx, _fla_ops, dev)  # fla missing or broken: ours are timed alone
@@ -1222,6 +1231,10 @@ def _timed_providers(
         row["samples"] = t["ours"]["n"]
         if "fla" in net:
             row["fla_over_ours"] = net["fla"] / net["ours"] if net["ours"] > 0 else None
+        if "ours_no_isolation" in net and net["ours_no_isolation"] > 0:
+            row["isolation_overhead"] = net["ours"] / net["ours_no_isolation"]
+            if "fla" in net:
+                row["fla_over_ours_kernels"] = net["fla"] / net["ours_no_isolation"]
         if "ours_safe_gate" in net:
             row["safe_gate_speedup"] = (
                 net["ours"] / net["ours_safe_gate"] if net["ours_safe_gate"] > 0 else None
@@ -1232,6 +1245,11 @@ def _timed_providers(
         results["fwd"].get("fla_over_ours") or math.nan,
         results["fwd+bwd"].get("fla_over_ours") or math.nan,
     )
+    if "ours_no_isolation" in impls:
+        summary += "; kernels alone (NaN isolation off): fwd {:.2f}x, fwd+bwd {:.2f}x".format(
+            results["fwd"].get("fla_over_ours_kernels") or math.nan,
+            results["fwd+bwd"].get("fla_over_ours_kernels") or math.nan,
+        )
     if safe_gate is not None:
         summary += "; ours / ours safe gate: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
             results["fwd"].get("safe_gate_speedup") or math.nan,
@@ -1246,6 +1264,17 @@ def _timed_providers(
         gate_lower_bound=safe_gate,
         summary=summary,
     )
+
+
+def _without_isolation(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the NaN isolation of the chunked ops off (the kernels alone)."""
+    from kimi_linear.ops.isolation import nonfinite_isolation
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with nonfinite_isolation(False):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _probe_fla(ctx: ItemContext, fn: Callable[[], Any]) -> bool:
@@ -1264,7 +1293,7 @@ def _probe_fla(ctx: ItemContext, fn: Callable[[], Any]) -> bool:
 
 
 def _speed_chunk(
-    shape: tuple[int, int, int, int, int], safe_gate: bool = False
+    shape: tuple[int, int, int, int, int], safe_gate: bool = False, kernels_alone: bool = False
 ) -> Callable[[ItemContext], None]:
     def item(ctx: ItemContext) -> None:
         kb = bench_module("kernel_speed")
@@ -1274,7 +1303,9 @@ def _speed_chunk(
             B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed, gate_low=bound or -1.0
         )
         flops = B * H * kb.kda_flops(T, K)
-        _timed_providers(ctx, x, flops, shape_str(*shape), safe_gate=bound)
+        _timed_providers(
+            ctx, x, flops, shape_str(*shape), safe_gate=bound, kernels_alone=kernels_alone
+        )
 
     return item
 

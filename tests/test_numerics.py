@@ -485,3 +485,24 @@ def test_prefill_state_layout_is_shared_by_the_backends(direction):
         o, S = _prefill_then_decode(chunk_kda, _decode_tokens, x, h0, L)
     assert_rel_close(o, full, RTOL, "outputs")
     assert_rel_close(S, S_full, RTOL, "final state")
+
+
+def test_nonfinite_isolation_context_overrides_the_environment(monkeypatch) -> None:
+    """``nonfinite_isolation(False)`` runs the kernels alone (the GPU suite times them so) and
+    restores the previous setting on exit, nested too; a non-bool is refused."""
+    from kimi_linear.ops.isolation import ISOLATION_ENV, isolation_enabled, nonfinite_isolation
+
+    monkeypatch.setenv(ISOLATION_ENV, "1")
+    with nonfinite_isolation(False):
+        assert not isolation_enabled()
+        with nonfinite_isolation(True):
+            assert isolation_enabled()
+        assert not isolation_enabled()
+    assert isolation_enabled()
+    monkeypatch.setenv(ISOLATION_ENV, "0")
+    with nonfinite_isolation(True):
+        assert isolation_enabled()
+    assert not isolation_enabled()
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        with nonfinite_isolation(0):  # type: ignore[arg-type]
+            pass

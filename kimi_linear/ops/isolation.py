@@ -39,8 +39,9 @@ run on their inputs as given, and a NaN may reach earlier tokens of its chunk.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,6 +50,7 @@ __all__ = [
     "has_nonfinite",
     "isolate_nonfinite",
     "isolation_enabled",
+    "nonfinite_isolation",
     "nonfinite_rows",
     "poisoned_tokens",
     "zero_nonfinite",
@@ -63,9 +65,30 @@ _INF = float("inf")
 _NAN = float("nan")
 
 
+#: set by :func:`nonfinite_isolation` (``None``: the environment decides)
+_override: bool | None = None
+
+
+@contextlib.contextmanager
+def nonfinite_isolation(enabled: bool) -> Iterator[None]:
+    """Turn the isolation on or off inside a ``with`` block (this process, every thread), over
+    :data:`ISOLATION_ENV`; e.g. to time the kernels alone (the GPU suite does)."""
+    global _override
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _override = _override, enabled
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def isolation_enabled() -> bool:
     """Whether the chunked KDA ops isolate non-finite inputs (default yes; ``0`` in
-    :data:`ISOLATION_ENV` turns it off). Other values than ``0`` / ``1`` raise ``ValueError``."""
+    :data:`ISOLATION_ENV` turns it off; :func:`nonfinite_isolation` overrides both). Other
+    values than ``0`` / ``1`` raise ``ValueError``."""
+    if _override is not None:
+        return _override
     value = os.environ.get(ISOLATION_ENV, "1").strip()
     if value not in ("0", "1"):
         raise ValueError(f"{ISOLATION_ENV} must be 0 or 1, got {value!r}")
