@@ -408,7 +408,8 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
         assert md.startswith(f"# GPU check: {part}") and "dry run" in md
     corr = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
     checked = {r["tensor"] for i in corr["items"] for r in i.get("checks", [])}
-    assert checked == set(gpu_check.TENSORS)
+    grid = {"o (short sequence)", "ht (short sequence)", "o (long sequence) finite"}
+    assert checked == set(gpu_check.TENSORS) | grid  # every tensor, and the grid-limit item's
     speed = json.loads((tmp_path / "gpu_check_speed.json").read_text())
     modes = [r["mode"] for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
     assert modes.count("fwd") == modes.count("fwd+bwd") == 3  # two anchors + the safe gate
