@@ -468,7 +468,12 @@ class MLAttention(nn.Module):
         """
         packed = self._check_inputs(x, cache, position_offset, cu_seqlens, pad_lengths)
         if cp is not None:
-            if cache is not None or position_offset or packed is not None or pad_lengths is not None:
+            if (
+                cache is not None
+                or position_offset
+                or packed is not None
+                or pad_lengths is not None
+            ):
                 raise ValueError(
                     "context parallelism (cp) cannot be combined with a cache, a position "
                     "offset, cu_seqlens or pad_lengths (the cp object holds the layout)"
