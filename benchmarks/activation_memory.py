@@ -13,8 +13,8 @@ given preset, batch, length and dtype.
 
 Example::
 
-    python benchmarks/activation_memory.py --preset small --batch-size 1 --seq-lens 512 2048
-    python benchmarks/activation_memory.py --quick     # tiny preset, 64 / 128 tokens, seconds
+    python -m benchmarks.activation_memory --preset small --batch-size 1 --seq-lens 512 2048
+    python -m benchmarks.activation_memory --quick     # tiny preset, 64 / 128 tokens, seconds
 
 The committed results (``benchmarks/results/cpu/activation_memory.*``) are never replaced
 unless ``--overwrite`` is given; ``--out-dir`` writes elsewhere and ``--quick`` writes to the
@@ -24,14 +24,11 @@ git-ignored ``quick/`` subfolder.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from benchmarks.common import (
     HelpFormatter,
     add_model_args,
     apply_quick,

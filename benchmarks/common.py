@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: device naming, timing, and saving results.
 
-Scripts run as ``python benchmarks/<name>.py`` (this folder is then on ``sys.path``) and save
+Scripts run as ``python -m benchmarks.<name>`` from the repository root and save
 ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``benchmarks/results/<device>/``.
 """
 

@@ -16,8 +16,8 @@ share the same cores). Writes ``context_parallel.json`` / ``.md`` / ``.png`` und
 ``benchmarks/results/<device>/`` (refusing to replace committed results unless ``--overwrite``;
 ``--out-dir DIR`` writes elsewhere; ``--quick`` is a smoke run into the git-ignored ``quick/``).
 
-    python benchmarks/context_parallel.py --quick
-    python benchmarks/context_parallel.py --seq-lens 2048 4096 8192 --cp 1 2 4
+    python -m benchmarks.context_parallel --quick
+    python -m benchmarks.context_parallel --seq-lens 2048 4096 8192 --cp 1 2 4
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from benchmarks.common import (
     fmt_bytes,
     markdown_table,
     positive_int,
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "T (ideal: 1 / CP); times: slowest rank, median of "
         f"{ns.repeats}. On a CPU all ranks share the cores ({os.cpu_count()} here, "
         f"{ns.threads} thread(s) per rank): the times show CP's overhead, not a speed-up.\n\n"
-        f"Command: `python benchmarks/context_parallel.py {' '.join(argv or sys.argv[1:])}`\n\n"
+        f"Command: `python -m benchmarks.context_parallel {' '.join(argv or sys.argv[1:])}`\n\n"
         + markdown_table(table)
         + "\n"
     )

@@ -27,25 +27,20 @@ per-token active weights are the released model's; only the expert pool is small
 
 Example::
 
-    python benchmarks/decode.py --preset small --contexts 4K,16K,64K,128K --batch-sizes 1,4
+    python -m benchmarks.decode --preset small --contexts 4K,16K,64K,128K --batch-sizes 1,4
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
-from kimi_linear.model import KimiLinearForCausalLM, cast_model_  # noqa: E402
+from benchmarks import common
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.model import KimiLinearForCausalLM, cast_model_
 
 MODEL_LABELS = {"hybrid": "hybrid (KDA + MLA)", "all_mla": "all-MLA"}
 

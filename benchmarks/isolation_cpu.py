@@ -25,9 +25,9 @@ exist, unless ``--overwrite``), or under ``--out-dir``.
 
 Examples::
 
-    python benchmarks/isolation_cpu.py                      # T = 1K, 4K; a minute or two
-    python benchmarks/isolation_cpu.py --T 16K --reps 5 --out-dir /tmp/iso
-    python benchmarks/isolation_cpu.py --quick --out-dir /tmp/iso   # seconds, for CI
+    python -m benchmarks.isolation_cpu                      # T = 1K, 4K; a minute or two
+    python -m benchmarks.isolation_cpu --T 16K --reps 5 --out-dir /tmp/iso
+    python -m benchmarks.isolation_cpu --quick --out-dir /tmp/iso   # seconds, for CI
 """
 
 from __future__ import annotations
@@ -37,21 +37,17 @@ import os
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from kda_cpu import Runner, make_inputs, time_interleaved  # noqa: E402
-
-from kimi_linear.cache import LatentKVCache  # noqa: E402
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
-from kimi_linear.layers.mla import MLAttention  # noqa: E402
-from kimi_linear.ops import kda_chunk  # noqa: E402
-from kimi_linear.ops.isolation import ISOLATION_ENV  # noqa: E402
+from benchmarks import common
+from benchmarks.kda_cpu import Runner, make_inputs, time_interleaved
+from kimi_linear.cache import LatentKVCache
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.mla import MLAttention
+from kimi_linear.ops import kda_chunk
+from kimi_linear.ops.isolation import ISOLATION_ENV
 
 NAME = "isolation_cpu"
 DEFAULT_T = [1 << 10, 4 << 10]
@@ -107,7 +103,7 @@ def runners_at(T: int, args: argparse.Namespace) -> dict[tuple[str, str, bool], 
         x = torch.randn(1, T, cfg.hidden_size, generator=gen)
         if "mla_prefill" in args.cases:
             do = torch.randn(1, T, cfg.hidden_size, generator=gen)
-            mla = lambda h: (layer(h),)  # noqa: E731
+            mla = lambda h: (layer(h),)
             for pas in ("fwd", "fwd+bwd"):
                 for on in (True, False):
                     runners[("mla_prefill", pas, on)] = Runner(switched(mla, on), pas, [x], do)
@@ -195,7 +191,7 @@ def to_markdown(
         "cost; wall time also holds the other processes' load):",
         "",
     ]
-    pct = lambda x: f"{x * 100:+.1f}%"  # noqa: E731
+    pct = lambda x: f"{x * 100:+.1f}%"
     shown = [
         {
             "T": common.fmt_tokens(o["T"]), "case": o["case"], "pass": o["pass"],
@@ -259,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "T": args.T, "heads": args.heads, "head_dim": args.head_dim, "cases": args.cases,
         "mla_preset": args.mla_preset, "reps": args.reps, "threads": torch.get_num_threads(),
         "quick": args.quick, "load_average_start": os.getloadavg()[0],
-        "command": "python benchmarks/isolation_cpu.py "
+        "command": "python -m benchmarks.isolation_cpu "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
     print(f"isolation benchmark: {config}", flush=True)

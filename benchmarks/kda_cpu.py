@@ -31,10 +31,10 @@ Writes ``kda_cpu.json``, ``.md`` and ``.png`` (log-log time vs ``T``) under
 
 Examples::
 
-    python benchmarks/kda_cpu.py                   # 1K, 4K, 16K (a few minutes)
-    python benchmarks/kda_cpu.py --T 2K,8K --reps 5
-    python benchmarks/kda_cpu.py --T 4K --impls kda_chunk --baseline HEAD --reps 20  # a change
-    python benchmarks/kda_cpu.py --quick --out-dir /tmp/kda   # seconds, for CI
+    python -m benchmarks.kda_cpu                   # 1K, 4K, 16K (a few minutes)
+    python -m benchmarks.kda_cpu --T 2K,8K --reps 5
+    python -m benchmarks.kda_cpu --T 4K --impls kda_chunk --baseline HEAD --reps 20  # a change
+    python -m benchmarks.kda_cpu --quick --out-dir /tmp/kda   # seconds, for CI
 """
 
 from __future__ import annotations
@@ -55,11 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from kimi_linear.ops import kda_chunk, kda_recurrent  # noqa: E402
+from benchmarks import common
+from kimi_linear.ops import kda_chunk, kda_recurrent
 
 NAME = "kda_cpu"
 DEFAULT_T = [1 << 10, 4 << 10, 16 << 10]
@@ -527,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skip_above_s": args.skip_above_s, "threads": torch.get_num_threads(), "quick": args.quick,
         "impls": list(impls), "baseline": args.baseline,
         "load_average_start": os.getloadavg()[0],
-        "command": "python benchmarks/kda_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.kda_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
     print(f"KDA CPU benchmark: {config}", flush=True)
     rows: list[dict[str, Any]] = []

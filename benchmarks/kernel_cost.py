@@ -54,9 +54,9 @@ unless ``--overwrite``. About three minutes on one CPU core at the defaults (fou
 
 Examples::
 
-    python benchmarks/kernel_cost.py --out-dir /tmp/cost
-    python benchmarks/kernel_cost.py --shapes 2x64x8192 --providers ours fla --tag anchor
-    python benchmarks/kernel_cost.py --overwrite     # replace the committed results
+    python -m benchmarks.kernel_cost --out-dir /tmp/cost
+    python -m benchmarks.kernel_cost --shapes 2x64x8192 --providers ours fla --tag anchor
+    python -m benchmarks.kernel_cost --overwrite     # replace the committed results
 """
 
 from __future__ import annotations
@@ -66,19 +66,22 @@ import os
 # The kernels run under the interpreter: it must be chosen before triton is imported.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime import autotuner, interpreter
+
+from benchmarks.common import (
     DTYPES,
     HelpFormatter,
     fail,
@@ -87,8 +90,6 @@ from common import (  # noqa: E402
     refuse_overwrite,
     save_results,
 )
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from triton.runtime import autotuner, interpreter  # noqa: E402
 
 CHUNK = 64
 PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api")
@@ -991,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     lcols = ["provider", "shape", "phase", "kind", "kernel", "grid_counted", "read_GiB"]
     lcols += ["write_GiB", "access_GiB", "tensor_gflop", "gexp", "gelementwise"]
     t0 = args.count_tokens
-    command = "python benchmarks/kernel_cost.py " + " ".join(
+    command = "python -m benchmarks.kernel_cost " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     md = [

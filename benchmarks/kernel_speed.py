@@ -23,9 +23,9 @@ about GPU speed.
 
 Examples::
 
-    python benchmarks/kernel_speed.py                       # GPU defaults
-    python benchmarks/kernel_speed.py --seqlens 4K,16K --tokens 64K --dtype fp32
-    python benchmarks/kernel_speed.py --quick --device cpu  # CI smoke run
+    python -m benchmarks.kernel_speed                       # GPU defaults
+    python -m benchmarks.kernel_speed --seqlens 4K,16K --tokens 64K --dtype fp32
+    python -m benchmarks.kernel_speed --quick --device cpu  # CI smoke run
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from common import (
+
+from benchmarks.common import (
     apply_quick,
     bandwidth,
     explicit_dests,

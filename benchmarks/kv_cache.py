@@ -28,7 +28,7 @@ and the embedding rows looked up.
 
 Example::
 
-    python benchmarks/kv_cache.py --preset kimi-linear-48b-a3b --measure-budget-gb 6
+    python -m benchmarks.kv_cache --preset kimi-linear-48b-a3b --measure-budget-gb 6
 """
 
 from __future__ import annotations
@@ -36,17 +36,13 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from kimi_linear.cache import HybridCache  # noqa: E402
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
+from benchmarks import common
+from kimi_linear.cache import HybridCache
+from kimi_linear.config import KimiLinearConfig
 
 DEFAULT_CONTEXTS = [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
 QUICK_CONTEXTS = [1 << 10, 2 << 10, 4 << 10]

@@ -8,8 +8,8 @@ memory during ``from_pretrained`` (``VmHWM``), the checkpoint bytes, the model b
 builds an fp32 model (measured too, ``eager_baseline``) holds the bf16 copy and the fp32 model at
 once; the meta-device, shard-by-shard loader holds the model plus a few shard pages.
 
-    python benchmarks/load_memory.py --overwrite  # replaces benchmarks/results/cpu/load_memory.{json,md}
-    python benchmarks/load_memory.py --quick      # a ~20 MB checkpoint, results/cpu/quick/
+    python -m benchmarks.load_memory --overwrite  # replaces benchmarks/results/cpu/load_memory.{json,md}
+    python -m benchmarks.load_memory --quick      # a ~20 MB checkpoint, results/cpu/quick/
 
 The committed results are never replaced unless ``--overwrite`` is given; ``--out-dir`` writes
 elsewhere and ``--quick`` to the git-ignored ``quick/`` subfolder.
@@ -77,12 +77,13 @@ def eager_load(path: str):
     randomly initialised) and ``load_state_dict`` (what ``from_pretrained`` did before)."""
     from safetensors.torch import load_file
 
-    from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+    from kimi_linear import KimiLinearForCausalLM
+    from kimi_linear.hf import config_from_hf
 
     sd = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         sd.update(load_file(str(f)))
-    model = KimiLinearForCausalLM(KimiLinearConfig.from_hf_config(path))
+    model = KimiLinearForCausalLM(config_from_hf(path))
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -166,7 +167,8 @@ def main() -> int:
         for i, mode in enumerate(("from_pretrained", "eager")):
             print(f"[{i + 1}/2] loading with {mode} in a fresh process...", flush=True)
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", d, "--mode", mode],
+                [sys.executable, "-m", "benchmarks.load_memory", "--child", d, "--mode", mode],
+                cwd=Path(__file__).resolve().parents[1],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -188,7 +190,7 @@ def main() -> int:
     md = [
         "# from_pretrained peak host memory (bf16 checkpoint, CPU)",
         "",
-        "`python benchmarks/load_memory.py` (load in a fresh process; VmRSS / VmHWM from /proc/self/status).",
+        "`python -m benchmarks.load_memory` (load in a fresh process; VmRSS / VmHWM from /proc/self/status).",
         "",
         "| parameters | checkpoint | largest shard | model in memory | baseline RSS | peak RSS | "
         "(peak - baseline) / checkpoint | load time |",

@@ -18,29 +18,25 @@ of each loader's median to the training step's median.  Writes ``loader.json``, 
 
 Examples::
 
-    python benchmarks/loader.py                 # tiny preset, B=8, T=128 (about a minute)
-    python benchmarks/loader.py --train-bpe 1024 --seq-len 512
-    python benchmarks/loader.py --quick --out-dir /tmp/loader
+    python -m benchmarks.loader                 # tiny preset, B=8, T=128 (about a minute)
+    python -m benchmarks.loader --train-bpe 1024 --seq-len 512
+    python -m benchmarks.loader --quick --out-dir /tmp/loader
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
-from kimi_linear.lightning.data import TokenDataModule, prepare  # noqa: E402
-from kimi_linear.model import KimiLinearForCausalLM  # noqa: E402
-from kimi_linear.optim import build_optimizer  # noqa: E402
+from benchmarks import common
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.lightning.data import TokenDataModule, prepare
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.optim import build_optimizer
 
 
 def _parser() -> argparse.ArgumentParser:

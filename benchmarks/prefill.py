@@ -17,25 +17,20 @@ GPU the Kimi-Linear-48B-A3B layout with 16 routed experts (``--preset kimi-linea
 
 Example::
 
-    python benchmarks/prefill.py --preset small --lengths 1K,4K,16K --threads 1
+    python -m benchmarks.prefill --preset small --lengths 1K,4K,16K --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
-from kimi_linear.model import KimiLinearForCausalLM, cast_model_  # noqa: E402
+from benchmarks import common
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.model import KimiLinearForCausalLM, cast_model_
 
 MODEL_LABELS = {"hybrid": "hybrid (KDA + MLA)", "all_mla": "all-MLA"}
 

@@ -17,9 +17,9 @@ runs short lengths and writes to the git-ignored ``quick/`` subfolder.
 
 Example::
 
-    python benchmarks/prefill_memory.py                      # 8K..64K, CPU, ~10-30 minutes
-    python benchmarks/prefill_memory.py --quick              # 1K, 2K: seconds
-    python benchmarks/prefill_memory.py --seq-lens 8K,16K --out /tmp/pm
+    python -m benchmarks.prefill_memory                      # 8K..64K, CPU, ~10-30 minutes
+    python -m benchmarks.prefill_memory --quick              # 1K, 2K: seconds
+    python -m benchmarks.prefill_memory --seq-lens 8K,16K --out /tmp/pm
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -37,10 +36,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 NAME = "prefill_memory"
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_LABELS = {"hybrid": "hybrid (KDA + MLA)", "all_mla": "all-MLA twin"}
 DEFAULT_LENGTHS = [8 << 10, 16 << 10, 32 << 10, 64 << 10]
 QUICK_LENGTHS = [1 << 10, 2 << 10]
@@ -148,7 +147,7 @@ def measure(args: argparse.Namespace, which: str, length: int) -> dict[str, Any]
 
 def run_child(args: argparse.Namespace, which: str, length: int) -> dict[str, Any]:
     """``measure`` in a fresh interpreter (its own peak RSS); an error or kill is a row too."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{which}:{length}"]
+    cmd = [sys.executable, "-m", "benchmarks.prefill_memory", "--child", f"{which}:{length}"]
     cmd += ["--preset", args.preset, "--batch-size", str(args.batch_size)]
     cmd += ["--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads)]
     cmd += ["--seed", str(args.seed), "--seq-lens", ",".join(map(str, args.seq_lens))]
@@ -156,7 +155,7 @@ def run_child(args: argparse.Namespace, which: str, length: int) -> dict[str, An
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return {"model": which, "length": length, "error": last[:300]}
@@ -166,7 +165,7 @@ def run_child(args: argparse.Namespace, which: str, length: int) -> dict[str, An
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any]) -> str:
     lines = [
         "# Prefill peak memory vs prompt length\n",
-        f"`python benchmarks/prefill_memory.py{' --quick' if args.quick else ''}` : one "
+        f"`python -m benchmarks.prefill_memory{' --quick' if args.quick else ''}` : one "
         f"whole-prompt prefill (`model(ids, logits_to_keep=1)`, inference mode) of the "
         f"`{args.preset}` preset and its all-MLA twin, batch {args.batch_size}, {args.dtype}, "
         f"{args.threads} thread(s), on {env.get('device', args.device)}; each measurement in a "

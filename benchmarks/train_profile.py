@@ -32,9 +32,9 @@ Writes ``train_profile.json`` and ``.md`` under ``benchmarks/results/<device>/``
 
 Examples::
 
-    python benchmarks/train_profile.py --threads 1
-    python benchmarks/train_profile.py --models syn-kda,syn-hybrid --baseline HEAD --rounds 7
-    python benchmarks/train_profile.py --quick --out-dir /tmp/tp     # seconds, for CI
+    python -m benchmarks.train_profile --threads 1
+    python -m benchmarks.train_profile --models syn-kda,syn-hybrid --baseline HEAD --rounds 7
+    python -m benchmarks.train_profile --quick --out-dir /tmp/tp     # seconds, for CI
 """
 
 from __future__ import annotations
@@ -53,9 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from benchmarks import common
 
 NAME = "train_profile"
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +78,7 @@ def model_setup(name: str, seq_len: int, quick: bool) -> dict[str, Any]:
             "optimizer": "muonclip", "lr": 3e-3, "weight_decay": 0.1,
             "batch": (2, 64) if quick else (8, 128),
         }  # fmt: skip
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import synthetic_tasks as study  # noqa: E402  (the study's own model definitions)
-
+    from experiments import synthetic_tasks as study  # the study's own model definitions
     from kimi_linear.lightning.data import SyntheticDataModule
 
     vocab = SyntheticDataModule(
@@ -460,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = common.set_threads(args.threads)
     baseline_op = None
     if args.baseline is not None:
-        import kda_cpu  # the benchmark's loader of a committed kda_chunk
+        from benchmarks import kda_cpu  # the benchmark's loader of a committed kda_chunk
 
         old_op = kda_cpu.load_baseline(args.baseline)
 
@@ -474,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup, "rounds": args.rounds, "round_steps": args.round_steps,
         "baseline": args.baseline, "chunk_sizes": args.chunk_sizes, "threads": threads,
         "dtype": str(dtype), "quick": args.quick, "load_average_start": os.getloadavg()[0],
-        "command": "python benchmarks/train_profile.py "
+        "command": "python -m benchmarks.train_profile "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }  # fmt: skip
     print(f"training-step profile: {config}", flush=True)

@@ -19,8 +19,8 @@ series, summary), ``qk_clip.png`` (max logit per step with the tau line; loss) a
 
 Usage::
 
-    python experiments/qk_clip.py            # default: a few minutes on 2 CPU cores
-    python experiments/qk_clip.py --quick    # seconds-long smoke run
+    python -m experiments.qk_clip            # default: a few minutes on 2 CPU cores
+    python -m experiments.qk_clip --quick    # seconds-long smoke run
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The model-level benchmark scripts: --quick runs, their outputs, exact cache sizes, bad input.
 
-The scripts live in ``benchmarks/`` (run as ``python benchmarks/<name>.py``). Each quick run
+The scripts live in the ``benchmarks`` package (run as ``python -m benchmarks.<name>`` from
+the repository root). Each quick run
 goes through a subprocess, as a user would run it; argument and memory errors are checked
 in-process through each script's ``main(argv)`` (they exit before any work) plus one subprocess
 that shows there is no traceback.
@@ -19,20 +20,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _module(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, str(BENCH / script), *args],
+        [sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -619,13 +619,9 @@ def test_lightning_resume_of_an_epoch_bounded_run_trains_each_window_once(
 
 
 def _loader_bench():
-    import importlib
-    import sys
+    from benchmarks import loader
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    return importlib.import_module("loader")
+    return loader
 
 
 def test_loader_benchmark_rejects_bad_workers(capsys) -> None:

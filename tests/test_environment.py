@@ -1,8 +1,8 @@
 """The repository never shadows a dependency: Python started as users start it imports fla and
 transformers' KimiLinear.
 
-Python puts the working directory (``python -c``, ``python -m``) or the script's folder
-(``python benchmarks/x.py``) first on ``sys.path``. A module of ours found there under a bare
+Python puts the working directory (``python -c``, ``python -m``, so ``python -m benchmarks.x`` from
+the root) or a script's folder (``python tests/mutants.py``) first on ``sys.path``. A module of ours found there under a bare
 name that an installed distribution also uses wins over the real one: that is how a top-level
 ``kernels/`` package and ``benchmarks/kernels.py`` broke ``import fla`` and transformers (which
 import the PyPI package ``kernels``) for every new user. The checks below start fresh
@@ -22,8 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Folders that end up first on ``sys.path``: the repository root (``python -m``, ``python -c``,
-#: ``python -m pytest``), the script folders (``python benchmarks/x.py``) and ``tests/``
-#: (pytest's rootdir-relative imports).
+#: ``python -m pytest``, ``python -m benchmarks.x``), the package folders a user may start Python
+#: in (``benchmarks/``, ``experiments/``) and ``tests/`` (pytest's rootdir-relative imports).
 ENTRY_FOLDERS = ("", "benchmarks", "experiments", "tests")
 IMPORT_DEPENDENCIES = (
     "import fla.ops.kda, fla.ops.kda.naive; "
@@ -86,8 +86,8 @@ def _python(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 @pytest.mark.parametrize("folder", ENTRY_FOLDERS, ids=lambda f: f or "root")
 def test_dependencies_import_from_every_entry_folder(folder: str) -> None:
-    """``python -c`` from a folder puts that folder first on ``sys.path``, exactly as
-    ``python benchmarks/x.py`` does for the script's folder."""
+    """``python -c`` from a folder puts that folder first on ``sys.path``, exactly as running a
+    script by path does for the script's folder."""
     res = _python("-c", IMPORT_DEPENDENCIES, cwd=ROOT / folder)
     assert res.returncode == 0 and "imports ok" in res.stdout, res.stderr[-3000:]
 
@@ -105,6 +105,29 @@ def test_our_kernels_and_fla_backend_resolve_from_the_root() -> None:
     res = _python("-c", code, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["imports", "ok", "fla"], res.stdout
+
+
+def test_scripts_import_as_modules_of_the_root_without_path_edits() -> None:
+    """``benchmarks`` and ``experiments`` are packages run as ``python -m benchmarks.<name>`` from
+    the root: no script edits ``sys.path``, and every one imports (siblings as ``benchmarks.x``)
+    with ``sys.path`` untouched."""
+    modules = [
+        f"{folder}.{p.stem}"
+        for folder in ("benchmarks", "experiments")
+        for p in sorted((ROOT / folder).glob("*.py"))
+        if p.stem != "__init__"
+    ]
+    editing = [
+        m for m in modules if "sys.path" in (ROOT / (m.replace(".", "/") + ".py")).read_text()
+    ]
+    assert not editing, f"these scripts edit sys.path: {editing}"
+    code = (
+        "import importlib, sys; before = list(sys.path)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "assert sys.path == before, 'sys.path changed'; print('ok')"
+    )
+    res = _python("-c", code, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.split() == ["ok"], res.stderr[-3000:]
 
 
 def test_compile_check_module_path_still_works() -> None:

@@ -15,10 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def study():
-    folder = str(ROOT / "experiments")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module("synthetic_tasks")
+    return importlib.import_module("experiments.synthetic_tasks")
 
 
 def test_run_or_load_skips_saved_runs_and_reruns_changed_settings(study, tmp_path):
@@ -186,10 +183,7 @@ def test_report_only_reads_runs_from_runs_dir_and_writes_out_dir(study, tmp_path
 
 
 def _bench(name: str):
-    folder = str(ROOT / "benchmarks")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_activation_memory_refuses_to_overwrite_and_has_a_quick_mode(tmp_path, capsys):

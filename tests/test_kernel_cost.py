@@ -24,9 +24,7 @@ BENCH = ROOT / "benchmarks"
 
 
 def _kc():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("kernel_cost")
+    return importlib.import_module("benchmarks.kernel_cost")
 
 
 @triton.jit
@@ -171,11 +169,12 @@ def test_fit_is_exact_for_linear_costs():
 def _run(*args, out_dir):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, str(BENCH / "kernel_cost.py"), *args, "--out-dir", str(out_dir)],
+        [sys.executable, "-m", "benchmarks.kernel_cost", *args, "--out-dir", str(out_dir)],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
+        cwd=ROOT,
     )
 
 

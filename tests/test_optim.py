@@ -4,10 +4,8 @@ gradient accumulation, 2-process DDP, state_dict resume, argument checks, the ex
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -567,12 +565,8 @@ def test_bad_inputs_elsewhere():
 # the experiment script
 # ----------------------------------------------------------------------------------------------
 def test_experiment_quick_run(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "qk_clip_experiment", ROOT / "experiments" / "qk_clip.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    from experiments import qk_clip as module
+
     module.main(["--quick", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "qk_clip.json").read_text())
     assert set(data["runs"]) == {"muon", "muonclip"}
