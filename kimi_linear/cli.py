@@ -28,9 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kimi_linear.errors import UsageError, did_you_mean
-
-PROG = "kimi-linear"
+from kimi_linear.errors import PROG, UsageError, did_you_mean
 
 
 @dataclass(frozen=True)

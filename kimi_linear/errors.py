@@ -11,6 +11,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+#: The console script's name, in usage lines and error messages of every subcommand.
+PROG = "kimi-linear"
+
 
 class UsageError(ValueError):
     """A bad user setting (config value, path, task name, flag) found before any work starts.

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kimi_linear.errors import UsageError, did_you_mean, import_failure
+from kimi_linear.errors import PROG, UsageError, did_you_mean, import_failure
 
-PROG = "kimi-linear"
 INSTALL = 'pip install "lm-eval>=0.4.5", or pip install -e ".[eval]"'
 
 

@@ -53,9 +53,7 @@ from typing import Any
 
 import torch
 
-from kimi_linear.errors import UsageError, did_you_mean
-
-PROG = "kimi-linear"
+from kimi_linear.errors import PROG, UsageError, did_you_mean
 
 #: RULER's noise haystack (``scripts/data/synthetic/niah.py``), one filler "sentence" per repeat.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from kimi_linear.errors import PROG as KIMI_LINEAR
 from kimi_linear.errors import UsageError
 from kimi_linear.lightning.data.instruct import (
     Example,
@@ -75,7 +76,7 @@ from kimi_linear.lightning.data.sources import (
     list_units,
 )
 
-PROG = "kimi-linear prepare"
+PROG = f"{KIMI_LINEAR} prepare"
 
 # Per-process state of the workers (set by _init_worker).
 _WORKER: dict[str, Any] = {}
