@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from kimi_linear.testing import rel_error
+
 SEED = 1234
 T = 37
 OFFSETS = [0, 7, 19, 20, 33, T]
@@ -43,15 +45,6 @@ def config(kind: str):
     from kimi_linear import KimiLinearConfig
 
     return KimiLinearConfig.from_preset("tiny", vocab_size=64, kda_chunk_size=8, **MODELS[kind])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    ref = float(b.norm())
-    diff = float((a - b).norm())
-    if ref == 0.0:
-        return diff
-    return diff / ref
 
 
 def batches(dp: int, packed: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -134,21 +127,21 @@ def _parity_case(kind: str, shape: tuple[int, int], packed: bool) -> dict:
     with torch.no_grad():
         full_logits = batch.cp.gather_sequence(logits)
     res = {
-        "logits": rel(full_logits, ref_logits[dp_rank]),
-        "loss": rel(loss, ref_losses[dp_rank]),
+        "logits": rel_error(full_logits, ref_logits[dp_rank]),
+        "loss": rel_error(loss, ref_losses[dp_rank]),
     }
     grads = {n: p.grad for n, p in ref.named_parameters()}
-    res["grads"] = max(rel(p.grad, grads[n]) for n, p in model.named_parameters())
+    res["grads"] = max(rel_error(p.grad, grads[n]) for n, p in model.named_parameters())
     zero = [n for n, g in grads.items() if float(g.norm()) == 0.0]
     res["zero_grads"] = len(zero)
     loads = _loads(model)
     for t in loads:
         dist.all_reduce(t)  # over the world: both dp batches, as the reference counted them
-    res["loads"] = max((rel(a, b) for a, b in zip(loads, _loads(ref))), default=0.0)
+    res["loads"] = max((rel_error(a, b) for a, b in zip(loads, _loads(ref))), default=0.0)
     mls = _max_logits(model)
     for t in mls:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    res["max_logits"] = max((rel(a, b) for a, b in zip(mls, _max_logits(ref))), default=0.0)
+    res["max_logits"] = max((rel_error(a, b) for a, b in zip(mls, _max_logits(ref))), default=0.0)
     res["n_max_logits"] = len(mls)
     return res
 
@@ -240,7 +233,7 @@ def _steps_case(opt_name: str, shape: tuple[int, int], fp32_ns: bool = True) -> 
             runs.append(model.state_dict())
     finally:
         muon._zeropower_via_newtonschulz = stock
-    return max(rel(runs[1][k].float(), runs[0][k].float()) for k in runs[0])
+    return max(rel_error(runs[1][k].float(), runs[0][k].float()) for k in runs[0])
 
 
 def _steps_rank(rank: int, out_dir: str, port: int) -> None:

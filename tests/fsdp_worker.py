@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kimi_linear.testing import rel_error
+
 PRESET_OVERRIDES = {"num_hidden_layers": 2, "mla_every": 2, "vocab_size": 64}
 SEED = 1234
 
@@ -37,11 +39,6 @@ def tiny_config():
     from kimi_linear import KimiLinearConfig
 
     return KimiLinearConfig.from_preset("tiny", **PRESET_OVERRIDES)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------ optim
@@ -112,7 +109,7 @@ def _optim_check(cfg, mesh) -> dict:
     ref_sd = ref.state_dict()
     return {
         "init_equal": init_equal,
-        "max_rel": max(rel(full[k], ref_sd[k]) for k in ref_sd),
+        "max_rel": max(rel_error(full[k], ref_sd[k]) for k in ref_sd),
         "exact": all(torch.equal(full[k], ref_sd[k]) for k in ref_sd),
         "gamma": gammas,
     }

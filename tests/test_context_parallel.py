@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_rel_close
 
 from kimi_linear.context_parallel import (
     ContextParallel,
@@ -25,7 +24,8 @@ from kimi_linear.context_parallel import (
     shard_batch,
     shard_bounds,
 )
-from kimi_linear.ops import kda_chunk, kda_recurrent
+from kimi_linear.ops import torch_chunk_kda, naive_recurrent_kda
+from kimi_linear.testing import assert_rel_close
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 
@@ -72,7 +72,7 @@ def _simulate(inputs, cp_size: int, cu_seqlens: torch.Tensor | None = None):
 def test_fold_of_shard_transitions_is_the_full_recurrence(cp_size: int) -> None:
     """B = 2 rows, T = 23 (no multiple of CP x chunk): outputs and final state in float64."""
     inputs = _inputs(23, B=2)
-    o_ref, s_ref = kda_recurrent(*inputs, output_final_state=True)
+    o_ref, s_ref = naive_recurrent_kda(*inputs, output_final_state=True)
     o, s, _ = _simulate(inputs, cp_size)
     assert_rel_close(o, o_ref, 1e-10, "o")
     assert_rel_close(s, s_ref, 1e-10, "final state")
@@ -85,7 +85,7 @@ def test_fold_with_documents_crossing_shard_borders(cp_size: int) -> None:
     T = 19
     cu = torch.tensor([0, 3, 10, 11, 17, T], dtype=torch.int32)
     inputs = _inputs(T, B=1, seed=1)
-    o_ref, s_ref = kda_chunk(*inputs, cu_seqlens=cu, output_final_state=True)
+    o_ref, s_ref = torch_chunk_kda(*inputs, cu_seqlens=cu, output_final_state=True)
     o, s, layouts = _simulate(inputs, cp_size, cu)
     assert_rel_close(o, o_ref, 1e-10, "o")
     assert_rel_close(s[0], s_ref[-1], 1e-10, "final state of the last document")

@@ -2,11 +2,12 @@
 ``ssm_state_indices`` / ``num_accepted_tokens``) and intermediate states for prefix caching.
 
 Kernels run under the Triton interpreter on CPU (conftest), so shapes are tiny. References:
-the float64 recurrence :func:`kimi_linear.ops.kda_recurrent` (q and k repeated explicitly over
+the float64 recurrence :func:`kimi_linear.ops.naive_recurrent_kda` (q and k repeated explicitly over
 the value heads for GVA; gate, sigmoid and L2 norm applied in float64) and fla's own naive
 references (``naive_recurrent_kda``, ``naive_kda_gate``, ``naive_kda_lowerbound_gate``) at
 fla's tolerance (``assert_close(..., 0.005)`` of fla's ``tests/ops/test_kda.py``: a norm-based
-relative error, :func:`helpers.rel_error`). fp32 kernels are held to 1e-5 against float64.
+relative error, :func:`kimi_linear.testing.rel_error`). fp32 kernels are held to 1e-5 against
+float64.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close, kda_inputs
 from kimi_linear.kernels import fused_recurrent_kda
 
-from kimi_linear.ops import kda_chunk, kda_chunked, kda_decode, kda_recurrent
+from kimi_linear.backends import dispatch_chunk_kda, dispatch_decode_kda
+from kimi_linear.ops import naive_recurrent_kda, torch_chunk_kda
 from kimi_linear.ops.serving import kda_pool_recurrent
+from kimi_linear.testing import assert_rel_close, kda_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLA_RTOL = 5e-3  # fla's tolerance for fused_recurrent_kda's o / ht (tests/ops/test_kda.py)
@@ -69,7 +71,7 @@ def flagged_call(x, flags, gva_ok=True):
 
 
 def reference(x, flags, *, scale=None, cu_seqlens=None, h0=None):
-    """float64 ``(o, ht)`` of :func:`kda_recurrent` for the call ``flagged_call(x, flags)``:
+    """float64 ``(o, ht)`` of :func:`naive_recurrent_kda` for the call ``flagged_call(x, flags)``:
     every flag applied explicitly, q and k repeated over the value heads (GVA)."""
     q, k, v, g, beta = (t.double() for t in flagged_call(x, flags))
     HV, H = v.shape[2], q.shape[2]
@@ -90,7 +92,7 @@ def reference(x, flags, *, scale=None, cu_seqlens=None, h0=None):
         beta = torch.sigmoid(beta) * (2 if flags.get("allow_neg_eigval") else 1)
     q, k = (t.repeat_interleave(HV // H, dim=2) for t in (q, k))
     h0 = x["h0"] if h0 is None else h0
-    return kda_recurrent(
+    return naive_recurrent_kda(
         q,
         k,
         v,
@@ -310,7 +312,7 @@ def test_bad_flags_raise(case):
 def recurrence(x, slot_states, bos, eos, n_tokens=None):
     """float64 state after running sequence tokens ``bos:eos`` of the packed inputs ``x``
     (q, k, v, g, beta ``[1, TT, ...]``) from ``slot_states`` ``[H, K, V]``; and the outputs."""
-    o, S = kda_recurrent(
+    o, S = naive_recurrent_kda(
         *(t[:, bos:eos].double() for t in x),
         initial_state=slot_states.double()[None],
         output_final_state=True,
@@ -345,12 +347,12 @@ def test_pool_decode_steps_random_slots_and_padding():
             assert_rel_close(pool[slots[n]], rS, FP32_RTOL, f"slot of sequence {n}")
     untouched = sorted(set(range(12)) - {int(s) for s in slots if s >= 0})
     assert torch.equal(pool[untouched], pool0[untouched])
-    # the torch backend of kda_decode and the dispatcher's triton path agree with the kernel
+    # the torch backend of dispatch_decode_kda and the dispatcher's triton path agree with the kernel
     for backend in ("torch", "triton"):
         other = pool0.clone()
         for t in range(steps):
             step = [x[:, t : t + 1] for x in (q, k, v, g, beta)]
-            kda_decode(*step, backend=backend, initial_state=other, ssm_state_indices=idx)
+            dispatch_decode_kda(*step, backend=backend, initial_state=other, ssm_state_indices=idx)
         assert_rel_close(other, pool, FP32_RTOL, f"pool ({backend} backend)")
 
 
@@ -514,7 +516,7 @@ def test_dispatcher_refuses_pool_on_fla_and_with_grad():
     q, k, v, g, beta, _ = kda_inputs(2, 1, 1, 16, 16, device=DEVICE, seed=11)
     pool = torch.zeros(3, 1, 16, 16, device=DEVICE)
     with pytest.raises(ValueError, match="forward-only"):
-        kda_decode(
+        dispatch_decode_kda(
             q.requires_grad_(),
             k,
             v,
@@ -525,7 +527,7 @@ def test_dispatcher_refuses_pool_on_fla_and_with_grad():
             ssm_state_indices=torch.tensor([0, 1]),
         )
     with pytest.raises(ValueError, match="applies to a state pool"):
-        kda_decode(q.detach(), k, v, g, beta, backend="torch", inplace_final_state=False)
+        dispatch_decode_kda(q.detach(), k, v, g, beta, backend="torch", inplace_final_state=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +537,7 @@ def test_dispatcher_refuses_pool_on_fla_and_with_grad():
 def test_prefix_hit_resumed_from_an_intermediate_state_equals_full_recompute(dtype, rtol):
     B, T, H, K, V, C = 2, 50, 2, 16, 8, 16
     q, k, v, g, beta, h0 = (x.to(dtype) for x in kda_inputs(B, T, H, K, V, seed=12))
-    o, ht, h = kda_chunked(
+    o, ht, h = dispatch_chunk_kda(
         q,
         k,
         v,
@@ -551,7 +553,7 @@ def test_prefix_hit_resumed_from_an_intermediate_state_equals_full_recompute(dty
     torch.testing.assert_close(h[:, 0], h0.to(h.dtype), rtol=0, atol=0)
     for i in range(1, 4):
         t = i * C
-        _, rS = kda_recurrent(
+        _, rS = naive_recurrent_kda(
             *(x[:, :t].double() for x in (q, k, v, g, beta)),
             initial_state=h0.double(),
             output_final_state=True,
@@ -559,7 +561,7 @@ def test_prefix_hit_resumed_from_an_intermediate_state_equals_full_recompute(dty
         assert_rel_close(h[:, i], rS, rtol, f"state after {t} tokens")
         # a prefix-cache hit: the suffix resumed from the stored state (chunked prefill, or
         # our decode kernel token by token) equals the full recompute
-        so, sS = kda_chunk(
+        so, sS = torch_chunk_kda(
             *(x[:, t:] for x in (q, k, v, g, beta)),
             initial_state=h[:, i],
             output_final_state=True,
@@ -585,7 +587,7 @@ def test_intermediate_states_packed_layout_and_gradients():
     x = [t.double() for t in kda_inputs(1, 61, H, K, V, seed=13, N=4)]
     leaves = [t.clone().requires_grad_() for t in x]
     cu = torch.tensor(offsets)
-    o, ht, h = kda_chunk(
+    o, ht, h = torch_chunk_kda(
         *leaves[:5],
         initial_state=leaves[5],
         output_final_state=True,
@@ -598,7 +600,7 @@ def test_intermediate_states_packed_layout_and_gradients():
     for n, length in enumerate(lengths):
         for i in range(-(-length // C)):
             bos = offsets[n]
-            _, rS = kda_recurrent(
+            _, rS = naive_recurrent_kda(
                 *(t[:, bos : bos + i * C] for t in x[:5]),
                 initial_state=x[5][n : n + 1],
                 output_final_state=True,
@@ -607,7 +609,7 @@ def test_intermediate_states_packed_layout_and_gradients():
             row += 1
     (o.sum() + ht.sum()).backward()
     plain = [t.clone().requires_grad_() for t in x]
-    o2, ht2 = kda_chunk(
+    o2, ht2 = torch_chunk_kda(
         *plain[:5], initial_state=plain[5], output_final_state=True, cu_seqlens=cu, chunk_size=C
     )
     (o2.sum() + ht2.sum()).backward()
@@ -622,7 +624,7 @@ def test_intermediate_states_after_a_poisoned_token_are_nan():
     q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, V, seed=14)
     k = k.clone()
     k[1, 20, 0, 3] = float("nan")
-    _, _, h = kda_chunk(
+    _, _, h = torch_chunk_kda(
         q, k, v, g, beta, initial_state=h0, chunk_size=C, return_intermediate_states=True
     )
     bad = torch.zeros(B, 4, H, dtype=torch.bool)
@@ -634,7 +636,7 @@ def test_intermediate_states_after_a_poisoned_token_are_nan():
 def test_intermediate_states_refused_on_triton_backend():
     q, k, v, g, beta, _ = kda_inputs(1, 4, 1, 16, 16, device=DEVICE, seed=15)
     with pytest.raises(ValueError, match="kda_backend='torch' or 'fla'"):
-        kda_chunked(q, k, v, g, beta, backend="triton", return_intermediate_states=True)
+        dispatch_chunk_kda(q, k, v, g, beta, backend="triton", return_intermediate_states=True)
 
 
 def test_state_pool_object_serves_prefix_hits_and_recycles_slots():
@@ -646,9 +648,9 @@ def test_state_pool_object_serves_prefix_hits_and_recycles_slots():
     B, T, H, K, V, C = 2, 40, 1, 16, 16, 16
     q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, V, device=DEVICE, seed=16)
     pool = KDAStatePool(6, H, K, V, device=DEVICE)
-    o_full, _ = kda_recurrent(q, k, v, g, beta, initial_state=h0)
+    o_full, _ = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0)
     with torch.no_grad():
-        _, _, h = kda_chunked(
+        _, _, h = dispatch_chunk_kda(
             *(x[:, :32] for x in (q, k, v, g, beta)),
             backend="torch",
             initial_state=h0,

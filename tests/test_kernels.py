@@ -1,10 +1,9 @@
 """Triton KDA kernels (kimi_linear.kernels) against the float64 token-by-token reference.
 
 On a machine without CUDA these run under ``TRITON_INTERPRET=1`` (set by conftest.py), which
-is slow: shapes are tiny (K, V in {16, 32}, H <= 3). Tolerances: fp32 outputs and final states
-within 1e-4 absolute of the float64 reference; gradients within 1e-4 *relative* to the largest
-reference gradient of the same tensor (``max|a - b| <= 1e-4 max|b| + 1e-7``, the floor for
-gradients that are exactly zero); bf16 / fp16 within 3e-2 relative.
+is slow: shapes are tiny (K, V in {16, 32}, H <= 3). Tolerances, by the norm-relative error of
+:mod:`kimi_linear.testing`: fp32 outputs, final states and gradients within 1e-4 of the float64
+reference; bf16 / fp16 within 3e-2.
 """
 
 from __future__ import annotations
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kda_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 
-from kimi_linear.ops import kda_recurrent
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import assert_rel_close, kda_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +28,8 @@ NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
 def make_inputs(B, T, H, K, V, *, gate=(-1.0, 0.0), h0=True, seed=0, dtype=torch.float32, N=None):
-    """:func:`helpers.kda_inputs` on ``DEVICE``; ``h0=False`` drops the initial state."""
+    """:func:`kimi_linear.testing.kda_inputs` on ``DEVICE``; ``h0=False`` drops the initial
+    state."""
     xs = kda_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, gate=gate, N=N, seed=seed)
     if not h0:
         xs[5] = None
@@ -51,20 +51,14 @@ def run_with_grads(fn, inputs, do, dht, **kwargs):
 
 def reference(inputs, do, dht):
     return run_with_grads(
-        kda_recurrent, [None if x is None else x.double() for x in inputs], do, dht
+        naive_recurrent_kda, [None if x is None else x.double() for x in inputs], do, dht
     )
 
 
 def assert_grads_close(grads, ref_grads, rtol):
+    """Every gradient within ``rtol`` of the reference's (:func:`assert_rel_close`)."""
     for name, a, b in zip(NAMES, grads, ref_grads):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a is not None, f"no gradient for {name}"
-        assert torch.isfinite(a).all(), f"non-finite gradient for {name}"
-        err = (a.double() - b).abs().max().item()
-        scale = b.abs().max().item()
-        assert err <= rtol * scale + 1e-7, f"d{name}: max err {err:.3e} vs max |ref| {scale:.3e}"
+        assert_rel_close(a, b, rtol, f"d{name}", zeros_atol=1e-7)
 
 
 # (B, T, H, K, V, initial state, gradient into the final state)
@@ -94,10 +88,10 @@ def test_chunk_matches_reference(case):
     o, final, grads = run_with_grads(chunk_kda, inputs, do, dht)
     ro, rfinal, rgrads = reference(inputs, do, dht)
     assert o.shape == (B, T, H, V) and o.dtype == torch.float32
-    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=0)
+    assert_rel_close(o, ro, 1e-4, "o")
     if ht:
         assert final.dtype == torch.float32 and final.shape == (B, H, K, V)
-        torch.testing.assert_close(final.double(), rfinal, atol=1e-4, rtol=0)
+        assert_rel_close(final, rfinal, 1e-4, "final state")
     assert_grads_close(grads, rgrads, rtol=1e-4)
 
 
@@ -121,8 +115,8 @@ def _assert_chunk_finite_and_close(inputs, grad_seed):
     o, final, grads = run_with_grads(chunk_kda, inputs, do, dht)
     ro, rfinal, rgrads = reference(inputs, do, dht)
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
-    torch.testing.assert_close(o.double(), ro, atol=1e-4, rtol=0)
-    torch.testing.assert_close(final.double(), rfinal, atol=1e-4, rtol=0)
+    assert_rel_close(o, ro, 1e-4, "o")
+    assert_rel_close(final, rfinal, 1e-4, "final state")
     assert_grads_close(grads, rgrads, rtol=1e-4)
     return ro, rfinal
 
@@ -155,8 +149,8 @@ def test_chunk_equals_recurrence_for_any_log_decay(pattern):
     inputs[3] = _extreme_gates(inputs[3], pattern)
     ro, rfinal = _assert_chunk_finite_and_close(inputs, grad_seed=4)
     fo, ffinal = fused_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True)
-    torch.testing.assert_close(fo.double(), ro, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ffinal.double(), rfinal, atol=1e-4, rtol=0)
+    assert_rel_close(fo, ro, 1e-4, "fused_recurrent o")
+    assert_rel_close(ffinal, rfinal, 1e-4, "fused_recurrent final state")
 
 
 @pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda], ids=["chunk", "fused_recurrent"])
@@ -182,8 +176,7 @@ def test_chunk_16bit(dtype):
     ro, _, rgrads = reference(inputs, do, None)
     assert o.dtype == dtype
     assert all(g.dtype == x.dtype for g, x in zip(grads, inputs))
-    err = (o.double() - ro).abs().max() / ro.abs().max()
-    assert err < 3e-2
+    assert_rel_close(o, ro, 3e-2, "o")
     assert_grads_close(grads, rgrads, rtol=3e-2)
 
 
@@ -208,13 +201,13 @@ def test_chunk_varlen_equals_separate_runs():
             )
         torch.testing.assert_close(grads[5][n : n + 1], pgrads[5], atol=1e-5, rtol=1e-5)
     # and the packed run agrees with the reference sequence by sequence
-    ro, rfinal = kda_recurrent(
+    ro, rfinal = naive_recurrent_kda(
         *[x[:, 51:128].double() for x in inputs[:5]],
         initial_state=inputs[5][2:3].double(),
         output_final_state=True,
     )
-    torch.testing.assert_close(o[:, 51:128].double(), ro, atol=1e-4, rtol=0)
-    torch.testing.assert_close(final[2:3].double(), rfinal, atol=1e-4, rtol=0)
+    assert_rel_close(o[:, 51:128], ro, 1e-4, "o (sequence 2)")
+    assert_rel_close(final[2:3], rfinal, 1e-4, "final state (sequence 2)")
 
 
 @settings(max_examples=4, deadline=None, derandomize=True)
@@ -235,7 +228,7 @@ def test_chunk_varlen_property(lengths, dims):
         *inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu
     )
     for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
-        ro, rfinal = kda_recurrent(
+        ro, rfinal = naive_recurrent_kda(
             *[x[:, bos:eos].double() for x in inputs[:5]],
             initial_state=inputs[5][n : n + 1].double(),
             output_final_state=True,
@@ -267,7 +260,7 @@ def test_fused_recurrent_matches_chunk_and_fla():
     co, cfinal = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, co, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, cfinal, atol=1e-5, rtol=1e-5)
-    ro, rfinal = kda_recurrent(
+    ro, rfinal = naive_recurrent_kda(
         q.double(),
         k.double(),
         v.double(),
@@ -276,7 +269,7 @@ def test_fused_recurrent_matches_chunk_and_fla():
         initial_state=h0.double(),
         output_final_state=True,
     )
-    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
+    assert_rel_close(o, ro, 1e-5, "o")
     import fla.ops.kda as fla_kda  # a dependency: a broken install fails here
 
     # fla's kernels may modify their inputs: give them copies
@@ -311,7 +304,7 @@ def test_fused_recurrent_inplace_state_and_varlen():
     torch.testing.assert_close(o, expected_o, atol=1e-5, rtol=1e-5)
     # decode: two single-token steps on a dense batch update the same tensor
     q, k, v, g, beta, h0 = make_inputs(2, 2, H, K, V, seed=13)
-    _, ref_final = kda_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    _, ref_final = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     state = h0.clone()
     for t in range(2):
         fused_recurrent_kda(
@@ -413,7 +406,8 @@ def test_benchmark_quick_runs(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "kernel_speed.py"),
+            "-m",
+            "benchmarks.kernel_speed",
             "--quick",
             "--device",
             "cpu",

@@ -1,14 +1,14 @@
 """GPU checks of the Triton KDA kernels at realistic shapes (skipped without CUDA).
 
-Every output and gradient is compared tensor by tensor with the float64 token-by-token
-reference by the norm-based relative error of ``helpers`` (``||a - b|| / ||b||``: a dropped
-term fails however small its entries, unlike an error normalised by the largest entry), for
-fp32 and bf16 inputs; with the loss on the outputs only, on the final state only and on both
-(a random final-state gradient makes the last tokens dominate every gradient); with short tail
-chunks (T not a multiple of 64) and weak decay (g near 0), where terms on a chunk's last row
-do not vanish; and packed (varlen) batches compared sequence by sequence with the reference
-(besides the kernel's own per-sequence runs). fla's ``chunk_kda`` / ``fused_recurrent_kda``
-are compared on the same inputs (fla gets copies: some versions modify ``g`` and ``v``).
+Every output and gradient is compared tensor by tensor with the float64 token-by-token reference by
+the norm-based relative error of :mod:`kimi_linear.testing` (``||a - b|| / ||b||``: a dropped term
+fails however small its entries, unlike an error normalised by the largest entry), for fp32 and bf16
+inputs; with the loss on the outputs only, on the final state only and on both (a random final-state
+gradient makes the last tokens dominate every gradient); with short tail chunks (T not a multiple of
+64) and weak decay (g near 0), where terms on a chunk's last row do not vanish; and packed (varlen)
+batches compared sequence by sequence with the reference (besides the kernel's own per-sequence
+runs). fla's ``chunk_kda`` / ``fused_recurrent_kda`` are compared on the same inputs (fla gets
+copies: some versions modify ``g`` and ``v``).
 
 Tolerances (norm-relative): fp32 1e-3 (exact fp32 products; long sequences accumulate
 rounding); bf16 2e-2 against float64 (rounding the bf16 outputs and gradients alone gives
@@ -24,10 +24,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_kda_close, kda_inputs, kda_packed_reference, kda_run
 from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 
-from kimi_linear.ops import kda_recurrent
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import assert_kda_close, kda_inputs, kda_reference, kda_run
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +50,7 @@ def check_dense(B, T, H, K, V, dtype, gate, loss, seed=0):
     xs = kda_inputs(B, T, H, K, V, dtype=dtype, gate=gate, seed=seed, device=DEVICE)
     do, dht = _loss_grads((B, T, H, V), (B, H, K, V), loss, dtype)
     got = kda_run(chunk_kda, xs, do, dht)
-    ref = kda_run(kda_recurrent, [x.double() for x in xs], do, dht)
+    ref = kda_run(naive_recurrent_kda, [x.double() for x in xs], do, dht)
     assert got[0].dtype == dtype and all(g.dtype == x.dtype for g, x in zip(got[2:], xs))
     return assert_kda_close(got, ref, RTOL[dtype])
 
@@ -63,7 +63,7 @@ def check_packed(lengths, H, K, V, dtype, loss, seed=3):
     do, dht = _loss_grads((1, T, H, V), (N, H, K, V), loss, dtype)
     cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     got = kda_run(chunk_kda, xs, do, dht, cu_seqlens=cu)
-    ref = kda_packed_reference(xs, do, dht, offsets)
+    ref = kda_reference(xs, do, dht, offsets)
     return assert_kda_close(got, ref, RTOL[dtype], offsets=offsets)
 
 

@@ -1,23 +1,23 @@
 """Gradients of the Triton chunk kernel against the float64 reference, tensor by tensor.
 
-Each gradient (q, k, v, g, beta, initial state) must be within a norm-based relative error
-of the float64 token-by-token reference (``helpers.assert_rel_close``: an error normalised by
-the tensor's own norm, not by its largest entry nor by another tensor's scale), for losses on
-the outputs only, on the final state only, and on both; with short tail chunks (T not a
-multiple of 64: terms on the chunk's last row that vanish for full chunks under decay) and a
-weak-decay case (g near 0: nothing decays away). A dropped term in any gradient fails here.
-The same checks run at realistic shapes on a GPU in ``test_kernels_gpu.py``; these run under
-the Triton interpreter on CPU at small sizes, so CI proves the checks can fail.
+Each gradient (q, k, v, g, beta, initial state) must be within a norm-based relative error of the
+float64 token-by-token reference (``kimi_linear.testing.assert_rel_close``: an error normalised by
+the tensor's own norm, not by its largest entry nor by another tensor's scale), for losses on the
+outputs only, on the final state only, and on both; with short tail chunks (T not a multiple of 64:
+terms on the chunk's last row that vanish for full chunks under decay) and a weak-decay case (g near
+0: nothing decays away). A dropped term in any gradient fails here. The same checks run at realistic
+shapes on a GPU in ``test_kernels_gpu.py``; these run under the Triton interpreter on CPU at small
+sizes, so CI proves the checks can fail.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_kda_close, kda_inputs, kda_run
 from kimi_linear.kernels import chunk_kda
 
-from kimi_linear.ops import kda_recurrent
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import assert_kda_close, kda_inputs, kda_run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Norm-relative tolerances against float64: fp32 inputs agree to ~1e-6; 16-bit inputs
@@ -50,7 +50,7 @@ def _loss_grads(B, T, H, K, V, loss, dtype, seed=1):
 
 
 def _reference(inputs, do, dht):
-    return kda_run(kda_recurrent, [x.double() for x in inputs], do, dht)
+    return kda_run(naive_recurrent_kda, [x.double() for x in inputs], do, dht)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

@@ -17,11 +17,11 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_kda_close, kda_inputs, kda_run
 from kimi_linear.kernels import chunk_kda
 from kimi_linear.kernels.utils import emulate_tf32, interpret_mode
 
-from kimi_linear.ops import kda_recurrent
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import assert_kda_close, kda_inputs, kda_run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpreter_only = pytest.mark.skipif(
@@ -93,7 +93,7 @@ def test_16bit_with_gpu_rounding_matches_reference(case, dtype):
     dht = torch.randn(B, H, K, V, generator=gen).to(DEVICE) if "ht" in loss else None
     with emulate_tf32():
         got = kda_run(chunk_kda, inputs, do, dht)
-    ref = kda_run(kda_recurrent, [x.double() for x in inputs], do, dht)
+    ref = kda_run(naive_recurrent_kda, [x.double() for x in inputs], do, dht)
     assert all(g.dtype == x.dtype for g, x in zip(got[2:], inputs))
     assert_kda_close(got, ref, 1e-2)
 
@@ -111,6 +111,6 @@ def test_fp16_states_beyond_fp16_range():
     dht = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
     assert inputs[5].abs().max() > 65504  # the first chunk-start state is out of fp16 range
     got = kda_run(chunk_kda, inputs, do, dht)
-    ref = kda_run(kda_recurrent, [x.double() for x in inputs], do, dht)
+    ref = kda_run(naive_recurrent_kda, [x.double() for x in inputs], do, dht)
     assert all(torch.isfinite(x).all() for x in got if x is not None)
     assert_kda_close(got, ref, 1e-2)

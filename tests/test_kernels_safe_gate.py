@@ -18,14 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close, kda_inputs
 from kimi_linear.kernels import chunk_kda
+from kimi_linear.backends import dispatch_chunk_kda
+from kimi_linear.ops.checks import check_gate_lower_bound
 
-from kimi_linear.ops import kda_recurrent
-from kimi_linear.ops.backend import check_gate_lower_bound, kda_chunked
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import assert_kda_close, assert_rel_close, kda_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 LOWER = -5.0
 
 
@@ -52,19 +52,7 @@ def run(fn, inputs, do, dht, **kwargs):
 
 
 def reference(inputs, do, dht, cu_seqlens=None):
-    return run(kda_recurrent, [x.double() for x in inputs], do, dht, cu_seqlens=cu_seqlens)
-
-
-def assert_close(got, ref, rtol):
-    """Per tensor: finite, and ``||a - b|| <= rtol[name] ||b||`` (norm-based relative error, so
-    the small tail of a tensor counts as much as its largest entries)."""
-    for name, a, b in zip(NAMES, got, ref):
-        assert a is not None, name
-        assert torch.isfinite(a).all(), f"non-finite {name}"
-        err = (a.double() - b).norm().item()
-        scale = b.norm().item()
-        tol = rtol.get(name, rtol["*"])
-        assert err <= tol * scale + 1e-9, f"{name}: rel err {err / max(scale, 1e-30):.3e} > {tol}"
+    return run(naive_recurrent_kda, [x.double() for x in inputs], do, dht, cu_seqlens=cu_seqlens)
 
 
 def grads_in(B, T, H, K, V, N=None, seed=1):
@@ -97,7 +85,7 @@ def test_fast_path_matches_reference(strength, dtype):
     inputs = safe_gate_inputs(B, T, H, K, V, strength=strength, dtype=dtype, seed=11)
     do, dht = grads_in(B, T, H, K, V)
     got = run(chunk_kda, inputs, do, dht, gate_lower_bound=LOWER)
-    assert_close(got, reference(inputs, do, dht), RTOL[dtype])
+    assert_kda_close(got, reference(inputs, do, dht), RTOL[dtype])
 
 
 @pytest.mark.parametrize("strength", ["strong", "weak"])
@@ -111,7 +99,7 @@ def test_fast_path_varlen_matches_reference(strength, dtype):
     cu = torch.tensor([0, 83, 84, 124], dtype=torch.int32, device=DEVICE)
     do, dht = grads_in(1, T, H, K, V, N=N, seed=2)
     got = run(chunk_kda, inputs, do, dht, cu_seqlens=cu, gate_lower_bound=LOWER)
-    assert_close(got, reference(inputs, do, dht, cu_seqlens=cu), RTOL[dtype])
+    assert_kda_close(got, reference(inputs, do, dht, cu_seqlens=cu), RTOL[dtype])
 
 
 def test_fast_path_and_exact_path_agree_in_fp32():
@@ -121,7 +109,7 @@ def test_fast_path_and_exact_path_agree_in_fp32():
     do, dht = grads_in(B, T, H, K, V, seed=3)
     fast = run(chunk_kda, inputs, do, dht, gate_lower_bound=LOWER)
     exact = run(chunk_kda, inputs, do, dht)
-    assert_close(fast, [x.double() for x in exact], {"*": 1e-5, "dg": 1e-4})
+    assert_kda_close(fast, [x.double() for x in exact], {"*": 1e-5, "dg": 1e-4})
 
 
 def test_fast_path_is_taken(monkeypatch):
@@ -155,7 +143,7 @@ def test_bad_lower_bound_is_refused(bad):
     with pytest.raises(ValueError, match="gate_lower_bound must be None or a number in"):
         chunk_kda(*inputs[:5], gate_lower_bound=bad)
     with pytest.raises(ValueError, match="gate_lower_bound must be None or a number in"):
-        kda_chunked(*inputs[:5], backend="torch", gate_lower_bound=bad)
+        dispatch_chunk_kda(*inputs[:5], backend="torch", gate_lower_bound=bad)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -166,14 +154,14 @@ def test_gate_below_bound_is_caught_with_the_check(backend, monkeypatch):
     bad = g.clone()
     bad[0, 7, 0, 3] = -6.0  # below the bound
     monkeypatch.delenv("KIMI_LINEAR_CHECK_GATE", raising=False)
-    kda_chunked(q, k, v, bad, beta, backend=backend, gate_lower_bound=LOWER)
+    dispatch_chunk_kda(q, k, v, bad, beta, backend=backend, gate_lower_bound=LOWER)
     monkeypatch.setenv("KIMI_LINEAR_CHECK_GATE", "1")
     with pytest.raises(ValueError, match=r"g must be >= gate_lower_bound=-5.0 everywhere"):
-        kda_chunked(q, k, v, bad, beta, backend=backend, gate_lower_bound=LOWER)
-    kda_chunked(q, k, v, g, beta, backend=backend, gate_lower_bound=LOWER)  # within: passes
+        dispatch_chunk_kda(q, k, v, bad, beta, backend=backend, gate_lower_bound=LOWER)
+    dispatch_chunk_kda(q, k, v, g, beta, backend=backend, gate_lower_bound=LOWER)  # within: passes
     # the g <= 0 check still applies alongside
     with pytest.raises(ValueError, match=r"g must be a log decay in \[-inf, 0\]"):
-        kda_chunked(q, k, v, g.abs(), beta, backend=backend, gate_lower_bound=LOWER)
+        dispatch_chunk_kda(q, k, v, g.abs(), beta, backend=backend, gate_lower_bound=LOWER)
 
 
 def test_bound_check_tolerates_rounding_only():
@@ -190,7 +178,7 @@ def test_bound_check_tolerates_rounding_only():
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 def test_layer_passes_its_bound_to_the_backend(lower_bound, monkeypatch):
-    """The KDA layer hands config.kda_gate_lower_bound to kda_chunked (the safe gate's promise)."""
+    """The KDA layer hands config.kda_gate_lower_bound to dispatch_chunk_kda (the safe gate's promise)."""
     import kimi_linear.layers.kda as kda_mod
     from kimi_linear.config import KimiLinearConfig
 
@@ -198,9 +186,9 @@ def test_layer_passes_its_bound_to_the_backend(lower_bound, monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("gate_lower_bound", "missing"))
-        return kda_chunked(*args, **kwargs)
+        return dispatch_chunk_kda(*args, **kwargs)
 
-    monkeypatch.setattr(kda_mod, "kda_chunked", spy)
+    monkeypatch.setattr(kda_mod, "dispatch_chunk_kda", spy)
     config = KimiLinearConfig.from_preset(
         "tiny", kda_backend="torch", kda_gate_lower_bound=lower_bound
     )
@@ -212,9 +200,9 @@ def test_layer_passes_its_bound_to_the_backend(lower_bound, monkeypatch):
 
 @pytest.mark.parametrize("name", ["triton", "fla", "torch"])
 def test_dispatch_hands_the_bound_to_each_backend(name):
-    """kda_chunked: the Triton op gets ``gate_lower_bound``, fla's gets its own safe-gate
+    """dispatch_chunk_kda: the Triton op gets ``gate_lower_bound``, fla's gets its own safe-gate
     arguments, the torch op (exact for any g) gets neither; no bound, no extra argument."""
-    from kimi_linear.ops.backend import KDABackend
+    from kimi_linear.backends import KDABackend
 
     seen = []
 
@@ -224,8 +212,8 @@ def test_dispatch_hands_the_bound_to_each_backend(name):
 
     backend = KDABackend(name, fake_chunk, fake_chunk)
     q, k, v, g, beta, _ = safe_gate_inputs(1, 8, 1, 16, 16, strength="weak")
-    kda_chunked(q, k, v, g, beta, backend=backend, gate_lower_bound=-5)
-    kda_chunked(q, k, v, g, beta, backend=backend)
+    dispatch_chunk_kda(q, k, v, g, beta, backend=backend, gate_lower_bound=-5)
+    dispatch_chunk_kda(q, k, v, g, beta, backend=backend)
     expected = {
         "triton": {"gate_lower_bound": -5.0},
         "fla": {"safe_gate": True, "lower_bound": -5.0},
@@ -297,7 +285,7 @@ def test_fast_path_gate_parameter_grads_at_fla_tolerance(dtype, seed):
     cumulative sum adds each residue into every earlier row of the chunk. Before the fix (16-bit
     operands there) fp16 gave dbias 5e-2, dA 2e-2; bf16 dbias 5e-2."""
     got = gate_param_run(chunk_kda, dtype, seed, gate_lower_bound=LOWER)
-    ref = gate_param_run(kda_recurrent, dtype, seed, reference=True)
+    ref = gate_param_run(naive_recurrent_kda, dtype, seed, reference=True)
     scale = 1.0 if dtype == torch.float16 else 2.0
     for name, tol in FLA_RTOL.items():
         assert_rel_close(got[name], ref[name], tol * scale, name)

@@ -1,12 +1,13 @@
 """Packed (varlen) batches of the Triton chunk kernel against the float64 reference, per sequence.
 
-Earlier sequences span several 64-token chunks (and later ones start mid-way through the
-chunk tables), so the per-sequence chunk offsets into the stored chunk states are exercised:
-giving every sequence the first sequence's chunk count, for instance, makes some sequence
-read another's states. Every sequence's output, final state and every gradient (q, k, v, g,
-beta, initial state) is compared on its own with the float64 token-by-token reference
-(``kimi_linear.ops.kda_recurrent``) by the norm-based relative error of ``helpers``, with and
-without a gradient on the final states. Runs under the Triton interpreter on CPU (small heads).
+Earlier sequences span several 64-token chunks (and later ones start mid-way through the chunk
+tables), so the per-sequence chunk offsets into the stored chunk states are exercised: giving every
+sequence the first sequence's chunk count, for instance, makes some sequence read another's states.
+Every sequence's output, final state and every gradient (q, k, v, g, beta, initial state) is
+compared on its own with the float64 token-by-token reference
+(``kimi_linear.ops.naive_recurrent_kda``) by the norm-based relative error of
+:mod:`kimi_linear.testing`, with and without a gradient on the final states. Runs under the Triton
+interpreter on CPU (small heads).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_kda_close, kda_inputs, kda_packed_reference, kda_run
 from kimi_linear.kernels import chunk_kda
+
+from kimi_linear.testing import assert_kda_close, kda_inputs, kda_reference, kda_run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: fp32 inputs: the kernels agree with float64 to ~1e-6 (norm-relative); a dropped term or a
@@ -51,7 +53,7 @@ def test_varlen_every_sequence_and_gradient_matches_reference(packing, final_gra
     dht = torch.randn(N, H, K, V, generator=gen).to(DEVICE) if final_grad else None
     cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     got = kda_run(chunk_kda, inputs, do, dht, cu_seqlens=cu)
-    ref = kda_packed_reference(inputs, do, dht, offsets)
+    ref = kda_reference(inputs, do, dht, offsets)
     assert got[0].shape == (1, T, H, V)
     assert_kda_close(got, ref, RTOL, offsets=offsets)
 
@@ -66,7 +68,7 @@ def test_varlen_final_state_gradient_only():
     dht = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     cu = torch.tensor(offsets, dtype=torch.int64, device=DEVICE)
     got = kda_run(chunk_kda, inputs, None, dht, cu_seqlens=cu)
-    ref = kda_packed_reference(inputs, None, dht, offsets)
+    ref = kda_reference(inputs, None, dht, offsets)
     assert_kda_close(got, ref, RTOL, offsets=offsets)
 
 

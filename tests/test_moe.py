@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close
 from torch import nn
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.moe import KimiMLP, KimiMoE, MoEGate, to_release_state_dict
+from kimi_linear.testing import assert_rel_close
 
 
 def make_config(**overrides) -> KimiLinearConfig:

@@ -1,7 +1,7 @@
 """Long-horizon numerics of KDA on every backend that runs on the CPU (issue 25, class 7).
 
-What users of other KDA implementations hit, for ``torch`` (:func:`kda_chunk`,
-:func:`kda_recurrent`, :func:`kda_decode_step`) and ``triton`` (:func:`chunk_kda`,
+What users of other KDA implementations hit, for ``torch`` (:func:`torch_chunk_kda`,
+:func:`naive_recurrent_kda`, :func:`naive_kda_step`) and ``triton`` (:func:`chunk_kda`,
 :func:`fused_recurrent_kda`, under the Triton interpreter at small sizes):
 
 * **NaN isolation.** A NaN / inf in one token's ``k``, ``v``, ``beta`` or ``g`` changes only the
@@ -16,7 +16,7 @@ What users of other KDA implementations hit, for ``torch`` (:func:`kda_chunk`,
 * **Prefill then decode** from the prefill's final state equals one full forward, at every
   prefill length across chunk borders, also across backends (the state layouts agree).
 
-Tolerances are the norm-relative errors of ``helpers`` (fp32: ~1e-6 observed).
+Tolerances are the norm-relative errors of ``kimi_linear.testing`` (fp32: ~1e-6 observed).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import assert_rel_close, kda_inputs
 from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kimi_linear.ops import kda_chunk, kda_decode_step, kda_recurrent
+from kimi_linear.ops import torch_chunk_kda, naive_kda_step, naive_recurrent_kda
 from kimi_linear.ops.isolation import ISOLATION_ENV, isolate_nonfinite
+from kimi_linear.testing import assert_rel_close, kda_inputs
 
 NAN = float("nan")
-CHUNKED: dict[str, Callable] = {"torch": kda_chunk, "triton": chunk_kda}
+CHUNKED: dict[str, Callable] = {"torch": torch_chunk_kda, "triton": chunk_kda}
 RTOL = 1e-4  # fp32 against fp32 / float64 (observed ~1e-6)
 #: the interpreted kernels take seconds per call: their full matrix runs with -m slow
 TRITON_SLOW = pytest.param("triton", marks=pytest.mark.slow)
@@ -79,7 +79,7 @@ def test_nan_token_never_reaches_earlier_tokens_other_rows_or_heads(backend, nam
     field, value = ("k", float("inf")) if name == "k_inf" else (name, NAN)
     t = 37
     # the reference: the clean inputs on the torch chunked op (one interpreted call fewer)
-    ref, ref_state = kda_chunk(**x, initial_state=h0, output_final_state=True)
+    ref, ref_state = torch_chunk_kda(**x, initial_state=h0, output_final_state=True)
     o, state = op(**_poison(x, field, 0, t, 1, value), initial_state=h0, output_final_state=True)
     poisoned = torch.zeros(2, T, 2, dtype=torch.bool)
     if field == "q":  # only the token's own output
@@ -105,7 +105,7 @@ def test_nan_never_crosses_packed_documents(backend):
     x, _ = _inputs(B=1, T=DOCS[-1], seed=1)
     h0 = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(2))
     cu = torch.tensor(DOCS, dtype=torch.int32)
-    ref, ref_state = kda_chunk(**x, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    ref, ref_state = torch_chunk_kda(**x, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     o, state = op(
         **_poison(x, "k", 0, 30, 0), initial_state=h0, output_final_state=True, cu_seqlens=cu
     )
@@ -142,7 +142,7 @@ def test_gradients_of_finite_outputs_stay_finite_and_exact(backend, packed):
     ok = torch.ones(1, T, 2, dtype=torch.bool)
     ok[0, 30 : (DOCS[2] if packed else T), 0] = False
     do = torch.randn(1, T, 2, 16, generator=torch.Generator().manual_seed(5))
-    ref = _masked_grads(kda_chunk, x, h0, ok, do, **kw)
+    ref = _masked_grads(torch_chunk_kda, x, h0, ok, do, **kw)
     got = _masked_grads(op, _poison(x, "k", 0, 30, 0), h0, ok, do, **kw)
     for n in ref:
         assert torch.isfinite(got[n]).all(), f"d{n} has non-finite values"
@@ -302,14 +302,14 @@ def test_isolation_switch(monkeypatch):
     reaches the earlier tokens of its chunk); another value is refused, naming the variable."""
     x, _ = _inputs(B=1, T=40)
     bad = _poison(x, "k", 0, 30, 0)
-    o, _ = kda_chunk(**bad, chunk_size=32)
+    o, _ = torch_chunk_kda(**bad, chunk_size=32)
     assert torch.isfinite(o[0, :30]).all()
     monkeypatch.setenv(ISOLATION_ENV, "0")
-    o, _ = kda_chunk(**bad, chunk_size=32)
+    o, _ = torch_chunk_kda(**bad, chunk_size=32)
     assert torch.isnan(o[0, :30, 0]).any()  # leaked: the switch is off
     monkeypatch.setenv(ISOLATION_ENV, "yes")
     with pytest.raises(ValueError, match=f"{ISOLATION_ENV} must be 0 or 1, got 'yes'"):
-        kda_chunk(**x)
+        torch_chunk_kda(**x)
 
 
 # ------------------------------------------------------------------ slow decay in bf16 over T
@@ -352,8 +352,8 @@ def _decode_all(step, x):
 
 
 SLOW_DECAY_OPS = {
-    "torch_chunk": (kda_chunk, 4096),
-    "torch_recurrent": (kda_recurrent, 2048),
+    "torch_chunk": (torch_chunk_kda, 4096),
+    "torch_recurrent": (naive_recurrent_kda, 2048),
     "torch_decode_step": ("decode", 2048),
     "triton_chunk": (chunk_kda, 192),
     "triton_recurrent": (fused_recurrent_kda, 192),
@@ -364,7 +364,7 @@ def _check_slow_decay(name: str, T: int, g_dtype: torch.dtype) -> None:
     op, _ = SLOW_DECAY_OPS[name]
     x, expected = _memory_inputs(T, torch.bfloat16, g_dtype)
     if op == "decode":
-        o = _decode_all(kda_decode_step, x)
+        o = _decode_all(naive_kda_step, x)
     else:
         o, _ = op(**x, scale=1.0)
     assert o.dtype == torch.bfloat16
@@ -395,7 +395,7 @@ def test_gates_reach_the_op_in_float32_in_a_bf16_model(monkeypatch):
     from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 
     seen: list[torch.dtype] = []
-    for fn in ("kda_chunked", "kda_decode"):
+    for fn in ("dispatch_chunk_kda", "dispatch_decode_kda"):
         real = getattr(kda_layer, fn)
 
         def spy(*args, _real=real, **kwargs):
@@ -431,11 +431,11 @@ def _prefill_then_decode(prefill, decode, x, h0, L):
 
 
 def _decode_tokens(**kw):
-    """kda_decode_step token by token (what generation runs on the torch backend)."""
+    """naive_kda_step token by token (what generation runs on the torch backend)."""
     S, outs = kw.pop("initial_state"), []
     kw.pop("output_final_state")
     for t in range(kw["q"].shape[1]):
-        o, S = kda_decode_step(
+        o, S = naive_kda_step(
             **{n: a[:, t : t + 1] for n, a in kw.items()}, initial_state=S, output_final_state=True
         )
         outs.append(o)
@@ -443,11 +443,11 @@ def _decode_tokens(**kw):
 
 
 def test_prefill_then_decode_equals_full_forward_at_every_length_torch():
-    """kda_chunk (chunks of 16) for the first L tokens, kda_decode_step for the rest, for
+    """torch_chunk_kda (chunks of 16) for the first L tokens, naive_kda_step for the rest, for
     every L from 0 to T: the outputs and the final state of one full forward."""
     T = 51
     x, h0 = _inputs(B=2, T=T, seed=6)
-    chunk16 = lambda **kw: kda_chunk(**kw, chunk_size=16)
+    chunk16 = lambda **kw: torch_chunk_kda(**kw, chunk_size=16)
     full, S_full = chunk16(**x, initial_state=h0, output_final_state=True)
     for L in range(T + 1):
         o, S = _prefill_then_decode(chunk16, _decode_tokens, x, h0, L)
@@ -457,7 +457,7 @@ def test_prefill_then_decode_equals_full_forward_at_every_length_torch():
 
 def _triton_prefill_decode(lengths, T):
     x, h0 = _inputs(B=1, T=T, seed=7)
-    full, S_full = kda_recurrent(**x, initial_state=h0, output_final_state=True)
+    full, S_full = naive_recurrent_kda(**x, initial_state=h0, output_final_state=True)
     for L in lengths:
         o, S = _prefill_then_decode(chunk_kda, fused_recurrent_kda, x, h0, L)
         assert_rel_close(o, full, RTOL, f"outputs, prefill of {L}")
@@ -478,9 +478,9 @@ def test_prefill_state_layout_is_shared_by_the_backends(direction):
     """A state prefilled by one backend continues on the other: same ``[N, H, K, V]`` layout."""
     T, L = 40, 33
     x, h0 = _inputs(B=2, T=T, seed=8)
-    full, S_full = kda_recurrent(**x, initial_state=h0, output_final_state=True)
+    full, S_full = naive_recurrent_kda(**x, initial_state=h0, output_final_state=True)
     if direction == "torch->triton":
-        o, S = _prefill_then_decode(kda_chunk, fused_recurrent_kda, x, h0, L)
+        o, S = _prefill_then_decode(torch_chunk_kda, fused_recurrent_kda, x, h0, L)
     else:
         o, S = _prefill_then_decode(chunk_kda, _decode_tokens, x, h0, L)
     assert_rel_close(o, full, RTOL, "outputs")

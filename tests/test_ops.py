@@ -2,7 +2,8 @@
 
 Inputs follow the KDA layer: q and k L2-normalised per head, beta in (0, 1), g <= 0 (log
 decay). Outputs, final states and all six gradients (dq, dk, dv, dg, dbeta, dh0) are compared:
-float64 at atol 1e-10, float32 at atol 1e-4.
+float64 within 1e-10, float32 within 1e-4, by the norm-relative error of
+:mod:`kimi_linear.testing`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import kimi_linear.ops.chunk as chunk_mod
-from kimi_linear.ops import kda_chunk, kda_decode_step, kda_recurrent
+from kimi_linear.ops import torch_chunk_kda, naive_kda_step, naive_recurrent_kda
 from kimi_linear.ops.checks import LOG_DECAY_FLOOR
+from kimi_linear.testing import assert_rel_close
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,15 +102,13 @@ def run_op(
 
 
 def assert_all_close(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float
 ) -> None:
+    """Every tensor of ``want`` within ``rtol`` (:func:`kimi_linear.testing.assert_rel_close`);
+    a reference of zeros (a gradient with no path to the loss) wants zeros within ``rtol``."""
     assert got.keys() == want.keys()
     for name in want:
-        g, w = got[name].double(), want[name].double()
-        assert g.shape == w.shape, name
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        err = (g - w).abs().max().item()
-        assert err <= atol, f"{name}: max abs error {err:.3e} > {atol:.0e}"
+        assert_rel_close(got[name], want[name], rtol, name, zeros_atol=rtol)
 
 
 # --------------------------------------------------------------------- agreement with the reference
@@ -118,29 +118,29 @@ def assert_all_close(
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
 def test_chunk_matches_recurrent(T: int, with_state: bool) -> None:
     inputs = make_inputs(T=T, seed=T)
-    want64 = run_op(kda_recurrent, inputs, torch.float64, with_state)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float64, with_state), want64, atol=1e-10)
-    want32 = run_op(kda_recurrent, inputs, torch.float32, with_state)
-    got32 = run_op(kda_chunk, inputs, torch.float32, with_state)
+    want64 = run_op(naive_recurrent_kda, inputs, torch.float64, with_state)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float64, with_state), want64, rtol=1e-10)
+    want32 = run_op(naive_recurrent_kda, inputs, torch.float32, with_state)
+    got32 = run_op(torch_chunk_kda, inputs, torch.float32, with_state)
     assert got32["o"].dtype == torch.float32
-    assert_all_close(got32, want32, atol=1e-4)
+    assert_all_close(got32, want32, rtol=1e-4)
 
 
 @pytest.mark.parametrize("decay", ["strong", "near_zero"])
 def test_chunk_matches_recurrent_extreme_decay(decay: str) -> None:
     inputs = make_inputs(T=150, H=3, decay=decay, seed=7)
-    want = run_op(kda_recurrent, inputs, torch.float64)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-10)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+    want = run_op(naive_recurrent_kda, inputs, torch.float64)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float64), want, rtol=1e-10)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float32), want, rtol=1e-4)
 
 
 def test_very_strong_decay_stays_finite() -> None:
     """g = -1000 per step: exp(-G) would overflow even float64; differences never do."""
     inputs = make_inputs(B=1, T=80, decay="moderate", seed=3)
     inputs["g"] = inputs["g"] * 1000.0
-    want = run_op(kda_recurrent, inputs, torch.float64)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-10)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+    want = run_op(naive_recurrent_kda, inputs, torch.float64)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float64), want, rtol=1e-10)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float32), want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("decay", ["moderate", "strong", "near_zero"])
@@ -151,23 +151,23 @@ def test_chunk_matches_fla_naive_recurrent(H: int, decay: str) -> None:
 
     inputs = make_inputs(B=1, T=130, H=H, K=32, V=16, decay=decay, seed=11)
     want = run_op(naive.naive_recurrent_kda, inputs, torch.float32)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float32), want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 10, 16, 40, 48, 128])
 def test_result_does_not_depend_on_chunk_size(chunk_size: int) -> None:
     inputs = make_inputs(B=1, T=100, decay="strong", seed=5)
-    want = run_op(kda_recurrent, inputs, torch.float64)
-    got = run_op(kda_chunk, inputs, torch.float64, chunk_size=chunk_size)
-    assert_all_close(got, want, atol=1e-10)
+    want = run_op(naive_recurrent_kda, inputs, torch.float64)
+    got = run_op(torch_chunk_kda, inputs, torch.float64, chunk_size=chunk_size)
+    assert_all_close(got, want, rtol=1e-10)
 
 
 def test_grouped_gram_matches_ungrouped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Splitting the chunks into groups (to bound temporaries) changes nothing."""
     inputs = make_inputs(B=2, T=200, H=3, seed=9)
-    want = run_op(kda_chunk, inputs, torch.float64)
+    want = run_op(torch_chunk_kda, inputs, torch.float64)
     monkeypatch.setattr(chunk_mod, "_GROUP_ELEMENTS", 1)  # one chunk per group
-    assert_all_close(run_op(kda_chunk, inputs, torch.float64), want, atol=1e-12)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float64), want, rtol=1e-12)
 
 
 # Per-step decay scales that send float64 chunks (C=32, sub-chunks of 8) down each Gram path:
@@ -233,8 +233,8 @@ def test_mixed_decay_takes_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = make_inputs(B=1, T=256, H=2, decay="moderate", seed=21)
     step = torch.tensor([0.01, 5.0, 20.0, 0.5]).repeat_interleave(64)  # one scale per chunk
     inputs["g"] = inputs["g"] * step.view(1, -1, 1, 1).double()
-    want = run_op(kda_recurrent, inputs, torch.float64)
-    assert_all_close(run_op(kda_chunk, inputs, torch.float32), want, atol=1e-4)
+    want = run_op(naive_recurrent_kda, inputs, torch.float64)
+    assert_all_close(run_op(torch_chunk_kda, inputs, torch.float32), want, rtol=1e-4)
     assert sub_calls[0] > 0 and pair_calls[0] > 0
 
 
@@ -245,9 +245,9 @@ def test_mixed_decay_takes_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_half_inputs_compute_in_float32(dtype: torch.dtype) -> None:
     x = make_inputs(B=1, T=70, seed=2)
     half = {n: t.to(dtype) for n, t in x.items()}
-    o, state = kda_chunk(**half, output_final_state=True)
+    o, state = torch_chunk_kda(**half, output_final_state=True)
     assert o.dtype == dtype and state.dtype == torch.float32
-    o32, state32 = kda_chunk(**{n: t.float() for n, t in half.items()}, output_final_state=True)
+    o32, state32 = torch_chunk_kda(**{n: t.float() for n, t in half.items()}, output_final_state=True)
     torch.testing.assert_close(o, o32.to(dtype), atol=0, rtol=0)
     torch.testing.assert_close(state, state32, atol=0, rtol=0)
 
@@ -256,8 +256,8 @@ def test_float32_gates_with_half_inputs() -> None:
     """The layer keeps g (and often beta) in float32 while q, k, v are bf16."""
     x = make_inputs(B=1, T=40, seed=4)
     args = {n: x[n].to(torch.bfloat16) for n in ("q", "k", "v")}
-    o, state = kda_chunk(**args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True)
-    ref, ref_state = kda_recurrent(
+    o, state = torch_chunk_kda(**args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True)
+    ref, ref_state = naive_recurrent_kda(
         **args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True
     )
     assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
@@ -266,12 +266,12 @@ def test_float32_gates_with_half_inputs() -> None:
 
 def test_float64_final_state_and_defaults() -> None:
     x = make_inputs(B=1, T=20, seed=6)
-    o, state = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"])
+    o, state = torch_chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"])
     assert state is None and o.dtype == torch.float64 and o.shape == (1, 20, 2, 12)
-    _, state = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True)
+    _, state = torch_chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True)
     assert state.dtype == torch.float64 and state.shape == (1, 2, 16, 12)
-    o_scaled, _ = kda_chunk(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
-    ref, _ = kda_recurrent(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
+    o_scaled, _ = torch_chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
+    ref, _ = naive_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.5)
     torch.testing.assert_close(o_scaled, ref, atol=1e-10, rtol=0)
 
 
@@ -279,16 +279,16 @@ def test_state_round_trip_equals_one_pass() -> None:
     """Running [0, 100) then [100, 230) with the carried state equals one pass over [0, 230)."""
     x = make_inputs(B=2, T=230, seed=8)
     seq = {n: x[n] for n in ("q", "k", "v", "g", "beta")}
-    o_full, s_full = kda_chunk(**seq, initial_state=x["initial_state"], output_final_state=True)
+    o_full, s_full = torch_chunk_kda(**seq, initial_state=x["initial_state"], output_final_state=True)
     head = {n: t[:, :100] for n, t in seq.items()}
     tail = {n: t[:, 100:] for n, t in seq.items()}
-    o1, s1 = kda_chunk(**head, initial_state=x["initial_state"], output_final_state=True)
-    o2, s2 = kda_chunk(**tail, initial_state=s1, output_final_state=True)
+    o1, s1 = torch_chunk_kda(**head, initial_state=x["initial_state"], output_final_state=True)
+    o2, s2 = torch_chunk_kda(**tail, initial_state=s1, output_final_state=True)
     torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_full, atol=1e-10, rtol=0)
     torch.testing.assert_close(s2, s_full, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 def test_empty_sequence_returns_initial_state(op: Callable) -> None:
     x = make_inputs(B=1, T=0, seed=0)
     o, state = op(
@@ -307,7 +307,7 @@ def test_empty_sequence_returns_initial_state(op: Callable) -> None:
 def test_inputs_are_not_modified() -> None:
     x = make_inputs(B=1, T=90, seed=12)
     before = {n: t.clone() for n, t in x.items()}
-    kda_chunk(**x, output_final_state=True)
+    torch_chunk_kda(**x, output_final_state=True)
     for n in x:
         assert torch.equal(x[n], before[n]), f"{n} was modified in place"
 
@@ -315,7 +315,7 @@ def test_inputs_are_not_modified() -> None:
 def test_no_grad_inference() -> None:
     x = {n: t.requires_grad_() for n, t in make_inputs(B=1, T=33, seed=1).items()}
     with torch.no_grad():
-        o, state = kda_chunk(**x, output_final_state=True)
+        o, state = torch_chunk_kda(**x, output_final_state=True)
     assert not o.requires_grad and not state.requires_grad
 
 
@@ -355,17 +355,17 @@ def test_chunk_equals_recurrence_for_any_log_decay(pattern: str, dtype: torch.dt
     chunked form, forward and backward (all gradients finite), in every Gram path."""
     x = make_inputs(B=2, T=70, H=2, K=8, V=6, seed=21)
     x["g"] = _extreme_gates(pattern, x["g"])
-    want = run_op(kda_recurrent, x, torch.float64)
+    want = run_op(naive_recurrent_kda, x, torch.float64)
     for chunk_size in (64, 16):
-        got = run_op(kda_chunk, x, dtype, chunk_size=chunk_size)
-        assert_all_close(got, want, atol=1e-10 if dtype == torch.float64 else 2e-5)
+        got = run_op(torch_chunk_kda, x, dtype, chunk_size=chunk_size)
+        assert_all_close(got, want, rtol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
 def test_strong_decay_mixed_with_neg_inf_takes_every_gram_path() -> None:
     x = make_inputs(B=2, T=70, H=2, K=8, V=6, decay="strong", seed=22)
     x["g"] = _extreme_gates("neg_inf", x["g"])
     assert_all_close(
-        run_op(kda_chunk, x, torch.float64), run_op(kda_recurrent, x, torch.float64), 1e-10
+        run_op(torch_chunk_kda, x, torch.float64), run_op(naive_recurrent_kda, x, torch.float64), 1e-10
     )
 
 
@@ -378,20 +378,20 @@ def test_log_decay_floor_underflows_to_exactly_zero(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("bad", [1e-3, INF], ids=["positive", "pos_inf"])
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent, kda_decode_step])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda, naive_kda_step])
 def test_positive_log_decay_is_refused(op: Callable, bad: float) -> None:
-    x = make_inputs(B=1, T=1 if op is kda_decode_step else 9, seed=2)
+    x = make_inputs(B=1, T=1 if op is naive_kda_step else 9, seed=2)
     x["g"][0, 0, 1, 3] = bad
     x["g"][0, 0, 0, 0] = float("nan")  # a NaN elsewhere neither hides nor replaces the error
     with pytest.raises(ValueError, match=r"g must be a log decay in \[-inf, 0\].* > 0"):
         op(**x)
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent, kda_decode_step])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda, naive_kda_step])
 def test_nan_log_decay_poisons_its_row_only(op: Callable) -> None:
     """A NaN gate is a poisoned token (tests/test_numerics.py covers the causality), not an
     error that stops the whole batch."""
-    x = make_inputs(B=2, T=1 if op is kda_decode_step else 9, seed=2)
+    x = make_inputs(B=2, T=1 if op is naive_kda_step else 9, seed=2)
     x["g"][0, 0, 1, 3] = float("nan")
     o, state = op(**x, output_final_state=True)
     assert torch.isnan(o[0, :, 1]).all() and torch.isfinite(o[0, :, 0]).all()
@@ -402,7 +402,7 @@ def test_nan_log_decay_poisons_its_row_only(op: Callable) -> None:
 # ------------------------------------------------------------------------- empty and meta inputs
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 @pytest.mark.parametrize("T", [0, 5])
 def test_empty_batch_returns_empty_outputs(op: Callable, T: int) -> None:
     x = make_inputs(B=0, T=T, H=2, K=8, V=6)
@@ -412,13 +412,13 @@ def test_empty_batch_returns_empty_outputs(op: Callable, T: int) -> None:
     assert state.shape == (0, 2, 8, 6)
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent, kda_decode_step])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda, naive_kda_step])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "cu_seqlens"])
 def test_meta_inputs_give_meta_outputs(op: Callable, packed: bool) -> None:
     """Shape inference (meta-device model init): no data touched, right shapes and dtypes."""
-    T = 1 if op is kda_decode_step else 7
+    T = 1 if op is naive_kda_step else 7
     B, N = (1, 3) if packed else (2, 2)
-    T = N if packed and op is kda_decode_step else T
+    T = N if packed and op is naive_kda_step else T
     x = {n: t.to("meta") for n, t in make_inputs(B=B, T=T, H=2, K=8, V=6).items()}
     x["initial_state"] = torch.empty(N, 2, 8, 6, device="meta")
     x = {n: t.float() for n, t in x.items()}
@@ -461,30 +461,30 @@ def _separate_runs(op: Callable, x: dict[str, torch.Tensor], offsets: list[int])
     return run_op(packed_op, x, torch.float64)
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 def test_cu_seqlens_equals_separate_runs(op: Callable) -> None:
     """Packed sequences (empty ones and ones longer than a chunk included), forward and all
     gradients, equal each sequence run alone."""
     x, cu = _packed()
     x["g"] = _extreme_gates("neg_inf", x["g"].expand(2, -1, -1, -1))[:1]
-    want = _separate_runs(kda_recurrent, x, cu.tolist())
-    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+    want = _separate_runs(naive_recurrent_kda, x, cu.tolist())
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         got = run_op(op, x, dtype, cu_seqlens=cu)
-        assert_all_close(got, want, atol=atol)
+        assert_all_close(got, want, rtol=rtol)
 
 
 def test_decode_step_with_cu_seqlens_equals_dense() -> None:
     x = make_inputs(B=3, T=1, H=2, K=8, V=6, seed=5)
-    dense = kda_decode_step(**x)
+    dense = naive_kda_step(**x)
     packed = {n: t.transpose(0, 1) if n != "initial_state" else t for n, t in x.items()}
-    o, state = kda_decode_step(**packed, cu_seqlens=torch.arange(4, dtype=torch.int32))
+    o, state = naive_kda_step(**packed, cu_seqlens=torch.arange(4, dtype=torch.int32))
     torch.testing.assert_close(o, dense[0].transpose(0, 1))
     torch.testing.assert_close(state, dense[1])
     with pytest.raises(ValueError, match="one token per sequence"):
-        kda_decode_step(**packed, cu_seqlens=torch.tensor([0, 0, 2, 3], dtype=torch.int32))
+        naive_kda_step(**packed, cu_seqlens=torch.tensor([0, 0, 2, 3], dtype=torch.int32))
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 def test_bad_cu_seqlens_raise(op: Callable) -> None:
     x, cu = _packed()
     with pytest.raises(ValueError, match="end at T"):
@@ -541,7 +541,7 @@ def _bad_cases() -> list[tuple[str, dict, str]]:
     return [(name, {**x, **change}, msg) for name, change, msg in cases]
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_input_raises_value_error(op: Callable, case: tuple[str, dict, str]) -> None:
     _, kwargs, msg = case
@@ -549,7 +549,7 @@ def test_bad_input_raises_value_error(op: Callable, case: tuple[str, dict, str])
         op(**kwargs)
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 def test_zero_dim_tensor_scale_equals_float(op: Callable) -> None:
     x = make_inputs(B=1, T=10)
     o_float, _ = op(**x, scale=0.25)
@@ -561,16 +561,15 @@ def test_zero_dim_tensor_scale_equals_float(op: Callable) -> None:
 def test_bad_chunk_size_raises_value_error(chunk_size: object) -> None:
     x = make_inputs(B=1, T=10)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        kda_chunk(**x, chunk_size=chunk_size)
+        torch_chunk_kda(**x, chunk_size=chunk_size)
 
 
 # ------------------------------------------------------------------------------------- benchmark
 
 
 def test_benchmark_quick_runs(tmp_path: Path) -> None:
-    script = ROOT / "benchmarks" / "kda_cpu.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--impls", "kda_chunk,kda_recurrent", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.kda_cpu", "--quick", "--impls", "torch_chunk_kda,naive_recurrent_kda", "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -578,11 +577,11 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     assert {"benchmark", "env", "config", "rows", "summary"} <= data.keys()
     row = data["rows"][0]
     assert {"T", "impl", "pass", "ms", "status"} <= row.keys()
-    assert {r["impl"] for r in data["rows"]} >= {"kda_chunk", "kda_recurrent"}
+    assert {r["impl"] for r in data["rows"]} >= {"torch_chunk_kda", "naive_recurrent_kda"}
     assert (tmp_path / "kda_cpu.md").exists()
 
 
-@pytest.mark.parametrize("op", [kda_chunk, kda_recurrent], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
 def test_autocast_does_not_lower_compute_precision(op: Callable) -> None:
     """Under bf16 autocast (mixed-precision training) the ops still compute in float32."""
     x = {n: t.float().requires_grad_() for n, t in make_inputs(B=1, T=100, seed=13).items()}
@@ -594,13 +593,13 @@ def test_autocast_does_not_lower_compute_precision(op: Callable) -> None:
         grads = torch.autograd.grad(o.square().sum() + state.square().sum(), list(x.values()))
         outs.append({"o": o.detach(), "state": state.detach(), **dict(zip(x, grads))})
     assert outs[1]["o"].dtype == torch.float32
-    assert_all_close(outs[1], outs[0], atol=1e-6)
+    assert_all_close(outs[1], outs[0], rtol=1e-6)
 
 
 def test_outputs_are_contiguous() -> None:
     x = make_inputs(B=2, T=70, seed=14)
     for dtype in (torch.float32, torch.bfloat16):
-        o, state = kda_chunk(**{n: t.to(dtype) for n, t in x.items()}, output_final_state=True)
+        o, state = torch_chunk_kda(**{n: t.to(dtype) for n, t in x.items()}, output_final_state=True)
         assert o.is_contiguous() and state.is_contiguous()
 
 
@@ -667,8 +666,8 @@ def test_chunk_first_token_far_below_the_limit_takes_the_mid_path(
     inputs["g"][:, ::16] = -1.5 * limit  # each chunk's first token (chunk 16)
     x = {n: t.detach().to(dtype).requires_grad_() for n, t in inputs.items()}
     results = []
-    for op in (kda_chunk, kda_recurrent):
-        kw = {"chunk_size": 16} if op is kda_chunk else {}
+    for op in (torch_chunk_kda, naive_recurrent_kda):
+        kw = {"chunk_size": 16} if op is torch_chunk_kda else {}
         o, s = op(**x, output_final_state=True, **kw)
         results.append((o, s, *torch.autograd.grad((o.square().sum() + s.sum()), list(x.values()))))
     assert paths and set(paths) == {"mid"}
@@ -693,7 +692,7 @@ def test_chunked_kda_without_final_state_gradient() -> None:
     inputs = make_inputs(T=100, seed=5)
     x = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
     outs = []
-    for op in (kda_chunk, kda_recurrent):
+    for op in (torch_chunk_kda, naive_recurrent_kda):
         o, _ = op(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"])
         outs.append(torch.autograd.grad(o.square().sum(), list(x.values())))
     for got, want in zip(*outs):
@@ -703,7 +702,7 @@ def test_chunked_kda_without_final_state_gradient() -> None:
 def test_default_chunk_size_is_the_module_constant() -> None:
     import inspect
 
-    default = inspect.signature(kda_chunk).parameters["chunk_size"].default
+    default = inspect.signature(torch_chunk_kda).parameters["chunk_size"].default
     assert default == chunk_mod.DEFAULT_CHUNK_SIZE == 32
 
 
@@ -711,10 +710,7 @@ def test_default_chunk_size_is_the_module_constant() -> None:
 
 
 def _kda_cpu():
-    bench = str(ROOT / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import kda_cpu
+    from benchmarks import kda_cpu
 
     return kda_cpu
 
@@ -753,9 +749,9 @@ def test_benchmark_interleaves_rounds_in_rotating_order() -> None:
 def test_benchmark_baseline_revision_loads_and_agrees() -> None:
     kda_cpu = _kda_cpu()
     impls = kda_cpu.load_impls(None, with_fla=False, baseline="HEAD")
-    assert list(impls) == ["kda_chunk", "kda_recurrent", "kda_chunk@HEAD"]
+    assert list(impls) == ["torch_chunk_kda", "naive_recurrent_kda", "torch_chunk_kda@HEAD"]
     x = kda_cpu.make_inputs(1, 40, 2, 8, 8)
-    o_now, o_then = impls["kda_chunk"](*x)[0], impls["kda_chunk@HEAD"](*x)[0]
+    o_now, o_then = impls["torch_chunk_kda"](*x)[0], impls["torch_chunk_kda@HEAD"](*x)[0]
     assert (o_now - o_then).abs().max().item() < 1e-5
 
 

@@ -9,11 +9,11 @@ and RoPE-MLA models; the layer-level paths and the argument checks are tested to
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close
 from test_model import make_model
 
 from kimi_linear.layers.mla import MLAttention
 from kimi_linear.packing import check_cu_seqlens, document_positions, packed_documents
+from kimi_linear.testing import assert_rel_close
 
 LENGTHS = [1, 5, 64, 65, 130]
 # (model kind, config overrides): KDA-only, hybrid (NoPE MLA, as released), RoPE MLA (K2-style)
