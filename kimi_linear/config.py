@@ -7,7 +7,7 @@ after that every ``moe_layer_freq`` layers, or any per-layer pattern in ``mlp_la
 dense everywhere when ``num_experts == 0``).
 
 Field names follow the released Kimi-Linear ``config.json`` where one exists, so that
-:meth:`KimiLinearConfig.from_hf_config` and :meth:`KimiLinearConfig.to_hf_config` are thin.
+:func:`kimi_linear.hf.config_from_hf` and :func:`kimi_linear.hf.config_to_hf` are thin.
 
 Sources for the published shapes: the Kimi-Linear-48B-A3B release ``config.json`` (Moonshot AI,
 2025, arXiv 2510.26692) and the Kimi K2 report / release config (arXiv 2507.20534).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -421,21 +420,6 @@ class KimiLinearConfig:
     @staticmethod
     def preset_names() -> list[str]:
         return list(PRESETS)
-
-    # ------------------------------------------------------------------ HF interop
-    @classmethod
-    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> KimiLinearConfig:
-        """Read a Kimi-Linear ``config.json`` (a path to it, its folder, or the dict), in the
-        release or the transformers-native form: :func:`kimi_linear.hf.config_from_hf`."""
-        from kimi_linear.hf import config_from_hf
-
-        return config_from_hf(path_or_dict)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """This config as a release-form ``config.json`` dict: :func:`kimi_linear.hf.config_to_hf`."""
-        from kimi_linear.hf import config_to_hf
-
-        return config_to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

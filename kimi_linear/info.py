@@ -336,7 +336,9 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         if args.preset is not None:
             config = KimiLinearConfig.from_preset(args.preset)
         else:
-            config = KimiLinearConfig.from_hf_config(args.hf_config)
+            from kimi_linear.hf import config_from_hf  # torch and safetensors: only when needed
+
+            config = config_from_hf(args.hf_config)
         report = info_report(config, batch_size=args.batch_size, cache_dtype=args.cache_dtype)
     except ValueError as e:
         parser.print_usage(sys.stderr)

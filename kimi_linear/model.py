@@ -899,11 +899,35 @@ class KimiLinearForCausalLM(nn.Module):
         **config_overrides: Any,
     ) -> KimiLinearForCausalLM:
         """Load a folder saved by :meth:`save_pretrained`, a release checkpoint or a folder saved
-        by transformers' ``KimiLinearForCausalLM`` (:func:`kimi_linear.hf.load_pretrained`:
-        built on the meta device and filled shard by shard straight into ``dtype`` on
-        ``device``; strict).  ``config_overrides`` replace config fields."""
+        by transformers' ``KimiLinearForCausalLM``: built on the meta device, allocated once
+        in ``dtype`` (default: the stored dtype of the embedding; the fp32-kept parameters of
+        :func:`cast_model_` stay fp32) on ``device`` (default CPU) and filled tensor by tensor
+        from the shards (:func:`kimi_linear.hf.plan_load`, :func:`kimi_linear.hf.fill_weights_`),
+        so no fp32 or second copy of the model is ever made.  Strict: every weight must be
+        present and every stored tensor must have a place.  ``config_overrides`` replace config
+        fields (e.g. ``kda_backend="torch"``)."""
         if cls is not KimiLinearForCausalLM:
             raise ValueError(
                 "from_pretrained builds a KimiLinearForCausalLM; call it on that class"
             )
-        return hf.load_pretrained(pretrained_dir, device=device, dtype=dtype, **config_overrides)
+        config = hf.pretrained_config(pretrained_dir, **config_overrides)
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {e}") from None
+        with torch.device("meta"):
+            model = cls(config)
+        plan = hf.plan_load(pretrained_dir, model)  # headers only: names and shapes checked
+        cast_model_(model, dtype or plan.stored_dtype or torch.float32)
+        model.to_empty(device=device)  # one allocation, in the target dtype; keeps ties
+        for sub in model.modules():  # non-persistent buffers (load statistics) start at zero
+            for name in sub._non_persistent_buffers_set:
+                buf = sub._buffers.get(name)
+                if buf is not None:
+                    buf.zero_()
+        hf.fill_weights_(model, plan)
+        return model

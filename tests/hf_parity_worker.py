@@ -155,6 +155,7 @@ def run_case(name: str, fields: dict) -> dict:
     from transformers import KimiLinearForCausalLM as TFModel
 
     from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+    from kimi_linear.hf import config_to_hf
 
     result: dict = {}
     cfg = KimiLinearConfig(**{**BASE, **fields})
@@ -169,7 +170,7 @@ def run_case(name: str, fields: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:  # transformers re-saves it (mixed config form)
         tf.save_pretrained(d)
         back = KimiLinearForCausalLM.from_pretrained(d, kda_backend="torch")
-    resaved_equal = back.config.to_hf_config() == cfg.to_hf_config() and all(
+    resaved_equal = config_to_hf(back.config) == config_to_hf(cfg) and all(
         torch.equal(a, b) for a, b in zip(kit.state_dict().values(), back.state_dict().values())
     )
     empty = {k for k, v in tf.state_dict().items() if v.numel() == 0}  # nothing to load
@@ -233,7 +234,7 @@ def run_case(name: str, fields: dict) -> dict:
     # the same model (first_k_dense_replace / moe_layer_freq may be spelled differently for
     # the same mlp_layer_types)
     spelling = {"first_k_dense_replace", "moe_layer_freq"}
-    a, b = kit.config.to_hf_config(), cfg.to_hf_config()
+    a, b = config_to_hf(kit.config), config_to_hf(cfg)
     result["native"] = {
         "kit_config_equal": {k: v for k, v in a.items() if k not in spelling}
         == {k: v for k, v in b.items() if k not in spelling}

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+from kimi_linear.hf import config_to_hf
 
 CFG = dict(
     vocab_size=96,
@@ -138,7 +139,7 @@ def test_release_state_dict_loads_strictly_without_renaming():
 def test_release_checkpoint_folder_loads_with_from_pretrained(tmp_path):
     """A folder laid out like the release: config.json + sharded safetensors + index."""
     cfg = KimiLinearConfig(**CFG)
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     sd = random_release_checkpoint(cfg, seed=1)
     keys = list(sd)
     half = len(keys) // 2
@@ -205,7 +206,7 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         KimiLinearForCausalLM.from_pretrained(tmp_path)
     cfg = KimiLinearConfig(**CFG)
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     with pytest.raises(ValueError, match="model.safetensors"):
         KimiLinearForCausalLM.from_pretrained(tmp_path)
     sd = random_release_checkpoint(cfg)

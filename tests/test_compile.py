@@ -101,8 +101,7 @@ def test_fake_state_dtype_resolves_auto_like_the_real_op() -> None:
 
 
 def test_experts_op_matches_the_module_forward_backward_and_fake() -> None:
-    from kimi_linear.layers.moe import GroupedExperts
-    from kimi_linear.ops.custom_op import grouped_experts_op
+    from kimi_linear.layers.experts import GroupedExperts, grouped_experts_op
 
     torch.manual_seed(0)
     experts = GroupedExperts(4, 8, 12)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kimi_linear import PRESETS, KimiLinearConfig, KimiLinearForCausalLM
+from kimi_linear.hf import config_from_hf, config_to_hf
 
 # Kimi-Linear-48B-A3B-Instruct config.json as released (tests/fixtures/kimi-linear-48b-a3b/).
 RELEASE_48B = json.loads(
@@ -93,7 +94,7 @@ def test_kda_chunk_size_defaults_to_the_torch_ops_default_and_round_trips():
     assert KimiLinearConfig().kda_chunk_size == chunk_mod.DEFAULT_CHUNK_SIZE == 32
     assert KimiLinearConfig.from_preset("tiny").kda_chunk_size == 32
     cfg = KimiLinearConfig.from_preset("tiny", kda_chunk_size=64)
-    assert KimiLinearConfig.from_hf_config(cfg.to_hf_config()).kda_chunk_size == 64
+    assert config_from_hf(config_to_hf(cfg)).kda_chunk_size == 64
     for bad in (None, -32, 16.0, True):
         with pytest.raises(ValueError, match=r"KimiLinearConfig\.kda_chunk_size"):
             KimiLinearConfig.from_preset("tiny", kda_chunk_size=bad)
@@ -113,7 +114,7 @@ def test_replace_validates_and_twins():
 def test_from_hf_config_reads_the_release_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(RELEASE_48B))
     for source in (tmp_path, tmp_path / "config.json", RELEASE_48B):
-        cfg = KimiLinearConfig.from_hf_config(source)
+        cfg = config_from_hf(source)
         assert cfg.num_hidden_layers == 27 and cfg.hidden_size == 2304
         assert cfg.mla_layers == [3, 7, 11, 15, 19, 23, 26]  # 1-based ids in the file
         assert len(cfg.kda_layers) == 20
@@ -138,35 +139,33 @@ def test_from_hf_config_reads_the_release_config(tmp_path):
 
 
 def test_to_hf_config_round_trips():
-    cfg = KimiLinearConfig.from_hf_config(RELEASE_48B)
-    hf = cfg.to_hf_config()
+    cfg = config_from_hf(RELEASE_48B)
+    hf = config_to_hf(cfg)
     bookkeeping = {"auto_map", "head_dim", "transformers_version"}  # no effect on the model
     for key, value in RELEASE_48B.items():
         if key not in bookkeeping:
             assert hf[key] == value, key
-    again = KimiLinearConfig.from_hf_config(json.loads(json.dumps(hf)))
+    again = config_from_hf(json.loads(json.dumps(hf)))
     assert again == cfg
     for name in PRESETS:
         p = KimiLinearConfig.from_preset(name)
-        back = KimiLinearConfig.from_hf_config(p.to_hf_config())
-        assert back.layer_kinds == p.layer_kinds and back.to_hf_config() == p.to_hf_config()
+        back = config_from_hf(config_to_hf(p))
+        assert back.layer_kinds == p.layer_kinds and config_to_hf(back) == config_to_hf(p)
 
 
 def test_from_hf_config_errors(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
-        KimiLinearConfig.from_hf_config(tmp_path)
+        config_from_hf(tmp_path)
     with pytest.raises(ValueError, match="lacks required keys.*hidden_size"):
-        KimiLinearConfig.from_hf_config(
-            {k: v for k, v in RELEASE_48B.items() if k != "hidden_size"}
-        )
+        config_from_hf({k: v for k, v in RELEASE_48B.items() if k != "hidden_size"})
     bad = json.loads(json.dumps(RELEASE_48B))
     bad["linear_attn_config"]["full_attn_layers"] = [0, 4]
     with pytest.raises(ValueError, match="1-based"):
-        KimiLinearConfig.from_hf_config(bad)
+        config_from_hf(bad)
     with pytest.raises(ValueError, match="moe_router_activation_func"):
-        KimiLinearConfig.from_hf_config({**RELEASE_48B, "moe_router_activation_func": "softmax"})
+        config_from_hf({**RELEASE_48B, "moe_router_activation_func": "softmax"})
     with pytest.raises(ValueError, match="hidden_act"):
-        KimiLinearConfig.from_hf_config({**RELEASE_48B, "hidden_act": "gelu"})
+        config_from_hf({**RELEASE_48B, "hidden_act": "gelu"})
 
 
 # ------------------------------------------------------------- per-layer feed-forward pattern

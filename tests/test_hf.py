@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM, hf
+from kimi_linear.hf import config_from_hf, config_to_hf
+from kimi_linear.layers.experts import release_expert_items
 from kimi_linear.ops.gate import kda_gate
 
 TESTS = Path(__file__).parent
@@ -100,9 +102,9 @@ def test_parity_with_transformers_more_configs(slow_parity, case):
 # the release config and tensor inventory
 # ------------------------------------------------------------------------------------------
 def test_release_config_equals_the_48b_preset():
-    cfg = KimiLinearConfig.from_hf_config(RELEASE_CONFIG)
+    cfg = config_from_hf(RELEASE_CONFIG)
     preset = KimiLinearConfig.from_preset("kimi-linear-48b-a3b")
-    assert cfg.to_hf_config() == preset.to_hf_config()
+    assert config_to_hf(cfg) == config_to_hf(preset)
     assert cfg.layer_kinds == preset.layer_kinds
     assert cfg.kda_gate_lower_bound is None and cfg.num_expert_group == 1
 
@@ -155,10 +157,10 @@ def _release_inventory() -> dict[str, tuple[int, ...]]:
 
 
 def test_48b_on_meta_has_exactly_the_release_tensors():
-    cfg = KimiLinearConfig.from_hf_config(RELEASE_CONFIG)
+    cfg = config_from_hf(RELEASE_CONFIG)
     with torch.device("meta"):
         model = KimiLinearForCausalLM(cfg)
-    names = {k: tuple(v.shape) for k, v in hf._release_items(model.state_dict())}
+    names = {k: tuple(v.shape) for k, v in release_expert_items(model.state_dict())}
     expected = _release_inventory()
     assert names == expected
     # the published totals of the released checkpoint: 20,493 tensors, 49,122,681,728 values
@@ -226,7 +228,7 @@ def _native(**changes) -> dict:
 
 
 def test_reads_the_transformers_native_form():
-    cfg = KimiLinearConfig.from_hf_config(_native())
+    cfg = config_from_hf(_native())
     assert cfg.layer_kinds == ("kda", "mla", "kda", "kda")
     assert [cfg.is_moe_layer(i) for i in range(4)] == [False, False, True, False]
     assert (cfg.first_k_dense_replace, cfg.moe_layer_freq) == (2, 2)
@@ -235,9 +237,9 @@ def test_reads_the_transformers_native_form():
     assert cfg.mla_use_nope is True and cfg.q_lora_rank == 24
     assert cfg.max_position_embeddings == 4096 and cfg.eos_token_id == 2
     # the kit's own output reads back to the same model, and transformers' aliases agree
-    assert KimiLinearConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert config_from_hf(config_to_hf(cfg)) == cfg
     aliased = _native(num_local_experts=8, n_group=2, num_experts_per_tok=2, n_shared_experts=2)
-    assert KimiLinearConfig.from_hf_config(aliased) == cfg
+    assert config_from_hf(aliased) == cfg
 
 
 def test_any_per_layer_mlp_pattern_reads_and_writes_both_forms():
@@ -245,19 +247,19 @@ def test_any_per_layer_mlp_pattern_reads_and_writes_both_forms():
     rule spells it): read as KimiLinearConfig.mlp_layer_types, written back as mlp_layer_types
     alone (release form), and read again as the same config; a rule-shaped list keeps the rule."""
     native = _native(mlp_layer_types=["dense", "sparse", "dense", "sparse"])
-    cfg = KimiLinearConfig.from_hf_config(native)
+    cfg = config_from_hf(native)
     assert cfg.mlp_layer_types == ("dense", "moe", "dense", "moe")
     assert [cfg.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
-    out = cfg.to_hf_config()
+    out = config_to_hf(cfg)
     assert out["mlp_layer_types"] == ["dense", "sparse", "dense", "sparse"]
     assert "first_k_dense_replace" not in out and "moe_layer_freq" not in out
-    assert KimiLinearConfig.from_hf_config(out) == cfg
+    assert config_from_hf(out) == cfg
     # a rule-shaped pattern is read as the rule; an explicit list of that shape spells it
-    rule = KimiLinearConfig.from_hf_config(_native(mlp_layer_types=["dense"] * 2 + ["sparse"] * 2))
+    rule = config_from_hf(_native(mlp_layer_types=["dense"] * 2 + ["sparse"] * 2))
     assert rule.mlp_layer_types is None and rule.first_k_dense_replace == 2
-    spelled = cfg.replace(mlp_layer_types=("dense", "dense", "moe", "moe")).to_hf_config()
+    spelled = config_to_hf(cfg.replace(mlp_layer_types=("dense", "dense", "moe", "moe")))
     assert (spelled["first_k_dense_replace"], spelled["moe_layer_freq"]) == (2, 1)
-    assert KimiLinearConfig.from_hf_config(spelled).mlp_layer_kinds == (
+    assert config_from_hf(spelled).mlp_layer_kinds == (
         "dense",
         "dense",
         "moe",
@@ -265,7 +267,7 @@ def test_any_per_layer_mlp_pattern_reads_and_writes_both_forms():
     )
     # a release-form config that also carries first_k_dense_replace must agree with the list
     with pytest.raises(ValueError, match="mlp_layer_types contradicts first_k_dense_replace=1"):
-        KimiLinearConfig.from_hf_config({**out, "first_k_dense_replace": 1})
+        config_from_hf({**out, "first_k_dense_replace": 1})
 
 
 def test_per_layer_mlp_pattern_saves_and_loads(tmp_path):
@@ -284,18 +286,18 @@ def test_per_layer_mlp_pattern_saves_and_loads(tmp_path):
 
 def test_safe_gate_keys():
     lin = {**RELEASE["linear_attn_config"], "gate_lower_bound": -5.0}
-    cfg = KimiLinearConfig.from_hf_config({**RELEASE, "linear_attn_config": lin})
+    cfg = config_from_hf({**RELEASE, "linear_attn_config": lin})
     assert cfg.kda_gate_lower_bound == -5.0
-    assert cfg.to_hf_config()["linear_attn_config"]["gate_lower_bound"] == -5.0
-    assert KimiLinearConfig.from_hf_config(cfg.to_hf_config()) == cfg
-    fla_form = KimiLinearConfig.from_hf_config({**RELEASE, "safe_gate": True, "lower_bound": -3.0})
+    assert config_to_hf(cfg)["linear_attn_config"]["gate_lower_bound"] == -5.0
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    fla_form = config_from_hf({**RELEASE, "safe_gate": True, "lower_bound": -3.0})
     assert fla_form.kda_gate_lower_bound == -3.0
-    native = KimiLinearConfig.from_hf_config(_native(linear_lower_bound=-2.0))
+    native = config_from_hf(_native(linear_lower_bound=-2.0))
     assert native.kda_gate_lower_bound == -2.0
     with pytest.raises(ValueError, match="gate_lower_bound.*contradicts lower_bound"):
-        KimiLinearConfig.from_hf_config({**RELEASE, "linear_attn_config": lin, "lower_bound": -3.0})
+        config_from_hf({**RELEASE, "linear_attn_config": lin, "lower_bound": -3.0})
     with pytest.raises(ValueError, match="safe_gate is true but no lower_bound"):
-        KimiLinearConfig.from_hf_config({**RELEASE, "safe_gate": True})
+        config_from_hf({**RELEASE, "safe_gate": True})
     with pytest.raises(ValueError, match="kda_gate_lower_bound"):
         KimiLinearConfig.from_preset("tiny", kda_gate_lower_bound=-6.0)
 
@@ -340,16 +342,16 @@ def _release_with(**lin_changes) -> dict:
 )
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
-        KimiLinearConfig.from_hf_config(bad)
+        config_from_hf(bad)
 
 
 def test_noop_keys_are_accepted_at_their_noop_values():
-    cfg = KimiLinearConfig.from_hf_config(
+    cfg = config_from_hf(
         {**RELEASE, "attention_dropout": 0.0, "pretraining_tp": 1, "topk_method": "noaux_tc"}
     )
-    assert cfg.to_hf_config() == KimiLinearConfig.from_hf_config(RELEASE).to_hf_config()
+    assert config_to_hf(cfg) == config_to_hf(config_from_hf(RELEASE))
     # NoPE: a rope_scaling never applies
-    assert KimiLinearConfig.from_hf_config({**RELEASE, "rope_scaling": {"type": "yarn"}})
+    assert config_from_hf({**RELEASE, "rope_scaling": {"type": "yarn"}})
 
 
 def test_corrupt_files_name_the_file(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
+from kimi_linear.hf import config_to_hf
 from kimi_linear.info import count_parameters, info_main, info_report
 
 
@@ -117,7 +118,7 @@ def test_info_main_text_hf_config_and_usage_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "KKKM" in out and "reduction" in out and "active per token" in out
     (tmp_path / "config.json").write_text(
-        json.dumps(KimiLinearConfig.from_preset("tiny").to_hf_config())
+        json.dumps(config_to_hf(KimiLinearConfig.from_preset("tiny")))
     )
     assert info_main(["--hf-config", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layer_counts"]["mla"] == 1

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.hf import config_to_hf
 from kimi_linear.lightning.data import SyntheticDataModule, UsageError
 from kimi_linear.lightning.module import KimiLinearLitModule, WarmupCosine, build_config
 
@@ -42,7 +43,7 @@ def test_build_config_preset_overrides_and_vocab() -> None:
     assert build_config().name == "tiny"
     full = KimiLinearConfig.from_preset("tiny").to_dict()
     assert build_config(config=full, overrides={"hidden_size": 32}).hidden_size == 32
-    hf = KimiLinearConfig.from_preset("tiny").to_hf_config()
+    hf = config_to_hf(KimiLinearConfig.from_preset("tiny"))
     assert build_config(config=hf).layer_kinds == KimiLinearConfig.from_preset("tiny").layer_kinds
 
 

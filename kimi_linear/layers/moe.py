@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the SwiGLU MLP and the sigmoid-routed mixture of experts (DeepSeek-V3 / K2 style).
+"""Feed-forward blocks: the SwiGLU MLP, the sigmoid router and the mixture of experts (DeepSeek-V3 / K2).
 
 Routing (per token ``x``; ``E`` experts, top ``k``)::
 
@@ -13,22 +13,14 @@ Routing (per token ``x``; ``E`` experts, top ``k``)::
 ``b`` is never trained by gradient: auxiliary-loss-free balancing moves it after each step,
 ``b_e += rate * sign(mean(load) - load_e)`` (:meth:`KimiMoE.update_bias`).
 
-Dispatch sorts the token-expert pairs by expert, runs each expert on its contiguous slice and
-scatters the weighted results back with ``index_add`` (no token dropping).  The per-expert
-matmuls are either a loop over the experts that received tokens (any device, any dtype) or one
-``torch._grouped_mm`` call per projection (bf16 with 16-byte aligned rows; picked automatically
-on SM90+ GPUs).
-
-Expert weights live in :class:`GroupedExperts` as 3-D tensors ``w1 [E, I, D]`` (gate),
-``w3 [E, I, D]`` (up), ``w2 [E, D, I]`` (down).  The release checkpoints store them per expert
-(``experts.{e}.w1.weight`` ...): a load pre-hook stacks those keys, so ``load_state_dict``
-(strict) accepts either form, and :func:`~kimi_linear.hf.to_release_state_dict` converts back
-for export (all name mapping lives in :mod:`kimi_linear.hf`).
+The routed experts are :class:`~kimi_linear.layers.experts.GroupedExperts` (stacked weights,
+tokens sorted by expert, no token dropping; their compile-time custom op and the release's
+per-expert key format live beside them in :mod:`kimi_linear.layers.experts`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,26 +29,13 @@ from einops import rearrange
 from torch import nn
 
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.hf import stack_release_expert_keys, to_release_state_dict
-
-DISPATCH_MODES = ("auto", "loop", "grouped_mm")
-
-
-def _check_features(x: torch.Tensor, dim: int, weight: torch.Tensor, what: str) -> None:
-    """ValueError unless ``x`` is a floating ``[..., dim]`` tensor matching ``weight``."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor [..., {dim}], got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"x must be [..., hidden={dim}] for {what}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but {what}'s weights are on {weight.device}")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(
-            f"x has dtype {x.dtype} but {what}'s weights are {weight.dtype} (outside autocast); "
-            "cast the input or the module"
-        )
+from kimi_linear.layers.experts import (
+    DISPATCH_MODES,
+    GroupedExperts,
+    check_features,
+    grouped_mm_applicable,
+    to_release_state_dict,
+)
 
 
 class KimiMLP(nn.Module):
@@ -78,7 +57,7 @@ class KimiMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_features(x, self.hidden_size, self.gate_proj.weight, "KimiMLP")
+        check_features(x, self.hidden_size, self.gate_proj.weight, "KimiMLP")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -193,160 +172,6 @@ class MoEGate(_Fp32BuffersMixin, nn.Module):
         )
 
 
-def grouped_mm_applicable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` can run the experts for ``x [N, D]`` with these weights.
-
-    Needs the op (torch >= 2.8), bf16 activations and weights, and rows of 16-byte multiples
-    (every weight dim a multiple of 8 for bf16).
-    """
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 for w in weights):
-        return False
-    align = 16 // x.element_size()
-    return all(d % align == 0 for w in weights for d in w.shape[1:])
-
-
-class GroupedExperts(nn.Module):
-    """``E`` SwiGLU experts with stacked weights, run on tokens sorted by expert.
-
-    Parameters: ``w1 [E, I, D]`` (gate), ``w3 [E, I, D]`` (up), ``w2 [E, D, I]`` (down); expert
-    ``e`` computes ``w2[e] (silu(w1[e] x) * w3[e] x)``.
-
-    Attributes:
-        dispatch: ``"auto"`` (grouped_mm on CUDA SM90+ when applicable, else the loop),
-            ``"loop"`` (one matmul per expert with tokens), ``"grouped_mm"`` (force
-            ``torch._grouped_mm``; ValueError where not applicable).
-    """
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.dispatch: Literal["auto", "loop", "grouped_mm"] = "auto"
-        self.reset_parameters()
-        self.register_load_state_dict_pre_hook(_stack_release_expert_keys)
-
-    def reset_parameters(self) -> None:
-        """Per expert, the default ``nn.Linear`` init (uniform in ``+-1/sqrt(fan_in)``)."""
-        for w in (self.w1, self.w3, self.w2):
-            bound = w.shape[-1] ** -0.5
-            nn.init.uniform_(w, -bound, bound)
-
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        mode = self.dispatch
-        if mode not in DISPATCH_MODES:
-            raise ValueError(
-                f"GroupedExperts.dispatch must be one of {DISPATCH_MODES}, got {mode!r}"
-            )
-        applicable = grouped_mm_applicable(x, self.w1, self.w3, self.w2)
-        if mode == "grouped_mm":
-            if not applicable:
-                raise ValueError(
-                    "dispatch='grouped_mm' needs torch._grouped_mm, bf16 inputs and weights, and "
-                    f"hidden/intermediate sizes that are multiples of 8; got x {x.dtype}, weights "
-                    f"{self.w1.dtype}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
-                )
-            return True
-        if mode == "loop":
-            return False
-        return applicable and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
-
-    def forward(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
-    ) -> torch.Tensor:
-        """Weighted sum of each token's chosen experts.
-
-        Args:
-            x: ``[N, D]`` tokens.
-            topk_idx: ``[N, k]`` long, expert ids in ``[0, E)``.
-            topk_weight: ``[N, k]`` routing weights (fp32).
-
-        Returns:
-            ``[N, D]`` in ``x``'s dtype: ``sum_j topk_weight[n, j] * expert_{topk_idx[n, j]}(x[n])``.
-        """
-        if torch.compiler.is_compiling():  # data-dependent dispatch: one opaque op for compile
-            from kimi_linear.ops.custom_op import grouped_experts_op
-
-            return grouped_experts_op(self, x, topk_idx, topk_weight)
-        _check_features(x, self.hidden_size, self.w1, "GroupedExperts")
-        if x.dim() != 2:
-            raise ValueError(f"x must be [N, hidden={self.hidden_size}], got {tuple(x.shape)}")
-        N = x.shape[0]
-        if (
-            topk_idx.dim() != 2
-            or topk_idx.shape[0] != N
-            or topk_idx.dtype not in (torch.int32, torch.int64)
-        ):
-            raise ValueError(
-                f"topk_idx must be an integer [N={N}, k] tensor, got {topk_idx.dtype} {tuple(topk_idx.shape)}"
-            )
-        if topk_weight.shape != topk_idx.shape:
-            raise ValueError(
-                f"topk_weight must have topk_idx's shape {tuple(topk_idx.shape)}, got {tuple(topk_weight.shape)}"
-            )
-        if x.device.type == "meta":  # shape inference: the routing below is data-dependent
-            return x.new_empty(N, self.hidden_size)
-        k = topk_idx.shape[1]
-        flat_idx = topk_idx.reshape(-1).long()
-        order = torch.argsort(flat_idx, stable=True)  # pairs grouped by expert
-        token_of = order // k  # token of each sorted pair
-        counts = torch.bincount(flat_idx, minlength=self.num_experts)
-        if counts.numel() != self.num_experts:
-            raise ValueError(f"topk_idx holds expert ids >= num_experts={self.num_experts}")
-        x_sorted = x[token_of]  # [N * k, D]
-        if self._use_grouped_mm(x_sorted):
-            y_sorted = self._run_grouped_mm(x_sorted, counts)
-        else:
-            y_sorted = self._run_loop(x_sorted, counts)
-        weights = topk_weight.reshape(-1)[order].unsqueeze(-1)  # [N * k, 1] fp32
-        out = torch.zeros(N, self.hidden_size, device=x.device, dtype=torch.float32)
-        out.index_add_(0, token_of, y_sorted.float() * weights)
-        return out.to(x_sorted.dtype)
-
-    def _run_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            xe = x_sorted[start : start + n]
-            h = F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e])
-            outputs.append(F.linear(h, self.w2[e]))
-            start += n
-        if not outputs:
-            return x_sorted.new_zeros(0, self.hidden_size)
-        return torch.cat(outputs, dim=0)
-
-    def _run_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offs = counts.cumsum(0).to(torch.int32)  # end offset of each expert's slice
-        gate = torch._grouped_mm(x_sorted, self.w1.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(x_sorted, self.w3.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)
-
-    def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
-
-
-def _stack_release_expert_keys(
-    module: GroupedExperts,
-    state_dict: dict[str, torch.Tensor],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Load pre-hook: stack the release's per-expert keys (the name mapping lives in
-    :func:`kimi_linear.hf.stack_release_expert_keys`)."""
-    stack_release_expert_keys(state_dict, prefix, module.num_experts)
-
-
 class KimiMoE(_Fp32BuffersMixin, nn.Module):
     """Sigmoid-routed mixture of SwiGLU experts plus always-on shared expert(s).
 
@@ -405,7 +230,7 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
         """
         # the experts' first weight (w1), reached through parameters(): a wrapper of the experts
         # module (e.g. a LoRA adapter, kimi_linear.lightning.finetune) keeps it as a submodule
-        _check_features(x, self.hidden_size, next(self.experts.parameters()), "KimiMoE")
+        check_features(x, self.hidden_size, next(self.experts.parameters()), "KimiMoE")
         if token_mask is not None and (
             not isinstance(token_mask, torch.Tensor)
             or token_mask.dtype != torch.bool

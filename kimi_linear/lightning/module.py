@@ -89,7 +89,7 @@ def build_config(
         if config is not None:
             config = dict(config)
             if "linear_attn_config" in config or "model_type" in config:
-                base = KimiLinearConfig.from_hf_config(config)
+                base = hf.config_from_hf(config)
             else:
                 unknown = [k for k in config if k not in fields]
                 if unknown:
