@@ -6,7 +6,8 @@ summary, from which the overview (``kimi-linear --help``) is built:
 
 * ``fit`` / ``validate`` / ``test`` / ``predict``: Lightning's ``LightningCLI``
   (:func:`kimi_linear.lightning.cli.lightning_main`, which receives the subcommand name too);
-* ``generate`` / ``export``: :mod:`kimi_linear.lightning.cli`;
+* ``generate`` / ``export``: :mod:`kimi_linear.lightning.generate` and
+  :mod:`kimi_linear.lightning.export`;
 * ``prepare``: :mod:`kimi_linear.lightning.data.preparation` (tokenise a corpus);
 * ``evaluate`` / ``retrieval``: :mod:`kimi_linear.lightning.evaluate` (lm-eval tasks) and
   :mod:`kimi_linear.lightning.retrieval` (long-context retrieval grid);
@@ -65,12 +66,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "test": Subcommand(_LIGHTNING, "evaluate on the test split", pass_name=True),
     "predict": Subcommand(_LIGHTNING, "greedy next-token predictions", pass_name=True),
     "generate": Subcommand(
-        "kimi_linear.lightning.cli:generate_main",
+        "kimi_linear.lightning.generate:generate_main",
         "stream a continuation of a prompt from a checkpoint or exported folder "
         "(its own tokenizer)",
     ),
     "export": Subcommand(
-        "kimi_linear.lightning.cli:export_main",
+        "kimi_linear.lightning.export:export_main",
         "write a checkpoint in the released Kimi-Linear Hugging Face layout",
     ),
     "prepare": Subcommand(

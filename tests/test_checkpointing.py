@@ -509,7 +509,7 @@ def test_sharded_save_killed_at_every_phase_keeps_a_checkpoint(
     recovers the name deterministically and leaves no ``.tmp`` / ``.old`` behind."""
     import lightning.fabric.strategies.model_parallel as lmp
 
-    from kimi_linear.lightning import parallel
+    from kimi_linear.lightning import checkpoints
 
     load_checkpoint = _load
     good = _load(run5 / "checkpoints" / "last.ckpt")
@@ -532,7 +532,7 @@ def test_sharded_save_killed_at_every_phase_keeps_a_checkpoint(
             if name == phase:
                 raise Killed
 
-        monkeypatch.setattr(parallel, "_checkpoint_phase", kill)
+        monkeypatch.setattr(checkpoints, "_checkpoint_phase", kill)
     with pytest.raises(Killed):
         _sharded_copy(newer, path, step=2)
     monkeypatch.undo()
@@ -542,7 +542,7 @@ def test_sharded_save_killed_at_every_phase_keeps_a_checkpoint(
     assert "interrupted save was recovered" in capsys.readouterr().err or phase == "old_removed"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
     assert load_checkpoint(path / "meta.pt")["global_step"] == expected
-    weights = parallel.load_sharded_state_dict(path)
+    weights = checkpoints.load_sharded_state_dict(path)
     source = good if expected == 1 else newer
     for name, tensor in weights.items():
         assert torch.equal(tensor, source["state_dict"]["model." + name]), name
@@ -553,7 +553,7 @@ def test_sharded_save_killed_at_every_phase_keeps_a_checkpoint(
 
 
 def test_recover_checkpoint_swap_rules(tmp_path: Path) -> None:
-    from kimi_linear.lightning.parallel import recover_checkpoint_swap
+    from kimi_linear.lightning.checkpoints import recover_checkpoint_swap
 
     def folder(name: str, step: int, complete: bool = True) -> Path:
         p = tmp_path / name
@@ -605,7 +605,7 @@ def test_sharded_save_survives_kill_9(tmp_path: Path) -> None:
     import time
 
     from kimi_linear.lightning.callbacks import load_checkpoint
-    from kimi_linear.lightning.parallel import load_sharded_state_dict, recover_checkpoint_swap
+    from kimi_linear.lightning.checkpoints import load_sharded_state_dict, recover_checkpoint_swap
 
     path = tmp_path / "last.ckpt"
     rng = random.Random(0)

@@ -338,7 +338,7 @@ def _response_loss(model, batch) -> float:
 def test_lora_fit_lowers_the_response_loss_and_changes_only_adapters(chat_data, tmp_path):
     import lightning.pytorch as pl
 
-    from kimi_linear.lightning.cli import load_model
+    from kimi_linear.lightning.load import load_model
     from kimi_linear.lightning.module import KimiLinearLitModule
 
     base = _tiny(num_hidden_layers=4)

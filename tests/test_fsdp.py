@@ -17,13 +17,13 @@ import torch
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.errors import UsageError
-from kimi_linear.lightning.module import KimiLinearLitModule
-from kimi_linear.lightning.parallel import (
-    FSDP2Strategy,
+from kimi_linear.lightning.checkpoints import (
     is_sharded_checkpoint,
     load_sharded_checkpoint,
     load_sharded_state_dict,
 )
+from kimi_linear.lightning.module import KimiLinearLitModule
+from kimi_linear.lightning.parallel import FSDP2Strategy
 from kimi_linear.sharding import SEED_BLOCK, param_seed, seeded_normal_, seeded_uniform_
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -148,7 +148,7 @@ def _fake_sharded_checkpoint(path: Path, model: KimiLinearForCausalLM, hparams: 
 
 
 def test_export_of_a_sharded_checkpoint_consolidates_on_disk(tmp_path: Path) -> None:
-    from kimi_linear.lightning.cli import export_main
+    from kimi_linear.lightning.export import export_main
 
     hp = {"overrides": fsdp_worker.PRESET_OVERRIDES}
     model = KimiLinearForCausalLM(KimiLinearLitModule(**hp).config)
@@ -245,7 +245,7 @@ def test_fsdp2_fit_matches_single_process_and_resumes_exactly(tmp_path: Path) ->
     assert one["step"] == 4
     assert all(torch.equal(one["restored"][k], sd[k]) for k in sd)
     # `kimi-linear export` of the sharded folder: the release layout, the same weights
-    from kimi_linear.lightning.cli import export_main
+    from kimi_linear.lightning.export import export_main
 
     assert export_main(["--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "hf")]) == 0
     exported = KimiLinearForCausalLM.from_pretrained(tmp_path / "hf").state_dict()

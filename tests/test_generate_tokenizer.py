@@ -75,7 +75,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _reference(ckpt: Path, tok, prompt: str, n: int) -> str:
     """Greedy continuation computed by hand: the model, the tokenizer, decode."""
-    from kimi_linear.lightning.cli import load_model
+    from kimi_linear.lightning.load import load_model
 
     model = load_model(ckpt).eval()
     ids = torch.tensor([tok.encode(prompt, add_bos=tok.bos_id is not None)])
@@ -256,7 +256,7 @@ def test_export_copies_the_tokenizer_and_generate_reads_it_back(
 
 def test_byte_models_and_synthetic_models_are_unchanged(tmp_path: Path) -> None:
     """Nothing recorded: the byte tokenizer when the vocabulary is 259, else the error."""
-    from kimi_linear.lightning.cli import resolve_tokenizer
+    from kimi_linear.lightning.load import resolve_tokenizer
 
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}}, ckpt)
@@ -312,7 +312,7 @@ def test_export_names_a_tokenizer_it_cannot_copy(run, tmp_path: Path, capsys) ->
 
 def test_sharded_checkpoint_folders_record_it_in_meta_pt(run, tmp_path: Path) -> None:
     """Lightning's distributed (FSDP2) checkpoints keep the data module state in meta.pt."""
-    from kimi_linear.lightning.cli import resolve_tokenizer
+    from kimi_linear.lightning.load import resolve_tokenizer
 
     spec = find_tokenizer_spec(torch.load(run["ckpt"], weights_only=True, map_location="cpu"))
     folder = tmp_path / "step=1.ckpt"

@@ -20,7 +20,9 @@ from lightning.pytorch.loggers import CSVLogger
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.hf import config_to_hf
 from kimi_linear.lightning.data import SyntheticDataModule, UsageError
-from kimi_linear.lightning.module import KimiLinearLitModule, WarmupCosine, build_config
+from kimi_linear.lightning.hparams import build_config
+from kimi_linear.lightning.module import KimiLinearLitModule
+from kimi_linear.lightning.schedule import WarmupCosine
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 layers (KDA then MLA), MoE in the second: every code path, small and fast on CPU.

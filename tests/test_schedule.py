@@ -248,7 +248,7 @@ def test_an_epoch_bounded_schedule_waits_for_the_data() -> None:
     """Under ``max_epochs`` with ``model.max_steps`` unset, ``configure_optimizers`` does not
     build the train loader (that would happen before a checkpoint's loader state is restored):
     the length is pending until ``on_train_start``, then the trainer's estimate."""
-    from kimi_linear.lightning.module import WarmupCosine
+    from kimi_linear.lightning.schedule import WarmupCosine
 
     class _Probe(pl.Callback):
         def on_fit_start(self, trainer, pl_module) -> None:

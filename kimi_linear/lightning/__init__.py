@@ -22,7 +22,7 @@ from typing import Any
 
 _EXPORTS = {
     "KimiLinearLitModule": "module",
-    "build_config": "module",
+    "build_config": "hparams",
     "SyntheticDataModule": "data",
     "TextDataModule": "data",
     "TokenDataModule": "data",

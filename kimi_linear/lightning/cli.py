@@ -1,23 +1,15 @@
-"""The training subcommands of ``kimi-linear``: fit, validate, test, predict, generate, export.
+"""The LightningCLI subcommands of ``kimi-linear``: fit, validate, test, predict.
 
-They are dispatched by :mod:`kimi_linear.cli` (the one subcommand table).
+They are dispatched by :mod:`kimi_linear.cli` (the one subcommand table; ``generate`` and
+``export`` are :mod:`.generate` and :mod:`.export`).
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` are Lightning's :class:`LightningCLI`
 subcommands over :class:`~kimi_linear.lightning.module.KimiLinearLitModule` and any
 ``LightningDataModule`` (``--data SyntheticDataModule`` / ``TextDataModule``; text by default),
 with ``--config FILE.yaml``, ``--print_config`` and ``--ckpt_path`` (resume).  The data's
-vocabulary size is linked into the model (``data.vocab_size -> model.vocab_size``).
-
-Two more subcommands have their own small argparse parsers:
-
-* ``generate --ckpt_path CKPT_OR_DIR --prompt TEXT`` streams a continuation (greedy with
-  ``--temperature 0``, sampled otherwise) from a Lightning checkpoint or an exported folder,
-  with the tokenizer the model was trained with (the data module records it in the checkpoint;
-  an exported folder carries its files) or ``--tokenizer``, and reports time to first token and
-  tokens/s;
-* ``export --ckpt_path CKPT --output_dir DIR`` writes a trained checkpoint in the released
-  Kimi-Linear Hugging Face layout (``config.json`` + safetensors under the release names) via
-  :meth:`KimiLinearForCausalLM.save_pretrained`, with the files of a Hugging Face tokenizer.
+vocabulary size is linked into the model (``data.vocab_size -> model.vocab_size``).  A resumed
+run is checked against its checkpoint (:data:`RESUMABLE_HPARAMS` may change, nothing else) and
+reads the checkpoint's data module unless told otherwise.
 
 Configuration mistakes (an unknown key, task, preset or path; a sequence longer than the
 data) are reported as one ``kimi-linear: error: ...`` line with exit status 2, before training.
@@ -32,23 +24,34 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from kimi_linear.cli import PROG
-from kimi_linear.errors import UsageError, did_you_mean
+from kimi_linear.errors import PROG, UsageError, did_you_mean
+from kimi_linear.lightning.callbacks import (
+    KimiModelCheckpoint,
+    KimiRichProgressBar,
+    ResumeOverrides,
+    load_checkpoint,
+    use_atomic_checkpoint_io,
+)
+from kimi_linear.lightning.checkpoints import (
+    check_checkpoint_file,
+    other_checkpoints,
+    recover_interrupted_save,
+    verify_sharded_checkpoint,
+)
 from kimi_linear.lightning.data import (  # noqa: F401  (short names for --data)
     SyntheticDataModule,
     TextDataModule,
     TokenDataModule,
 )
+from kimi_linear.lightning.logs import RunLogger
 from kimi_linear.lightning.module import KimiLinearLitModule
-from kimi_linear.lightning.tokenizer import ByteTokenizer
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_ROOT_DIR = "runs"
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_loggers(
@@ -111,49 +114,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` is not a complete ``torch.save`` file (``None`` when it looks complete).
-
-    A ``torch.save`` file is a zip archive whose directory sits at its end, so an empty or
-    truncated file (a write killed half-way, a full disk) is caught without loading it.
-    """
-    import zipfile
-
-    p = Path(path)
-    if p.is_dir():
-        return None  # sharded (distributed) checkpoints are folders; Lightning checks them
-    size = p.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    if not zipfile.is_zipfile(p):
-        return (
-            f"is truncated or not a checkpoint ({size:,} bytes, not a complete torch.save archive)"
-        )
-    return None
-
-
-def _other_checkpoints(path: str | os.PathLike) -> str:
-    """``"; other checkpoints in DIR: a.ckpt, b.ckpt"`` (complete ones, newest first) or a note."""
-    p = Path(path)
-    folder = p.parent
-    others = [
-        q
-        for q in sorted(folder.glob("*.ckpt"), key=lambda q: q.stat().st_mtime, reverse=True)
-        if q.resolve() != p.resolve() and _checkpoint_problem(q) is None
-    ]
-    if not others:
-        return f"; no other complete checkpoint in {os.fspath(folder)!r}"
-    return f"; other checkpoints in {os.fspath(folder)!r}: " + ", ".join(q.name for q in others)
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Raise a one-line :class:`UsageError` naming ``path`` and listing the other checkpoints of
-    its folder when it is empty or truncated."""
-    problem = _checkpoint_problem(path)
-    if problem is not None:
-        raise UsageError(f"--ckpt_path: {os.fspath(path)!r} {problem}{_other_checkpoints(path)}")
-
-
 class KimiLinearCLI(LightningCLI):
     """:class:`LightningCLI` for Kimi Linear: our module, any data module (text by default),
     the data vocabulary linked into the model, local logging and checkpointing by default."""
@@ -174,13 +134,11 @@ class KimiLinearCLI(LightningCLI):
             and os.fspath(ckpt) not in ("last", "best", "hpc", "registry")
             and "://" not in os.fspath(ckpt)
         ):
-            _recover_checkpoint(ckpt)
+            recover_interrupted_save(ckpt)
             if not os.path.exists(ckpt):
                 raise UsageError(f"--ckpt_path: {os.fspath(ckpt)!r} does not exist")
             check_checkpoint_file(ckpt)
             if os.path.isdir(ckpt):  # sharded: checked without running code from it
-                from kimi_linear.lightning.parallel import verify_sharded_checkpoint
-
                 verify_sharded_checkpoint(ckpt)
         self._cli_args = [a for a in (args or []) if isinstance(a, str)]
 
@@ -206,12 +164,10 @@ class KimiLinearCLI(LightningCLI):
         source = Path(ckpt_path) / "meta.pt" if Path(ckpt_path).is_dir() else Path(ckpt_path)
         if not source.is_file():
             return super()._parse_ckpt_path()
-        from kimi_linear.lightning.callbacks import load_checkpoint
-
         try:  # weights_only, allow-listed: no code from the file runs
             ckpt = load_checkpoint(source)
         except UsageError as e:
-            raise UsageError(f"{e}{_other_checkpoints(ckpt_path)}") from None
+            raise UsageError(f"{e}{other_checkpoints(ckpt_path)}") from None
         saved = {
             k: v
             for k, v in dict(ckpt.get("hyper_parameters") or {}).items()
@@ -304,8 +260,6 @@ class KimiLinearCLI(LightningCLI):
                 f"used ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 "give the data with --data"
             ) from None
-        from lightning.pytorch.utilities import rank_zero_info
-
         shown = ", ".join(
             f"{k}={merged[k]!r}" for k in ("path", "seq_len", "batch_size") if k in merged
         )
@@ -323,16 +277,6 @@ class KimiLinearCLI(LightningCLI):
         """Lightning's trainer, plus checkpoint hygiene: every plain ``ModelCheckpoint`` becomes a
         :class:`~kimi_linear.lightning.callbacks.KimiModelCheckpoint` (final step saved), files
         are written atomically, and a resumed ``fit`` re-applies its changed hyper-parameters."""
-        from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-
-        from kimi_linear.lightning.callbacks import (
-            KimiModelCheckpoint,
-            KimiRichProgressBar,
-            ResumeOverrides,
-            use_atomic_checkpoint_io,
-        )
-        from kimi_linear.lightning.logs import RunLogger
-
         trainer = super().instantiate_trainer(**kwargs)
         for cb in trainer.callbacks:
             if type(cb) is ModelCheckpoint:  # same state, one extra hook: safe to upgrade
@@ -355,10 +299,6 @@ class KimiLinearCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Say where the run writes (rank 0), before training starts."""
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from kimi_linear.lightning.logs import RunLogger
-
         trainer = self.trainer
         if trainer.log_dir is None:
             return
@@ -444,536 +384,6 @@ def build_cli(args: list[str], run: bool = True) -> KimiLinearCLI:
     )
 
 
-# -------------------------------------------------------------------------- generate / export
-def _recover_checkpoint(path: str | os.PathLike) -> None:
-    """Finish or roll back a sharded save of ``path`` that a kill interrupted (``<path>.tmp`` /
-    ``<path>.old`` left next to it; see :func:`~kimi_linear.lightning.parallel.recover_checkpoint_swap`)."""
-    from kimi_linear.lightning.parallel import recover_checkpoint_swap
-
-    done = recover_checkpoint_swap(path)
-    if done is not None:
-        print(
-            f"{PROG}: {os.fspath(path)!r}: an interrupted save was recovered: {done}",
-            file=sys.stderr,
-        )
-
-
-def check_device(device: str | torch.device, arg: str = "--device") -> torch.device:
-    """``device`` as a :class:`torch.device`, refused with a :class:`UsageError` naming ``arg``
-    when it is not a device name or not present on this machine (``cuda`` without a CUDA device,
-    ``cuda:3`` with two GPUs), before any checkpoint is read (a missing device used to surface
-    as an error about the checkpoint)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(
-            f"{arg}: {str(device)!r} is not a device name (expected cpu, cuda, cuda:N or mps)"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = (
-                "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            )
-            raise UsageError(
-                f"{arg}: {str(device)!r} but there is no CUDA device here "
-                f"(torch {torch.__version__}, {build}); use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"{arg}: {str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{arg}: {str(device)!r} but MPS is not available here; use --device cpu")
-    return dev
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
-    """The :class:`KimiLinearForCausalLM` of a Lightning checkpoint file, a sharded (FSDP2,
-    distributed-checkpoint) checkpoint folder, or an exported folder.
-
-    No code from the file runs: a ``.ckpt`` is read with ``weights_only=True`` (allow-listed,
-    :func:`~kimi_linear.lightning.callbacks.load_checkpoint`) and the model is built from its
-    recorded config (Lightning's ``load_from_checkpoint`` would also import and call the
-    ``_instantiator`` a checkpoint names); a sharded folder is checked by
-    :func:`~kimi_linear.lightning.parallel.verify_sharded_checkpoint`; an exported folder holds
-    JSON and safetensors only.
-
-    Raises:
-        UsageError: ``device`` is not present here (:func:`check_device`), or the path is not
-            a checkpoint.
-    """
-    device = check_device(device)
-    p = Path(path)
-    _recover_checkpoint(p)
-    if not p.exists():
-        raise UsageError(f"--ckpt_path: {os.fspath(path)!r} does not exist")
-    from kimi_linear.lightning.callbacks import load_checkpoint
-    from kimi_linear.lightning.parallel import (
-        is_sharded_checkpoint,
-        load_sharded_checkpoint,
-        model_from_weights,
-    )
-
-    if is_sharded_checkpoint(p):  # consolidated tensor by tensor in this process
-        return load_sharded_checkpoint(p).to(device)
-    if p.is_dir():
-        from kimi_linear.model import KimiLinearForCausalLM
-
-        try:
-            return KimiLinearForCausalLM.from_pretrained(p, device=device)
-        except ValueError as e:
-            raise UsageError(f"--ckpt_path: {e}") from e
-    check_checkpoint_file(p)  # empty / truncated: name it and the folder's other checkpoints
-    ckpt = load_checkpoint(p)
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not isinstance(ckpt.get("hyper_parameters"), dict):
-        raise UsageError(
-            f"--ckpt_path: {os.fspath(path)!r} is not a kimi-linear Lightning checkpoint "
-            "(no state_dict / hyper_parameters)"
-        )
-    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    if ckpt["hyper_parameters"].get("lora") is not None:  # a LoRA run: adapters merged
-        from kimi_linear.lightning.finetune import model_from_lora_checkpoint
-
-        return model_from_lora_checkpoint(ckpt["hyper_parameters"], weights, p).to(device)
-    return model_from_weights(ckpt["hyper_parameters"], weights, p).to(device)
-
-
-_TOKENIZER_HELP = (
-    "the tokenizer: 'byte', a tokenizer.json, a Hugging Face tokenizer folder, or a JSON "
-    'load_tokenizer spec such as \'{"kind": "tiktoken", "path": "FILE", "pattern": '
-    "\"gpt2\"}'; default: the one recorded in the checkpoint (the training data's), the "
-    "folder's tokenizer files, else the byte tokenizer"
-)
-
-
-_MISMATCH_HELP = (
-    "use --tokenizer even when it differs from the tokenizer the model was trained with "
-    "(recorded in the checkpoint, or the folder's tokenizer files); a warning instead of an error"
-)
-
-
-def _recorded_tokenizer_spec(path: Path) -> dict[str, Any] | None:
-    """The tokenizer spec a Lightning checkpoint (file, or sharded folder's ``meta.pt``)
-    recorded from its data module (``None`` when it recorded none)."""
-    from kimi_linear.lightning.tokenizer import find_tokenizer_spec
-
-    source = path / "meta.pt" if path.is_dir() else path
-    if not source.is_file():
-        return None
-    from kimi_linear.lightning.callbacks import load_checkpoint
-
-    ckpt = load_checkpoint(source)  # weights_only, allow-listed: no code from the file runs
-    if not isinstance(ckpt, dict):
-        return None
-    spec = find_tokenizer_spec(ckpt)
-    if isinstance(spec, dict) and spec.get("trust_remote_code"):
-        # a file never decides to run a tokenizer folder's Python code: that takes an explicit
-        # --tokenizer '{..., "trust_remote_code": true}'
-        spec = {**spec, "trust_remote_code": False}
-    if spec is None:
-        # the byte-level text data records no tokenizer state: its class says it all
-        data = ckpt.get("datamodule_hyper_parameters") or {}
-        if str(data.get("_class_path", "")).endswith(".TextDataModule"):
-            spec = {"kind": "byte"}
-    return spec
-
-
-def _check_trained_tokenizer(tok: Any, ckpt_path: Path, allow_mismatch: bool) -> None:
-    """``--tokenizer`` (loaded as ``tok``) must be the tokenizer the model at ``ckpt_path`` was
-    trained with when that is known (recorded in the checkpoint, or the folder's tokenizer
-    files): the same ids for the same text (compared by behaviour, so a copy or an exported
-    form agrees), or, when the recorded files are gone or changed, files with the recorded
-    sha256.  Otherwise a :class:`UsageError`, or with ``allow_mismatch`` a warning on stderr."""
-    from kimi_linear.lightning.tokenizer import (
-        has_tokenizer_files,
-        holds_recorded_files,
-        load_tokenizer,
-        tokenizer_difference,
-    )
-
-    spec: Any
-    if ckpt_path.is_dir() and not (ckpt_path / "meta.pt").is_file():
-        if not has_tokenizer_files(ckpt_path):
-            return
-        where, spec = f"the tokenizer files of {os.fspath(ckpt_path)!r}", os.fspath(ckpt_path)
-    else:
-        spec = _recorded_tokenizer_spec(ckpt_path)
-        where = f"the tokenizer recorded in {os.fspath(ckpt_path)!r}"
-    if spec is None:  # e.g. a synthetic-task model: nothing to compare with
-        return
-    try:
-        ref = load_tokenizer(spec)
-    except (ValueError, TypeError, OSError):  # moved or changed since: compare the files
-        ref = None
-    if ref is not None:
-        why = tokenizer_difference(tok, ref)
-    elif holds_recorded_files(spec, tok.spec.get("path", "")):
-        why = None
-    else:
-        why = "it cannot be loaded and --tokenizer's files do not have its sha256"
-    if why is None:
-        return
-    message = (
-        f"--tokenizer is not {where} ({why}); the model would read other token ids than it was "
-        "trained on"
-    )
-    if not allow_mismatch:
-        raise UsageError(f"{message}; pass --allow_tokenizer_mismatch to use it anyway")
-    print(f"warning: {message} (--allow_tokenizer_mismatch)", file=sys.stderr)
-
-
-def resolve_tokenizer(
-    tokenizer: str | None,
-    ckpt_path: str | os.PathLike,
-    model_vocab_size: int,
-    byte_fallback: bool = True,
-    allow_mismatch: bool = False,
-) -> Any:
-    """The tokenizer for ``generate`` / ``export`` of the model at ``ckpt_path``.
-
-    In order: ``tokenizer`` (the ``--tokenizer`` value, see :func:`parse_tokenizer_spec`); the
-    spec a Lightning checkpoint recorded from its data module
-    (:data:`~kimi_linear.lightning.tokenizer.TOKENIZER_STATE_KEY`, e.g. a
-    :class:`TokenDataModule`'s dataset tokenizer, checked against its sha256); a model folder's
-    own tokenizer files (``tokenizer.json`` / ``tokenizer_config.json``); else the byte tokenizer
-    (``byte_fallback``, for ``generate``) or ``None`` (``export``: no tokenizer files to write).
-
-    Raises :class:`UsageError` when the tokenizer cannot be loaded or its vocabulary does not
-    fit the model's: more ids than ``model_vocab_size`` (ids the model cannot embed), or, for the
-    byte tokenizer taken by default, a different size (the model was not trained on bytes); and
-    when ``tokenizer`` is not the one the model was trained with, where that is known, unless
-    ``allow_mismatch`` (then a warning; see :func:`_check_trained_tokenizer`).
-    """
-    from kimi_linear.lightning.tokenizer import (
-        has_tokenizer_files,
-        load_tokenizer,
-        parse_tokenizer_spec,
-    )
-
-    p = Path(ckpt_path)
-    if tokenizer is not None:
-        what = "--tokenizer"
-        spec: Any = parse_tokenizer_spec(tokenizer)
-    elif p.is_dir() and not (p / "meta.pt").is_file() and has_tokenizer_files(p):
-        what, spec = f"the tokenizer files of {os.fspath(p)!r}", os.fspath(p)
-    else:
-        spec = _recorded_tokenizer_spec(p)
-        what = f"the tokenizer recorded in {os.fspath(p)!r}"
-    if spec is None:
-        if not byte_fallback:
-            return None
-        tok = ByteTokenizer()
-        if tok.vocab_size != model_vocab_size:
-            raise UsageError(
-                f"--ckpt_path: the model's vocabulary has {model_vocab_size} tokens, but no "
-                f"tokenizer is recorded with it and the byte tokenizer has {tok.vocab_size}; "
-                "give the one it was trained with as --tokenizer (a synthetic-task model has none)"
-            )
-        return tok
-    try:
-        tok = load_tokenizer(spec)
-    except (ValueError, TypeError, OSError) as e:  # UsageError is a ValueError
-        hint = (
-            ""
-            if tokenizer is not None
-            else "; pass the tokenizer the model was trained with as --tokenizer"
-        )
-        raise UsageError(f"{what}: {str(e).removeprefix('tokenizer: ')}{hint}") from None
-    if tok.vocab_size > model_vocab_size:
-        raise UsageError(
-            f"{what}: the tokenizer has {tok.vocab_size} token ids, more than the model's "
-            f"vocabulary ({model_vocab_size}); it is not the tokenizer the model was trained with"
-        )
-    if tokenizer is not None:
-        _check_trained_tokenizer(tok, p, allow_mismatch)
-    return tok
-
-
-def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"{PROG} generate",
-        description="Continue --prompt with a checkpoint (a Lightning .ckpt, a sharded checkpoint "
-        "folder or an exported / released folder), using the tokenizer the model was trained "
-        "with (recorded in the checkpoint, or the folder's tokenizer files; --tokenizer "
-        "overrides it). One prompt and one sample are printed token by token as they are "
-        "generated; several are printed when all are done. Time to first token and tokens/s "
-        "go to stderr. Decoding: --temperature 0 is greedy (argmax, deterministic); a "
-        "temperature > 0 samples from the softmax at that temperature, optionally restricted "
-        "to the --top_k most likely tokens and / or the --top_p nucleus, reproducibly from "
-        "--seed.",
-    )
-    p.add_argument(
-        "--ckpt_path",
-        required=True,
-        help="Lightning checkpoint file, sharded checkpoint folder, or exported model folder",
-    )
-    p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
-    p.add_argument("--allow_tokenizer_mismatch", action="store_true", help=_MISMATCH_HELP)
-    p.add_argument(
-        "--prompt",
-        required=True,
-        action="append",
-        help="prompt text (the tokenizer's <bos> token, if it has one, is prepended); repeat the "
-        "flag for several prompts, "
-        "generated together as one left-padded batch",
-    )
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        help="0: greedy decoding (argmax); > 0: sampling at this temperature (default 0.8)",
-    )
-    p.add_argument(
-        "--top_k", type=int, default=None, help="sample among the k most likely tokens only"
-    )
-    p.add_argument(
-        "--top_p",
-        type=float,
-        default=None,
-        help="nucleus sampling: the smallest set of tokens whose probability reaches p",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    p.add_argument(
-        "--no_stream",
-        action="store_true",
-        help="print the text when it is complete, not token by token",
-    )
-    p.add_argument("--device", default="cpu")
-    return p
-
-
-class _TextStream:
-    """Print the text of one row of generated ids as the tokens arrive.
-
-    Each new token re-decodes the ids so far and prints what the text grew by; a text that ends
-    in an incomplete UTF-8 sequence (a U+FFFD at its end) waits for the next token.  Stops at
-    ``eos_id``; ids past the tokenizer's vocabulary are skipped (counted in ``dropped``).
-    """
-
-    def __init__(self, tok: Any, out: Any = None) -> None:
-        self.tok, self.out = tok, out if out is not None else sys.stdout
-        self.ids: list[int] = []
-        self.printed = ""
-        self.done = False
-        self.dropped = 0
-
-    def put(self, token: int) -> None:
-        if self.done:
-            return
-        if token == self.tok.eos_id:
-            self.done = True
-            return
-        if token >= self.tok.vocab_size:
-            self.dropped += 1
-            return
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self._emit(text)
-
-    def _emit(self, text: str) -> None:
-        if text.startswith(self.printed):
-            self.out.write(text[len(self.printed) :])
-            self.out.flush()
-        self.printed = text
-
-    def end(self) -> None:
-        self._emit(self.tok.decode(self.ids))
-        self.out.write("\n")
-        self.out.flush()
-
-
-def generate_main(argv: list[str]) -> int:
-    """``kimi-linear generate``: print ``--num_samples`` continuations of each ``--prompt``
-    (prompts of different lengths run as one batch, left-padded with an attention mask); one
-    continuation is streamed token by token.  Time to first token and tokens/s go to stderr."""
-    import time
-
-    args = _generate_parser().parse_args(argv)
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
-    model = load_model(args.ckpt_path, args.device).eval()
-    tok = resolve_tokenizer(
-        args.tokenizer,
-        args.ckpt_path,
-        model.config.vocab_size,
-        allow_mismatch=args.allow_tokenizer_mismatch,
-    )
-    prompts = [text for text in args.prompt for _ in range(args.num_samples)]
-    rows = [tok.encode(text, add_bos=tok.bos_id is not None) for text in prompts]
-    for text, row in zip(prompts, rows):
-        if not row:
-            raise UsageError(
-                f"--prompt {text!r} has no tokens (the tokenizer has no <bos> to start from)"
-            )
-    width = max(len(r) for r in rows)
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id  # masked out either way
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    stream = _TextStream(tok) if len(prompts) == 1 and not args.no_stream else None
-    times: list[float] = []
-
-    def on_tokens(tokens: torch.Tensor) -> None:
-        if stream is not None:
-            stream.put(int(tokens[0]))
-        times.append(time.perf_counter())
-
-    if stream is not None:
-        print(prompts[0], end="", flush=True)
-    start = time.perf_counter()
-    try:
-        out = model.generate(
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=tok.eos_id,
-            generator=gen,
-            attention_mask=mask,
-            streamer=on_tokens,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    new_ids = out[:, width:]
-    beyond = new_ids >= tok.vocab_size  # embedding rows past the tokenizer (a padded vocabulary)
-    if stream is not None:
-        stream.end()
-    else:
-        for i, (text, row) in enumerate(zip(prompts, new_ids)):
-            if len(args.prompt) > 1:
-                print(f"--- prompt {i // args.num_samples} sample {i % args.num_samples}")
-            elif args.num_samples > 1:
-                print(f"--- sample {i}")
-            print(text + tok.decode(row[row < tok.vocab_size]))
-    if bool(beyond.any()):
-        print(
-            f"{PROG} generate: note: dropped {int(beyond.sum())} sampled id(s) >= "
-            f"{tok.vocab_size}, outside the tokenizer's vocabulary",
-            file=sys.stderr,
-        )
-    if times:
-        steps = len(times)
-        ttft = times[0] - start
-        rate = (steps - 1) / (times[-1] - times[0]) if steps > 1 and times[-1] > times[0] else None
-        decode = f", then {rate:.1f} tokens/s" if rate is not None else ""
-        batch = f" x {len(prompts)} rows" if len(prompts) > 1 else ""
-        print(
-            f"{PROG} generate: {width} prompt tokens{batch}; time to first token "
-            f"{ttft * 1e3:.0f} ms{decode} ({steps} decoding steps in {times[-1] - start:.2f} s)",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"{PROG} export",
-        description="Write a trained Lightning checkpoint in the released Kimi-Linear Hugging Face "
-        "layout (config.json + safetensors under the release parameter names).",
-    )
-    p.add_argument(
-        "--ckpt_path",
-        required=True,
-        help="Lightning checkpoint written by `kimi-linear fit`, or a checkpoint folder "
-        "(config.json + safetensors: release, exported or transformers-saved)",
-    )
-    p.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="allow a non-empty --output_dir (its checkpoint files are replaced)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(_DTYPES),
-        default=None,
-        help="cast the weights (A_log and dt_bias stay float32); default: as trained",
-    )
-    p.add_argument(
-        "--max_shard_size", type=int, default=None, help="shard the weights (bytes per file)"
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help=_TOKENIZER_HELP + "; a Hugging Face tokenizer is copied into --output_dir",
-    )
-    p.add_argument("--allow_tokenizer_mismatch", action="store_true", help=_MISMATCH_HELP)
-    p.add_argument(
-        "--adapter_only",
-        action="store_true",
-        help="a LoRA run's checkpoint: write the adapters alone in peft's format "
-        "(adapter_config.json + adapter_model.safetensors) instead of the merged model",
-    )
-    return p
-
-
-def export_main(argv: list[str]) -> int:
-    """``kimi-linear export``: checkpoint -> ``save_pretrained`` folder."""
-    args = _export_parser().parse_args(argv)
-    from kimi_linear.hf import check_output_dir
-
-    try:  # refuse to replace a user's files unless asked to
-        check_output_dir(args.output_dir, overwrite=args.overwrite)
-    except ValueError as e:
-        raise UsageError(f"--output_dir: {e}") from e
-    if args.adapter_only:  # LoRA adapters alone (kimi_linear.lightning.finetune)
-        from kimi_linear.lightning.finetune import export_adapter
-
-        export_adapter(args.ckpt_path, args.output_dir)
-        print(f"exported the LoRA adapters of {args.ckpt_path} to {args.output_dir}")
-        return 0
-    from kimi_linear.lightning.parallel import is_sharded_checkpoint, load_sharded_checkpoint
-
-    _recover_checkpoint(args.ckpt_path)
-    if is_sharded_checkpoint(args.ckpt_path):  # FSDP2: consolidated tensor by tensor, on disk
-        dtype = None if args.dtype is None else _DTYPES[args.dtype]
-        model = load_sharded_checkpoint(args.ckpt_path, dtype, offload_dir=args.output_dir)
-    else:
-        model = load_model(args.ckpt_path, "cpu")
-    tok = resolve_tokenizer(
-        args.tokenizer,
-        args.ckpt_path,
-        model.config.vocab_size,
-        byte_fallback=False,
-        allow_mismatch=args.allow_tokenizer_mismatch,
-    )
-    if args.dtype is not None:
-        from kimi_linear.model import cast_model_
-
-        cast_model_(model, _DTYPES[args.dtype])
-    if tok is not None:  # config.json / generation_config.json name the tokenizer's specials
-        import dataclasses
-
-        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-        model.config = dataclasses.replace(model.config, **ids)
-    try:
-        model.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    from kimi_linear.lightning.tokenizer import HF_TOKENIZER_FILES, save_tokenizer_files
-
-    same_folder = Path(args.ckpt_path).resolve() == Path(args.output_dir).resolve()
-    if args.overwrite and not same_folder:  # no stale tokenizer of an earlier export
-        for name in HF_TOKENIZER_FILES:
-            (Path(args.output_dir) / name).unlink(missing_ok=True)
-    written = [] if same_folder or tok is None else save_tokenizer_files(tok, args.output_dir)
-    n = model.num_parameters()
-    print(f"exported {n:,} parameters ({model.dtype}) of {args.ckpt_path} to {args.output_dir}")
-    if written:
-        print(f"with its tokenizer: {', '.join(written)}")
-    elif tok is not None:
-        print(f"note: the tokenizer ({tok.spec['kind']}) was not copied; pass it to generate "
-              "as --tokenizer")  # fmt: skip
-    return 0
-
-
 # ------------------------------------------------------------------------------------ entry
 def lightning_main(argv: list[str]) -> int:
     """Run a LightningCLI subcommand, ``argv = [fit|validate|test|predict, *options]``.
@@ -993,12 +403,11 @@ def lightning_main(argv: list[str]) -> int:
 
 
 __all__ = [
+    "DEFAULT_ROOT_DIR",
+    "LIGHTNING_SUBCOMMANDS",
+    "RESUMABLE_HPARAMS",
     "KimiLinearCLI",
     "build_cli",
     "default_loggers",
-    "export_main",
-    "generate_main",
     "lightning_main",
-    "load_model",
-    "resolve_tokenizer",
 ]

@@ -57,6 +57,9 @@ import torch
 from torch import nn
 
 from kimi_linear.errors import UsageError, did_you_mean, import_failure
+from kimi_linear.lightning.callbacks import load_checkpoint
+from kimi_linear.lightning.checkpoints import check_checkpoint_file
+from kimi_linear.lightning.hparams import assign_weights, config_from_hparams, meta_model
 
 #: peft's name of the one adapter
 ADAPTER_NAME = "default"
@@ -247,11 +250,7 @@ def lora_config(model: nn.Module, options: LoraOptions) -> Any:
 def check_targets(config: Any, options: LoraOptions) -> None:
     """Resolve ``options.targets`` against the model of ``config`` built on the meta device
     (no memory): the same errors as :func:`resolve_targets`, before any weight is loaded."""
-    from kimi_linear.model import KimiLinearForCausalLM
-
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(config)
-    resolve_targets(model, options)
+    resolve_targets(meta_model(config), options)
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -327,18 +326,16 @@ def peft_model_from_lora_checkpoint(
 ) -> Any:
     """As :func:`model_from_lora_checkpoint`, unmerged: the ``PeftModel`` (for
     :func:`save_adapter`)."""
-    from kimi_linear.lightning.parallel import _assign_weights, _config_from_hparams, _meta_model
-
     p = Path(path)
     options = LoraOptions.from_value(hparams.get("lora"))
     if options is None:
         raise UsageError(f"{os.fspath(p)!r} is not a LoRA run's checkpoint (no model.lora)")
-    model = _meta_model(_config_from_hparams(dict(hparams), p))
+    model = meta_model(config_from_hparams(dict(hparams), p))
     peft_model = apply_lora(model, options)
     unexpected = sorted(set(weights) - set(model.state_dict()))
     if unexpected:
         raise UsageError(f"{os.fspath(p)!r}: unexpected weights for this config: {unexpected[:5]}")
-    _assign_weights(model, dict(weights), p)
+    assign_weights(model, dict(weights), p)
     return peft_model
 
 
@@ -363,9 +360,6 @@ __all__ = [
 def export_adapter(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """``kimi-linear export --adapter_only``: the adapters of a LoRA run's Lightning checkpoint
     written alone (:func:`save_adapter`) to ``output_dir``."""
-    from kimi_linear.lightning.callbacks import load_checkpoint
-    from kimi_linear.lightning.cli import check_checkpoint_file
-
     p = Path(ckpt_path)
     if p.is_dir() or not p.exists():
         raise UsageError(

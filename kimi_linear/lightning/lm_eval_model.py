@@ -87,7 +87,7 @@ class KimiLinearLM(TemplateLM):
         tokenizer: a tokenizer object (:mod:`kimi_linear.lightning.tokenizer`), a
             ``--tokenizer`` string (``byte``, a ``tokenizer.json``, a folder, a JSON spec), or
             ``None``: the one recorded in the checkpoint, the folder's files, else bytes
-            (:func:`~kimi_linear.lightning.cli.resolve_tokenizer`).
+            (:func:`~kimi_linear.lightning.load.resolve_tokenizer`).
         batch_size: requests per forward pass.
         device: ``cpu``, ``cuda``, ``cuda:1``, ...
         dtype: cast the weights (``float32`` / ``bfloat16`` / ``float16``); default: as stored.
@@ -127,7 +127,7 @@ class KimiLinearLM(TemplateLM):
         if isinstance(pretrained, torch.nn.Module):
             model, source = pretrained.to(device), None
         else:
-            from kimi_linear.lightning.cli import load_model
+            from kimi_linear.lightning.load import load_model
 
             model, source = load_model(pretrained, device), os.fspath(pretrained)
         if target is not None and target != next(model.parameters()).dtype:
@@ -138,7 +138,7 @@ class KimiLinearLM(TemplateLM):
         if tokenizer is None or isinstance(tokenizer, str):
             if source is None and tokenizer is None:
                 raise UsageError("tokenizer: required when the model is given as an object")
-            from kimi_linear.lightning.cli import resolve_tokenizer
+            from kimi_linear.lightning.load import resolve_tokenizer
 
             tokenizer = resolve_tokenizer(tokenizer, source or "", vocab)
         self.tokenizer = tokenizer

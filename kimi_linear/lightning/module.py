@@ -1,5 +1,8 @@
 """The LightningModule that trains :class:`~kimi_linear.model.KimiLinearForCausalLM`.
 
+One job: the LightningModule (one class, hence above ~600 lines); its config comes from
+:mod:`.hparams`, its schedule from :mod:`.schedule`, its sharding plan from :mod:`.parallel`.
+
 :class:`KimiLinearLitModule` adds to the model:
 
 * next-token loss (labels aligned with ``input_ids``; ``-100`` ignored), with torchmetrics
@@ -15,7 +18,8 @@
   itself under AdamW).
 
 The model is built from a :class:`~kimi_linear.config.KimiLinearConfig` described by a preset
-name plus overrides, or by a full config dict, so a YAML config can say::
+name plus overrides, or by a full config dict (:func:`~kimi_linear.lightning.hparams.build_config`),
+so a YAML config can say::
 
     model:
       preset: tiny
@@ -31,7 +35,6 @@ same weights on any number of ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import os
@@ -46,126 +49,19 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from kimi_linear import hf
-from kimi_linear.config import PRESETS, KimiLinearConfig
 from kimi_linear.errors import UsageError, did_you_mean
-from kimi_linear.lightning import parallel as _parallel  # noqa: F401  (registers "fsdp2")
+from kimi_linear.lightning import finetune
+from kimi_linear.lightning.callbacks import load_checkpoint
+from kimi_linear.lightning.context_parallel import context_parallel_step
 from kimi_linear.lightning.data import IGNORE_INDEX
+from kimi_linear.lightning.hparams import build_config, init_from_config
+from kimi_linear.lightning.parallel import FSDP2Strategy, fsdp_mesh, shard_model
+from kimi_linear.lightning.schedule import WarmupCosine
 from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.optim import build_optimizer
 
 OPTIMIZERS = ("muonclip", "adamw")
 _STAGES = ("train", "val", "test")
-
-
-def build_config(
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    config: Mapping[str, Any] | None = None,
-    vocab_size: int | None = None,
-) -> KimiLinearConfig:
-    """The model config from a ``preset`` name or a full ``config`` dict, then ``overrides``.
-
-    ``config`` may use :class:`KimiLinearConfig` field names or be a released-style HF
-    ``config.json`` dict (recognised by its ``linear_attn_config`` / ``model_type`` keys).
-    With neither, the ``tiny`` preset.  ``vocab_size`` (the data's vocabulary) replaces the
-    preset's.  Unknown field names and invalid values raise :class:`UsageError` naming them.
-    """
-    if preset is not None and config is not None:
-        raise UsageError("model: give either model.preset or model.config, not both")
-    fields = [f.name for f in dataclasses.fields(KimiLinearConfig)]
-    overrides = dict(overrides or {})
-    for key in overrides:
-        if key not in fields:
-            raise UsageError(
-                f"model.overrides: unknown KimiLinearConfig field {key!r}{did_you_mean(key, fields)}"
-            )
-    if vocab_size is not None:
-        if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
-            raise UsageError(
-                f"model.overrides.vocab_size={overrides['vocab_size']} conflicts with the data's "
-                f"vocabulary ({vocab_size}); drop the override, the data sets it"
-            )
-        overrides["vocab_size"] = vocab_size
-    try:
-        if config is not None:
-            config = dict(config)
-            if "linear_attn_config" in config or "model_type" in config:
-                base = hf.config_from_hf(config)
-            else:
-                unknown = [k for k in config if k not in fields]
-                if unknown:
-                    raise UsageError(
-                        f"model.config: unknown KimiLinearConfig field {unknown[0]!r}"
-                        f"{did_you_mean(unknown[0], fields)}"
-                    )
-                base = KimiLinearConfig(**config)
-            return base.replace(**overrides) if overrides else base
-        name = preset or "tiny"
-        if name not in PRESETS:
-            raise UsageError(
-                f"model.preset must be one of {sorted(PRESETS)}, got {name!r}{did_you_mean(name, PRESETS)}"
-            )
-        return KimiLinearConfig.from_preset(name, **overrides)
-    except UsageError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"model: {e}") from e
-
-
-def _init_from_config(
-    path: str,
-    preset: str | None,
-    config: Mapping[str, Any] | None,
-    overrides: dict[str, Any] | None,
-    vocab_size: int | None,
-) -> KimiLinearConfig:
-    """The config of the checkpoint folder ``path`` (``model.init_from``), then ``overrides``."""
-    if preset is not None or config is not None:
-        raise UsageError(
-            "model.init_from takes the config from the checkpoint; drop model.preset / "
-            "model.config (on the command line: --model.preset null)"
-        )
-    try:
-        base = hf.config_from_hf(hf.read_config_json(path))
-    except ValueError as e:
-        raise UsageError(f"model.init_from: {e}") from e
-    if vocab_size is not None and vocab_size != base.vocab_size:
-        raise UsageError(
-            f"model.init_from: the checkpoint's vocab_size={base.vocab_size} differs from the "
-            f"data's vocabulary ({vocab_size}); use the checkpoint's tokenizer"
-        )
-    return build_config(None, overrides, base.to_dict(), None)
-
-
-class WarmupCosine:
-    """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay from 1 to
-    ``min_ratio`` at ``total_steps`` (constant after).  A picklable ``LambdaLR`` function.
-
-    ``total_steps=None`` is a schedule whose length is not known yet (it is the trainer's
-    estimate, which needs the training data): the factor is 1 after the warmup until
-    :meth:`resolved` fields are set, which :class:`KimiLinearLitModule` does when training
-    starts."""
-
-    def __init__(self, warmup_steps: int, total_steps: int | None, min_ratio: float) -> None:
-        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
-
-    @staticmethod
-    def resolved(fields: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
-        """``fields`` (a ``WarmupCosine.__dict__``) with the length ``total_steps`` and the
-        warmup shortened to at most ``total_steps - 1`` (a warmup as long as the run would never
-        reach the peak learning rate)."""
-        out = dict(fields)
-        out["total_steps"] = int(total_steps)
-        out["warmup_steps"] = min(int(fields["warmup_steps"]), max(int(total_steps) - 1, 0))
-        return out
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.total_steps is None:  # length not resolved yet: only before training starts
-            return 1.0
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _layer_index(module_name: str) -> str:
@@ -285,13 +181,11 @@ class KimiLinearLitModule(pl.LightningModule):
             )
 
         if init_from is not None:
-            self.config = _init_from_config(init_from, preset, config, overrides, vocab_size)
+            self.config = init_from_config(init_from, preset, config, overrides, vocab_size)
         else:
             self.config = build_config(preset, overrides, config, vocab_size)
         self._lora = None
         if lora is not None:  # LoRA (kimi_linear.lightning.finetune): checked before any work
-            from kimi_linear.lightning import finetune
-
             self._lora = finetune.LoraOptions.from_value(lora)
             finetune.require_peft()
             finetune.check_targets(self.config, self._lora)
@@ -334,8 +228,6 @@ class KimiLinearLitModule(pl.LightningModule):
         """
         if "model" in self._modules:
             return
-        from kimi_linear.lightning.parallel import FSDP2Strategy, fsdp_mesh, shard_model
-
         with torch.device("meta"):
             model = KimiLinearForCausalLM(self.config)
         model.model.set_activation_checkpointing(
@@ -381,8 +273,6 @@ class KimiLinearLitModule(pl.LightningModule):
     def _apply_lora(self, model: KimiLinearForCausalLM, mesh: Any) -> None:
         """Inject the LoRA adapters (after the base weights are loaded) and freeze the rest; the
         ``PeftModel`` handle is kept outside the module tree (its parameters are the model's)."""
-        from kimi_linear.lightning import finetune
-
         if mesh is not None:
             raise UsageError(
                 "model.lora: LoRA is not supported with a sharded strategy (FSDP2) yet; train "
@@ -397,8 +287,6 @@ class KimiLinearLitModule(pl.LightningModule):
 
     def save_adapter(self, path: str) -> None:
         """Write the LoRA adapters alone (peft's format) to the folder ``path``."""
-        from kimi_linear.lightning import finetune
-
         if self._lora is None:
             raise UsageError("save_adapter: this module has no model.lora")
         self.configure_model()
@@ -460,8 +348,6 @@ class KimiLinearLitModule(pl.LightningModule):
                 weights_only=False,
                 **kwargs,
             )
-        from kimi_linear.lightning.callbacks import load_checkpoint
-
         where = "load_from_checkpoint"
         if hparams_file is not None:
             raise UsageError(
@@ -515,8 +401,6 @@ class KimiLinearLitModule(pl.LightningModule):
                 "batch must be a dict with 'input_ids' [B, T] (and optionally 'labels' [B, T])"
             )
         if getattr(getattr(self._trainer, "strategy", None), "cp_size", 1) > 1:
-            from kimi_linear.lightning.context_parallel import context_parallel_step
-
             return context_parallel_step(self, batch, stage)  # this rank's shard of the rows
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
@@ -623,8 +507,6 @@ class KimiLinearLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        from kimi_linear.optim import build_optimizer
-
         hp = self.hparams
         kwargs: dict[str, Any] = dict(
             lr=hp.lr, weight_decay=hp.weight_decay, adamw_betas=tuple(hp.betas)
@@ -751,4 +633,4 @@ class KimiLinearLitModule(pl.LightningModule):
         self._step_stats = {}
 
 
-__all__ = ["KimiLinearLitModule", "OPTIMIZERS", "WarmupCosine", "build_config"]
+__all__ = ["KimiLinearLitModule", "OPTIMIZERS"]

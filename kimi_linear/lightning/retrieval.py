@@ -544,7 +544,7 @@ def retrieval_main(argv: list[str]) -> int:
             "--output for another folder"
         )
     dtype = _dtype(args.dtype)
-    from kimi_linear.lightning.cli import load_model, resolve_tokenizer
+    from kimi_linear.lightning.load import load_model, resolve_tokenizer
     from kimi_linear.model import KimiLinearForCausalLM, cast_model_
 
     model = load_model(args.ckpt_path, args.device).eval()
