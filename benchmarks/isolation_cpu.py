@@ -6,7 +6,7 @@ tokens (``(x * 0).sum(-1)``), run, and set the poisoned outputs to NaN (``torch.
 ``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns it off. This script times, at each ``T``, on finite
 inputs (the case that pays for it):
 
-* ``kda_chunk``: :func:`kimi_linear.ops.kda_chunk` on the inputs of ``benchmarks/kda_cpu.py``
+* ``torch_chunk_kda``: :func:`kimi_linear.ops.torch_chunk_kda` on the inputs of ``benchmarks/kda_cpu.py``
   (``B=1, H=4, K=V=64`` fp32 by default), forward (``no_grad``) and forward + backward;
 * ``mla_prefill``: one MLA layer of the ``small`` preset (hidden 512, 4 heads, latent 256) on
   ``[1, T, 512]``, forward and forward + backward;
@@ -41,17 +41,17 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report
 from benchmarks.kda_cpu import Runner, make_inputs, time_interleaved
 from kimi_linear.cache import LatentKVCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.mla import MLAttention
-from kimi_linear.ops import kda_chunk
+from kimi_linear.ops import torch_chunk_kda
 from kimi_linear.ops.isolation import ISOLATION_ENV
 
 NAME = "isolation_cpu"
 DEFAULT_T = [1 << 10, 4 << 10]
-CASES = ("kda_chunk", "mla_prefill", "mla_block")
+CASES = ("torch_chunk_kda", "mla_prefill", "mla_block")
 BLOCK = 4  # tokens of the mla_block case
 
 
@@ -90,12 +90,14 @@ def runners_at(T: int, args: argparse.Namespace) -> dict[tuple[str, str, bool], 
     """Every (case, pass, isolation) runner at length ``T``."""
     runners: dict[tuple[str, str, bool], Any] = {}
     gen = torch.Generator().manual_seed(1)
-    if "kda_chunk" in args.cases:
+    if "torch_chunk_kda" in args.cases:
         base = make_inputs(1, T, args.heads, args.head_dim, args.head_dim)
         do = torch.randn(1, T, args.heads, args.head_dim, generator=gen)
         for pas in ("fwd", "fwd+bwd"):
             for on in (True, False):
-                runners[("kda_chunk", pas, on)] = Runner(switched(kda_chunk, on), pas, base, do)
+                runners[("torch_chunk_kda", pas, on)] = Runner(
+                    switched(torch_chunk_kda, on), pas, base, do
+                )
     if "mla_prefill" in args.cases or "mla_block" in args.cases:
         cfg = KimiLinearConfig.from_preset(args.mla_preset)
         torch.manual_seed(0)
@@ -165,7 +167,7 @@ def to_markdown(
         "# NaN isolation on CPU: the ops with it on and off",
         "",
         f"Device: {env['device']}, torch {env['torch']}, {config['threads']} thread(s). "
-        f"kda_chunk: B=1, H={config['heads']}, K=V={config['head_dim']}, fp32. MLA: one layer "
+        f"torch_chunk_kda: B=1, H={config['heads']}, K=V={config['head_dim']}, fp32. MLA: one layer "
         f"of the `{config['mla_preset']}` preset, B=1, fp32; mla_block: {BLOCK} tokens over a "
         f"cache of T (absorbed, no_grad). {config['reps']} interleaved rounds after a warm-up "
         "round; process CPU ms and wall ms. Finite inputs (the isolation changes nothing on "
@@ -185,7 +187,7 @@ def to_markdown(
         for r in rows
     ]  # fmt: skip
     lines += [
-        common.markdown_table(shown),
+        report.markdown_table(shown),
         "",
         "Overhead of the isolation (on / off - 1; process CPU time, one thread, is what the ops "
         "cost; wall time also holds the other processes' load):",
@@ -201,7 +203,7 @@ def to_markdown(
         }
         for o in over
     ]  # fmt: skip
-    lines.append(common.markdown_table(shown))
+    lines.append(report.markdown_table(shown))
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cpu")
-    common.refuse_overwrite(NAME, device, args.out_dir, args.quick, args.overwrite)
+    report.refuse_overwrite(NAME, device, args.out_dir, args.quick, args.overwrite)
     torch.set_num_threads(args.threads)
     config = {
         "T": args.T, "heads": args.heads, "head_dim": args.head_dim, "cases": args.cases,
@@ -264,10 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += bench_length(T, args)
     over = overheads(rows)
     config["load_average_end"] = os.getloadavg()[0]
-    md = to_markdown(rows, over, config, common.env_info(device))
+    md = to_markdown(rows, over, config, hardware.env_info(device))
     print()
     print(md)
-    paths = common.save_results(
+    paths = report.save_results(
         NAME,
         device,
         {"config": config, "rows": rows, "overhead": over},

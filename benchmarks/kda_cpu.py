@@ -4,13 +4,13 @@ At each sequence length ``T`` (default 1K, 4K, 16K; ``B=1, H=4, K=V=64``, fp32) 
 the same inputs (q, k L2-normalised, gates and beta distributed as the KDA layer's at
 initialisation, see :func:`make_inputs`):
 
-* ``kda_chunk``: :func:`kimi_linear.ops.kda_chunk` (chunked WY form, its default chunk unless
+* ``torch_chunk_kda``: :func:`kimi_linear.ops.torch_chunk_kda` (chunked WY form, its default chunk unless
   ``--chunk-size``);
-* ``kda_recurrent``: :func:`kimi_linear.ops.kda_recurrent` (token by token);
+* ``naive_recurrent_kda``: :func:`kimi_linear.ops.naive_recurrent_kda` (token by token);
 * ``fla_naive_recurrent`` / ``fla_naive_chunk``: fla's ``naive_recurrent_kda`` and
   ``naive_chunk_kda`` (``fla.ops.kda.naive``; the chunked one needs ``T % 64 == 0``),
 
-* ``kda_chunk@REV`` with ``--baseline REV``: ``kda_chunk`` as committed at git revision ``REV``
+* ``torch_chunk_kda@REV`` with ``--baseline REV``: ``torch_chunk_kda`` as committed at git revision ``REV``
   (read with ``git show REV:kimi_linear/ops/chunk.py`` into a temporary module), to measure a
   change of the op against the version before it in the same run,
 
@@ -23,7 +23,7 @@ maximum over ``--reps`` rounds, and every speed-up is a ratio of two rows of the
 medians, and of minima). A configuration whose warm-up exceeds ``--slow-s`` is timed once (its
 warm-up), and one that a power-law extrapolation from the previous lengths (at least linear)
 puts above ``--skip-above-s`` is skipped (said so in the table and the JSON). ``max_err`` is
-the largest difference of each forward output from ``kda_recurrent``'s (from ``kda_chunk``'s
+the largest difference of each forward output from ``naive_recurrent_kda``'s (from ``torch_chunk_kda``'s
 where the recurrence is skipped).
 
 Writes ``kda_cpu.json``, ``.md`` and ``.png`` (log-log time vs ``T``) under
@@ -33,7 +33,7 @@ Examples::
 
     python -m benchmarks.kda_cpu                   # 1K, 4K, 16K (a few minutes)
     python -m benchmarks.kda_cpu --T 2K,8K --reps 5
-    python -m benchmarks.kda_cpu --T 4K --impls kda_chunk --baseline HEAD --reps 20  # a change
+    python -m benchmarks.kda_cpu --T 4K --impls torch_chunk_kda --baseline HEAD --reps 20  # a change
     python -m benchmarks.kda_cpu --quick --out-dir /tmp/kda   # seconds, for CI
 """
 
@@ -55,8 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
-from kimi_linear.ops import kda_chunk, kda_recurrent
+from benchmarks import common, hardware, report
+from kimi_linear.ops import naive_recurrent_kda, torch_chunk_kda
 
 NAME = "kda_cpu"
 DEFAULT_T = [1 << 10, 4 << 10, 16 << 10]
@@ -67,7 +67,7 @@ FLA_IMPLS = ("fla_naive_recurrent", "fla_naive_chunk")
 
 
 def load_baseline(rev: str) -> Callable[..., Any]:
-    """``kda_chunk`` as committed at git revision ``rev`` (run against today's package).
+    """``torch_chunk_kda`` as committed at git revision ``rev`` (run against today's package).
 
     The file ``kimi_linear/ops/chunk.py`` of that revision is written to a temporary folder and
     imported under a private module name; its imports (``kimi_linear.ops.checks``, ...) resolve
@@ -92,7 +92,8 @@ def load_baseline(rev: str) -> Callable[..., Any]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        return module.kda_chunk
+        # named kda_chunk before issue 22
+        return getattr(module, "torch_chunk_kda", None) or module.kda_chunk
     except Exception as e:  # an old revision may not import against today's package
         common.fail(f"--baseline {rev!r}: its chunk.py does not import here ({e})")
 
@@ -100,17 +101,17 @@ def load_baseline(rev: str) -> Callable[..., Any]:
 def load_impls(
     chunk_size: int | None, with_fla: bool = True, baseline: str | None = None
 ) -> dict[str, Callable[..., Any]]:
-    """Implementations by name; fla's references when asked for and fla imports; ``kda_chunk``
+    """Implementations by name; fla's references when asked for and fla imports; ``torch_chunk_kda``
     at git revision ``baseline`` when given. ``chunk_size`` (None: each op's default) goes to
     both chunked kit ops."""
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     impls: dict[str, Callable[..., Any]] = {
-        "kda_chunk": lambda *a: kda_chunk(*a, **kw),
-        "kda_recurrent": kda_recurrent,
+        "torch_chunk_kda": lambda *a: torch_chunk_kda(*a, **kw),
+        "naive_recurrent_kda": naive_recurrent_kda,
     }
     if baseline is not None:
         old = load_baseline(baseline)
-        impls[f"kda_chunk@{baseline}"] = lambda *a: old(*a, **kw)
+        impls[f"torch_chunk_kda@{baseline}"] = lambda *a: old(*a, **kw)
     if not with_fla:  # importing fla takes seconds
         return impls
     try:
@@ -118,14 +119,15 @@ def load_impls(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fla warns that Triton falls back to the CPU
-            from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
+            from fla.ops.kda.naive import naive_chunk_kda
+            from fla.ops.kda.naive import naive_recurrent_kda as fla_naive_recurrent_kda
     except Exception as e:  # fla is optional for this script
         print(
             f"note: fla's reference ops unavailable ({e}); timing the kit's ops only",
             file=sys.stderr,
         )
         return impls
-    impls["fla_naive_recurrent"] = naive_recurrent_kda
+    impls["fla_naive_recurrent"] = fla_naive_recurrent_kda
     impls["fla_naive_chunk"] = naive_chunk_kda
     return impls
 
@@ -300,7 +302,7 @@ def bench_length(
         for (impl, pas), r in runners.items()
         if pas == "fwd" and r.output is not None
     }
-    ref = outputs.get("kda_recurrent", outputs.get("kda_chunk"))
+    ref = outputs.get("naive_recurrent_kda", outputs.get("torch_chunk_kda"))
     for (impl, pas), row in rows.items():
         if pas == "fwd" and impl in outputs and ref is not None:
             row["max_err"] = (outputs[impl].double() - ref.double()).abs().max().item()
@@ -312,7 +314,7 @@ METRICS = {"wall": "ms", "cpu": "cpu_ms", "wall_min": "ms_min", "cpu_min": "cpu_
 
 
 def summarize(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
-    """Speed-ups of kda_chunk over every other op (ratios of medians, and of minima, of one
+    """Speed-ups of torch_chunk_kda over every other op (ratios of medians, and of minima, of one
     interleaved run) and its cost scaling in T, for wall and CPU time."""
     out: dict[str, Any] = {
         "speedup": {},
@@ -322,15 +324,19 @@ def summarize(rows: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
     for metric, key in METRICS.items():
         ms = {(r["T"], r["impl"], r["pass"]): r[key] for r in rows if r[key] is not None}
         speedup, per_1k, exponent = {}, {}, {}
-        others = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "kda_chunk"]
+        others = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "torch_chunk_kda"]
         for T in lengths:
             for base in others:
                 for pas in PASSES:
-                    a, b = ms.get((T, base, pas)), ms.get((T, "kda_chunk", pas))
+                    a, b = ms.get((T, base, pas)), ms.get((T, "torch_chunk_kda", pas))
                     if a is not None and b is not None:
                         speedup[f"{base}/{pas}/T={T}"] = a / b
         for pas in PASSES:
-            pts = [(T, ms[(T, "kda_chunk", pas)]) for T in lengths if (T, "kda_chunk", pas) in ms]
+            pts = [
+                (T, ms[(T, "torch_chunk_kda", pas)])
+                for T in lengths
+                if (T, "torch_chunk_kda", pas) in ms
+            ]
             per_1k[pas] = {str(T): t * 1024 / T for T, t in pts}
             if len(pts) >= 2:  # least-squares slope of log(time) against log(T)
                 xs = [math.log(T) for T, _ in pts]
@@ -372,10 +378,10 @@ def to_markdown(
             "CPU ms": r["cpu_ms"], "tokens/s (wall)": r["tokens_per_s"],
             "saved MB": r["saved_MB"], "max_err": r["max_err"], "status": r["status"],
         })  # fmt: skip
-    lines.append(common.markdown_table(shown))
+    lines.append(report.markdown_table(shown))
     sp = summary["speedup"]
     if sp["wall"]:
-        lines += ["", "Speed-up of kda_chunk (time of the other op / time of kda_chunk, both from "
+        lines += ["", "Speed-up of torch_chunk_kda (time of the other op / time of torch_chunk_kda, both from "
                   "this run; of medians, and of minima):", ""]  # fmt: skip
         fmt = lambda m, name: f"{sp[m][name]:.2f}x" if name in sp[m] else ""
         table = []
@@ -384,10 +390,10 @@ def to_markdown(
             table.append({"T": common.fmt_tokens(int(T[2:])), "vs": base, "pass": pas,
                           "wall (median)": fmt("wall", name), "wall (min)": fmt("wall_min", name),
                           "CPU (median)": fmt("cpu", name), "CPU (min)": fmt("cpu_min", name)})  # fmt: skip
-        lines.append(common.markdown_table(table))
+        lines.append(report.markdown_table(table))
     exps = summary["chunk_scaling_exponent"]
     if exps["wall"]:
-        lines += ["", "kda_chunk time ~ T^p (log-log least squares over the lengths run): "
+        lines += ["", "torch_chunk_kda time ~ T^p (log-log least squares over the lengths run): "
                   + ", ".join(f"{pas} p = {exps['wall'][pas]:.2f} (wall), {exps['cpu'][pas]:.2f} (CPU)"
                               for pas in exps["wall"])]  # fmt: skip
     skipped = [r for r in rows if r["status"] != "ok"]
@@ -447,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chunk-size",
         type=common.positive_int,
         default=None,
-        help="chunk of kda_chunk (and of the --baseline one); default: each op's own default",
+        help="chunk of torch_chunk_kda (and of the --baseline one); default: each op's own default",
     )
     p.add_argument(
         "--reps", type=int, default=3, help="interleaved timed rounds after the warm-up (default 3)"
@@ -456,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline",
         default=None,
         metavar="REV",
-        help="also time kda_chunk as committed at git revision REV (e.g. HEAD), as kda_chunk@REV",
+        help="also time torch_chunk_kda as committed at git revision REV (e.g. HEAD), as torch_chunk_kda@REV",
     )
     p.add_argument(
         "--slow-s",
@@ -473,7 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--impls",
         default=None,
-        help="comma-separated subset of kda_chunk,kda_recurrent,fla_naive_recurrent,fla_naive_chunk",
+        help="comma-separated subset of torch_chunk_kda,naive_recurrent_kda,fla_naive_recurrent,fla_naive_chunk",
     )
     p.add_argument(
         "--threads",
@@ -515,9 +521,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if wanted:
         unknown = [s for s in wanted if s not in impls]
         if unknown:
-            known = ["kda_chunk", "kda_recurrent", *FLA_IMPLS]
+            known = ["torch_chunk_kda", "naive_recurrent_kda", *FLA_IMPLS]
             common.fail(f"--impls: unknown or unavailable {unknown}; choose from {known}")
-        impls = {k: v for k, v in impls.items() if k in wanted or k.startswith("kda_chunk@")}
+        impls = {k: v for k, v in impls.items() if k in wanted or k.startswith("torch_chunk_kda@")}
     config = {
         "T": args.T, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
         "chunk_size": args.chunk_size, "dtype": "float32", "reps": args.reps, "slow_s": args.slow_s,
@@ -533,11 +539,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += bench_length(T, args, impls, previous)
     summary = summarize(rows, sorted(args.T))
     config["load_average_end"] = os.getloadavg()[0]
-    env = common.env_info(device)
+    env = hardware.env_info(device)
     md = to_markdown(rows, summary, config, env)
     print()
     print(md)
-    paths = common.save_results(
+    paths = report.save_results(
         NAME,
         device,
         {"config": config, "rows": rows, "summary": summary},

@@ -4,7 +4,7 @@ Prefill / training: forward and forward+backward time of
 
 * ``ours``  - :func:`kimi_linear.kernels.chunk_kda` (our Triton kernels),
 * ``fla``   - ``fla.ops.kda.chunk_kda`` (CUDA only),
-* ``torch`` - :func:`kimi_linear.ops.kda_chunk` (our pure-PyTorch chunked op),
+* ``torch`` - :func:`kimi_linear.ops.torch_chunk_kda` (our pure-PyTorch chunked op),
 * ``sdpa``  - causal ``scaled_dot_product_attention`` (FlashAttention backend on GPU when the
   dtype allows), the softmax-attention baseline,
 
@@ -40,17 +40,15 @@ import torch
 
 from benchmarks.common import (
     apply_quick,
-    bandwidth,
     explicit_dests,
     fmt_tokens,
-    markdown_table,
     parse_dtype,
     positive_int,
-    resolve_device,
-    save_results,
     size_list,
-    timeit,
 )
+from benchmarks.hardware import resolve_device
+from benchmarks.report import markdown_table, save_results
+from benchmarks.timing import bandwidth, timeit
 
 CHUNK = 64
 
@@ -163,9 +161,9 @@ def kda_providers(names: list[str], device: torch.device) -> dict[str, Any]:
         except ImportError as e:  # pragma: no cover - fla is a dependency
             print(f"note: fla unavailable ({e})", file=sys.stderr)
     if "torch" in names:
-        from kimi_linear.ops import kda_chunk
+        from kimi_linear.ops import torch_chunk_kda
 
-        out["torch"] = lambda q, k, v, g, beta: kda_chunk(q, k, v, g, beta)[0]
+        out["torch"] = lambda q, k, v, g, beta: torch_chunk_kda(q, k, v, g, beta)[0]
     return out
 
 

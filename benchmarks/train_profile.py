@@ -6,7 +6,7 @@ without Lightning's loop, on random token batches of the model's vocabulary (the
 depend on the tokens), and reports two things:
 
 1. **A torch.profiler breakdown** of ``--steps`` steps, after ``--warmup`` steps: time in the
-   KDA chunked op (``kimi_linear.ops.backend.kda_chunked``), in the rest of the KDA layers
+   KDA chunked op (``kimi_linear.backends.dispatch_chunk_kda``), in the rest of the KDA layers
    (projections, short convolutions, gates, norms), in the MLA layers, in the MoE blocks
    (router, dispatch, experts, combine), in the dense MLPs, in the optimizer (step and
    zero_grad) and the rest (embedding, norms, LM head and loss, autograd bookkeeping), each for
@@ -16,7 +16,7 @@ depend on the tokens), and reports two things:
    between the two (CPU autograd runs one node at a time). The table also lists the operators
    with the most self time.
 2. **Training steps/s, interleaved**: the same model (same initial weights) with
-   ``kda_chunk`` as it is now and, with ``--baseline REV``, as committed at git revision REV,
+   ``torch_chunk_kda`` as it is now and, with ``--baseline REV``, as committed at git revision REV,
    at each ``--chunk-sizes`` value of ``config.kda_chunk_size``; every round runs
    ``--round-steps`` steps of each variant in turn, and the table gives the median (min-max)
    over ``--rounds`` rounds and the ratio of medians to the first variant.
@@ -53,14 +53,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import common
+from benchmarks import common, hardware, report
 
 NAME = "train_profile"
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tiny", "syn-kda", "syn-gdn", "syn-mla", "syn-hybrid")
 #: Profiled spans: label -> what it covers (for the table).
 SPANS = {
-    "kda_op": "KDA chunked op (kda_chunked)",
+    "kda_op": "KDA chunked op (dispatch_chunk_kda)",
     "kda_layer": "KDA layers (whole)",
     "mla": "MLA layers",
     "moe": "MoE blocks (router, dispatch, experts)",
@@ -219,20 +219,22 @@ def instrument(model: nn.Module) -> Callable[[], None]:
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
 
-    original = kda_layer.kda_chunked
+    original = kda_layer.dispatch_chunk_kda
 
-    def kda_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any):
+    def dispatch_chunk_kda(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any
+    ):
         q = _mark(q, "kda_op/bwd", False)
         with _span("kda_op/fwd"):
             o, state = original(q, k, v, *args, **kw)
         return _mark(o, "kda_op/bwd", True), state
 
-    kda_layer.kda_chunked = kda_chunked
+    kda_layer.dispatch_chunk_kda = dispatch_chunk_kda
 
     def remove() -> None:
         for h in handles:
             h.remove()
-        kda_layer.kda_chunked = original
+        kda_layer.dispatch_chunk_kda = original
 
     return remove
 
@@ -290,7 +292,7 @@ def profile_steps(trainee: Trainee, steps: int, warmup: int) -> dict[str, Any]:
 @contextmanager
 def kda_implementation(op: Callable[..., Any] | None) -> Iterator[None]:
     """Route the torch KDA backend through ``op`` (None: leave it as it is)."""
-    from kimi_linear.ops import backend
+    from kimi_linear import backends as backend
 
     if op is None:
         yield
@@ -367,10 +369,10 @@ def to_markdown(result: dict[str, Any]) -> str:
             ms = p["spans_ms"].get(key, 0.0)
             row[key] = f"{ms:.1f} ({100 * ms / p['step_ms']:.0f}%)" if p["step_ms"] else ""
         rows.append(row)
-    lines.append(common.markdown_table(rows))
+    lines.append(report.markdown_table(rows))
     lines += [
         "",
-        "kda_op: `kda_chunked` (the chunked KDA recurrence); kda_layer_other: the rest of the KDA "
+        "kda_op: `dispatch_chunk_kda` (the chunked KDA recurrence); kda_layer_other: the rest of the KDA "
         "layers; moe: router + dispatch + experts + combine; other: embedding, norms, LM head, "
         "loss, autograd bookkeeping, the schedule and the MoE bias update.",
         "",
@@ -387,7 +389,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             f"{cfg['rounds']} rounds of {cfg['round_steps']} steps per variant (after a warm-up "
             "round), variants in a rotating order; median (min-max) steps/s, and the ratio of "
-            "medians to the first variant. `now`: kda_chunk of this tree; "
+            "medians to the first variant. `now`: torch_chunk_kda of this tree; "
             f"`{cfg['baseline']}`: as committed there; `C`: config.kda_chunk_size.",
             "",
         ]
@@ -403,7 +405,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                     "steps/s": f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
                     "tokens/s": f"{s['tokens_per_s']:.0f}", "vs first": f"{s['median'] / ref:.2f}x",
                 })  # fmt: skip
-        lines.append(common.markdown_table(rows))
+        lines.append(report.markdown_table(rows))
     return "\n".join(lines) + "\n"
 
 
@@ -421,7 +423,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=2, help="steps before profiling (default 2)")
     p.add_argument("--baseline", default=None, metavar="REV",
-                   help="also time steps/s with kda_chunk as committed at git revision REV")  # fmt: skip
+                   help="also time steps/s with torch_chunk_kda as committed at git revision REV")  # fmt: skip
     p.add_argument("--chunk-sizes", type=common.size_list(1), default=None,
                    help="config.kda_chunk_size values for the steps/s comparison "
                    "(default: the model's own)")  # fmt: skip
@@ -451,18 +453,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     dtype = common.parse_dtype(args.dtype) if args.dtype else torch.float32
-    threads = common.set_threads(args.threads)
+    threads = hardware.set_threads(args.threads)
     baseline_op = None
     if args.baseline is not None:
-        from benchmarks import kda_cpu  # the benchmark's loader of a committed kda_chunk
+        from benchmarks import kda_cpu  # the benchmark's loader of a committed torch_chunk_kda
 
         old_op = kda_cpu.load_baseline(args.baseline)
 
         def baseline_op(*a: Any, cu_seqlens: torch.Tensor | None = None, **kw: Any) -> Any:
             if cu_seqlens is not None:  # older revisions had no packed sequences
-                raise ValueError(f"kda_chunk at {args.baseline} has no cu_seqlens")
+                raise ValueError(f"torch_chunk_kda at {args.baseline} has no cu_seqlens")
             return old_op(*a, **kw)
 
     config = {
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }  # fmt: skip
     print(f"training-step profile: {config}", flush=True)
     models: dict[str, Any] = {}
-    for name in common.progress(args.models, "models", enabled=not args.no_progress):
+    for name in report.progress(args.models, "models", enabled=not args.no_progress):
         setup = model_setup(name, args.seq_len, args.quick)
         trainee = Trainee(setup, device, args.seed)
         if dtype != torch.float32:
@@ -501,11 +503,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"    {variant:<16} {s['median']:.2f} steps/s", flush=True)
         models[name] = entry
     config["load_average_end"] = os.getloadavg()[0]
-    result = {"config": config, "env": common.env_info(device), "models": models}
+    result = {"config": config, "env": hardware.env_info(device), "models": models}
     md = to_markdown(result)
     print()
     print(md)
-    paths = common.save_results(
+    paths = report.save_results(
         NAME,
         device,
         {"args": vars(args), "config": config, "models": models},

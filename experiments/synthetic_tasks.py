@@ -86,7 +86,7 @@ import torch
 
 from kimi_linear.lightning.data import SyntheticDataModule, make_task
 from kimi_linear.lightning.module import KimiLinearLitModule
-from kimi_linear.ops.backend import KDA_BACKENDS
+from kimi_linear.ops.options import KDA_BACKENDS
 
 MODELS: dict[str, dict[str, Any]] = {
     "kda": {"num_hidden_layers": 2, "layer_types": ["kda"] * 2},

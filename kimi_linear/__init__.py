@@ -13,6 +13,7 @@ cheap for the CLI and for tools that only need the configuration.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from kimi_linear.config import PRESETS, KimiLinearConfig
@@ -33,8 +34,8 @@ _LAZY = {
     "KimiMoE": "kimi_linear.layers.moe",
     "KimiMLP": "kimi_linear.layers.moe",
     "RMSNorm": "kimi_linear.layers.norm",
-    "kda_chunk": "kimi_linear.ops",
-    "kda_recurrent": "kimi_linear.ops",
+    "naive_recurrent_kda": "kimi_linear.ops",
+    "torch_chunk_kda": "kimi_linear.ops",
     "count_parameters": "kimi_linear.info",
     "info_report": "kimi_linear.info",
 }
@@ -57,9 +58,12 @@ __all__ = [
     "__version__",
     "count_parameters",
     "info_report",
-    "kda_chunk",
-    "kda_recurrent",
+    "naive_recurrent_kda",
+    "torch_chunk_kda",
 ]
+
+# deprecated name -> its new name (issue 22); the README lists them
+_DEPRECATED = {"kda_chunk": "torch_chunk_kda", "kda_recurrent": "naive_recurrent_kda"}
 
 if TYPE_CHECKING:
     from kimi_linear.cache import HybridCache, KDALayerCache, LatentKVCache
@@ -74,10 +78,18 @@ if TYPE_CHECKING:
         KimiLinearForCausalLM,
         KimiLinearModel,
     )
-    from kimi_linear.ops import kda_chunk, kda_recurrent
+    from kimi_linear.ops import naive_recurrent_kda, torch_chunk_kda
 
 
 def __getattr__(name: str) -> Any:
+    new = _DEPRECATED.get(name)
+    if new is not None:
+        warnings.warn(
+            f"kimi_linear.{name} is deprecated; use kimi_linear.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kimi_linear' has no attribute {name!r}")

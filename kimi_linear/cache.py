@@ -62,7 +62,7 @@ class KDAStatePool:
     """A server's KDA recurrent states: ``state [num_slots, H, K, V]`` and a free list.
 
     The pool that :func:`kimi_linear.kernels.fused_recurrent_kda` and
-    :func:`kimi_linear.ops.kda_decode` address with ``ssm_state_indices`` (vLLM's convention,
+    :func:`kimi_linear.backends.dispatch_decode_kda` address with ``ssm_state_indices`` (vLLM's convention,
     :mod:`kimi_linear.ops.serving`): :meth:`allocate` hands out slots for new sequences (or
     ``S`` per sequence for speculative decoding), :meth:`free` returns them, :meth:`store` /
     :meth:`load` copy states in and out (prefix caching: a stored intermediate state

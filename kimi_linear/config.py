@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kimi_linear.errors import did_you_mean
-from kimi_linear.ops.backend import KDA_BACKENDS, check_kda_backend
+from kimi_linear.ops.options import (
+    KDA_BACKENDS,
+    check_kda_backend,
+    check_safe_gate_bound,
+)
 
 LAYER_TYPES = ("kda", "mla")
 #: entries of ``KimiLinearConfig.mlp_layer_types`` (transformers writes "dense" / "sparse")
 MLP_LAYER_TYPES = ("dense", "moe")
 KDA_GATES = ("channel", "head")
-#: the allowed ``kda_gate_lower_bound`` of the safe gate: ``[-5, 0)`` (fla recommends -5);
-#: also checked by :func:`kimi_linear.ops.gate.kda_gate`
-SAFE_GATE_LOWER_BOUND_RANGE = (-5.0, 0.0)
 
 
 @dataclass
@@ -69,10 +70,11 @@ class KimiLinearConfig:
     kda_head_dim: int = 128  # d_k = d_v, as released (``linear_attn_config.head_dim``)
     kda_conv_size: int = 4  # ``short_conv_kernel_size``
     kda_gate: Literal["channel", "head"] = "channel"  # "head": GDN-like scalar gate per head
-    kda_backend: str = "auto"  # one of kimi_linear.ops.backend.KDA_BACKENDS
-    # chunk length of the pure-PyTorch KDA (the "torch" backend, kimi_linear.ops.kda_chunk): 32,
-    # that op's default, is the fastest on CPU; the Triton kernels and fla always use 64 and
-    # ignore it. Results do not depend on it beyond rounding. A positive int.
+    kda_backend: str = "auto"  # one of kimi_linear.ops.options.KDA_BACKENDS
+    # chunk length of the pure-PyTorch KDA (the "torch" backend,
+    # kimi_linear.ops.torch_chunk_kda): 32, that op's default, is the fastest on CPU; the Triton
+    # kernels and fla always use 64 and ignore it. Results do not depend on it beyond rounding.
+    # A positive int.
     kda_chunk_size: int = 32
     # decay gate: None = the release gate ``-exp(A_log) * softplus(x + dt_bias)``; a value in
     # [-5, 0) = fla's bounded "safe gate" ``lower_bound * sigmoid(exp(A_log) * (x + dt_bias))``
@@ -186,18 +188,7 @@ class KimiLinearConfig:
             raise ValueError(
                 f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}"
             )
-        lb = self.kda_gate_lower_bound
-        lo, hi = SAFE_GATE_LOWER_BOUND_RANGE
-        if lb is not None and (
-            isinstance(lb, bool)
-            or not isinstance(lb, (int, float))
-            or not math.isfinite(lb)
-            or not lo <= lb < hi
-        ):
-            raise ValueError(
-                "KimiLinearConfig.kda_gate_lower_bound must be None (the release softplus gate) "
-                f"or a number in [{lo:g}, {hi:g}) (the safe gate), got {lb!r}"
-            )
+        check_safe_gate_bound(self.kda_gate_lower_bound, "KimiLinearConfig.kda_gate_lower_bound")
         check_kda_backend(self.kda_backend, "KimiLinearConfig.kda_backend")
         if self.num_experts > 0:
             if not 1 <= self.num_experts_per_token <= self.num_experts:

@@ -53,9 +53,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
+from kimi_linear.backends import dispatch_chunk_kda
 from kimi_linear.layers.kda import causal_conv1d_packed
 from kimi_linear.layers.rope import apply_rotary
-from kimi_linear.ops.backend import kda_chunked
 from kimi_linear.packing import check_cu_seqlens, document_positions
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def kda_shard_transition(
 
     Args:
         q, k, g: ``[B, T_r, H, K]``; v ``[B, T_r, H, V]``; beta ``[B, T_r, H]`` (as
-            :func:`~kimi_linear.ops.backend.kda_chunked`).
+            :func:`~kimi_linear.backends.dispatch_chunk_kda`).
         carry: whether the shard's first token continues the sequence of the shard before it
             (False on rank 0 and when a document starts at the shard's first token).
         cu_seqlens: ``[N + 1]`` offsets of the shard's segments (packed rows, ``B == 1``): the
@@ -198,7 +198,7 @@ def kda_shard_transition(
         gate_lower_bound=gate_lower_bound,
     )
     if not carry:  # nothing before this shard reaches it: M = 0, no identity columns
-        o0, final = kda_chunked(q, k, v, g, beta, **common)
+        o0, final = dispatch_chunk_kda(q, k, v, g, beta, **common)
         H = (final[-1:] if cu_seqlens is not None else final).to(state_dtype)
         return o0, None, H.new_zeros(*H.shape[:-1], K), H
     v_ext = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)  # [B, T_r, H, V + K]
@@ -208,7 +208,7 @@ def kda_shard_transition(
         h0[..., V:] = eye
     else:
         h0[0, :, :, V:] = eye  # only the first segment continues the previous shard
-    o, final = kda_chunked(q, k, v_ext, g, beta, initial_state=h0, **common)
+    o, final = dispatch_chunk_kda(q, k, v_ext, g, beta, initial_state=h0, **common)
     last = final[-1:] if cu_seqlens is not None else final
     return o[..., :V], o[..., V:], last[..., V:].to(state_dtype), last[..., :V].to(state_dtype)
 
@@ -380,7 +380,7 @@ class ContextParallel:
     ) -> torch.Tensor:
         """KDA of this shard with the true start state (see the module docstring).
 
-        Arguments as :func:`~kimi_linear.ops.backend.kda_chunked` (``[B, T_r, ...]``; packed
+        Arguments as :func:`~kimi_linear.backends.dispatch_chunk_kda` (``[B, T_r, ...]``; packed
         rows come from :attr:`local_cu_seqlens`). Returns ``o [B, T_r, H, V]`` in v's dtype.
         """
         o0, oq, M, H = kda_shard_transition(

@@ -1,4 +1,4 @@
-"""KDA backend dispatch (kimi_linear.ops.backend): names, ``auto`` resolution, the two entry
+"""KDA backend dispatch (kimi_linear.backends): names, ``auto`` resolution, the two entry
 points on every backend that runs here (torch; triton under the interpreter), errors."""
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kimi_linear.ops.backend as backend_mod
-from kimi_linear.config import KimiLinearConfig
-from kimi_linear.ops import (
-    KDA_BACKENDS,
+import kimi_linear.backends as backend_mod
+from kimi_linear.backends import (
+    dispatch_chunk_kda,
+    dispatch_decode_kda,
     get_kda_backend,
-    kda_chunk,
-    kda_chunked,
-    kda_decode,
-    kda_recurrent,
     resolve_kda_backend,
 )
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.ops import KDA_BACKENDS, naive_recurrent_kda, torch_chunk_kda
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -39,7 +37,7 @@ def make_inputs(B, T, H=2, K=16, V=16, N=None, seed=0):
 def reference(q, k, v, g, beta, h0, cu_seqlens=None):
     """float64 recurrence, per packed sequence when ``cu_seqlens`` is given."""
     x = [t.double() for t in (q, k, v, g, beta)]
-    return kda_recurrent(
+    return naive_recurrent_kda(
         *x, initial_state=h0.double(), output_final_state=True, cu_seqlens=cu_seqlens
     )
 
@@ -49,8 +47,9 @@ def reference(q, k, v, g, beta, h0, cu_seqlens=None):
 
 def test_backend_names_live_in_one_place():
     import kimi_linear.config as config_mod
+    import kimi_linear.ops.options as options_mod
 
-    assert config_mod.KDA_BACKENDS is backend_mod.KDA_BACKENDS is KDA_BACKENDS
+    assert config_mod.KDA_BACKENDS is options_mod.KDA_BACKENDS is KDA_BACKENDS
     assert KDA_BACKENDS == ("auto", "torch", "triton", "fla")
     for name in KDA_BACKENDS:
         assert KimiLinearConfig.from_preset("tiny", kda_backend=name).kda_backend == name
@@ -111,7 +110,7 @@ def test_missing_fla_is_a_clear_error(monkeypatch):
 
 def test_get_kda_backend_gives_the_operators():
     ops = get_kda_backend("auto", CPU)
-    assert (ops.name, ops.chunk, ops.recurrent) == ("torch", kda_chunk, kda_recurrent)
+    assert (ops.name, ops.chunk, ops.recurrent) == ("torch", torch_chunk_kda, naive_recurrent_kda)
     assert get_kda_backend(ops, CUDA) is ops  # a resolved backend passes through
     from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 
@@ -122,7 +121,7 @@ def test_get_kda_backend_gives_the_operators():
 def test_config_imports_without_torch():
     """The command line loads the configuration (and so the backend names) before torch."""
     code = (
-        "import sys, kimi_linear.config, kimi_linear.ops.backend; "
+        "import sys, kimi_linear.config, kimi_linear.ops, kimi_linear.ops.options; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -135,18 +134,18 @@ def test_config_imports_without_torch():
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 def test_chunked_entry_point_dense_and_packed(backend):
     q, k, v, g, beta, h0 = make_inputs(2, 21, seed=1)
-    o, state = kda_chunked(
+    o, state = dispatch_chunk_kda(
         q, k, v, g, beta, backend=backend, initial_state=h0, output_final_state=True
     )
     ro, rstate = reference(q, k, v, g, beta, h0)
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
-    o, none = kda_chunked(q, k, v, g, beta, backend=backend)
+    o, none = dispatch_chunk_kda(q, k, v, g, beta, backend=backend)
     assert none is None and o.shape == (2, 21, 2, 16)
 
     cu = torch.tensor([0, 5, 5, 30], dtype=torch.int32)
     q, k, v, g, beta, h0 = make_inputs(1, 30, N=3, seed=2)
-    o, state = kda_chunked(
+    o, state = dispatch_chunk_kda(
         q, k, v, g, beta, backend=backend, initial_state=h0, output_final_state=True, cu_seqlens=cu
     )
     ro, rstate = reference(q, k, v, g, beta, h0, cu_seqlens=cu)
@@ -158,19 +157,21 @@ def test_chunked_entry_point_dense_and_packed(backend):
 def test_decode_entry_point_dense_packed_and_multi_token(backend):
     q, k, v, g, beta, h0 = make_inputs(3, 1, seed=3)
     ro, rstate = reference(q, k, v, g, beta, h0)
-    o, state = kda_decode(q, k, v, g, beta, backend=backend, initial_state=h0)
+    o, state = dispatch_decode_kda(q, k, v, g, beta, backend=backend, initial_state=h0)
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
     # the same three tokens packed as three sequences of one token
     packed = [t.transpose(0, 1) for t in (q, k, v, g, beta)]
     cu = torch.arange(4, dtype=torch.int32)
-    o, state = kda_decode(*packed, backend=backend, initial_state=h0, cu_seqlens=cu)
+    o, state = dispatch_decode_kda(*packed, backend=backend, initial_state=h0, cu_seqlens=cu)
     torch.testing.assert_close(o.double(), ro.transpose(0, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
     # any lengths (a short speculative block, say)
     cu = torch.tensor([0, 2, 3], dtype=torch.int32)
     q, k, v, g, beta, h0 = make_inputs(1, 3, N=2, seed=4)
-    o, state = kda_decode(q, k, v, g, beta, backend=backend, initial_state=h0, cu_seqlens=cu)
+    o, state = dispatch_decode_kda(
+        q, k, v, g, beta, backend=backend, initial_state=h0, cu_seqlens=cu
+    )
     ro, rstate = reference(q, k, v, g, beta, h0, cu_seqlens=cu)
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
@@ -180,9 +181,11 @@ def test_triton_decode_updates_the_state_in_place_only_when_allowed():
     q, k, v, g, beta, h0 = make_inputs(2, 1, seed=5)
     _, rstate = reference(q, k, v, g, beta, h0)
     state = h0.clone()
-    _, new = kda_decode(q, k, v, g, beta, backend="triton", initial_state=state)
+    _, new = dispatch_decode_kda(q, k, v, g, beta, backend="triton", initial_state=state)
     assert new is not state and torch.equal(state, h0)
-    _, new = kda_decode(q, k, v, g, beta, backend="triton", initial_state=state, inplace_state=True)
+    _, new = dispatch_decode_kda(
+        q, k, v, g, beta, backend="triton", initial_state=state, inplace_state=True
+    )
     assert new is state
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
 
@@ -192,10 +195,10 @@ def test_decode_stays_differentiable(backend):
     """With gradients needed the triton backend takes its chunked kernel, not the forward-only
     fused one; gradients match the float64 recurrence."""
     q, k, v, g, beta, h0 = (t.requires_grad_() for t in make_inputs(2, 1, seed=6))
-    o, state = kda_decode(q, k, v, g, beta, backend=backend, initial_state=h0)
+    o, state = dispatch_decode_kda(q, k, v, g, beta, backend=backend, initial_state=h0)
     grads = torch.autograd.grad(o.sum() + state.square().sum(), (q, k, v, g, beta, h0))
     xs = [t.detach().double().requires_grad_() for t in (q, k, v, g, beta, h0)]
-    ro, rstate = kda_recurrent(*xs[:5], initial_state=xs[5], output_final_state=True)
+    ro, rstate = naive_recurrent_kda(*xs[:5], initial_state=xs[5], output_final_state=True)
     rgrads = torch.autograd.grad(ro.sum() + rstate.square().sum(), xs)
     for a, b in zip(grads, rgrads):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
@@ -204,11 +207,11 @@ def test_decode_stays_differentiable(backend):
 def test_entry_points_check_inputs_and_gates():
     q, k, v, g, beta, h0 = make_inputs(1, 4, seed=7)
     with pytest.raises(ValueError, match="k must have the shape of q"):
-        kda_chunked(q, k[:, :2], v, g, beta, backend="torch")
+        dispatch_chunk_kda(q, k[:, :2], v, g, beta, backend="torch")
     with pytest.raises(ValueError, match=r"g must be a log decay in \[-inf, 0\]"):
-        kda_decode(q[:, :1], k[:, :1], v[:, :1], -g[:, :1], beta[:, :1], backend="torch")
+        dispatch_decode_kda(q[:, :1], k[:, :1], v[:, :1], -g[:, :1], beta[:, :1], backend="torch")
     with pytest.raises(ValueError, match="kda_backend must be one of"):
-        kda_chunked(q, k, v, g, beta, backend="flash")
+        dispatch_chunk_kda(q, k, v, g, beta, backend="flash")
 
 
 @pytest.mark.slow  # importing fla takes ~10 s
@@ -220,9 +223,11 @@ def test_fla_decode_through_the_entry_point():
     ops = backend_mod._fla_backend()  # a resolved backend skips the CUDA-only resolution
     q, k, v, g, beta, h0 = make_inputs(1, 9, N=2, seed=8)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    o, state = kda_decode(q, k, v, g, beta, backend=ops, initial_state=h0.clone(), cu_seqlens=cu)
+    o, state = dispatch_decode_kda(
+        q, k, v, g, beta, backend=ops, initial_state=h0.clone(), cu_seqlens=cu
+    )
     ro, rstate = reference(q, k, v, g, beta, h0, cu_seqlens=cu)
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\]"):
-        kda_decode(q, k, v, g, beta, backend=ops, initial_state=h0[:1], cu_seqlens=cu)
+        dispatch_decode_kda(q, k, v, g, beta, backend=ops, initial_state=h0[:1], cu_seqlens=cu)

@@ -165,11 +165,11 @@ def test_fill_cache_sets_lengths_and_values():
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
 
-    common = _module("common")
+    workload = _module("workload")
     cfg = KimiLinearConfig.from_preset("tiny")
     model = KimiLinearForCausalLM(cfg).eval()
     cache = model.new_cache(2, capacity=40)
-    common.fill_cache_(cache, 37, seed=1)
+    workload.fill_cache_(cache, 37, seed=1)
     assert cache.seq_len == 37
     for layer in cache.layers:
         if hasattr(layer, "length"):
@@ -182,28 +182,28 @@ def test_fill_cache_sets_lengths_and_values():
         logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
     assert logits.shape == (2, 1, cfg.vocab_size) and torch.isfinite(logits).all()
     assert cache.seq_len == 38
-    common.rewind_cache_(cache, 37)
+    workload.rewind_cache_(cache, 37)
     assert cache.seq_len == 37
     with pytest.raises(ValueError, match="capacity"):
-        common.fill_cache_(model.new_cache(1, capacity=8), 9)
+        workload.fill_cache_(model.new_cache(1, capacity=8), 9)
 
 
 def test_active_weight_bytes_counts_expected_experts():
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
 
-    common = _module("common")
+    workload = _module("workload")
     cfg = KimiLinearConfig.from_preset("tiny")
     model = KimiLinearForCausalLM(cfg)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    one = common.active_weight_bytes(model, 1)
-    many = common.active_weight_bytes(model, 10_000)
+    one = workload.active_weight_bytes(model, 1)
+    many = workload.active_weight_bytes(model, 10_000)
     assert one["all_params"] == total
     assert one["total"] < many["total"] <= total
-    assert common.expected_distinct_experts(
+    assert workload.expected_distinct_experts(
         cfg.num_experts, cfg.num_experts_per_token, 1
     ) == pytest.approx(2)
-    assert common.expected_distinct_experts(4, 2, 10_000) == pytest.approx(4)
+    assert workload.expected_distinct_experts(4, 2, 10_000) == pytest.approx(4)
     expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in f".{n}")
     assert one["experts"] == pytest.approx(expert_bytes * 2 / 4)
 
@@ -282,7 +282,7 @@ def test_train_profile_quick_run(tmp_path):
         )
         # the KDA op lies inside the KDA layers: the spans nest
         assert p["spans_ms"]["kda_op/fwd"] <= p["spans_ms"]["kda_layer/fwd"] + 1e-6
-        C = m["kda_chunk_size"]  # the model's own (config default: kda_chunk's, 32)
+        C = m["kda_chunk_size"]  # the model's own (config default: torch_chunk_kda's, 32)
         assert set(m["steps_per_s"]) == {f"HEAD C={C}", f"now C={C}"}
     assert (tmp_path / "train_profile.md").read_text().startswith("# Where a CPU training step")
 
@@ -382,10 +382,10 @@ class _FakeClock:
 def _fake_timing(monkeypatch):
     import types
 
-    common = _module("common")
+    timing = _module("timing")
     clock = _FakeClock()
-    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    return common, clock
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    return timing, clock
 
 
 def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(monkeypatch):
@@ -394,7 +394,7 @@ def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(mon
     alternating between the implementations, one untimed call before each timed one,
     ``cpu_min_run_time`` adding blocks, and the caller's thread count kept (the Timer's default
     would time at one thread)."""
-    common, clock = _fake_timing(monkeypatch)
+    timing, clock = _fake_timing(monkeypatch)
     calls: list[str] = []
     threads: list[int] = []
     fns = {"a": clock.work(2.0, calls, "a"), "b": clock.work(6.0, calls, "b")}
@@ -402,7 +402,7 @@ def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(mon
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        t = common.bench_interleaved(fns, torch.device("cpu"), rounds=3)
+        t = timing.bench_interleaved(fns, torch.device("cpu"), rounds=3)
     finally:
         torch.set_num_threads(before)
     assert calls == ["a", "a", "b", "b"] * 3
@@ -410,7 +410,7 @@ def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(mon
     assert (t["a"]["n"], t["a"]["median"], t["a"]["min"], t["a"]["max"]) == (3, 2.0, 2.0, 2.0)
     assert t["b"]["median"] / t["a"]["median"] == 3.0
     calls.clear()
-    t = common.bench_interleaved(
+    t = timing.bench_interleaved(
         {"a": fns["a"]}, torch.device("cpu"), rounds=2, cpu_min_run_time=5.0
     )
     assert t["a"]["n"] == 6 and t["a"]["median"] == 2.0  # 3 timed calls (6 s >= 5 s) a round
@@ -421,13 +421,13 @@ def test_bench_interleaved_on_cpu_times_each_call_with_torch_utils_benchmark(mon
         (dict(cpu_min_run_time=-1.0), "cpu_min_run_time must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=match):
-            common.bench_interleaved({"a": fns["a"]}, torch.device("cpu"), **bad)
+            timing.bench_interleaved({"a": fns["a"]}, torch.device("cpu"), **bad)
 
 
 def test_timeit_on_cpu_uses_torch_utils_benchmark(monkeypatch):
-    common, clock = _fake_timing(monkeypatch)
+    timing, clock = _fake_timing(monkeypatch)
     calls: list[str] = []
-    t = common.timeit(clock.work(0.5, calls, "f"), torch.device("cpu"), warmup=2, reps=4)
+    t = timing.timeit(clock.work(0.5, calls, "f"), torch.device("cpu"), warmup=2, reps=4)
     assert t == {"median": 0.5, "min": 0.5, "max": 0.5, "stdev": 0.0}
     assert len(calls) == 2 + 2 * 4  # the warm-up, then an untimed call before each timed one
 
@@ -439,18 +439,18 @@ def test_memory_helpers_agree_with_proc(monkeypatch):
     ``MemAvailable`` (other processes allocate meanwhile), the cgroup limit still applied."""
     import os
 
-    common = _module("common")
+    hardware = _module("hardware")
     with open("/proc/self/statm") as f:
         statm = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    assert abs(common.process_resident_bytes() - statm) <= 4 << 20
+    assert abs(hardware.process_resident_bytes() - statm) <= 4 << 20
     with open("/proc/meminfo") as f:
         meminfo = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
-    monkeypatch.setattr(common, "_read_int", lambda path: None)  # no cgroup limit
-    assert common.available_memory(torch.device("cpu")) == pytest.approx(meminfo, rel=0.05)
+    monkeypatch.setattr(hardware, "_read_int", lambda path: None)  # no cgroup limit
+    assert hardware.available_memory(torch.device("cpu")) == pytest.approx(meminfo, rel=0.05)
     limits = {"/sys/fs/cgroup/memory.max": 96 << 20, "/sys/fs/cgroup/memory.current": 32 << 20}
-    monkeypatch.setattr(common, "_read_int", limits.get)
+    monkeypatch.setattr(hardware, "_read_int", limits.get)
     assert meminfo > 64 << 20
-    assert common.available_memory(torch.device("cpu")) == 64 << 20  # the cgroup's allowance
+    assert hardware.available_memory(torch.device("cpu")) == 64 << 20  # the cgroup's allowance
 
 
 def test_isolation_cpu_quick_run(tmp_path):
@@ -463,4 +463,4 @@ def test_isolation_cpu_quick_run(tmp_path):
     seen = {(r["case"], r["pass"], r["isolation"]) for r in data["rows"]}
     for case, step, _ in list(seen):
         assert {(case, step, True), (case, step, False)} <= seen, (case, step)
-    assert {c for c, _, _ in seen} >= {"kda_chunk", "mla_prefill", "mla_block"}
+    assert {c for c, _, _ in seen} >= {"torch_chunk_kda", "mla_prefill", "mla_block"}

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kimi_linear.ops.backend import kda_chunked
-from kimi_linear.ops.custom_op import kda_chunk_op
+from kimi_linear.backends import chunk_kda_custom_op, dispatch_chunk_kda
 
 
 def _inputs(B=2, T=20, H=2, K=8, V=8, dtype=torch.float32, seed=0, h0=True):
@@ -28,8 +27,8 @@ def test_custom_op_matches_the_backend_forward_and_backward() -> None:
     ref_in = [t.clone().requires_grad_(True) for t in tensors]
     op_in = [t.clone().requires_grad_(True) for t in tensors]
     kw = dict(backend="torch", output_final_state=True, chunk_size=8)
-    o1, s1 = kda_chunked(*ref_in[:5], initial_state=ref_in[5], **kw)
-    o2, s2 = kda_chunk_op(*op_in[:5], initial_state=op_in[5], **kw)
+    o1, s1 = dispatch_chunk_kda(*ref_in[:5], initial_state=ref_in[5], **kw)
+    o2, s2 = chunk_kda_custom_op(*op_in[:5], initial_state=op_in[5], **kw)
     torch.testing.assert_close(o2, o1, rtol=0, atol=0)
     torch.testing.assert_close(s2, s1, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(1)
@@ -38,24 +37,24 @@ def test_custom_op_matches_the_backend_forward_and_backward() -> None:
     torch.autograd.backward((o2, s2), (do, ds))
     for a, b in zip(ref_in, op_in):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
-    # without the final state requested, the state is None as for kda_chunked
-    assert kda_chunk_op(*tensors[:5], backend="torch")[1] is None
+    # without the final state requested, the state is None as for dispatch_chunk_kda
+    assert chunk_kda_custom_op(*tensors[:5], backend="torch")[1] is None
     with pytest.raises(TypeError, match="backend must be a backend name"):
-        kda_chunk_op(*tensors[:5], backend=None)  # type: ignore[arg-type]
+        chunk_kda_custom_op(*tensors[:5], backend=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("h0", [True, False])
 def test_fake_implementation_gives_shapes_and_dtypes_without_running(h0: bool) -> None:
     with FakeTensorMode():
         q, k, v, g, beta, s = _inputs(B=3, T=37, H=2, K=8, V=16, h0=h0)
-        o, state = torch.ops.kimi_linear.kda_chunk(q, k, v, g, beta, 0.5, s, None, "triton", 64)
+        o, state = torch.ops.kimi_linear.chunk_kda(q, k, v, g, beta, 0.5, s, None, "triton", 64)
         assert o.shape == (3, 37, 2, 16) and o.dtype == v.dtype
         assert state.shape == (3, 2, 8, 16) and state.dtype == torch.float32
         cu = torch.tensor([0, 10, 37], dtype=torch.int32)
         q1, k1, v1, g1, b1 = (t[:1] for t in (q, k, v, g, beta))
-        o, state = torch.ops.kimi_linear.kda_chunk(q1, k1, v1, g1, b1, 0.5, None, cu, "torch", 64)
+        o, state = torch.ops.kimi_linear.chunk_kda(q1, k1, v1, g1, b1, 0.5, None, cu, "torch", 64)
         assert state.shape == (2, 2, 8, 16)
-        grads = torch.ops.kimi_linear.kda_chunk_backward(
+        grads = torch.ops.kimi_linear.chunk_kda_backward(
             q,
             k,
             v,
@@ -73,7 +72,7 @@ def test_fake_implementation_gives_shapes_and_dtypes_without_running(h0: bool) -
         assert grads[5].shape == ((3, 2, 8, 16) if h0 else (0,))
     # the meta device goes through the same fake implementation
     q, k, v, g, beta, s = (None if t is None else t.to("meta") for t in _inputs(h0=h0))
-    o, state = torch.ops.kimi_linear.kda_chunk(q, k, v, g, beta, 0.5, s, None, "triton", 64)
+    o, state = torch.ops.kimi_linear.chunk_kda(q, k, v, g, beta, 0.5, s, None, "triton", 64)
     assert o.device.type == "meta" and state.shape == (2, 2, 8, 8)
 
 
@@ -81,7 +80,7 @@ def test_opcheck() -> None:
     q, k, v, g, beta, s = _inputs(T=9)
     args = [t.requires_grad_(True) for t in (q, k, v, g, beta, s)]
     torch.library.opcheck(
-        torch.ops.kimi_linear.kda_chunk.default,
+        torch.ops.kimi_linear.chunk_kda.default,
         (*args[:5], 0.35, args[5], None, "torch", 4),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
@@ -92,11 +91,11 @@ def test_fake_state_dtype_resolves_auto_like_the_real_op() -> None:
     q, k, v, g, beta, _ = (
         None if t is None else t.double() for t in _inputs(B=1, T=9, H=1, K=4, V=4, h0=False)
     )
-    _, real = torch.ops.kimi_linear.kda_chunk(q, k, v, g, beta, 0.5, None, None, "auto", 64)
+    _, real = torch.ops.kimi_linear.chunk_kda(q, k, v, g, beta, 0.5, None, None, "auto", 64)
     mode = FakeTensorMode()
     with mode:
         fake = [mode.from_tensor(t) for t in (q, k, v, g, beta)]
-        _, state = torch.ops.kimi_linear.kda_chunk(*fake, 0.5, None, None, "auto", 64)
+        _, state = torch.ops.kimi_linear.chunk_kda(*fake, 0.5, None, None, "auto", 64)
     assert real.dtype == state.dtype == torch.float64
 
 

@@ -88,7 +88,7 @@ def test_validation_names_the_field(field, value):
 
 def test_kda_chunk_size_defaults_to_the_torch_ops_default_and_round_trips():
     """config.kda_chunk_size is the chunk of the pure-PyTorch op (the Triton kernels fix 64):
-    its default is kda_chunk's own, the fastest on CPU; other values survive the HF config."""
+    its default is torch_chunk_kda's own, the fastest on CPU; other values survive the HF config."""
     from kimi_linear.ops import chunk as chunk_mod
 
     assert KimiLinearConfig().kda_chunk_size == chunk_mod.DEFAULT_CHUNK_SIZE == 32

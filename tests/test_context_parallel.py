@@ -24,7 +24,7 @@ from kimi_linear.context_parallel import (
     shard_batch,
     shard_bounds,
 )
-from kimi_linear.ops import torch_chunk_kda, naive_recurrent_kda
+from kimi_linear.ops import naive_recurrent_kda, torch_chunk_kda
 from kimi_linear.testing import assert_rel_close
 
 WORKER = Path(__file__).with_name("cp_worker.py")

@@ -99,7 +99,7 @@ def test_our_kernels_and_fla_backend_resolve_from_the_root() -> None:
     code = (
         IMPORT_DEPENDENCIES
         + "\nimport kimi_linear.kernels as k; assert k.chunk_kda and k.fused_recurrent_kda"
-        + "\nfrom kimi_linear.ops.backend import _fla_backend"
+        + "\nfrom kimi_linear.backends import _fla_backend"
         + "\nprint(_fla_backend().name)"
     )
     res = _python("-c", code, cwd=ROOT)
@@ -141,7 +141,7 @@ def test_gpu_check_dry_run_reaches_fla(tmp_path: Path) -> None:
     """The GPU suite started as its README says (``python -m`` from the root) compares with fla:
     at least one correctness item has fla's result beside ours, and no item lost fla."""
     res = _python(
-        "-m", "kimi_linear.gpu_check", "--dry-run", "--parts", "correctness",
+        "-m", "benchmarks.gpu_check", "--dry-run", "--parts", "correctness",
         "--out-dir", str(tmp_path), cwd=ROOT, timeout=1200,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -162,7 +162,7 @@ def test_a_shadowed_dependency_is_reported_as_such(tmp_path: Path) -> None:
     shadow = tmp_path / "einops.py"
     shadow.write_text("raise ImportError('a script of the working directory', name='einops')\n")
     res = _python(
-        "-c", "from kimi_linear.ops.backend import _fla_backend; _fla_backend()", cwd=tmp_path
+        "-c", "from kimi_linear.backends import _fla_backend; _fla_backend()", cwd=tmp_path
     )
     assert res.returncode != 0, res.stdout
     last = res.stderr.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kimi_linear.cache import KDALayerCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.kda import KimiDeltaAttention, causal_conv1d, l2_normalize
-from kimi_linear.ops import kda_decode_step, kda_recurrent
+from kimi_linear.ops import naive_kda_step, naive_recurrent_kda
 
 H, K, D = 2, 16, 32
 
@@ -49,7 +49,7 @@ def reference_forward(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tenso
         f = f.unsqueeze(-1).expand(*f.shape, K)
     g = -layer.A_log.exp() * F.softplus(f)
     beta = torch.sigmoid(layer.b_proj(x))
-    o, _ = kda_recurrent(q, k, v, g, beta)
+    o, _ = naive_recurrent_kda(q, k, v, g, beta)
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
     o = o * torch.sigmoid(layer.g_b_proj(layer.g_a_proj(x))).unflatten(-1, (H, K))
     return layer.o_proj(o.flatten(-2))
@@ -83,16 +83,16 @@ def test_decode_step_equals_recurrent_reference():
     q, k = l2_normalize(torch.randn(B, 1, H, K)), l2_normalize(torch.randn(B, 1, H, K))
     v, g = torch.randn(B, 1, H, V), -torch.rand(B, 1, H, K)
     beta, S0 = torch.rand(B, 1, H), torch.randn(B, H, K, V)
-    o, S = kda_decode_step(q, k, v, g, beta, initial_state=S0)
-    o_ref, S_ref = kda_recurrent(q, k, v, g, beta, initial_state=S0, output_final_state=True)
+    o, S = naive_kda_step(q, k, v, g, beta, initial_state=S0)
+    o_ref, S_ref = naive_recurrent_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(S, S_ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="exactly one token"):
-        kda_decode_step(*(x.repeat_interleave(2, dim=1) for x in (q, k, v, g, beta)))
+        naive_kda_step(*(x.repeat_interleave(2, dim=1) for x in (q, k, v, g, beta)))
 
 
 def test_layer_decode_uses_cache_state_like_reference():
-    """One layer decode step from a random cache equals kda_recurrent from the same state."""
+    """One layer decode step from a random cache equals naive_recurrent_kda from the same state."""
     layer = make_layer()
     cache = new_cache(layer, 2)
     cache.state.normal_()
@@ -109,7 +109,7 @@ def test_layer_decode_uses_cache_state_like_reference():
     q = l2_normalize(conv(layer.q_proj, layer.q_conv1d, tails[0]))
     k = l2_normalize(conv(layer.k_proj, layer.k_conv1d, tails[1]))
     v = conv(layer.v_proj, layer.v_conv1d, tails[2])
-    o_ref, S_ref = kda_recurrent(
+    o_ref, S_ref = naive_recurrent_kda(
         q,
         k,
         v,

@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kimi_linear.kernels import chunk_kda
-from kimi_linear.backends import dispatch_chunk_kda
-from kimi_linear.ops.checks import check_gate_lower_bound
 
+from kimi_linear.backends import dispatch_chunk_kda
 from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.ops.checks import check_gate_lower_bound
 from kimi_linear.testing import assert_kda_close, assert_rel_close, kda_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,7 +28,7 @@ import torch
 from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kimi_linear.ops import torch_chunk_kda, naive_kda_step, naive_recurrent_kda
+from kimi_linear.ops import naive_kda_step, naive_recurrent_kda, torch_chunk_kda
 from kimi_linear.ops.isolation import ISOLATION_ENV, isolate_nonfinite
 from kimi_linear.testing import assert_rel_close, kda_inputs
 

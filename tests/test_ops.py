@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kimi_linear.ops.chunk as chunk_mod
-from kimi_linear.ops import torch_chunk_kda, naive_kda_step, naive_recurrent_kda
+from kimi_linear.ops import naive_kda_step, naive_recurrent_kda, torch_chunk_kda
 from kimi_linear.ops.checks import LOG_DECAY_FLOOR
 from kimi_linear.testing import assert_rel_close
 

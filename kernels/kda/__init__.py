@@ -5,7 +5,7 @@
   in place; fla's signature and flags (L2 norm, gate, beta sigmoid fused in the kernel), GVA,
   and the serving state pool (``ssm_state_indices``, ``num_accepted_tokens``).
 
-Both take the layout of :func:`kimi_linear.ops.kda_recurrent` and run on CUDA devices, or on the
+Both take the layout of :func:`kimi_linear.ops.naive_recurrent_kda` and run on CUDA devices, or on the
 CPU under ``TRITON_INTERPRET=1`` (slow; for tests). Modules: ``chunk`` (autograd function and
 entry point), ``chunk_fwd`` / ``chunk_bwd`` (kernels and their launchers), ``fused_recurrent``,
 ``utils`` (checks, chunk tables, autotuning) and ``compile_check`` (compile every kernel for a

@@ -26,21 +26,27 @@ import functools
 
 import torch
 
-from kimi_linear.ops.backend import (
-    check_gate_lower_bound,
-    check_safe_gate_argument,
-    gate_check_enabled,
-)
-from kimi_linear.ops.checks import check_log_decay
+from kimi_linear.ops.checks import check_gate_lower_bound, check_log_decay
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
+from kimi_linear.ops.options import check_safe_gate_bound, gate_check_enabled
 
 from .chunk_bwd import chunk_kda_bwd
-from .chunk_fwd import chunk_kda_fwd
+from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
+from .fused_recurrent import _check_gate_args
+from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
 from .utils import ChunkTables, check_kernel_inputs, pack
+
+#: The chunk sizes fla's ``chunk_kda`` accepts (``chunk_size``); our kernels always run 64.
+FLA_CHUNK_SIZES = (32, 64)
 
 
 class ChunkKDAFunction(torch.autograd.Function):
-    """Autograd wrapper over the packed kernels; inputs are packed ``[TT, H, D]`` tensors."""
+    """Autograd wrapper over the packed kernels; inputs are packed ``[TT, H, D]`` tensors.
+
+    With fla's flags, q and k are L2-normalised (``l2norm``), beta goes through
+    ``beta_scale * sigmoid`` (``beta_scale`` not None) and ``g`` is the raw gate (``gate_kind``)
+    inside the kernels; the backward chains the gradients through all three.
+    """
 
     @staticmethod
     def forward(
@@ -50,13 +56,34 @@ class ChunkKDAFunction(torch.autograd.Function):
         v,
         g,
         beta,
+        A_log,
+        dt_bias,
         scale,
         initial_state,
         output_final_state,
         tables: ChunkTables,
         keep: bool,
         safe_gate: bool = False,
+        gate_kind: int | None = None,
+        lower_bound: float = 0.0,
+        l2norm: bool = False,
+        beta_scale: float | None = None,
     ):
+        q_rstd = k_rstd = None
+        if l2norm:
+            q, q_rstd = l2norm_fwd(q)
+            k, k_rstd = l2norm_fwd(k)
+        beta_raw = beta
+        if beta_scale is not None:
+            beta = beta_sigmoid_fwd(beta_raw, beta_scale)
+        gate = None
+        if gate_kind is not None:
+            gate = InKernelGate(
+                gate_kind,
+                None if A_log is None else A_log.detach().reshape(-1).contiguous(),
+                None if dt_bias is None else dt_bias.detach().reshape(-1).contiguous(),
+                lower_bound,
+            )
         # With gradients to come (``keep``, decided by the caller: grad mode is off in here),
         # keep the intermediates the backward would otherwise recompute with the most work
         # (G, Aqk, N); under no_grad / inference nothing beyond the output.
@@ -72,16 +99,20 @@ class ChunkKDAFunction(torch.autograd.Function):
             *tables,
             keep=keep,
             safe_gate=safe_gate,
+            gate=gate,
         )
         saved = (fwd.G, fwd.Aqk, fwd.Ainv) if keep else ()
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, *saved)
+        extra = (q_rstd, k_rstd, beta_raw if beta_scale is not None else None)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, *extra, *saved)
         ctx.scale, ctx.tables, ctx.safe_gate = scale, tables, safe_gate
+        ctx.gate, ctx.beta_scale = gate, beta_scale
+        ctx.param_meta = tuple(None if x is None else (x.shape, x.dtype) for x in (A_log, dt_bias))
         return fwd.o, fwd.final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, *saved = ctx.saved_tensors
-        dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd(
+        q, k, v, g, beta, initial_state, q_rstd, k_rstd, beta_raw, *saved = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0, dA, dbias = chunk_kda_bwd(
             q,
             k,
             v,
@@ -94,8 +125,17 @@ class ChunkKDAFunction(torch.autograd.Function):
             *ctx.tables,
             saved=tuple(saved) or None,
             safe_gate=ctx.safe_gate,
+            gate=ctx.gate,
         )
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
+        if q_rstd is not None:
+            dq = l2norm_bwd(q, q_rstd, dq)
+            dk = l2norm_bwd(k, k_rstd, dk)
+        if beta_raw is not None:
+            dbeta = beta_sigmoid_bwd(beta_raw, dbeta, ctx.beta_scale)
+        grads = []
+        for d, meta in zip((dA, dbias), ctx.param_meta):
+            grads.append(None if meta is None or d is None else d.reshape(meta[0]).to(meta[1]))
+        return (dq, dk, dv, dg, dbeta, *grads, None, dh0, *([None] * 8))
 
 
 def chunk_kda(
@@ -107,45 +147,100 @@ def chunk_kda(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    safe_gate: bool = False,
+    lower_bound: float | None = None,
+    disable_recompute: bool = False,
+    return_intermediate_states: bool = False,
+    state_v_first: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    cp_context: object | None = None,
+    use_graph: bool = False,
+    max_num_seqs: int | None = None,
+    *,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    chunk_size: int = 64,
     gate_lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention, chunked, with Triton kernels for forward and backward.
 
-    Same meaning as :func:`kimi_linear.ops.kda_recurrent`: per head, with fp32 state ``S [K, V]``,
-    ``S = diag(exp(g_t)) S; S += beta_t k_t (v_t - S^T k_t)^T; o_t = S^T (scale q_t)``.
+    The signature of ``fla.ops.kda.chunk_kda`` (fla 0.6: same keyword names, positions and
+    defaults; fla's ``**kwargs`` ``A_log``, ``dt_bias``, ``chunk_size`` are keyword-only
+    here), so a call written for fla runs unchanged, plus the kit's ``gate_lower_bound``.
+    Same meaning as :func:`kimi_linear.ops.naive_recurrent_kda`: per head, with fp32 state
+    ``S [K, V]``, ``S = diag(exp(g_t)) S; S += beta_t k_t (v_t - S^T k_t)^T;
+    o_t = S^T (scale q_t)``.
 
     Args:
-        q, k: ``[B, T, H, K]`` queries and keys (L2-normalise them: the chunked form relies on
-            ``||k|| <= 1``), fp16 / bf16 / fp32, one dtype for q, k, v.
+        q, k: ``[B, T, H, K]`` queries and keys (L2-normalise them, or pass
+            ``use_qk_l2norm_in_kernel=True``: the chunked form relies on ``||k|| <= 1``),
+            fp16 / bf16 / fp32, one dtype for q, k, v.
         v: ``[B, T, H, V]`` values; ``V`` may differ from ``K``; both at most 256.
         g: ``[B, T, H, K]`` log decay in ``[-inf, 0]`` (any of the three dtypes; used in fp32);
             ``-inf`` (complete forgetting) and values far below -1000 are exact (clamped per
             step where ``exp`` underflows to 0). ``g > 0`` is not checked unless
-            ``KIMI_LINEAR_CHECK_GATE=1`` (a device sync) and may overflow to inf / NaN.
-        beta: ``[B, T, H]`` delta-rule step sizes.
+            ``KIMI_LINEAR_CHECK_GATE=1`` (a device sync) and may overflow to inf / NaN. With
+            ``use_gate_in_kernel``: the raw gate projection.
+        beta: ``[B, T, H]`` delta-rule step sizes (their logits with
+            ``use_beta_sigmoid_in_kernel``).
         scale: factor on q, default ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` state before the first token (cast to fp32), ``N = B``,
-            or the number of sequences with ``cu_seqlens``.
+            or the number of sequences with ``cu_seqlens`` (``[N, H, V, K]`` with
+            ``state_v_first``).
         output_final_state: also return the ``[N, H, K, V]`` fp32 state after the last token.
+        use_qk_l2norm_in_kernel: L2-normalise q and k (``x / sqrt(||x||^2 + 1e-6)``, fp32) in
+            a Triton kernel before the pipeline; its backward kernel chains dq, dk.
+        use_gate_in_kernel: ``g`` is the raw gate projection; the cumulative-sum kernel forms
+            the log decay ``-exp(A_log) * softplus(g + dt_bias)`` or, with ``lower_bound``,
+            ``lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`` (``lower_bound *
+            sigmoid(g + dt_bias)`` without ``A_log``), and the backward's last kernel chains
+            the gradient into g, ``A_log`` and ``dt_bias``.
+        use_beta_sigmoid_in_kernel: ``beta`` holds logits; a kernel applies the sigmoid.
+        allow_neg_eigval: with ``use_beta_sigmoid_in_kernel``, take ``2 * sigmoid(beta)``.
+        safe_gate: the bounded-gate fast path (same results, tensor-core diagonal blocks):
+            with ``use_gate_in_kernel`` it needs ``lower_bound`` in ``[-5, 0)``; without, it is
+            the caller's promise that ``g >= lower_bound`` (``-5`` when None).
+        lower_bound: with ``use_gate_in_kernel``, the safe gate's bound (a finite number < 0;
+            in ``[-5, 0)`` it also selects the fast path); without, the promised bound of
+            ``g`` (as ``gate_lower_bound``).
+        disable_recompute: accepted for fla's signature; our kernels always keep the same
+            intermediates (``G``, ``Aqk``, ``N``) for the backward.
+        return_intermediate_states, cp_context, use_graph: fla serving / context-parallel /
+            graph modes; not available here (``ValueError`` when set; see
+            :func:`kimi_linear.backends.dispatch_chunk_kda` and
+            :mod:`kimi_linear.context_parallel`). ``max_num_seqs`` goes with ``use_graph``.
+        state_v_first: initial and final states are ``[..., V, K]`` (transposed copies of the
+            small state tensors; the kernels keep ``[K, V]``).
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (needs ``B == 1``);
             each sequence starts from its own initial-state row, as if run alone.
-        gate_lower_bound: ``None`` (any ``g``), or the caller's promise that every
-            ``g >= gate_lower_bound``, a number in ``[-5, 0)`` (the bounded safe gate,
-            ``KimiLinearConfig.kda_gate_lower_bound``): the forward and backward then form the
-            diagonal 16-token sub-chunk factors by tensor-core products (the fast path of
-            :mod:`kimi_linear.kernels.chunk_fwd`); same results. A ``g`` below the bound is
-            not checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
+        cu_seqlens_cpu: the same offsets on the host, if the caller has them (saves the
+            device-to-host copy that builds the chunk tables).
+        A_log: ``H`` values (any shape), with ``use_gate_in_kernel`` (optional with
+            ``lower_bound``); receives a gradient.
+        dt_bias: ``H * K`` values, with ``use_gate_in_kernel``, optional; receives a gradient.
+        chunk_size: fla's chunk length, 32 or 64 (anything else is fla's ``ValueError``); our
+            kernels always run 64-token chunks (the results do not depend on it).
+        gate_lower_bound: the kit's name for the promise ``g >= gate_lower_bound``, a number in
+            ``[-5, 0)`` (``KimiLinearConfig.kda_gate_lower_bound``): selects the fast path of
+            :mod:`kimi_linear.kernels.chunk_fwd`; same results. A ``g`` below the bound is not
+            checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state fp32 or ``None``.
-        Gradients flow to q, k, v, g, beta, initial_state (and from a gradient on final_state).
+        Gradients flow to q, k, v, g, beta, initial_state, A_log, dt_bias (and from a gradient
+        on final_state).
 
     Raises:
         ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, CPU
-            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), a
-            ``gate_lower_bound`` outside ``[-5, 0)``, or (with ``KIMI_LINEAR_CHECK_GATE=1``) a
-            ``g`` value above 0 or below ``gate_lower_bound``.
+            tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), a bad
+            ``chunk_size`` (fla's message), bad gate / beta flags (fla's rules), a
+            ``gate_lower_bound`` outside ``[-5, 0)``, an unsupported fla mode, or (with
+            ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` value above 0 or below the promised bound.
 
     Non-finite inputs (NaN / inf in q, k, v, beta; NaN in g) are isolated as the recurrence
     isolates them: outputs of the poisoned sequence and head are NaN from the poisoned token on,
@@ -155,24 +250,87 @@ def chunk_kda(
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
-    B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    lower_bound = check_safe_gate_argument(gate_lower_bound)
-    if gate_check_enabled():  # opt-in: a reduction or two and a device sync
-        check_log_decay(g)
+    del disable_recompute, max_num_seqs  # accepted for fla's signature (see Args)
+    if chunk_size not in FLA_CHUNK_SIZES:
+        raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
+    for name, on in (
+        ("return_intermediate_states", return_intermediate_states),
+        ("use_graph", use_graph),
+        ("cp_context", cp_context is not None),
+    ):
+        if on:
+            raise ValueError(
+                f"{name} is an fla mode kimi_linear.kernels.chunk_kda does not implement: use "
+                "kimi_linear.backends.dispatch_chunk_kda (return_intermediate_states) or "
+                "kimi_linear.context_parallel (context parallelism), or leave it at its default"
+            )
+    state_arg = initial_state
+    if state_v_first and initial_state is not None:
+        state_arg = initial_state.transpose(-1, -2)
+    B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, state_arg, cu_seqlens)
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    gate_kind, fast = None, False
+    if use_gate_in_kernel:
+        if gate_lower_bound is not None:
+            raise ValueError(
+                "gate_lower_bound promises a bound on the log decay g; with "
+                "use_gate_in_kernel=True g is the raw gate: pass lower_bound (the safe gate)"
+            )
+        if safe_gate:
+            if lower_bound is None:
+                raise ValueError(
+                    "`lower_bound` must be specified when `safe_gate=True` and "
+                    "`use_gate_in_kernel=True`."
+                )
+            check_safe_gate_bound(lower_bound, "lower_bound")
+        bound = _check_gate_args(True, A_log, dt_bias, lower_bound, H, K, q.device)
+        gate_kind = GATE_SOFTPLUS if bound is None else GATE_LOWER_BOUND
+        # the bounded gate keeps every g in (bound, 0): the fast path's condition
+        fast = bound is not None and bound >= -5.0
+        lower_bound = bound
+    else:
+        _check_gate_args(False, A_log, dt_bias, None, H, K, q.device)
+        promise = check_safe_gate_bound(gate_lower_bound)
         if lower_bound is not None:
-            check_gate_lower_bound(g, lower_bound)
+            if promise is not None and float(lower_bound) != promise:
+                raise ValueError(
+                    f"lower_bound={lower_bound!r} and gate_lower_bound={gate_lower_bound!r} "
+                    "are the same promise on g: pass one"
+                )
+            promise = check_safe_gate_bound(lower_bound, "lower_bound")
+        if safe_gate and promise is None:
+            promise = -5.0
+        fast = promise is not None
+        if gate_check_enabled():  # opt-in: a reduction or two and a device sync
+            check_log_decay(g)
+            if promise is not None:
+                check_gate_lower_bound(g, promise)
+        lower_bound = 0.0
     scale = K**-0.5 if scale is None else float(scale)
+    if state_v_first and initial_state is not None:
+        initial_state = initial_state.transpose(-1, -2)
     run = functools.partial(
         _chunk_kda_packed,
+        A_log=A_log if use_gate_in_kernel else None,
+        dt_bias=dt_bias if use_gate_in_kernel else None,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        safe_gate=lower_bound is not None,
+        cu_seqlens=cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu,
+        safe_gate=fast,
+        gate_kind=gate_kind,
+        lower_bound=lower_bound,
+        l2norm=bool(use_qk_l2norm_in_kernel),
+        beta_scale=(2.0 if allow_neg_eigval else 1.0) if use_beta_sigmoid_in_kernel else None,
     )
     if isolation_enabled():  # device ops on every call, no sync (isolation.py)
-        return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
-    return run(q, k, v, g, beta)
+        o, final_state = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
+    else:
+        o, final_state = run(q, k, v, g, beta)
+    if state_v_first and final_state is not None:
+        final_state = final_state.transpose(-1, -2).contiguous()
+    return o, final_state
 
 
 def _chunk_kda_packed(
@@ -182,11 +340,17 @@ def _chunk_kda_packed(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
     scale: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     safe_gate: bool,
+    gate_kind: int | None,
+    lower_bound: float,
+    l2norm: bool,
+    beta_scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output."""
     B, T, H, _ = q.shape
@@ -194,9 +358,25 @@ def _chunk_kda_packed(
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     keep = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)
     )
     o, final_state = ChunkKDAFunction.apply(
-        pq, pk, pv, pg, pb, scale, h0, output_final_state, tables, keep, safe_gate
+        pq,
+        pk,
+        pv,
+        pg,
+        pb,
+        A_log,
+        dt_bias,
+        scale,
+        h0,
+        output_final_state,
+        tables,
+        keep,
+        safe_gate,
+        gate_kind,
+        lower_bound,
+        l2norm,
+        beta_scale,
     )
     return o.view(B, T, H, V), final_state

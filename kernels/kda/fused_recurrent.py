@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.backend import gate_check_enabled
 from kimi_linear.ops.checks import check_log_decay
+from kimi_linear.ops.options import gate_check_enabled
 from kimi_linear.ops.serving import check_state_pool, check_state_slots, slot_checks_enabled
 
 from .utils import check_kernel_inputs, checked_grid, next_pow2, pack

@@ -414,7 +414,7 @@ def check_kernel_inputs(
         if not interpret_mode():
             raise ValueError(
                 "q is on the CPU: the Triton KDA kernels need a CUDA device (or TRITON_INTERPRET=1, "
-                "slow); use the torch backend kimi_linear.ops.kda_recurrent / kda_chunk on CPU"
+                "slow); use the torch backend kimi_linear.ops.naive_recurrent_kda / torch_chunk_kda on CPU"
             )
     elif q.device.type != "cuda":
         raise ValueError(f"q is on {q.device}: the Triton KDA kernels need a CUDA device")

@@ -16,9 +16,9 @@ bounded safe gate ``lower_bound * sigmoid(exp(A_log) * (f_b(f_a(x)) + dt_bias))`
 (:mod:`kimi_linear.ops.gate` forms both).
 
 The recurrence runs through the backend named by ``config.kda_backend`` (``"auto"``, ``"torch"``,
-``"triton"`` or ``"fla"``), via the two entry points of :mod:`kimi_linear.ops.backend`:
-:func:`~kimi_linear.ops.backend.kda_decode` for single-token steps and
-:func:`~kimi_linear.ops.backend.kda_chunked` otherwise. ``"auto"`` is the pure-PyTorch path off
+``"triton"`` or ``"fla"``), via the two entry points of :mod:`kimi_linear.backends`:
+:func:`~kimi_linear.backends.dispatch_decode_kda` for single-token steps and
+:func:`~kimi_linear.backends.dispatch_chunk_kda` otherwise. ``"auto"`` is the pure-PyTorch path off
 CUDA and fla's kernels on CUDA (ours only on GPU architectures where they passed the GPU suite).
 
 Parameter names and shapes follow the released Kimi-Linear checkpoints, so their state dicts
@@ -35,11 +35,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from kimi_linear.backends import (
+    KDABackend,
+    dispatch_chunk_kda,
+    dispatch_decode_kda,
+    get_kda_backend,
+)
 from kimi_linear.cache import KDALayerCache
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.fp32 import KeepsFloat32
 from kimi_linear.layers.norm import RMSNorm
-from kimi_linear.ops.backend import check_kda_backend, kda_chunked, kda_decode
 from kimi_linear.ops.gate import kda_gate
+from kimi_linear.ops.options import check_kda_backend
 from kimi_linear.packing import PackedDocuments, packed_documents
 
 __all__ = ["KimiDeltaAttention", "causal_conv1d", "causal_conv1d_packed", "l2_normalize"]
@@ -176,7 +183,7 @@ def causal_conv1d_packed(
 # ---------------------------------------------------------------------------------------------
 # the layer
 # ---------------------------------------------------------------------------------------------
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(KeepsFloat32, nn.Module):
     """KDA token mixer with release parameter names (see the module docstring).
 
     Args:
@@ -187,9 +194,10 @@ class KimiDeltaAttention(nn.Module):
 
     Attributes:
         backend: the backend name used by :meth:`forward`, one of
-            :data:`kimi_linear.ops.backend.KDA_BACKENDS` (initialised from
-            ``config.kda_backend``; may be reassigned per layer, e.g. by benchmarks; validated
-            on assignment).
+            :data:`kimi_linear.ops.options.KDA_BACKENDS` (initialised from
+            ``config.kda_backend``, which the config validated; may be reassigned per layer,
+            e.g. by benchmarks, validated on assignment). Resolved to a
+            :class:`~kimi_linear.backends.KDABackend` once per device, not per call.
     """
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int | None = None) -> None:
@@ -201,7 +209,8 @@ class KimiDeltaAttention(nn.Module):
         self.head_dim = K = config.kda_head_dim
         self.conv_size = W = config.kda_conv_size
         self.gate_mode = config.kda_gate
-        self.backend = config.kda_backend
+        self._backend = config.kda_backend  # validated by the config
+        self._resolved: tuple[torch.device, KDABackend] | None = None
         self.chunk_size = config.kda_chunk_size
         proj = H * K
 
@@ -229,32 +238,28 @@ class KimiDeltaAttention(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The KDA backend name (see :mod:`kimi_linear.ops.backend`)."""
+        """The KDA backend name (see :mod:`kimi_linear.backends`)."""
         return self._backend
 
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = check_kda_backend(name)
+        self._resolved = None
 
-    #: parameters kept in float32 through ``module.to(dtype)`` / ``.bfloat16()`` (as released)
-    _fp32_parameters = ("A_log", "dt_bias")
+    def _backend_for(self, device: torch.device) -> str | KDABackend:
+        """The layer's backend for inputs on ``device``: resolved (and its operators imported)
+        on the first call per device, then reused, so no call re-validates the name. Under
+        ``torch.compile`` the name, which the dispatcher hands to its custom op."""
+        if torch.compiler.is_compiling():
+            return self._backend
+        resolved = self._resolved
+        if resolved is None or resolved[0] != device:
+            resolved = self._resolved = (device, get_kda_backend(self._backend, device))
+        return resolved[1]
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        """``nn.Module._apply`` that keeps :attr:`_fp32_parameters` in float32 (device moves
-        still apply), so a bf16 model keeps full-precision decay parameters."""
-        originals = {
-            n: getattr(self._parameters.get(n), "data", None) for n in self._fp32_parameters
-        }
-        result = super()._apply(fn, recurse)
-        for name, orig in originals.items():
-            p = self._parameters.get(name)
-            if p is None or orig is None or p.dtype == torch.float32:
-                continue
-            if orig.dtype == torch.float32 and orig.device.type != "meta":
-                p.data = orig.to(device=p.device)  # undo the down-cast without rounding
-            else:
-                p.data = p.data.float()
-        return result
+    #: the decay gate's parameters stay float32 whatever the model dtype, as released (the one
+    #: rule: :mod:`kimi_linear.layers.fp32`)
+    fp32_tensors = ("A_log", "dt_bias")
 
     # ----------------------------------------------------------------- init
     #: ranges of the decay init: ``A ~ U[A_RANGE]``, ``dt`` log-uniform in ``DT_RANGE``
@@ -455,7 +460,7 @@ class KimiDeltaAttention(nn.Module):
                 v,
                 g,
                 beta,
-                backend=self.backend,
+                backend=self._backend_for(q.device),
                 chunk_size=self.chunk_size,
                 gate_lower_bound=self.config.kda_gate_lower_bound,
             )
@@ -493,24 +498,24 @@ class KimiDeltaAttention(nn.Module):
         """
         want_state = state is not None
         if q.shape[1] == 1 and cu_seqlens is None:
-            return kda_decode(
+            return dispatch_decode_kda(
                 q,
                 k,
                 v,
                 g,
                 beta,
-                backend=self.backend,
+                backend=self._backend_for(q.device),
                 initial_state=state,
                 output_final_state=want_state,
                 inplace_state=want_state,
             )
-        return kda_chunked(
+        return dispatch_chunk_kda(
             q,
             k,
             v,
             g,
             beta,
-            backend=self.backend,
+            backend=self._backend_for(q.device),
             initial_state=state,
             output_final_state=want_state,
             cu_seqlens=cu_seqlens,

@@ -511,7 +511,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
             from kimi_linear.flops import flops_per_token, kda_flops_chunk
 
             chunk = kda_flops_chunk(config, pl_module.device.type)
-            self._flops_per_token[T] = flops_per_token(config, T, training=True, kda_chunk=chunk)
+            self._flops_per_token[T] = flops_per_token(config, T, training=True, torch_chunk_kda=chunk)
         return self._flops_per_token[T] * ids.numel()
 
     def on_train_batch_end(

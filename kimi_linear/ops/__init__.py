@@ -1,69 +1,84 @@
-"""KDA operators: the pure-PyTorch reference ops and the backend dispatch.
+"""KDA reference operators in pure PyTorch, and the rules every KDA implementation shares.
 
-* :func:`kda_recurrent`: token by token, the readable specification (float64-capable).
-* :func:`kda_decode_step`: one token per sequence, the cheap decode update.
-* :func:`kda_chunk`: the chunked WY / UT-transform form, batched over chunks; the CPU training
-  path (same signature plus ``chunk_size``).
-* :func:`kda_chunked` / :func:`kda_decode`: the two entry points of every backend
-  (``torch``, ``triton``, ``fla``, ``auto``; see :mod:`kimi_linear.ops.backend`).
+* :func:`naive_recurrent_kda`: token by token, the readable specification (float64-capable).
+* :func:`naive_kda_step`: one token per sequence, the cheap decode update.
+* :func:`torch_chunk_kda`: the chunked WY / UT-transform form, batched over chunks; the
+  ``"torch"`` backend's training path (same signature plus ``chunk_size``).
+* :func:`kda_gate`: the decay gate (release and safe forms).
+* :mod:`kimi_linear.ops.options` (torch-free): the backend names, the safe gate's range, the
+  gate-check switch; :mod:`kimi_linear.ops.checks`: the input contract (shapes, ``cu_seqlens``,
+  ``g``).
 
-Names are loaded on first access, so that :mod:`kimi_linear.ops.backend` (the backend names,
-imported by the configuration) stays importable without torch.
+The backend dispatcher (``dispatch_chunk_kda`` / ``dispatch_decode_kda``, formerly
+``kimi_linear.ops.kda_chunked`` / ``kda_decode``) lives in :mod:`kimi_linear.backends`, above
+this package. Names are loaded on first access, so that importing this package imports no torch.
+The old names ``kda_chunk``, ``kda_recurrent`` and ``kda_decode_step`` still work and warn
+(``DeprecationWarning``).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 # public name -> module that defines it
 _LAZY = {
-    "KDA_BACKENDS": "kimi_linear.ops.backend",
-    "KDABackend": "kimi_linear.ops.backend",
-    "check_kda_backend": "kimi_linear.ops.backend",
-    "get_kda_backend": "kimi_linear.ops.backend",
-    "kda_chunked": "kimi_linear.ops.backend",
-    "kda_decode": "kimi_linear.ops.backend",
-    "resolve_kda_backend": "kimi_linear.ops.backend",
+    "KDA_BACKENDS": "kimi_linear.ops.options",
+    "SAFE_GATE_LOWER_BOUND_RANGE": "kimi_linear.ops.options",
+    "check_kda_backend": "kimi_linear.ops.options",
+    "check_safe_gate_bound": "kimi_linear.ops.options",
     "check_kda_inputs": "kimi_linear.ops.checks",
     "check_log_decay": "kimi_linear.ops.checks",
-    "kda_chunk": "kimi_linear.ops.chunk",
-    "kda_decode_step": "kimi_linear.ops.naive",
-    "kda_recurrent": "kimi_linear.ops.naive",
+    "kda_gate": "kimi_linear.ops.gate",
+    "naive_kda_step": "kimi_linear.ops.naive",
+    "naive_recurrent_kda": "kimi_linear.ops.naive",
+    "torch_chunk_kda": "kimi_linear.ops.chunk",
+}
+
+# deprecated name -> its new name (issue 22); the README lists them
+_DEPRECATED = {
+    "kda_chunk": "torch_chunk_kda",
+    "kda_decode_step": "naive_kda_step",
+    "kda_recurrent": "naive_recurrent_kda",
 }
 
 __all__ = [
     "KDA_BACKENDS",
-    "KDABackend",
+    "SAFE_GATE_LOWER_BOUND_RANGE",
     "check_kda_backend",
     "check_kda_inputs",
     "check_log_decay",
-    "get_kda_backend",
-    "kda_chunk",
-    "kda_chunked",
-    "kda_decode",
-    "kda_decode_step",
-    "kda_recurrent",
-    "resolve_kda_backend",
+    "check_safe_gate_bound",
+    "kda_gate",
+    "naive_kda_step",
+    "naive_recurrent_kda",
+    "torch_chunk_kda",
 ]
 assert sorted(__all__) == sorted(_LAZY)
 
 if TYPE_CHECKING:
-    from kimi_linear.ops.backend import (
-        KDA_BACKENDS,
-        KDABackend,
-        check_kda_backend,
-        get_kda_backend,
-        kda_chunked,
-        kda_decode,
-        resolve_kda_backend,
-    )
     from kimi_linear.ops.checks import check_kda_inputs, check_log_decay
-    from kimi_linear.ops.chunk import kda_chunk
-    from kimi_linear.ops.naive import kda_decode_step, kda_recurrent
+    from kimi_linear.ops.chunk import torch_chunk_kda
+    from kimi_linear.ops.gate import kda_gate
+    from kimi_linear.ops.naive import naive_kda_step, naive_recurrent_kda
+    from kimi_linear.ops.options import (
+        KDA_BACKENDS,
+        SAFE_GATE_LOWER_BOUND_RANGE,
+        check_kda_backend,
+        check_safe_gate_bound,
+    )
 
 
 def __getattr__(name: str) -> Any:
+    new = _DEPRECATED.get(name)
+    if new is not None:
+        warnings.warn(
+            f"kimi_linear.ops.{name} is deprecated; use kimi_linear.ops.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kimi_linear.ops' has no attribute {name!r}")

@@ -51,6 +51,32 @@ def check_log_decay(g: torch.Tensor, name: str = "g") -> None:
             )
 
 
+def check_gate_lower_bound(g: torch.Tensor, lower_bound: float, name: str = "g") -> None:
+    """Raise ``ValueError`` unless every value of ``g`` is at least ``lower_bound`` (NaN passes:
+    the ops isolate it as a poisoned token), up to the rounding of ``g``'s dtype (a bound of
+    ``lower_bound * (1 + eps)``: a safe-gate value rounded to bf16 may land half an ulp below a
+    bound that bf16 cannot represent).
+
+    The check behind ``KIMI_LINEAR_CHECK_GATE=1`` for ``gate_lower_bound`` (the scalar bound
+    itself is checked by :func:`kimi_linear.ops.options.check_safe_gate_bound`): one reduction
+    (a device sync on CUDA); skipped for tensors without data (meta) and under
+    ``torch.compile``.
+    """
+    if g.device.type == "meta" or g.numel() == 0 or torch.compiler.is_compiling():
+        return
+    eps = torch.finfo(g.dtype).eps if g.dtype.is_floating_point else 0.0
+    bound = lower_bound * (1.0 + eps)
+    if not bool(g.min() >= bound):  # min propagates NaN: then look closer
+        bad = g[g < bound]  # NaN is a poisoned token, isolated by the ops (not a broken promise)
+        if bad.numel():
+            raise ValueError(
+                f"{name} must be >= gate_lower_bound={lower_bound} everywhere (the safe gate's "
+                f"promise, which selects the kernels' fast path); found {bad.numel()} value(s) "
+                f"below it, e.g. {bad.flatten()[0].item()!r}. Pass gate_lower_bound=None for an "
+                "unbounded gate"
+            )
+
+
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     """A context that disables autocast on ``device`` (a no-op for devices autocast does not
     know, such as ``meta``, where ``torch.autocast`` itself would raise)."""

@@ -1,7 +1,10 @@
 """Chunked KDA in pure PyTorch: the WY / UT-transform form, batched over all chunks.
 
+One job: :func:`torch_chunk_kda`, the ``"torch"`` backend's chunked op, with its hand-written
+backward and its numerics (Gram paths, sub-chunk factors, varlen), which read as one piece.
+
 This is the CPU training path of the model (and the reference the Triton kernels are checked
-against at long lengths). It computes exactly what :func:`kimi_linear.ops.kda_recurrent`
+against at long lengths). It computes exactly what :func:`kimi_linear.ops.naive_recurrent_kda`
 computes, in the form of the Kimi Linear paper (eqs. 1-9). Per head, chunk of ``C`` tokens,
 cumulative log decay ``G_r = sum_{i <= r} g_i`` inside the chunk (a ``K``-vector per token)::
 
@@ -90,9 +93,9 @@ from kimi_linear.ops.checks import (
 )
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
-__all__ = ["kda_chunk"]
+__all__ = ["torch_chunk_kda"]
 
-#: Default ``chunk_size`` of :func:`kda_chunk`: on CPU, the fastest of 16, 32 and 64 for training
+#: Default ``chunk_size`` of :func:`torch_chunk_kda`: on CPU, the fastest of 16, 32 and 64 for training
 #: shapes (``benchmarks/kda_cpu.py``; 64 does twice the intra-chunk matmul work per token).
 DEFAULT_CHUNK_SIZE = 32
 #: Width of the sub-chunks used for chunks with strong decay.
@@ -508,11 +511,11 @@ class _ChunkCumsum(torch.autograd.Function):
 
 
 class _ChunkedKDA(torch.autograd.Function):
-    """Everything of :func:`kda_chunk` after the cumulative sum of the log decay, with a
+    """Everything of :func:`torch_chunk_kda` after the cumulative sum of the log decay, with a
     hand-written backward.
 
     Inputs (``n`` chunks of ``C`` tokens, batch dims ``*batch`` (``(B, H)`` from
-    :func:`kda_chunk`), ``b`` their product): ``q, k: [n, *batch, C, K]`` (unscaled queries,
+    :func:`torch_chunk_kda`), ``b`` their product): ``q, k: [n, *batch, C, K]`` (unscaled queries,
     keys; any strides, e.g. permuted views of the ``[B, T, H, K]`` inputs: they are only read
     element-wise), ``v: [n, *batch, C, V]`` (likewise), ``G: [n, *batch, C, K]`` (cumulative
     log decay per chunk) and ``beta: [n, *batch, C, 1]`` (both contiguous), ``S0: [b, K, V]``
@@ -748,7 +751,7 @@ class _ChunkedKDA(torch.autograd.Function):
         return dq, dk, dv, dG, d_beta, dS_flat[0], None, None, None
 
 
-def kda_chunk(
+def torch_chunk_kda(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -763,7 +766,7 @@ def kda_chunk(
 ) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention in the chunked (WY / UT-transform) form; pure PyTorch, autograd.
 
-    Same semantics, layout and dtypes as :func:`kimi_linear.ops.kda_recurrent`; gradients flow
+    Same semantics, layout and dtypes as :func:`kimi_linear.ops.naive_recurrent_kda`; gradients flow
     to ``q, k, v, g, beta`` and ``initial_state``.
 
     Args:
@@ -882,9 +885,9 @@ def _kda_chunk_clean(
     clamp: bool | None = None,
     states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`kda_chunk` on checked, finite inputs (``clamp``: :func:`_check_log_decay`'s
+    """:func:`torch_chunk_kda` on checked, finite inputs (``clamp``: :func:`_check_log_decay`'s
     answer, recomputed when ``None``; ``states_out``: a dict that receives ``"h"``, the
-    chunk-start states of :func:`kda_chunk`'s ``return_intermediate_states``)."""
+    chunk-start states of :func:`torch_chunk_kda`'s ``return_intermediate_states``)."""
     compute = compute_dtype(q.dtype)
     if clamp is None:
         clamp = _check_log_decay(g, compute)
@@ -904,7 +907,7 @@ def _poison_chunk_starts(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
 ) -> torch.Tensor:
-    """The chunk-start states ``h`` of :func:`kda_chunk` (computed on cleaned inputs) with
+    """The chunk-start states ``h`` of :func:`torch_chunk_kda` (computed on cleaned inputs) with
     every state after a poisoning token of its sequence and head set to NaN, as the recurrence
     has it (the rule :func:`~kimi_linear.ops.isolation.isolate_nonfinite` applies to the final
     state)."""
@@ -939,7 +942,7 @@ def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:
     if torch.compiler.is_compiling():
         return True
     lo, hi = torch.aminmax(g)
-    if not bool(hi <= 0):  # some g > 0 (refused) or NaN (isolated by kda_chunk)
+    if not bool(hi <= 0):  # some g > 0 (refused) or NaN (isolated by torch_chunk_kda)
         check_log_decay(g)  # raises for g > 0, with the message
     # NaN (aminmax propagates it) says clamp too: the cleaned g may hold values below the floor
     return not bool(lo >= LOG_DECAY_FLOOR[compute])
@@ -965,7 +968,7 @@ def _kda_chunk_varlen(
     clamp: bool,
     states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kda_chunk` over packed sequences (``B == 1``); returns ``(o, final_states)``
+    """:func:`torch_chunk_kda` over packed sequences (``B == 1``); returns ``(o, final_states)``
     (and into ``states_out["h"]`` the chunk-start states ``[1, NT, H, K, V]``, sequence by
     sequence, when given).
 
@@ -1035,7 +1038,7 @@ def _kda_chunk(
     clamp: bool,
     states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The computation of :func:`kda_chunk` on validated inputs; returns ``(o, final_state)``.
+    """The computation of :func:`torch_chunk_kda` on validated inputs; returns ``(o, final_state)``.
     ``clamp``: some ``g`` lies below ``LOG_DECAY_FLOOR[compute]`` (:func:`_check_log_decay`).
     ``states_out``: a dict that receives ``"h"``, the chunk-start states
     ``[B, ceil(T / chunk_size), H, K, V]`` (no gradient)."""
@@ -1063,7 +1066,7 @@ def _kda_chunk(
         # tensor, not a copy: q, k, v are read in this layout where they are first multiplied.
         x = x.to(compute)
         # clamped only when some value is below the floor (``clamp``, from the read-only check
-        # in kda_chunk: cheaper than the clamp and the mask its backward keeps)
+        # in torch_chunk_kda: cheaper than the clamp and the mask its backward keeps)
         if floor is not None and clamp:
             x = x.clamp(min=floor)
         if pad:

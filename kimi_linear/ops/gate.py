@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # the allowed ``lower_bound`` of the safe gate, ``[-5, 0)``: one rule with the config's check
-from kimi_linear.config import SAFE_GATE_LOWER_BOUND_RANGE
-from kimi_linear.ops.backend import check_safe_gate_argument
+from kimi_linear.ops.options import SAFE_GATE_LOWER_BOUND_RANGE, check_safe_gate_bound
 
 __all__ = ["SAFE_GATE_LOWER_BOUND_RANGE", "kda_gate"]
 
@@ -59,7 +58,7 @@ def kda_gate(
         raise ValueError(f"A_log must hold H={H} values, got shape {tuple(A_log.shape)}")
     if dt_bias.numel() != H * K:
         raise ValueError(f"dt_bias must hold H*K={H * K} values, got shape {tuple(dt_bias.shape)}")
-    lower_bound = check_safe_gate_argument(lower_bound, "lower_bound")
+    lower_bound = check_safe_gate_bound(lower_bound, "lower_bound")
     wide = torch.float64 in (f.dtype, A_log.dtype, dt_bias.dtype)
     dtype = torch.float64 if wide else torch.float32
     x = f.to(dtype) + dt_bias.to(dtype).reshape(H, K)

@@ -134,7 +134,7 @@ def has_nonfinite(
 ) -> bool:
     """Whether some input holds NaN / inf where the op cannot take it (``g = -inf`` is a valid
     decay). A host read (a device sync on CUDA): the ops never call it (they isolate on every
-    call); kept for callers that want to ask, e.g. ``kda_chunk`` of earlier revisions loaded by
+    call); kept for callers that want to ask, e.g. ``torch_chunk_kda`` of earlier revisions loaded by
     ``benchmarks/kda_cpu.py --baseline``."""
     if q.numel() == 0 or q.device.type == "meta":
         return False

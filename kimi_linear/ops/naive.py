@@ -10,8 +10,8 @@ Per head, with state ``S`` of shape ``[K, V]`` and per-channel log decay ``g_t``
 Computation runs in float64 for float64 inputs and in float32 otherwise; outputs come back in
 the dtype of ``v``; the final state is float32 (float64 for float64 inputs).
 
-* :func:`kda_recurrent`: any number of tokens, dense or packed (``cu_seqlens``).
-* :func:`kda_decode_step`: one token per sequence, the cheap decode update.
+* :func:`naive_recurrent_kda`: any number of tokens, dense or packed (``cu_seqlens``).
+* :func:`naive_kda_step`: one token per sequence, the cheap decode update.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from kimi_linear.ops.checks import (
     empty_outputs,
 )
 
-__all__ = ["kda_decode_step", "kda_recurrent"]
+__all__ = ["naive_kda_step", "naive_recurrent_kda"]
 
 
-def kda_recurrent(
+def naive_recurrent_kda(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -96,7 +96,7 @@ def _recurrent(
     output_final_state: bool,
     compute: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The recurrence of :func:`kda_recurrent` on validated dense inputs."""
+    """The recurrence of :func:`naive_recurrent_kda` on validated dense inputs."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -117,7 +117,7 @@ def _recurrent(
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def kda_decode_step(
+def naive_kda_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -130,7 +130,7 @@ def kda_decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One KDA token per sequence: the cheap decode update, differentiable.
 
-    Same layout and semantics as :func:`kda_recurrent` restricted to one step: q, k, g
+    Same layout and semantics as :func:`naive_recurrent_kda` restricted to one step: q, k, g
     ``[B, 1, H, K]``, v ``[B, 1, H, V]``, beta ``[B, 1, H]``, state ``[B, H, K, V]``. With
     ``cu_seqlens`` (``[N + 1]`` offsets, ``B == 1``) the tokens are packed ``[1, N, ...]``, one
     per sequence (``cu_seqlens == [0, 1, ..., N]``), and the state is ``[N, H, K, V]``.
@@ -140,7 +140,7 @@ def kda_decode_step(
         ``(o [B, 1, H, V] in v's dtype, new_state or None)``.
 
     Raises:
-        ValueError: the checks of :func:`kda_recurrent`, or more than one token per sequence.
+        ValueError: the checks of :func:`naive_recurrent_kda`, or more than one token per sequence.
     """
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if cu_seqlens is None and T != 1:
@@ -151,7 +151,7 @@ def kda_decode_step(
         offsets = cu_seqlens.tolist()
         if offsets != list(range(N + 1)):
             raise ValueError(
-                "kda_decode_step takes exactly one token per sequence: cu_seqlens must be "
+                "naive_kda_step takes exactly one token per sequence: cu_seqlens must be "
                 f"[0, 1, ..., N], got {offsets}"
             )
     check_log_decay(g)

@@ -19,15 +19,15 @@ in a new ``[total_tokens, H, K, V]`` tensor instead.
 
 This module holds the checks shared by the Triton kernel
 (:func:`kimi_linear.kernels.fused_recurrent_kda`) and the pure-PyTorch reference
-:func:`kda_pool_recurrent` (the ``torch`` backend of :func:`kimi_linear.ops.kda_decode`).
+:func:`kda_pool_recurrent` (the ``torch`` backend of :func:`kimi_linear.backends.dispatch_decode_kda`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.backend import gate_check_enabled
 from kimi_linear.ops.checks import autocast_disabled, check_kda_inputs, check_log_decay
+from kimi_linear.ops.options import gate_check_enabled
 
 __all__ = [
     "PAD_SLOT",
@@ -200,12 +200,12 @@ def kda_pool_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state-pool semantics of :func:`kimi_linear.kernels.fused_recurrent_kda` in pure
     PyTorch, token by token (module docstring): the ``torch`` backend of
-    :func:`kimi_linear.ops.kda_decode` with ``ssm_state_indices``, and the reference the kernel
+    :func:`kimi_linear.backends.dispatch_decode_kda` with ``ssm_state_indices``, and the reference the kernel
     is tested against. Forward only (no gradient reaches the pool).
 
     Args:
         q, k, g: ``[B, T, H, K]``; v ``[B, T, H, V]``; beta ``[B, T, H]``: as
-            :func:`kimi_linear.ops.kda_recurrent` (``N = B`` sequences, or packed with
+            :func:`kimi_linear.ops.naive_recurrent_kda` (``N = B`` sequences, or packed with
             ``cu_seqlens``).
         initial_state: the pool ``[num_slots, H, K, V]``.
         ssm_state_indices, num_accepted_tokens, inplace_final_state: as
@@ -217,7 +217,7 @@ def kda_pool_recurrent(
         sequences get zero outputs (and zero states).
 
     Raises:
-        ValueError: the checks of :func:`kda_recurrent` (the pool aside) and of
+        ValueError: the checks of :func:`naive_recurrent_kda` (the pool aside) and of
             :func:`check_state_pool` / :func:`check_state_slots`.
     """
     B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, None, cu_seqlens)
