@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from kimi_linear import hf
 from kimi_linear.cache import HybridCache, KDALayerCache, LatentKVCache
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.fp32 import cast_model_
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MLAttention
 from kimi_linear.layers.moe import KimiMLP, KimiMoE
@@ -48,24 +49,12 @@ from kimi_linear.packing import (
 
 __all__ = [
     "CausalLMOutput",
-    "FP32_PARAMETER_NAMES",
     "KimiDecoderLayer",
     "KimiLinearForCausalLM",
     "KimiLinearModel",
     "cast_model_",
     "sample_next_token",
 ]
-
-#: Parameters and buffers kept in float32 whatever the model dtype: the KDA decay parameters
-#: and the MoE router's balancing statistics (fp32 in the release, excluded from weight decay).
-FP32_PARAMETER_NAMES = (
-    "A_log",
-    "dt_bias",
-    "e_score_correction_bias",
-    "expert_load",
-    "last_expert_load",
-)
-
 
 #: Buffers a seeded (re-)initialisation sets to zero: MoE balancing bias and load statistics.
 _ZERO_INIT_BUFFERS = frozenset({"e_score_correction_bias", "expert_load", "last_expert_load"})
@@ -84,26 +73,6 @@ class CausalLMOutput(NamedTuple):
 
     loss: torch.Tensor
     logits: torch.Tensor
-
-
-def cast_model_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters and buffers of ``module`` to ``dtype`` in place, except those
-    named in :data:`FP32_PARAMETER_NAMES`, which stay float32.  Returns ``module``."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, t in store.items():
-                if t is None or not t.is_floating_point():
-                    continue
-                target = torch.float32 if name in FP32_PARAMETER_NAMES else dtype
-                if t.dtype == target:
-                    continue
-                if isinstance(t, nn.Parameter):
-                    t.data = t.data.to(target)
-                else:
-                    store[name] = t.to(target)
-    return module
 
 
 def check_logits_finite(
@@ -419,15 +388,14 @@ class KimiLinearForCausalLM(nn.Module):
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, KimiDeltaAttention):
-                module.reset_gate_parameters()
+                module.reset_gate_parameters()  # its own parameters are the gate's
+                continue
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
                 continue
             if isinstance(module, nn.Conv1d):
                 continue
-            for name, p in module.named_parameters(recurse=False):
-                if name in FP32_PARAMETER_NAMES:
-                    continue
+            for p in module.parameters(recurse=False):
                 if p.dim() >= 2:
                     nn.init.normal_(p, mean=0.0, std=std)
                 else:
@@ -464,9 +432,8 @@ class KimiLinearForCausalLM(nn.Module):
                 a_log, dt_bias = module.gate_values(local_shard(a)[0], local_shard(u_dt)[0])
                 local_shard(module.A_log)[0].copy_(a_log)
                 local_shard(module.dt_bias)[0].copy_(dt_bias)
+                continue  # the layer's own parameters are the gate's (its children follow)
             for n, p in named:
-                if isinstance(module, KimiDeltaAttention) and n in ("A_log", "dt_bias"):
-                    continue
                 if isinstance(module, RMSNorm):
                     local_shard(p)[0].fill_(1.0)
                 elif isinstance(module, nn.Conv1d):

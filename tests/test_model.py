@@ -247,6 +247,37 @@ def test_cast_keeps_fp32_parameters_and_bf16_forward_runs():
         cast_model_(model, torch.int8)
 
 
+def test_every_cast_keeps_exactly_the_layers_fp32_tensors(tmp_path):
+    """One rule (kimi_linear.layers.fp32): the tensors named by the layers' ``fp32_tensors``,
+    and only those, stay float32 through cast_model_, module.to(dtype) and from_pretrained."""
+    from kimi_linear.layers.fp32 import fp32_tensor_names
+
+    model = make_model("hybrid")
+    keep = fp32_tensor_names(model)
+    expected = {"model.layers.0.self_attn.A_log", "model.layers.0.self_attn.dt_bias"}
+    expected |= {
+        f"model.layers.1.block_sparse_moe.{n}"
+        for n in ("gate.e_score_correction_bias", "expert_load", "last_expert_load")
+    }
+    assert expected <= keep and all(
+        n.rsplit(".", 1)[-1]
+        in {"A_log", "dt_bias", "e_score_correction_bias", "expert_load", "last_expert_load"}
+        for n in keep
+    )
+
+    def fp32_names(m):
+        tensors = {**dict(m.named_parameters()), **dict(m.named_buffers())}
+        return {n for n, t in tensors.items() if t.dtype == torch.float32}
+
+    model.save_pretrained(tmp_path)
+    assert fp32_names(cast_model_(make_model("hybrid"), torch.bfloat16)) == keep
+    assert fp32_names(make_model("hybrid").to(torch.bfloat16)) == keep
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert fp32_names(loaded) == keep
+    a_log = model.model.layers[0].self_attn.A_log
+    torch.testing.assert_close(loaded.model.layers[0].self_attn.A_log, a_log, rtol=0, atol=0)
+
+
 def test_structure_init_and_meta_build():
     model = make_model("hybrid")
     layers = model.model.layers

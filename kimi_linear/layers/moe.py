@@ -20,8 +20,6 @@ per-expert key format live beside them in :mod:`kimi_linear.layers.experts`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +34,7 @@ from kimi_linear.layers.experts import (
     grouped_mm_applicable,
     to_release_state_dict,
 )
+from kimi_linear.layers.fp32 import KeepsFloat32
 
 
 class KimiMLP(nn.Module):
@@ -61,33 +60,14 @@ class KimiMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class _Fp32BuffersMixin:
-    """Keeps the named buffers in float32 through ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()``.
-
-    Device moves still apply. The routing bias and load counters accumulate small steps, which
-    bf16 would round away.
-    """
-
-    _fp32_buffers: tuple[str, ...] = ()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        originals = {name: self._buffers.get(name) for name in self._fp32_buffers}
-        result = super()._apply(fn, recurse)  # type: ignore[misc]
-        for name, orig in originals.items():
-            new = self._buffers.get(name)
-            if orig is not None and new is not None and new.dtype != torch.float32:
-                self._buffers[name] = orig.to(device=new.device, dtype=torch.float32)
-        return result
-
-
-class MoEGate(_Fp32BuffersMixin, nn.Module):
+class MoEGate(KeepsFloat32, nn.Module):
     """Sigmoid router with a selection-only bias.
 
     Parameters: ``weight [E, hidden]``; persistent fp32 buffer ``e_score_correction_bias [E]``
     (release name; never trained by gradient, stays fp32 under ``module.to(dtype)``).
     """
 
-    _fp32_buffers = ("e_score_correction_bias",)
+    fp32_tensors = ("e_score_correction_bias",)  # bf16 would round the balancing steps away
 
     def __init__(
         self,
@@ -172,7 +152,7 @@ class MoEGate(_Fp32BuffersMixin, nn.Module):
         )
 
 
-class KimiMoE(_Fp32BuffersMixin, nn.Module):
+class KimiMoE(KeepsFloat32, nn.Module):
     """Sigmoid-routed mixture of SwiGLU experts plus always-on shared expert(s).
 
     Children (release names): ``gate`` (:class:`MoEGate`), ``experts``
@@ -189,7 +169,7 @@ class KimiMoE(_Fp32BuffersMixin, nn.Module):
     every token of a ``cu_seqlens`` pack belongs to a document; empty documents have none.)
     """
 
-    _fp32_buffers = ("expert_load", "last_expert_load")
+    fp32_tensors = ("expert_load", "last_expert_load")  # counts: exact in fp32
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
