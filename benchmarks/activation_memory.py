@@ -28,19 +28,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    HelpFormatter,
-    add_model_args,
-    apply_quick,
-    config_from_args,
-    explicit_dests,
-    fmt_bytes,
-    markdown_table,
-    positive_int,
-    refuse_overwrite,
-    save_results,
-    set_threads,
-)
+from benchmarks.common import HelpFormatter, apply_quick, explicit_dests, fmt_bytes, positive_int
+from benchmarks.hardware import set_threads
+from benchmarks.report import markdown_table, refuse_overwrite, save_results
+from benchmarks.workload import add_model_args, config_from_args
 
 
 def saved_activation_bytes(model: Any, ids: torch.Tensor) -> tuple[int, int]:

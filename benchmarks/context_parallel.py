@@ -35,14 +35,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    fmt_bytes,
-    markdown_table,
-    positive_int,
-    refuse_overwrite,
-    resolve_device,
-    save_results,
-)
+from benchmarks.common import fmt_bytes, positive_int
+from benchmarks.hardware import resolve_device
+from benchmarks.report import markdown_table, refuse_overwrite, save_results
 
 NAME = "context_parallel"
 

@@ -3,14 +3,14 @@
 Measures the time per output token (TPOT) of ``model(next_ids, cache=cache)`` steps, after the
 cache has been filled synthetically to the context length (random latents in the MLA caches
 with their length set, random fp32 states in the KDA layers, ``cache.seq_len`` set:
-:func:`common.fill_cache_`), so a 1M-token context needs no 1M-token prefill. Each measurement
+:func:`workload.fill_cache_`), so a 1M-token context needs no 1M-token prefill. Each measurement
 runs ``--warmup`` untimed repetitions, then ``--reps`` timed ones of ``--steps`` greedy decode
 steps each (the cache is rewound between repetitions; the device is synchronised), and reports
 the median TPOT with its min / max.
 
 Beside each measurement is the bytes floor of one step: bytes it must read (active weights:
 dense weights, the routed experts the batch is expected to hit, embedding rows; plus the whole
-MLA cache and the KDA states) divided by the memory bandwidth (:func:`common.bandwidth`:
+MLA cache and the KDA states) divided by the memory bandwidth (:func:`timing.bandwidth`:
 nominal for known GPUs, a measured copy on CPU), and the ratio measured / floor.
 
 Two figures:
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report, timing, workload
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM, cast_model_
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "vs its all-MLA twin, with the bytes-moved floor beside each measurement.",
         formatter_class=common.HelpFormatter,
     )
-    common.add_model_args(p, default_preset=None)
+    workload.add_model_args(p, default_preset=None)
     p.add_argument(
         "--contexts",
         type=common.size_list(1),
@@ -171,29 +171,29 @@ def time_decode(
 ) -> dict[str, float]:
     """TPOT statistics (seconds) of ``args.steps`` greedy steps after a synthetic ``context``."""
     cache = model.new_cache(batch, capacity=context + args.steps, dtype=dtype, device=device)
-    common.fill_cache_(cache, context, seed=args.seed)
+    workload.fill_cache_(cache, context, seed=args.seed)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen).to(device)
 
     def run() -> None:
-        common.rewind_cache_(cache, context)
+        workload.rewind_cache_(cache, context)
         x = ids
         for _ in range(args.steps):
             x = model(x, cache=cache)[:, -1:].argmax(dim=-1)
 
     with torch.inference_mode():
-        t = common.timeit(run, device, warmup=args.warmup, reps=args.reps)
+        t = timing.timeit(run, device, warmup=args.warmup, reps=args.reps)
     return {k: v / args.steps for k, v in t.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     resolve_defaults(args, device)
-    threads = common.set_threads(args.threads) if device.type == "cpu" else None
+    threads = hardware.set_threads(args.threads) if device.type == "cpu" else None
     dtype = common.parse_dtype(args.dtype)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    config = common.config_from_args(args)
+    config = workload.config_from_args(args)
     models = {"hybrid": config, "all_mla": config.all_mla_twin()}
 
     # ---- sizes on the meta device, before anything real is allocated --------------------
@@ -202,16 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in models.items():
         with torch.device("meta"):
             meta = KimiLinearForCausalLM(cfg)
-        build_bytes = common.active_weight_bytes(meta, 1, dtype_bytes=4)[
+        build_bytes = workload.active_weight_bytes(meta, 1, dtype_bytes=4)[
             "all_params"
         ]  # built in fp32
         metas[name] = cast_model_(meta, dtype)
         weights[name] = {
-            "bytes": common.active_weight_bytes(meta, 1)["all_params"],
+            "bytes": workload.active_weight_bytes(meta, 1)["all_params"],
             "build_bytes": build_bytes,
         }
 
-    free = common.available_memory(device)
+    free = hardware.available_memory(device)
     if args.memory_budget_gb is not None:
         budget = int(args.memory_budget_gb * 1e9)
     else:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if budget > 0.85 * free:
         common.fail(
             f"--memory-budget-gb {budget / 1e9:g} exceeds the memory free on "
-            f"{common.device_name(device)} ({common.fmt_bytes(free)}, of which 85% may be used)",
+            f"{hardware.device_name(device)} ({common.fmt_bytes(free)}, of which 85% may be used)",
             code=3,
         )
 
@@ -254,21 +254,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"decoding the {MODEL_LABELS[name]} model at context {ctx} with batch {b} needs about "
                 f"{common.fmt_bytes(need)} (weights {common.fmt_bytes(weights[name]['bytes'])} + cache "
                 f"{common.fmt_bytes(cache_bytes(models[name], ctx + args.steps, b, dtype_bytes))} + working "
-                f"memory), but only {common.fmt_bytes(free)} is free on {common.device_name(device)}; "
+                f"memory), but only {common.fmt_bytes(free)} is free on {hardware.device_name(device)}; "
                 "use shorter --contexts, smaller --batch-sizes or a smaller model",
                 code=3,
             )
 
-    bw, bw_source = common.bandwidth(device, nbytes=1 << 25 if args.quick else 1 << 28)
+    bw, bw_source = timing.bandwidth(device, nbytes=1 << 25 if args.quick else 1 << 28)
     print(
         f"decode: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers, "
-        f"{config.num_experts} experts) vs all-MLA twin, {args.dtype}, on {common.device_name(device)}"
+        f"{config.num_experts} experts) vs all-MLA twin, {args.dtype}, on {hardware.device_name(device)}"
         + (f", {threads} thread(s)" if threads else "")
         + f"; bandwidth {bw / 1e9:.1f} GB/s ({bw_source}); {len(runs)} measurements"
     )
 
     rows: list[dict[str, Any]] = []
-    bar = common.progress(range(len(runs)), "decode", enabled=not args.no_progress)
+    bar = report.progress(range(len(runs)), "decode", enabled=not args.no_progress)
     bar_iter = iter(bar)
     for name, cfg in models.items():
         model = build_model(cfg, dtype, device, args.seed)
@@ -279,15 +279,15 @@ def main(argv: list[str] | None = None) -> int:
             need = cache_bytes(cfg, ctx + args.steps, b, dtype_bytes) + working_bytes(
                 cfg, ctx, b, dtype_bytes
             )
-            common.require_memory(
+            hardware.require_memory(
                 need, device, f"the {MODEL_LABELS[name]} cache at context {ctx}, batch {b}"
             )
             t = time_decode(model, ctx, b, args, dtype, device)
             gc.collect()  # the cache of that measurement is gone now
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            w = common.active_weight_bytes(metas[name], b)["total"]
-            c = common.cache_read_bytes(cfg, ctx, b, dtype_bytes)
+            w = workload.active_weight_bytes(metas[name], b)["total"]
+            c = workload.cache_read_bytes(cfg, ctx, b, dtype_bytes)
             floor = (w + c) / bw
             rows.append(
                 {
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(
         rows, summary, args, config, device, bw, bw_source, budget, weights, threads
     )
-    paths = common.save_results(
+    paths = report.save_results(
         "decode",
         device,
         payload,
@@ -431,7 +431,7 @@ def render_markdown(
 ) -> str:
     out = [
         f"# Decode: {config.name} hybrid vs all-MLA\n\n",
-        f"{common.device_name(device)}"
+        f"{hardware.device_name(device)}"
         + (f", {threads} thread(s)" if threads else "")
         + f", {args.dtype} weights and caches; model: `--preset {args.preset}`"
         + (f" `--layers {args.layers}`" if args.layers else "")
@@ -469,7 +469,7 @@ def render_markdown(
                 else "",
             }
         )
-    out.append(common.markdown_table(table))
+    out.append(report.markdown_table(table))
     thr = [r for r in rows if r["figure"] == "throughput"]
     if thr:
         out.append(
@@ -492,7 +492,7 @@ def render_markdown(
                     else "-",
                 }
             )
-        out.append(common.markdown_table(table))
+        out.append(report.markdown_table(table))
     out.append("\n" + "\n".join(f"- {line}" for line in summary_lines(summary)) + "\n")
     return "".join(out)
 

@@ -81,15 +81,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import autotuner, interpreter
 
-from benchmarks.common import (
-    DTYPES,
-    HelpFormatter,
-    fail,
-    markdown_table,
-    parse_dtype,
-    refuse_overwrite,
-    save_results,
-)
+from benchmarks.common import DTYPES, HelpFormatter, fail, parse_dtype
+from benchmarks.report import markdown_table, refuse_overwrite, save_results
 
 CHUNK = 64
 PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api")
@@ -111,6 +104,7 @@ METRICS = (
     "exp",
     "log",
     "elementwise",
+    "programs",  # grid size of a Triton launch (for the prediction)
 )
 
 
@@ -538,6 +532,7 @@ def counting(rec: Recorder) -> Iterator[Recorder]:
                 _grid(grid, bound),
                 " ".join(f"{k}={v}" for k, v in sorted(meta.items())),
             )
+            ev.counts["programs"] = float(np.prod(ev.grid))
             rec.events.append(ev)
             rec.current, rec.memory, rec.in_launch = ev, _ArgMemory(bound), True
             try:
@@ -896,6 +891,614 @@ def ratios(totals: list[dict[str, Any]], shapes: list[str]) -> list[dict[str, An
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Prediction: floors per launch on a stated GPU (issue 21 part 2)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet figures of one GPU (dense tensor-core rates, no sparsity) and its per-SM rates.
+
+    ``clock_hz`` is the clock the dense bf16 figure is quoted at: ``bf16 / (sms * 4096)``
+    (4096 dense bf16 FLOPs per clock per SM on sm_90), so the SFU and FP32 rates use the same
+    clock as the tensor peak.
+    """
+
+    name: str
+    hbm_bytes_per_s: float
+    bf16_flops_per_s: float  # dense bf16 / fp16 tensor-core FLOPs per second
+    tf32_flops_per_s: float  # dense tf32 tensor-core FLOPs per second (fp32-operand tl.dot)
+    sms: int
+    sfu_per_clk_sm: int = 16  # exp2 / log2 (MUFU) results per clock per SM, cc 9.0
+    fp32_per_clk_sm: int = 128  # fp32 add / mul / fma results per clock per SM, cc 9.0
+    source: str = ""
+
+    @property
+    def clock_hz(self) -> float:
+        return self.bf16_flops_per_s / (self.sms * 4096)
+
+
+_DATASHEET = (
+    "NVIDIA {0} datasheet (nvidia.com/en-us/data-center/{1}/): BF16 1,979 TFLOPS and TF32 "
+    "989 TFLOPS are with sparsity, dense is half; SMs: NVIDIA H100 Tensor Core GPU "
+    "Architecture whitepaper (132 SMs on SXM5; H200 is the same GH100 die); SFU / FP32 rates: "
+    "CUDA C++ Programming Guide, arithmetic instruction throughput table, compute capability 9.0"
+)
+#: The GPUs predicted for (SXM parts; the H200 differs from the H100 only by its HBM3e).
+GPUS: dict[str, GpuSpec] = {
+    "H100-SXM": GpuSpec(
+        "H100 SXM5 80 GB (HBM3 3.35 TB/s)",
+        3.35e12,
+        989.4e12,
+        494.7e12,
+        132,
+        source=_DATASHEET.format("H100", "h100") + "; HBM3 3.35 TB/s",
+    ),
+    "H200": GpuSpec(
+        "H200 SXM 141 GB (HBM3e 4.8 TB/s)",
+        4.8e12,
+        989.4e12,
+        494.7e12,
+        132,
+        source=_DATASHEET.format("H200", "h200") + "; HBM3e 4.8 TB/s",
+    ),
+}
+#: Fixed latency of one dependent chunk step of a sequential program (s), an estimate: the
+#: part of a 64-token state step that no throughput hides, two dependent tensor-core products
+#: (state -> new values -> state: the pipeline latency of each wgmma group, ~100-150 clocks),
+#: the shared-memory round trip of the new values between them with its barrier (~100
+#: clocks), the cast of the fp32 state to bf16 operands and the loop-carried branch: ~550
+#: clocks at 1.83 GHz. The program's own per-step work (its tensor FLOPs, exponentials and
+#: elementwise ops at one SM's rates) comes on top, from the counts. Measured per-step latency
+#: replaces it after the first GPU run (the suite reports it beside this).
+STEP_LATENCY_S = 0.3e-6
+#: Per-launch overhead (s), an estimate: the gap between back-to-back kernels on one stream
+#: without CUDA graphs (launch, ramp-up and tail of the grid), typically 2-5 us on H100.
+LAUNCH_OVERHEAD_S = 3e-6
+#: Bandwidth one program (one SM) can draw (bytes/s), an estimate by Little's law: ~64 KB of
+#: loads in flight per SM (two pipeline stages of a chunk's bf16 tiles) over ~0.65 us of DRAM
+#: latency. It only matters for launches with fewer programs than ``HBM / SM_BANDWIDTH``
+#: (34 on an H100, 48 on an H200).
+SM_BANDWIDTH = 100e9
+#: Tokens per dependent step of the sequential (state) kernels: the chunk of both ours and
+#: fla's (64), so a sequential program runs T / 64 steps per sequence-head.
+STEP_TOKENS = CHUNK
+FLOORS = ("bytes", "tensor", "exp", "elementwise", "serial")
+#: Sequence splits predicted (segments per sequence-head; T / 64 must be a multiple).
+DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 32, 64)
+PREDICT_SHAPES = [(2, 64, 8192), (1, 16, 65536), (1, 32, 1048576)]
+PREDICT_PROVIDERS = ["ours", "fla"]
+
+
+@dataclass(frozen=True)
+class LaunchWork:
+    """What one launch does at one shape, the input of :func:`floors`.
+
+    ``programs``: the launch's grid size (0 for a torch op: treated as filling the GPU);
+    ``steps``: dependent chunk steps each program runs one after the other (1 for a
+    chunk-parallel kernel, ``T / 64`` for a state recurrence).
+    """
+
+    name: str
+    bytes: float
+    flops_bf16: float = 0.0  # bf16 / fp16 operand tensor FLOPs
+    flops_tf32: float = 0.0  # fp32 operand tensor FLOPs (TF32 on the GPU)
+    exp: float = 0.0  # exponentials + logarithms (SFU)
+    elementwise: float = 0.0  # other floating-point elementwise ops
+    programs: float = 0.0
+    steps: int = 1
+
+
+def floors(
+    w: LaunchWork,
+    gpu: GpuSpec,
+    step_latency_s: float = STEP_LATENCY_S,
+) -> dict[str, Any]:
+    """The floors (seconds) of one launch on ``gpu`` and the predicted time, their max.
+
+    * ``bytes``: bytes / bandwidth, the bandwidth ``min(HBM, programs * SM_BANDWIDTH)``;
+    * ``tensor``: bf16 FLOPs / dense bf16 peak + tf32 FLOPs / dense tf32 peak;
+    * ``exp``: (exponentials + logs) / (16 per clock per SM);
+    * ``elementwise``: other float ops / (128 per clock per SM), as counted (written ops,
+      masked lanes included: an upper estimate of the work);
+    * the three compute floors divide by the fill ``min(1, programs / SMs)``: a launch with
+      fewer programs than SMs leaves SMs idle;
+    * ``serial``: ``steps * max(step_latency + unit, share * unit)``: ``unit`` is one
+      program's per-step work on one SM at the rate of its slowest unit (its tensor FLOPs,
+      exponentials and elementwise ops overlapped: the optimistic bound), ``share = max(1,
+      programs / SMs)`` programs resident per SM take turns; ``step_latency`` is the part of a
+      dependent step that no throughput hides. For a chunk-parallel launch (one step) this is
+      the largest compute floor plus one step latency at most.
+    """
+    torch_op = w.programs <= 0
+    fill = 1.0 if torch_op else min(1.0, w.programs / gpu.sms)
+    bandwidth = gpu.hbm_bytes_per_s
+    if not torch_op:
+        bandwidth = min(bandwidth, w.programs * SM_BANDWIDTH)
+    clock = gpu.clock_hz
+    out = {
+        "bytes": w.bytes / bandwidth,
+        "tensor": (w.flops_bf16 / gpu.bf16_flops_per_s + w.flops_tf32 / gpu.tf32_flops_per_s)
+        / fill,
+        "exp": w.exp / (gpu.sfu_per_clk_sm * gpu.sms * clock * fill),
+        "elementwise": w.elementwise / (gpu.fp32_per_clk_sm * gpu.sms * clock * fill),
+        "serial": 0.0,
+    }
+    if not torch_op:
+        # one program's step on one SM alone: unit time = total at fill 1 * SMs / (programs*steps)
+        per = w.programs * max(1, w.steps)
+        unit = max(out[k] for k in ("tensor", "exp", "elementwise")) * fill * gpu.sms / per
+        share = max(1.0, w.programs / gpu.sms)
+        step = max(step_latency_s + unit, share * unit)
+        out["serial"] = max(1, w.steps) * step
+    out["predicted"] = max(out[k] for k in FLOORS)
+    out["bound"] = max(FLOORS, key=lambda k: out[k])
+    out["fill"] = fill
+    return out
+
+
+def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> list[LaunchWork]:
+    """A sequential launch split into ``segments`` per sequence-head: three launches.
+
+    1. ``transitions``: every segment runs its ``steps / S`` chunk steps from a zero state and
+       keeps its affine transition (``M [K, K]``, ``H [K, V]``, fp32): the ``M`` columns cost
+       what the state's cost, so FLOPs and elementwise work scale by ``(K + V) / V`` and the
+       programs too; bytes: the original's (reads; the per-chunk state writes are kept, an
+       upper estimate) plus ``M`` and ``H`` written;
+    2. ``fold``: per sequence-head, ``S`` dependent steps ``h = M h + H`` (fp32 products,
+       ``2 K^2 V`` FLOPs each), reading ``M`` and ``H`` and writing each segment's initial
+       state (``[K, V]`` fp32);
+    3. ``states``: the original launch over ``S`` times the programs, ``steps / S`` steps each,
+       reading the initial states.
+
+    ``segments=1`` or a launch with one step returns ``[w]``. An estimate: the kernels of the
+    split are not written yet.
+    """
+    if segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
+    if segments == 1 or w.steps <= 1:
+        return [w]
+    if w.steps % segments:
+        raise ValueError(f"segments={segments} must divide the {w.steps} steps of {w.name}")
+    steps = w.steps // segments
+    cols = (K + V) / V
+    fold_bytes = 4.0 * segments * seq_heads * (K * K + K * V)
+    init_bytes = 4.0 * segments * seq_heads * K * V
+    transitions = LaunchWork(
+        f"{w.name} [split: transitions]",
+        w.bytes + fold_bytes,
+        w.flops_bf16 * cols,
+        w.flops_tf32 * cols,
+        w.exp,
+        w.elementwise * cols,
+        w.programs * segments * cols,
+        steps,
+    )
+    fold = LaunchWork(
+        f"{w.name} [split: fold]",
+        fold_bytes + init_bytes,
+        flops_tf32=2.0 * segments * seq_heads * K * K * V,
+        elementwise=float(segments * seq_heads * K * V),
+        programs=w.programs,
+        steps=segments,
+    )
+    states = LaunchWork(
+        f"{w.name} [split: states]",
+        w.bytes + init_bytes,
+        w.flops_bf16,
+        w.flops_tf32,
+        w.exp,
+        w.elementwise,
+        w.programs * segments,
+        steps,
+    )
+    return [transitions, fold, states]
+
+
+def launch_works(f: Fit, shape: tuple[int, int, int], phase: str) -> list[LaunchWork]:
+    """The launches of one phase at ``shape`` from a fit: counts, programs and serial steps.
+
+    A Triton launch whose program count does not grow with T while its work does is a
+    sequential (state) kernel: ``T / 64`` dependent steps per program; every other launch
+    runs one step per program."""
+    B, H, T = shape
+    out = []
+    for i, ev in enumerate(f.events):
+        if ev.phase != phase:
+            continue
+
+        def val(m: str, i: int = i) -> float:
+            return max(0.0, f.at(B, H, T, i, m))
+
+        programs = val("programs") if ev.kind == "triton" else 0.0
+        grows = f.coef[i].get("programs", (0.0, 0.0, 0.0))[1]
+        work_grows = any(
+            f.coef[i].get(m, (0.0, 0.0, 0.0))[1] > 0
+            for m in ("flops_bf16", "flops_fp16", "flops_fp32", "elementwise")
+        )
+        steps = T // STEP_TOKENS if programs and abs(grows) < 1e-12 and work_grows else 1
+        out.append(
+            LaunchWork(
+                ev.name,
+                val("read_bytes") + val("write_bytes"),
+                val("flops_bf16") + val("flops_fp16") + val("flops_other"),
+                val("flops_fp32"),
+                val("exp") + val("log"),
+                val("elementwise"),
+                programs,
+                steps,
+            )
+        )
+    return out
+
+
+def predict_phase(
+    works: list[LaunchWork],
+    gpu: GpuSpec,
+    step_latency_s: float = STEP_LATENCY_S,
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+) -> dict[str, Any]:
+    """Per-launch floors and the phase's predicted time: the sum over launches of
+    (max of the launch's floors + the per-launch overhead)."""
+    rows = []
+    for w in works:
+        fl = floors(w, gpu, step_latency_s)
+        rows.append({"work": w, **fl})
+    total = sum(r["predicted"] for r in rows) + launch_overhead_s * len(rows)
+    by_floor = {k: sum(r["predicted"] for r in rows if r["bound"] == k) for k in FLOORS}
+    return {
+        "launches": rows,
+        "predicted_s": total,
+        "overhead_s": launch_overhead_s * len(rows),
+        "bound_s": by_floor,
+    }
+
+
+def predict_split(
+    works: list[LaunchWork],
+    gpu: GpuSpec,
+    segments: int,
+    seq_heads: int,
+    K: int,
+    V: int,
+    step_latency_s: float = STEP_LATENCY_S,
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+) -> dict[str, Any]:
+    """:func:`predict_phase` with every sequential launch split into ``segments``."""
+    split = [x for w in works for x in split_work(w, segments, seq_heads, K, V)]
+    return predict_phase(split, gpu, step_latency_s, launch_overhead_s)
+
+
+def _us(x: float) -> float:
+    return x * 1e6
+
+
+def prediction(
+    fits: dict[str, Fit],
+    shapes: list[tuple[int, int, int]],
+    K: int,
+    V: int,
+    segments: tuple[int, ...] = DEFAULT_SEGMENTS,
+    step_latency_s: float = STEP_LATENCY_S,
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+    gpus: dict[str, GpuSpec] | None = None,
+) -> dict[str, Any]:
+    """Predicted times per GPU, provider, shape and phase (totals, launches, sequence splits
+    and the issue-21 goals). Estimates from counts and datasheet rates, not measurements."""
+    gpus = gpus or GPUS
+    totals, launches, splits = [], [], []
+    fwd: dict[tuple[str, str, str], float] = {}
+    both: dict[tuple[str, str, str], float] = {}
+    best: dict[tuple[str, str, str], tuple[int, float, float]] = {}
+    for gname, gpu in gpus.items():
+        for provider, f in fits.items():
+            for shape in shapes:
+                key = "x".join(map(str, shape))
+                B, H, T = shape
+                works = {ph: launch_works(f, shape, ph) for ph in PHASES}
+                per = {
+                    ph: predict_phase(works[ph], gpu, step_latency_s, launch_overhead_s)
+                    for ph in PHASES
+                }
+                for ph in PHASES:
+                    p = per[ph]
+                    serial = sum(r["serial"] for r in p["launches"] if r["work"].steps > 1)
+                    totals.append(
+                        {
+                            "gpu": gname,
+                            "provider": provider,
+                            "shape": key,
+                            "phase": ph,
+                            "launches": len(p["launches"]),
+                            "sequential": sum(r["work"].steps > 1 for r in p["launches"]),
+                            "predicted_ms": p["predicted_s"] * 1e3,
+                            "overhead_ms": p["overhead_s"] * 1e3,
+                            **{f"{k}_bound_ms": v * 1e3 for k, v in p["bound_s"].items()},
+                            "serial_chain_ms": serial * 1e3,
+                        }
+                    )
+                    for r in p["launches"]:
+                        w = r["work"]
+                        launches.append(
+                            {
+                                "gpu": gname,
+                                "provider": provider,
+                                "shape": key,
+                                "phase": ph,
+                                "kernel": w.name,
+                                "programs": int(w.programs),
+                                "steps": w.steps,
+                                "fill": r["fill"],
+                                "GiB": w.bytes / 2**30,
+                                "tensor_gflop": (w.flops_bf16 + w.flops_tf32) / 1e9,
+                                "gexp": w.exp / 1e9,
+                                "gelementwise": w.elementwise / 1e9,
+                                **{f"{k}_us": _us(r[k]) for k in FLOORS},
+                                "bound": r["bound"],
+                                "predicted_us": _us(r["predicted"]),
+                            }
+                        )
+                fwd[(gname, provider, key)] = per["forward"]["predicted_s"]
+                both[(gname, provider, key)] = sum(per[ph]["predicted_s"] for ph in PHASES)
+                base_f, base_b = fwd[(gname, provider, key)], both[(gname, provider, key)]
+                for s in segments:
+                    if (T // STEP_TOKENS) % s:
+                        continue
+                    sp = {
+                        ph: predict_split(
+                            works[ph], gpu, s, B * H, K, V, step_latency_s, launch_overhead_s
+                        )
+                        for ph in PHASES
+                    }
+                    f_s = sp["forward"]["predicted_s"]
+                    b_s = f_s + sp["backward"]["predicted_s"]
+                    splits.append(
+                        {
+                            "gpu": gname,
+                            "provider": provider,
+                            "shape": key,
+                            "segments": s,
+                            "forward_ms": f_s * 1e3,
+                            "forward_speedup": base_f / f_s,
+                            "fwd_bwd_ms": b_s * 1e3,
+                            "fwd_bwd_speedup": base_b / b_s,
+                            "fold_MiB": 4.0 * s * B * H * (K * K + 2 * K * V) / 2**20,
+                        }
+                    )
+                    k3 = (gname, provider, key)
+                    if k3 not in best or f_s < best[k3][1]:
+                        best[k3] = (s, f_s, b_s)
+    ratio_rows = []
+    for gname in gpus:
+        for shape in shapes:
+            key = "x".join(map(str, shape))
+            if ("ours" in fits) and ("fla" in fits):
+                ratio_rows.append(
+                    {
+                        "gpu": gname,
+                        "shape": key,
+                        "forward": fwd[(gname, "ours", key)] / fwd[(gname, "fla", key)],
+                        "fwd_bwd": both[(gname, "ours", key)] / both[(gname, "fla", key)],
+                    }
+                )
+    goals = _goals(fits, fwd, both, best, gpus)
+    return {
+        "totals": totals,
+        "ratios": ratio_rows,
+        "splits": splits,
+        "best_split": [
+            {
+                "gpu": g,
+                "provider": p,
+                "shape": s,
+                "segments": v[0],
+                "forward_ms": v[1] * 1e3,
+                "fwd_bwd_ms": v[2] * 1e3,
+            }
+            for (g, p, s), v in best.items()
+        ],
+        "goals": goals,
+        "launches": launches,
+    }
+
+
+def _goals(fits, fwd, both, best, gpus) -> list[dict[str, Any]]:
+    """The issue-21 targets on an H100 at the anchors, with what the model predicts."""
+    rows = []
+    a, s = "2x64x8192", "1x16x65536"
+    g = "H100-SXM" if "H100-SXM" in gpus else next(iter(gpus))
+    for provider in fits:
+        if (g, provider, a) not in fwd:
+            continue
+        f_a, b_a = fwd[(g, provider, a)], both[(g, provider, a)]
+        rows.append(
+            {
+                "provider": provider,
+                "target": "forward at B=2 H=64 T=8K <= 2.0 ms",
+                "predicted": f"{f_a * 1e3:.3g} ms",
+                "met": f_a <= 2.0e-3,
+            }
+        )
+        rows.append(
+            {
+                "provider": provider,
+                "target": "forward+backward <= 3.5x forward (B=2 H=64 T=8K)",
+                "predicted": f"{b_a / f_a:.3g}x",
+                "met": b_a / f_a <= 3.5,
+            }
+        )
+        if (g, provider, s) in fwd:
+            f_s = fwd[(g, provider, s)]
+            rows.append(
+                {
+                    "provider": provider,
+                    "target": "forward at B=1 H=16 T=64K <= 1.5x B=2 H=64 T=8K, unsplit",
+                    "predicted": f"{f_s / f_a:.3g}x",
+                    "met": f_s / f_a <= 1.5,
+                }
+            )
+            seg, f_best, _ = best[(g, provider, s)]
+            rows.append(
+                {
+                    "provider": provider,
+                    "target": f"the same, T split into S={seg} segments (best S)",
+                    "predicted": f"{f_best / f_a:.3g}x",
+                    "met": f_best / f_a <= 1.5,
+                }
+            )
+    return rows
+
+
+def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any]) -> str:
+    """The Markdown page of a prediction (constants and sources first)."""
+    gpu_lines = [
+        f"- `{k}`: {g.name}; {g.bf16_flops_per_s / 1e12:.1f} TFLOP/s dense bf16, "
+        f"{g.tf32_flops_per_s / 1e12:.1f} dense tf32, {g.sms} SMs at "
+        f"{g.clock_hz / 1e9:.2f} GHz (the dense peak's clock), exponentials "
+        f"{g.sfu_per_clk_sm * g.sms * g.clock_hz / 1e12:.2f} T/s, fp32 ops "
+        f"{g.fp32_per_clk_sm * g.sms * g.clock_hz / 1e12:.1f} T/s. Source: {g.source}."
+        for k, g in GPUS.items()
+        if k in meta["gpus"]
+    ]
+    tcols = ["gpu", "provider", "shape", "phase", "launches", "sequential", "predicted_ms"]
+    tcols += ["overhead_ms", *[f"{k}_bound_ms" for k in FLOORS], "serial_chain_ms"]
+    scols = ["gpu", "provider", "shape", "segments", "forward_ms", "forward_speedup"]
+    scols += ["fwd_bwd_ms", "fwd_bwd_speedup", "fold_MiB"]
+    lcols = ["gpu", "provider", "shape", "phase", "kernel", "programs", "steps", "fill", "GiB"]
+    lcols += ["tensor_gflop", "gexp", "gelementwise", *[f"{k}_us" for k in FLOORS]]
+    lcols += ["bound", "predicted_us"]
+    md = [
+        "# Predicted times: chunked KDA kernels, ours vs fla (a model, not measurements)",
+        "",
+        f"`{command}`",
+        "",
+        f"K = V = {meta['head_dim']}, {meta['dtype']}, precomputed gate (the default gate path: "
+        "the release's softplus gate); shapes BxHxT. Every figure below is a **prediction** "
+        "from the counts of this script (launches, distinct bytes, `tl.dot` FLOPs, "
+        "exponentials, elementwise ops; counted under the interpreter, see `kernel_cost.md`) "
+        "and datasheet rates; the first GPU run measures them.",
+        "",
+        "Per launch, floors (seconds): **bytes** / bandwidth (HBM; a launch of P programs "
+        f"draws at most P x {SM_BANDWIDTH / 1e9:g} GB/s); **tensor** "
+        "FLOPs / dense peak (bf16 operands at the bf16 peak, fp32 operands at the TF32 peak); "
+        "**exp**: exponentials + logs / SFU rate (16 per clock per SM); **elementwise**: other "
+        "float ops / fp32 rate (128 per clock per SM; counted as written, masked lanes "
+        "included: an upper estimate of the work); the compute floors divide by the fill "
+        "`min(1, programs / SMs)`; **serial**: `steps x max(step latency + u, programs per SM "
+        "x u)`, u = one program's step work at one SM's rate of its slowest unit, "
+        "`steps` = T / 64 for a sequential (state) kernel (its grid does not grow with T), "
+        "1 otherwise. Predicted time of a launch = max of its floors; of a phase = sum over "
+        "launches + a per-launch overhead.",
+        "",
+        f"Constants (estimates, stated): step latency {meta['step_latency_us']:g} us per "
+        "64-token dependent step (two dependent tensor-core products with a shared-memory "
+        "round trip and a barrier between them, ~550 clocks); per-launch overhead "
+        f"{meta['launch_overhead_us']:g} us (back-to-back kernels on one stream, no CUDA "
+        "graphs). Grids and tiles: the first autotune config of each kernel (the GPU's "
+        "autotuner may choose others: estimates).",
+        "",
+        *gpu_lines,
+        "",
+        "## Goals (issue 21), H100 SXM: predictions, not measurements",
+        "",
+        markdown_table(result["goals"], ["provider", "target", "predicted", "met"]),
+        "## Totals",
+        "",
+        markdown_table(result["totals"], tcols),
+    ]
+    if result["ratios"]:
+        md += [
+            "## Ours / fla, predicted",
+            "",
+            markdown_table(result["ratios"], ["gpu", "shape", "forward", "fwd_bwd"]),
+        ]
+    md += [
+        "## Splitting T into S segments (in-device sequence splitting; estimates)",
+        "",
+        "Each sequential launch becomes three: per segment the transition `M [K,K]`, `H [K,V]` "
+        "from a zero state (T / 64S steps, (K+V)/V times the state's FLOPs), the fold "
+        "(S dependent fp32 steps `h = M h + H` per sequence-head, M and H read, each "
+        "segment's initial state written: `fold_MiB`), then the states again from the true "
+        "initial states (T / 64S steps, S times the programs). Speedup vs S = 1.",
+        "",
+        markdown_table(result["splits"], scols),
+        "## Launches",
+        "",
+        markdown_table(result["launches"], lcols),
+    ]
+    return "\n".join(md)
+
+
+def predict_main(args: argparse.Namespace, fits: dict[str, Fit], command: str, name: str) -> int:
+    """``--predict``: the predicted times of the counted providers, printed and saved."""
+    K = V = args.head_dim
+    segments = tuple(sorted(set(args.segments)))
+    result = prediction(
+        fits,
+        args.shapes,
+        K,
+        V,
+        segments,
+        args.step_latency_us * 1e-6,
+        args.launch_overhead_us * 1e-6,
+    )
+    meta = {
+        "head_dim": K,
+        "dtype": args.dtype,
+        "step_latency_us": args.step_latency_us,
+        "launch_overhead_us": args.launch_overhead_us,
+        "gpus": list(GPUS),
+    }
+    text = predict_markdown(result, command, meta)
+    constants = {
+        "step_latency_us": args.step_latency_us,
+        "launch_overhead_us": args.launch_overhead_us,
+        "sm_bandwidth_bytes_per_s": SM_BANDWIDTH,
+        "step_tokens": STEP_TOKENS,
+        "estimates": "step latency, launch overhead, per-SM bandwidth, the split's kernels, "
+        "the elementwise work as written, grids of the first autotune config",
+    }
+    gpus = {
+        k: {
+            "name": g.name,
+            "hbm_bytes_per_s": g.hbm_bytes_per_s,
+            "bf16_dense_flops_per_s": g.bf16_flops_per_s,
+            "tf32_dense_flops_per_s": g.tf32_flops_per_s,
+            "sms": g.sms,
+            "clock_hz": g.clock_hz,
+            "sfu_per_clk_sm": g.sfu_per_clk_sm,
+            "fp32_per_clk_sm": g.fp32_per_clk_sm,
+            "source": g.source,
+        }
+        for k, g in GPUS.items()
+    }
+    paths = save_results(
+        name,
+        torch.device("cpu"),
+        {
+            "command": command,
+            "head_dim": K,
+            "dtype": args.dtype,
+            "count_tokens": args.count_tokens,
+            "prediction": "estimates from counts and datasheet rates, not measurements",
+            "floors": list(FLOORS),
+            "constants": constants,
+            "gpus": gpus,
+            **result,
+        },
+        text,
+        out_dir=args.out_dir,
+    )
+    print(markdown_table(result["goals"], ["provider", "target", "predicted", "met"]))
+    cols = ["gpu", "provider", "shape", "phase", "launches", "predicted_ms", "serial_chain_ms"]
+    print(markdown_table(result["totals"], cols))
+    best_cols = ["gpu", "provider", "shape", "segments", "forward_ms", "fwd_bwd_ms"]
+    print(markdown_table(result["best_split"], best_cols))
+    print(f"wrote {paths['json']} and {paths['md']}", file=sys.stderr)
+    return 0
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         B, H, T = (int(x) for x in text.lower().split("x"))
@@ -916,8 +1519,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes",
         type=parse_shape,
         nargs="+",
-        default=[(2, 64, 8192), (1, 16, 65536)],
-        help="BxHxT shapes to extrapolate to (T a multiple of 64); default 2x64x8192 1x16x65536",
+        default=None,
+        help="BxHxT shapes to extrapolate to (T a multiple of 64); default 2x64x8192 "
+        "1x16x65536 (with --predict: and 1x32x1048576)",
     )
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
@@ -932,9 +1536,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--providers",
         nargs="+",
-        default=list(DEFAULT_PROVIDERS),
+        default=None,
         choices=PROVIDERS,
-        help="default: all (" + ", ".join(DEFAULT_PROVIDERS) + ")",
+        help="default: all (" + ", ".join(DEFAULT_PROVIDERS) + "); with --predict: ours fla",
+    )
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="predict times on an H100 SXM and an H200 from the counts (bytes, tensor, "
+        "exponential, elementwise and serial-chain floors per launch, sequence splits); "
+        "writes kernel_cost_predict[_<tag>].json / .md",
+    )
+    p.add_argument(
+        "--step-latency-us",
+        type=float,
+        default=STEP_LATENCY_S * 1e6,
+        help="--predict: fixed latency of one dependent 64-token step of a sequential kernel",
+    )
+    p.add_argument(
+        "--launch-overhead-us",
+        type=float,
+        default=LAUNCH_OVERHEAD_S * 1e6,
+        help="--predict: overhead added per launch",
+    )
+    p.add_argument(
+        "--segments",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEGMENTS),
+        help="--predict: sequence splits S to predict (segments per sequence-head)",
     )
     p.add_argument(
         "--check",
@@ -957,8 +1587,17 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--count-tokens must be a positive multiple of {CHUNK}, got {args.count_tokens}")
     if args.dtype not in DTYPES:
         fail(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    if args.step_latency_us < 0 or args.launch_overhead_us < 0:
+        fail("--step-latency-us and --launch-overhead-us must be >= 0")
+    if min(args.segments) < 1:
+        fail(f"--segments must be >= 1, got {args.segments}")
+    if args.shapes is None:
+        args.shapes = PREDICT_SHAPES if args.predict else PREDICT_SHAPES[:2]
+    if args.providers is None:
+        args.providers = PREDICT_PROVIDERS if args.predict else list(DEFAULT_PROVIDERS)
     dtype = parse_dtype(args.dtype)
-    name = f"kernel_cost_{args.tag}" if args.tag else "kernel_cost"
+    name = "kernel_cost_predict" if args.predict else "kernel_cost"
+    name = f"{name}_{args.tag}" if args.tag else name
     refuse_overwrite(name, torch.device("cpu"), out_dir=args.out_dir, overwrite=args.overwrite)
     K = V = args.head_dim
     providers = list(dict.fromkeys(args.providers))
@@ -971,16 +1610,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     shapes = ["x".join(map(str, s)) for s in args.shapes]
-    totals, launches, fit_errors = [], [], {}
+    totals, launches, fit_errors, fits = [], [], {}, {}
     for provider in providers:
         print(f"{provider}: counting under the interpreter ...", file=sys.stderr)
         f, err = fit(provider, args.count_tokens, K, V, dtype, args.check)
+        fits[provider] = f
         if err is not None:
             fit_errors[provider] = err
         for shape in args.shapes:
             t, ls = summarize(provider, shape, f)
             totals += t
             launches += ls
+    if args.predict:
+        command = "python -m benchmarks.kernel_cost " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        return predict_main(args, fits, command.strip(), name)
     ratio_rows = ratios(totals, shapes)
 
     cols = ["provider", "shape", "phase", "launches", "triton", "torch", "host_syncs", "GiB"]

@@ -14,7 +14,7 @@ length, the decode cache of three models with the same depth and width:
 
 "analytic" is :meth:`KimiLinearConfig.kv_cache_bytes`. "measured" allocates the kit's own cache
 objects (``HybridCache.from_config(..., capacity=context)``), fills them as after ``context``
-tokens (random latents, fp32 states; :func:`common.fill_cache_`) and sums the bytes of their
+tokens (random latents, fp32 states; :func:`workload.fill_cache_`) and sums the bytes of their
 tensors (``HybridCache.nbytes``), as long as the allocation fits in ``--measure-budget-gb`` (and
 free memory); longer contexts are analytic only. Measured must equal analytic to the byte: the
 script exits 1 otherwise. The allocator's view (resident-set growth on CPU,
@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report, timing, workload
 from kimi_linear.cache import HybridCache
 from kimi_linear.config import KimiLinearConfig
 
 DEFAULT_CONTEXTS = [4 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20]
 QUICK_CONTEXTS = [1 << 10, 2 << 10, 4 << 10]
-FLOOR_DEVICES = {"H100": common.NOMINAL_BANDWIDTH["H100"], "H200": common.NOMINAL_BANDWIDTH["H200"]}
+FLOOR_DEVICES = {"H100": timing.NOMINAL_BANDWIDTH["H100"], "H200": timing.NOMINAL_BANDWIDTH["H200"]}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "baseline: analytic, and measured on the kit's cache objects.",
         formatter_class=common.HelpFormatter,
     )
-    common.add_model_args(p, default_preset="kimi-linear-48b-a3b")
+    workload.add_model_args(p, default_preset="kimi-linear-48b-a3b")
     p.add_argument(
         "--contexts",
         type=common.size_list(1),
@@ -151,16 +151,16 @@ def measure_cache(
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = common.process_resident_bytes()
+        before = hardware.process_resident_bytes()
     cache = HybridCache.from_config(
         config, batch_size, capacity=context, device=device, dtype=dtype
     )
-    common.fill_cache_(cache, context, seed=seed)
+    workload.fill_cache_(cache, context, seed=seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         after: int | None = torch.cuda.memory_allocated(device)
     else:
-        after = common.process_resident_bytes()
+        after = hardware.process_resident_bytes()
     nbytes = cache.nbytes()
     if cache.seq_len != context:
         raise RuntimeError(f"filled cache reports seq_len {cache.seq_len}, expected {context}")
@@ -184,7 +184,9 @@ def decode_floor(
     for name, cfg in configs.items():
         with torch.device("meta"):
             model = KimiLinearForCausalLM(cfg)
-        weights[name] = {b: common.active_weight_bytes(model, b, dtype_bytes) for b in batch_sizes}
+        weights[name] = {
+            b: workload.active_weight_bytes(model, b, dtype_bytes) for b in batch_sizes
+        }
         del model
     rows = []
     for ctx in contexts:
@@ -192,7 +194,7 @@ def decode_floor(
             row: dict[str, Any] = {"context": ctx, "batch_size": b}
             for name, cfg in configs.items():
                 w = weights[name][b]["total"]
-                c = common.cache_read_bytes(cfg, ctx, b, dtype_bytes)
+                c = workload.cache_read_bytes(cfg, ctx, b, dtype_bytes)
                 row[f"{name}_weight_bytes"] = w
                 row[f"{name}_cache_bytes"] = c
                 row[f"{name}_step_bytes"] = w + c
@@ -213,12 +215,12 @@ def decode_floor(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = common.parse_dtype(args.dtype)
-    device = common.resolve_device(args.device)
-    config = common.config_from_args(args)
+    device = hardware.resolve_device(args.device)
+    config = workload.config_from_args(args)
     twin = config.all_mla_twin()
     gqa = GQABaseline.from_config(config, args.gqa_kv_heads)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    free = common.available_memory(device)
+    free = hardware.available_memory(device)
     budget = int(args.measure_budget_gb * 1e9) if args.measure_budget_gb else free // 2
     budget = min(budget, int(0.85 * free))
     models = {"hybrid": config, "all_mla": twin}
@@ -226,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"kv_cache: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers), "
         f"batch {args.batch_size}, {args.dtype} latents, fp32 KDA states; measuring on "
-        f"{common.device_name(device)} up to {common.fmt_bytes(budget)} per cache"
+        f"{hardware.device_name(device)} up to {common.fmt_bytes(budget)} per cache"
     )
 
     todo = [(ctx, name) for ctx in args.contexts for name in models]
     measured: dict[tuple[int, str], dict[str, int | None]] = {}
-    for ctx, name in common.progress(todo, "allocating caches", enabled=not args.no_progress):
+    for ctx, name in report.progress(todo, "allocating caches", enabled=not args.no_progress):
         need = models[name].kv_cache_bytes(ctx, args.batch_size, cache_dtype_bytes=dtype_bytes)[
             "total"
         ]
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.fail(
                     f"the {name} cache at context {ctx} (batch {args.batch_size}) needs "
                     f"{common.fmt_bytes(need)}, more than the {common.fmt_bytes(budget)} this run "
-                    f"may allocate on {common.device_name(device)} ({common.fmt_bytes(free)} free)",
+                    f"may allocate on {hardware.device_name(device)} ({common.fmt_bytes(free)} free)",
                     code=3,
                 )
             continue
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     md = render_markdown(args, config, twin, gqa, rows, floor_rows, floor_info, budget, device)
-    paths = common.save_results(
+    paths = report.save_results(
         "kv_cache",
         device,
         payload,
@@ -408,7 +410,7 @@ def render_markdown(
         f"({config.kv_lora_rank} + {config.qk_rope_head_dim} values per token per layer); GQA: "
         f"{gqa.num_layers} layers x {gqa.num_kv_heads} KV heads x ({gqa.k_head_dim} + {gqa.v_head_dim}) "
         f"= {gqa.values_per_token_layer} values per token per layer. Measured = bytes of the kit's "
-        f"filled `HybridCache` tensors on {common.device_name(device)} (caches up to "
+        f"filled `HybridCache` tensors on {hardware.device_name(device)} (caches up to "
         f"{common.fmt_bytes(budget)}); `-` = analytic only. Decimal units (1 GB = 1e9 B).\n\n",
     ]
     table = []
@@ -426,7 +428,7 @@ def render_markdown(
                 "reduction vs GQA": f"{r['reduction_vs_gqa_pct']:.1f}%",
             }
         )
-    out.append(common.markdown_table(table))
+    out.append(report.markdown_table(table))
     measured_any = [
         r
         for r in rows
@@ -473,7 +475,7 @@ def render_markdown(
                     "ratio": f"{r['floor_ratio']:.2f}x",
                 }
             )
-        out.append(common.markdown_table(table))
+        out.append(report.markdown_table(table))
     return "".join(out)
 
 

@@ -3,7 +3,7 @@
 The question: can :class:`~kimi_linear.lightning.data.TokenDataModule` keep a training step fed?
 On one dataset prepared by ``kimi-linear prepare`` (by default CPython's bundled help text,
 byte tokenizer, or ``--train-bpe VOCAB`` for a byte-level BPE), in interleaved rounds
-(:func:`common.bench_interleaved`, so machine drift hits every entry alike), this times:
+(:func:`timing.bench_interleaved`, so machine drift hits every entry alike), this times:
 
 * ``loader/<pack>/w<N>``: pulling ``--batches`` batches of ``[B, T]`` windows from the training
   DataLoader (shuffled windows, ``pack="reset"`` with ``cu_seqlens`` or ``"window"``), with
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report, timing
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.lightning.data import TokenDataModule, prepare
 from kimi_linear.model import KimiLinearForCausalLM
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         explicit = common.explicit_dests(parser, argv)
         common.apply_quick(args, explicit, seq_len=64, batch_size=4, batches=5, rounds=2)
         workers = workers if "workers" in explicit else [0]
-    threads = common.set_threads(args.threads)
+    threads = hardware.set_threads(args.threads)
     device = torch.device("cpu")
     tmp = tempfile.TemporaryDirectory()
     data = args.data
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fns = {name: pull(name) for name in loaders}
     fns["train_step"] = train_step
-    times = common.bench_interleaved(fns, device, rounds=args.rounds, cpu_reps=2)
+    times = timing.bench_interleaved(fns, device, rounds=args.rounds, cpu_reps=2)
 
     rows = []
     step = times["train_step"]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     md = (
         title
-        + common.markdown_table(rows)
+        + report.markdown_table(rows)
         + "\n`x train step`: the entry's median tokens/s over the training step's median "
         "(interleaved rounds; min/median/max over samples).  `loader/<pack>/w<N>`: batches "
         "pulled from TokenDataModule's training DataLoader with N worker processes.\n"
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_xlabel("tokens/s (median; bars: min..max)")
         ax.set_title(f"loader vs training step ({args.preset}, B={B}, T={T})")
 
-    paths = common.save_results("loader", device, payload, md, plot, args.out_dir, args.quick)
+    paths = report.save_results("loader", device, payload, md, plot, args.out_dir, args.quick)
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     for name in loaders:  # shut worker processes down before the temporary folder goes

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report, timing, workload
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM, cast_model_
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "all-MLA twin.",
         formatter_class=common.HelpFormatter,
     )
-    common.add_model_args(p, default_preset=None)
+    workload.add_model_args(p, default_preset=None)
     p.add_argument(
         "--lengths",
         type=common.size_list(1),
@@ -178,7 +178,7 @@ def measure_model(
             if tick is not None:
                 tick()
             ids = prompt[:, :L]
-            t = common.timeit(
+            t = timing.timeit(
                 lambda ids=ids: prefill(model, ids, args.chunk_size, dtype),
                 device,
                 warmup=0,
@@ -201,21 +201,21 @@ def measure_model(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     resolve_defaults(args, device)
-    threads = common.set_threads(args.threads) if device.type == "cpu" else None
+    threads = hardware.set_threads(args.threads) if device.type == "cpu" else None
     dtype = common.parse_dtype(args.dtype)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    config = common.config_from_args(args)
+    config = workload.config_from_args(args)
     models = {"hybrid": config, "all_mla": config.all_mla_twin()}
 
-    free = common.available_memory(device)
+    free = hardware.available_memory(device)
     weights: dict[str, int] = {}
     for name, cfg in models.items():
         with torch.device("meta"):
             meta = KimiLinearForCausalLM(cfg)
-        build = common.active_weight_bytes(meta, 1, dtype_bytes=4)["all_params"]
-        weights[name] = int(common.active_weight_bytes(cast_model_(meta, dtype), 1)["all_params"])
+        build = workload.active_weight_bytes(meta, 1, dtype_bytes=4)["all_params"]
+        weights[name] = int(workload.active_weight_bytes(cast_model_(meta, dtype), 1)["all_params"])
         del meta
         for L in args.lengths:  # fail before allocating anything if a length cannot fit
             cache = cfg.kv_cache_bytes(L, args.batch_size, cache_dtype_bytes=dtype_bytes)["total"]
@@ -230,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"prefilling {L} tokens (batch {args.batch_size}) with the {MODEL_LABELS[name]} model "
                     f"needs about {common.fmt_bytes(need)} (weights {common.fmt_bytes(weights[name])} + cache "
                     f"{common.fmt_bytes(cache)} + working memory), but only {common.fmt_bytes(free)} is free "
-                    f"on {common.device_name(device)}; use shorter --lengths, a smaller --chunk-size or model",
+                    f"on {hardware.device_name(device)}; use shorter --lengths, a smaller --chunk-size or model",
                     code=3,
                 )
 
     print(
         f"prefill: {config.name} ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers) vs "
         f"all-MLA twin, {args.dtype}, batch {args.batch_size}, chunks of {args.chunk_size}, on "
-        f"{common.device_name(device)}" + (f", {threads} thread(s)" if threads else "")
+        f"{hardware.device_name(device)}" + (f", {threads} thread(s)" if threads else "")
     )
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     prompt = torch.randint(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ).to(device)
 
     rows: list[dict[str, Any]] = []
-    bar = common.progress(
+    bar = report.progress(
         range(len(models) * len(args.lengths)), "prefill", enabled=not args.no_progress
     )
     ticks = iter(bar)
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     md = render_markdown(rows, summary, args, config, device, threads)
-    paths = common.save_results(
+    paths = report.save_results(
         "prefill",
         device,
         payload,
@@ -314,7 +314,7 @@ def render_markdown(
 ) -> str:
     out = [
         f"# Prefill: {config.name} hybrid vs all-MLA\n\n",
-        f"{common.device_name(device)}"
+        f"{hardware.device_name(device)}"
         + (f", {threads} thread(s)" if threads else "")
         + f", {args.dtype}; model `--preset {args.preset}`"
         + (f" `--layers {args.layers}`" if args.layers else "")
@@ -337,7 +337,7 @@ def render_markdown(
                 "all-MLA / hybrid time": f"{h['all_mla_over_hybrid']:.2f}x",
             }
         )
-    out.append(common.markdown_table(table))
+    out.append(report.markdown_table(table))
     out.append(
         f"\nAt {common.fmt_tokens(summary['length'])} tokens the hybrid prefills "
         f"{summary['speedup']:.2f}x faster than the all-MLA twin.\n"

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, hardware, report, workload
 
 NAME = "prefill_memory"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default tiny) and its all-MLA twin; one subprocess per measurement.",
         formatter_class=common.HelpFormatter,
     )
-    common.add_model_args(p, default_preset="tiny")
+    workload.add_model_args(p, default_preset="tiny")
     p.add_argument(
         "--seq-lens",
         type=common.size_list(),
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace, which: str) -> Any:
     """The preset (with the size overrides) or its all-MLA twin, with room for every length."""
-    config = common.config_from_args(args)
+    config = workload.config_from_args(args)
     longest = max(args.seq_lens)
     if config.max_position_embeddings < longest:
         config = config.replace(max_position_embeddings=longest)
@@ -109,8 +109,8 @@ def measure(args: argparse.Namespace, which: str, length: int) -> dict[str, Any]
     """One prefill of ``length`` tokens on ``which`` model, in this process (the child)."""
     from kimi_linear.model import KimiLinearForCausalLM
 
-    common.set_threads(args.threads)
-    device = common.resolve_device(args.device)
+    hardware.set_threads(args.threads)
+    device = hardware.resolve_device(args.device)
     dtype = common.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
     config = model_config(args, which)
@@ -118,16 +118,16 @@ def measure(args: argparse.Namespace, which: str, length: int) -> dict[str, Any]
     ids = torch.randint(0, config.vocab_size, (args.batch_size, length), device=device)
     with torch.inference_mode():  # warm-up at a short length: kernels and lazy buffers
         model(ids[:, : min(length, 64)], logits_to_keep=1)
-    common.synchronize(device)
+    hardware.synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = common.process_resident_bytes() or 0
+        before = hardware.process_resident_bytes() or 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         logits = model(ids, logits_to_keep=1)
-    common.synchronize(device)
+    hardware.synchronize(device)
     seconds = time.perf_counter() - t0
     if not bool(torch.isfinite(logits).all()):
         raise RuntimeError(f"{which} at {length} tokens gave non-finite logits")
@@ -200,7 +200,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str
                 }
             )
             prev = (r["length"], b)
-    lines.append(common.markdown_table(table))
+    lines.append(report.markdown_table(table))
     return "\n".join(lines)
 
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         which, length = args.child.split(":")
         print(json.dumps(measure(args, which, int(length))))
         return 0
-    device = common.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     rows = []
     for which in args.models:
         for length in args.seq_lens:
@@ -225,19 +225,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"({row['prefill_bytes'] / length:,.0f} B/token), {row['seconds']:.1f} s",
                     flush=True,
                 )
-    env = common.env_info(device)
+    env = hardware.env_info(device)
     md = markdown(rows, args, env)
     print(md)
     folder = (
         Path(args.out)
         if args.out is not None
-        else common.RESULTS_DIR / common.device_slug(device) / ("quick" if args.quick else "")
+        else report.RESULTS_DIR / hardware.device_slug(device) / ("quick" if args.quick else "")
     )
     if args.out is None and not args.quick and (folder / f"{NAME}.json").exists():
         print(f"not written: {folder / NAME}.json exists (give --out DIR to write elsewhere)")
         return 0
     payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
-    paths = common.save_results(NAME, device, payload, md, out_dir=folder)
+    paths = report.save_results(NAME, device, payload, md, out_dir=folder)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
