@@ -1,5 +1,9 @@
 """The Kimi Linear hybrid language model: KDA / MLA token mixers, dense or MoE feed-forward.
 
+One job: the model (decoder blocks, init, forward and loss, the decoding loop, and the
+checkpoint entry points, which call :mod:`kimi_linear.hf` with the model); kept in one file so
+it reads top to bottom, as nanoGPT's and litgpt's ``model.py`` do.
+
 Module tree (names match the released checkpoints' state dicts)::
 
     KimiLinearForCausalLM
