@@ -1,4 +1,4 @@
-"""``python -m kimi_linear.gpu_check``: arguments, budget, result files, and a whole dry run.
+"""``python -m benchmarks.gpu_check``: arguments, budget, result files, and a whole dry run.
 
 The dry run (every part at toy sizes on the CPU, kernels under the Triton interpreter) goes
 through a subprocess, as CI would run it, and is marked slow; the rest runs in-process in
@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimi_linear import gpu_check
+from benchmarks import kernel_speed, timing
+from benchmarks.gpu_check import cli, correctness, kda, plan, results, sizes, speed
+from benchmarks.gpu_check import run as gpu_run
+from kimi_linear.ops import naive_recurrent_kda
+from kimi_linear.testing import KDA_NAMES, per_sequence, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_bad_arguments_exit_2_with_the_argument_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        gpu_check.main(argv)
+        cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -46,20 +50,20 @@ def test_bad_arguments_exit_2_with_the_argument_named(argv, message, capsys):
 def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "results.txt"
     target.write_text("")
-    assert gpu_check.main(["--dry-run", "--out-dir", str(target)]) == 2
+    assert cli.main(["--dry-run", "--out-dir", str(target)]) == 2
     assert "--out-dir" in capsys.readouterr().err
 
 
 def test_parts_keep_the_value_order():
-    args = gpu_check.parse_args(["--parts", "model,correctness"])
+    args = cli.parse_args(["--parts", "model,correctness"])
     assert args.parts == ("correctness", "model")
-    assert gpu_check.parse_args([]).parts == gpu_check.DEFAULT_PARTS
-    assert gpu_check.parse_args([]).budget == gpu_check.DEFAULT_BUDGET_MIN == 8.0
+    assert cli.parse_args([]).parts == sizes.DEFAULT_PARTS
+    assert cli.parse_args([]).budget == sizes.DEFAULT_BUDGET_MIN == 8.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_without_cuda_it_points_to_dry_run(capsys):
-    assert gpu_check.main([]) == 2
+    assert cli.main([]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "--dry-run" in err
 
@@ -69,48 +73,48 @@ def test_dry_run_refuses_an_already_imported_triton_without_the_interpreter(monk
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
-        gpu_check._prepare_triton(True)
-    gpu_check._prepare_triton(False)  # a GPU run needs nothing
+        cli._prepare_triton(True)
+    cli._prepare_triton(False)  # a GPU run needs nothing
 
 
 # ------------------------------------------------------------------------------ errors
-def test_rel_err_is_norm_relative_and_inf_for_non_finite():
+def test_rel_error_is_norm_relative_and_inf_for_non_finite():
     ref = torch.tensor([3.0, 4.0])
-    assert gpu_check.rel_err(ref, ref) == 0.0
-    assert gpu_check.rel_err(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
-    assert gpu_check.rel_err(torch.tensor([float("nan"), 4.0]), ref) == math.inf
-    assert gpu_check.rel_err(None, ref) == math.inf
-    assert gpu_check.rel_err(torch.tensor([0.5]), torch.tensor([0.0])) == 0.5
+    assert rel_error(ref, ref) == 0.0
+    assert rel_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert rel_error(torch.tensor([float("nan"), 4.0]), ref) == math.inf
+    assert rel_error(None, ref) == math.inf
+    # an all-zero reference: any difference is infinitely wrong, none is exact
+    assert rel_error(torch.tensor([0.5]), torch.tensor([0.0])) == math.inf
+    assert rel_error(torch.tensor([0.0]), torch.tensor([0.0])) == 0.0
 
 
 def test_compare_tolerance_and_fla_slack():
     ref = {"o": torch.ones(100, dtype=torch.float64)}
-    tol = gpu_check.TOLERANCE[torch.bfloat16]
+    tol = sizes.TOLERANCE[torch.bfloat16]
     within = {"o": ref["o"] * (1 + tol / 2)}
     outside = {"o": ref["o"] * (1 + 2 * tol)}
-    rows, ok = gpu_check.compare(within, ref, None, torch.bfloat16)
+    rows, ok = correctness.compare(within, ref, None, torch.bfloat16)
     assert ok and rows[0]["pass"] and rows[0]["err_vs_fp64"] == pytest.approx(tol / 2)
-    _, ok = gpu_check.compare(outside, ref, None, torch.bfloat16)
+    _, ok = correctness.compare(outside, ref, None, torch.bfloat16)
     assert not ok
     # beyond the tolerance, but no worse than FLA_SLACK x fla's own error: passes
     fla = {"o": ref["o"] * (1 + 1.9 * tol)}
-    rows, ok = gpu_check.compare(outside, ref, fla, torch.bfloat16)
+    rows, ok = correctness.compare(outside, ref, fla, torch.bfloat16)
     assert ok and rows[0]["fla_err_vs_fp64"] == pytest.approx(1.9 * tol)
-    _, ok = gpu_check.compare({"o": ref["o"] * float("nan")}, ref, fla, torch.bfloat16)
+    _, ok = correctness.compare({"o": ref["o"] * float("nan")}, ref, fla, torch.bfloat16)
     assert not ok
 
 
 def test_per_sequence_runs_each_packed_sequence_alone():
-    from kimi_linear.ops import kda_recurrent
-
     lengths = [3, 5]
     cu = torch.tensor([0, 3, 8])
-    x = gpu_check.kda_inputs(1, 8, 2, 4, 4, torch.float64, torch.device("cpu"), 0, N=2)
-    packed = gpu_check.per_sequence(kda_recurrent)
+    x = kda.kda_inputs(1, 8, 2, 4, 4, torch.float64, torch.device("cpu"), 0, N=2)
+    packed = per_sequence(naive_recurrent_kda)
     o, ht = packed(*(x[n] for n in ("q", "k", "v", "g", "beta")), x["h0"], True, cu_seqlens=cu)
     start = 0
     for i, n in enumerate(lengths):
-        oi, hi = kda_recurrent(
+        oi, hi = naive_recurrent_kda(
             *(x[k][:, start : start + n] for k in ("q", "k", "v", "g", "beta")),
             initial_state=x["h0"][i : i + 1],
             output_final_state=True,
@@ -125,42 +129,41 @@ def test_a_broken_fla_import_is_contained_by_the_guard(tmp_path, monkeypatch):
     run = _run(tmp_path, 60)
     run.fla_second_opinion = "always"
     record: dict = {}
-    ctx = gpu_check.ItemContext(record, gpu_check.PartReport("correctness", tmp_path, {}), run)
+    ctx = gpu_run.ItemContext(record, gpu_run.PartReport("correctness", tmp_path, {}), run)
 
     def broken(device):
         raise ImportError("fla is broken")
 
-    monkeypatch.setattr(gpu_check, "_fla_ops", broken)
-    x = gpu_check.kda_inputs(1, 8, 1, 4, 4, torch.float32, torch.device("cpu"), 0)
+    monkeypatch.setattr(correctness, "fla_ops", broken)
+    x = kda.kda_inputs(1, 8, 1, 4, 4, torch.float32, torch.device("cpu"), 0)
     ours = {"o": x["v"]}
-    out = gpu_check._second_opinion(
-        ctx, ours, ours, torch.float32, lambda: gpu_check._fla_ops(run.device)
+    out = correctness._second_opinion(
+        ctx, ours, ours, torch.float32, lambda: correctness.fla_ops(run.device)
     )
     assert out is None and record["fla_error"] == "ImportError: fla is broken"
-    assert gpu_check._fla_name(ctx, "chunk").startswith("fla unavailable")
+    assert correctness._fla_name(ctx, "chunk").startswith("fla unavailable")
     # on a GPU run fla is asked only when ours misses the tolerance
     run.fla_second_opinion = "on miss"
     record.clear()
-    assert gpu_check._second_opinion(ctx, ours, ours, torch.float32, broken) is None
+    assert correctness._second_opinion(ctx, ours, ours, torch.float32, broken) is None
     assert record == {"fla_run": "no: every tensor within the tolerance"}
 
 
 def test_a_failing_fla_is_recorded_and_the_item_goes_on(tmp_path):
     run = _run(tmp_path, 60)
     record: dict = {}
-    ctx = gpu_check.ItemContext(record, gpu_check.PartReport("speed", tmp_path, {}), run)
+    ctx = gpu_run.ItemContext(record, gpu_run.PartReport("speed", tmp_path, {}), run)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this dtype")
 
-    assert gpu_check._try_fla(ctx, broken, 1, x=2) is None
+    assert kda.try_fla(ctx, broken, 1, x=2) is None
     assert record["fla_error"] == "RuntimeError: no kernel for this dtype"
-    assert gpu_check._probe_fla(ctx, lambda: None) is True
-    assert gpu_check._probe_fla(ctx, broken) is False
+    assert speed.probe_fla(ctx, lambda: None) is True
+    assert speed.probe_fla(ctx, broken) is False
 
 
 def test_bench_interleaved_alternates_and_resets_grads():
-    common = gpu_check.bench_module("common")
     calls: list[str] = []
     w = torch.ones(2, requires_grad=True)
 
@@ -169,7 +172,7 @@ def test_bench_interleaved_alternates_and_resets_grads():
         (w * 2).sum().backward()
         calls.append("a")
 
-    t = common.bench_interleaved(
+    t = timing.bench_interleaved(
         {"a": a, "b": lambda: calls.append("b")},
         torch.device("cpu"),
         rounds=2,
@@ -182,25 +185,24 @@ def test_bench_interleaved_alternates_and_resets_grads():
     assert t["a"]["n"] == t["b"]["n"] == 4
     assert 0 <= t["a"]["min"] <= t["a"]["median"] <= t["a"]["max"]
     with pytest.raises(ValueError, match="rounds must be a positive int"):
-        common.bench_interleaved({"a": a}, torch.device("cpu"), rounds=0)
+        timing.bench_interleaved({"a": a}, torch.device("cpu"), rounds=0)
 
 
 def test_decode_step_bytes():
-    kernels = gpu_check.bench_module("kernel_speed")
-    x = gpu_check.kda_inputs(3, 1, 2, 8, 16, torch.bfloat16, torch.device("cpu"), 0)
-    state, io = kernels.decode_step_bytes(*(x[n] for n in ("q", "k", "v", "g", "beta")))
+    x = kda.kda_inputs(3, 1, 2, 8, 16, torch.bfloat16, torch.device("cpu"), 0)
+    state, io = kernel_speed.decode_step_bytes(*(x[n] for n in ("q", "k", "v", "g", "beta")))
     assert state == 3 * 2 * 8 * 16 * 4  # fp32 state
     # q, k (bf16), v (bf16), g (fp32), beta (bf16), and the output o like v
     assert io == 2 * (3 * 2 * 8 * 2) + 3 * 2 * 16 * 2 + 3 * 2 * 8 * 4 + 3 * 2 * 2 + 3 * 2 * 16 * 2
 
 
 # ------------------------------------------------------------------------------ budget
-def _run(tmp_path: Path, seconds: float, both_dtypes: bool = False) -> gpu_check.Run:
-    return gpu_check.Run(
+def _run(tmp_path: Path, seconds: float, both_dtypes: bool = False) -> gpu_run.Run:
+    return gpu_run.Run(
         device=torch.device("cpu"),
         dtypes=(torch.bfloat16, torch.float32) if both_dtypes else (torch.float32,),
-        sizes=gpu_check.dry_run_sizes(),
-        budget=gpu_check.Budget(seconds),
+        sizes=sizes.dry_run_sizes(),
+        budget=gpu_run.Budget(seconds),
         folder=tmp_path,
         dry_run=True,
         seed=0,
@@ -221,8 +223,8 @@ def test_the_timer_cuts_off_the_item_in_flight_and_later_items_are_skipped(tmp_p
 
     run.budget.start_timer()
     try:
-        report = gpu_check.run_part(
-            run, "speed", [gpu_check.Item("a", "x", forever), gpu_check.Item("b", "x", never)]
+        report = gpu_run.run_part(
+            run, "speed", [gpu_run.Item("a", "x", forever), gpu_run.Item("b", "x", never)]
         )
     finally:
         run.budget.stop_timer()
@@ -244,8 +246,8 @@ def test_an_item_error_is_recorded_and_the_part_goes_on(tmp_path):
     def fine(ctx):
         ctx.record["status"] = "pass"
 
-    report = gpu_check.run_part(
-        run, "correctness", [gpu_check.Item("a", "x", broken), gpu_check.Item("b", "x", fine)]
+    report = gpu_run.run_part(
+        run, "correctness", [gpu_run.Item("a", "x", broken), gpu_run.Item("b", "x", fine)]
     )
     assert report.items[0]["status"] == "error"
     assert report.items[0]["reason"] == "ValueError: bad shape"
@@ -257,9 +259,9 @@ def test_an_item_error_is_recorded_and_the_part_goes_on(tmp_path):
 
 def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path, capsys):
     # exit 1: not every item passed (they were skipped), so a script cannot take it for a pass
-    assert gpu_check.main(["--dry-run", "--budget", "1e-6", "--out-dir", str(tmp_path)]) == 1
+    assert cli.main(["--dry-run", "--budget", "1e-6", "--out-dir", str(tmp_path)]) == 1
     assert "did not pass" in capsys.readouterr().err
-    for part in gpu_check.DEFAULT_PARTS:
+    for part in sizes.DEFAULT_PARTS:
         data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
         assert data["dry_run"] is True and data["items"]
         for item in data["items"]:
@@ -268,7 +270,7 @@ def test_a_spent_budget_skips_every_item_with_its_reason(tmp_path, capsys):
         assert (tmp_path / f"gpu_check_{part}.md").read_text().startswith(f"# GPU check: {part}")
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["verdict"]["kernels_validated"] is False
-    assert set(summary["parts"]) == set(gpu_check.DEFAULT_PARTS)
+    assert set(summary["parts"]) == set(sizes.DEFAULT_PARTS)
 
 
 def test_exit_code_is_1_when_a_correctness_item_fails(tmp_path, monkeypatch, capsys):
@@ -276,30 +278,30 @@ def test_exit_code_is_1_when_a_correctness_item_fails(tmp_path, monkeypatch, cap
         def fail(ctx):
             ctx.record["status"] = "fail"
 
-        return [gpu_check.Item("a failing check", "reference", fail)]
+        return [gpu_run.Item("a failing check", "reference", fail)]
 
-    monkeypatch.setattr(gpu_check, "correctness_items", failing)
+    monkeypatch.setattr(correctness, "correctness_items", failing)
     argv = ["--dry-run", "--parts", "correctness", "--out-dir", str(tmp_path)]
-    assert gpu_check.main(argv) == 1
+    assert cli.main(argv) == 1
     assert "correctness: a failing check (fail)" in capsys.readouterr().err
 
     def passing(run):
         def ok(ctx):
             ctx.record["status"] = "pass"
 
-        return [gpu_check.Item("a passing check", "reference", ok)]
+        return [gpu_run.Item("a passing check", "reference", ok)]
 
-    monkeypatch.setattr(gpu_check, "correctness_items", passing)
-    assert gpu_check.main(argv) == 0
+    monkeypatch.setattr(correctness, "correctness_items", passing)
+    assert cli.main(argv) == 0
 
 
 # ------------------------------------------------------------------------------ plan
-def _gpu_run(tmp_path: Path) -> gpu_check.Run:
-    return gpu_check.Run(
+def _gpu_run(tmp_path: Path) -> gpu_run.Run:
+    return gpu_run.Run(
         device=torch.device("cpu"),
         dtypes=(torch.bfloat16, torch.float32),
-        sizes=gpu_check.gpu_sizes(),
-        budget=gpu_check.Budget(480),
+        sizes=sizes.gpu_sizes(),
+        budget=gpu_run.Budget(480),
         folder=tmp_path,
         dry_run=False,
         seed=0,
@@ -308,21 +310,21 @@ def _gpu_run(tmp_path: Path) -> gpu_check.Run:
 
 
 def test_planned_compile_and_run_fit_the_default_budget(tmp_path):
-    rows = gpu_check.plan(_gpu_run(tmp_path))
-    total = gpu_check.STARTUP_S + sum(r["compile_s"] + r["run_s"] for r in rows)
-    assert total <= gpu_check.DEFAULT_BUDGET_MIN * 60, gpu_check.budget_markdown(rows)
+    rows = plan.plan(_gpu_run(tmp_path))
+    total = sizes.STARTUP_S + sum(r["compile_s"] + r["run_s"] for r in rows)
+    assert total <= sizes.DEFAULT_BUDGET_MIN * 60, plan.budget_markdown(rows)
     # every cost key has an estimate, and every compiled set a compile time
-    sizes = gpu_check.gpu_sizes()
-    assert all(r["cost"] in sizes.costs for r in rows)
-    assert {k for c in sizes.costs.values() for k in c.compiles} <= set(sizes.compile_s)
+    gpu = sizes.gpu_sizes()
+    assert all(r["cost"] in gpu.costs for r in rows)
+    assert {k for c in gpu.costs.values() for k in c.compiles} <= set(gpu.compile_s)
     # each kernel set's compile is charged once, to its first item
     charged = [k for r in rows for k in r["compiles"]]
     assert len(charged) == len(set(charged))
 
 
 def test_dry_run_plans_the_same_items_in_the_same_order(tmp_path):
-    gpu = [(r["part"], r["cost"]) for r in gpu_check.plan(_gpu_run(tmp_path))]
-    dry = [(r["part"], r["cost"]) for r in gpu_check.plan(_run(tmp_path, 60, both_dtypes=True))]
+    gpu = [(r["part"], r["cost"]) for r in plan.plan(_gpu_run(tmp_path))]
+    dry = [(r["part"], r["cost"]) for r in plan.plan(_run(tmp_path, 60, both_dtypes=True))]
     assert dry == gpu
     assert any(key.startswith("safe gate") for _, key in gpu)  # the safe-gate path is checked
     assert ("speed", "speed safe gate") in gpu  # and timed
@@ -334,13 +336,13 @@ def test_readme_budget_table_is_the_plan(tmp_path):
     start, end = "<!-- gpu-budget -->\n", "<!-- /gpu-budget -->"
     assert start in text and end in text
     table = text.split(start, 1)[1].split(end, 1)[0]
-    assert table == gpu_check.budget_markdown(gpu_check.plan(_gpu_run(tmp_path)))
+    assert table == plan.budget_markdown(plan.plan(_gpu_run(tmp_path)))
 
 
 def test_run_cost_charges_a_kernel_set_once(tmp_path):
     run = _gpu_run(tmp_path)
     first = run.cost("chunk bf16")
-    assert first == 6 + gpu_check.COMPILE_S["ours chunk bf16 K=V=128"]
+    assert first == 6 + sizes.COMPILE_S["ours chunk bf16 K=V=128"]
     run.mark_compiled("chunk bf16")
     assert run.cost("chunk bf16") == 6
 
@@ -359,13 +361,13 @@ def test_summary_verdict_needs_every_correctness_item_passed_on_a_gpu(tmp_path):
         "items": [{"name": "a", "status": "pass"}, {"name": "b", "status": "pass"}],
     }
     (tmp_path / "gpu_check_correctness.json").write_text(json.dumps(part))
-    verdict = gpu_check.write_summary(tmp_path)["verdict"]
+    verdict = results.write_summary(tmp_path)["verdict"]
     assert verdict["kernels_validated"] is True and verdict["arch"] == "sm_90"
     assert "add (9, 0) to VALIDATED_TRITON_ARCHS" in verdict["next_step"]
     assert "Next step: add (9, 0)" in (tmp_path / "gpu_check.md").read_text()
     part["items"][1]["status"] = "skipped"
     (tmp_path / "gpu_check_correctness.json").write_text(json.dumps(part))
-    verdict = gpu_check.write_summary(tmp_path)["verdict"]
+    verdict = results.write_summary(tmp_path)["verdict"]
     assert verdict["kernels_validated"] is False and "['b']" in verdict["reason"]
     assert "**no**" in (tmp_path / "gpu_check.md").read_text()
 
@@ -380,7 +382,7 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
         [
             sys.executable,
             "-m",
-            "kimi_linear.gpu_check",
+            "benchmarks.gpu_check",
             "--dry-run",
             "--budget",
             "60",
@@ -398,7 +400,7 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     corr = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
     assert corr["env"]["fla_backends"]["version"] and corr["autotune_space"] == "first"
     assert "compile" in corr and "fla_dispatch" in corr
-    for part in gpu_check.DEFAULT_PARTS:
+    for part in sizes.DEFAULT_PARTS:
         data = json.loads((tmp_path / f"gpu_check_{part}.json").read_text())
         assert data["status"] == "complete", data
         assert data["env"]["arch"].startswith("cpu")
@@ -409,7 +411,7 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     corr = json.loads((tmp_path / "gpu_check_correctness.json").read_text())
     checked = {r["tensor"] for i in corr["items"] for r in i.get("checks", [])}
     grid = {"o (short sequence)", "ht (short sequence)", "o (long sequence) finite"}
-    assert checked == set(gpu_check.TENSORS) | grid  # every tensor, and the grid-limit item's
+    assert checked == set(KDA_NAMES) | grid  # every tensor, and the grid-limit item's
     speed = json.loads((tmp_path / "gpu_check_speed.json").read_text())
     modes = [r["mode"] for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
     assert modes.count("fwd") == modes.count("fwd+bwd") == 3  # two anchors + the safe gate

@@ -25,7 +25,7 @@ once per value (``name[SAFE_GATE]`` for the bounded-gate variant), and prints pe
 - ``config`` and ``compile s``: the autotune config compiled and the CPU seconds of its cold
   compile (this process and ``ptxas``). ``--space suite`` / ``full`` compiles every config of
   that autotune space (``utils.AUTOTUNE_SPACES``) instead of the first: the report behind the
-  GPU suite's pruned set and its compile budget (``kimi_linear.gpu_check.COMPILE_S``).
+  GPU suite's pruned set and its compile budget (``benchmarks.gpu_check.sizes.COMPILE_S``).
 
 ``--targets`` also checks the performance targets (:func:`target_misses`: no TF32 products for
 16-bit inputs, no spills, every chunk kernel at least 2 CTAs per SM) and lists the misses.
@@ -58,7 +58,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from . import chunk_bwd, chunk_fwd, fused_recurrent
+from . import chunk_bwd, chunk_fwd, fused_recurrent, prologue
 from .utils import (
     AUTOTUNE_SPACES,
     CHUNK_SIZE,
@@ -79,6 +79,9 @@ _IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq", "dk", "qg", "kg"}
 # Intermediates the chunk kernels store in the input dtype (tensor-core operands only), and the
 # chunk states / state gradients, stored in utils.state_dtype (bf16 for fp16 inputs).
 _IO_ARGS |= {"Aqk", "Ainv", "W", "delta", "dd"}
+# the row-wise prologue kernels (prologue.py): their tensors, element / row counts, factor
+_IO_ARGS |= {"x", "y", "dy", "dx"}
+_COUNT_ARGS, _FACTOR_ARGS = {"n_rows", "n"}, {"c"}
 _STATE_ARGS = {"h", "dh"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 
@@ -226,9 +229,14 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "H" or name in TUNE_KEYS or name in fused_recurrent.INT_ARGS:
+        elif (
+            name == "H"
+            or name in TUNE_KEYS
+            or name in fused_recurrent.INT_ARGS
+            or name in _COUNT_ARGS
+        ):
             sig[name] = "i32"
-        elif name == "scale" or name in fused_recurrent.FLOAT_ARGS:
+        elif name == "scale" or name in fused_recurrent.FLOAT_ARGS or name in _FACTOR_ARGS:
             sig[name] = "fp32"
         elif name in _INDEX_ARGS:
             sig[name] = "*i32"
@@ -296,6 +304,14 @@ def _configs(kernel: Any, space: str = "first") -> list[tuple[dict[str, Any], in
     return [({}, 4, 2)]
 
 
+#: The in-kernel gate variants compiled (``chunk_fwd.GATE_*``; ``use_gate_in_kernel``).
+_GATE_VARIANTS = (
+    dict(GATE=chunk_fwd.GATE_NONE, HAS_A=False, HAS_BIAS=False),
+    dict(GATE=chunk_fwd.GATE_SOFTPLUS, HAS_A=True, HAS_BIAS=True),
+    dict(GATE=chunk_fwd.GATE_LOWER_BOUND, HAS_A=True, HAS_BIAS=True),
+)
+
+
 def kernel_specs(
     head_dim_k: int, head_dim_v: int, dtype: str, space: str = "first"
 ) -> list[tuple[Any, dict[str, Any], int, int]]:
@@ -311,10 +327,15 @@ def kernel_specs(
     intra_fwd = dict(K=K, BT=BT, BC=BC, BK=BK, BKD=min(BK, 32), BKW=BKS, DOT_PREC=prec)
     intra_bwd = dict(K=K, BT=BT, BC=BC, BKD=min(BK, 32), DOT_PREC=prec)
     launches = [
-        (
-            chunk_fwd._chunk_cumsum_kernel,
-            dict(K=K, BT=BT, BK=min(BK, 32), G_FLOOR=chunk_fwd.G_FLOOR),
-        ),
+        # the cumulative sum and the dg-finishing kernel: without and with the in-kernel gate
+        # (use_gate_in_kernel: softplus, and the safe gate with A_log and dt_bias)
+        *[
+            (
+                chunk_fwd._chunk_cumsum_kernel,
+                dict(K=K, BT=BT, BK=min(BK, 32), G_FLOOR=chunk_fwd.G_FLOOR, **gate),
+            )
+            for gate in _GATE_VARIANTS
+        ],
         # the kernels with a safe-gate fast path: both variants
         *[
             (chunk_fwd._intra_solve_fwd_kernel, dict(intra_fwd, SAFE_GATE=sg))
@@ -338,7 +359,15 @@ def kernel_specs(
         (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
         (chunk_bwd._bwd_dv_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
         *[(chunk_bwd._intra_bwd_kernel, dict(intra_bwd, SAFE_GATE=sg)) for sg in (False, True)],
-        (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec)),
+        *[
+            (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec, **gate))
+            for gate in _GATE_VARIANTS
+        ],
+        # use_qk_l2norm_in_kernel / use_beta_sigmoid_in_kernel (not autotuned)
+        (prologue._l2norm_fwd_kernel, dict(D=K, BD=BK, BR=prologue._ROWS)),
+        (prologue._l2norm_bwd_kernel, dict(D=K, BD=BK, BR=prologue._ROWS)),
+        (prologue._sigmoid_fwd_kernel, dict(BLOCK=prologue._BLOCK)),
+        (prologue._sigmoid_bwd_kernel, dict(BLOCK=prologue._BLOCK)),
     ]
     specs = []
     for kernel, constexprs in launches:
@@ -386,6 +415,7 @@ def check(
     ):
         fn = _jit_fn(kernel)
         name = fn.__name__ + ("[SAFE_GATE]" if constexprs.get("SAFE_GATE") else "")
+        name += f"[GATE={constexprs['GATE']}]" if constexprs.get("GATE") else ""
         sig = _signature(fn, dtype, constexprs)
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_aligned(fn, sig))
         options = {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
