@@ -78,7 +78,7 @@ def model_setup(name: str, seq_len: int, quick: bool) -> dict[str, Any]:
             "optimizer": "muonclip", "lr": 3e-3, "weight_decay": 0.1,
             "batch": (2, 64) if quick else (8, 128),
         }  # fmt: skip
-    from experiments import synthetic_tasks as study  # the study's own model definitions
+    from experiments import synthetic_setup as study  # the study's own model definitions
     from kimi_linear.lightning.data import SyntheticDataModule
 
     vocab = SyntheticDataModule(

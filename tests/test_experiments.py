@@ -1,5 +1,5 @@
-"""The synthetic-task study script (experiments/synthetic_tasks.py): protocol pieces, resumability,
-arguments. The full study is far too long for a test; a toy-size run checks the pipeline."""
+"""The synthetic-task study (``python -m experiments.synthetic_tasks``): protocol pieces,
+resumability, arguments. The full study is far too long for a test; a toy-size run checks the pipeline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments import synthetic_report, synthetic_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,24 +20,24 @@ def study():
     return importlib.import_module("experiments.synthetic_tasks")
 
 
-def test_run_or_load_skips_saved_runs_and_reruns_changed_settings(study, tmp_path):
+def test_run_or_load_skips_saved_runs_and_reruns_changed_settings(tmp_path):
     calls = []
 
     def run():
         calls.append(1)
         return {"value": len(calls)}
 
-    first, seconds = study.run_or_load(tmp_path, "k", {"a": 1}, run)
+    first, seconds = synthetic_runs.run_or_load(tmp_path, "k", {"a": 1}, run)
     assert first == {"value": 1} and seconds is not None
-    again, seconds = study.run_or_load(tmp_path, "k", {"a": 1}, run)
+    again, seconds = synthetic_runs.run_or_load(tmp_path, "k", {"a": 1}, run)
     assert again == {"value": 1} and seconds is None and len(calls) == 1  # loaded, not rerun
-    changed, _ = study.run_or_load(tmp_path, "k", {"a": 2}, run)
+    changed, _ = synthetic_runs.run_or_load(tmp_path, "k", {"a": 2}, run)
     assert changed == {"value": 2} and len(calls) == 2  # other settings: run again
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_progress_estimates_time_left_from_trained_runs(study):
-    p = study.Progress(total=4, enabled=False)
+def test_progress_estimates_time_left_from_trained_runs():
+    p = synthetic_runs.Progress(total=4, enabled=False)
     assert "not yet estimated" in p.update("saved run", None)
     line = p.update("trained", 60.0)
     assert "2/4 runs" in line and "~2.0 min left" in line
@@ -47,7 +49,7 @@ def _run(model, lr, seed, acc, steps=10, task="mqar", L=64):
             "steps": steps, "eval": {str(L): ev, str(2 * L): ev}}  # fmt: skip
 
 
-def test_summary_sanity_gate_and_orderings(study):
+def test_summary_sanity_gate_and_orderings():
     args = type("A", (), {"seeds": [0, 1], "train_lengths": [64]})()
     runs = [
         _run("mla", 1e-3, 0, 0.95), _run("mla", 1e-3, 1, 0.97),
@@ -56,7 +58,7 @@ def test_summary_sanity_gate_and_orderings(study):
         _run("kda", 3e-3, 0, 0.1),  # not the chosen lr: ignored
     ]  # fmt: skip
     chosen = {"mqar/mla": 1e-3, "mqar/kda": 1e-3, "mqar/gdn": 1e-3}
-    s = study.summarize(runs, chosen, args)
+    s = synthetic_report.summarize(runs, chosen, args)
     assert s["sanity_gate"]["passed"] and s["sanity_gate"]["acc"] == pytest.approx(0.96)
     cell = s["cells"]["mqar/64/kda/64"]
     assert cell["acc"]["mean"] == pytest.approx(0.85) and cell["acc"]["n"] == 2
@@ -66,20 +68,27 @@ def test_summary_sanity_gate_and_orderings(study):
     # a difference within one standard deviation over seeds is a tie, either way round
     close = [*runs[:2], _run("kda", 1e-3, 0, 0.90), _run("kda", 1e-3, 1, 0.96),
              _run("gdn", 1e-3, 0, 0.94), _run("gdn", 1e-3, 1, 0.95)]  # fmt: skip
-    verdicts = {o["claim"]: o["verdict"] for o in study.summarize(close, chosen, args)["orderings"]}
+    verdicts = {
+        o["claim"]: o["verdict"]
+        for o in synthetic_report.summarize(close, chosen, args)["orderings"]
+    }
     assert verdicts["KDA >= GDN-like (answer accuracy)"] == "tie"
     # runs stopped by the convergence rule: their accuracies at the training length only say
     # where each crossed the target, so any difference there is a tie; stack has no step claim
     stopped = [*runs[:2], *(dict(_run(m, 1e-3, sd, a, task="stack"), converged=True)
                             for m, sd, a in [("kda", 0, .990), ("kda", 1, .990),
                                              ("gdn", 0, .999), ("gdn", 1, .999)])]  # fmt: skip
-    got = study.summarize(stopped, {**chosen, "stack/kda": 1e-3, "stack/gdn": 1e-3}, args)
+    got = synthetic_report.summarize(
+        stopped, {**chosen, "stack/kda": 1e-3, "stack/gdn": 1e-3}, args
+    )
     stack = {(o["claim"], o["eval_length"]): o["verdict"] for o in got["orderings"]}
     assert stack[("KDA >= GDN-like (answer accuracy)", 64)] == "tie"
     assert stack[("KDA >= GDN-like (answer accuracy)", 128)] == "not reproduced"
     assert not any("converges" in claim for claim, _ in stack)
     failing = [_run("mla", 1e-3, 0, 0.5), _run("mla", 1e-3, 1, 0.6)]
-    assert not study.summarize(failing, {"mqar/mla": 1e-3}, args)["sanity_gate"]["passed"]
+    assert not synthetic_report.summarize(failing, {"mqar/mla": 1e-3}, args)["sanity_gate"][
+        "passed"
+    ]
 
 
 @pytest.mark.parametrize(
