@@ -584,7 +584,7 @@ def test_experiment_quick_run(tmp_path):
 
 def test_sharded_muon_row_ranges_follow_torch_chunk() -> None:
     """The sharded Muon step locates each rank's rows as FSDP2's dim-0 Shard (torch.chunk)."""
-    from kimi_linear.optim import _row_range
+    from kimi_linear.optim.sharded_muon import _row_range
 
     for rows in (1, 5, 8, 13):
         for world in (1, 2, 3, 4):
@@ -685,7 +685,7 @@ class _RowShard:
     """A stand-in for a DTensor row shard: ``.shape`` is the full tensor's; the data a view."""
 
     def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
-        from kimi_linear.optim import _row_range
+        from kimi_linear.optim.sharded_muon import _row_range
 
         r0, r1 = _row_range(full.shape[0], world, rank)
         self.shape = full.shape
@@ -693,15 +693,15 @@ class _RowShard:
 
 
 def _simulate_shards(monkeypatch) -> None:
-    import kimi_linear.optim as optim_mod
+    import kimi_linear.optim.qk_clip as qk_clip_mod
 
-    real_local, real_is = optim_mod.local_shard, optim_mod.is_dtensor
+    real_local, real_is = qk_clip_mod.local_shard, qk_clip_mod.is_dtensor
     monkeypatch.setattr(
-        optim_mod,
+        qk_clip_mod,
         "local_shard",
         lambda t: (t.local, t.offset) if isinstance(t, _RowShard) else real_local(t),
     )
-    monkeypatch.setattr(optim_mod, "is_dtensor", lambda t: isinstance(t, _RowShard) or real_is(t))
+    monkeypatch.setattr(qk_clip_mod, "is_dtensor", lambda t: isinstance(t, _RowShard) or real_is(t))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -709,11 +709,11 @@ def test_row_sharded_orthogonalization_reassembles_every_matrix(monkeypatch, wor
     """Each matrix's row blocks reach its owner in rank order, the owner transforms the whole
     matrix once, and each rank gets back exactly its rows (torch.chunk layout; shapes not
     divisible by the rank count, one with fewer rows than ranks)."""
-    import kimi_linear.optim as optim_mod
-    from kimi_linear.optim import _orthogonalize_row_shards, _row_range
+    import kimi_linear.optim.sharded_muon as sharded_muon_mod
+    from kimi_linear.optim.sharded_muon import _orthogonalize_row_shards, _row_range
 
     sim = _SimulatedWorld(world)
-    monkeypatch.setattr(optim_mod, "dist", sim)
+    monkeypatch.setattr(sharded_muon_mod, "dist", sim)
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (8, 4), (13, 2), (1, 6), (7, 7)]
     full = [torch.randn(s, generator=gen) for s in shapes]
@@ -732,7 +732,7 @@ def test_row_sharded_orthogonalization_reassembles_every_matrix(monkeypatch, wor
 def test_qk_clip_on_row_shards_scales_each_row_by_its_global_head(monkeypatch, world):
     """QK-Clip of a row-sharded MLA layer: every shard scales its rows by the factor of their
     global row (head), so the shards together equal the clip of the whole weights."""
-    import kimi_linear.optim as optim_mod
+    import kimi_linear.optim.qk_clip as qk_clip_mod
 
     model, _ = _clip_setup()
     name, attn = next(iter(find_mla_modules(model).items()))
@@ -743,13 +743,13 @@ def test_qk_clip_on_row_shards_scales_each_row_by_its_global_head(monkeypatch, w
     assert (gamma_ref < 1).any() and (gamma_ref == 1).any()
 
     _simulate_shards(monkeypatch)
-    real_scale = optim_mod._scale_head_rows_
+    real_scale = qk_clip_mod._scale_head_rows_
 
     def scale_by_shards(weight, row_scale):  # each rank scales its own row shard in place
         for rank in range(world):
             real_scale(_RowShard(weight.data, rank, world), row_scale)
 
-    monkeypatch.setattr(optim_mod, "_scale_head_rows_", scale_by_shards)
+    monkeypatch.setattr(qk_clip_mod, "_scale_head_rows_", scale_by_shards)
     gamma = apply_qk_clip_(attn, max_logits, tau=1.5)
     torch.testing.assert_close(gamma, gamma_ref, rtol=0, atol=0)
     for (n, a), b in zip(attn.named_parameters(), twin.parameters()):
@@ -761,7 +761,7 @@ def test_data_sharded_ranks_max_reduce_logits_and_match_one_large_batch(monkeypa
     chunk r), gradients averaged as DDP does: the step's max logits are the MAX over the ranks
     (rank 0's half alone has smaller maxima), so both ranks clip and step exactly as one
     process on the whole batch."""
-    import kimi_linear.optim as optim_mod
+    import kimi_linear.optim.qk_clip as qk_clip_mod
 
     world = 2
     _, ids = _clip_setup()
@@ -773,7 +773,7 @@ def test_data_sharded_ranks_max_reduce_logits_and_match_one_large_batch(monkeypa
     own = _max_logits_on(ids.chunk(world)[0])  # rank 0's half alone
     assert any((own[k] < s - 1e-4).any() for k, s in big_opt.last_max_logits.items())
     sim = _SimulatedWorld(world)
-    monkeypatch.setattr(optim_mod, "dist", sim)
+    monkeypatch.setattr(qk_clip_mod, "dist", sim)  # the one max-logit all-reduce
 
     ranks = [_clip_setup()[0] for _ in range(world)]  # built here: the global RNG is seeded
     opts = [MuonClip(m, lr=1e-2, qk_clip_tau=tau) for m in ranks]
