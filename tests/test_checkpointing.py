@@ -330,22 +330,26 @@ def test_activation_memory_benchmark(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = REPO / "benchmarks" / "activation_memory.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, str(script), "--preset", "tiny", "--seq-lens", "64", "--threads", "1"]
-        + ["--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.activation_memory", "--preset", "tiny"]
+        + ["--seq-lens", "64", "--threads", "1", "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
+        cwd=REPO,
     )
     assert run.returncode == 0, run.stderr
     (row,) = json.loads((tmp_path / "activation_memory.json").read_text())["rows"]
     assert 0 < row["checkpointed_bytes"] < row["plain_bytes"]
     assert row["checkpointed_tensors"] < row["plain_tensors"]
     bad = subprocess.run(
-        [sys.executable, str(script), "--seq-lens", "0"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "benchmarks.activation_memory", "--seq-lens", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
