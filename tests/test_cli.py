@@ -539,7 +539,7 @@ def test_byte_export_loads_in_transformers_with_the_same_greedy_ids(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kimi_linear.lightning.tokenizer import ByteTokenizer
+    from kimi_linear.tokenizer import ByteTokenizer
 
     out = tmp_path / "export"
     assert main(["export", "--ckpt_path", str(trained["ckpt"]), "--output_dir", str(out)]) == 0

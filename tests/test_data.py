@@ -24,7 +24,7 @@ from kimi_linear.lightning.data import (
     read_corpus,
     split_documents,
 )
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 
 # ------------------------------------------------------------------------ independent solvers

@@ -21,7 +21,7 @@ from kimi_linear.lightning.data import (
     prepare,
 )
 from kimi_linear.lightning.data.sources import is_held_out, list_units
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 EOS = ByteTokenizer.eos_id
 

@@ -27,7 +27,7 @@ from torch import nn
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.cli import main as cli_main
 from kimi_linear.errors import UsageError
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -228,7 +228,7 @@ def make_export(folder: str | Path, max_len: int = 64) -> Path:
     an exported folder that both the kit and transformers' ``AutoModelForCausalLM`` read."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from kimi_linear.lightning.tokenizer import HFTokenizer, save_tokenizer_files
+    from kimi_linear.tokenizer import HFTokenizer, save_tokenizer_files
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

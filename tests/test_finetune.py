@@ -25,7 +25,7 @@ from kimi_linear.lightning.data.instruct import (
     parse_record,
 )
 from kimi_linear.lightning.data.shards import TokenShards
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 peft = pytest.importorskip("peft")
 from kimi_linear.lightning import finetune  # noqa: E402
@@ -111,7 +111,7 @@ def test_tokenizer_chat_template_masks_the_replies(tmp_path):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from kimi_linear.lightning.tokenizer import byte_tokenizer_json, load_tokenizer
+    from kimi_linear.tokenizer import byte_tokenizer_json, load_tokenizer
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(byte_tokenizer_json()), eos_token="<eos>"

@@ -270,7 +270,7 @@ def test_cli_generate_takes_several_prompts(tmp_path, capsys):
     """``kimi-linear generate --prompt A --prompt B``: one left-padded batch, each prompt's
     greedy continuation equal to running it alone."""
     from kimi_linear.cli import main
-    from kimi_linear.lightning.tokenizer import ByteTokenizer
+    from kimi_linear.tokenizer import ByteTokenizer
 
     model = make_model("hybrid", vocab_size=ByteTokenizer().vocab_size)
     model.save_pretrained(tmp_path / "m")

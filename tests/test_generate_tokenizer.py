@@ -14,7 +14,7 @@ import torch
 
 from kimi_linear.cli import main
 from kimi_linear.errors import UsageError
-from kimi_linear.lightning.tokenizer import (
+from kimi_linear.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     find_tokenizer_spec,
@@ -209,7 +209,7 @@ def test_another_tokenizer_of_the_same_vocabulary_size_is_refused(
 
 
 def test_tokenizer_difference_compares_behaviour(run, tmp_path: Path) -> None:
-    from kimi_linear.lightning import tokenizer as tk
+    from kimi_linear import tokenizer as tk
 
     bpe = load_tokenizer(run["tokenizer"])
     assert tk.tokenizer_difference(bpe, load_tokenizer(run["tokenizer"])) is None
@@ -350,7 +350,7 @@ def test_byte_tokenizer_json_round_trips_the_byte_ids(tmp_path: Path) -> None:
     tokenizer equal to ours (issue 24)."""
     from tokenizers import Tokenizer
 
-    from kimi_linear.lightning.tokenizer import byte_tokenizer_json
+    from kimi_linear.tokenizer import byte_tokenizer_json
 
     tok = Tokenizer.from_str(byte_tokenizer_json())
     tok.encode_special_tokens = True  # "<eos>" in a text is text (split_special_tokens)

@@ -15,7 +15,7 @@ from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.cli import main as cli_main
 from kimi_linear.errors import UsageError
 from kimi_linear.lightning import retrieval as R
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 TINY = dict(

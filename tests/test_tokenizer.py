@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kimi_linear.errors import UsageError
-from kimi_linear.lightning.tokenizer import (
+from kimi_linear.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     TiktokenTokenizer,

@@ -5,12 +5,17 @@
 * :class:`SyntheticDataModule`, :class:`TextDataModule`, :class:`TokenDataModule` (:mod:`.data`):
   offline data (MQAR, palindrome, stack; byte-level text over a local corpus or CPython's
   ``pydoc_data.topics``; token datasets written by ``kimi-linear prepare``).
-* :class:`ByteTokenizer`, :func:`load_tokenizer` (:mod:`.tokenizer`).
-* :func:`lightning_main` (:mod:`.cli`): the ``kimi-linear fit/validate/test/predict`` runner
-  (``generate`` / ``export`` live there too); :mod:`kimi_linear.cli` dispatches every subcommand.
+* :class:`ByteTokenizer`, :func:`load_tokenizer` (from :mod:`kimi_linear.tokenizer`, which
+  is Lightning-free).
+* :func:`lightning_main` (:mod:`.cli`): the ``kimi-linear fit/validate/test/predict`` runner;
+  ``generate`` (:mod:`.generate`) and ``export`` (:mod:`.export`) load a trained model and its
+  tokenizer through :mod:`.load`; :mod:`kimi_linear.cli` dispatches every subcommand.
 * :mod:`.callbacks`: final-step and atomic checkpoints, resume overrides, throughput / MFU.
 * :class:`FSDP2Strategy` (:mod:`.parallel`): FSDP2 / HSDP sharding per decoder layer through
-  Lightning's ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``); sharded-checkpoint readers.
+  Lightning's ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``).
+* :mod:`.checkpoints`: checkpoint file checks, sharded-folder verification and consolidation,
+  atomic folder saves; :mod:`.hparams`: the model config and meta-built model of a run's
+  hyper-parameters.
 
 Names are imported lazily, so ``import kimi_linear.lightning.data`` stays light.
 """
@@ -21,23 +26,23 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "KimiLinearLitModule": "module",
-    "build_config": "hparams",
-    "SyntheticDataModule": "data",
-    "TextDataModule": "data",
-    "TokenDataModule": "data",
-    "UsageError": "data",
-    "ByteTokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "KimiLinearCLI": "cli",
-    "lightning_main": "cli",
-    "FSDP2Strategy": "parallel",
+    "KimiLinearLitModule": ".module",
+    "build_config": ".hparams",
+    "SyntheticDataModule": ".data",
+    "TextDataModule": ".data",
+    "TokenDataModule": ".data",
+    "UsageError": ".data",
+    "ByteTokenizer": "kimi_linear.tokenizer",
+    "load_tokenizer": "kimi_linear.tokenizer",
+    "KimiLinearCLI": ".cli",
+    "lightning_main": ".cli",
+    "FSDP2Strategy": ".parallel",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -23,8 +23,8 @@ from kimi_linear.lightning.checkpoints import (
 )
 from kimi_linear.lightning.finetune import export_adapter
 from kimi_linear.lightning.load import MISMATCH_HELP, TOKENIZER_HELP, load_model, resolve_tokenizer
-from kimi_linear.lightning.tokenizer import HF_TOKENIZER_FILES, save_tokenizer_files
 from kimi_linear.model import cast_model_
+from kimi_linear.tokenizer import HF_TOKENIZER_FILES, save_tokenizer_files
 
 __all__ = ["export_main"]
 

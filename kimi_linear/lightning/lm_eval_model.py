@@ -84,7 +84,7 @@ class KimiLinearLM(TemplateLM):
             ``model`` (the backbone, hidden states ``[B, T, D]``), ``lm_head``, ``new_cache`` and
             a cached forward), or a path :func:`load_model` reads (a Lightning ``.ckpt``, a
             sharded checkpoint folder, an exported / released folder).
-        tokenizer: a tokenizer object (:mod:`kimi_linear.lightning.tokenizer`), a
+        tokenizer: a tokenizer object (:mod:`kimi_linear.tokenizer`), a
             ``--tokenizer`` string (``byte``, a ``tokenizer.json``, a folder, a JSON spec), or
             ``None``: the one recorded in the checkpoint, the folder's files, else bytes
             (:func:`~kimi_linear.lightning.load.resolve_tokenizer`).

@@ -30,7 +30,8 @@ from kimi_linear.lightning.checkpoints import (
 )
 from kimi_linear.lightning.finetune import model_from_lora_checkpoint
 from kimi_linear.lightning.hparams import model_from_weights
-from kimi_linear.lightning.tokenizer import (
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.tokenizer import (
     ByteTokenizer,
     find_tokenizer_spec,
     has_tokenizer_files,
@@ -39,7 +40,6 @@ from kimi_linear.lightning.tokenizer import (
     parse_tokenizer_spec,
     tokenizer_difference,
 )
-from kimi_linear.model import KimiLinearForCausalLM
 
 __all__ = ["MISMATCH_HELP", "TOKENIZER_HELP", "check_device", "load_model", "resolve_tokenizer"]
 
@@ -198,7 +198,7 @@ def resolve_tokenizer(
 
     In order: ``tokenizer`` (the ``--tokenizer`` value, see :func:`parse_tokenizer_spec`); the
     spec a Lightning checkpoint recorded from its data module
-    (:data:`~kimi_linear.lightning.tokenizer.TOKENIZER_STATE_KEY`, e.g. a
+    (:data:`~kimi_linear.tokenizer.TOKENIZER_STATE_KEY`, e.g. a
     :class:`TokenDataModule`'s dataset tokenizer, checked against its sha256); a model folder's
     own tokenizer files (``tokenizer.json`` / ``tokenizer_config.json``); else the byte tokenizer
     (``byte_fallback``, for ``generate``) or ``None`` (``export``: no tokenizer files to write).

@@ -1,5 +1,8 @@
 """``kimi-linear prepare``: tokenize local documents into a chunked token dataset.
 
+One job: ``kimi-linear prepare`` (inputs -> parallel tokenisation -> shards, written atomically);
+the readers are :mod:`.sources` / :mod:`.instruct`, the shard format :mod:`.shards`.
+
 Inputs are text files, JSONL files (a text field per record), parquet files (a text column),
 folders of those, or the name ``pydoc_data.topics`` (CPython's bundled help text).  Work units
 (files, line-aligned ranges of big JSONL files, row groups of parquet files) are tokenised by
@@ -75,6 +78,7 @@ from kimi_linear.lightning.data.sources import (
     iter_documents,
     list_units,
 )
+from kimi_linear.tokenizer import ByteTokenizer, load_tokenizer, train_byte_level_bpe
 
 PROG = f"{KIMI_LINEAR} prepare"
 
@@ -92,8 +96,6 @@ def _init_worker(
     record_format: str = "text",
     chat_template: str = "auto",
 ) -> None:
-    from kimi_linear.lightning.tokenizer import ByteTokenizer, load_tokenizer
-
     tok = load_tokenizer(tokenizer_spec, **tokenizer_options)
     _WORKER.update(
         record_format=record_format,
@@ -236,12 +238,11 @@ def train_bpe(
     max_invalid_fraction: float = MAX_INVALID_FRACTION,
     record_format: str = "text",
 ) -> Path:
-    """Train a byte-level BPE tokenizer (``tokenizers``) with ``<|endoftext|>`` as its EOS on the
-    *training* documents of ``units`` and save it to ``output`` (a ``tokenizer.json``).
-    Instruction / chat records train it on their text as rendered with the built-in template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 257:
+    """Train a byte-level BPE tokenizer (:func:`~kimi_linear.tokenizer.train_byte_level_bpe`)
+    with ``<|endoftext|>`` as its EOS on the *training* documents of ``units`` and save it to
+    ``output`` (a ``tokenizer.json``).  Instruction / chat records train it on their text as
+    rendered with the built-in template."""
+    if vocab_size < 257:  # before reading any document
         raise UsageError(f"--train_bpe must be >= 257 (256 bytes + EOS), got {vocab_size}")
 
     renderer = make_renderer("builtin")
@@ -258,18 +259,7 @@ def train_bpe(
                 elif not is_held_out(doc, val_fraction):
                     yield doc
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(train_docs(), trainer=trainer)
-    tok.save(os.fspath(output))
-    return output
+    return train_byte_level_bpe(train_docs(), vocab_size, output)
 
 
 def prepare(
@@ -293,8 +283,6 @@ def prepare(
     """Tokenise ``inputs`` into a prepared dataset at ``output_dir``; returns the summary
     (also stored in ``meta.json``).  See the module docstring; arguments mirror
     ``kimi-linear prepare --help`` (``record_format`` is ``--format``)."""
-    from kimi_linear.lightning.tokenizer import load_tokenizer
-
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     if not 0 <= max_invalid_fraction < 1:
@@ -360,8 +348,6 @@ def _prepare_into(
 ) -> dict[str, Any]:
     """The body of :func:`prepare`: write the dataset into the staging folder ``out`` (which
     becomes ``final``); returns the summary."""
-    from kimi_linear.lightning.tokenizer import load_tokenizer
-
     if train_bpe_vocab is not None:
         path = train_bpe(
             units, train_bpe_vocab, out / "tokenizer.json", text_field, val_fraction,

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from kimi_linear.errors import UsageError
 from kimi_linear.lightning.data.loading import _BaseDataModule
 from kimi_linear.lightning.data.sources import MAX_INVALID_FRACTION, decode_text, document_key
-from kimi_linear.lightning.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
 

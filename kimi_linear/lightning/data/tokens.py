@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from kimi_linear.errors import UsageError, did_you_mean
 from kimi_linear.lightning.data.loading import IGNORE_INDEX, _BaseDataModule
 from kimi_linear.lightning.data.shards import TokenShards, read_meta
+from kimi_linear.tokenizer import TOKENIZER_STATE_KEY, load_tokenizer
 
 PACK_MODES = ("reset", "window")
 
@@ -146,14 +147,12 @@ class TokenDataModule(_BaseDataModule):
     def tokenizer(self) -> Any:
         """The tokenizer the dataset was prepared with (loaded from its recorded spec)."""
         if self._tokenizer is None:
-            from kimi_linear.lightning.tokenizer import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.tokenizer_spec)
         return self._tokenizer
 
     @property
     def tokenizer_spec(self) -> dict[str, Any]:
-        """The dataset's :func:`~kimi_linear.lightning.tokenizer.load_tokenizer` spec, with a
+        """The dataset's :func:`~kimi_linear.tokenizer.load_tokenizer` spec, with a
         tokenizer stored inside the dataset given by its absolute path."""
         spec = dict(self.meta["tokenizer"])
         if "path" in spec and not Path(spec["path"]).is_absolute():
@@ -196,8 +195,6 @@ class TokenDataModule(_BaseDataModule):
     def state_dict(self) -> dict[str, Any]:
         """What a resume checks, plus the tokenizer spec (``TOKENIZER_STATE_KEY``), which
         ``kimi-linear generate`` / ``export`` read from the checkpoint."""
-        from kimi_linear.lightning.tokenizer import TOKENIZER_STATE_KEY
-
         return {
             "fingerprint": self.fingerprint,
             "seq_len": self.seq_len,
