@@ -55,7 +55,9 @@ def saved_activation_bytes(model: Any, ids: torch.Tensor) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=HelpFormatter
+    )
     add_model_args(parser, default_preset="small")
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument(

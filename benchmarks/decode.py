@@ -47,7 +47,7 @@ MODEL_LABELS = {"hybrid": "hybrid (KDA + MLA)", "all_mla": "all-MLA"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="decode.py",
+        prog=f"python -m {__spec__.name}",
         description="Decode time per output token and throughput vs context: Kimi Linear hybrid "
         "vs its all-MLA twin, with the bytes-moved floor beside each measurement.",
         formatter_class=common.HelpFormatter,

@@ -77,7 +77,7 @@ class GQABaseline:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="kv_cache.py",
+        prog=f"python -m {__spec__.name}",
         description="KV-cache bytes of a Kimi Linear preset vs its all-MLA twin and a GQA "
         "baseline: analytic, and measured on the kit's cache objects.",
         formatter_class=common.HelpFormatter,

@@ -122,7 +122,9 @@ def child(path: str, mode: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--shard_mb", type=int, default=50, help="max shard size (MB)")
     ap.add_argument(
         "--quick", action="store_true", help="a small checkpoint (seconds), written to quick/"

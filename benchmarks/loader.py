@@ -41,7 +41,9 @@ from kimi_linear.optim import build_optimizer
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=common.HelpFormatter,
     )
     p.add_argument("--data", default=None, help="a prepared dataset (default: prepare one)")
     p.add_argument("--input", default="pydoc_data.topics", help="what to prepare without --data")

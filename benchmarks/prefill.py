@@ -37,7 +37,7 @@ MODEL_LABELS = {"hybrid": "hybrid (KDA + MLA)", "all_mla": "all-MLA"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="prefill.py",
+        prog=f"python -m {__spec__.name}",
         description="Chunked-prefill throughput vs prompt length: Kimi Linear hybrid vs its "
         "all-MLA twin.",
         formatter_class=common.HelpFormatter,

@@ -47,6 +47,7 @@ QUICK_LENGTHS = [1 << 10, 2 << 10]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
         description="Peak memory of one whole-prompt prefill vs prompt length, for a preset "
         "(default tiny) and its all-MLA twin; one subprocess per measurement.",
         formatter_class=common.HelpFormatter,

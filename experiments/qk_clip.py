@@ -246,7 +246,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--lr", type=float, default=3e-2)

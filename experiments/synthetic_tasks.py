@@ -96,6 +96,7 @@ from kimi_linear.ops.options import KDA_BACKENDS
 # ------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
         description=__doc__.split("\n\n")[0],
         epilog="See the module docstring for the protocol and the two profiles.",
     )
