@@ -1,5 +1,8 @@
 """Multi-head latent attention (MLA), DeepSeek-V2/V3 style, as used by Kimi Linear and Kimi K2.
 
+One job: the MLA layer (projections, prefill over packed or padded rows, and decode over its
+latent cache, plain or absorbed); the file is long because those three paths share one module.
+
 Per token the layer compresses the hidden state into one shared latent ``c_kv``
 (``kv_lora_rank``) plus one shared rope key (``qk_rope_head_dim``); that pair is all a decode
 cache keeps.  Per-head keys and values come from the up-projection ``kv_b_proj``::
