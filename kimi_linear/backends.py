@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -194,12 +194,21 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _cpu_offsets(cu_seqlens_cpu: Tensor | Sequence[int] | None) -> Tensor | None:
+    """Host offsets as the int64 CPU tensor fla's and our kernels' ``cu_seqlens_cpu`` is."""
+    if cu_seqlens_cpu is None or isinstance(cu_seqlens_cpu, Tensor):
+        return cu_seqlens_cpu
+    return torch.tensor(cu_seqlens_cpu, dtype=torch.int64)
+
+
 def _fla_inputs(
-    q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound=None
+    q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound=None, cu_seqlens_cpu=None
 ) -> Tensor | None:
     """Our input checks (fla's own differ), and the opt-in gate checks, before fla's kernels;
     returns ``cu_seqlens`` as the int64 tensor fla takes."""
-    check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    check_kda_inputs(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu
+    )
     if gate_check_enabled():
         check_log_decay(g)
         if gate_lower_bound is not None:
@@ -222,6 +231,7 @@ def dispatch_chunk_kda(
     chunk_size: int = 64,
     gate_lower_bound: float | None = None,
     return_intermediate_states: bool = False,
+    cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
 ) -> tuple[Tensor, ...]:
     """Kimi Delta Attention over whole blocks of tokens (training, prefill): one entry point for
     every backend; differentiable.
@@ -254,6 +264,11 @@ def dispatch_chunk_kda(
             returns them in the compute dtype (fp32; float64 inputs: float64), fla in its own
             dtype and only under ``torch.inference_mode()`` (fla's rule); the triton backend
             does not return them yet (``ValueError``), nor does ``torch.compile``.
+        cu_seqlens_cpu: the offsets of ``cu_seqlens`` on the host (ints, or a CPU tensor as
+            fla takes them), when the caller has them: no backend then reads them back from the
+            device (the model checks ``cu_seqlens`` once per forward and hands these down,
+            :class:`kimi_linear.packing.PackedDocuments`). Must equal ``cu_seqlens``. Ignored
+            inside ``torch.compile`` (the custom op reads the device tensor).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state or None)``, and ``h`` third with
@@ -284,6 +299,7 @@ def dispatch_chunk_kda(
             cu_seqlens=cu_seqlens,
             chunk_size=chunk_size,
             gate_lower_bound=gate_lower_bound,
+            cu_seqlens_cpu=cu_seqlens_cpu,
         )
     if torch.compiler.is_compiling():  # one opaque node for torch.compile
         return chunk_kda_custom_op(
@@ -303,6 +319,10 @@ def dispatch_chunk_kda(
     # only the torch backend takes a chunk size (the kernels use a fixed 64); the bound selects
     # the kernels' fast path (the torch path is exact for any g and only checks the promise)
     extra: dict[str, object] = {}
+    if cu_seqlens is not None and cu_seqlens_cpu is not None:
+        extra["cu_seqlens_cpu"] = (
+            cu_seqlens_cpu if ops.name == "torch" else _cpu_offsets(cu_seqlens_cpu)
+        )
     if ops.name == "torch":
         extra["chunk_size"] = chunk_size
         if gate_lower_bound is not None and gate_check_enabled():
@@ -313,7 +333,7 @@ def dispatch_chunk_kda(
         extra.update(safe_gate=True, lower_bound=gate_lower_bound)
     if ops.name == "fla":
         cu_seqlens = _fla_inputs(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
+            q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound, cu_seqlens_cpu
         )
         if isolation_enabled():  # fla's chunked kernels leak NaN as ours did; no sync here
             run = functools.partial(
@@ -353,6 +373,7 @@ def _chunked_with_states(
     cu_seqlens: Tensor | None,
     chunk_size: int,
     gate_lower_bound: float | None,
+    cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`dispatch_chunk_kda` with ``return_intermediate_states=True``."""
     if torch.compiler.is_compiling():
@@ -376,10 +397,14 @@ def _chunked_with_states(
     if ops.name == "torch":
         if gate_lower_bound is not None and gate_check_enabled():
             check_gate_lower_bound(g, gate_lower_bound)
-        return ops.chunk(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        return ops.chunk(
+            q, k, v, g, beta, chunk_size=chunk_size, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs
+        )
     kwargs["cu_seqlens"] = _fla_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound, cu_seqlens_cpu
     )
+    if cu_seqlens is not None and cu_seqlens_cpu is not None:
+        kwargs["cu_seqlens_cpu"] = _cpu_offsets(cu_seqlens_cpu)
     if chunk_size != 64:
         kwargs["chunk_size"] = chunk_size  # fla accepts 32 or 64 (its own error otherwise)
     if gate_lower_bound is not None:

@@ -14,10 +14,17 @@ Two ways to put sequences of different lengths through the model in one call:
 
 This module holds the validation (one place, named errors) and the per-token positions both
 layouts need; the layers take ``cu_seqlens`` / ``pad_lengths`` / a token mask directly.
+
+:func:`check_cu_seqlens` is the one ``cu_seqlens`` contract, also what every KDA op checks
+(:func:`kimi_linear.ops.checks.check_kda_inputs`). A model forward checks it once
+(:func:`packed_documents`) and hands the host offsets (:class:`PackedDocuments`) down to the
+layers and through the dispatcher into the ops (their ``cu_seqlens_cpu`` argument, fla's name),
+so no layer reads the offsets back from the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,40 +44,69 @@ CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
 
 
 def check_cu_seqlens(
-    cu_seqlens: Any, batch_size: int, n_tokens: int, device: torch.device
-) -> list[int]:
-    """Validate packed-document offsets for inputs of shape ``[batch_size, n_tokens]``.
+    cu_seqlens: object,
+    batch_size: int,
+    n_tokens: int,
+    device: torch.device,
+    *,
+    host: torch.Tensor | Sequence[int] | None = None,
+    inputs: str = "q",
+) -> tuple[int, ...] | None:
+    """The one ``cu_seqlens`` contract: offsets of sequences packed back to back in one row of
+    ``n_tokens`` tokens (inputs ``[batch_size, n_tokens, ...]`` on ``device``).
 
-    ``cu_seqlens`` must be a 1-D int32 / int64 tensor on ``device``, start at 0, end at
-    ``n_tokens``, never decrease (equal neighbours are empty documents, allowed) and come with
-    ``batch_size == 1``. Returns the offsets as a Python list.
+    ``cu_seqlens`` must be a 1-D int32 / int64 tensor of at least two offsets on ``device``,
+    come with ``batch_size == 1``, start at 0, end at ``n_tokens`` and never decrease (equal
+    neighbours are empty sequences, allowed).
+
+    The values are read from the device once (a sync on CUDA), unless ``host`` holds them
+    already: the same offsets on the host (Python ints, as :class:`PackedDocuments` carries them,
+    built once per model forward, or a CPU tensor, fla's ``cu_seqlens_cpu``). Then ``host`` is checked instead and the device is
+    never touched; host offsets that differ from the tensor's are the caller's bug, which this
+    check cannot see. ``inputs`` names the tensor the inputs' device is taken from (messages).
+
+    Returns:
+        The offsets as a tuple of ints; ``None`` for a meta tensor without ``host`` (no values).
 
     Raises:
         ValueError: naming ``cu_seqlens`` and what was expected.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(
-            f"cu_seqlens must be a 1-D int32 tensor of document offsets [0, ..., N], got {type(cu_seqlens).__name__}"
+            "cu_seqlens must be a 1-D int32 tensor of sequence offsets [0, ..., T], got "
+            f"{type(cu_seqlens).__name__}"
         )
     if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
         raise ValueError(
-            f"cu_seqlens must have dtype torch.int32 (or torch.int64), got {cu_seqlens.dtype}"
+            f"cu_seqlens must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}"
         )
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
-            f"cu_seqlens must be 1-D with at least two offsets [0, ..., N], got shape {tuple(cu_seqlens.shape)}"
+            "cu_seqlens must be 1-D with at least two offsets [0, ..., T], got shape "
+            f"{tuple(cu_seqlens.shape)}"
         )
     if batch_size != 1:
         raise ValueError(
-            f"cu_seqlens needs the documents packed in one row (input_ids [1, N]), got batch size {batch_size}"
+            "cu_seqlens needs the sequences packed in one row (B == 1), got batch size "
+            f"{batch_size}"
         )
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {device}")
-    offsets = [int(o) for o in cu_seqlens.tolist()]
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {inputs} is on {device}")
+    if host is not None:
+        offsets = tuple(host.tolist() if isinstance(host, torch.Tensor) else map(int, host))
+        if len(offsets) != cu_seqlens.numel():
+            raise ValueError(
+                f"cu_seqlens_cpu must hold the {cu_seqlens.numel()} offsets of cu_seqlens, "
+                f"got {len(offsets)}"
+            )
+    elif cu_seqlens.device.type == "meta":  # no values to check
+        return None
+    else:
+        offsets = tuple(cu_seqlens.tolist())  # the one device -> host read
     if offsets[0] != 0 or offsets[-1] != n_tokens:
         raise ValueError(
-            f"cu_seqlens must start at 0 and end at N={n_tokens} (the packed length), "
-            f"got {offsets[0]} ... {offsets[-1]}"
+            f"cu_seqlens must start at 0 and end at T={n_tokens} (the packed length), got "
+            f"{offsets[0]} ... {offsets[-1]}"
         )
     for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
         if b < a:
@@ -123,8 +159,10 @@ def packed_documents(
                 f"cu_seqlens is on {cu_seqlens.positions.device} but the inputs are on {device}"
             )
         return cu_seqlens
-    offsets = check_cu_seqlens(cu_seqlens, batch_size, n_tokens, device)
-    return PackedDocuments(cu_seqlens, tuple(offsets), document_positions(offsets, device))
+    offsets = check_cu_seqlens(cu_seqlens, batch_size, n_tokens, device, inputs="input_ids")
+    if offsets is None:
+        raise ValueError("cu_seqlens must hold values (a meta tensor has none)")
+    return PackedDocuments(cu_seqlens, offsets, document_positions(offsets, device))
 
 
 def check_attention_mask(

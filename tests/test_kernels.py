@@ -356,7 +356,7 @@ def _bad_input_cases():
         ),
         "cu-dtype": (
             dict(base, initial_state=None, cu_seqlens=torch.tensor([0.0, 8.0])),
-            "int32 or int64",
+            "torch.int32 or torch.int64",
         ),
         "cu-batch": (
             dict(

@@ -489,7 +489,7 @@ def test_bad_cu_seqlens_raise(op: Callable) -> None:
     x, cu = _packed()
     with pytest.raises(ValueError, match="end at T"):
         op(**x, cu_seqlens=cu[:-1])
-    with pytest.raises(ValueError, match="int32 or int64"):
+    with pytest.raises(ValueError, match="torch.int32 or torch.int64"):
         op(**x, cu_seqlens=cu.float())
     with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\]"):
         op(**{**x, "initial_state": x["initial_state"][:2]}, cu_seqlens=cu)

@@ -153,7 +153,7 @@ def test_positions_restart_and_limit_counts_per_document():
 @pytest.mark.parametrize(
     "cu, match",
     [
-        ([0, 3, 10], "start at 0 and end at N=8"),
+        ([0, 3, 10], "start at 0 and end at T=8"),
         ([1, 8], "start at 0"),
         ([0, 5, 3, 8], "non-decreasing"),
         ([0], "at least two offsets"),
@@ -409,3 +409,63 @@ def test_mla_packed_under_torch_compile_uses_one_graph_for_any_packing():
             got = compiled(x, cu_seqlens=packed)
         torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.max_logits, eager_max, atol=1e-5, rtol=1e-5)
+
+
+def _count_offset_reads(monkeypatch, cu: torch.Tensor) -> dict[str, int]:
+    """Count the reads of ``cu``'s values back to the host (``tolist`` / ``item`` / ``cpu`` /
+    ``numpy`` on ``cu`` or any tensor sharing its memory): a device sync each on CUDA."""
+    reads = {"n": 0}
+    for name in ("tolist", "item", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if self.device == cu.device and self.untyped_storage().data_ptr() == cu.data_ptr():
+                reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_cu_seqlens_is_read_once_per_model_forward(monkeypatch, backend):
+    """The model checks cu_seqlens once per forward and hands the host offsets down: no KDA
+    layer (three here) reads the offsets back from the device, forward or backward."""
+    model = make_model("kda", num_hidden_layers=3, layer_types=("kda",) * 3, kda_backend=backend)
+    lengths = [3, 9, 4]
+    ids = torch.cat(_docs(model.config.vocab_size, lengths))[None]
+    cu = _offsets(lengths)
+    reads = _count_offset_reads(monkeypatch, cu)
+    out = model(ids, labels=ids, cu_seqlens=cu)
+    assert reads["n"] == 1, f"{reads['n']} reads of cu_seqlens in one forward of 3 KDA layers"
+    out.loss.backward()
+    assert reads["n"] == 1, "the backward read cu_seqlens back from the device"
+
+
+def test_host_offsets_reach_the_ops_unread_and_agree(monkeypatch):
+    """The dispatcher hands ``cu_seqlens_cpu`` to the op: the same results, no device read; the
+    host offsets are checked like the tensor (the one contract, check_cu_seqlens)."""
+    from kimi_linear.backends import dispatch_chunk_kda
+    from kimi_linear.ops import torch_chunk_kda
+
+    gen = torch.Generator().manual_seed(3)
+    T, H, K = 19, 2, 8
+    q, k = (F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(1, T, H, K, generator=gen)
+    g = -torch.rand(1, T, H, K, generator=gen)
+    beta = torch.rand(1, T, H, generator=gen)
+    cu = _offsets([5, 0, 14])
+    ref, ref_state = torch_chunk_kda(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True)
+    reads = _count_offset_reads(monkeypatch, cu)
+    o, state = dispatch_chunk_kda(
+        q, k, v, g, beta, backend="torch", cu_seqlens=cu, cu_seqlens_cpu=(0, 5, 5, 19),
+        output_final_state=True, chunk_size=32,
+    )  # fmt: skip
+    assert reads["n"] == 0
+    torch.testing.assert_close(o, ref, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=19"):
+        torch_chunk_kda(q, k, v, g, beta, cu_seqlens=cu, cu_seqlens_cpu=(0, 5, 5, 18))
+    with pytest.raises(ValueError, match="cu_seqlens_cpu must hold the 4 offsets"):
+        torch_chunk_kda(q, k, v, g, beta, cu_seqlens=cu, cu_seqlens_cpu=(0, 19))
+    assert check_cu_seqlens(cu, 1, 19, cu.device) == (0, 5, 5, 19)

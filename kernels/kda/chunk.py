@@ -267,7 +267,9 @@ def chunk_kda(
     state_arg = initial_state
     if state_v_first and initial_state is not None:
         state_arg = initial_state.transpose(-1, -2)
-    B, T, H, K, V, N = check_kernel_inputs(q, k, v, g, beta, scale, state_arg, cu_seqlens)
+    B, T, H, K, V, N = check_kernel_inputs(
+        q, k, v, g, beta, scale, state_arg, cu_seqlens, cu_seqlens_cpu
+    )
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
     gate_kind, fast = None, False

@@ -392,6 +392,7 @@ def check_kernel_inputs(
     scale: float | None,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int, int, int]:
     """All checks of the Triton entry points, before any launch; returns ``(B, T, H, K, V, N)``.
 
@@ -400,7 +401,16 @@ def check_kernel_inputs(
     ``MAX_HEAD_DIM``; a CUDA device, or CPU tensors only under ``TRITON_INTERPRET=1``.
     """
     B, T, H, K, V, N = check_kda_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, allowed_dtypes=KERNEL_DTYPES
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        cu_seqlens,
+        allowed_dtypes=KERNEL_DTYPES,
+        cu_seqlens_cpu=cu_seqlens_cpu,  # the host offsets, if the caller has them: no read
     )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:

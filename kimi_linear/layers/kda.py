@@ -405,12 +405,16 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
                 "attention_mask (the cp object holds the layout)"
             )
         H, T = self.num_heads, x.shape[1]
-        positions = None
+        positions = offsets = None
         if cu_seqlens is not None:
             if cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot continue a cache")
+            # checked once per model forward (a PackedDocuments passes through); its host
+            # offsets go down to the ops, so no layer reads cu_seqlens back from the device
             packed = packed_documents(cu_seqlens, x.shape[0], T, x.device)
             positions, cu_seqlens = packed.positions, packed.cu_seqlens
+            if not torch.compiler.is_compiling():  # compiled: the custom op reads the tensor
+                offsets = packed.offsets
         if attention_mask is not None:
             if (
                 not isinstance(attention_mask, torch.Tensor)
@@ -465,7 +469,7 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
                 gate_lower_bound=self.config.kda_gate_lower_bound,
             )
         else:
-            o, new_state = self._mix(q, k, v, g, beta, state, cu_seqlens)
+            o, new_state = self._mix(q, k, v, g, beta, state, cu_seqlens, offsets)
 
         if cache is not None:
             cache.conv_q = tail_q.to(cache.conv_q.dtype)
@@ -488,12 +492,13 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
         beta: torch.Tensor,
         state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
+        offsets: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the recurrence through the layer's backend.
 
         ``state`` is the fp32 ``[N, H, K, V]`` cache state or ``None`` (then no final state is
         returned); ``cu_seqlens`` the ``[N + 1]`` offsets of packed sequences (``B == 1``) or
-        ``None``. Single-token steps take the decode entry point (fused, state updated in place
+        ``None``, ``offsets`` the same on the host (no device read in the ops). Single-token steps take the decode entry point (fused, state updated in place
         where the backend can), everything else the chunked one.
         """
         want_state = state is not None
@@ -519,6 +524,7 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
             initial_state=state,
             output_final_state=want_state,
             cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=offsets,
             chunk_size=self.chunk_size,
             # the safe gate's bound (None for the release gate): the kernels' fast path
             gate_lower_bound=self.config.kda_gate_lower_bound,

@@ -1,5 +1,7 @@
 """Input validation and numerics rules shared by every KDA implementation (reference ops and
-Triton kernels).
+Triton kernels): shapes, dtypes, devices, ``cu_seqlens`` (the contract of
+:func:`kimi_linear.packing.check_cu_seqlens`), ``scale``, the log decay ``g`` and its safe-gate
+bound.
 
 Each check raises ``ValueError`` naming the argument and what was expected, before any
 computation or kernel launch.
@@ -18,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
+
+from kimi_linear.packing import check_cu_seqlens
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -124,6 +129,19 @@ def check_scale(scale: object, name: str = "scale") -> float | None:
     return value
 
 
+def host_offsets(
+    cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | Sequence[int] | None
+) -> tuple[int, ...]:
+    """The offsets of ``cu_seqlens`` on the host: from ``cu_seqlens_cpu`` (a CPU tensor, as fla
+    takes it, or a sequence of ints) when the caller has them, no device read; else read from
+    the device (a sync on CUDA)."""
+    if cu_seqlens_cpu is None:
+        return tuple(cu_seqlens.tolist())
+    if isinstance(cu_seqlens_cpu, torch.Tensor):
+        return tuple(cu_seqlens_cpu.tolist())
+    return tuple(int(o) for o in cu_seqlens_cpu)
+
+
 def check_kda_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -134,13 +152,16 @@ def check_kda_inputs(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     allowed_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    cu_seqlens_cpu: torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[int, int, int, int, int, int]:
     """Validate the KDA op layout and return ``(B, T, H, K, V, N)``.
 
     Layout: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; g ``[B, T, H, K]``; beta ``[B, T, H]``;
     initial_state ``[N, H, K, V]`` where ``N = B`` (or the number of sequences with
-    ``cu_seqlens``, which needs ``B == 1``). q, k and v share one dtype; g, beta and
-    initial_state may have any allowed floating dtype (gates are often kept in float32).
+    ``cu_seqlens``, which needs ``B == 1``: :func:`kimi_linear.packing.check_cu_seqlens`, with
+    ``cu_seqlens_cpu`` its host offsets when the caller has them: no device read). q, k and v
+    share one dtype; g, beta and initial_state may have any allowed floating dtype (gates are
+    often kept in float32).
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
@@ -178,24 +199,7 @@ def check_kda_inputs(
     check_scale(scale)
     N = B
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence offsets")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got B={B}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        if cu_seqlens.device.type != "meta":  # values unknown for meta tensors
-            offs = cu_seqlens.tolist()
-            if offs[0] != 0 or offs[-1] != T:
-                raise ValueError(
-                    f"cu_seqlens must start at 0 and end at T={T}, got {offs[0]} ... {offs[-1]}"
-                )
-            if any(b < a for a, b in zip(offs[:-1], offs[1:])):
-                raise ValueError("cu_seqlens must be non-decreasing")
+        check_cu_seqlens(cu_seqlens, B, T, q.device, host=cu_seqlens_cpu)
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):

@@ -78,6 +78,7 @@ written in that layout. Computation runs with autocast disabled (float32 / float
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -90,6 +91,7 @@ from kimi_linear.ops.checks import (
     check_log_decay,
     compute_dtype,
     empty_outputs,
+    host_offsets,
 )
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
@@ -763,6 +765,7 @@ def torch_chunk_kda(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cu_seqlens: torch.Tensor | None = None,
     return_intermediate_states: bool = False,
+    cu_seqlens_cpu: torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention in the chunked (WY / UT-transform) form; pure PyTorch, autograd.
 
@@ -797,6 +800,10 @@ def torch_chunk_kda(
             caching: the state after the first ``i * chunk_size`` tokens of a sequence, from
             which a later call resumes exactly as a full recompute would). Computed by the
             forward anyway; returned without gradient, in the compute dtype.
+        cu_seqlens_cpu: the offsets of ``cu_seqlens`` on the host (a CPU tensor, fla's
+            argument, or a sequence of ints), when the caller has them (a model forward checks
+            ``cu_seqlens`` once and hands them down): the offsets are then never read back from
+            the device. Without it they are read (a sync on CUDA).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[N, H, K, V]`` in
@@ -822,7 +829,9 @@ def torch_chunk_kda(
     other sequences and heads are exact (:mod:`kimi_linear.ops.isolation`; device ops on every
     call, no sync; ``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns it off).
     """
-    B, T, H, K, V, N = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    B, T, H, K, V, N = check_kda_inputs(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu
+    )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     compute = compute_dtype(q.dtype)
@@ -837,6 +846,7 @@ def torch_chunk_kda(
             )
         return o, S, q.new_empty(B, -(-T // chunk_size), H, K, V, dtype=compute)
     scale = K**-0.5 if scale is None else float(scale)
+    offsets = None if cu_seqlens is None else host_offsets(cu_seqlens, cu_seqlens_cpu)
     if return_intermediate_states:
         box: dict = {}
         run = functools.partial(
@@ -846,11 +856,13 @@ def torch_chunk_kda(
             output_final_state=output_final_state,
             chunk_size=chunk_size,
             cu_seqlens=cu_seqlens,
+            offsets=offsets,
             states_out=box,  # clamp recomputed from the cleaned g
         )
         # always isolated: the states after a poisoned token are NaN, the others exact
         o, S = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
-        return o, S, _poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, chunk_size)
+        h = _poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, offsets, chunk_size)
+        return o, S, h
     if isolation_enabled():
         # NaN / inf inputs: the intra-chunk products would carry them to earlier tokens of the
         # chunk (0 * NaN = NaN); always run on cleaned inputs and put the NaNs where the
@@ -863,11 +875,23 @@ def torch_chunk_kda(
             output_final_state=output_final_state,
             chunk_size=chunk_size,
             cu_seqlens=cu_seqlens,
+            offsets=offsets,
             clamp=clamp,
         )
         return isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
     return _kda_chunk_clean(
-        q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, cu_seqlens, clamp
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        chunk_size,
+        cu_seqlens,
+        clamp,
+        offsets=offsets,
     )
 
 
@@ -884,10 +908,12 @@ def _kda_chunk_clean(
     cu_seqlens: torch.Tensor | None,
     clamp: bool | None = None,
     states_out: dict | None = None,
+    offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`torch_chunk_kda` on checked, finite inputs (``clamp``: :func:`_check_log_decay`'s
     answer, recomputed when ``None``; ``states_out``: a dict that receives ``"h"``, the
-    chunk-start states of :func:`torch_chunk_kda`'s ``return_intermediate_states``)."""
+    chunk-start states of :func:`torch_chunk_kda`'s ``return_intermediate_states``;
+    ``offsets``: ``cu_seqlens`` on the host, read from it when ``None``)."""
     compute = compute_dtype(q.dtype)
     if clamp is None:
         clamp = _check_log_decay(g, compute)
@@ -897,7 +923,9 @@ def _kda_chunk_clean(
         if cu_seqlens is None:
             o, S = _kda_chunk(*args, clamp, states_out)
         else:
-            o, S = _kda_chunk_varlen(*args, cu_seqlens, clamp, states_out)
+            if offsets is None:
+                offsets = host_offsets(cu_seqlens, None)
+            o, S = _kda_chunk_varlen(*args, offsets, clamp, states_out)
     return o, (S if output_final_state else None)
 
 
@@ -905,6 +933,7 @@ def _poison_chunk_starts(
     h: torch.Tensor,
     inputs: tuple[torch.Tensor, ...],
     cu_seqlens: torch.Tensor | None,
+    offsets: tuple[int, ...] | None,
     chunk_size: int,
 ) -> torch.Tensor:
     """The chunk-start states ``h`` of :func:`torch_chunk_kda` (computed on cleaned inputs) with
@@ -922,7 +951,7 @@ def _poison_chunk_starts(
         starts = [list(range(0, T, chunk_size))]
         before = [0]
     else:
-        offsets = cu_seqlens.tolist()
+        assert offsets is not None  # the host offsets of cu_seqlens
         starts = [list(range(a, b, chunk_size)) for a, b in zip(offsets[:-1], offsets[1:])]
         before = offsets[:-1]
     pos = torch.tensor([p for s in starts for p in s], dtype=torch.long, device=h.device)
@@ -964,11 +993,12 @@ def _kda_chunk_varlen(
     initial_state: torch.Tensor | None,
     chunk_size: int,
     compute: torch.dtype,
-    cu_seqlens: torch.Tensor,
+    offsets: tuple[int, ...],
     clamp: bool,
     states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`torch_chunk_kda` over packed sequences (``B == 1``); returns ``(o, final_states)``
+    """:func:`torch_chunk_kda` over packed sequences (``B == 1``, host ``offsets`` of
+    ``cu_seqlens``); returns ``(o, final_states)``
     (and into ``states_out["h"]`` the chunk-start states ``[1, NT, H, K, V]``, sequence by
     sequence, when given).
 
@@ -979,7 +1009,6 @@ def _kda_chunk_varlen(
     """
     _, T, H, K = q.shape
     V = v.shape[-1]
-    offsets = cu_seqlens.tolist()
     N = len(offsets) - 1
     dev = q.device
     groups: dict[int, list[int]] = {}
