@@ -111,7 +111,7 @@ def test_replace_validates_and_twins():
         cfg.with_layer_kinds("rnn")
 
 
-def test_from_hf_config_reads_the_release_config(tmp_path):
+def test_config_from_hf_reads_the_release_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(RELEASE_48B))
     for source in (tmp_path, tmp_path / "config.json", RELEASE_48B):
         cfg = config_from_hf(source)
@@ -138,7 +138,7 @@ def test_from_hf_config_reads_the_release_config(tmp_path):
     assert cfg.layer_kinds == preset.layer_kinds
 
 
-def test_to_hf_config_round_trips():
+def test_config_to_hf_round_trips():
     cfg = config_from_hf(RELEASE_48B)
     hf = config_to_hf(cfg)
     bookkeeping = {"auto_map", "head_dim", "transformers_version"}  # no effect on the model
@@ -153,7 +153,7 @@ def test_to_hf_config_round_trips():
         assert back.layer_kinds == p.layer_kinds and config_to_hf(back) == config_to_hf(p)
 
 
-def test_from_hf_config_errors(tmp_path):
+def test_config_from_hf_errors(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         config_from_hf(tmp_path)
     with pytest.raises(ValueError, match="lacks required keys.*hidden_size"):
