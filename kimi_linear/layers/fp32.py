@@ -12,7 +12,7 @@ A layer names its own float32 tensors (parameters or buffers) in its class attri
 Every cast reads that attribute: ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()``
 (:meth:`KeepsFloat32._apply`), :func:`cast_model_` (``from_pretrained``, ``kimi-linear
 export --dtype``, benchmarks) and :func:`fp32_tensor_names` (by state-dict name, for loaders that
-cast tensor by tensor, e.g. ``kimi_linear.lightning.parallel.load_sharded_checkpoint``).
+cast tensor by tensor, e.g. ``kimi_linear.lightning.checkpoints.load_sharded_checkpoint``).
 """
 
 from __future__ import annotations

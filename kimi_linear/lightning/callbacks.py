@@ -42,6 +42,9 @@ from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughput
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
+from kimi_linear.errors import UsageError
+from kimi_linear.flops import flops_per_token, kda_flops_chunk
+
 __all__ = [
     "SAFE_GLOBALS",
     "AtomicCheckpointIO",
@@ -131,8 +134,6 @@ def load_checkpoint(
         UsageError: one line ``{what}: '{path}' ...`` naming the file and why it was refused
             or could not be read.
     """
-    from kimi_linear.errors import UsageError
-
     name = os.fspath(path)
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     try:
@@ -508,10 +509,10 @@ class ThroughputMonitor(LightningThroughputMonitor):
         ids = _input_ids(batch)
         T = int(ids.shape[1])
         if T not in self._flops_per_token:
-            from kimi_linear.flops import flops_per_token, kda_flops_chunk
-
             chunk = kda_flops_chunk(config, pl_module.device.type)
-            self._flops_per_token[T] = flops_per_token(config, T, training=True, torch_chunk_kda=chunk)
+            self._flops_per_token[T] = flops_per_token(
+                config, T, training=True, torch_chunk_kda=chunk
+            )
         return self._flops_per_token[T] * ids.numel()
 
     def on_train_batch_end(

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from kimi_linear.errors import UsageError, did_you_mean, import_failure
+from kimi_linear.layers.experts import GroupedExperts
 from kimi_linear.lightning.callbacks import load_checkpoint
 from kimi_linear.lightning.checkpoints import check_checkpoint_file
 from kimi_linear.lightning.hparams import assign_weights, config_from_hparams, meta_model
@@ -152,8 +153,6 @@ class LoraOptions:
 
 # ----------------------------------------------------------------------------- targets
 def _is_experts(module: nn.Module) -> bool:
-    from kimi_linear.layers.moe import GroupedExperts
-
     return isinstance(module, GroupedExperts)
 
 
