@@ -55,12 +55,16 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import (
+    InKernelGate,
     _chunk_bounds,
     _decay_row,
     _load_op,
     _load_tile,
+    _softplus,
     _state_block,
     chunk_kda_fwd,
+    gate_constexprs,
+    gate_launch_args,
 )
 from .utils import (
     CHUNK_SIZE,
@@ -441,9 +445,15 @@ def _bwd_dqkg_kernel(
     dq,
     dk,
     dg,
+    g,
+    A_log,
+    dt_bias,
+    dA_p,
+    dbias_p,
     cu_seqlens,
     chunk_indices,
     scale,
+    lower_bound,
     H,
     T_BUCKET,
     NH_BUCKET,
@@ -453,6 +463,9 @@ def _bwd_dqkg_kernel(
     BKB: tl.constexpr,
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    GATE: tl.constexpr = 0,
+    HAS_A: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """Inter-chunk terms of dq, dk, dg for a block of BKB key columns; finalises all three.
 
@@ -462,6 +475,11 @@ def _bwd_dqkg_kernel(
     over value blocks, adds the pairwise partials of the
     intra kernel (``dq_p``, ``dk_p``, ``dG_p``), writes dq, dk in the input dtype, and
     ``dg`` = the reverse cumulative sum of dG within the chunk.
+
+    With the in-kernel gate (``GATE``, ``g`` the raw gate projection), ``dg`` is chained
+    through the gate (:func:`_gate_bwd`) into the raw gate's gradient, and the column sums over
+    the chunk's rows of the ``A_log`` and ``dt_bias`` gradients go to ``dA_p`` / ``dbias_p``
+    (``[NT, H, K]`` fp32; the caller sums them over chunks and columns).
     """
     NK: tl.constexpr = (K + BKB - 1) // BKB
     i_k, i_t, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
@@ -524,7 +542,52 @@ def _bwd_dqkg_kernel(
     b_dg = tl.where((rows == last)[:, None], b_dg + b_dgl[None, :], b_dg)
     # dg = reverse cumulative sum of dG within the chunk (padded rows hold 0).
     b_dg = tl.sum(b_dg, axis=0)[None, :] - tl.cumsum(b_dg, axis=0) + b_dg
+    if GATE > 0:
+        b_f = tl.load(g + off_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_dg, b_da = _gate_bwd(
+            b_f, b_dg, A_log, dt_bias, lower_bound, i_h, cols_k, K, GATE, HAS_A, HAS_BIAS
+        )
+        b_dg = tl.where(m_tk, b_dg, 0.0)
+        p_part = (i_t * H + i_h).to(tl.int64) * K + cols_k
+        tl.store(dA_p + p_part, tl.sum(tl.where(m_tk, b_da, 0.0), axis=0), mask=m_k)
+        tl.store(dbias_p + p_part, tl.sum(b_dg, axis=0), mask=m_k)
     tl.store(dg + off_k, b_dg.to(dg.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def _gate_bwd(
+    b_f,
+    b_dy,
+    A_log,
+    dt_bias,
+    lower_bound,
+    i_h,
+    cols,
+    K: tl.constexpr,
+    GATE: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Chain the log decay's gradient ``b_dy`` through the gate of ``chunk_fwd._gate_fwd``:
+    returns ``(d f, d A_log)`` elementwise (fp32 tiles). With ``x = f + dt_bias``, ``a =
+    exp(A_log)``: softplus gate ``y = -a softplus(x)``, ``dy/dx = -a sigmoid(x)``,
+    ``dy/dA_log = y``; safe gate ``y = lb sigmoid(a x)``, ``dy/dx = lb s (1 - s) a``,
+    ``dy/dA_log = lb s (1 - s) a x``. ``d dt_bias`` is ``d f`` summed over tokens."""
+    b_x = b_f
+    if HAS_BIAS:
+        b_x += tl.load(dt_bias + i_h * K + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    b_a = 1.0
+    if HAS_A:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    if GATE == 1:
+        b_df = b_dy * (-b_a * tl.sigmoid(b_x))
+        b_da = b_dy * (-b_a * _softplus(b_x))
+    else:
+        b_s = tl.sigmoid(b_a * b_x)
+        b_ds = b_dy * (lower_bound * b_s * (1.0 - b_s))
+        b_df = b_ds * b_a
+        b_da = b_ds * b_a * b_x
+    return b_df, b_da
 
 
 _INTRA_BWD_CONFIGS = config_space(
@@ -751,6 +814,7 @@ def chunk_kda_bwd(
     num_chunks: int,
     saved: tuple[torch.Tensor, ...] | None = None,
     safe_gate: bool = False,
+    gate: InKernelGate | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of chunked KDA on packed, contiguous inputs (layout of ``chunk_kda_fwd``).
 
@@ -760,9 +824,13 @@ def chunk_kda_bwd(
     ``safe_gate``: the caller promises ``g >= -5`` (the safe gate): the tensor-core path for the
     diagonal sub-chunks (see :func:`kimi_linear.kernels.chunk_fwd.chunk_kda_fwd`).
 
+    ``gate``: ``g`` is the raw gate projection (fla's ``use_gate_in_kernel``): ``dg`` is its
+    gradient, and the gradients of ``gate.A_log`` and ``gate.dt_bias`` are returned too.
+
     Returns:
-        ``(dq, dk, dv, dg, dbeta, dh0)`` in the dtypes of their inputs (dh0 fp32, or None
-        without an initial state).
+        ``(dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias)`` in the dtypes of their inputs (dh0
+        fp32, or None without an initial state; ``dA_log [H]`` and ``ddt_bias [H * K]`` fp32,
+        None without the in-kernel gate or without that argument).
     """
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -791,6 +859,7 @@ def chunk_kda_bwd(
         do=do,
         saved=saved,
         safe_gate=safe_gate,
+        gate=gate,
     )
     # Chunk-end state gradients: carried in fp32 registers, stored in the input dtype (their
     # only consumer rounds them to it for the tensor-core products).
@@ -886,6 +955,10 @@ def chunk_kda_bwd(
             SAFE_GATE=bool(safe_gate),
         )
         del dd
+        if gate is not None:
+            dA_p, dbias_p = (torch.empty(num_chunks, H, K, **f32) for _ in range(2))
+        else:
+            dA_p = dbias_p = cu_seqlens
         grid = lambda meta: checked_grid(num_chunks * triton.cdiv(K, meta["BKB"]), H)
         _bwd_dqkg_kernel[grid](
             q,
@@ -902,14 +975,28 @@ def chunk_kda_bwd(
             dq,
             dk,
             dg,
+            g,
+            *gate_launch_args(gate, cu_seqlens),
+            dA_p,
+            dbias_p,
             cu_seqlens,
             chunk_indices,
             scale,
+            0.0 if gate is None else gate.lower_bound,
             H,
             **buckets,
             K=K,
             V=V,
             BT=BT,
             DOT_PREC=prec,
+            **gate_constexprs(gate),
         )
-    return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0
+    dA_log = ddt_bias = None
+    if gate is not None:
+        if num_chunks == 0:
+            dA_p = dbias_p = torch.zeros(1, H, K, **f32)
+        if gate.A_log is not None:
+            dA_log = dA_p.sum(dim=(0, 2))
+        if gate.dt_bias is not None:
+            ddt_bias = dbias_p.sum(dim=0).reshape(-1)
+    return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0, dA_log, ddt_bias

@@ -116,14 +116,63 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
     return i_n, bos + i_c * BT, eos
 
 
+#: ``GATE`` of the cumulative-sum kernel (and of the backward's gate gradient): ``g`` is the
+#: log decay itself (0), or the raw gate projection of fla's ``use_gate_in_kernel``, formed into
+#: ``-exp(A_log) * softplus(g + dt_bias)`` (1) or ``lower_bound * sigmoid(exp(A_log) * (g +
+#: dt_bias))`` (2, the safe gate; ``A_log`` optional there).
+GATE_NONE, GATE_SOFTPLUS, GATE_LOWER_BOUND = 0, 1, 2
+
+
+@triton.jit
+def _softplus(x):
+    """``log(1 + exp(x))`` without overflow, with ``log1p``'s accuracy for small ``exp(-|x|)``
+    (Kahan: ``log(w) * u / (w - 1)``, ``w = 1 + u``); the decode kernel's formula."""
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    log1p_u = tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_u
+
+
+@triton.jit
+def _gate_fwd(
+    b_f,
+    A_log,
+    dt_bias,
+    lower_bound,
+    i_h,
+    cols,
+    K: tl.constexpr,
+    GATE: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The log decay from the raw gate ``b_f`` (fp32 tile, key columns ``cols`` of head
+    ``i_h``): ``-exp(A_log) softplus(f + dt_bias)`` or ``lower_bound sigmoid(exp(A_log)
+    (f + dt_bias))``, in fp32 (:func:`kimi_linear.ops.gate.kda_gate`)."""
+    b_x = b_f
+    if HAS_BIAS:
+        b_x += tl.load(dt_bias + i_h * K + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    b_a = 1.0
+    if HAS_A:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    if GATE == 1:
+        b_out = -b_a * _softplus(b_x)
+    else:
+        b_out = lower_bound * tl.sigmoid(b_a * b_x)
+    return b_out
+
+
 @autotune(_WARPS, key=["K", *TUNE_KEYS])
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_cumsum_kernel(
     g,
     G,
     Gl,
+    A_log,
+    dt_bias,
     cu_seqlens,
     chunk_indices,
+    lower_bound,
     H,
     T_BUCKET,
     NH_BUCKET,
@@ -131,20 +180,30 @@ def _chunk_cumsum_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     G_FLOOR: tl.constexpr,
+    GATE: tl.constexpr = 0,
+    HAS_A: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """G[r] = sum_{i <= r} max(g[i], G_FLOOR) within each chunk, in fp32, for BK key columns.
 
     The per-step floor (where ``exp`` is exactly 0 in fp32) is exact and keeps ``G`` finite for
     ``g = -inf`` (see :mod:`kimi_linear.ops.checks`). Also writes each chunk's last row,
     ``Gl [NT, H, K]``, for the state kernels' decay (so they never read ``G``). Grid
-    ``(NT, H, cdiv(K, BK))``."""
+    ``(NT, H, cdiv(K, BK))``.
+
+    ``GATE`` (:data:`GATE_SOFTPLUS`, :data:`GATE_LOWER_BOUND`): ``g`` is the raw gate
+    projection and the log decay is formed here first (:func:`_gate_fwd`)."""
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     rows = start + tl.arange(0, BT)
     cols = i_k * BK + tl.arange(0, BK)
     mask = (rows < eos)[:, None] & (cols < K)[None, :]
     off = rows[:, None] * H * K + i_h * K + cols[None, :]
-    b_g = tl.maximum(tl.load(g + off, mask=mask, other=0.0).to(tl.float32), G_FLOOR)
+    b_g = tl.load(g + off, mask=mask, other=0.0).to(tl.float32)
+    if GATE > 0:
+        b_g = _gate_fwd(b_g, A_log, dt_bias, lower_bound, i_h, cols, K, GATE, HAS_A, HAS_BIAS)
+        b_g = tl.where(mask, b_g, 0.0)
+    b_g = tl.maximum(b_g, G_FLOOR)
     b_cs = tl.cumsum(b_g, axis=0)
     tl.store(G + off, b_cs, mask=mask)
     last = tl.minimum(start + BT, eos) - 1
@@ -810,6 +869,16 @@ def _chunk_fwd_o_kernel(
     tl.store(o + v_c + off_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
+class InKernelGate(NamedTuple):
+    """fla's ``use_gate_in_kernel``: ``g`` is the raw gate projection, formed into the log decay
+    by the cumulative-sum kernel (forward) and differentiated in the backward's last kernel."""
+
+    kind: int  #: :data:`GATE_SOFTPLUS` or :data:`GATE_LOWER_BOUND`
+    A_log: torch.Tensor | None  #: ``[H]`` contiguous (optional with the lower bound)
+    dt_bias: torch.Tensor | None  #: ``[H * K]`` contiguous, or None
+    lower_bound: float  #: the safe gate's bound (unused by the softplus gate)
+
+
 class ChunkForward(NamedTuple):
     """Outputs of :func:`chunk_kda_fwd`; the intermediates are ``None`` unless asked for."""
 
@@ -825,6 +894,25 @@ class ChunkForward(NamedTuple):
     delta: torch.Tensor | None = None
     ddelta: torch.Tensor | None = None
     Gl: torch.Tensor | None = None
+
+
+def gate_launch_args(
+    gate: InKernelGate | None, dummy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_log, dt_bias)`` pointers of a gate-aware launch (``dummy`` where absent)."""
+    if gate is None:
+        return dummy, dummy
+    return (
+        dummy if gate.A_log is None else gate.A_log,
+        dummy if gate.dt_bias is None else gate.dt_bias,
+    )
+
+
+def gate_constexprs(gate: InKernelGate | None) -> dict[str, int | bool]:
+    """``GATE``, ``HAS_A``, ``HAS_BIAS`` of a gate-aware launch."""
+    if gate is None:
+        return dict(GATE=GATE_NONE, HAS_A=False, HAS_BIAS=False)
+    return dict(GATE=gate.kind, HAS_A=gate.A_log is not None, HAS_BIAS=gate.dt_bias is not None)
 
 
 def chunk_kda_fwd(
@@ -845,6 +933,7 @@ def chunk_kda_fwd(
     keep: bool = False,
     saved: tuple[torch.Tensor, ...] | None = None,
     safe_gate: bool = False,
+    gate: InKernelGate | None = None,
 ) -> ChunkForward:
     """Run the forward pipeline on packed, contiguous, checked inputs.
 
@@ -869,6 +958,8 @@ def chunk_kda_fwd(
             ``kg``, ``W``, the states and the residuals).
         safe_gate: the caller promises ``g >= -5`` everywhere (the bounded safe gate): the
             diagonal sub-chunk blocks run as tensor-core products (module docstring).
+        gate: ``g`` is the raw gate projection; the cumulative-sum kernel forms the log decay
+            first (:class:`InKernelGate`). ``G`` is then the cumulated log decay.
     """
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -898,7 +989,20 @@ def chunk_kda_fwd(
     if num_chunks > 0 and saved is None:
         BKC = min(BK, 32)  # [64, 32] tiles: spill-free with 4 warps on sm_80 and sm_90
         _chunk_cumsum_kernel[(num_chunks, H, triton.cdiv(K, BKC))](
-            g, G, Gl, cu_seqlens, chunk_indices, H, **buckets, K=K, BT=BT, BK=BKC, G_FLOOR=G_FLOOR
+            g,
+            G,
+            Gl,
+            *gate_launch_args(gate, cu_seqlens),
+            cu_seqlens,
+            chunk_indices,
+            0.0 if gate is None else gate.lower_bound,
+            H,
+            **buckets,
+            K=K,
+            BT=BT,
+            BK=BKC,
+            G_FLOOR=G_FLOOR,
+            **gate_constexprs(gate),
         )
         _intra_solve_fwd_kernel[(num_chunks, H)](
             q,

@@ -363,16 +363,21 @@ def kernel_specs(
             (chunk_bwd._bwd_dqkg_kernel, dict(K=K, V=V, BT=BT, DOT_PREC=prec, **gate))
             for gate in _GATE_VARIANTS
         ],
-        # use_qk_l2norm_in_kernel / use_beta_sigmoid_in_kernel (not autotuned)
-        (prologue._l2norm_fwd_kernel, dict(D=K, BD=BK, BR=prologue._ROWS)),
-        (prologue._l2norm_bwd_kernel, dict(D=K, BD=BK, BR=prologue._ROWS)),
-        (prologue._sigmoid_fwd_kernel, dict(BLOCK=prologue._BLOCK)),
-        (prologue._sigmoid_bwd_kernel, dict(BLOCK=prologue._BLOCK)),
     ]
     specs = []
     for kernel, constexprs in launches:
         for meta, warps, stages in _configs(kernel, space):
             specs.append((kernel, {**constexprs, **meta}, warps, stages))
+    # Not autotuned, Triton's default launch (4 warps): use_qk_l2norm_in_kernel and
+    # use_beta_sigmoid_in_kernel of chunk_kda.
+    rows = dict(D=K, BD=BK, BR=prologue._ROWS)
+    for kernel, constexprs in (
+        (prologue._l2norm_fwd_kernel, rows),
+        (prologue._l2norm_bwd_kernel, rows),
+        (prologue._sigmoid_fwd_kernel, dict(BLOCK=prologue._BLOCK)),
+        (prologue._sigmoid_bwd_kernel, dict(BLOCK=prologue._BLOCK)),
+    ):
+        specs.append((kernel, constexprs, 4, 2))
     # Not autotuned: the launcher's choice (fused_recurrent.launch_constexprs), plain decode.
     constexprs, warps = fused_recurrent.launch_constexprs(K, V)
     specs.append((fused_recurrent._fused_recurrent_kernel, constexprs, warps, 2))
