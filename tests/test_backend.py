@@ -231,3 +231,24 @@ def test_fla_decode_through_the_entry_point():
     torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\]"):
         dispatch_decode_kda(q, k, v, g, beta, backend=ops, initial_state=h0[:1], cu_seqlens=cu)
+
+
+def test_old_op_names_warn_and_give_the_new_ops():
+    """Issue 22 renames: the old user-facing names still work, with a DeprecationWarning that
+    names the new one; the moved dispatcher names are gone from kimi_linear.ops."""
+    import kimi_linear
+    import kimi_linear.ops as ops
+
+    for module, old, new in (
+        (ops, "kda_chunk", "torch_chunk_kda"),
+        (ops, "kda_recurrent", "naive_recurrent_kda"),
+        (ops, "kda_decode_step", "naive_kda_step"),
+        (kimi_linear, "kda_chunk", "torch_chunk_kda"),
+        (kimi_linear, "kda_recurrent", "naive_recurrent_kda"),
+    ):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use .*{new}"):
+            assert getattr(module, old) is getattr(ops, new)
+    for gone in ("kda_chunked", "kda_decode"):
+        with pytest.raises(AttributeError):
+            getattr(ops, gone)
+    assert torch.ops.kimi_linear.chunk_kda.default is not None
