@@ -317,29 +317,14 @@ def iter_documents(
         if doc is not None:
             yield doc
     elif unit.kind == "jsonl":
-        with open(unit.path, "rb") as fh:
-            if unit.start > 0:  # the line that starts before ``start`` belongs to the previous unit
-                fh.seek(unit.start - 1)
-                fh.readline()
-            stop = unit.stop if unit.stop >= 0 else float("inf")
-            while fh.tell() < stop:
-                line = fh.readline()
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                raw = decode_text(line, max_invalid_fraction)
-                if raw is None:
-                    counts.skipped_binary += 1
-                    continue
-                for record in _json_records(raw.removeprefix(_BOM), counts):
-                    text = record.get(text_field)
-                    if not isinstance(text, str):
-                        counts.skipped_no_text += 1
-                        continue
-                    doc = accept(text)
-                    if doc is not None:
-                        yield doc
+        for record in _jsonl_records(unit, counts, max_invalid_fraction):
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                counts.skipped_no_text += 1
+                continue
+            doc = accept(text)
+            if doc is not None:
+                yield doc
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -360,6 +345,28 @@ def iter_documents(
                     yield doc
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def _jsonl_records(unit: Unit, counts: SourceCounts, max_invalid_fraction: float) -> Iterator[dict]:
+    """The JSON records of a ``jsonl`` unit's byte range ``[start, stop)`` (a line belongs to
+    the unit it starts in); blank lines are skipped, binary lines counted in
+    ``counts.skipped_binary`` and malformed ones by :func:`_json_records`."""
+    with open(unit.path, "rb") as fh:
+        if unit.start > 0:  # the line that starts before ``start`` belongs to the previous unit
+            fh.seek(unit.start - 1)
+            fh.readline()
+        stop = unit.stop if unit.stop >= 0 else float("inf")
+        while fh.tell() < stop:
+            line = fh.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            raw = decode_text(line, max_invalid_fraction)
+            if raw is None:
+                counts.skipped_binary += 1
+                continue
+            yield from _json_records(raw.removeprefix(_BOM), counts)
 
 
 def _iter_examples(
@@ -398,25 +405,10 @@ def _iter_examples(
         counts.skipped_binary += texts.skipped_binary
         counts.skipped_empty += texts.skipped_empty
     elif unit.kind == "jsonl":
-        with open(unit.path, "rb") as fh:
-            if unit.start > 0:  # the line that starts before ``start`` belongs to the previous unit
-                fh.seek(unit.start - 1)
-                fh.readline()
-            stop = unit.stop if unit.stop >= 0 else float("inf")
-            while fh.tell() < stop:
-                line = fh.readline()
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                raw = decode_text(line, max_invalid_fraction)
-                if raw is None:
-                    counts.skipped_binary += 1
-                    continue
-                for record in _json_records(raw.removeprefix(_BOM), counts):
-                    ex = accept(parse_record(record, record_format, text_field))
-                    if ex is not None:
-                        yield ex
+        for record in _jsonl_records(unit, counts, max_invalid_fraction):
+            ex = accept(parse_record(record, record_format, text_field))
+            if ex is not None:
+                yield ex
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
