@@ -8,7 +8,8 @@ fla's flags that transform an input before the chunked pipeline, as one-pass Tri
   ``r = 1 / sqrt(||x||^2 + 1e-6)``, from the kept ``y`` (input dtype) and ``r`` (fp32, one
   value per row);
 * ``use_beta_sigmoid_in_kernel``: ``beta = c * sigmoid(b)`` (``c = 2`` with
-  ``allow_neg_eigval``, else 1); backward ``db = d_beta * c * s (1 - s)`` from the logits.
+  ``allow_neg_eigval``, else 1), kept in fp32; backward ``db = d_beta * c * s (1 - s)`` from
+  the logits.
 
 The gate (``use_gate_in_kernel``) is not here: it is fused into the chunked pipeline's
 cumulative-sum kernel and its gradient into the backward's last kernel
@@ -107,8 +108,9 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.T
 
 
 def beta_sigmoid_fwd(b: torch.Tensor, c: float) -> torch.Tensor:
-    """``c * sigmoid(b)`` of contiguous logits ``b``, in b's dtype."""
-    y = torch.empty_like(b)
+    """``c * sigmoid(b)`` of contiguous logits ``b``, in fp32 (what the kernels compute in: a
+    16-bit copy would round beta once more than the logits' dtype requires)."""
+    y = torch.empty_like(b, dtype=torch.float32)
     if b.numel():
         _sigmoid_fwd_kernel[checked_grid(triton.cdiv(b.numel(), _BLOCK))](
             b, y, b.numel(), float(c), BLOCK=_BLOCK
