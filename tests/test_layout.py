@@ -400,3 +400,70 @@ def test_large_files_say_their_one_job(modules):
                 "docstring (split it by job, or say which one job it holds)"
             )
     assert not bad, "\n".join(bad)
+
+
+#: One source per rule (issue 22): each definition below exists exactly once in the repository
+#: (package, kernels, benchmarks, experiments and tests), in the file named.
+ONE_SOURCE = {
+    r"^KDA_BACKENDS\s*=": "kimi_linear/ops/options.py",
+    r"^def check_kda_backend\(": "kimi_linear/ops/options.py",
+    r"^SAFE_GATE_LOWER_BOUND_RANGE\s*=": "kimi_linear/ops/options.py",
+    r"^def check_safe_gate_bound\(": "kimi_linear/ops/options.py",
+    r"^def gate_check_enabled\(": "kimi_linear/ops/options.py",
+    r"^def check_cu_seqlens\(": "kimi_linear/packing.py",
+    r"^def fp32_tensor_names\(": "kimi_linear/layers/fp32.py",
+    r"^def rel_error\(": "kimi_linear/testing.py",
+}
+
+#: Names of rules that were stated a second time before issue 22 and must not come back.
+GONE = ("_fp32_parameters =", "FP32_PARAMETER_NAMES", "check_safe_gate_argument", "def rel_err(")
+
+
+def _repository_python_files() -> list[Path]:
+    folders = ("kimi_linear", "kernels", "benchmarks", "experiments", "tests")
+    return [
+        p
+        for folder in folders
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p != Path(__file__).resolve()
+    ]
+
+
+def test_each_rule_is_stated_once():
+    files = _repository_python_files()
+    texts = {p: p.read_text() for p in files}
+    bad = []
+    for pattern, home in ONE_SOURCE.items():
+        rx = re.compile(pattern, re.MULTILINE)
+        hits = [
+            f"{p.relative_to(ROOT)}:{t.count(chr(10), 0, m.start()) + 1}"
+            for p, t in texts.items()
+            for m in rx.finditer(t)
+        ]
+        if [h.rpartition(":")[0] for h in hits] != [home]:
+            bad.append(f"{pattern!r} should be defined once, in {home}; found at {hits}")
+    for name in GONE:
+        hits = [str(p.relative_to(ROOT)) for p, t in texts.items() if name in t]
+        if hits:
+            bad.append(f"{name!r} (a second statement of a rule) is back in {hits}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_safe_gate_bound_is_written_once(modules):
+    """The safe gate's lowest bound (-5) appears as a number only in ``ops/options.py``;
+    everything else reads ``SAFE_GATE_LOWER_BOUND_RANGE``."""
+    bad = []
+    for m in modules.values():
+        if m.name == "kimi_linear.ops.options":
+            continue
+        for node in ast.walk(m.tree):
+            if (
+                isinstance(node, ast.UnaryOp)
+                and isinstance(node.op, ast.USub)
+                and isinstance(node.operand, ast.Constant)
+                and node.operand.value == 5
+            ):
+                bad.append(
+                    f"{_where(m, node.lineno)}: -5 in code (use SAFE_GATE_LOWER_BOUND_RANGE)"
+                )
+    assert not bad, "\n".join(bad)
