@@ -47,6 +47,16 @@ config (their tile sizes change re-reads, i.e. ``access_GiB``, and elementwise w
 lanes; rarely the distinct bytes). Grids in the launch table are those of the ``(1, 1, T0)``
 run.
 
+``--predict`` turns the counts into predicted times on an H100 SXM and an H200 (issue 21 part
+2): per launch a bytes floor, a tensor-FLOP floor, an exponential floor, an elementwise floor
+and a serial-chain floor (dependent chunk steps x a stated step latency, with the programs vs
+SMs fill), the launch's time the max of them, a phase's the sum plus a per-launch overhead;
+and the same with every sequential launch split into S segments per sequence-head (the fold
+of ``M [K, K]``, ``H [K, V]`` fp32 included). Constants and datasheet sources in
+:data:`GPUS`, :data:`STEP_LATENCY_S`, :data:`LAUNCH_OVERHEAD_S`, :data:`SM_BANDWIDTH`; it
+writes ``kernel_cost_predict.json`` / ``.md`` (default shapes 2x64x8192, 1x16x65536,
+1x32x1048576; providers ours and fla). Predictions, not measurements.
+
 Outputs ``kernel_cost.json`` and ``kernel_cost.md`` (``kernel_cost_<tag>.*`` with ``--tag``)
 under ``benchmarks/results/cpu/`` or ``--out-dir``; committed results are never replaced
 unless ``--overwrite``. About three minutes on one CPU core at the defaults (four with
@@ -57,6 +67,7 @@ Examples::
     python -m benchmarks.kernel_cost --out-dir /tmp/cost
     python -m benchmarks.kernel_cost --shapes 2x64x8192 --providers ours fla --tag anchor
     python -m benchmarks.kernel_cost --overwrite     # replace the committed results
+    python -m benchmarks.kernel_cost --predict --check   # predicted times, ours vs fla
 """
 
 from __future__ import annotations
@@ -598,11 +609,12 @@ def provider_fn(name: str) -> tuple[Callable[[list[torch.Tensor]], None], Callab
         safe = name == "ours_safe"
 
         def ours(q, k, v, g, beta):
-            # the host code of chunk_kda between its checks and the autograd function
+            # the host code of chunk_kda between its checks and the autograd function (A_log,
+            # dt_bias None: the gate is precomputed)
             B, T, H, K = q.shape
             (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, None)
             o, ht = ChunkKDAFunction.apply(
-                pq, pk, pv, pg, pb, K**-0.5, None, False, tables, True, safe
+                pq, pk, pv, pg, pb, None, None, K**-0.5, None, False, tables, True, safe
             )
             return o.view(B, T, H, v.shape[-1]), ht
 
@@ -968,6 +980,10 @@ FLOORS = ("bytes", "tensor", "exp", "elementwise", "serial")
 #: Sequence splits predicted (segments per sequence-head; T / 64 must be a multiple).
 DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 32, 64)
 PREDICT_SHAPES = [(2, 64, 8192), (1, 16, 65536), (1, 32, 1048576)]
+#: Step latencies of the serial sweep (s): from a fast step to the pessimistic end, 6.6 us =
+#: 4 x 1.65 us (the issue's estimate per 16-token step on an H200, as if a 64-token step
+#: cost four of them).
+STEP_LATENCY_SWEEP_S = (0.1e-6, 0.3e-6, 1e-6, 2e-6, 6.6e-6)
 PREDICT_PROVIDERS = ["ours", "fla"]
 
 
@@ -977,7 +993,7 @@ class LaunchWork:
 
     ``programs``: the launch's grid size (0 for a torch op: treated as filling the GPU);
     ``steps``: dependent chunk steps each program runs one after the other (1 for a
-    chunk-parallel kernel, ``T / 64`` for a state recurrence).
+    chunk-parallel kernel, ``T / 64`` for a state recurrence); ``written``: the bytes stored.
     """
 
     name: str
@@ -988,6 +1004,7 @@ class LaunchWork:
     elementwise: float = 0.0  # other floating-point elementwise ops
     programs: float = 0.0
     steps: int = 1
+    written: float = 0.0  # the part of ``bytes`` stored (the rest is loaded)
 
 
 def floors(
@@ -1008,8 +1025,8 @@ def floors(
       program's per-step work on one SM at the rate of its slowest unit (its tensor FLOPs,
       exponentials and elementwise ops overlapped: the optimistic bound), ``share = max(1,
       programs / SMs)`` programs resident per SM take turns; ``step_latency`` is the part of a
-      dependent step that no throughput hides. For a chunk-parallel launch (one step) this is
-      the largest compute floor plus one step latency at most.
+      dependent step that no throughput hides. For a chunk-parallel launch (one step, ``share``
+      taken as 1: its programs' turns are its compute floors) this is one program's latency.
     """
     torch_op = w.programs <= 0
     fill = 1.0 if torch_op else min(1.0, w.programs / gpu.sms)
@@ -1029,7 +1046,9 @@ def floors(
         # one program's step on one SM alone: unit time = total at fill 1 * SMs / (programs*steps)
         per = w.programs * max(1, w.steps)
         unit = max(out[k] for k in ("tensor", "exp", "elementwise")) * fill * gpu.sms / per
-        share = max(1.0, w.programs / gpu.sms)
+        # resident programs take turns only along a chain; a chunk-parallel launch's turns
+        # are its compute floors already
+        share = max(1.0, w.programs / gpu.sms) if w.steps > 1 else 1.0
         step = max(step_latency_s + unit, share * unit)
         out["serial"] = max(1, w.steps) * step
     out["predicted"] = max(out[k] for k in FLOORS)
@@ -1044,8 +1063,8 @@ def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> 
     1. ``transitions``: every segment runs its ``steps / S`` chunk steps from a zero state and
        keeps its affine transition (``M [K, K]``, ``H [K, V]``, fp32): the ``M`` columns cost
        what the state's cost, so FLOPs and elementwise work scale by ``(K + V) / V`` and the
-       programs too; bytes: the original's (reads; the per-chunk state writes are kept, an
-       upper estimate) plus ``M`` and ``H`` written;
+       programs too; bytes: what the original loads plus ``M`` and ``H`` written (no per-chunk
+       output);
     2. ``fold``: per sequence-head, ``S`` dependent steps ``h = M h + H`` (fp32 products,
        ``2 K^2 V`` FLOPs each), reading ``M`` and ``H`` and writing each segment's initial
        state (``[K, V]`` fp32);
@@ -1067,13 +1086,14 @@ def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> 
     init_bytes = 4.0 * segments * seq_heads * K * V
     transitions = LaunchWork(
         f"{w.name} [split: transitions]",
-        w.bytes + fold_bytes,
+        w.bytes - w.written + fold_bytes,
         w.flops_bf16 * cols,
         w.flops_tf32 * cols,
         w.exp,
         w.elementwise * cols,
         w.programs * segments * cols,
         steps,
+        fold_bytes,
     )
     fold = LaunchWork(
         f"{w.name} [split: fold]",
@@ -1082,6 +1102,7 @@ def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> 
         elementwise=float(segments * seq_heads * K * V),
         programs=w.programs,
         steps=segments,
+        written=init_bytes,
     )
     states = LaunchWork(
         f"{w.name} [split: states]",
@@ -1092,6 +1113,7 @@ def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> 
         w.elementwise,
         w.programs * segments,
         steps,
+        w.written,
     )
     return [transitions, fold, states]
 
@@ -1128,6 +1150,7 @@ def launch_works(f: Fit, shape: tuple[int, int, int], phase: str) -> list[Launch
                 val("elementwise"),
                 programs,
                 steps,
+                val("write_bytes"),
             )
         )
     return out
@@ -1174,6 +1197,61 @@ def _us(x: float) -> float:
     return x * 1e6
 
 
+def serial_sweep(
+    works: dict[tuple[str, str], dict[str, list[LaunchWork]]],
+    gpus: dict[str, GpuSpec],
+    anchor: tuple[int, int, int],
+    long: tuple[int, int, int],
+    K: int,
+    V: int,
+    segments: tuple[int, ...],
+    latencies: tuple[float, ...] = STEP_LATENCY_SWEEP_S,
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+) -> list[dict[str, Any]]:
+    """Where the long shape turns serial-chain bound: per GPU, provider and step latency, the
+    forward at ``anchor`` and at ``long`` (same token-heads, fewer sequence-heads), the share
+    of the long forward in serial-bound launches, and the best sequence split of it."""
+    a_key, l_key = ("x".join(map(str, x)) for x in (anchor, long))
+    B, H, T = long
+    rows = []
+    for gname, gpu in gpus.items():
+        for provider in sorted({p for p, _ in works}):
+            if (provider, a_key) not in works or (provider, l_key) not in works:
+                continue
+            fa_works, fl_works = (
+                works[(provider, a_key)]["forward"],
+                works[(provider, l_key)]["forward"],
+            )
+            for lat in latencies:
+                fa = predict_phase(fa_works, gpu, lat, launch_overhead_s)
+                fl = predict_phase(fl_works, gpu, lat, launch_overhead_s)
+                serial = sum(r["predicted"] for r in fl["launches"] if r["bound"] == "serial")
+                best_s, best = 1, fl["predicted_s"]
+                for seg in segments:
+                    if seg > 1 and (T // STEP_TOKENS) % seg == 0:
+                        t = predict_split(fl_works, gpu, seg, B * H, K, V, lat, launch_overhead_s)
+                        if t["predicted_s"] < best:
+                            best_s, best = seg, t["predicted_s"]
+                rows.append(
+                    {
+                        "gpu": gname,
+                        "provider": provider,
+                        "step_latency_us": _us(lat),
+                        "anchor": a_key,
+                        "anchor_forward_ms": fa["predicted_s"] * 1e3,
+                        "long": l_key,
+                        "long_forward_ms": fl["predicted_s"] * 1e3,
+                        "long_over_anchor": fl["predicted_s"] / fa["predicted_s"],
+                        "serial_bound_share": serial / fl["predicted_s"],
+                        "best_segments": best_s,
+                        "split_forward_ms": best * 1e3,
+                        "split_speedup": fl["predicted_s"] / best,
+                        "split_over_anchor": best / fa["predicted_s"],
+                    }
+                )
+    return rows
+
+
 def prediction(
     fits: dict[str, Fit],
     shapes: list[tuple[int, int, int]],
@@ -1191,12 +1269,14 @@ def prediction(
     fwd: dict[tuple[str, str, str], float] = {}
     both: dict[tuple[str, str, str], float] = {}
     best: dict[tuple[str, str, str], tuple[int, float, float]] = {}
+    works_by: dict[tuple[str, str], dict[str, list[LaunchWork]]] = {}
     for gname, gpu in gpus.items():
         for provider, f in fits.items():
             for shape in shapes:
                 key = "x".join(map(str, shape))
                 B, H, T = shape
                 works = {ph: launch_works(f, shape, ph) for ph in PHASES}
+                works_by[(provider, key)] = works
                 per = {
                     ph: predict_phase(works[ph], gpu, step_latency_s, launch_overhead_s)
                     for ph in PHASES
@@ -1283,6 +1363,12 @@ def prediction(
                     }
                 )
     goals = _goals(fits, fwd, both, best, gpus)
+    sweep = []
+    if (2, 64, 8192) in shapes and (1, 16, 65536) in shapes:
+        sweep = serial_sweep(
+            works_by, gpus, (2, 64, 8192), (1, 16, 65536), K, V, segments,
+            launch_overhead_s=launch_overhead_s,
+        )  # fmt: skip
     return {
         "totals": totals,
         "ratios": ratio_rows,
@@ -1299,6 +1385,7 @@ def prediction(
             for (g, p, s), v in best.items()
         ],
         "goals": goals,
+        "serial_sweep": sweep,
         "launches": launches,
     }
 
@@ -1342,7 +1429,7 @@ def _goals(fits, fwd, both, best, gpus) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "provider": provider,
-                    "target": f"the same, T split into S={seg} segments (best S)",
+                    "target": f"the same, T split into the best S segments (S={seg})",
                     "predicted": f"{f_best / f_a:.3g}x",
                     "met": f_best / f_a <= 1.5,
                 }
@@ -1423,6 +1510,19 @@ def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any])
         "initial states (T / 64S steps, S times the programs). Speedup vs S = 1.",
         "",
         markdown_table(result["splits"], scols),
+    ]
+    if result["serial_sweep"]:
+        sw = list(result["serial_sweep"][0])
+        md += [
+            "## Where B=1 H=16 T=64K turns serial-chain bound: the step latency swept",
+            "",
+            "The same token-heads as B=2 H=64 T=8K, 8x fewer sequence-heads: the state "
+            "recurrences run 8x longer chains on 8x fewer programs. `serial_bound_share`: the "
+            "part of the long forward in serial-bound launches; `split_*`: the best split S.",
+            "",
+            markdown_table(result["serial_sweep"], sw),
+        ]
+    md += [
         "## Launches",
         "",
         markdown_table(result["launches"], lcols),
@@ -1430,7 +1530,13 @@ def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any])
     return "\n".join(md)
 
 
-def predict_main(args: argparse.Namespace, fits: dict[str, Fit], command: str, name: str) -> int:
+def predict_main(
+    args: argparse.Namespace,
+    fits: dict[str, Fit],
+    command: str,
+    name: str,
+    fit_errors: dict[str, float] | None = None,
+) -> int:
     """``--predict``: the predicted times of the counted providers, printed and saved."""
     K = V = args.head_dim
     segments = tuple(sorted(set(args.segments)))
@@ -1481,6 +1587,7 @@ def predict_main(args: argparse.Namespace, fits: dict[str, Fit], command: str, n
             "head_dim": K,
             "dtype": args.dtype,
             "count_tokens": args.count_tokens,
+            "fit_check_max_rel_error": fit_errors or None,
             "prediction": "estimates from counts and datasheet rates, not measurements",
             "floors": list(FLOORS),
             "constants": constants,
@@ -1495,6 +1602,10 @@ def predict_main(args: argparse.Namespace, fits: dict[str, Fit], command: str, n
     print(markdown_table(result["totals"], cols))
     best_cols = ["gpu", "provider", "shape", "segments", "forward_ms", "fwd_bwd_ms"]
     print(markdown_table(result["best_split"], best_cols))
+    if result["serial_sweep"]:
+        sweep_cols = ["gpu", "provider", "step_latency_us", "long_over_anchor"]
+        sweep_cols += ["serial_bound_share", "best_segments", "split_speedup", "split_over_anchor"]
+        print(markdown_table(result["serial_sweep"], sweep_cols))
     print(f"wrote {paths['json']} and {paths['md']}", file=sys.stderr)
     return 0
 
@@ -1625,7 +1736,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m benchmarks.kernel_cost " + " ".join(
             argv if argv is not None else sys.argv[1:]
         )
-        return predict_main(args, fits, command.strip(), name)
+        return predict_main(args, fits, command.strip(), name, fit_errors)
     ratio_rows = ratios(totals, shapes)
 
     cols = ["provider", "shape", "phase", "launches", "triton", "torch", "host_syncs", "GiB"]

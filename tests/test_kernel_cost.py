@@ -224,6 +224,8 @@ def test_refuses_to_overwrite_committed_results():
         (["--count-tokens", "10"], "--count-tokens must be"),
         (["--dtype", "int8"], "--dtype must be one of"),
         (["--providers", "nope"], "invalid choice"),
+        (["--predict", "--segments", "0"], "--segments must be >= 1"),
+        (["--predict", "--step-latency-us", "-1"], "must be >= 0"),
     ],
 )
 def test_rejects_bad_arguments(tmp_path, args, message, capsys):
@@ -231,3 +233,211 @@ def test_rejects_bad_arguments(tmp_path, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         kc.main([*args, "--out-dir", str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The prediction (``--predict``): floors, max, splits, report fields; no Triton run
+# ---------------------------------------------------------------------------------------------
+
+
+def _toy_gpu(kc):
+    """100 SMs at 1 GHz: 409.6 TFLOP/s bf16 (4096 per clock per SM), 1.6e12 exponentials/s,
+    1.28e13 fp32 ops/s, 1 TB/s."""
+    return kc.GpuSpec("toy", 1e12, 4096 * 100 * 1e9, 2048 * 100 * 1e9, 100)
+
+
+def test_floors_arithmetic_on_a_hand_checked_launch():
+    kc = _kc()
+    gpu = _toy_gpu(kc)
+    assert gpu.clock_hz == pytest.approx(1e9)
+    # 200 programs (fills the 100 SMs), one step: each floor by hand
+    w = kc.LaunchWork(
+        "par", bytes=2e9, flops_bf16=4.096e11, flops_tf32=2.048e11 / 2, exp=1.6e9,
+        elementwise=6.4e9, programs=200, steps=1,
+    )  # fmt: skip
+    fl = kc.floors(w, gpu, step_latency_s=1e-5)
+    assert fl["bytes"] == pytest.approx(2e-3)  # 2 GB at 1 TB/s
+    assert fl["tensor"] == pytest.approx(1e-3 + 0.5e-3)  # bf16 at 409.6 T + tf32 at 204.8 T
+    assert fl["exp"] == pytest.approx(1e-3)  # 16 per clock per SM
+    assert fl["elementwise"] == pytest.approx(0.5e-3)  # 128 per clock per SM
+    # one program: its slowest unit (tensor, 1.5 ms at fill 1) * 100 SMs / 200 programs
+    assert fl["serial"] == pytest.approx(1e-5 + 0.75e-3)
+    assert fl["fill"] == 1.0 and fl["bound"] == "bytes"
+    assert fl["predicted"] == pytest.approx(2e-3)
+
+
+def test_floors_of_an_underfilled_sequential_launch():
+    kc = _kc()
+    gpu = _toy_gpu(kc)
+    # 5 programs of 100 dependent steps on 100 SMs: fill 0.05, bandwidth 5 x 100 GB/s
+    w = kc.LaunchWork("state", bytes=1e9, flops_bf16=4.096e10, programs=5, steps=100)
+    fl = kc.floors(w, gpu, step_latency_s=1e-5)
+    assert fl["fill"] == pytest.approx(0.05)
+    assert fl["bytes"] == pytest.approx(1e9 / (5 * kc.SM_BANDWIDTH))
+    assert fl["tensor"] == pytest.approx(0.1e-3 / 0.05)  # 2 ms: 95 SMs idle
+    # each program: 0.1 ms * 100 / (5 * 100) = 20 us of tensor work per step, plus 10 us
+    assert fl["serial"] == pytest.approx(100 * (1e-5 + 2e-5))
+    assert fl["bound"] == "serial" and fl["predicted"] == pytest.approx(3e-3)
+    # a torch op (no grid) fills the GPU and has no serial chain
+    op = kc.floors(kc.LaunchWork("aten.zeros", bytes=1e9), gpu)
+    assert op["bytes"] == pytest.approx(1e-3) and op["serial"] == 0.0
+
+
+@pytest.mark.parametrize("bytes_", [1e6, 1e9, 1e10])
+def test_predicted_is_the_max_of_the_floors(bytes_):
+    kc = _kc()
+    for gpu in kc.GPUS.values():
+        w = kc.LaunchWork("x", bytes_, 1e11, 1e9, 1e9, 1e10, programs=64, steps=128)
+        fl = kc.floors(w, gpu)
+        assert fl["predicted"] == max(fl[k] for k in kc.FLOORS)
+        assert fl[fl["bound"]] == fl["predicted"]
+    # a phase: sum over launches of (max of floors + the per-launch overhead)
+    gpu = kc.GPUS["H100-SXM"]
+    works = [kc.LaunchWork("a", bytes_, programs=1000), kc.LaunchWork("b", 2 * bytes_)]
+    phase = kc.predict_phase(works, gpu, launch_overhead_s=3e-6)
+    want = sum(kc.floors(w, gpu)["predicted"] for w in works) + 2 * 3e-6
+    assert phase["predicted_s"] == pytest.approx(want)
+
+
+def test_datasheet_figures():
+    kc = _kc()
+    h100, h200 = kc.GPUS["H100-SXM"], kc.GPUS["H200"]
+    assert h100.hbm_bytes_per_s == 3.35e12 and h200.hbm_bytes_per_s == 4.8e12
+    for g in (h100, h200):
+        assert g.bf16_flops_per_s == 989.4e12 and g.sms == 132 and "datasheet" in g.source
+        assert g.clock_hz == pytest.approx(1.83e9, rel=1e-3)
+
+
+def test_splitting_reduces_the_serial_floor_and_adds_the_fold():
+    kc = _kc()
+    gpu = kc.GPUS["H100-SXM"]
+    N, K, V, S = 16, 128, 128, 8  # B=1 H=16: one program per sequence-head, T = 64K
+    w = kc.LaunchWork("state", 8e8, 8.6e10, 0, 1e7, 1e10, programs=N, steps=1024, written=3e8)
+    parts = kc.split_work(w, S, N, K, V)
+    assert [p.name for p in parts] == [
+        "state [split: transitions]", "state [split: fold]", "state [split: states]",
+    ]  # fmt: skip
+    trans, fold, states = parts
+    fold_bytes = 4 * S * N * (K * K + K * V)
+    assert trans.steps == states.steps == 1024 // S
+    assert trans.programs == N * S * 2 and states.programs == N * S
+    # the transitions load what the state pass loads and store M and H only
+    assert trans.bytes == w.bytes - w.written + fold_bytes and trans.written == fold_bytes
+    assert trans.flops_bf16 == 2 * w.flops_bf16
+    assert fold.steps == S and fold.flops_tf32 == 2 * S * N * K * K * V
+    assert fold.bytes == fold_bytes + 4 * S * N * K * V
+    assert states.bytes == w.bytes + 4 * S * N * K * V and states.written == w.written
+    before = kc.floors(w, gpu)
+    assert before["bound"] == "serial"
+    assert kc.floors(states, gpu)["serial"] < before["serial"] / 4
+    # the split adds work (more bytes and FLOPs in all) but is predicted faster here
+    assert sum(p.bytes for p in parts) > w.bytes
+    one = kc.predict_phase([w], gpu)["predicted_s"]
+    split = kc.predict_split([w], gpu, S, N, K, V)["predicted_s"]
+    assert split < one
+    assert kc.split_work(w, 1, N, K, V) == [w]
+    par = kc.LaunchWork("par", 1e9, programs=10_000)
+    assert kc.split_work(par, S, N, K, V) == [par]  # chunk-parallel launches stay
+    with pytest.raises(ValueError, match="must divide"):
+        kc.split_work(w, 3, N, K, V)
+
+
+def _toy_fit(kc):
+    """A hand-made fit: a chunk-parallel launch (one program per 64 tokens), a state launch
+    (2 programs per sequence-head for any T), a torch memset in the backward."""
+    ev = [
+        kc.Event("forward", "triton", "par", (1, 1, 1)),
+        kc.Event("forward", "triton", "state", (2, 1, 1)),
+        kc.Event("backward", "torch", "aten.zeros"),
+    ]
+    zero = (0.0, 0.0, 0.0)
+    coef = [
+        {"programs": (0.0, 1 / 64, 0.0), "read_bytes": (0.0, 512.0, 0.0), "exp": (0, 128, 0)},
+        {"programs": (0.0, 0.0, 2.0), "read_bytes": (0.0, 512.0, 0.0),
+         "flops_bf16": (0.0, 2 * 128 * 128 * 2.0, 0.0), "elementwise": (0.0, 128.0, 0.0)},
+        {"write_bytes": (0.0, 256.0, 0.0), "programs": zero},
+    ]  # fmt: skip
+    return kc.Fit(64, ev, coef, [{}, {}, {}], zero, {})
+
+
+def test_launch_works_finds_the_sequential_launch():
+    kc = _kc()
+    f = _toy_fit(kc)
+    par, state = kc.launch_works(f, (2, 4, 8192), "forward")
+    assert (par.programs, par.steps) == (8 * 128, 1) and par.bytes == 8 * 512 * 8192
+    assert (state.programs, state.steps) == (16, 128) and state.exp == 0
+    (memset,) = kc.launch_works(f, (2, 4, 8192), "backward")
+    assert memset.programs == 0 and memset.bytes == 8 * 256 * 8192
+
+
+def test_prediction_report_fields(tmp_path):
+    import argparse
+
+    kc = _kc()
+    fits = {"ours": _toy_fit(kc), "fla": _toy_fit(kc)}
+    args = argparse.Namespace(
+        head_dim=128, dtype="bf16", count_tokens=64, shapes=kc.PREDICT_SHAPES,
+        segments=[1, 4, 16], step_latency_us=0.3, launch_overhead_us=3.0, out_dir=tmp_path,
+    )  # fmt: skip
+    assert kc.predict_main(args, fits, "cmd", "kernel_cost_predict") == 0
+    out = json.loads((tmp_path / "kernel_cost_predict.json").read_text())
+    md = (tmp_path / "kernel_cost_predict.md").read_text()
+    for key in ("constants", "gpus", "totals", "ratios", "splits", "best_split", "goals"):
+        assert out[key], key
+    assert set(out["gpus"]) == {"H100-SXM", "H200"}
+    assert out["constants"]["step_latency_us"] == 0.3
+    total = out["totals"][0]
+    for k in ("predicted_ms", "overhead_ms", "serial_chain_ms", "launches", "sequential"):
+        assert k in total
+    launch = out["launches"][0]
+    for k in ("programs", "steps", "fill", "bound", "predicted_us"):
+        assert k in launch
+    for f in kc.FLOORS:
+        assert f"{f}_us" in launch and f"{f}_bound_ms" in total
+    shapes = {(r["shape"], r["segments"]) for r in out["splits"]}
+    assert ("1x16x65536", 16) in shapes and ("2x64x8192", 4) in shapes
+    s1 = [r for r in out["splits"] if r["segments"] == 1]
+    assert all(r["forward_speedup"] == pytest.approx(1.0) for r in s1)
+    targets = {r["target"] for r in out["goals"]}
+    assert "forward at B=2 H=64 T=8K <= 2.0 ms" in targets
+    assert "prediction" in md.lower() and "datasheet" in md
+
+
+def test_serial_sweep_turns_the_long_shape_serial_bound():
+    """A state launch of 2 programs per sequence-head: at B=1 H=16 T=64K it runs 8x longer
+    chains on 8x fewer programs than at B=2 H=64 T=8K, so a long step latency makes it
+    slower there, and splitting T wins it back."""
+    kc = _kc()
+    f = _toy_fit(kc)
+    works = {
+        ("ours", "x".join(map(str, s))): {ph: kc.launch_works(f, s, ph) for ph in kc.PHASES}
+        for s in ((2, 64, 8192), (1, 16, 65536))
+    }
+    rows = kc.serial_sweep(
+        works, {"H100-SXM": kc.GPUS["H100-SXM"]}, (2, 64, 8192), (1, 16, 65536), 128, 128,
+        (1, 2, 4, 8, 16), latencies=(0.0, 5e-6),
+    )  # fmt: skip
+    fast, slow = rows
+    assert fast["step_latency_us"] == 0.0 and slow["step_latency_us"] == pytest.approx(5.0)
+    assert slow["long_over_anchor"] > 2 * fast["long_over_anchor"]
+    assert slow["serial_bound_share"] > 0.5
+    assert slow["best_segments"] > 1 and slow["split_speedup"] > 2
+
+
+@pytest.mark.slow
+def test_small_predict_run(tmp_path):
+    """``--predict`` end to end at a small shape: every phase gets a predicted time, the state
+    launches are found sequential (T / 64 steps), and the results go to new file names."""
+    proc = _run(
+        "--predict", "--shapes", "1x2x256", "--head-dim", "16", "--count-tokens", "64",
+        "--providers", "ours", "--segments", "1", "2", out_dir=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "kernel_cost_predict.json").read_text())
+    assert (tmp_path / "kernel_cost_predict.md").exists()
+    assert not (tmp_path / "kernel_cost.json").exists()
+    phases = {(r["gpu"], r["phase"]): r["predicted_ms"] for r in out["totals"]}
+    assert len(phases) == 4 and all(v > 0 for v in phases.values())
+    steps = {r["kernel"]: r["steps"] for r in out["launches"] if r["steps"] > 1}
+    assert "_chunk_fwd_state_kernel" in steps and set(steps.values()) == {256 // 64}
+    assert {r["segments"] for r in out["splits"]} == {1, 2}
