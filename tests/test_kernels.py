@@ -418,6 +418,7 @@ def test_benchmark_quick_runs(tmp_path):
         text=True,
         env=env,
         timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.rglob("kernels.*"))
