@@ -163,7 +163,7 @@ def test_parameters_follow_release_names_shapes_and_init():
     assert (A >= 1).all() and (A <= 16).all()
     dt = F.softplus(layer.dt_bias)
     assert (dt >= 1e-4 - 1e-7).all() and (dt <= 0.1 + 1e-6).all()
-    assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
+    assert set(layer.no_weight_decay) == {"A_log", "dt_bias"}
     head = make_layer(kda_gate="head")
     assert tuple(head.f_b_proj.weight.shape) == (H, K) and tuple(head.dt_bias.shape) == (H,)
     g = head.decay(torch.randn(1, 3, D))

@@ -226,8 +226,6 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
         self.f_b_proj = nn.Linear(K, gate_dim, bias=False)
         self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(gate_dim, dtype=torch.float32))
-        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
-        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
         self.b_proj = nn.Linear(D, H, bias=False)
         # output gate (no bias, as released)
         self.g_a_proj = nn.Linear(D, K, bias=False)
@@ -260,6 +258,10 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
     #: the decay gate's parameters stay float32 whatever the model dtype, as released (the one
     #: rule: :mod:`kimi_linear.layers.fp32`)
     fp32_tensors = ("A_log", "dt_bias")
+    #: the decay gate's parameters take no weight decay (read by
+    #: :func:`kimi_linear.optim.groups.param_group_name`; a module attribute, so it survives
+    #: FSDP2's parameter swap)
+    no_weight_decay = ("A_log", "dt_bias")
 
     # ----------------------------------------------------------------- init
     #: ranges of the decay init: ``A ~ U[A_RANGE]``, ``dt`` log-uniform in ``DT_RANGE``

@@ -8,10 +8,6 @@ from torch import Tensor, nn
 GROUP_NAMES: tuple[str, ...] = ("muon", "adamw", "adamw_no_decay")
 
 
-# Parameters that are gates / log-scales of the KDA layer: AdamW without weight decay.
-_NO_DECAY_PARAM_NAMES = frozenset({"A_log", "dt_bias", "e_score_correction_bias"})
-
-
 # Stacked expert matrices [E, out, in] (GroupedExperts in kimi_linear.layers.moe).
 _EXPERT_PARAM_NAMES = frozenset({"w1", "w2", "w3"})
 
@@ -36,7 +32,9 @@ def param_group_name(module_name: str, module: nn.Module, param_name: str, param
 
     1. embeddings (``nn.Embedding``) and the LM head (a module named ``lm_head``): ``"adamw"``;
     2. anything inside a norm module, biases (``bias``, ``*_bias``: ``dt_bias``,
-       ``e_score_correction_bias``), ``A_log`` and every 0-/1-D parameter: ``"adamw_no_decay"``;
+       ``e_score_correction_bias``), the names in the owning module's ``no_weight_decay``
+       attribute (the KDA layer's ``A_log``, ``dt_bias``) and every 0-/1-D parameter:
+       ``"adamw_no_decay"``;
     3. the MoE router (a module named ``gate``) and convolution filters (``nn.Conv*``, e.g. the
        KDA short convs ``[D, 1, W]``): ``"adamw"``;
     4. 2-D matrices and stacked expert matrices (3-D ``w1 / w2 / w3`` or any 3-D parameter of a
@@ -48,7 +46,7 @@ def param_group_name(module_name: str, module: nn.Module, param_name: str, param
         return "adamw"
     if (
         _is_norm(module)
-        or param_name in _NO_DECAY_PARAM_NAMES
+        or param_name in getattr(module, "no_weight_decay", ())
         or param_name == "bias"
         or param_name.endswith("_bias")
         or param.ndim <= 1
