@@ -156,11 +156,12 @@ def test_gpu_check_dry_run_reaches_fla(tmp_path: Path) -> None:
 
 
 def test_a_shadowed_dependency_is_reported_as_such(tmp_path: Path) -> None:
-    """A user's own ``einops.py`` in the working directory breaks fla's import (fla imports
-    einops in every version): the backend error says fla is installed but failed to import,
-    names the file found instead, and does not tell the user to install fla again."""
-    shadow = tmp_path / "einops.py"
-    shadow.write_text("raise ImportError('a script of the working directory', name='einops')\n")
+    """A user's own ``triton.py`` in the working directory breaks fla's import (fla imports
+    triton in every version; our dispatcher does not at import time): the backend error says
+    fla is installed but failed to import, names the file found instead, and does not tell the
+    user to install fla again."""
+    shadow = tmp_path / "triton.py"
+    shadow.write_text("raise ImportError('a script of the working directory', name='triton')\n")
     res = _python(
         "-c", "from kimi_linear.backends import _fla_backend; _fla_backend()", cwd=tmp_path
     )
