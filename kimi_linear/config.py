@@ -335,8 +335,21 @@ class KimiLinearConfig:
         return self.qk_head_dim**-0.5
 
     def replace(self, **changes: Any) -> KimiLinearConfig:
-        """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
+        """A validated copy with ``changes`` applied (``dataclasses.replace``); an unknown field
+        name is a ``ValueError`` naming it, with the closest field."""
+        self.check_field_names(changes, "replace")
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def check_field_names(cls, names: Any, where: str) -> None:
+        """The one check of user-given field names (``from_preset`` / ``replace`` overrides, a
+        run's ``model.overrides``): ``ValueError`` naming the first unknown one."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in names:
+            if key not in fields:
+                raise ValueError(
+                    f"{where}: unknown KimiLinearConfig field {key!r}{did_you_mean(key, fields)}"
+                )
 
     def all_mla_twin(self) -> KimiLinearConfig:
         """The same model with every layer MLA (the full-attention baseline for benchmarks)."""
@@ -398,12 +411,7 @@ class KimiLinearConfig:
                 f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
                 f"{did_you_mean(name, PRESETS)}"
             )
-        fields = [f.name for f in dataclasses.fields(cls)]
-        for key in overrides:
-            if key not in fields:
-                raise ValueError(
-                    f"from_preset: unknown KimiLinearConfig field {key!r}{did_you_mean(key, fields)}"
-                )
+        cls.check_field_names(overrides, "from_preset")
         kwargs = dict(PRESETS[name])
         kwargs.update(overrides)
         return cls(name=name, **kwargs) if "name" not in kwargs else cls(**kwargs)

@@ -54,6 +54,8 @@ def test_preset_layer_patterns():
         ValueError, match="unknown KimiLinearConfig field 'hidden_sise'.*'hidden_size'"
     ):
         KimiLinearConfig.from_preset("tiny", hidden_sise=32)
+    with pytest.raises(ValueError, match="replace: unknown KimiLinearConfig field 'hidden_sise'"):
+        KimiLinearConfig.from_preset("tiny").replace(hidden_sise=32)
 
 
 @pytest.mark.parametrize(

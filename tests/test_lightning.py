@@ -54,6 +54,9 @@ def test_build_config_errors() -> None:
         UsageError, match="unknown KimiLinearConfig field 'hiden_size'.*did you mean 'hidden_size'"
     ):
         build_config("tiny", {"hiden_size": 32})
+    full = KimiLinearConfig.from_preset("tiny").to_dict()
+    with pytest.raises(UsageError, match="'hiden_size'.*did you mean 'hidden_size'"):
+        build_config(config=full, overrides={"hiden_size": 32})
     with pytest.raises(
         UsageError, match="model.preset must be one of .*'tinyy'.*did you mean 'tiny'"
     ):
