@@ -53,6 +53,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def run_main(main: Callable[[], int | None], oom_hint: str) -> NoReturn:
+    """Run a script's ``main`` and exit with its code: 130 on Ctrl-C, and on a CUDA / CPU
+    out-of-memory error (a last guard; the scripts size their runs before allocating) exit 3
+    with ``out of memory (...); <oom_hint>``."""
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory ({e}); {oom_hint}", code=3)
+
+
 def parse_size(text: str) -> int:
     """``"4096"``, ``"4K"`` (4096), ``"1M"`` (1048576) -> int; sizes are powers of two."""
     s = str(text).strip().lower()

@@ -108,10 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
     """Fill the device-dependent defaults in place."""
     gpu = device.type == "cuda"
-    if args.preset is None:
-        args.preset = "tiny" if args.quick else ("kimi-linear-48b-a3b" if gpu else "small")
-        if args.preset == "kimi-linear-48b-a3b" and args.experts is None:
-            args.experts = 16
+    workload.default_preset_(args, gpu)
     if args.contexts is None:
         args.contexts = (
             [256, 1024]
@@ -150,15 +147,6 @@ def working_bytes(config: KimiLinearConfig, context: int, batch: int, dtype_byte
 
 def cache_bytes(config: KimiLinearConfig, capacity: int, batch: int, dtype_bytes: int) -> int:
     return config.kv_cache_bytes(capacity, batch, cache_dtype_bytes=dtype_bytes)["total"]
-
-
-def build_model(
-    config: KimiLinearConfig, dtype: torch.dtype, device: torch.device, seed: int
-) -> KimiLinearForCausalLM:
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = KimiLinearForCausalLM(config)
-    return cast_model_(model, dtype).eval()
 
 
 def time_decode(
@@ -271,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = report.progress(range(len(runs)), "decode", enabled=not args.no_progress)
     bar_iter = iter(bar)
     for name, cfg in models.items():
-        model = build_model(cfg, dtype, device, args.seed)
+        model = workload.build_model(cfg, dtype, device, args.seed)
         for run_name, ctx, b, figure in runs:
             if run_name != name:
                 continue
@@ -433,9 +421,7 @@ def render_markdown(
         f"# Decode: {config.name} hybrid vs all-MLA\n\n",
         f"{hardware.device_name(device)}"
         + (f", {threads} thread(s)" if threads else "")
-        + f", {args.dtype} weights and caches; model: `--preset {args.preset}`"
-        + (f" `--layers {args.layers}`" if args.layers else "")
-        + (f" `--experts {args.experts}`" if args.experts is not None else "")
+        + f", {args.dtype} weights and caches; model: {workload.model_flags(args)}"
         + f" ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers; weights "
         f"{common.fmt_bytes(weights['hybrid']['bytes'])} hybrid, {common.fmt_bytes(weights['all_mla']['bytes'])} "
         f"all-MLA). Synthetic cache fill; {args.steps} greedy steps x {args.reps} repetitions after "
@@ -567,9 +553,4 @@ def plot(fig: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> None
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except torch.OutOfMemoryError as e:  # a last guard: sizes are checked before allocating
-        common.fail(f"out of memory ({e}); use shorter --contexts or smaller --batch-sizes", code=3)
+    common.run_main(main, "use shorter --contexts or smaller --batch-sizes")

@@ -534,11 +534,4 @@ def plot(
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except torch.OutOfMemoryError as e:  # a last guard; sizes are checked before allocating
-        common.fail(
-            f"out of memory while allocating caches ({e}); lower --measure-budget-gb", code=3
-        )
+    common.run_main(main, "lower --measure-budget-gb")

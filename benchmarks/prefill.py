@@ -84,10 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
     gpu = device.type == "cuda"
-    if args.preset is None:
-        args.preset = "tiny" if args.quick else ("kimi-linear-48b-a3b" if gpu else "small")
-        if args.preset == "kimi-linear-48b-a3b" and args.experts is None:
-            args.experts = 16
+    workload.default_preset_(args, gpu)
     if args.lengths is None:
         args.lengths = (
             [128, 512]
@@ -165,9 +162,7 @@ def measure_model(
     tick: Any = None,
 ) -> list[dict[str, Any]]:
     """Build one model and time its chunked prefill at every ``args.lengths``."""
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = cast_model_(KimiLinearForCausalLM(config), dtype).eval()
+    model = workload.build_model(config, dtype, device, args.seed)
     rows = []
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -316,9 +311,7 @@ def render_markdown(
         f"# Prefill: {config.name} hybrid vs all-MLA\n\n",
         f"{hardware.device_name(device)}"
         + (f", {threads} thread(s)" if threads else "")
-        + f", {args.dtype}; model `--preset {args.preset}`"
-        + (f" `--layers {args.layers}`" if args.layers else "")
-        + (f" `--experts {args.experts}`" if args.experts is not None else "")
+        + f", {args.dtype}; model {workload.model_flags(args)}"
         + f" ({len(config.kda_layers)} KDA + {len(config.mla_layers)} MLA layers); batch {args.batch_size}; "
         f"chunked prefill through the cache, {args.chunk_size} tokens per chunk; time = median "
         f"[min, max] of {args.reps} run(s).\n\n",
@@ -360,9 +353,4 @@ def plot(fig: Any, rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except torch.OutOfMemoryError as e:  # a last guard: sizes are checked before allocating
-        common.fail(f"out of memory ({e}); use shorter --lengths or a smaller --chunk-size", code=3)
+    common.run_main(main, "use shorter --lengths or a smaller --chunk-size")

@@ -169,6 +169,36 @@ def add_model_args(parser: Any, default_preset: str | None) -> None:
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="override vocab_size")
 
 
+def default_preset_(args: Any, gpu: bool) -> None:
+    """Fill ``args.preset`` in place when :func:`add_model_args` left it unset: ``tiny`` with
+    ``--quick``, else ``small`` on CPU and ``kimi-linear-48b-a3b`` with 16 routed experts (unless
+    ``--experts`` says otherwise) on a GPU."""
+    if args.preset is None:
+        args.preset = "tiny" if args.quick else ("kimi-linear-48b-a3b" if gpu else "small")
+        if args.preset == "kimi-linear-48b-a3b" and args.experts is None:
+            args.experts = 16
+
+
+def model_flags(args: Any) -> str:
+    """The :func:`add_model_args` flags that rebuild the measured model, as Markdown code."""
+    return (
+        f"`--preset {args.preset}`"
+        + (f" `--layers {args.layers}`" if args.layers else "")
+        + (f" `--experts {args.experts}`" if args.experts is not None else "")
+    )
+
+
+def build_model(config: Any, dtype: torch.dtype, device: torch.device, seed: int) -> Any:
+    """A :class:`~kimi_linear.model.KimiLinearForCausalLM` of ``config`` initialised from
+    ``seed`` on ``device``, cast to ``dtype`` and in eval mode."""
+    from kimi_linear.model import KimiLinearForCausalLM, cast_model_
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = KimiLinearForCausalLM(config)
+    return cast_model_(model, dtype).eval()
+
+
 def config_from_args(args: Any) -> Any:
     """The :class:`~kimi_linear.config.KimiLinearConfig` named by :func:`add_model_args`'s
     arguments; a bad combination exits with the config's own message."""
