@@ -5,30 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_configs import tiny_settings
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.hf import config_to_hf
 
-CFG = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=3,
-    layer_types=("kda", "kda", "mla"),
-    kda_num_heads=2,
-    kda_head_dim=16,
-    num_attention_heads=2,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    intermediate_size=48,
-    num_experts=4,
-    num_experts_per_token=2,
-    num_shared_experts=1,
-    moe_intermediate_size=24,
-    first_k_dense_replace=1,
-    kda_backend="torch",
-)
+CFG = tiny_settings(layer_types=("kda", "kda", "mla"), moe_intermediate_size=24)
 
 
 def release_shapes(c: KimiLinearConfig) -> dict[str, tuple[int, ...]]:

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_configs import tiny_settings
 from torch import nn
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
@@ -145,32 +146,19 @@ def test_generate_until_stops_at_stop_sequences_eos_and_length():
 # ------------------------------------------------------------------------------------------
 # a tiny KDA + MLA model: batched and truncated == request by request
 # ------------------------------------------------------------------------------------------
-TINY = dict(
-    hidden_size=32,
+TINY = tiny_settings(
     num_hidden_layers=2,
     layer_types=("kda", "mla"),
-    kda_num_heads=2,
     kda_head_dim=8,
-    num_attention_heads=2,
-    q_lora_rank=None,
     kv_lora_rank=8,
-    qk_nope_head_dim=8,
     qk_rope_head_dim=4,
-    v_head_dim=8,
-    intermediate_size=48,
-    num_experts=4,
-    num_experts_per_token=2,
-    num_shared_experts=1,
-    moe_intermediate_size=16,
-    first_k_dense_replace=1,
     initializer_range=0.2,
-    kda_backend="torch",
 )
 
 
 def _tiny_model(vocab: int, max_len: int, seed: int = 0) -> KimiLinearForCausalLM:
     torch.manual_seed(seed)
-    cfg = KimiLinearConfig(vocab_size=vocab, max_position_embeddings=max_len, **TINY)
+    cfg = KimiLinearConfig(**{**TINY, "vocab_size": vocab, "max_position_embeddings": max_len})
     return KimiLinearForCausalLM(cfg).eval()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_configs import tiny_settings
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM, hf
 from kimi_linear.hf import config_from_hf, config_to_hf
@@ -378,24 +379,7 @@ def test_corrupt_files_name_the_file(tmp_path):
 # ------------------------------------------------------------------------------------------
 # weight layouts and loading
 # ------------------------------------------------------------------------------------------
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=3,
-    layer_types=("kda", "mla", "kda"),
-    kda_num_heads=2,
-    kda_head_dim=8,
-    num_attention_heads=2,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    intermediate_size=48,
-    num_experts=4,
-    num_experts_per_token=2,
-    moe_intermediate_size=16,
-    kda_backend="torch",
-)
+SMALL = tiny_settings(kda_head_dim=8)
 
 
 def _transformers_internal_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

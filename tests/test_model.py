@@ -3,27 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_configs import tiny_settings
 
 from kimi_linear import HybridCache, KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.model import CausalLMOutput, cast_model_, sample_next_token
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=32,
-    kda_num_heads=2,
-    kda_head_dim=16,
-    num_attention_heads=2,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    intermediate_size=64,
-    num_experts=4,
-    num_experts_per_token=2,
-    moe_intermediate_size=32,
-    first_k_dense_replace=1,
-    kda_backend="torch",
-)
+SMALL = tiny_settings(vocab_size=128, intermediate_size=64, moe_intermediate_size=32)
 KINDS = {
     "kda": ("kda", "kda"),
     "mla": ("mla", "mla"),

@@ -6,29 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_configs import tiny_settings
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.layers.moe import KimiMoE
 
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    kda_num_heads=2,
-    kda_head_dim=16,
-    num_attention_heads=2,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    intermediate_size=64,
-    num_experts=8,
-    num_experts_per_token=2,
-    moe_intermediate_size=16,
-    first_k_dense_replace=0,
-    num_hidden_layers=3,
-    layer_types=("kda", "mla", "kda"),
-    kda_backend="torch",
-)
+SMALL = tiny_settings(intermediate_size=64, num_experts=8, first_k_dense_replace=0)
 LENGTHS = [3, 11, 16]
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_configs import tiny_settings
 from torch import nn
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
@@ -18,27 +19,14 @@ from kimi_linear.lightning import retrieval as R
 from kimi_linear.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
-TINY = dict(
+TINY = tiny_settings(
     vocab_size=ByteTokenizer.vocab_size,
-    hidden_size=32,
     num_hidden_layers=4,
     layer_types=("kda", "kda", "kda", "mla"),
-    kda_num_heads=2,
     kda_head_dim=8,
-    num_attention_heads=2,
-    q_lora_rank=None,
     kv_lora_rank=8,
-    qk_nope_head_dim=8,
     qk_rope_head_dim=4,
-    v_head_dim=8,
-    intermediate_size=48,
-    num_experts=4,
-    num_experts_per_token=2,
-    num_shared_experts=1,
-    moe_intermediate_size=16,
-    first_k_dense_replace=1,
     initializer_range=0.2,
-    kda_backend="torch",
     max_position_embeddings=1024,
 )
 
