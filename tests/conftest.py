@@ -12,6 +12,15 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts and ends with one intra-op thread, whatever it set in between (a test
+    that runs a benchmark or the CLI may set more)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -422,7 +422,6 @@ def _umask() -> int:
 def test_prepare_command_line_then_fit_with_resets(tmp_path: Path, monkeypatch, capsys) -> None:
     """`kimi-linear prepare --train_bpe` then a few steps of `fit` on the packed BPE data."""
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     rc = main(
         ["prepare", "--input", "pydoc_data.topics", "--output_dir", "ds", "--train_bpe", "300",
          "--val_fraction", "0.1", "--no_progress", "--num_workers", "1"]

@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_hidden_layers=2, kda_backend="torch", first_k_dense_replace=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is shared: one intra-op thread keeps these runs fast and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ config
 def test_build_config_preset_overrides_and_vocab() -> None:
     cfg = build_config("tiny", {"num_hidden_layers": 2, "kda_gate": "head"}, vocab_size=66)

@@ -39,14 +39,6 @@ RTOL = 1e-4  # fp32 against fp32 / float64 (observed ~1e-6)
 TRITON_SLOW = pytest.param("triton", marks=pytest.mark.slow)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(B: int, T: int, H: int = 2, K: int = 16, V: int = 16, seed: int = 0):
     q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, V, gate=(-0.5, 0.0), seed=seed)
     return {"q": q, "k": k, "v": v, "g": g, "beta": beta}, h0

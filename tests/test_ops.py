@@ -58,15 +58,6 @@ def make_inputs(
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small ops: one intra-op thread avoids contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_op(
     op: Callable,
     inputs: dict[str, torch.Tensor],
@@ -247,7 +238,9 @@ def test_half_inputs_compute_in_float32(dtype: torch.dtype) -> None:
     half = {n: t.to(dtype) for n, t in x.items()}
     o, state = torch_chunk_kda(**half, output_final_state=True)
     assert o.dtype == dtype and state.dtype == torch.float32
-    o32, state32 = torch_chunk_kda(**{n: t.float() for n, t in half.items()}, output_final_state=True)
+    o32, state32 = torch_chunk_kda(
+        **{n: t.float() for n, t in half.items()}, output_final_state=True
+    )
     torch.testing.assert_close(o, o32.to(dtype), atol=0, rtol=0)
     torch.testing.assert_close(state, state32, atol=0, rtol=0)
 
@@ -256,7 +249,9 @@ def test_float32_gates_with_half_inputs() -> None:
     """The layer keeps g (and often beta) in float32 while q, k, v are bf16."""
     x = make_inputs(B=1, T=40, seed=4)
     args = {n: x[n].to(torch.bfloat16) for n in ("q", "k", "v")}
-    o, state = torch_chunk_kda(**args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True)
+    o, state = torch_chunk_kda(
+        **args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True
+    )
     ref, ref_state = naive_recurrent_kda(
         **args, g=x["g"].float(), beta=x["beta"].float(), output_final_state=True
     )
@@ -279,7 +274,9 @@ def test_state_round_trip_equals_one_pass() -> None:
     """Running [0, 100) then [100, 230) with the carried state equals one pass over [0, 230)."""
     x = make_inputs(B=2, T=230, seed=8)
     seq = {n: x[n] for n in ("q", "k", "v", "g", "beta")}
-    o_full, s_full = torch_chunk_kda(**seq, initial_state=x["initial_state"], output_final_state=True)
+    o_full, s_full = torch_chunk_kda(
+        **seq, initial_state=x["initial_state"], output_final_state=True
+    )
     head = {n: t[:, :100] for n, t in seq.items()}
     tail = {n: t[:, 100:] for n, t in seq.items()}
     o1, s1 = torch_chunk_kda(**head, initial_state=x["initial_state"], output_final_state=True)
@@ -365,7 +362,9 @@ def test_strong_decay_mixed_with_neg_inf_takes_every_gram_path() -> None:
     x = make_inputs(B=2, T=70, H=2, K=8, V=6, decay="strong", seed=22)
     x["g"] = _extreme_gates("neg_inf", x["g"])
     assert_all_close(
-        run_op(torch_chunk_kda, x, torch.float64), run_op(naive_recurrent_kda, x, torch.float64), 1e-10
+        run_op(torch_chunk_kda, x, torch.float64),
+        run_op(naive_recurrent_kda, x, torch.float64),
+        1e-10,
     )
 
 
@@ -599,7 +598,9 @@ def test_autocast_does_not_lower_compute_precision(op: Callable) -> None:
 def test_outputs_are_contiguous() -> None:
     x = make_inputs(B=2, T=70, seed=14)
     for dtype in (torch.float32, torch.bfloat16):
-        o, state = torch_chunk_kda(**{n: t.to(dtype) for n, t in x.items()}, output_final_state=True)
+        o, state = torch_chunk_kda(
+            **{n: t.to(dtype) for n, t in x.items()}, output_final_state=True
+        )
         assert o.is_contiguous() and state.is_contiguous()
 
 
