@@ -32,7 +32,7 @@ from kimi_linear.ops.options import check_safe_gate_bound, gate_check_enabled
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
-from .fused_recurrent import _check_gate_args
+from .fused_recurrent import _check_gate_args, _check_heads
 from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
 from .utils import ChunkTables, check_kernel_inputs, pack
 
@@ -126,6 +126,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             saved=tuple(saved) or None,
             safe_gate=ctx.safe_gate,
             gate=ctx.gate,
+            fp32_dqk=q_rstd is not None,  # the L2 norm's backward follows
         )
         if q_rstd is not None:
             dq = l2norm_bwd(q, q_rstd, dq)
@@ -180,19 +181,21 @@ def chunk_kda(
         q, k: ``[B, T, H, K]`` queries and keys (L2-normalise them, or pass
             ``use_qk_l2norm_in_kernel=True``: the chunked form relies on ``||k|| <= 1``),
             fp16 / bf16 / fp32, one dtype for q, k, v.
-        v: ``[B, T, H, V]`` values; ``V`` may differ from ``K``; both at most 256.
-        g: ``[B, T, H, K]`` log decay in ``[-inf, 0]`` (any of the three dtypes; used in fp32);
+        v: ``[B, T, HV, V]`` values; ``V`` may differ from ``K``; both at most 256. GVA:
+            ``HV`` a multiple of ``H``, value head ``i`` reads key head ``i // (HV // H)`` in
+            place (q and k are never repeated in memory; dq, dk summed over each group).
+        g: ``[B, T, HV, K]`` log decay in ``[-inf, 0]`` (any of the three dtypes; used in fp32);
             ``-inf`` (complete forgetting) and values far below -1000 are exact (clamped per
             step where ``exp`` underflows to 0). ``g > 0`` is not checked unless
             ``KIMI_LINEAR_CHECK_GATE=1`` (a device sync) and may overflow to inf / NaN. With
             ``use_gate_in_kernel``: the raw gate projection.
-        beta: ``[B, T, H]`` delta-rule step sizes (their logits with
+        beta: ``[B, T, HV]`` delta-rule step sizes (their logits with
             ``use_beta_sigmoid_in_kernel``).
         scale: factor on q, default ``K ** -0.5``.
-        initial_state: ``[N, H, K, V]`` state before the first token (cast to fp32), ``N = B``,
+        initial_state: ``[N, HV, K, V]`` state before the first token (cast to fp32), ``N = B``,
             or the number of sequences with ``cu_seqlens`` (``[N, H, V, K]`` with
             ``state_v_first``).
-        output_final_state: also return the ``[N, H, K, V]`` fp32 state after the last token.
+        output_final_state: also return the ``[N, HV, K, V]`` fp32 state after the last token.
         use_qk_l2norm_in_kernel: L2-normalise q and k (``x / sqrt(||x||^2 + 1e-6)``, fp32) in
             a Triton kernel before the pipeline; its backward kernel chains dq, dk.
         use_gate_in_kernel: ``g`` is the raw gate projection; the cumulative-sum kernel forms
@@ -220,9 +223,9 @@ def chunk_kda(
             each sequence starts from its own initial-state row, as if run alone.
         cu_seqlens_cpu: the same offsets on the host, if the caller has them (saves the
             device-to-host copy that builds the chunk tables).
-        A_log: ``H`` values (any shape), with ``use_gate_in_kernel`` (optional with
+        A_log: ``HV`` values (any shape), with ``use_gate_in_kernel`` (optional with
             ``lower_bound``); receives a gradient.
-        dt_bias: ``H * K`` values, with ``use_gate_in_kernel``, optional; receives a gradient.
+        dt_bias: ``HV * K`` values, with ``use_gate_in_kernel``, optional; receives a gradient.
         chunk_size: fla's chunk length, 32 or 64 (anything else is fla's ``ValueError``); our
             kernels always run 64-token chunks (the results do not depend on it).
         gate_lower_bound: the kit's name for the promise ``g >= gate_lower_bound``, a number in
@@ -231,7 +234,7 @@ def chunk_kda(
             checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
 
     Returns:
-        ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state fp32 or ``None``.
+        ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state fp32 or ``None``.
         Gradients flow to q, k, v, g, beta, initial_state, A_log, dt_bias (and from a gradient
         on final_state).
 
@@ -267,8 +270,13 @@ def chunk_kda(
     state_arg = initial_state
     if state_v_first and initial_state is not None:
         state_arg = initial_state.transpose(-1, -2)
-    B, T, H, K, V, N = check_kernel_inputs(
-        q, k, v, g, beta, scale, state_arg, cu_seqlens, cu_seqlens_cpu
+    H, HV = _check_heads(q, k, v, g, beta)
+    B, T, _, K = q.shape
+    # q and k as zero-stride stand-ins with HV heads: the shared checks then see the value heads
+    q_hv = q.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)
+    k_hv = k.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)
+    _, _, _, _, V, N = check_kernel_inputs(
+        q_hv, k_hv, v, g, beta, scale, state_arg, cu_seqlens, cu_seqlens_cpu
     )
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
@@ -286,13 +294,13 @@ def chunk_kda(
                     "`use_gate_in_kernel=True`."
                 )
             check_safe_gate_bound(lower_bound, "lower_bound")
-        bound = _check_gate_args(True, A_log, dt_bias, lower_bound, H, K, q.device)
+        bound = _check_gate_args(True, A_log, dt_bias, lower_bound, HV, K, q.device)
         gate_kind = GATE_SOFTPLUS if bound is None else GATE_LOWER_BOUND
         # the bounded gate keeps every g in (bound, 0): the fast path's condition
         fast = bound is not None and bound >= -5.0
         lower_bound = bound
     else:
-        _check_gate_args(False, A_log, dt_bias, None, H, K, q.device)
+        _check_gate_args(False, A_log, dt_bias, None, HV, K, q.device)
         promise = check_safe_gate_bound(gate_lower_bound)
         if lower_bound is not None:
             if promise is not None and float(lower_bound) != promise:
@@ -355,8 +363,7 @@ def _chunk_kda_packed(
     beta_scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output."""
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
+    B, T, HV, V = v.shape
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     keep = torch.is_grad_enabled() and any(
@@ -381,4 +388,4 @@ def _chunk_kda_packed(
         l2norm,
         beta_scale,
     )
-    return o.view(B, T, H, V), final_state
+    return o.view(B, T, HV, V), final_state

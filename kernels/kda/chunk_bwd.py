@@ -342,6 +342,7 @@ def _bwd_dv_kernel(
     cu_seqlens,
     chunk_indices,
     H,
+    HQ,
     T_BUCKET,
     NH_BUCKET,
     K: tl.constexpr,
@@ -366,6 +367,7 @@ def _bwd_dv_kernel(
     m_t = o_t < (eos - start).to(tl.int32)
     b_beta = tl.load(beta + start * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
     k_c, v_c = (start * H + i_h) * K, (start * H + i_h) * V
+    kq_c = (start * HQ + i_h // (H // HQ)) * K  # k has HQ heads (GVA)
     a_base = (start * H + i_h) * BT  # int64 scalar row bases, int32 offsets inside the chunk
     a_off = o_t[:, None] * (H * BT) + o_t[None, :]
     b_n = tl.load(Ainv + a_base + a_off, mask=m_t[:, None], other=0.0)
@@ -399,7 +401,7 @@ def _bwd_dv_kernel(
         tl.store(dr + v_c + off_v, b_dr, mask=m_tv)
         b_r = tl.load(v + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
         for i_k in range(0, tl.cdiv(K, BKS)):
-            b_k = _load_tile(k + k_c, m_t, H, K, i_k * BKS, BT, BKS)
+            b_k = _load_tile(k + kq_c, m_t, HQ, K, i_k * BKS, BT, BKS)
             b_g = _load_tile(G + k_c, m_t, H, K, i_k * BKS, BT, BKS)
             p, m = _state_block(h_c, i_k * BKS, cols_v, K, V, BKS)
             b_r -= tl.dot(
@@ -455,6 +457,7 @@ def _bwd_dqkg_kernel(
     scale,
     lower_bound,
     H,
+    HQ,
     T_BUCKET,
     NH_BUCKET,
     K: tl.constexpr,
@@ -524,7 +527,8 @@ def _bwd_dqkg_kernel(
         b_sds += tl.sum(b_h * b_dh, axis=1)
     m_tk = m_t[:, None] & m_k[None, :]
     off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
-    b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
+    off_kq = rows[:, None] * HQ * K + (i_h // (H // HQ)) * K + cols_k[None, :]
+    b_k = tl.load(k + off_kq, mask=m_tk, other=0.0).to(tl.float32)
     b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
     last = tl.minimum(start + BT, eos) - 1
     b_gl = tl.load(G + last * H * K + i_h * K + cols_k, mask=m_k, other=0.0)
@@ -532,7 +536,7 @@ def _bwd_dqkg_kernel(
     b_el = tl.exp(tl.where(m_tk, b_gl[None, :] - b_g, 0.0))
     b_x2k = b_x2 * b_k * b_el
     b_x3e = b_x3 * b_e
-    b_q = tl.load(q + off_k, mask=m_tk, other=0.0).to(tl.float32) * scale
+    b_q = tl.load(q + off_kq, mask=m_tk, other=0.0).to(tl.float32) * scale
     b_dq = b_x1 * b_e + tl.load(dq_p + off_k, mask=m_tk, other=0.0)
     tl.store(dq + off_k, (b_dq * scale).to(dq.dtype.element_ty), mask=m_tk)
     b_dk = b_x2 * b_el - b_x3e + tl.load(dk_p + off_k, mask=m_tk, other=0.0)
@@ -634,6 +638,7 @@ def _intra_bwd_kernel(
     chunk_indices,
     scale,
     H,
+    HQ,
     T_BUCKET,
     NH_BUCKET,
     K: tl.constexpr,
@@ -653,6 +658,9 @@ def _intra_bwd_kernel(
     i_t, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
     HK = H * K
+    # q and k have HQ heads (GVA: value head i_h reads key head i_h // (H // HQ))
+    HQK = HQ * K
+    i_hq = i_h // (H // HQ)
     NC: tl.constexpr = BT // BC
     row0 = start + i_i * BC
     o_c = tl.arange(0, BC)
@@ -670,8 +678,9 @@ def _intra_bwd_kernel(
         m_d = cols < K
         m_rd = m_r[:, None] & m_d[None, :]
         off_r = rows[:, None] * HK + i_h * K + cols[None, :]
-        b_q = tl.load(q + off_r, mask=m_rd, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(k + off_r, mask=m_rd, other=0.0).to(tl.float32)
+        off_rq = rows[:, None] * HQK + i_hq * K + cols[None, :]
+        b_q = tl.load(q + off_rq, mask=m_rd, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + off_rq, mask=m_rd, other=0.0).to(tl.float32)
         b_g = tl.load(G + off_r, mask=m_rd, other=0.0)
         b_ref = tl.load(
             G + row0 * HK + i_h * K + cols, mask=m_d & (row0 + cols * 0 < eos), other=0.0
@@ -687,7 +696,8 @@ def _intra_bwd_kernel(
             rows_j = start + i_j * BC + o_c
             m_jd = (rows_j < eos)[:, None] & m_d[None, :]
             off_j = rows_j[:, None] * HK + i_h * K + cols[None, :]
-            b_kj = tl.load(k + off_j, mask=m_jd, other=0.0).to(tl.float32)
+            off_jq = rows_j[:, None] * HQK + i_hq * K + cols[None, :]
+            b_kj = tl.load(k + off_jq, mask=m_jd, other=0.0).to(tl.float32)
             b_gj = tl.load(G + off_j, mask=m_jd, other=0.0)
             b_kj = b_kj * tl.exp(tl.where(m_jd, b_ref[None, :] - b_gj, 0.0))
             j_off = a_rows + i_j * BC + o_c[None, :]
@@ -715,10 +725,11 @@ def _intra_bwd_kernel(
             m_j = rows_j < eos
             m_jd = m_j[:, None] & m_d[None, :]
             off_j = rows_j[:, None] * HK + i_h * K + cols[None, :]
+            off_jq = rows_j[:, None] * HQK + i_hq * K + cols[None, :]
             b_gj = tl.load(G + off_j, mask=m_jd, other=0.0)
             b_f = tl.exp(tl.where(m_jd, b_gj - b_refc[None, :], 0.0))
-            b_qj = tl.load(q + off_j, mask=m_jd, other=0.0).to(tl.float32) * scale * b_f
-            b_kj = tl.load(k + off_j, mask=m_jd, other=0.0).to(tl.float32) * b_f
+            b_qj = tl.load(q + off_jq, mask=m_jd, other=0.0).to(tl.float32) * scale * b_f
+            b_kj = tl.load(k + off_jq, mask=m_jd, other=0.0).to(tl.float32) * b_f
             b_bj = tl.load(beta + rows_j * H + i_h, mask=m_j, other=0.0).to(tl.float32)
             j_off = rows_j[:, None] * H * BT + i_h * BT + i_i * BC + o_c[None, :]
             b_da = tl.load(dAqk + j_off, mask=m_j[:, None], other=0.0)
@@ -768,9 +779,10 @@ def _intra_bwd_kernel(
         # Z[i] += D[j, i] X_j exp(G_j - G_i) for i <= j (j a valid row). None with SAFE_GATE.
         for j in range(0, 0 if SAFE_GATE else n_valid):
             off_jr = (row0 + j) * HK + i_h * K + cols
-            b_kj = tl.load(k + off_jr, mask=m_d, other=0.0).to(tl.float32)
+            off_jrq = (row0 + j) * HQK + i_hq * K + cols
+            b_kj = tl.load(k + off_jrq, mask=m_d, other=0.0).to(tl.float32)
             b_gj = tl.load(G + off_jr, mask=m_d, other=0.0)
-            b_qj = tl.load(q + off_jr, mask=m_d, other=0.0).to(tl.float32) * scale
+            b_qj = tl.load(q + off_jrq, mask=m_d, other=0.0).to(tl.float32) * scale
             b_bj = tl.load(beta + (row0 + j) * H + i_h).to(tl.float32)
             # column j of D (rows r of the sub-chunk) and row j of D (columns i)
             col_j = a_diag + o_c * (H * BT) + j
@@ -815,6 +827,7 @@ def chunk_kda_bwd(
     saved: tuple[torch.Tensor, ...] | None = None,
     safe_gate: bool = False,
     gate: InKernelGate | None = None,
+    fp32_dqk: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of chunked KDA on packed, contiguous inputs (layout of ``chunk_kda_fwd``).
 
@@ -824,6 +837,8 @@ def chunk_kda_bwd(
     ``safe_gate``: the caller promises ``g >= -5`` (the safe gate): the tensor-core path for the
     diagonal sub-chunks (see :func:`kimi_linear.kernels.chunk_fwd.chunk_kda_fwd`).
 
+    ``fp32_dqk``: return dq, dk in fp32 (for a backward that continues through them, the L2
+    norm's: no rounding to the input dtype in between).
     ``gate``: ``g`` is the raw gate projection (fla's ``use_gate_in_kernel``): ``dg`` is its
     gradient, and the gradients of ``gate.A_log`` and ``gate.dt_bias`` are returned too.
 
@@ -832,7 +847,8 @@ def chunk_kda_bwd(
         fp32, or None without an initial state; ``dA_log [H]`` and ``ddt_bias [H * K]`` fp32,
         None without the in-kernel gate or without that argument).
     """
-    TT, H, K = q.shape
+    TT, HQ, K = q.shape
+    H = g.shape[1]  # value heads (GVA: a multiple of q and k's HQ)
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     buckets = tune_buckets(TT, N * H)  # autotune-key size buckets (utils.tune_buckets)
@@ -895,12 +911,10 @@ def chunk_kda_bwd(
         STORE_DH0=dh0 is not None,
         DOT_PREC=prec,
     )
-    dq, dk, dv, dg = (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(g),
-    )
+    # dq, dk per value head (GVA: fp32, then summed over each key head's group)
+    dqk = dict(dtype=q.dtype if H == HQ and not fp32_dqk else torch.float32, device=dev)
+    dq, dk = torch.empty(TT, H, K, **dqk), torch.empty(TT, H, K, **dqk)
+    dv, dg = torch.empty_like(v), torch.empty_like(g)
     dbeta = torch.empty(TT, H, **f32)
     if num_chunks > 0:
         dAqk = torch.empty(TT, H, BT, **f32)
@@ -923,6 +937,7 @@ def chunk_kda_bwd(
             cu_seqlens,
             chunk_indices,
             H,
+            HQ,
             **buckets,
             K=K,
             V=V,
@@ -946,6 +961,7 @@ def chunk_kda_bwd(
             chunk_indices,
             scale,
             H,
+            HQ,
             **buckets,
             K=K,
             BT=BT,
@@ -984,6 +1000,7 @@ def chunk_kda_bwd(
             scale,
             0.0 if gate is None else gate.lower_bound,
             H,
+            HQ,
             **buckets,
             K=K,
             V=V,
@@ -991,6 +1008,10 @@ def chunk_kda_bwd(
             DOT_PREC=prec,
             **gate_constexprs(gate),
         )
+    if H != HQ:
+        dq, dk = (x.view(TT, HQ, H // HQ, K).sum(2) for x in (dq, dk))
+        if not fp32_dqk:
+            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     dA_log = ddt_bias = None
     if gate is not None:
         if num_chunks == 0:

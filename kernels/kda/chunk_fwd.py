@@ -236,6 +236,7 @@ def _intra_rows(
     i_h,
     scale,
     H,
+    HQ,
     I: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
@@ -251,6 +252,9 @@ def _intra_rows(
     block and in rows past the sequence end), which stay in registers for the solve. The head
     dim is walked in ``BKW``-column slices (only ``[BC, BKW]`` tiles live)."""
     HK = H * K
+    # q and k have HQ heads (GVA: H = G * HQ value heads; head i_h reads key head i_h // G)
+    HQK = HQ * K
+    i_hq = i_h // (H // HQ)
     row0 = start + I * BC
     o_c = tl.arange(0, BC)
     rows = row0 + o_c
@@ -270,8 +274,9 @@ def _intra_rows(
         m_k = cols < K
         m_rk = m_r[:, None] & m_k[None, :]
         off_r = rows[:, None] * HK + i_h * K + cols[None, :]
-        b_q = tl.load(q + off_r, mask=m_rk, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(k + off_r, mask=m_rk, other=0.0).to(tl.float32)
+        off_rq = rows[:, None] * HQK + i_hq * K + cols[None, :]
+        b_q = tl.load(q + off_rq, mask=m_rk, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + off_rq, mask=m_rk, other=0.0).to(tl.float32)
         b_g = tl.load(G + off_r, mask=m_rk, other=0.0)
         b_gl = tl.load(G + last * HK + i_h * K + cols, mask=m_k, other=0.0)
         tl.store(qg + off_r, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_rk)
@@ -301,8 +306,9 @@ def _intra_rows(
             cols_d = i_k * BKD + tl.arange(0, BKD)
             m_rd = m_r[:, None] & (cols_d < K)[None, :]
             off_d = rows[:, None] * HK + i_h * K + cols_d[None, :]
-            b_qd = tl.load(q + off_d, mask=m_rd, other=0.0).to(tl.float32) * scale
-            b_kd = tl.load(k + off_d, mask=m_rd, other=0.0).to(tl.float32)
+            off_dq = rows[:, None] * HQK + i_hq * K + cols_d[None, :]
+            b_qd = tl.load(q + off_dq, mask=m_rd, other=0.0).to(tl.float32) * scale
+            b_kd = tl.load(k + off_dq, mask=m_rd, other=0.0).to(tl.float32)
             b_gd = tl.load(G + off_d, mask=m_rd, other=0.0)
             b_e = tl.exp(
                 tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf"))
@@ -342,10 +348,12 @@ def _intra_rows(
             off_j = rows_j[:, None] * HK + i_h * K + cols[None, :]
             b_ref = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
             b_dr = tl.exp(tl.where(m_rk, tl.load(G + off_r, mask=m_rk, other=0.0) - b_ref, 0.0))
-            b_qe = tl.load(q + off_r, mask=m_rk, other=0.0).to(tl.float32) * scale * b_dr
-            b_ke = tl.load(k + off_r, mask=m_rk, other=0.0).to(tl.float32) * b_dr
+            off_rq = rows[:, None] * HQK + i_hq * K + cols[None, :]
+            off_jq = rows_j[:, None] * HQK + i_hq * K + cols[None, :]
+            b_qe = tl.load(q + off_rq, mask=m_rk, other=0.0).to(tl.float32) * scale * b_dr
+            b_ke = tl.load(k + off_rq, mask=m_rk, other=0.0).to(tl.float32) * b_dr
             b_gj = tl.load(G + off_j, mask=m_jk, other=0.0)
-            b_kj = tl.load(k + off_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_kj = tl.load(k + off_jq, mask=m_jk, other=0.0).to(tl.float32)
             b_kj = b_kj * tl.exp(tl.where(m_jk, b_ref[None, :] - b_gj, 0.0))
             # Tensor-core operands in the input dtype (fp32 accumulation).
             b_kj = tl.trans(b_kj.to(q.dtype.element_ty))
@@ -417,6 +425,7 @@ def _intra_solve_fwd_kernel(
     chunk_indices,
     scale,
     H,
+    HQ,
     T_BUCKET,
     NH_BUCKET,
     K: tl.constexpr,
@@ -451,7 +460,7 @@ def _intra_solve_fwd_kernel(
     # of [BC, BC] x [BC, BC] tiles in exact fp32 (CUDA-core FMAs, 64K per chunk: no TF32 and no
     # rounding of N before its single rounding to the input dtype, on store).
     a00, _, _, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 0, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 0, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n00 = _inv_unit_lower(a00, BC)
@@ -460,7 +469,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 0, 2, b_zero, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 0, 3, b_zero, n_valid, H, BT, BC)
     a10, a11, _, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 1, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 1, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n11 = _inv_unit_lower(a11, BC)
@@ -470,7 +479,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 1, 2, b_zero, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 1, 3, b_zero, n_valid, H, BT, BC)
     a20, a21, a22, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 2, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 2, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n22 = _inv_unit_lower(a22, BC)
@@ -482,7 +491,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 2, 2, n22, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 2, 3, b_zero, n_valid, H, BT, BC)
     a30, a31, a32, a33 = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, 3, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 3, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n33 = _inv_unit_lower(a33, BC)
@@ -510,7 +519,8 @@ def _intra_solve_fwd_kernel(
         cols_k = i_k * BKW + tl.arange(0, BKW)
         m_tk = m_t[:, None] & (cols_k < K)[None, :]
         off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
-        b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
+        off_kq = rows[:, None] * HQ * K + (i_h // (H // HQ)) * K + cols_k[None, :]
+        b_k = tl.load(k + off_kq, mask=m_tk, other=0.0).to(tl.float32)
         b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
         b_kb = (b_k * tl.exp(b_g) * b_beta[:, None]).to(k.dtype.element_ty)
         b_w = tl.dot(b_nl, b_kb, input_precision=DOT_PREC)
@@ -536,6 +546,7 @@ def _recompute_wy_kernel(
     chunk_indices,
     scale,
     H,
+    HQ,
     T_BUCKET,
     NH_BUCKET,
     K: tl.constexpr,
@@ -546,6 +557,7 @@ def _recompute_wy_kernel(
     RECOMPUTE: tl.constexpr,
     HAS_DO: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    GVA: tl.constexpr = False,
 ):
     """The backward's per-chunk operands from what the forward kept (``G``, ``Aqk``, ``N``).
     Grid ``(NT, H)``.
@@ -572,14 +584,17 @@ def _recompute_wy_kernel(
             cols_k = i_k * BK + tl.arange(0, BK)
             m_tk = m_t[:, None] & (cols_k < K)[None, :]
             off_k = rows[:, None] * H * K + i_h * K + cols_k[None, :]
-            b_k = tl.load(k + off_k, mask=m_tk, other=0.0).to(tl.float32)
+            off_kq = off_k
+            if GVA:  # q, k on HQ heads (a separate offset tile only when it differs)
+                off_kq = rows[:, None] * HQ * K + (i_h // (H // HQ)) * K + cols_k[None, :]
+            b_k = tl.load(k + off_kq, mask=m_tk, other=0.0).to(tl.float32)
             b_g = tl.load(G + off_k, mask=m_tk, other=0.0)
             b_kb = (b_k * tl.exp(b_g) * b_beta[:, None]).to(k.dtype.element_ty)
             b_w = tl.dot(b_nl, b_kb, input_precision=DOT_PREC)
             tl.store(W + off_k, b_w.to(W.dtype.element_ty), mask=m_tk)
             b_gl = tl.load(G + last * H * K + i_h * K + cols_k, mask=cols_k < K, other=0.0)
             tl.store(Gl + (i_t * H + i_h).to(tl.int64) * K + cols_k, b_gl, mask=cols_k < K)
-            b_q = tl.load(q + off_k, mask=m_tk, other=0.0).to(tl.float32) * scale
+            b_q = tl.load(q + off_kq, mask=m_tk, other=0.0).to(tl.float32) * scale
             tl.store(qg + off_k, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_tk)
             b_kg = b_k * tl.exp(tl.where(m_tk, b_gl[None, :] - b_g, 0.0))
             tl.store(kg + off_k, b_kg.to(kg.dtype.element_ty), mask=m_tk)
@@ -938,7 +953,9 @@ def chunk_kda_fwd(
     """Run the forward pipeline on packed, contiguous, checked inputs.
 
     Args:
-        q, k, g: ``[TT, H, K]``; v ``[TT, H, V]``; beta ``[TT, H]`` (TT = total tokens).
+        q, k: ``[TT, HQ, K]``; g ``[TT, H, K]``; v ``[TT, H, V]``; beta ``[TT, H]`` (TT = total
+            tokens; GVA: ``H`` a multiple of ``HQ``, value head ``i`` reads key head
+            ``i // (H // HQ)`` in place).
         scale: factor on q.
         initial_state: ``[N, H, K, V]`` fp32 or None.
         output_final_state: also return the ``[N, H, K, V]`` fp32 final states.
@@ -961,7 +978,8 @@ def chunk_kda_fwd(
         gate: ``g`` is the raw gate projection; the cumulative-sum kernel forms the log decay
             first (:class:`InKernelGate`). ``G`` is then the cumulated log decay.
     """
-    TT, H, K = q.shape
+    TT, HQ, K = q.shape
+    H = g.shape[1]  # value heads (GVA: a multiple of q and k's HQ)
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     buckets = tune_buckets(TT, N * H)  # autotune-key size buckets (utils.tune_buckets)
@@ -983,7 +1001,7 @@ def chunk_kda_fwd(
     else:
         G, Aqk, Ainv = saved
     Gl = torch.empty(num_chunks, H, K, **f32)
-    qg, kg = torch.empty_like(q), torch.empty_like(k)
+    qg, kg = (torch.empty(TT, H, K, dtype=q.dtype, device=dev) for _ in range(2))
     W = torch.empty(TT, H, K, **io)
     ddelta = None if do is None else torch.empty(TT, H, V, **f32)
     if num_chunks > 0 and saved is None:
@@ -1018,6 +1036,7 @@ def chunk_kda_fwd(
             chunk_indices,
             scale,
             H,
+            HQ,
             **buckets,
             K=K,
             BT=BT,
@@ -1046,6 +1065,7 @@ def chunk_kda_fwd(
             chunk_indices,
             scale,
             H,
+            HQ,
             **buckets,
             K=K,
             V=V,
@@ -1055,6 +1075,7 @@ def chunk_kda_fwd(
             RECOMPUTE=saved is not None,  # the backward: form qg, kg, Gl, W from G and N
             HAS_DO=do is not None,
             DOT_PREC=prec,
+            GVA=H != HQ,
         )
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=state_dtype(q.dtype), device=dev)

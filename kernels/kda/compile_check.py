@@ -230,7 +230,7 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict[str, Any]) -> dict[
         if name in constexprs:
             sig[name] = "constexpr"
         elif (
-            name == "H"
+            name in ("H", "HQ")
             or name in TUNE_KEYS
             or name in fused_recurrent.INT_ARGS
             or name in _COUNT_ARGS
@@ -352,6 +352,7 @@ def kernel_specs(
                 RECOMPUTE=True,
                 HAS_DO=True,
                 DOT_PREC=prec,
+                GVA=False,
             ),
         ),
         (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True)),

@@ -184,7 +184,7 @@ def checked_grid(*axes: int) -> tuple[int, ...]:
 #: value of 1 and for values divisible by 16 (bucket values 1, 4, 16, ... would give three
 #: binaries per kernel); unspecialised, one binary serves every value, and it is the binary
 #: ``compile_check`` reports (it compiles these arguments as plain ``i32``).
-NO_SPECIALIZE = ("H", *TUNE_KEYS)
+NO_SPECIALIZE = ("H", "HQ", *TUNE_KEYS)
 
 #: Autotune spaces (:func:`set_autotune_space`, env ``KIMI_LINEAR_AUTOTUNE``): ``"full"`` (the
 #: default: every config of the kernel), ``"suite"`` (a small set per kernel chosen from the sm_90

@@ -153,7 +153,10 @@ def _poison_masks(
     """``(out_bad [B, T, H], state_bad [N, H], token_bad [B, T, H])``; see
     :func:`poisoned_tokens`."""
     # a NaN / inf in k, v or beta, a NaN / +inf in g (amax propagates NaN; -inf is valid)
-    token_bad = nonfinite_rows(k) | nonfinite_rows(v) | ~torch.isfinite(beta)
+    # GVA (v, g, beta on HV = G * H heads, q and k on H): a key head's flags reach its group
+    group = v.shape[2] // max(k.shape[2], 1)
+    heads = (lambda m: m) if group == 1 else (lambda m: m.repeat_interleave(group, dim=2))
+    token_bad = heads(nonfinite_rows(k)) | nonfinite_rows(v) | ~torch.isfinite(beta)
     token_bad = token_bad | ~(g.amax(dim=-1) < _INF)
     count = token_bad.cumsum(dim=1, dtype=torch.int32)  # poisoning tokens up to t: [B, T, H]
     if cu_seqlens is None:
@@ -170,7 +173,7 @@ def _poison_masks(
         after = (count - before.index_select(1, start)) > 0
         at = before[0]  # [T + 1, H]
         state_bad = (at.index_select(0, offsets[1:]) - at.index_select(0, offsets[:-1])) > 0
-    out_bad = after | nonfinite_rows(q)
+    out_bad = after | heads(nonfinite_rows(q))
     return out_bad, state_bad, token_bad
 
 
