@@ -1,6 +1,8 @@
 """Triton kernels for Kimi Delta Attention, importable as ``kimi_linear.kernels``.
 
-- :func:`chunk_kda`: chunked forward and backward (training, prefill), varlen via ``cu_seqlens``.
+- :func:`chunk_kda`: chunked forward and backward (training, prefill), varlen via ``cu_seqlens``;
+  fla's signature and flags (L2 norm, gate, beta sigmoid in Triton kernels with their
+  gradients), GVA.
 - :func:`fused_recurrent_kda`: token-by-token forward (decode), optionally updating the state
   in place; fla's signature and flags (L2 norm, gate, beta sigmoid fused in the kernel), GVA,
   and the serving state pool (``ssm_state_indices``, ``num_accepted_tokens``).
@@ -8,7 +10,8 @@
 Both take the layout of :func:`kimi_linear.ops.naive_recurrent_kda` and run on CUDA devices, or on the
 CPU under ``TRITON_INTERPRET=1`` (slow; for tests). Modules: ``chunk`` (autograd function and
 entry point), ``chunk_fwd`` / ``chunk_bwd`` (kernels and their launchers), ``fused_recurrent``,
-``utils`` (checks, chunk tables, autotuning) and ``compile_check`` (compile every kernel for a
+``prologue`` (the L2-norm and beta-sigmoid kernels of ``chunk_kda``), ``utils`` (checks, chunk
+tables, autotuning) and ``compile_check`` (compile every kernel for a
 GPU architecture without a GPU: ``python -m kimi_linear.kernels.compile_check``).
 """
 
