@@ -21,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: A script's quick mode on the CPU, one thread, no progress bar.
+QUICK_ON_ONE_CPU_THREAD = ("--quick", "--device", "cpu", "--threads", "1", "--no-progress")
 
 
 def _module(name: str):
@@ -94,17 +96,7 @@ def test_kv_cache_quick_run(tmp_path):
 
 
 def test_decode_quick_run(tmp_path):
-    res = _run(
-        "decode.py",
-        "--quick",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--out-dir",
-        str(tmp_path),
-    )
+    res = _run("decode.py", *QUICK_ON_ONE_CPU_THREAD, "--out-dir", str(tmp_path))
     assert res.returncode == 0, res.stderr
     data = _outputs(tmp_path, "decode")
     rows = data["rows"]
@@ -125,17 +117,7 @@ def test_decode_quick_run(tmp_path):
 
 
 def test_prefill_quick_run(tmp_path):
-    res = _run(
-        "prefill.py",
-        "--quick",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--out-dir",
-        str(tmp_path),
-    )
+    res = _run("prefill.py", *QUICK_ON_ONE_CPU_THREAD, "--out-dir", str(tmp_path))
     assert res.returncode == 0, res.stderr
     data = _outputs(tmp_path, "prefill")
     assert {(r["model"], r["length"]) for r in data["rows"]} == {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fit_configs import checkpoint_every_config
 
 from kimi_linear.cli import main
 from kimi_linear.lightning.callbacks import (
@@ -50,27 +50,7 @@ def _callbacks(folder: Path, every: int, peak_flops: float | None = None) -> str
     monitor: dict = {"class_path": "kimi_linear.lightning.callbacks.ThroughputMonitor"}
     if peak_flops is not None:
         monitor["init_args"] = {"peak_flops": peak_flops}
-    path = folder / "callbacks.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "callbacks": [
-                        {
-                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                            "init_args": {
-                                "save_last": True,
-                                "every_n_train_steps": every,
-                                "save_top_k": -1,
-                            },
-                        },
-                        monitor,
-                    ]
-                }
-            }
-        )
-    )
-    return str(path)
+    return checkpoint_every_config(folder / "callbacks.yaml", every, monitor)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +137,6 @@ def test_changed_learning_rate_on_resume_is_applied(
     run5: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     ckpt = str(run5 / "checkpoints" / "last.ckpt")
     argv = ["fit", "--config", TINY, "--config", _callbacks(tmp_path, 100), *FAST]
     argv += ["--model.lr", "1e-4", "--trainer.max_steps", "6", "--ckpt_path", ckpt]
@@ -212,7 +191,6 @@ def test_text_data_checkpoint_validates_on_another_corpus(
     """Evaluating a checkpoint on other text is not a resume: it is allowed."""
     corpus = _other_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     ckpt = str(run5 / "checkpoints" / "last.ckpt")
     argv = ["validate", "--config", TINY, *FAST, "--data.init_args.path", str(corpus)]
     assert main([*argv, "--ckpt_path", ckpt]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fit_configs import checkpoint_every_config
 
 from kimi_linear.cli import SUBCOMMANDS, main, overview
 from kimi_linear.lightning.module import KimiLinearLitModule
@@ -38,40 +39,13 @@ FAST = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _checkpoint_every(folder: Path, steps: int) -> str:
     """A second ``--config`` replacing tiny.yaml's callbacks: checkpoints every ``steps``."""
-    path = folder / "ckpt_every.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "callbacks": [
-                        {
-                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                            "init_args": {
-                                "save_last": True,
-                                "every_n_train_steps": steps,
-                                "save_top_k": -1,
-                            },
-                        },
-                        {
-                            "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                            "init_args": {"logging_interval": "step"},
-                        },
-                    ]
-                }
-            }
-        )
-    )
-    return str(path)
+    lr_monitor = {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    }
+    return checkpoint_every_config(folder / "ckpt_every.yaml", steps, lr_monitor)
 
 
 @pytest.fixture(scope="module")
