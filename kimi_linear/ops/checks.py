@@ -129,6 +129,13 @@ def check_scale(scale: object, name: str = "scale") -> float | None:
     return value
 
 
+def scale_or_default(scale: object, head_dim: int) -> float:
+    """The query scale the KDA ops apply: ``scale`` (checked by :func:`check_scale`) or, when
+    ``None``, ``head_dim ** -0.5``."""
+    value = check_scale(scale)
+    return head_dim**-0.5 if value is None else value
+
+
 def host_offsets(
     cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | Sequence[int] | None
 ) -> tuple[int, ...]:

@@ -92,6 +92,7 @@ from kimi_linear.ops.checks import (
     compute_dtype,
     empty_outputs,
     host_offsets,
+    scale_or_default,
 )
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
 
@@ -845,7 +846,7 @@ def torch_chunk_kda(
                 "return_intermediate_states with cu_seqlens needs the offsets' values (not meta)"
             )
         return o, S, q.new_empty(B, -(-T // chunk_size), H, K, V, dtype=compute)
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     offsets = None if cu_seqlens is None else host_offsets(cu_seqlens, cu_seqlens_cpu)
     if return_intermediate_states:
         box: dict = {}

@@ -24,6 +24,7 @@ from kimi_linear.ops.checks import (
     check_log_decay,
     compute_dtype,
     empty_outputs,
+    scale_or_default,
 )
 
 __all__ = ["naive_kda_step", "naive_recurrent_kda"]
@@ -67,7 +68,7 @@ def naive_recurrent_kda(
     compute = compute_dtype(q.dtype)
     if q.device.type == "meta":
         return empty_outputs(v, N, K, output_final_state, compute)
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     # Autocast would run the einsums in bf16 / fp16: keep the stated compute dtype.
     with autocast_disabled(q.device):
         if cu_seqlens is None:
@@ -158,7 +159,7 @@ def naive_kda_step(
     compute = compute_dtype(q.dtype)
     if q.device.type == "meta":
         return empty_outputs(v, N, K, output_final_state, compute)
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     if cu_seqlens is not None:  # [1, N, ...] -> [N, 1, ...]: one token per sequence
         q, k, v, g, beta = (x.transpose(0, 1) for x in (q, k, v, g, beta))
     with autocast_disabled(q.device):  # one step of the recurrence

@@ -26,7 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.checks import autocast_disabled, check_kda_inputs, check_log_decay
+from kimi_linear.ops.checks import (
+    autocast_disabled,
+    check_kda_inputs,
+    check_log_decay,
+    scale_or_default,
+)
 from kimi_linear.ops.options import gate_check_enabled
 
 __all__ = [
@@ -228,7 +233,7 @@ def kda_pool_recurrent(
     in_place = inplace_final_state is None or bool(inplace_final_state)
     num_slots = pool.shape[0]
     check_state_slots(ssm_state_indices, num_accepted_tokens, offsets, num_slots, in_place)
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_dtype = v.dtype
     q, k, v, g, beta = (x.detach().flatten(0, 1).to(compute) for x in (q, k, v, g, beta))
