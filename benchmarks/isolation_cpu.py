@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -259,8 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "T": args.T, "heads": args.heads, "head_dim": args.head_dim, "cases": args.cases,
         "mla_preset": args.mla_preset, "reps": args.reps, "threads": torch.get_num_threads(),
         "quick": args.quick, "load_average_start": os.getloadavg()[0],
-        "command": "python -m benchmarks.isolation_cpu "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": report.command_line(__spec__.name, argv),
     }  # fmt: skip
     print(f"isolation benchmark: {config}", flush=True)
     rows: list[dict[str, Any]] = []

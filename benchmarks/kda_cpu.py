@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skip_above_s": args.skip_above_s, "threads": torch.get_num_threads(), "quick": args.quick,
         "impls": list(impls), "baseline": args.baseline,
         "load_average_start": os.getloadavg()[0],
-        "command": "python -m benchmarks.kda_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": report.command_line(__spec__.name, argv),
     }  # fmt: skip
     print(f"KDA CPU benchmark: {config}", flush=True)
     rows: list[dict[str, Any]] = []

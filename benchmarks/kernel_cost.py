@@ -93,7 +93,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import autotuner, interpreter
 
 from benchmarks.common import DTYPES, HelpFormatter, fail, parse_dtype
-from benchmarks.report import markdown_table, refuse_overwrite, save_results
+from benchmarks.report import command_line, markdown_table, refuse_overwrite, save_results
 
 CHUNK = 64
 PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api")
@@ -1733,10 +1733,7 @@ def main(argv: list[str] | None = None) -> int:
             totals += t
             launches += ls
     if args.predict:
-        command = "python -m benchmarks.kernel_cost " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        return predict_main(args, fits, command.strip(), name, fit_errors)
+        return predict_main(args, fits, command_line(__spec__.name, argv), name, fit_errors)
     ratio_rows = ratios(totals, shapes)
 
     cols = ["provider", "shape", "phase", "launches", "triton", "torch", "host_syncs", "GiB"]
@@ -1748,13 +1745,11 @@ def main(argv: list[str] | None = None) -> int:
     lcols = ["provider", "shape", "phase", "kind", "kernel", "grid_counted", "read_GiB"]
     lcols += ["write_GiB", "access_GiB", "tensor_gflop", "gexp", "gelementwise"]
     t0 = args.count_tokens
-    command = "python -m benchmarks.kernel_cost " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(__spec__.name, argv)
     md = [
         "# Static cost model: chunked KDA kernels, ours vs fla",
         "",
-        f"`{command.strip()}`",
+        f"`{command}`",
         "",
         f"K = V = {K}, {args.dtype}; shapes BxHxT. No GPU: the code runs on the CPU (Triton "
         "kernels under the interpreter) with every Triton launch and every torch op that "
@@ -1792,7 +1787,7 @@ def main(argv: list[str] | None = None) -> int:
         name,
         torch.device("cpu"),
         {
-            "command": command.strip(),
+            "command": command,
             "head_dim": K,
             "dtype": args.dtype,
             "count_tokens": t0,

@@ -21,6 +21,12 @@ from benchmarks.hardware import device_slug, env_info
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a run, for its result files: ``python -m <module> <args>``
+    (``argv`` as ``main`` got it; ``None``: this process's own arguments)."""
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no rows)\n"

@@ -43,7 +43,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -474,8 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup, "rounds": args.rounds, "round_steps": args.round_steps,
         "baseline": args.baseline, "chunk_sizes": args.chunk_sizes, "threads": threads,
         "dtype": str(dtype), "quick": args.quick, "load_average_start": os.getloadavg()[0],
-        "command": "python -m benchmarks.train_profile "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": report.command_line(__spec__.name, argv),
     }  # fmt: skip
     print(f"training-step profile: {config}", flush=True)
     models: dict[str, Any] = {}
