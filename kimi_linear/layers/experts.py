@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kimi_linear.layers.checks import check_features
 from kimi_linear.ops.autograd import autograd_inside_op
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "PER_EXPERT_KEY",
     "STACKED_EXPERT_KEY",
     "GroupedExperts",
-    "check_features",
     "grouped_experts_op",
     "grouped_mm_applicable",
     "release_expert_items",
@@ -48,23 +48,6 @@ DISPATCH_MODES = ("auto", "loop", "grouped_mm")
 PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<e>\d+)\.(?P<w>w[123])\.weight$")
 #: a stacked expert key of the kit, ``{prefix}experts.w{1,2,3}``
 STACKED_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts\.)(?P<w>w[123])$")
-
-
-def check_features(x: torch.Tensor, dim: int, weight: torch.Tensor, what: str) -> None:
-    """ValueError unless ``x`` is a floating ``[..., dim]`` tensor matching ``weight``."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor [..., {dim}], got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"x must be [..., hidden={dim}] for {what}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but {what}'s weights are on {weight.device}")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(
-            f"x has dtype {x.dtype} but {what}'s weights are {weight.dtype} (outside autocast); "
-            "cast the input or the module"
-        )
 
 
 def grouped_mm_applicable(x: torch.Tensor, *weights: torch.Tensor) -> bool:

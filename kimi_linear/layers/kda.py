@@ -43,6 +43,7 @@ from kimi_linear.backends import (
 )
 from kimi_linear.cache import KDALayerCache
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.checks import check_features
 from kimi_linear.layers.fp32 import KeepsFloat32
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.gate import kda_gate
@@ -341,16 +342,7 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got {shape}")
         if x.shape[1] == 0:
             raise ValueError("x must hold at least one token (T > 0)")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be floating point, got {x.dtype}")
-        w = self.q_proj.weight
-        if x.device != w.device:
-            raise ValueError(f"x is on {x.device} but the layer's weights are on {w.device}")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(
-                f"x has dtype {x.dtype} but the layer's weights are {w.dtype} (outside autocast); "
-                "cast the input or the module"
-            )
+        check_features(x, self.hidden_size, self.q_proj.weight, "KimiDeltaAttention")
         if cache is None:
             return
         if not isinstance(cache, KDALayerCache):

@@ -67,6 +67,7 @@ from torch import nn
 
 from kimi_linear.cache import LatentKVCache
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.checks import check_features
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.layers.rope import RotaryEmbedding, apply_rotary
 from kimi_linear.ops.isolation import isolation_enabled, nonfinite_rows, zero_nonfinite
@@ -321,16 +322,7 @@ class MLAttention(nn.Module):
         D = self.config.hidden_size
         if x.dim() != 3 or x.shape[-1] != D or x.shape[1] == 0 or x.shape[0] == 0:
             raise ValueError(f"x must be [B, T, hidden={D}] with B, T >= 1, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
-        w = self.kv_a_proj_with_mqa.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(
-                f"x has dtype {x.dtype} but the layer's weights are {w.dtype} (outside autocast); "
-                "cast the input or the module"
-            )
-        if x.device != w.device:
-            raise ValueError(f"x is on {x.device} but the layer's weights are on {w.device}")
+        check_features(x, D, self.kv_a_proj_with_mqa.weight, "MLAttention")
         if (
             isinstance(position_offset, bool)
             or not isinstance(position_offset, int)

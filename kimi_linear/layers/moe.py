@@ -27,10 +27,10 @@ from einops import rearrange
 from torch import nn
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.checks import check_features
 from kimi_linear.layers.experts import (
     DISPATCH_MODES,
     GroupedExperts,
-    check_features,
     grouped_mm_applicable,
     to_release_state_dict,
 )
