@@ -96,6 +96,16 @@ def check_logits_finite(
         )
 
 
+def check_temperature(temperature: object) -> None:
+    """ValueError unless ``temperature`` is a finite number ``>= 0`` (0: greedy)."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -117,12 +127,7 @@ def sample_next_token(
         ValueError: ``temperature`` not a finite number ``>= 0``, or a row of ``logits`` that
             holds NaN / ``+inf`` or only ``-inf`` (named by its index: nothing can be drawn).
     """
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature >= 0)
-    ):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    check_temperature(temperature)
     check_logits_finite(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -768,12 +773,7 @@ class KimiLinearForCausalLM(nn.Module):
             or max_new_tokens < 0
         ):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (math.isfinite(temperature) and temperature >= 0)
-        ):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        check_temperature(temperature)
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
