@@ -26,9 +26,13 @@ import functools
 
 import torch
 
-from kimi_linear.ops.checks import check_gate_lower_bound, check_log_decay
+from kimi_linear.ops.checks import check_gate_lower_bound, check_log_decay, scale_or_default
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
-from kimi_linear.ops.options import check_safe_gate_bound, gate_check_enabled
+from kimi_linear.ops.options import (
+    SAFE_GATE_LOWER_BOUND_RANGE,
+    check_safe_gate_bound,
+    gate_check_enabled,
+)
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
@@ -297,7 +301,7 @@ def chunk_kda(
         bound = _check_gate_args(True, A_log, dt_bias, lower_bound, HV, K, q.device)
         gate_kind = GATE_SOFTPLUS if bound is None else GATE_LOWER_BOUND
         # the bounded gate keeps every g in (bound, 0): the fast path's condition
-        fast = bound is not None and bound >= -5.0
+        fast = bound is not None and bound >= SAFE_GATE_LOWER_BOUND_RANGE[0]
         lower_bound = bound
     else:
         _check_gate_args(False, A_log, dt_bias, None, HV, K, q.device)
@@ -310,14 +314,14 @@ def chunk_kda(
                 )
             promise = check_safe_gate_bound(lower_bound, "lower_bound")
         if safe_gate and promise is None:
-            promise = -5.0
+            promise = SAFE_GATE_LOWER_BOUND_RANGE[0]
         fast = promise is not None
         if gate_check_enabled():  # opt-in: a reduction or two and a device sync
             check_log_decay(g)
             if promise is not None:
                 check_gate_lower_bound(g, promise)
         lower_bound = 0.0
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     if state_v_first and initial_state is not None:
         initial_state = initial_state.transpose(-1, -2)
     run = functools.partial(

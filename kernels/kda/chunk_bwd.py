@@ -1,5 +1,7 @@
 """Backward kernels of chunked KDA.
 
+One job: the backward pass's Triton kernels and their launcher (:func:`chunk_kda_bwd`).
+
 Notation of :mod:`kimi_linear.kernels.chunk_fwd` (per head and chunk; ``S0`` the chunk-start
 state, ``S1`` the chunk-end state, ``q^ = scale * q``, ``E = exp(G)``, ``El = exp(G_last - G)``,
 ``R = v - (k E) S0`` so that ``delta = N diag(beta) R``). Given ``dO`` and the gradient ``dS1``

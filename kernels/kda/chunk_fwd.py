@@ -1,5 +1,9 @@
 """Forward kernels of chunked KDA (chunk ``BT = 64``, sub-chunk ``BC = 16``).
 
+One job: the forward pass's Triton kernels and their launcher (:func:`chunk_kda_fwd`); the
+backward is :mod:`kimi_linear.kernels.chunk_bwd`, the autograd wrapper
+:mod:`kimi_linear.kernels.chunk`.
+
 Per head and chunk (rows ``r`` of the chunk, ``G`` the within-chunk cumulative log decay,
 ``q^ = scale * q``), the pipeline computes::
 

@@ -1,5 +1,8 @@
 """Compile every KDA kernel for a CUDA architecture without a GPU, and report its resources.
 
+One job: the ahead-of-time compile report (``python -m kimi_linear.kernels.compile_check``);
+its length is the table of every kernel's compile signatures.
+
 The Triton interpreter (how the tests run on CPU) checks what the kernels compute but not that
 they compile for a GPU: loop-carried types, layouts, shared-memory budgets are only checked by
 the real compiler. This tool runs Triton's ahead-of-time compiler (its bundled ``ptxas``) for a

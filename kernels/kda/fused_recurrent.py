@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.checks import check_log_decay
+from kimi_linear.ops.checks import check_log_decay, scale_or_default
 from kimi_linear.ops.options import gate_check_enabled
 from kimi_linear.ops.serving import check_state_pool, check_state_slots, slot_checks_enabled
 
@@ -444,7 +444,7 @@ def fused_recurrent_kda(
     lower_bound = _check_gate_args(use_gate_in_kernel, A_log, dt_bias, lower_bound, HV, K, q.device)
     if not use_gate_in_kernel and gate_check_enabled():  # opt-in: a reduction and a sync
         check_log_decay(g)
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = scale_or_default(scale, K)
     if not pooled and (num_accepted_tokens is not None or inplace_final_state is not None):
         raise ValueError(
             "num_accepted_tokens and inplace_final_state apply to a state pool: pass "
