@@ -261,9 +261,9 @@ def dispatch_chunk_kda(
             caching; fla's flag): ``h [B, NT, H, K, V]``, ``h[:, i]`` the state after
             ``i * chunk_size`` tokens, ``NT = ceil(T / chunk_size)`` (packed: ``[1, NT, ...]``,
             sequence after sequence). No gradient flows through ``h``. The torch backend
-            returns them in the compute dtype (fp32; float64 inputs: float64), fla in its own
-            dtype and only under ``torch.inference_mode()`` (fla's rule); the triton backend
-            does not return them yet (``ValueError``), nor does ``torch.compile``.
+            returns them in the compute dtype (fp32; float64 inputs: float64); triton and fla
+            in q's dtype and only under ``torch.inference_mode()`` (fla's rule), triton only
+            with ``chunk_size=64`` (its kernels' chunk length). Not under ``torch.compile``.
         cu_seqlens_cpu: the offsets of ``cu_seqlens`` on the host (ints, or a CPU tensor as
             fla takes them), when the caller has them: no backend then reads them back from the
             device (the model checks ``cu_seqlens`` once per forward and hands these down,
@@ -382,10 +382,15 @@ def _chunked_with_states(
             "returns (o, final_state)); call dispatch_chunk_kda eagerly for prefix caching"
         )
     ops = get_kda_backend(backend, q.device)
-    if ops.name == "triton":
+    if ops.name != "torch" and not torch.is_inference_mode_enabled():
         raise ValueError(
-            "return_intermediate_states needs kda_backend='torch' or 'fla': our Triton chunk "
-            "kernels do not return their chunk-start states yet"
+            f"return_intermediate_states on kda_backend={ops.name!r} needs "
+            "torch.inference_mode() (fla's rule); the torch backend has no such restriction"
+        )
+    if ops.name == "triton" and chunk_size != 64:
+        raise ValueError(
+            "return_intermediate_states on kda_backend='triton' needs chunk_size=64 (the "
+            f"kernels' chunk length: their states lie on 64-token boundaries), got {chunk_size}"
         )
     kwargs = dict(
         scale=scale,
@@ -400,6 +405,10 @@ def _chunked_with_states(
         return ops.chunk(
             q, k, v, g, beta, chunk_size=chunk_size, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs
         )
+    if ops.name == "triton":
+        if cu_seqlens is not None and cu_seqlens_cpu is not None:
+            kwargs["cu_seqlens_cpu"] = _cpu_offsets(cu_seqlens_cpu)
+        return ops.chunk(q, k, v, g, beta, gate_lower_bound=gate_lower_bound, **kwargs)
     kwargs["cu_seqlens"] = _fla_inputs(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, gate_lower_bound, cu_seqlens_cpu
     )
@@ -409,11 +418,6 @@ def _chunked_with_states(
         kwargs["chunk_size"] = chunk_size  # fla accepts 32 or 64 (its own error otherwise)
     if gate_lower_bound is not None:
         kwargs.update(safe_gate=True, lower_bound=gate_lower_bound)
-    if not torch.is_inference_mode_enabled():
-        raise ValueError(
-            "return_intermediate_states on kda_backend='fla' needs torch.inference_mode() "
-            "(fla's rule); the torch backend has no such restriction"
-        )
     return ops.chunk(q, k, v, g, beta, **kwargs)
 
 

@@ -207,7 +207,7 @@ def test_chunk_invalid_chunk_size():
         ),
         # misuse fla ignores: a clear error here
         (dict(A_log=torch.zeros(2)), "A_log is used only with use_gate_in_kernel=True"),
-        (dict(return_intermediate_states=True), "return_intermediate_states is an fla mode"),
+        (dict(return_intermediate_states=True), "return_intermediate_states=True is inference"),
         (dict(use_graph=True), "use_graph is an fla mode"),
     ],
     ids=[

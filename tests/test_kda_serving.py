@@ -17,6 +17,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from kimi_linear.kernels import chunk_kda as triton_chunk_kda
 from kimi_linear.kernels import fused_recurrent_kda
 
 from kimi_linear.backends import dispatch_chunk_kda, dispatch_decode_kda
@@ -633,10 +634,122 @@ def test_intermediate_states_after_a_poisoned_token_are_nan():
     assert torch.isfinite(h[~bad]).all()
 
 
-def test_intermediate_states_refused_on_triton_backend():
+def _recurrent_state(x: list[torch.Tensor], h0: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """The float64 recurrence's state after the tokens of ``x = [q, k, v, g, beta]`` (GVA:
+    q and k repeated over their ``group`` of value heads, for the reference only)."""
+    q, k, v, g, beta = (t.double() for t in x)
+    if group > 1:
+        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
+    _, S = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0.double(), output_final_state=True)
+    return S
+
+
+@pytest.mark.parametrize("group", [1, 2], ids=["MHA", "GVA"])
+def test_triton_prefix_hit_resumed_from_an_intermediate_state_equals_full_recompute(group):
+    """Our chunk kernels' ``return_intermediate_states`` (fla's flag and layout): h[:, i] is the
+    float64 recurrence's state after 64 * i tokens, and a suffix resumed from it (a prefix-cache
+    hit, run by the same kernels) equals the full recompute, outputs and final state."""
+    B, T, H, K, V = 1, 140, 1, 16, 16  # chunks of 64, 64 and a 12-token tail
+    q, k, v, g, beta, _ = kda_inputs(B, T, H, K, V, device=DEVICE, seed=17)
+    v, g, beta, h0 = kda_inputs(B, T, H * group, K, V, device=DEVICE, seed=18)[2:]
+    x = [q, k, v, g, beta]
+    with torch.inference_mode():
+        o, ht, h = triton_chunk_kda(
+            *x, initial_state=h0, output_final_state=True, return_intermediate_states=True
+        )
+    assert h.shape == (B, 3, H * group, K, V) and h.dtype == q.dtype
+    torch.testing.assert_close(h[:, 0], h0, rtol=0, atol=0)
+    for i in (1, 2):
+        t = 64 * i
+        ref = _recurrent_state([y[:, :t] for y in x], h0, group)
+        assert_rel_close(h[:, i], ref, FP32_RTOL, f"state after {t} tokens")
+        with torch.inference_mode():
+            so, sS = triton_chunk_kda(
+                *(y[:, t:] for y in x), initial_state=h[:, i], output_final_state=True
+            )
+        assert_rel_close(so, o[:, t:], FP32_RTOL, f"suffix outputs after {t}")
+        assert_rel_close(sS, ht, FP32_RTOL, f"final state after {t}")
+    # the dispatcher's triton backend returns the same states
+    with torch.inference_mode():
+        _, _, hd = dispatch_chunk_kda(
+            *x, backend="triton", initial_state=h0, return_intermediate_states=True
+        )
+    torch.testing.assert_close(hd, h, rtol=0, atol=0)
+
+
+def test_triton_intermediate_states_packed_layout_and_state_v_first():
+    """Packed sequences: [1, NT, HV, K, V], each sequence's ceil(length / 64) states in order (an
+    empty sequence has none), each the float64 recurrence's; state_v_first gives [..., V, K]."""
+    H, K, V = 1, 16, 8
+    offsets = [0, 70, 70, 75, 205]  # 2, 0, 1 and 3 chunks
+    q, k, v, g, beta, h0 = kda_inputs(1, 205, H, K, V, device=DEVICE, seed=19, N=4)
+    x = [q, k, v, g, beta]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    with torch.inference_mode():
+        _, _, h = triton_chunk_kda(
+            *x, initial_state=h0, cu_seqlens=cu, return_intermediate_states=True
+        )
+        _, _, hv = triton_chunk_kda(
+            *x,
+            initial_state=h0.transpose(-1, -2).contiguous(),
+            cu_seqlens=cu,
+            cu_seqlens_cpu=cu.cpu(),
+            state_v_first=True,
+            return_intermediate_states=True,
+        )
+    assert h.shape == (1, 6, H, K, V) and hv.shape == (1, 6, H, V, K)
+    torch.testing.assert_close(hv, h.transpose(-1, -2), rtol=0, atol=0)
+    row = 0
+    for n, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
+        for i in range(-(-(eos - bos) // 64)):
+            ref = _recurrent_state([y[:, bos : bos + 64 * i] for y in x], h0[n : n + 1])
+            assert_rel_close(h[:, row], ref, FP32_RTOL, f"sequence {n}, chunk {i}")
+            row += 1
+
+
+def test_triton_intermediate_states_after_a_poisoned_token_are_nan():
+    """A NaN key at token 70 of head 1 poisons that head's states after it (chunk 2), as the
+    recurrence has it; every other state is finite and unchanged."""
+    B, T, H, K, V = 1, 140, 2, 16, 8
+    q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, V, device=DEVICE, seed=20)
+    with torch.inference_mode():
+        _, _, clean = triton_chunk_kda(
+            q, k, v, g, beta, initial_state=h0, return_intermediate_states=True
+        )
+        k = k.clone()
+        k[0, 70, 1, 3] = float("nan")
+        _, _, h = triton_chunk_kda(
+            q, k, v, g, beta, initial_state=h0, return_intermediate_states=True
+        )
+    bad = torch.zeros(B, 3, H, dtype=torch.bool, device=DEVICE)
+    bad[0, 2, 1] = True
+    assert h[bad].isnan().all()
+    torch.testing.assert_close(h[~bad], clean[~bad], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, inference, match",
+    [
+        ({}, False, "inference-only"),
+        (dict(disable_recompute=True), True, "must be used with disable_recompute=False"),
+        (dict(chunk_size=32), True, "needs chunk_size=64"),
+    ],
+    ids=["autograd", "disable_recompute", "chunk32"],
+)
+def test_triton_intermediate_states_misuse(kwargs, inference, match):
+    """fla's rules (inference mode only, recomputation on), and our 64-token chunks."""
     q, k, v, g, beta, _ = kda_inputs(1, 4, 1, 16, 16, device=DEVICE, seed=15)
-    with pytest.raises(ValueError, match="kda_backend='torch' or 'fla'"):
-        dispatch_chunk_kda(q, k, v, g, beta, backend="triton", return_intermediate_states=True)
+    with torch.inference_mode(inference), pytest.raises(ValueError, match=match):
+        triton_chunk_kda(q, k, v, g, beta, return_intermediate_states=True, **kwargs)
+
+
+def test_dispatch_intermediate_states_triton_rules():
+    q, k, v, g, beta, _ = kda_inputs(1, 4, 1, 16, 16, device=DEVICE, seed=15)
+    kw = dict(backend="triton", return_intermediate_states=True)
+    with pytest.raises(ValueError, match="needs torch.inference_mode"):
+        dispatch_chunk_kda(q, k, v, g, beta, **kw)
+    with torch.inference_mode(), pytest.raises(ValueError, match="needs chunk_size=64"):
+        dispatch_chunk_kda(q, k, v, g, beta, chunk_size=32, **kw)
 
 
 def test_state_pool_object_serves_prefix_hits_and_recycles_slots():

@@ -27,7 +27,7 @@ import functools
 import torch
 
 from kimi_linear.ops.checks import check_gate_lower_bound, check_log_decay, scale_or_default
-from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
+from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled, poison_chunk_starts
 from kimi_linear.ops.options import (
     SAFE_GATE_LOWER_BOUND_RANGE,
     check_safe_gate_bound,
@@ -38,7 +38,7 @@ from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
 from .fused_recurrent import _check_gate_args, _check_heads
 from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
-from .utils import ChunkTables, check_kernel_inputs, pack
+from .utils import CHUNK_SIZE, ChunkTables, check_kernel_inputs, pack
 
 #: The chunk sizes fla's ``chunk_kda`` accepts (``chunk_size``); our kernels always run 64.
 FLA_CHUNK_SIZES = (32, 64)
@@ -72,6 +72,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         lower_bound: float = 0.0,
         l2norm: bool = False,
         beta_scale: float | None = None,
+        states: dict | None = None,
     ):
         q_rstd = k_rstd = None
         if l2norm:
@@ -104,7 +105,10 @@ class ChunkKDAFunction(torch.autograd.Function):
             keep=keep,
             safe_gate=safe_gate,
             gate=gate,
+            return_states=states is not None,
         )
+        if states is not None:  # return_intermediate_states: the chunk-start states
+            states["h"] = fwd.h
         saved = (fwd.G, fwd.Aqk, fwd.Ainv) if keep else ()
         extra = (q_rstd, k_rstd, beta_raw if beta_scale is not None else None)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, *extra, *saved)
@@ -140,7 +144,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         grads = []
         for d, meta in zip((dA, dbias), ctx.param_meta):
             grads.append(None if meta is None or d is None else d.reshape(meta[0]).to(meta[1]))
-        return (dq, dk, dv, dg, dbeta, *grads, None, dh0, *([None] * 8))
+        return (dq, dk, dv, dg, dbeta, *grads, None, dh0, *([None] * 9))
 
 
 def chunk_kda(
@@ -217,10 +221,16 @@ def chunk_kda(
             ``g`` (as ``gate_lower_bound``).
         disable_recompute: accepted for fla's signature; our kernels always keep the same
             intermediates (``G``, ``Aqk``, ``N``) for the backward.
-        return_intermediate_states, cp_context, use_graph: fla serving / context-parallel /
-            graph modes; not available here (``ValueError`` when set; see
-            :func:`kimi_linear.backends.dispatch_chunk_kda` and
-            :mod:`kimi_linear.context_parallel`). ``max_num_seqs`` goes with ``use_graph``.
+        return_intermediate_states: also return ``h``, the state at every 64-token chunk
+            start (prefix caching: ``h[:, i]`` is the state after the first ``64 * i`` tokens
+            of its sequence, from which a later call resumes as a full recompute would). The
+            states the forward kernel stores for its output kernel anyway (no extra kernel).
+            fla's rules: only under ``torch.inference_mode()`` and with
+            ``disable_recompute=False``; ours also needs ``chunk_size=64`` (``ValueError``
+            otherwise).
+        cp_context, use_graph: fla's context-parallel / graph modes; not available here
+            (``ValueError`` when set; see :mod:`kimi_linear.context_parallel`).
+            ``max_num_seqs`` goes with ``use_graph``.
         state_v_first: initial and final states are ``[..., V, K]`` (transposed copies of the
             small state tensors; the kernels keep ``[K, V]``).
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (needs ``B == 1``);
@@ -240,13 +250,21 @@ def chunk_kda(
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state fp32 or ``None``.
         Gradients flow to q, k, v, g, beta, initial_state, A_log, dt_bias (and from a gradient
-        on final_state).
+        on final_state). With ``return_intermediate_states``, ``(o, final_state, h)`` (fla's
+        layout and dtype): ``h [B, NT, HV, K, V]`` in q's dtype, ``NT = ceil(T / 64)``,
+        ``h[:, 0]`` the initial state (zeros without one); packed (``cu_seqlens``):
+        ``[1, NT, HV, K, V]`` with each sequence's ``ceil(length / 64)`` states in sequence
+        order; ``[..., V, K]`` with ``state_v_first``. fp16 inputs: the kernels store the
+        states in bf16 (a state may exceed fp16's range), so ``h`` has bf16 precision, cast
+        to fp16 (inf beyond 65504, as fla's fp16 ``h``).
 
     Raises:
         ValueError: bad shapes, dtypes, devices, head dims over 256, bad ``cu_seqlens``, CPU
             tensors without ``TRITON_INTERPRET=1`` (use the torch backend there), a bad
             ``chunk_size`` (fla's message), bad gate / beta flags (fla's rules), a
-            ``gate_lower_bound`` outside ``[-5, 0)``, an unsupported fla mode, or (with
+            ``gate_lower_bound`` outside ``[-5, 0)``, an unsupported fla mode,
+            ``return_intermediate_states`` outside inference mode, with
+            ``disable_recompute=True`` or ``chunk_size=32``, or (with
             ``KIMI_LINEAR_CHECK_GATE=1``) a ``g`` value above 0 or below the promised bound.
 
     Non-finite inputs (NaN / inf in q, k, v, beta; NaN in g) are isolated as the recurrence
@@ -257,18 +275,18 @@ def chunk_kda(
 
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
-    del disable_recompute, max_num_seqs  # accepted for fla's signature (see Args)
+    del max_num_seqs  # accepted for fla's signature (see Args)
     if chunk_size not in FLA_CHUNK_SIZES:
         raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
+    if return_intermediate_states:
+        _check_states_mode(chunk_size, disable_recompute)
     for name, on in (
-        ("return_intermediate_states", return_intermediate_states),
         ("use_graph", use_graph),
         ("cp_context", cp_context is not None),
     ):
         if on:
             raise ValueError(
                 f"{name} is an fla mode kimi_linear.kernels.chunk_kda does not implement: use "
-                "kimi_linear.backends.dispatch_chunk_kda (return_intermediate_states) or "
                 "kimi_linear.context_parallel (context parallelism), or leave it at its default"
             )
     state_arg = initial_state
@@ -338,13 +356,68 @@ def chunk_kda(
         l2norm=bool(use_qk_l2norm_in_kernel),
         beta_scale=(2.0 if allow_neg_eigval else 1.0) if use_beta_sigmoid_in_kernel else None,
     )
-    if isolation_enabled():  # device ops on every call, no sync (isolation.py)
+    box: dict | None = {} if return_intermediate_states else None
+    if box is not None:
+        run = functools.partial(run, states_out=box)
+    isolate = isolation_enabled()
+    if isolate:  # device ops on every call, no sync (isolation.py)
         o, final_state = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
     else:
         o, final_state = run(q, k, v, g, beta)
     if state_v_first and final_state is not None:
         final_state = final_state.transpose(-1, -2).contiguous()
-    return o, final_state
+    if box is None:
+        return o, final_state
+    h = _unpack_states(box["h"], B, T, q.dtype, cu_seqlens, cu_seqlens_cpu, state_v_first)
+    if isolate:  # the states after a poisoning token are NaN, as the recurrence has them
+        offsets = None if cu_seqlens is None else tuple(_host(cu_seqlens, cu_seqlens_cpu))
+        h = poison_chunk_starts(h, (q, k, v, g, beta), cu_seqlens, offsets, CHUNK_SIZE)
+    return o, final_state, h
+
+
+def _check_states_mode(chunk_size: int, disable_recompute: bool) -> None:
+    """fla's rules for ``return_intermediate_states`` (inference only, with recomputation),
+    and our chunk length: the states exist at 64-token boundaries only."""
+    if not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "return_intermediate_states=True is inference-only (fla's rule: the states bypass "
+            "autograd): call chunk_kda under torch.inference_mode()"
+        )
+    if disable_recompute:
+        raise ValueError("return_intermediate_states must be used with disable_recompute=False")
+    if chunk_size != CHUNK_SIZE:
+        raise ValueError(
+            f"return_intermediate_states needs chunk_size={CHUNK_SIZE}: our kernels run "
+            f"{CHUNK_SIZE}-token chunks, so there are no states at {chunk_size}-token "
+            "boundaries"
+        )
+
+
+def _host(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -> list[int]:
+    """The offsets of ``cu_seqlens`` as host ints (from ``cu_seqlens_cpu`` when given)."""
+    return [int(x) for x in (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()]
+
+
+def _unpack_states(
+    h: torch.Tensor,
+    B: int,
+    T: int,
+    dtype: torch.dtype,
+    cu_seqlens: torch.Tensor | None,
+    cu_seqlens_cpu: torch.Tensor | None,
+    state_v_first: bool,
+) -> torch.Tensor:
+    """The kernels' packed chunk-start states ``[NT, HV, K, V]`` in fla's layout and dtype:
+    ``[B, ceil(T / 64), HV, K, V]`` (packed: ``[1, NT, HV, K, V]``, sequence after sequence),
+    ``[..., V, K]`` with ``state_v_first``, in the inputs' dtype (the kernels keep them in
+    ``utils.state_dtype``: bf16 for fp16 inputs, cast here)."""
+    if cu_seqlens is None:
+        h = h.view(B, -(-T // CHUNK_SIZE), *h.shape[1:])
+    else:
+        h = h.unsqueeze(0)
+    if state_v_first:
+        h = h.transpose(-1, -2)
+    return h.to(dtype).contiguous()
 
 
 def _chunk_kda_packed(
@@ -365,8 +438,11 @@ def _chunk_kda_packed(
     lower_bound: float,
     l2norm: bool,
     beta_scale: float | None,
+    states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output."""
+    """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output
+    (``states_out``: a dict that receives ``"h"``, the packed chunk-start states
+    ``[NT, HV, K, V]``)."""
     B, T, HV, V = v.shape
     (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
@@ -391,5 +467,6 @@ def _chunk_kda_packed(
         lower_bound,
         l2norm,
         beta_scale,
+        states_out,
     )
     return o.view(B, T, HV, V), final_state

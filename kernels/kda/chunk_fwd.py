@@ -953,6 +953,7 @@ def chunk_kda_fwd(
     saved: tuple[torch.Tensor, ...] | None = None,
     safe_gate: bool = False,
     gate: InKernelGate | None = None,
+    return_states: bool = False,
 ) -> ChunkForward:
     """Run the forward pipeline on packed, contiguous, checked inputs.
 
@@ -981,6 +982,9 @@ def chunk_kda_fwd(
             diagonal sub-chunk blocks run as tensor-core products (module docstring).
         gate: ``g`` is the raw gate projection; the cumulative-sum kernel forms the log decay
             first (:class:`InKernelGate`). ``G`` is then the cumulated log decay.
+        return_states: also return the chunk-start states ``h [NT, H, K, V]`` (in
+            ``utils.state_dtype``) with the output (fla's ``return_intermediate_states``: the
+            states the output kernel reads anyway, no extra work).
     """
     TT, HQ, K = q.shape
     H = g.shape[1]  # value heads (GVA: a multiple of q and k's HQ)
@@ -1132,6 +1136,7 @@ def chunk_kda_fwd(
             )
     if for_backward:
         return ChunkForward(o, ht, G, Aqk, Ainv, W, qg, kg, h, delta, ddelta, Gl)
+    states = h if return_states else None
     if keep:
-        return ChunkForward(o, ht, G, Aqk, Ainv)
-    return ChunkForward(o, ht)
+        return ChunkForward(o, ht, G, Aqk, Ainv, h=states)
+    return ChunkForward(o, ht, h=states)

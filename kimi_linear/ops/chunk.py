@@ -94,7 +94,11 @@ from kimi_linear.ops.checks import (
     host_offsets,
     scale_or_default,
 )
-from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled
+from kimi_linear.ops.isolation import (
+    isolate_nonfinite,
+    isolation_enabled,
+    poison_chunk_starts,
+)
 
 __all__ = ["torch_chunk_kda"]
 
@@ -862,7 +866,7 @@ def torch_chunk_kda(
         )
         # always isolated: the states after a poisoned token are NaN, the others exact
         o, S = isolate_nonfinite(run, q, k, v, g, beta, cu_seqlens)
-        h = _poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, offsets, chunk_size)
+        h = poison_chunk_starts(box["h"], (q, k, v, g, beta), cu_seqlens, offsets, chunk_size)
         return o, S, h
     if isolation_enabled():
         # NaN / inf inputs: the intra-chunk products would carry them to earlier tokens of the
@@ -928,39 +932,6 @@ def _kda_chunk_clean(
                 offsets = host_offsets(cu_seqlens, None)
             o, S = _kda_chunk_varlen(*args, offsets, clamp, states_out)
     return o, (S if output_final_state else None)
-
-
-def _poison_chunk_starts(
-    h: torch.Tensor,
-    inputs: tuple[torch.Tensor, ...],
-    cu_seqlens: torch.Tensor | None,
-    offsets: tuple[int, ...] | None,
-    chunk_size: int,
-) -> torch.Tensor:
-    """The chunk-start states ``h`` of :func:`torch_chunk_kda` (computed on cleaned inputs) with
-    every state after a poisoning token of its sequence and head set to NaN, as the recurrence
-    has it (the rule :func:`~kimi_linear.ops.isolation.isolate_nonfinite` applies to the final
-    state)."""
-    from kimi_linear.ops.isolation import poisoned_tokens
-
-    _, _, token_bad = poisoned_tokens(*inputs, cu_seqlens)  # [B, T, H]
-    count = token_bad.to(torch.int32).cumsum(dim=1)
-    B, T, H = token_bad.shape
-    zero = count.new_zeros(B, 1, H)
-    padded = torch.cat([zero, count], dim=1)  # poisoning tokens before position t
-    if cu_seqlens is None:
-        starts = [list(range(0, T, chunk_size))]
-        before = [0]
-    else:
-        assert offsets is not None  # the host offsets of cu_seqlens
-        starts = [list(range(a, b, chunk_size)) for a, b in zip(offsets[:-1], offsets[1:])]
-        before = offsets[:-1]
-    pos = torch.tensor([p for s in starts for p in s], dtype=torch.long, device=h.device)
-    first = torch.tensor(
-        [b for s, b in zip(starts, before) for _ in s], dtype=torch.long, device=h.device
-    )
-    bad = (padded[:, pos] - padded[:, first]) > 0  # [B or 1, NT, H]
-    return h.masked_fill(bad[..., None, None], float("nan"))
 
 
 def _check_log_decay(g: torch.Tensor, compute: torch.dtype) -> bool:

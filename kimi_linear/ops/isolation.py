@@ -52,6 +52,7 @@ __all__ = [
     "isolation_enabled",
     "nonfinite_isolation",
     "nonfinite_rows",
+    "poison_chunk_starts",
     "poisoned_tokens",
     "zero_nonfinite",
 ]
@@ -199,6 +200,46 @@ def poisoned_tokens(
         tokens themselves).
     """
     return _poison_masks(q, k, v, g, beta, cu_seqlens)
+
+
+def poison_chunk_starts(
+    h: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    cu_seqlens: torch.Tensor | None,
+    offsets: tuple[int, ...] | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Chunk-start states computed on cleaned inputs, with every state after a poisoning token
+    of its sequence and head set to NaN, as the recurrence has it (the rule
+    :func:`isolate_nonfinite` applies to the final state).
+
+    Args:
+        h: ``[B, NT, H, K, V]`` states (or ``[..., V, K]``), ``h[:, i]`` the state before token
+            ``i * chunk_size`` of its sequence; packed (``cu_seqlens``): ``[1, NT, H, ...]``,
+            each sequence's ``ceil(length / chunk_size)`` states in sequence order.
+        inputs: the raw ``(q, k, v, g, beta)`` of the call (:func:`poisoned_tokens`).
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences, or ``None``.
+        offsets: ``cu_seqlens`` on the host (required with it).
+        chunk_size: tokens per chunk.
+    """
+    _, _, token_bad = poisoned_tokens(*inputs, cu_seqlens)  # [B, T, H]
+    count = token_bad.to(torch.int32).cumsum(dim=1)
+    B, T, H = token_bad.shape
+    padded = torch.cat([count.new_zeros(B, 1, H), count], dim=1)  # poisoning tokens before t
+    if cu_seqlens is None:
+        starts = [list(range(0, T, chunk_size))]
+        before = [0]
+    else:
+        if offsets is None:
+            raise ValueError("poison_chunk_starts: offsets (cu_seqlens on the host) are required")
+        starts = [list(range(a, b, chunk_size)) for a, b in zip(offsets[:-1], offsets[1:])]
+        before = offsets[:-1]
+    pos = torch.tensor([p for s in starts for p in s], dtype=torch.long, device=h.device)
+    first = torch.tensor(
+        [b for s, b in zip(starts, before) for _ in s], dtype=torch.long, device=h.device
+    )
+    bad = (padded[:, pos] - padded[:, first]) > 0  # [B or 1, NT, H]
+    return h.masked_fill(bad[..., None, None], float("nan"))
 
 
 def isolate_nonfinite(
