@@ -38,7 +38,7 @@ from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
 from .fused_recurrent import _check_gate_args, _check_heads
 from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
-from .utils import CHUNK_SIZE, ChunkTables, check_kernel_inputs, pack
+from .utils import CHUNK_SIZE, ChunkTables, check_kernel_inputs, pack, resolve_state_v_first
 
 #: The chunk sizes fla's ``chunk_kda`` accepts (``chunk_size``); our kernels always run 64.
 FLA_CHUNK_SIZES = (32, 64)
@@ -175,7 +175,8 @@ def chunk_kda(
     dt_bias: torch.Tensor | None = None,
     chunk_size: int = 64,
     gate_lower_bound: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    transpose_state_layout: bool | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention, chunked, with Triton kernels for forward and backward.
 
     The signature of ``fla.ops.kda.chunk_kda`` (fla 0.6: same keyword names, positions and
@@ -246,6 +247,8 @@ def chunk_kda(
             ``[-5, 0)`` (``KimiLinearConfig.kda_gate_lower_bound``): selects the fast path of
             :mod:`kimi_linear.kernels.chunk_fwd`; same results. A ``g`` below the bound is not
             checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
+        transpose_state_layout: fla's deprecated name of ``state_v_first`` (fla's
+            ``DeprecationWarning``; passing both is fla's ``ValueError``).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state fp32 or ``None``.
@@ -276,6 +279,7 @@ def chunk_kda(
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
     del max_num_seqs  # accepted for fla's signature (see Args)
+    state_v_first = resolve_state_v_first(state_v_first, transpose_state_layout)
     if chunk_size not in FLA_CHUNK_SIZES:
         raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
     if return_intermediate_states:

@@ -42,7 +42,7 @@ from kimi_linear.ops.checks import check_log_decay, scale_or_default
 from kimi_linear.ops.options import gate_check_enabled
 from kimi_linear.ops.serving import check_state_pool, check_state_slots, slot_checks_enabled
 
-from .utils import check_kernel_inputs, checked_grid, next_pow2, pack
+from .utils import check_kernel_inputs, checked_grid, next_pow2, pack, resolve_state_v_first
 
 __all__ = ["fused_recurrent_kda"]
 
@@ -352,6 +352,7 @@ def fused_recurrent_kda(
     ssm_state_indices: torch.Tensor | None = None,
     num_accepted_tokens: torch.Tensor | None = None,
     inplace_final_state: bool | None = None,
+    transpose_state_layout: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention token by token, one kernel launch for all heads and sequences.
 
@@ -409,6 +410,8 @@ def fused_recurrent_kda(
             the states go into the pool; ``False``: the pool is only read, and the state after
             every token is returned in a new ``[B * T, HV, K, V]`` fp32 tensor (packed token
             order) instead.
+        transpose_state_layout: fla's deprecated name of ``state_v_first`` (fla's
+            ``DeprecationWarning``; passing both is fla's ``ValueError``).
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, state)``: ``state`` is the fp32 final state (or None)
@@ -429,6 +432,7 @@ def fused_recurrent_kda(
             ``lower_bound``), ``inplace_state`` without a suitable ``initial_state``, or bad
             serving arguments.
     """
+    state_v_first = resolve_state_v_first(state_v_first, transpose_state_layout)
     H, HV = _check_heads(q, k, v, g, beta)
     B, T, _, K = q.shape
     # q and k as zero-stride views with HV heads: the shared checks then see the value heads

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -363,6 +364,23 @@ def config_space(first: triton.Config, **space: Sequence[int]) -> list[triton.Co
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Power-of-two block size covering ``n`` (at least ``minimum``: ``tl.dot`` needs 16)."""
     return max(minimum, triton.next_power_of_2(n))
+
+
+def resolve_state_v_first(state_v_first: bool, transpose_state_layout: bool | None) -> bool:
+    """fla's deprecated alias of ``state_v_first``, ``transpose_state_layout``: honoured with
+    fla's ``DeprecationWarning``; both at once is fla's ``ValueError``."""
+    if transpose_state_layout is None:
+        return state_v_first
+    if state_v_first:
+        raise ValueError(
+            "Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`."
+        )
+    warnings.warn(
+        "`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return bool(transpose_state_layout)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
