@@ -60,11 +60,11 @@ def _mlp_weights(hidden: int, intermediate: int) -> int:
 
 
 def flops_breakdown(
-    config: KimiLinearConfig, seq_len: int, torch_chunk_kda: int | None = None
+    config: KimiLinearConfig, seq_len: int, kda_chunk_len: int | None = None
 ) -> dict[str, float]:
     """Forward FLOPs per token at training length ``seq_len``, by part (see the module docstring).
 
-    ``torch_chunk_kda``: the KDA chunk length to count (default :func:`kda_flops_chunk` without a
+    ``kda_chunk_len``: the KDA chunk length to count (default :func:`kda_flops_chunk` without a
     device: ``kda_chunk_size`` for the ``torch`` backend, else the kernels' 64).
 
     Returns a dict with ``kda_projections``, ``kda_conv``, ``kda_mixing``, ``mla_projections``,
@@ -72,10 +72,10 @@ def flops_breakdown(
     ``lm_head`` and their sum ``total``.
     """
     _check(config, seq_len)
-    if torch_chunk_kda is None:
-        torch_chunk_kda = kda_flops_chunk(config)
-    elif isinstance(torch_chunk_kda, bool) or not isinstance(torch_chunk_kda, int) or torch_chunk_kda < 1:
-        raise ValueError(f"torch_chunk_kda must be None or an int >= 1, got {torch_chunk_kda!r}")
+    if kda_chunk_len is None:
+        kda_chunk_len = kda_flops_chunk(config)
+    elif isinstance(kda_chunk_len, bool) or not isinstance(kda_chunk_len, int) or kda_chunk_len < 1:
+        raise ValueError(f"kda_chunk_len must be None or an int >= 1, got {kda_chunk_len!r}")
     c = config
     D, T = c.hidden_size, seq_len
     out = dict.fromkeys(
@@ -106,7 +106,7 @@ def flops_breakdown(
         + d * proj  # output gate (low rank)
         + proj * D  # o
     )
-    C = min(torch_chunk_kda, T)
+    C = min(kda_chunk_len, T)
     kda_mix_per_head = 2 * (2 * C * d + 2 * C * d + C * d + 3 * d * d) + 2 * C * C / 3
     # MLA
     Hm = c.num_attention_heads
@@ -150,10 +150,10 @@ def flops_breakdown(
 
 
 def flops_per_token(
-    config: KimiLinearConfig, seq_len: int, training: bool = True, torch_chunk_kda: int | None = None
+    config: KimiLinearConfig, seq_len: int, training: bool = True, kda_chunk_len: int | None = None
 ) -> float:
     """FLOPs per token of ``config`` on sequences of ``seq_len`` tokens: the forward
-    (:func:`flops_breakdown` ``total``, ``torch_chunk_kda`` as there), times 3 when ``training``
+    (:func:`flops_breakdown` ``total``, ``kda_chunk_len`` as there), times 3 when ``training``
     (forward + backward)."""
-    total = flops_breakdown(config, seq_len, torch_chunk_kda)["total"]
+    total = flops_breakdown(config, seq_len, kda_chunk_len)["total"]
     return 3.0 * total if training else total

@@ -16,7 +16,9 @@ def test_cuda_on_a_cpu_machine_is_no_cuda_device_not_a_bad_checkpoint(tmp_path):
     with pytest.raises(UsageError, match="--device: 'cuda' but there is no CUDA device here"):
         load.load_model(missing, "cuda")
     with pytest.raises(UsageError, match="no CUDA device"):
-        generate.generate_main(["--ckpt_path", str(missing), "--prompt", "hi", "--device", "cuda:0"])
+        generate.generate_main(
+            ["--ckpt_path", str(missing), "--prompt", "hi", "--device", "cuda:0"]
+        )
 
 
 def test_a_bad_device_name_is_refused_with_the_argument_named():

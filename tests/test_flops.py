@@ -114,8 +114,8 @@ def test_kda_chunk_follows_the_backend() -> None:
     assert kda_flops_chunk(KimiLinearConfig.from_preset("tiny", kda_backend="triton")) == 64
     T = 256
     at4 = flops_breakdown(torch_cfg, T)["kda_mixing"]
-    assert flops_breakdown(torch_cfg, T, torch_chunk_kda=4)["kda_mixing"] == at4
-    assert flops_breakdown(torch_cfg, T, torch_chunk_kda=64)["kda_mixing"] > at4
+    assert flops_breakdown(torch_cfg, T, kda_chunk_len=4)["kda_mixing"] == at4
+    assert flops_breakdown(torch_cfg, T, kda_chunk_len=64)["kda_mixing"] > at4
     for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="torch_chunk_kda must be None or an int >= 1"):
-            flops_per_token(torch_cfg, T, torch_chunk_kda=bad)
+        with pytest.raises(ValueError, match="kda_chunk_len must be None or an int >= 1"):
+            flops_per_token(torch_cfg, T, kda_chunk_len=bad)

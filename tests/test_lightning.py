@@ -487,7 +487,7 @@ def test_throughput_monitor_logs_tokens_step_time_and_mfu(monkeypatch, accumulat
     module, logged = _throughput_fit(monkeypatch, clock, steps, every, **kwargs)
     assert [s for s, _ in logged] == [2, 4, 6]
     config = module.config
-    fpt = flops_per_token(config, 16, training=True, torch_chunk_kda=kda_flops_chunk(config, "cpu"))
+    fpt = flops_per_token(config, 16, training=True, kda_chunk_len=kda_flops_chunk(config, "cpu"))
     for step, m in logged:
         window = clock.durations[(step - every) * accumulate : step * accumulate]
         tokens_per_s = len(window) * tokens / sum(window)

@@ -511,7 +511,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
         if T not in self._flops_per_token:
             chunk = kda_flops_chunk(config, pl_module.device.type)
             self._flops_per_token[T] = flops_per_token(
-                config, T, training=True, torch_chunk_kda=chunk
+                config, T, training=True, kda_chunk_len=chunk
             )
         return self._flops_per_token[T] * ids.numel()
 
