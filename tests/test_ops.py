@@ -506,8 +506,9 @@ def _bad_cases() -> list[tuple[str, dict, str]]:
     cases = [
         ("q_rank", {"q": x["q"][0]}, "q must be 4-D"),
         ("k_shape", {"k": x["k"][:, :5]}, "k must have the shape of q"),
-        ("g_shape", {"g": x["g"][..., :4]}, "g must have the shape of q"),
-        ("v_shape", {"v": x["v"][:, :, :1]}, "v must be"),
+        ("g_shape", {"g": x["g"][..., :4]}, r"g must be \[B, T, HV, K\]"),
+        ("v_shape", {"v": x["v"][:, :1]}, "v must be"),
+        ("v_heads", {"v": x["v"][:, :, :1]}, "num_v_heads HV=1.* multiple of .*num_heads H=2"),
         ("beta_shape", {"beta": x["beta"].unsqueeze(-1)}, "beta must be"),
         ("k_dtype", {"k": x["k"].double()}, "k must have the dtype of q"),
         ("v_dtype", {"v": x["v"].half()}, "v must have the dtype of q"),
@@ -761,3 +762,88 @@ def test_benchmark_bad_baseline_exits_with_message(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         kda_cpu.main(["--quick", "--baseline", "no-such-revision", "--out-dir", "/nonexistent"])
     assert "--baseline 'no-such-revision'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ GVA
+
+
+def _gva_inputs(B: int, T: int, H: int, G: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    """float64 GVA inputs: q, k on ``H`` heads; v, g, beta, initial_state on ``G * H``."""
+    x = make_inputs(B=B, T=T, H=G * H, K=8, V=6, seed=seed)
+    x["q"], x["k"] = x["q"][:, :, :H].contiguous(), x["k"][:, :, :H].contiguous()
+    return x
+
+
+def _run_grads(op: Callable, x: dict, G: int, repeat: bool, **kwargs) -> dict[str, torch.Tensor]:
+    """Outputs, final state and every input gradient of ``op`` on ``x`` (q and k repeated
+    onto the value heads inside the graph when ``repeat``: their gradients sum per group)."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    q, k = leaves["q"], leaves["k"]
+    if repeat:
+        q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
+    o, S = op(
+        q, k, leaves["v"], leaves["g"], leaves["beta"],
+        initial_state=leaves.get("initial_state"), output_final_state=True, **kwargs,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    loss = loss + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
+    loss.backward()
+    return {"o": o, "S": S, **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["h0=0", "h0"])
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
+def test_gva_equals_repeated_qk(op: Callable, G: int, with_state: bool, varlen: bool) -> None:
+    """GVA (q, k on H heads, the rest on G * H) equals the same call with q and k repeated per
+    group (float64, 1e-12); dq, dk are the repeated call's gradients summed over the group."""
+    x = _gva_inputs(B=1 if varlen else 2, T=37, H=2, G=G)
+    kwargs = {}
+    if varlen:
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, 21, 37])
+        x["initial_state"] = torch.randn(3, *x["initial_state"].shape[1:], dtype=torch.float64)
+    if not with_state:
+        x.pop("initial_state")
+    got = _run_grads(op, x, G, repeat=False, **kwargs)
+    want = _run_grads(op, x, G, repeat=True, **kwargs)
+    assert got["o"].shape == x["v"].shape and got["dq"].shape == x["q"].shape
+    for name in want:
+        assert_rel_close(got[name], want[name], 1e-12, name=name)
+
+
+def test_gva_chunk_equals_recurrent() -> None:
+    """The two torch ops agree with each other on GVA inputs (float64)."""
+    x = _gva_inputs(B=2, T=40, H=2, G=2)
+    got = _run_grads(torch_chunk_kda, x, 2, repeat=False)
+    want = _run_grads(naive_recurrent_kda, x, 2, repeat=False)
+    for name in want:
+        assert_rel_close(got[name], want[name], 1e-10, name=name)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gva_step_equals_recurrent(packed: bool) -> None:
+    """naive_kda_step on GVA inputs: one token of the recurrence (state [N, HV, K, V])."""
+    x = _gva_inputs(B=3, T=1, H=2, G=2)
+    want = naive_recurrent_kda(**x, output_final_state=True)
+    if packed:
+        y = {n: (t.transpose(0, 1) if n != "initial_state" else t) for n, t in x.items()}
+        o, S = naive_kda_step(**y, cu_seqlens=torch.tensor([0, 1, 2, 3]))
+        o = o.transpose(0, 1)
+    else:
+        o, S = naive_kda_step(**x)
+    assert S.shape == (3, 4, 8, 6)
+    assert_rel_close(o, want[0], 1e-12, name="o")
+    assert_rel_close(S, want[1], 1e-12, name="S")
+
+
+@pytest.mark.parametrize("op", [torch_chunk_kda, naive_recurrent_kda], ids=["chunk", "recurrent"])
+def test_gva_bad_head_count(op: Callable) -> None:
+    x = _gva_inputs(B=1, T=4, H=2, G=2)
+    x["q"], x["k"] = x["q"][:, :, :1].expand(1, 4, 3, 8), x["k"][:, :, :1].expand(1, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"num_v_heads HV=4\) must be .*num_heads H=3\)"):
+        op(**x)
+    y = _gva_inputs(B=1, T=4, H=2, G=2)
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\] = \[1, 4, 8, 6\]"):
+        op(**{**y, "initial_state": y["initial_state"][:, :2]})

@@ -160,6 +160,7 @@ def check_kda_inputs(
     cu_seqlens: torch.Tensor | None = None,
     allowed_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
     cu_seqlens_cpu: torch.Tensor | Sequence[int] | None = None,
+    allow_gva: bool = False,
 ) -> tuple[int, int, int, int, int, int]:
     """Validate the KDA op layout and return ``(B, T, H, K, V, N)``.
 
@@ -169,7 +170,30 @@ def check_kda_inputs(
     ``cu_seqlens_cpu`` its host offsets when the caller has them: no device read). q, k and v
     share one dtype; g, beta and initial_state may have any allowed floating dtype (gates are
     often kept in float32).
+
+    With ``allow_gva`` (grouped value attention), v, g, beta and initial_state may have
+    ``HV = G * H`` heads (:func:`check_kda_heads`); ``H`` returned is then q and k's head count,
+    ``HV`` is ``v.shape[2]``.
     """
+    if allow_gva:
+        _, HV = check_kda_heads(q, k, v, g, beta)
+        B, T, _, K = q.shape
+        # q and k as zero-stride stand-ins on the value heads: the checks below then see HV
+        q_hv = q.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)
+        k_hv = k.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)
+        _, _, _, _, V, N = check_kda_inputs(
+            q_hv,
+            k_hv,
+            v,
+            g,
+            beta,
+            scale,
+            initial_state,
+            cu_seqlens,
+            allowed_dtypes=allowed_dtypes,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+        )
+        return B, T, q.shape[2], K, V, N
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -222,6 +246,36 @@ def check_kda_inputs(
         if initial_state.dtype not in allowed_dtypes:
             raise ValueError(f"initial_state must be floating point, got {initial_state.dtype}")
     return B, T, H, K, V, N
+
+
+def check_kda_heads(q: object, k: object, v: object, g: object, beta: object) -> tuple[int, int]:
+    """``(H, HV)`` after checking the GVA head layout: q, k ``[B, T, H, K]``; v
+    ``[B, T, HV, V]``, g ``[B, T, HV, K]``, beta ``[B, T, HV]`` with ``HV`` a positive multiple
+    of ``H`` (value head ``i`` reads key head ``i // (HV // H)``). Only the head layout: the
+    rest is :func:`check_kda_inputs`'s."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(
+            f"k must have the shape of q {tuple(q.shape)} [B, T, H, K], got {tuple(k.shape)}"
+        )
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must be [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}")
+    HV = v.shape[2]
+    if H == 0 or HV % H != 0:
+        raise ValueError(
+            f"v's head count (num_v_heads HV={HV}) must be a positive multiple of q and k's "
+            f"(num_heads H={H})"
+        )
+    if g.shape != (B, T, HV, K):
+        raise ValueError(f"g must be [B, T, HV, K] = [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
+    if beta.shape != (B, T, HV):
+        raise ValueError(f"beta must be [B, T, HV] = [{B}, {T}, {HV}], got {tuple(beta.shape)}")
+    return H, HV
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

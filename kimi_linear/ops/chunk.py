@@ -780,7 +780,9 @@ def torch_chunk_kda(
     Args:
         q, k: ``[B, T, H, K]`` queries and keys, L2-normalised per head (as the KDA layer does;
             un-normalised keys make the delta rule, and so both forms, unstable).
-        v: ``[B, T, H, V]`` values (same dtype as q and k).
+        v: ``[B, T, HV, V]`` values (same dtype as q and k). GVA: ``HV = G * H`` value heads,
+            value head ``i`` reads key head ``i // G``; g, beta, the states and o are on the
+            ``HV`` heads (written ``H`` below); ``HV == H`` is plain KDA.
         g: ``[B, T, H, K]`` log-space per-channel decay in ``[-inf, 0]`` (``-inf``: complete
             forgetting); any floating dtype. Values below
             :data:`kimi_linear.ops.checks.LOG_DECAY_FLOOR` are clamped there, which changes no
@@ -835,8 +837,24 @@ def torch_chunk_kda(
     call, no sync; ``KIMI_LINEAR_ISOLATE_NONFINITE=0`` turns it off).
     """
     B, T, H, K, V, N = check_kda_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_cpu,
+        allow_gva=True,
     )
+    HV = v.shape[2]
+    if HV != H and q.device.type != "meta":
+        # GVA: the chunked form's key-side products are per value head anyway (k * exp(g) with
+        # g on HV heads), so q and k are repeated once onto the value heads (one [B, T, HV, K]
+        # copy each, the size of g); autograd sums their gradients over each group.
+        q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))
+    H = HV
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     compute = compute_dtype(q.dtype)
