@@ -490,3 +490,32 @@ def test_tune_bucket_is_coarse_and_checked():
     assert tune_buckets(8192 * 4, 32 * 4) == {"T_BUCKET": 16384, "NH_BUCKET": 64}
     with pytest.raises(TypeError, match="n must be an int"):
         tune_bucket(4.0)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_kernels_gva_match_torch_op(varlen):
+    """GVA (q, k on H heads; v, g, beta, states on HV = 2H): chunk_kda (with gradients) and
+    fused_recurrent_kda against the torch op's own GVA (float64 naive_recurrent_kda, q and k
+    not repeated), fp32 within 1e-4."""
+    H, G, K, V, T = 1, 2, 16, 16, 21
+    B, N = (1, 3) if varlen else (2, None)
+    q, k, v, g, beta, h0 = make_inputs(B, T, H * G, K, V, seed=7, N=N)
+    q, k = q[:, :, :H].contiguous(), k[:, :, :H].contiguous()
+    kwargs = {"cu_seqlens": torch.tensor([0, 4, 15, 21], device=DEVICE)} if varlen else {}
+    inputs = [q, k, v, g, beta, h0]
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, T, H * G, V, generator=gen).to(DEVICE)
+    dht = torch.randn(*h0.shape, generator=gen).to(DEVICE)
+    o, final, grads = run_with_grads(chunk_kda, inputs, do, dht, **kwargs)
+    ro, rfinal, rgrads = run_with_grads(
+        naive_recurrent_kda, [x.double() for x in inputs], do, dht, **kwargs
+    )
+    assert o.shape == v.shape and final.shape == h0.shape and grads[0].shape == q.shape
+    assert_rel_close(o, ro, 1e-4, "o")
+    assert_rel_close(final, rfinal, 1e-4, "final state")
+    assert_grads_close(grads, rgrads, rtol=1e-4)
+    fo, ffinal = fused_recurrent_kda(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, **kwargs
+    )
+    assert_rel_close(fo, ro, 1e-4, "fused_recurrent o")
+    assert_rel_close(ffinal, rfinal, 1e-4, "fused_recurrent final state")
