@@ -24,7 +24,10 @@ from kimi_linear.config import KimiLinearConfig
 
 
 class KDALayerCache:
-    """Constant-size decode state of one KDA layer for ``batch_size`` sequences."""
+    """Constant-size decode state of one KDA layer for ``batch_size`` sequences: conv tails
+    ``conv_q``, ``conv_k`` ``[B, conv_size - 1, H * K]``, ``conv_v`` ``[B, conv_size - 1,
+    HV * V]`` and the fp32 state ``[B, HV, K, V]`` (``HV = num_v_heads``, default
+    ``num_heads``: GVA when larger)."""
 
     def __init__(
         self,
@@ -35,14 +38,16 @@ class KDALayerCache:
         conv_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        num_v_heads: int | None = None,
     ) -> None:
-        dim_k, dim_v = num_heads * head_k_dim, num_heads * head_v_dim
+        HV = num_heads if num_v_heads is None else num_v_heads
+        dim_k, dim_v = num_heads * head_k_dim, HV * head_v_dim
         w = conv_size - 1
         self.conv_q = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
         self.conv_k = torch.zeros(batch_size, w, dim_k, device=device, dtype=dtype)
         self.conv_v = torch.zeros(batch_size, w, dim_v, device=device, dtype=dtype)
         self.state = torch.zeros(
-            batch_size, num_heads, head_k_dim, head_v_dim, device=device, dtype=torch.float32
+            batch_size, HV, head_k_dim, head_v_dim, device=device, dtype=torch.float32
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -252,6 +257,7 @@ class HybridCache:
                         config.kda_conv_size,
                         device=device,
                         dtype=dtype,
+                        num_v_heads=config.kda_value_heads,
                     )
                 )
             else:

@@ -68,6 +68,10 @@ class KimiLinearConfig:
     # --- KDA (Kimi Delta Attention) ------------------------------------------------------
     kda_num_heads: int = 32
     kda_head_dim: int = 128  # d_k = d_v, as released (``linear_attn_config.head_dim``)
+    # GVA: value heads (v, decay gate, beta, output gate and the state); None = kda_num_heads.
+    # A multiple of kda_num_heads (value head i reads key head i // (kda_num_v_heads //
+    # kda_num_heads)). Kit-only: the release config.json has no such field.
+    kda_num_v_heads: int | None = None
     kda_conv_size: int = 4  # ``short_conv_kernel_size``
     kda_gate: Literal["channel", "head"] = "channel"  # "head": GDN-like scalar gate per head
     kda_backend: str = "auto"  # one of kimi_linear.ops.options.KDA_BACKENDS
@@ -184,6 +188,14 @@ class KimiLinearConfig:
                 f"KimiLinearConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got "
                 f"{self.qk_rope_head_dim}"
             )
+        if self.kda_num_v_heads is not None:
+            positive("kda_num_v_heads")
+            if self.kda_num_v_heads % self.kda_num_heads:
+                raise ValueError(
+                    "KimiLinearConfig.kda_num_v_heads must be a multiple of kda_num_heads="
+                    f"{self.kda_num_heads} (GVA: each key head serves a group of value heads), "
+                    f"got {self.kda_num_v_heads}"
+                )
         if self.kda_gate not in KDA_GATES:
             raise ValueError(
                 f"KimiLinearConfig.kda_gate must be one of {KDA_GATES}, got {self.kda_gate!r}"
@@ -284,6 +296,11 @@ class KimiLinearConfig:
             )
 
     # ------------------------------------------------------------------ derived
+    @property
+    def kda_value_heads(self) -> int:
+        """KDA value heads ``HV``: ``kda_num_v_heads``, or ``kda_num_heads`` when None."""
+        return self.kda_num_heads if self.kda_num_v_heads is None else self.kda_num_v_heads
+
     @property
     def layer_kinds(self) -> tuple[str, ...]:
         """``"kda"`` or ``"mla"`` for each layer (0-based), resolved from the pattern fields."""
@@ -390,9 +407,10 @@ class KimiLinearConfig:
         n_mla = len(self.mla_layers)
         n_kda = len(self.kda_layers)
         per_token_layer = (self.kv_lora_rank + self.qk_rope_head_dim) * cache_dtype_bytes
-        proj = self.kda_num_heads * self.kda_head_dim
-        state = self.kda_num_heads * self.kda_head_dim * self.kda_head_dim * state_dtype_bytes
-        conv = 3 * (self.kda_conv_size - 1) * proj * cache_dtype_bytes
+        HV = self.kda_value_heads
+        proj = (2 * self.kda_num_heads + HV) * self.kda_head_dim  # q, k on H heads; v on HV
+        state = HV * self.kda_head_dim * self.kda_head_dim * state_dtype_bytes
+        conv = (self.kda_conv_size - 1) * proj * cache_dtype_bytes
         out = {
             "per_token_mla": n_mla * per_token_layer,
             "mla": batch_size * seq_len * n_mla * per_token_layer,

@@ -94,11 +94,13 @@ def flops_breakdown(
         0.0,
     )
     # KDA
-    H, d, W = c.kda_num_heads, c.kda_head_dim, c.kda_conv_size
+    H, d, W = c.kda_value_heads, c.kda_head_dim, c.kda_conv_size  # per value head (GVA)
     proj = H * d
+    proj_qk = c.kda_num_heads * d  # q and k on the key heads
     gate_dim = proj if c.kda_gate == "channel" else H
     kda_weights = (
-        3 * D * proj  # q, k, v
+        2 * D * proj_qk  # q, k
+        + D * proj  # v
         + D * d
         + d * gate_dim  # decay gate (low rank)
         + D * H  # beta
@@ -127,7 +129,7 @@ def flops_breakdown(
     for i, kind in enumerate(c.layer_kinds):
         if kind == "kda":
             out["kda_projections"] += 2 * kda_weights
-            out["kda_conv"] += 2 * 3 * proj * W
+            out["kda_conv"] += 2 * (2 * proj_qk + proj) * W
             out["kda_mixing"] += H * kda_mix_per_head
         else:
             out["mla_projections"] += 2 * mla_weights

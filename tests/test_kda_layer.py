@@ -278,3 +278,56 @@ def test_meta_device_layer_and_model_forward_give_meta_outputs():
     out = model(torch.zeros(2, 5, dtype=torch.long, device="meta"))
     logits = getattr(out, "logits", out)
     assert logits.device.type == "meta" and logits.shape == (2, 5, cfg.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------ GVA
+
+
+def _gva_pair(gate: str) -> tuple[KimiDeltaAttention, KimiDeltaAttention]:
+    """A GVA layer (H=2 key heads, HV=4 value heads) and a plain layer with 4 heads whose q / k
+    projections and convs are the GVA ones repeated per group (key head i // 2 -> head i)."""
+    gva = make_layer(kda_gate=gate, kda_num_v_heads=2 * H)
+    cfg = KimiLinearConfig.from_preset(
+        "tiny", hidden_size=D, kda_num_heads=2 * H, kda_head_dim=K, kda_backend="torch",
+        kda_gate=gate,
+    )  # fmt: skip
+    plain = KimiDeltaAttention(cfg, layer_idx=0)
+    state = dict(gva.state_dict())
+    for name in ("q_proj.weight", "k_proj.weight", "q_conv1d.weight", "k_conv1d.weight"):
+        w = state[name]
+        state[name] = w.unflatten(0, (H, K)).repeat_interleave(2, dim=0).flatten(0, 1)
+    plain.load_state_dict(state)
+    return gva, plain
+
+
+@pytest.mark.parametrize("gate", ["channel", "head"])
+def test_gva_layer_equals_repeated_key_heads(gate):
+    gva, plain = _gva_pair(gate)
+    assert gva.q_proj.weight.shape == (H * K, D) and gva.v_proj.weight.shape == (2 * H * K, D)
+    assert gva.A_log.shape == (1, 1, 2 * H, 1) and gva.b_proj.weight.shape == (2 * H, D)
+    x = torch.randn(2, 37, D)
+    torch.testing.assert_close(gva(x), plain(x), atol=1e-5, rtol=1e-4)
+
+
+def test_gva_chunked_prefill_and_decode_match_full_forward():
+    layer = make_layer(kda_num_v_heads=2 * H)
+    x = torch.randn(2, 40, D)
+    full = layer(x)
+    cache = KDALayerCache(2, H, K, K, layer.conv_size, num_v_heads=2 * H)
+    assert cache.state.shape == (2, 2 * H, K, K) and cache.conv_q.shape[-1] == H * K
+    parts = [layer(x[:, :21], cache), layer(x[:, 21:36], cache)]
+    parts += [layer(x[:, t : t + 1], cache) for t in range(36, 40)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"cache.state must be \[2, 4, 16, 16\]"):
+        layer(x[:, :1], new_cache(layer, 2))
+
+
+def test_gva_config_checks():
+    with pytest.raises(ValueError, match="kda_num_v_heads must be a multiple of kda_num_heads=2"):
+        KimiLinearConfig.from_preset("tiny", kda_num_heads=2, kda_num_v_heads=3)
+    with pytest.raises(ValueError, match="kda_num_v_heads must be a positive int"):
+        KimiLinearConfig.from_preset("tiny", kda_num_v_heads=0)
+    cfg = KimiLinearConfig.from_preset("tiny", kda_num_heads=2, kda_num_v_heads=4)
+    plain = KimiLinearConfig.from_preset("tiny", kda_num_heads=2)
+    assert cfg.kda_value_heads == 4 and plain.kda_value_heads == 2
+    assert cfg.kv_cache_bytes(8)["kda_state"] == 2 * plain.kv_cache_bytes(8)["kda_state"]

@@ -306,3 +306,21 @@ def test_logits_to_keep_equals_slice_of_full_logits():
         model(ids, logits_to_keep=-1)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_gva_model_cached_decode_matches_full_forward(tmp_path):
+    """A tiny GVA model (kda_num_v_heads = 2 * kda_num_heads): prefill + decode through the
+    HybridCache equals the full forward; its Hugging Face export is refused (no release field)."""
+    model = make_model("hybrid", kda_num_v_heads=4)
+    assert model.config.kda_value_heads == 4
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        pieces = [model(ids[:, :30], cache=cache)]
+        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="kda_num_v_heads=4 .* has no field in the release"):
+        model.save_pretrained(tmp_path / "hf")

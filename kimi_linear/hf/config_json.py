@@ -537,6 +537,13 @@ def config_to_hf(config: KimiLinearConfig) -> dict[str, Any]:
     kit-only fields, the ``kimi_linear`` section).  transformers' ``KimiLinearConfig`` reads it as
     the same model, except the safe gate (``linear_attn_config.gate_lower_bound``), which
     transformers' KimiLinear does not implement."""
+    if config.kda_value_heads != config.kda_num_heads:
+        raise ValueError(
+            f"KimiLinearConfig.kda_num_v_heads={config.kda_num_v_heads} (GVA, more value heads "
+            f"than kda_num_heads={config.kda_num_heads}) has no field in the release config.json "
+            "(nor in transformers' KimiLinearConfig): such a model cannot be exported in the "
+            "Hugging Face format; save it with its Lightning checkpoint instead"
+        )
     kinds = config.layer_kinds
     lin: dict[str, Any] = {
         "full_attn_layers": [i + 1 for i, t in enumerate(kinds) if t == "mla"],

@@ -13,7 +13,9 @@ One layer, per token ``x_t`` (``H`` heads of size ``K = V = config.kda_head_dim`
 decay is one scalar per head (``f_b_proj: K -> H``, ``dt_bias: [H]``), broadcast over the key
 channels: the Gated DeltaNet-like variant.  With ``config.kda_gate_lower_bound`` set, ``g`` is the
 bounded safe gate ``lower_bound * sigmoid(exp(A_log) * (f_b(f_a(x)) + dt_bias))`` instead
-(:mod:`kimi_linear.ops.gate` forms both).
+(:mod:`kimi_linear.ops.gate` forms both).  GVA (``config.kda_num_v_heads = HV``, a multiple
+of ``H``): q and k keep ``H`` heads, v, the decay, beta, the output gate and the state take
+``HV``; value head ``i`` reads key head ``i // (HV // H)``.
 
 The recurrence runs through the backend named by ``config.kda_backend`` (``"auto"``, ``"torch"``,
 ``"triton"`` or ``"fla"``), via the two entry points of :mod:`kimi_linear.backends`:
@@ -188,7 +190,8 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
     """KDA token mixer with release parameter names (see the module docstring).
 
     Args:
-        config: model configuration; uses ``hidden_size``, ``kda_num_heads``, ``kda_head_dim``,
+        config: model configuration; uses ``hidden_size``, ``kda_num_heads``,
+            ``kda_num_v_heads`` (GVA), ``kda_head_dim``,
             ``kda_conv_size``, ``kda_gate``, ``kda_backend``, ``kda_chunk_size`` and
             ``rms_norm_eps`` (the eps of ``o_norm``).
         layer_idx: index of this layer in the model (for messages and caches).
@@ -207,27 +210,30 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
         self.layer_idx = layer_idx
         self.hidden_size = D = config.hidden_size
         self.num_heads = H = config.kda_num_heads
+        # GVA: value heads (v, decay, beta, output gate, state); key head i // (HV // H) serves
+        # value head i (the ops read q and k per group, never repeated)
+        self.num_v_heads = HV = config.kda_value_heads
         self.head_dim = K = config.kda_head_dim
         self.conv_size = W = config.kda_conv_size
         self.gate_mode = config.kda_gate
         self._backend = config.kda_backend  # validated by the config
         self._resolved: tuple[torch.device, KDABackend] | None = None
         self.chunk_size = config.kda_chunk_size
-        proj = H * K
+        proj_qk, proj = H * K, HV * K
 
-        self.q_proj = nn.Linear(D, proj, bias=False)
-        self.k_proj = nn.Linear(D, proj, bias=False)
+        self.q_proj = nn.Linear(D, proj_qk, bias=False)
+        self.k_proj = nn.Linear(D, proj_qk, bias=False)
         self.v_proj = nn.Linear(D, proj, bias=False)
-        self.q_conv1d = nn.Conv1d(proj, proj, W, groups=proj, bias=False)
-        self.k_conv1d = nn.Conv1d(proj, proj, W, groups=proj, bias=False)
+        self.q_conv1d = nn.Conv1d(proj_qk, proj_qk, W, groups=proj_qk, bias=False)
+        self.k_conv1d = nn.Conv1d(proj_qk, proj_qk, W, groups=proj_qk, bias=False)
         self.v_conv1d = nn.Conv1d(proj, proj, W, groups=proj, bias=False)
         # decay: low rank (rank = head dim) to one value per channel, or one per head
-        gate_dim = proj if self.gate_mode == "channel" else H
+        gate_dim = proj if self.gate_mode == "channel" else HV
         self.f_a_proj = nn.Linear(D, K, bias=False)
         self.f_b_proj = nn.Linear(K, gate_dim, bias=False)
-        self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(1, 1, HV, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(gate_dim, dtype=torch.float32))
-        self.b_proj = nn.Linear(D, H, bias=False)
+        self.b_proj = nn.Linear(D, HV, bias=False)
         # output gate (no bias, as released)
         self.g_a_proj = nn.Linear(D, K, bias=False)
         self.g_b_proj = nn.Linear(K, proj, bias=False)
@@ -347,12 +353,12 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
             return
         if not isinstance(cache, KDALayerCache):
             raise ValueError(f"cache must be a KDALayerCache or None, got {type(cache).__name__}")
-        B, H, K = x.shape[0], self.num_heads, self.head_dim
+        B, H, HV, K = x.shape[0], self.num_heads, self.num_v_heads, self.head_dim
         expected = {
-            "state": (B, H, K, K),
+            "state": (B, HV, K, K),
             "conv_q": (B, self.conv_size - 1, H * K),
             "conv_k": (B, self.conv_size - 1, H * K),
-            "conv_v": (B, self.conv_size - 1, H * K),
+            "conv_v": (B, self.conv_size - 1, HV * K),
         }
         for name, shape in expected.items():
             t = getattr(cache, name)
@@ -398,7 +404,12 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
                 "context parallelism (cp) cannot be combined with a cache, cu_seqlens or an "
                 "attention_mask (the cp object holds the layout)"
             )
-        H, T = self.num_heads, x.shape[1]
+        T, K = x.shape[1], self.head_dim
+        if cp is not None and self.num_v_heads != self.num_heads:
+            raise ValueError(
+                "context parallelism (cp) does not support GVA (kda_num_v_heads != "
+                "kda_num_heads) yet"
+            )
         positions = offsets = None
         if cu_seqlens is not None:
             if cache is not None:
@@ -441,7 +452,8 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
             (q, tail_q), (k, tail_k), (v, tail_v) = (
                 causal_conv1d(p, c.weight, t) for p, c, t in zip(projected, convs, tails)
             )
-        q, k, v = (rearrange(F.silu(t), "b t (h d) -> b t h d", h=H) for t in (q, k, v))
+        # q, k: [B, T, H, K]; v: [B, T, HV, K] (GVA: HV = G * H)
+        q, k, v = (rearrange(F.silu(t), "b t (h d) -> b t h d", d=K) for t in (q, k, v))
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.decay(x)
         beta = torch.sigmoid(self.b_proj(x))
@@ -473,7 +485,7 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
                 raise RuntimeError(f"KDA backend {self.backend!r} returned no final state")
             cache.state = new_state if new_state.dtype == torch.float32 else new_state.float()
 
-        gate = rearrange(self.g_b_proj(self.g_a_proj(x)), "b t (h d) -> b t h d", h=H)
+        gate = rearrange(self.g_b_proj(self.g_a_proj(x)), "b t (h d) -> b t h d", d=K)
         o = self.o_norm(o.to(x.dtype)) * torch.sigmoid(gate)
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
@@ -526,6 +538,7 @@ class KimiDeltaAttention(KeepsFloat32, nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"layer_idx={self.layer_idx}, heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"layer_idx={self.layer_idx}, heads={self.num_heads}, v_heads={self.num_v_heads}, "
+            f"head_dim={self.head_dim}, "
             f"conv_size={self.conv_size}, gate={self.gate_mode!r}, backend={self.backend!r}"
         )
