@@ -206,6 +206,13 @@ def _fla_inputs(
 ) -> Tensor | None:
     """Our input checks (fla's own differ), and the opt-in gate checks, before fla's kernels;
     returns ``cu_seqlens`` as the int64 tensor fla takes."""
+    if isinstance(q, Tensor) and isinstance(v, Tensor) and q.dim() == v.dim() == 4:
+        if q.shape[2] != v.shape[2]:
+            raise ValueError(
+                f"kda_backend='fla' with GVA (num_v_heads HV={v.shape[2]} != num_heads "
+                f"H={q.shape[2]}) is not supported through the dispatcher (not validated against "
+                "fla); use kda_backend='torch' or 'triton'"
+            )
     check_kda_inputs(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu
     )

@@ -252,3 +252,24 @@ def test_old_op_names_warn_and_give_the_new_ops():
         with pytest.raises(AttributeError):
             getattr(ops, gone)
     assert torch.ops.kimi_linear.chunk_kda.default is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entry_points_take_gva(backend):
+    """GVA through the dispatcher (q, k on 1 head; v, g, beta, state on 2): chunked and decode
+    entry points against the float64 recurrence; fla's path refuses it with a clear error."""
+    q, k, v, g, beta, h0 = make_inputs(2, 9, H=2, seed=5)
+    q, k = q[:, :, :1].contiguous(), k[:, :, :1].contiguous()
+    ro, rstate = reference(q, k, v, g, beta, h0)
+    o, state = dispatch_chunk_kda(
+        q, k, v, g, beta, backend=backend, initial_state=h0, output_final_state=True
+    )
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
+    step = [t[:, :1] for t in (q, k, v, g, beta)]
+    ro, rstate = reference(*step, h0)
+    o, state = dispatch_decode_kda(*step, backend=backend, initial_state=h0)
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state.double(), rstate, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="kda_backend='fla' with GVA"):
+        backend_mod._fla_inputs(q, k, v, g, beta, None, h0, None)
