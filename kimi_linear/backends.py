@@ -600,10 +600,10 @@ def _chunk_kda(
 
 @_chunk_kda.register_fake
 def _chunk_kda_fake(q, k, v, g, beta, scale, initial_state, cu_seqlens, backend, chunk_size):
-    B, T, H, K = q.shape
+    K, HV = q.shape[3], v.shape[2]  # the state is on the value heads (GVA: HV = G * H)
     N = _num_states(q, initial_state, cu_seqlens)
     o = v.new_empty(v.shape)
-    state = q.new_empty((N, H, K, v.shape[-1]), dtype=_final_state_dtype(v, backend))
+    state = q.new_empty((N, HV, K, v.shape[-1]), dtype=_final_state_dtype(v, backend))
     return o, state
 
 
@@ -653,7 +653,7 @@ def _backward(ctx, do, dstate):
     q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
     if dstate is None:
         dstate = torch.zeros(
-            (_num_states(q, initial_state, cu_seqlens), q.shape[2], q.shape[3], v.shape[-1]),
+            (_num_states(q, initial_state, cu_seqlens), v.shape[2], q.shape[3], v.shape[-1]),
             dtype=_final_state_dtype(v, ctx.backend),
             device=q.device,
         )

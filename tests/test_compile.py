@@ -189,3 +189,25 @@ def test_compiled_layers_match_eager() -> None:
     for name, p in eager.named_parameters():
         torch.testing.assert_close(g1[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # names unchanged
+
+
+def test_custom_op_takes_gva() -> None:
+    """GVA (q, k on 1 head; v, g, beta, state on 2): the custom op's state is on the value heads
+    (fake and real), with no final-state cotangent too, and matches the eager dispatcher."""
+    q, k, v, g, beta, s = _inputs(H=2, T=9)
+    q, k = q[:, :, :1].contiguous(), k[:, :, :1].contiguous()
+    op_in = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta, s)]
+    o, state = chunk_kda_custom_op(
+        *op_in[:5], initial_state=op_in[5], backend="torch", output_final_state=True
+    )
+    ro, rstate = dispatch_chunk_kda(
+        q, k, v, g, beta, initial_state=s, backend="torch", output_final_state=True
+    )
+    torch.testing.assert_close(o, ro, rtol=0, atol=0)
+    torch.testing.assert_close(state, rstate, rtol=0, atol=0)
+    o.sum().backward()  # dstate is None: zeros on the value heads
+    assert op_in[0].grad.shape == q.shape and op_in[5].grad.shape == s.shape
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (q, k, v, g, beta, s)]
+        _, fstate = torch.ops.kimi_linear.chunk_kda(*fake[:5], 0.5, fake[5], None, "torch", 8)
+    assert fstate.shape == s.shape
