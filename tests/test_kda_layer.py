@@ -331,3 +331,9 @@ def test_gva_config_checks():
     plain = KimiLinearConfig.from_preset("tiny", kda_num_heads=2)
     assert cfg.kda_value_heads == 4 and plain.kda_value_heads == 2
     assert cfg.kv_cache_bytes(8)["kda_state"] == 2 * plain.kv_cache_bytes(8)["kda_state"]
+
+
+def test_gva_layer_refuses_context_parallelism():
+    layer = make_layer(kda_num_v_heads=2 * H)
+    with pytest.raises(ValueError, match="context parallelism .* does not support GVA"):
+        layer(torch.randn(1, 4, D), cp=object())
