@@ -26,7 +26,12 @@ import functools
 
 import torch
 
-from kimi_linear.ops.checks import check_gate_lower_bound, check_log_decay, scale_or_default
+from kimi_linear.ops.checks import (
+    check_gate_lower_bound,
+    check_kda_heads,
+    check_log_decay,
+    scale_or_default,
+)
 from kimi_linear.ops.isolation import isolate_nonfinite, isolation_enabled, poison_chunk_starts
 from kimi_linear.ops.options import (
     SAFE_GATE_LOWER_BOUND_RANGE,
@@ -36,7 +41,7 @@ from kimi_linear.ops.options import (
 
 from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
-from .fused_recurrent import _check_gate_args, _check_heads
+from .fused_recurrent import _check_gate_args
 from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
 from .utils import CHUNK_SIZE, ChunkTables, check_kernel_inputs, pack, resolve_state_v_first
 
@@ -296,7 +301,7 @@ def chunk_kda(
     state_arg = initial_state
     if state_v_first and initial_state is not None:
         state_arg = initial_state.transpose(-1, -2)
-    H, HV = _check_heads(q, k, v, g, beta)
+    H, HV = check_kda_heads(q, k, v, g, beta)
     B, T, _, K = q.shape
     # q and k as zero-stride stand-ins with HV heads: the shared checks then see the value heads
     q_hv = q.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.checks import check_log_decay, scale_or_default
+from kimi_linear.ops.checks import check_kda_heads, check_log_decay, scale_or_default
 from kimi_linear.ops.options import gate_check_enabled
 from kimi_linear.ops.serving import check_state_pool, check_state_slots, slot_checks_enabled
 
@@ -245,37 +245,6 @@ class _ForwardOnly(torch.autograd.Function):
         )
 
 
-def _check_heads(q: object, k: object, v: object, g: object, beta: object) -> tuple[int, int]:
-    """``(H, HV)`` after checking the GVA head layout (q, k ``[B, T, H, K]``; v
-    ``[B, T, HV, V]``, g ``[B, T, HV, K]``, beta ``[B, T, HV]`` with ``HV`` a multiple of
-    ``H``); the rest is checked by :func:`check_kernel_inputs` on head-broadcast stand-ins of
-    q and k."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {tuple(q.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(
-            f"k must have the shape of q {tuple(q.shape)} [B, T, H, K], got {tuple(k.shape)}"
-        )
-    B, T, H = q.shape[:3]
-    if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must be [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}")
-    HV = v.shape[2]
-    if H == 0 or HV % H != 0:
-        raise ValueError(
-            f"v's head count (num_v_heads HV={HV}) must be a positive multiple of q and k's "
-            f"(num_heads H={H})"
-        )
-    K = q.shape[3]
-    if g.shape != (B, T, HV, K):
-        raise ValueError(f"g must be [B, T, HV, K] = [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
-    if beta.shape != (B, T, HV):
-        raise ValueError(f"beta must be [B, T, HV] = [{B}, {T}, {HV}], got {tuple(beta.shape)}")
-    return H, HV
-
-
 def _check_gate_args(
     use_gate_in_kernel: bool,
     A_log: torch.Tensor | None,
@@ -433,7 +402,7 @@ def fused_recurrent_kda(
             serving arguments.
     """
     state_v_first = resolve_state_v_first(state_v_first, transpose_state_layout)
-    H, HV = _check_heads(q, k, v, g, beta)
+    H, HV = check_kda_heads(q, k, v, g, beta)
     B, T, _, K = q.shape
     # q and k as zero-stride views with HV heads: the shared checks then see the value heads
     q_hv = q.new_empty((1, 1, 1, 1)).expand(B, T, HV, K)
