@@ -25,17 +25,14 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from fla.ops.kda import chunk_kda as fla_chunk_kda
+from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
+from fla.ops.kda.naive import naive_recurrent_kda
+from fla.utils import assert_close
+from kimi_linear.kernels import chunk_kda, fused_recurrent_kda
 
-pytest.importorskip("fla.ops.kda.naive")
-
-from fla.ops.kda import chunk_kda as fla_chunk_kda  # noqa: E402
-from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate  # noqa: E402
-from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
-from fla.utils import assert_close  # noqa: E402
-from kimi_linear.kernels import chunk_kda, fused_recurrent_kda  # noqa: E402
-
-from kimi_linear.ops import torch_chunk_kda  # noqa: E402
-from kimi_linear.ops.gate import kda_gate  # noqa: E402
+from kimi_linear.ops import torch_chunk_kda
+from kimi_linear.ops.gate import kda_gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -928,6 +925,45 @@ def test_chunk_return_intermediate_states(dtype):
 @_OVERFLOW_OK
 def test_chunk_return_intermediate_states_tiny():
     _run_return_states_case(2, 70, 1, 32, _BF16)
+
+
+#: fla's ``test_gate`` rows ``(B, T, H, D, HAS_BIAS)``: its fused gate op against
+#: ``naive_kda_gate``; ours is :func:`kimi_linear.ops.gate.kda_gate` (the one place the layer's
+#: decay is formed; the kernels' in-kernel gate is checked through ``test_chunk`` above).
+GATE_GRID = [
+    (B, T, H, D, bias)
+    for bias in (False, True)
+    for B, T, H, D in (
+        (1, 2, 2, 12),
+        (1, 32, 2, 16),
+        (2, 64, 4, 32),
+        (4, 128, 8, 64),
+        (4, 128, 8, 128),
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id="B{}-T{}-H{}-D{}-bias{}".format(*c)) for c in GATE_GRID]
+)
+def test_gate(case):
+    """fla's ``test_gate``: the gate and its gradients into ``g``, ``A_log`` and ``dt_bias``
+    against fla's ``naive_kda_gate`` at fla's tolerance (1e-4)."""
+    B, T, H, D, has_bias = case
+    torch.manual_seed(42)
+    g = (torch.randn(B, T, H, D) * 10).requires_grad_(True)
+    A_log = torch.log(torch.empty(1, 1, H, 1).uniform_(1, 16)).requires_grad_(True)
+    dt_bias = torch.randn(H * D).requires_grad_(True) if has_bias else None
+    do = torch.randn(B, T, H, D)
+    leaves = [g, A_log] + ([dt_bias] if has_bias else [])
+    ref = naive_kda_gate(g, A_log, dt_bias)
+    ref_grads = torch.autograd.grad((ref * do).sum(), leaves)
+    ours = kda_gate(g, A_log, dt_bias)
+    our_grads = torch.autograd.grad((ours * do).sum(), leaves)
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert_close("o", ref, ours, 1e-4)
+    for name, r, o in zip(("dg", "dA", "dbias"), ref_grads, our_grads):
+        assert_close(name, r, o, 1e-4)
 
 
 @pytest.mark.parametrize(

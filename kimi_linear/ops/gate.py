@@ -33,7 +33,7 @@ __all__ = ["SAFE_GATE_LOWER_BOUND_RANGE", "kda_gate"]
 def kda_gate(
     f: torch.Tensor,
     A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
+    dt_bias: torch.Tensor | None = None,
     lower_bound: float | None = None,
 ) -> torch.Tensor:
     """Log-space decay ``g <= 0`` (float32; float64 if an input is) from the gate projection ``f``.
@@ -42,7 +42,9 @@ def kda_gate(
         f: ``[B, T, H, K]`` (per-channel gate) or ``[B, T, H, 1]`` (one gate per head).
         A_log: ``H`` values, any shape that flattens to ``[H]`` (the release stores
             ``[1, 1, H, 1]``).
-        dt_bias: ``H * f.shape[-1]`` values (flattened ``[H, K]`` or ``[H]``).
+        dt_bias: ``H * f.shape[-1]`` values (flattened ``[H, K]`` or ``[H]``), or ``None`` for
+            no bias (fla's ``naive_kda_gate`` / ``fused_kda_gate`` allow it; the layer always
+            has one).
         lower_bound: ``None`` for the release gate; a number in ``[-5, 0)`` for the safe gate.
 
     Returns:
@@ -56,12 +58,14 @@ def kda_gate(
     H, K = f.shape[-2:]
     if A_log.numel() != H:
         raise ValueError(f"A_log must hold H={H} values, got shape {tuple(A_log.shape)}")
-    if dt_bias.numel() != H * K:
+    if dt_bias is not None and dt_bias.numel() != H * K:
         raise ValueError(f"dt_bias must hold H*K={H * K} values, got shape {tuple(dt_bias.shape)}")
     lower_bound = check_safe_gate_bound(lower_bound, "lower_bound")
-    wide = torch.float64 in (f.dtype, A_log.dtype, dt_bias.dtype)
-    dtype = torch.float64 if wide else torch.float32
-    x = f.to(dtype) + dt_bias.to(dtype).reshape(H, K)
+    dtypes = (f.dtype, A_log.dtype) + (() if dt_bias is None else (dt_bias.dtype,))
+    dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    x = f.to(dtype)
+    if dt_bias is not None:
+        x = x + dt_bias.to(dtype).reshape(H, K)
     A = A_log.to(dtype).reshape(H, 1).exp()
     if lower_bound is None:
         return -A * F.softplus(x)
