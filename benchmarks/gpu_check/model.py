@@ -102,7 +102,7 @@ def _decode_item(name: str) -> Callable[[ItemContext], None]:
             steps_per_rep=s.decode_steps,
             reps=s.decode_reps,
         )
-        model = decode.build_model(cfg, dtype, dev, run.seed)
+        model = workload.build_model(cfg, dtype, dev, run.seed)
         opts = SimpleNamespace(steps=s.decode_steps, warmup=1, reps=s.decode_reps, seed=run.seed)
         for ctx_len in s.decode_contexts:
             per_seq = decode.cache_bytes(
@@ -171,7 +171,7 @@ def _prefill_item(name: str) -> Callable[[ItemContext], None]:
             batch=1,
             kda_backend=_resolved_backend(cfg, dev),
         )
-        model = decode.build_model(cfg, dtype, dev, run.seed)
+        model = workload.build_model(cfg, dtype, dev, run.seed)
         gen = torch.Generator(device="cpu").manual_seed(run.seed)
         prompt = torch.randint(0, cfg.vocab_size, (1, max(s.prefill_lengths)), generator=gen).to(
             dev
