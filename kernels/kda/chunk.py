@@ -43,7 +43,15 @@ from .chunk_bwd import chunk_kda_bwd
 from .chunk_fwd import GATE_LOWER_BOUND, GATE_SOFTPLUS, InKernelGate, chunk_kda_fwd
 from .fused_recurrent import _check_gate_args
 from .prologue import beta_sigmoid_bwd, beta_sigmoid_fwd, l2norm_bwd, l2norm_fwd
-from .utils import CHUNK_SIZE, ChunkTables, check_kernel_inputs, pack, resolve_state_v_first
+from .split import SegmentPlan, check_segment_chunks, plan_for
+from .utils import (
+    CHUNK_SIZE,
+    ChunkTables,
+    check_kernel_inputs,
+    pack,
+    packed_offsets,
+    resolve_state_v_first,
+)
 
 #: The chunk sizes fla's ``chunk_kda`` accepts (``chunk_size``); our kernels always run 64.
 FLA_CHUNK_SIZES = (32, 64)
@@ -78,6 +86,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         l2norm: bool = False,
         beta_scale: float | None = None,
         states: dict | None = None,
+        segments: SegmentPlan | None = None,
     ):
         q_rstd = k_rstd = None
         if l2norm:
@@ -111,6 +120,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             safe_gate=safe_gate,
             gate=gate,
             return_states=states is not None,
+            segments=segments,
         )
         if states is not None:  # return_intermediate_states: the chunk-start states
             states["h"] = fwd.h
@@ -118,7 +128,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         extra = (q_rstd, k_rstd, beta_raw if beta_scale is not None else None)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, *extra, *saved)
         ctx.scale, ctx.tables, ctx.safe_gate = scale, tables, safe_gate
-        ctx.gate, ctx.beta_scale = gate, beta_scale
+        ctx.gate, ctx.beta_scale, ctx.segments = gate, beta_scale, segments
         ctx.param_meta = tuple(None if x is None else (x.shape, x.dtype) for x in (A_log, dt_bias))
         return fwd.o, fwd.final_state
 
@@ -140,6 +150,7 @@ class ChunkKDAFunction(torch.autograd.Function):
             safe_gate=ctx.safe_gate,
             gate=ctx.gate,
             fp32_dqk=q_rstd is not None,  # the L2 norm's backward follows
+            segments=ctx.segments,
         )
         if q_rstd is not None:
             dq = l2norm_bwd(q, q_rstd, dq)
@@ -149,7 +160,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         grads = []
         for d, meta in zip((dA, dbias), ctx.param_meta):
             grads.append(None if meta is None or d is None else d.reshape(meta[0]).to(meta[1]))
-        return (dq, dk, dv, dg, dbeta, *grads, None, dh0, *([None] * 9))
+        return (dq, dk, dv, dg, dbeta, *grads, None, dh0, *([None] * 10))
 
 
 def chunk_kda(
@@ -181,6 +192,7 @@ def chunk_kda(
     chunk_size: int = 64,
     gate_lower_bound: float | None = None,
     transpose_state_layout: bool | None = None,
+    segment_chunks: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Kimi Delta Attention, chunked, with Triton kernels for forward and backward.
 
@@ -254,6 +266,13 @@ def chunk_kda(
             checked unless ``KIMI_LINEAR_CHECK_GATE=1`` and may give inf / NaN.
         transpose_state_layout: fla's deprecated name of ``state_v_first`` (fla's
             ``DeprecationWarning``; passing both is fla's ``ValueError``).
+        segment_chunks: in-device sequence splitting of the sequential state passes, forward
+            and backward (:mod:`kimi_linear.kernels.split`): each sequence is cut into segments
+            of this many 64-token chunks that run in parallel, joined by a short fp32 fold of
+            their affine transitions (same results to rounding). None (default): automatic,
+            only on a GPU whose SMs the unsplit pass leaves idle (few sequences x heads, long
+            sequences; ``split.auto_segment_chunks``); 0: never; ``n >= 1``: always, ``n``
+            chunks per segment.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in v's dtype; final_state fp32 or ``None``.
@@ -284,6 +303,7 @@ def chunk_kda(
     Inputs with other strides are made contiguous (a copy); inputs are never modified.
     """
     del max_num_seqs  # accepted for fla's signature (see Args)
+    segment_chunks = check_segment_chunks(segment_chunks)
     state_v_first = resolve_state_v_first(state_v_first, transpose_state_layout)
     if chunk_size not in FLA_CHUNK_SIZES:
         raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}.")
@@ -364,6 +384,7 @@ def chunk_kda(
         lower_bound=lower_bound,
         l2norm=bool(use_qk_l2norm_in_kernel),
         beta_scale=(2.0 if allow_neg_eigval else 1.0) if use_beta_sigmoid_in_kernel else None,
+        segment_chunks=segment_chunks,
     )
     box: dict | None = {} if return_intermediate_states else None
     if box is not None:
@@ -447,13 +468,16 @@ def _chunk_kda_packed(
     lower_bound: float,
     l2norm: bool,
     beta_scale: float | None,
+    segment_chunks: int | None = None,
     states_out: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`chunk_kda` on checked inputs: pack, run the kernels, unpack the output
     (``states_out``: a dict that receives ``"h"``, the packed chunk-start states
     ``[NT, HV, K, V]``)."""
     B, T, HV, V = v.shape
-    (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens)
+    offsets = packed_offsets(B, T, cu_seqlens)
+    (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, cu_seqlens, offsets)
+    segments = plan_for(offsets, HV, V, q.device, segment_chunks)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)
@@ -477,5 +501,6 @@ def _chunk_kda_packed(
         l2norm,
         beta_scale,
         states_out,
+        segments,
     )
     return o.view(B, T, HV, V), final_state

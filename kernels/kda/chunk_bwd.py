@@ -68,6 +68,7 @@ from .chunk_fwd import (
     gate_constexprs,
     gate_launch_args,
 )
+from .split import SegmentPlan, fold_states
 from .utils import (
     CHUNK_SIZE,
     NO_SPECIALIZE,
@@ -93,7 +94,7 @@ _BWD_STATE_CONFIGS = config_space(
 )
 
 
-@autotune(_BWD_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 8))  # + BV=32 w4 s1
+@autotune(_BWD_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS, "STORE_CHUNKS"], suite=(0, 8))  # +BV32
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_bwd_state_kernel(
     qg,
@@ -120,6 +121,7 @@ def _chunk_bwd_state_kernel(
     USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    STORE_CHUNKS: tl.constexpr = True,
 ):
     """Reverse pass over the chunks: chunk-end state gradients ``dh`` and ``d_delta``.
 
@@ -132,6 +134,9 @@ def _chunk_bwd_state_kernel(
     ``[TT, H, V]`` buffer (``restore_value``). The state gradient ``[BK, BV]`` is held as
     ``BK // BKS`` key blocks ``b_ds1 .. b_ds4`` (as the forward state), so only ``[BT, BKS]``
     operands are live at a time.
+
+    ``STORE_CHUNKS=False`` (the first pass of a split run, :mod:`kimi_linear.kernels.split`):
+    nothing per chunk is stored, only the gradient at the start (``dh0``).
     """
     NV: tl.constexpr = (V + BV - 1) // BV
     i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
@@ -167,17 +172,18 @@ def _chunk_bwd_state_kernel(
         m_t = o_t < (eos - start).to(tl.int32)
         k_c = (start * H + i_h) * K  # int64 scalar row bases, int32 offsets inside the chunk
         v_c = (start * H + i_h) * V
-        dh_c = dh + ((boh + i_c) * H + i_h) * K * V
-        p_c, m_c = _state_block(dh_c, 0, cols_v, K, V, BKS)
-        tl.store(p_c, b_ds1, mask=m_c)
-        if BK > BKS:
-            p_c, m_c = _state_block(dh_c, BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_ds2, mask=m_c)
-        if BK > 2 * BKS:
-            p_c, m_c = _state_block(dh_c, 2 * BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_ds3, mask=m_c)
-            p_c, m_c = _state_block(dh_c, 3 * BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_ds4, mask=m_c)
+        if STORE_CHUNKS:
+            dh_c = dh + ((boh + i_c) * H + i_h) * K * V
+            p_c, m_c = _state_block(dh_c, 0, cols_v, K, V, BKS)
+            tl.store(p_c, b_ds1, mask=m_c)
+            if BK > BKS:
+                p_c, m_c = _state_block(dh_c, BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_ds2, mask=m_c)
+            if BK > 2 * BKS:
+                p_c, m_c = _state_block(dh_c, 2 * BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_ds3, mask=m_c)
+                p_c, m_c = _state_block(dh_c, 3 * BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_ds4, mask=m_c)
         m_tv = m_t[:, None] & m_v[None, :]
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
         b_do = tl.load(do + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32)
@@ -205,7 +211,8 @@ def _chunk_bwd_state_kernel(
                 b_ds4.to(dh.dtype.element_ty),
                 input_precision=DOT_PREC,
             )
-        tl.store(dd + v_c + off_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
+        if STORE_CHUNKS:
+            tl.store(dd + v_c + off_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
         # dS0 = exp(G_last) dS1 + qg^T dO - W^T d_delta
         last = boh + i_c  # row of Gl
         b_ds1 = _state_grad_step(
@@ -830,6 +837,7 @@ def chunk_kda_bwd(
     safe_gate: bool = False,
     gate: InKernelGate | None = None,
     fp32_dqk: bool = False,
+    segments: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of chunked KDA on packed, contiguous inputs (layout of ``chunk_kda_fwd``).
 
@@ -838,6 +846,9 @@ def chunk_kda_bwd(
     states, residuals). ``do``: ``[TT, H, V]``; ``dht``: ``[N, H, K, V]`` or None.
     ``safe_gate``: the caller promises ``g >= -5`` (the safe gate): the tensor-core path for the
     diagonal sub-chunks (see :func:`kimi_linear.kernels.chunk_fwd.chunk_kda_fwd`).
+
+    ``segments``: split the sequential passes (forward recompute and reverse) into these
+    segments (:mod:`kimi_linear.kernels.split`; same results to rounding).
 
     ``fp32_dqk``: return dq, dk in fp32 (for a backward that continues through them, the L2
     norm's: no rounding to the input dtype in between).
@@ -878,6 +889,7 @@ def chunk_kda_bwd(
         saved=saved,
         safe_gate=safe_gate,
         gate=gate,
+        segments=segments,
     )
     # Chunk-end state gradients: carried in fp32 registers, stored in the input dtype (their
     # only consumer rounds them to it for the tensor-core products).
@@ -887,32 +899,61 @@ def chunk_kda_bwd(
     # [TT, H, V] buffer in place, so autotuning copies none (restore_value).
     ddelta = fwd.ddelta
     dd = torch.empty_like(v)
-    dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
-    _chunk_bwd_state_kernel[grid](
-        fwd.qg,
-        fwd.kg,
-        fwd.W,
-        fwd.Gl,
-        do,
-        dh,
-        dht,
-        dh0,
-        ddelta,
-        dd,
-        cu_seqlens,
-        chunk_offsets,
-        H,
-        **buckets,
-        K=K,
-        V=V,
-        BT=BT,
-        BK=BK,
-        BKS=BKS,
-        USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None,
-        DOT_PREC=prec,
-    )
+
+    def reverse_pass(grid, *args, **meta):  # the reverse state kernel on this call's tensors
+        _chunk_bwd_state_kernel[grid](
+            fwd.qg, fwd.kg, fwd.W, fwd.Gl, do, dh, *args, K=K, V=V, BT=BT, BK=BK, BKS=BKS, **meta
+        )
+
+    if segments is None:
+        dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
+        grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
+        reverse_pass(
+            grid,
+            dht,
+            dh0,
+            ddelta,
+            dd,
+            cu_seqlens,
+            chunk_offsets,
+            H,
+            **buckets,
+            USE_DHT=dht is not None,
+            STORE_DH0=dh0 is not None,
+            DOT_PREC=prec,
+            STORE_CHUNKS=True,
+        )
+    else:  # split (kimi_linear.kernels.split): per-segment offsets, reverse fold, then dh
+        NS = segments.num_segments
+        seg_args = (ddelta, dd, segments.cu_seqlens, segments.chunk_offsets, H)
+        seg_buckets = tune_buckets(TT, NS * H)
+        grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * NS * H)
+        E = torch.empty(NS, H, K, V, **f32)  # each segment's start gradient from a zero end
+        reverse_pass(
+            grid,
+            None,
+            E,
+            *seg_args,
+            **seg_buckets,
+            USE_DHT=False,
+            STORE_DH0=True,
+            DOT_PREC=prec,
+            STORE_CHUNKS=False,
+        )
+        ends, dh0 = fold_states(
+            fwd.HM[..., V:], E, dht, segments, N, initial_state is not None, reverse=True
+        )
+        reverse_pass(
+            grid,
+            ends,
+            None,
+            *seg_args,
+            **seg_buckets,
+            USE_DHT=True,
+            STORE_DH0=False,
+            DOT_PREC=prec,
+            STORE_CHUNKS=True,
+        )
     # dq, dk per value head (GVA: fp32, then summed over each key head's group)
     dqk = dict(dtype=q.dtype if H == HQ and not fp32_dqk else torch.float32, device=dev)
     dq, dk = torch.empty(TT, H, K, **dqk), torch.empty(TT, H, K, **dqk)

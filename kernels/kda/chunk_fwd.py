@@ -88,6 +88,7 @@ import triton.language as tl
 
 from kimi_linear.ops.checks import LOG_DECAY_FLOOR
 
+from .split import SegmentPlan, fold_states
 from .utils import (
     CHUNK_SIZE,
     NO_SPECIALIZE,
@@ -668,7 +669,7 @@ _STATE_CONFIGS = config_space(
 )
 
 
-@autotune(_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS], suite=(0, 12))  # + BV=16 w4 s2
+@autotune(_STATE_CONFIGS, key=["K", "V", *TUNE_KEYS, "SEGMENT_PASS"], suite=(0, 12))  # +BV16 w4 s2
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _chunk_fwd_state_kernel(
     kg,
@@ -695,6 +696,7 @@ def _chunk_fwd_state_kernel(
     USE_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SEGMENT_PASS: tl.constexpr = False,
 ):
     """Sequential pass over the chunks of one sequence and head, for a block of BV value columns.
 
@@ -706,17 +708,25 @@ def _chunk_fwd_state_kernel(
     parallel. The residual ``delta = U - W S`` is formed in fp32, with ``U = N (beta v)``
     computed here from ``Ainv`` (it does not depend on the state, so it is off the sequential
     path and never stored).
+
+    ``SEGMENT_PASS`` (in-device sequence splitting, :mod:`kimi_linear.kernels.split`): the
+    "sequences" are segments; nothing per chunk is stored; the grid has ``cdiv(K, BV)`` more
+    blocks per segment and head, whose programs start from the identity on their columns and
+    drop the ``U`` term, so they carry the segment's transition ``M`` while the others carry
+    ``H`` (from a zero state); both go to ``ht`` as ``[NS, H, K, V + K]`` (``H | M``).
     """
     NV: tl.constexpr = (V + BV - 1) // BV
-    i_v, i_nh = tl.program_id(0) % NV, tl.program_id(0) // NV
+    NB: tl.constexpr = NV + SEGMENT_PASS * ((K + BV - 1) // BV)  # + transition blocks
+    i_v, i_nh = tl.program_id(0) % NB, tl.program_id(0) // NB
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     boh = tl.load(chunk_offsets + i_n).to(tl.int64)
     num_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
-    cols_v = i_v * BV + tl.arange(0, BV)
-    m_v = cols_v < V
+    is_m = i_v >= NV  # a transition program (SEGMENT_PASS only)
+    cols_v = tl.where(is_m, i_v - NV, i_v) * BV + tl.arange(0, BV)
+    m_v = cols_v < tl.where(is_m, 0, V)  # transition programs read no v
     seq_state = (i_n * H + i_h).to(tl.int64) * K * V
     b_s1 = tl.zeros([BKS, BV], dtype=tl.float32)
     if BK > BKS:
@@ -724,6 +734,14 @@ def _chunk_fwd_state_kernel(
     if BK > 2 * BKS:
         b_s3 = tl.zeros([BKS, BV], dtype=tl.float32)
         b_s4 = tl.zeros([BKS, BV], dtype=tl.float32)
+    if SEGMENT_PASS:  # transition programs start from the identity's columns
+        n_id = tl.where(is_m, K, 0)
+        b_s1 += _identity_block(0, cols_v, n_id, BKS)
+        if BK > BKS:
+            b_s2 += _identity_block(BKS, cols_v, n_id, BKS)
+        if BK > 2 * BKS:
+            b_s3 += _identity_block(2 * BKS, cols_v, n_id, BKS)
+            b_s4 += _identity_block(3 * BKS, cols_v, n_id, BKS)
     if USE_H0:
         p, m = _state_block(h0 + seq_state, 0, cols_v, K, V, BKS)
         b_s1 += tl.load(p, mask=m, other=0.0)
@@ -740,17 +758,18 @@ def _chunk_fwd_state_kernel(
         m_t = o_t < (eos - start).to(tl.int32)
         k_c = (start * H + i_h) * K  # int64 scalar row bases, int32 offsets inside the chunk
         v_c = (start * H + i_h) * V
-        h_c = h + ((boh + i_c) * H + i_h) * K * V
-        p_c, m_c = _state_block(h_c, 0, cols_v, K, V, BKS)
-        tl.store(p_c, b_s1, mask=m_c)
-        if BK > BKS:
-            p_c, m_c = _state_block(h_c, BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_s2, mask=m_c)
-        if BK > 2 * BKS:
-            p_c, m_c = _state_block(h_c, 2 * BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_s3, mask=m_c)
-            p_c, m_c = _state_block(h_c, 3 * BKS, cols_v, K, V, BKS)
-            tl.store(p_c, b_s4, mask=m_c)
+        if not SEGMENT_PASS:
+            h_c = h + ((boh + i_c) * H + i_h) * K * V
+            p_c, m_c = _state_block(h_c, 0, cols_v, K, V, BKS)
+            tl.store(p_c, b_s1, mask=m_c)
+            if BK > BKS:
+                p_c, m_c = _state_block(h_c, BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_s2, mask=m_c)
+            if BK > 2 * BKS:
+                p_c, m_c = _state_block(h_c, 2 * BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_s3, mask=m_c)
+                p_c, m_c = _state_block(h_c, 3 * BKS, cols_v, K, V, BKS)
+                tl.store(p_c, b_s4, mask=m_c)
         m_tv = m_t[:, None] & m_v[None, :]
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
         # delta = U - W S, one key block at a time, with U = N (beta v).
@@ -783,7 +802,8 @@ def _chunk_fwd_state_kernel(
                 b_s4.to(h.dtype.element_ty),
                 input_precision=DOT_PREC,
             )
-        tl.store(delta + v_c + off_v, b_d, mask=m_tv)
+        if not SEGMENT_PASS:
+            tl.store(delta + v_c + off_v, b_d, mask=m_tv)
         # S = exp(G_last) S + kg^T delta
         last = boh + i_c  # row of Gl
         b_s1 = b_s1 * _decay_row(Gl, last, i_h, H, K, 0, BKS)[:, None]
@@ -812,7 +832,17 @@ def _chunk_fwd_state_kernel(
                 b_d.to(kg.dtype.element_ty),
                 input_precision=DOT_PREC,
             )
-    if STORE_FINAL:
+    if SEGMENT_PASS:  # H | M of the segment: [K, V + K] rows
+        seg = ht + (i_n * H + i_h).to(tl.int64) * K * (V + K)
+        cols_out = cols_v + tl.where(is_m, V, 0)
+        m_out = cols_v < tl.where(is_m, K, V)
+        _store_rows(seg, 0, cols_out, m_out, b_s1, K, V + K, BKS)
+        if BK > BKS:
+            _store_rows(seg, BKS, cols_out, m_out, b_s2, K, V + K, BKS)
+        if BK > 2 * BKS:
+            _store_rows(seg, 2 * BKS, cols_out, m_out, b_s3, K, V + K, BKS)
+            _store_rows(seg, 3 * BKS, cols_out, m_out, b_s4, K, V + K, BKS)
+    elif STORE_FINAL:
         p, m = _state_block(ht + seq_state, 0, cols_v, K, V, BKS)
         tl.store(p, b_s1, mask=m)
         if BK > BKS:
@@ -823,6 +853,21 @@ def _chunk_fwd_state_kernel(
             tl.store(p, b_s3, mask=m)
             p, m = _state_block(ht + seq_state, 3 * BKS, cols_v, K, V, BKS)
             tl.store(p, b_s4, mask=m)
+
+
+@triton.jit
+def _identity_block(row0, cols, n, BD: tl.constexpr):
+    """Rows ``row0 + [0, BD)`` at columns ``cols`` of the identity's first ``n`` columns."""
+    rows = row0 + tl.arange(0, BD)
+    return tl.where((rows[:, None] == cols[None, :]) & (cols < n)[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _store_rows(base, row0, cols, m_cols, b_x, K: tl.constexpr, LD: tl.constexpr, BD: tl.constexpr):
+    """Store the ``[BD, BV]`` block ``b_x`` at key rows ``row0 ..`` of a ``[K, LD]`` matrix."""
+    rows = row0 + tl.arange(0, BD)
+    mask = (rows < K)[:, None] & m_cols[None, :]
+    tl.store(base + rows[:, None] * LD + cols[None, :], b_x, mask=mask)
 
 
 _O_CONFIGS = config_space(
@@ -913,6 +958,8 @@ class ChunkForward(NamedTuple):
     delta: torch.Tensor | None = None
     ddelta: torch.Tensor | None = None
     Gl: torch.Tensor | None = None
+    #: ``[NS, H, K, V + K]`` fp32 per-segment ``H | M`` of a split run (``split.SegmentPlan``)
+    HM: torch.Tensor | None = None
 
 
 def gate_launch_args(
@@ -954,6 +1001,7 @@ def chunk_kda_fwd(
     safe_gate: bool = False,
     gate: InKernelGate | None = None,
     return_states: bool = False,
+    segments: SegmentPlan | None = None,
 ) -> ChunkForward:
     """Run the forward pipeline on packed, contiguous, checked inputs.
 
@@ -985,6 +1033,10 @@ def chunk_kda_fwd(
         return_states: also return the chunk-start states ``h [NT, H, K, V]`` (in
             ``utils.state_dtype``) with the output (fla's ``return_intermediate_states``: the
             states the output kernel reads anyway, no extra work).
+        segments: split every sequence's state pass into these segments
+            (:mod:`kimi_linear.kernels.split`: transitions, fold, states; same results to
+            rounding). With ``for_backward`` the result's ``HM`` holds the segments' ``H | M``,
+            whose ``M`` the backward's reverse fold reuses.
     """
     TT, HQ, K = q.shape
     H = g.shape[1]  # value heads (GVA: a multiple of q and k's HQ)
@@ -1085,34 +1137,68 @@ def chunk_kda_fwd(
             DOT_PREC=prec,
             GVA=H != HQ,
         )
-    ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=state_dtype(q.dtype), device=dev)
     delta = torch.empty(TT, H, V, **io)
-    grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
-    _chunk_fwd_state_kernel[grid](
-        kg,
-        W,
-        Ainv,
-        v,
-        beta,
-        Gl,
-        h,
-        initial_state,
-        ht,
-        delta,
-        cu_seqlens,
-        chunk_offsets,
-        H,
-        **buckets,
-        K=K,
-        V=V,
-        BT=BT,
-        BK=BK,
-        BKS=BKS,
-        USE_H0=initial_state is not None,
-        STORE_FINAL=output_final_state,
-        DOT_PREC=prec,
-    )
+
+    def state_pass(grid, *args, **meta):  # the state kernel on this call's tensors
+        _chunk_fwd_state_kernel[grid](
+            kg, W, Ainv, v, beta, Gl, h, *args, K=K, V=V, BT=BT, BK=BK, BKS=BKS, **meta
+        )
+
+    HM = None
+    if segments is None:
+        ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+        grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * N * H)
+        state_pass(
+            grid,
+            initial_state,
+            ht,
+            delta,
+            cu_seqlens,
+            chunk_offsets,
+            H,
+            **buckets,
+            USE_H0=initial_state is not None,
+            STORE_FINAL=output_final_state,
+            DOT_PREC=prec,
+            SEGMENT_PASS=False,
+        )
+    else:  # in-device sequence splitting (kimi_linear.kernels.split): three launches
+        NS = segments.num_segments
+        seg_buckets = tune_buckets(TT, NS * H)
+        seg_tables = (segments.cu_seqlens, segments.chunk_offsets, H)
+        HM = torch.empty(NS, H, K, V + K, **f32)  # per segment [H | M]
+        grid = lambda meta: checked_grid(
+            (triton.cdiv(V, meta["BV"]) + triton.cdiv(K, meta["BV"])) * NS * H
+        )
+        state_pass(
+            grid,
+            None,
+            HM,
+            delta,
+            *seg_tables,
+            **seg_buckets,
+            USE_H0=False,
+            STORE_FINAL=False,
+            DOT_PREC=prec,
+            SEGMENT_PASS=True,
+        )
+        entry, ht = fold_states(
+            HM[..., V:], HM[..., :V], initial_state, segments, N, output_final_state
+        )
+        grid = lambda meta: checked_grid(triton.cdiv(V, meta["BV"]) * NS * H)
+        state_pass(
+            grid,
+            entry,
+            None,
+            delta,
+            *seg_tables,
+            **seg_buckets,
+            USE_H0=True,
+            STORE_FINAL=False,
+            DOT_PREC=prec,
+            SEGMENT_PASS=False,
+        )
     o = torch.empty(0, device=dev)
     if not for_backward:
         o = torch.empty_like(v)
@@ -1135,7 +1221,7 @@ def chunk_kda_fwd(
                 DOT_PREC=prec,
             )
     if for_backward:
-        return ChunkForward(o, ht, G, Aqk, Ainv, W, qg, kg, h, delta, ddelta, Gl)
+        return ChunkForward(o, ht, G, Aqk, Ainv, W, qg, kg, h, delta, ddelta, Gl, HM)
     states = h if return_states else None
     if keep:
         return ChunkForward(o, ht, G, Aqk, Ainv, h=states)

@@ -61,7 +61,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from . import chunk_bwd, chunk_fwd, fused_recurrent, prologue
+from . import chunk_bwd, chunk_fwd, fused_recurrent, prologue, split
 from .utils import (
     AUTOTUNE_SPACES,
     CHUNK_SIZE,
@@ -84,9 +84,9 @@ _IO_ARGS = {"q", "k", "v", "beta", "o", "do", "dv", "dq", "dk", "qg", "kg"}
 _IO_ARGS |= {"Aqk", "Ainv", "W", "delta", "dd"}
 # the row-wise prologue kernels (prologue.py): their tensors, element / row counts, factor
 _IO_ARGS |= {"x", "y", "dy", "dx"}
-_COUNT_ARGS, _FACTOR_ARGS = {"n_rows", "n"}, {"c"}
+_COUNT_ARGS, _FACTOR_ARGS = {"n_rows", "n", "m_stride", "a_stride"}, {"c"}
 _STATE_ARGS = {"h", "dh"}
-_INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+_INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "seq_segments"}
 
 
 @dataclass(frozen=True)
@@ -358,9 +358,25 @@ def kernel_specs(
                 GVA=False,
             ),
         ),
-        (chunk_fwd._chunk_fwd_state_kernel, dict(state, USE_H0=True, STORE_FINAL=True)),
+        (
+            chunk_fwd._chunk_fwd_state_kernel,
+            dict(state, USE_H0=True, STORE_FINAL=True, SEGMENT_PASS=False),
+        ),
+        # in-device sequence splitting (split.py): the transitions pass and the first reverse
+        # pass (the states passes are the plain kernels above)
+        (
+            chunk_fwd._chunk_fwd_state_kernel,
+            dict(state, USE_H0=False, STORE_FINAL=False, SEGMENT_PASS=True),
+        ),
         (chunk_fwd._chunk_fwd_o_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
-        (chunk_bwd._chunk_bwd_state_kernel, dict(state, USE_DHT=True, STORE_DH0=True)),
+        (
+            chunk_bwd._chunk_bwd_state_kernel,
+            dict(state, USE_DHT=True, STORE_DH0=True, STORE_CHUNKS=True),
+        ),
+        (
+            chunk_bwd._chunk_bwd_state_kernel,
+            dict(state, USE_DHT=False, STORE_DH0=True, STORE_CHUNKS=False),
+        ),
         (chunk_bwd._bwd_dv_kernel, dict(K=K, V=V, BT=BT, BKS=BKS, DOT_PREC=prec)),
         *[(chunk_bwd._intra_bwd_kernel, dict(intra_bwd, SAFE_GATE=sg)) for sg in (False, True)],
         *[
@@ -382,6 +398,9 @@ def kernel_specs(
         (prologue._sigmoid_bwd_kernel, dict(BLOCK=prologue._BLOCK)),
     ):
         specs.append((kernel, constexprs, 4, 2))
+    # Not autotuned: the fold of a split run (split.fold_states), forward and reverse.
+    for reverse in (False, True):
+        specs.append((split._fold_kernel, split.fold_constexprs(K, V, reverse), 4, 2))
     # Not autotuned: the launcher's choice (fused_recurrent.launch_constexprs), plain decode.
     constexprs, warps = fused_recurrent.launch_constexprs(K, V)
     specs.append((fused_recurrent._fused_recurrent_kernel, constexprs, warps, 2))
@@ -425,6 +444,9 @@ def check(
         fn = _jit_fn(kernel)
         name = fn.__name__ + ("[SAFE_GATE]" if constexprs.get("SAFE_GATE") else "")
         name += f"[GATE={constexprs['GATE']}]" if constexprs.get("GATE") else ""
+        name += "[SEGMENT_PASS]" if constexprs.get("SEGMENT_PASS") else ""
+        name += "[no chunk stores]" if constexprs.get("STORE_CHUNKS") is False else ""
+        name += "[REVERSE]" if constexprs.get("REVERSE") else ""
         sig = _signature(fn, dtype, constexprs)
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_aligned(fn, sig))
         options = {"num_warps": num_warps or warps, "num_stages": num_stages or stages}

@@ -484,19 +484,26 @@ def pack(
     g: torch.Tensor,
     beta: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    offsets: tuple[int, ...] | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], ChunkTables]:
     """Contiguous packed views ``[B*T, H, D]`` of the inputs and the batch's :class:`ChunkTables`.
 
     Non-contiguous inputs are copied to contiguous memory (the kernels take dense row-major heads).
-    A dense batch gets offsets ``[0, T, ..., B*T]`` without touching the device.
+    ``offsets``: the batch's :func:`packed_offsets`, if the caller has them already.
     """
     B, T = q.shape[:2]
     packed = tuple(x.contiguous().flatten(0, 1) for x in (q, k, v, g, beta))
-    if cu_seqlens is None:
-        offsets = tuple(b * T for b in range(B + 1))
-    else:
-        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    if offsets is None:
+        offsets = packed_offsets(B, T, cu_seqlens)
     return packed, chunk_tables(offsets, q.device)
+
+
+def packed_offsets(B: int, T: int, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
+    """Host sequence offsets of a batch: ``cu_seqlens`` as ints (a device-to-host read when it
+    is on the device), or ``[0, T, ..., B*T]`` for a dense batch without touching the device."""
+    if cu_seqlens is None:
+        return tuple(b * T for b in range(B + 1))
+    return tuple(int(x) for x in cu_seqlens.tolist())
 
 
 patch_interpreter()
