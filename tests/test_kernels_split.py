@@ -213,3 +213,25 @@ def test_auto_segment_chunks(monkeypatch):
     assert auto_segment_chunks(1, 2048, 16, cuda) == 32
     # segments keep MIN_SEGMENT_CHUNKS chunks
     assert auto_segment_chunks(1, 40, 16, cuda) == 20
+
+
+def test_plan_for_env_and_packed_batches(monkeypatch):
+    monkeypatch.setattr(split, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(split, "segment_plan", lambda offsets, n, device: n)  # the choice
+    long = (0, 65536)
+    assert split.plan_for(long, 16, 128, cuda, None) == 205
+    assert split.plan_for(long, 16, 128, cuda, 7) == 7  # the argument wins
+    # many short sequences and one long one: the long one alone bounds the chain
+    packed = (0, *range(64, 64 * 200, 64), 64 * 200 + 65536)
+    assert split.plan_for(packed, 16, 128, cuda, None) == 205
+    monkeypatch.setenv(split.SEGMENT_CHUNKS_ENV, "0")
+    assert split.plan_for(long, 16, 128, cuda, None) == 0
+    assert split.plan_for(long, 16, 128, cuda, 3) == 3
+    monkeypatch.setenv(split.SEGMENT_CHUNKS_ENV, "12")
+    assert split.plan_for(long, 16, 128, cuda, None) == 12
+    monkeypatch.setenv(split.SEGMENT_CHUNKS_ENV, "auto")
+    assert split.plan_for(long, 16, 128, cuda, None) == 205
+    monkeypatch.setenv(split.SEGMENT_CHUNKS_ENV, "-2")
+    with pytest.raises(ValueError, match=split.SEGMENT_CHUNKS_ENV):
+        split.plan_for(long, 16, 128, cuda, None)

@@ -10,9 +10,10 @@
 Both take the layout of :func:`kimi_linear.ops.naive_recurrent_kda` and run on CUDA devices, or on the
 CPU under ``TRITON_INTERPRET=1`` (slow; for tests). Modules: ``chunk`` (autograd function and
 entry point), ``chunk_fwd`` / ``chunk_bwd`` (kernels and their launchers), ``fused_recurrent``,
-``prologue`` (the L2-norm and beta-sigmoid kernels of ``chunk_kda``), ``utils`` (checks, chunk
-tables, autotuning) and ``compile_check`` (compile every kernel for a
-GPU architecture without a GPU: ``python -m kimi_linear.kernels.compile_check``).
+``prologue`` (the L2-norm and beta-sigmoid kernels of ``chunk_kda``), ``split`` (in-device
+sequence splitting of the sequential passes: plan, automatic choice, fold kernel), ``utils``
+(checks, chunk tables, autotuning) and ``compile_check`` (compile every kernel for a GPU
+architecture without a GPU: ``python -m kimi_linear.kernels.compile_check``).
 """
 
 from .chunk import chunk_kda

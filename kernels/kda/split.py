@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -161,6 +162,29 @@ def segment_plan(
     )
 
 
+#: Environment variable with the default of ``segment_chunks`` for calls that leave it None
+#: (the model's layers do): unset or ``auto`` (the automatic choice), ``0`` (never split) or a
+#: positive number of chunks per segment.
+SEGMENT_CHUNKS_ENV = "KIMI_LINEAR_SEGMENT_CHUNKS"
+
+
+def env_segment_chunks() -> int | None:
+    """``KIMI_LINEAR_SEGMENT_CHUNKS`` as a ``segment_chunks`` value (None: automatic).
+
+    Raises:
+        ValueError: a value other than ``auto``, ``0`` or a positive integer.
+    """
+    raw = os.environ.get(SEGMENT_CHUNKS_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if not raw.isdigit():
+        raise ValueError(
+            f"{SEGMENT_CHUNKS_ENV} must be 'auto', 0 (never split) or a positive number of "
+            f"64-token chunks per segment, got {raw!r}"
+        )
+    return int(raw)
+
+
 def plan_for(
     offsets: tuple[int, ...],
     num_heads: int,
@@ -168,13 +192,20 @@ def plan_for(
     device: torch.device,
     segment_chunks: int | None,
 ) -> SegmentPlan | None:
-    """The segment plan of a call: ``segment_chunks`` as given, or the automatic choice
-    (:func:`auto_segment_chunks`) when None; None when nothing is split."""
+    """The segment plan of a call: ``segment_chunks`` as given, else
+    ``KIMI_LINEAR_SEGMENT_CHUNKS`` (:func:`env_segment_chunks`), else the automatic choice
+    (:func:`auto_segment_chunks`); None when nothing is split.
+
+    The automatic choice counts the (sequence, head) pairs whose chains bound the pass: the
+    sequences at least half as long as the longest (a packed batch of many short sequences and
+    one long one is as serial as the long one alone)."""
     if segment_chunks is None:
-        longest = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
-        segment_chunks = auto_segment_chunks(
-            (len(offsets) - 1) * num_heads, triton.cdiv(longest, CHUNK_SIZE), V, device
-        )
+        segment_chunks = env_segment_chunks()
+    if segment_chunks is None:
+        chunks = [triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(offsets[:-1], offsets[1:])]
+        longest = max(chunks, default=0)
+        bounding = sum(1 for c in chunks if 2 * c >= longest)
+        segment_chunks = auto_segment_chunks(bounding * num_heads, longest, V, device)
     return segment_plan(tuple(offsets), segment_chunks, device)
 
 
