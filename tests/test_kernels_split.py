@@ -235,3 +235,22 @@ def test_plan_for_env_and_packed_batches(monkeypatch):
     monkeypatch.setenv(split.SEGMENT_CHUNKS_ENV, "-2")
     with pytest.raises(ValueError, match=split.SEGMENT_CHUNKS_ENV):
         split.plan_for(long, 16, 128, cuda, None)
+
+
+def test_split_without_states():
+    """No initial state and no final state: the folds start from zeros and keep nothing."""
+    B, T, H, K, V = 1, 200, 1, 16, 16
+    q, k, v, g, beta, _ = kda_inputs(B, T, H, K, V, seed=4, gate=(-0.2, 0.0), device=DEVICE)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+
+    def run(segment_chunks):
+        for x in leaves:
+            x.grad = None
+        o, ht = chunk_kda(*leaves, segment_chunks=segment_chunks)
+        assert ht is None
+        (o * do).sum().backward()
+        return [o.detach(), *(x.grad.clone() for x in leaves)]
+
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), run(1), run(0)):
+        assert_rel_close(a, b, 1e-5, name=name)
