@@ -205,6 +205,29 @@ def test_small_run_counts_ours_and_fla(tmp_path):
     assert ("ours/fla", "forward+backward") in ratios and ("ours_safe/fla", "forward") in ratios
 
 
+def _forward_exponentials(kc, provider: str, T: int, K: int) -> float:
+    """Exponentials (``tl.exp`` / ``tl.exp2`` and exp-type torch ops) of one forward."""
+    prepare, fn = kc.provider_fn(provider)
+    inputs = kc.make_inputs(1, T, 1, K, K, torch.bfloat16)
+    prepare(inputs)
+    rec, _ = kc.record(lambda: fn(*inputs))
+    return sum(e.counts.get("exp", 0.0) for e in rec.events)
+
+
+@pytest.mark.slow
+def test_default_gate_forward_needs_no_more_exponentials_than_fla():
+    """Issue 21: on the default (e.g. softplus) gate path our forward forms at most fla's
+    exponentials (the intra kernel once exponentiated the full [16, 16, BKD] pair cube and
+    re-formed each partner sub-chunk's factor per row block: 1.49x fla's); the safe gate
+    needs fewer still. One chunk, one head, K = 128 (13.7 vs 14.8 per token and key column),
+    as the cost model counts them."""
+    kc = _kc()
+    ours = _forward_exponentials(kc, "ours", 64, 128)
+    fla = _forward_exponentials(kc, "fla", 64, 128)
+    assert 0 < ours <= 0.95 * fla, (ours, fla)
+    assert _forward_exponentials(kc, "ours_safe", 64, 128) < ours
+
+
 def test_refuses_to_overwrite_committed_results():
     kc = _kc()
     committed = BENCH / "results" / "cpu" / "kernel_cost.json"

@@ -25,7 +25,8 @@ the four 16-row sub-chunks in order; the ten nonzero ``[16, 16]`` blocks of ``Ak
 consumed by the block inversion as soon as their block row exists, so ``Akk`` never goes to
 global memory (the unfused pipeline wrote and re-read it in fp32, ``TT * H * 64 * 4`` bytes
 each way); ``N`` is stored once (input dtype, what the state kernel and the backward read) and
-re-read whole, after a barrier, for the ``[64, 64] x [64, BK]`` tensor-core product ``W``. The
+re-read whole, after a barrier, for the ``[64, 64] x [64, BK]`` tensor-core product ``W``
+(whose rows hold the column-side factors ``kc`` of the default gate path until then). The
 backward re-forms ``W``, ``qg``, ``kg`` from the kept ``G`` and ``N`` in
 :func:`_recompute_wy_kernel` (with its ``Aqk^T dO`` term).
 
@@ -51,9 +52,14 @@ sync; ``KIMI_LINEAR_CHECK_GATE=1`` turns it on) and factors ``exp(G_a - G_b)`` m
 to inf / NaN. Every exponent is a difference ``G_a - G_b`` with ``a >= b`` (so ``<= 0``). For two
 different sub-chunks the pairwise factor is split at a reference row ``ref`` between them,
 ``exp(G_r - G_i) = exp(G_r - G_ref) exp(G_ref - G_i)``, both factors in ``(0, 1]``, which keeps
-the products on tensor-core matmuls; inside a 16-row diagonal sub-chunk the factor is formed
-pair by pair. Nothing overflows however strong the decay; the tail chunk and sequence ends are
-masked (padded rows have ``k = v = beta = 0`` and are never stored).
+the products on tensor-core matmuls; a 16-row diagonal sub-chunk is split the same way into 8 x
+8 quadrants (the lower-left one split at its row 8, the two diagonal ones formed pair by pair).
+A column-side factor is formed once per chunk, ``kc_i = k_i exp(G_n - G_i)`` up to the next
+sub-chunk's first row ``n``, and reused for every later row sub-chunk with a ``[K]`` factor
+``exp(G_ref - G_n) <= 1`` (and for ``kg``). Nothing overflows however strong the decay; the
+tail chunk and sequence ends are masked (padded rows have ``k = v = beta = 0`` and are never
+stored). Exponentials on this default path: about ``13.6 K`` per token and head in the intra
+kernel (fla's forward ``14.8 K``; ``python -m benchmarks.kernel_cost``).
 
 Safe-gate fast path (``safe_gate`` / ``chunk_kda(gate_lower_bound=...)``, a constexpr
 ``SAFE_GATE`` of the intra kernels, forward and backward): when the caller promises every
@@ -62,8 +68,8 @@ Safe-gate fast path (``safe_gate`` / ``chunk_kda(gate_lower_bound=...)``, a cons
 decay from its first row to its last, so the diagonal sub-chunk's factor is split at its first
 row too, ``exp(G_r - G_i) = exp(G_r - G_0) exp(G_0 - G_i)``, factors in ``[e^-75, 1]`` and
 ``[1, e^75]`` (finite in fp32 and bf16; fp16 inputs take bf16 operands there, since e^75 is
-past fp16's range), and the block becomes a tensor-core product instead of the pair-by-pair
-``[16, 16, BKD]`` path. Pairs above the diagonal (also finite) are masked. The diagonal of
+past fp16's range), and the block becomes a tensor-core product instead of the 8 x 8
+quadrants (two of them pair by pair). Pairs above the diagonal (also finite) are masked. The diagonal of
 ``Aqk`` (factor 1) is still formed exactly in fp32, and the backward adds its ``dAqk`` diagonal
 elementwise, so its exact cancellation in ``dg`` (``q Yq - k Zq``) survives 16-bit operands.
 The results match the exact path to rounding (``tests/test_kernels_safe_gate.py``). The
@@ -236,6 +242,7 @@ def _intra_rows(
     Aqk,
     qg,
     kg,
+    W,
     start,
     eos,
     i_h,
@@ -254,8 +261,239 @@ def _intra_rows(
     """Row sub-chunk ``I`` (rows ``I * BC ..``) of a chunk: stores its rows of ``qg``, ``kg``
     and of ``Aqk`` (all ``BT`` columns, zeros right of the diagonal block) and returns its four
     ``[BC, BC]`` blocks of ``Akk`` (fp32, beta-scaled, strictly lower; zero right of the diagonal
-    block and in rows past the sequence end), which stay in registers for the solve. The head
-    dim is walked in ``BKW``-column slices (only ``[BC, BKW]`` tiles live)."""
+    block and in rows past the sequence end), which stay in registers for the solve.
+    :func:`_intra_rows_exact` (any decay) or :func:`_intra_rows_safe` (``SAFE_GATE``)."""
+    if SAFE_GATE:
+        a_0, a_1, a_2, a_3 = _intra_rows_safe(
+            q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, I, K, BT, BC, BKW,
+            DOT_PREC,
+        )  # fmt: skip
+    else:
+        a_0, a_1, a_2, a_3 = _intra_rows_exact(
+            q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, I, K, BT, BC, BKD,
+            BKW, DOT_PREC,
+        )  # fmt: skip
+    return a_0, a_1, a_2, a_3
+
+
+@triton.jit
+def _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Store row sub-chunk ``I``'s diagonal ``Aqk`` block and the zero blocks right of it (so
+    the buffer needs no memset)."""
+    o_c = tl.arange(0, BC)
+    tl.store(
+        Aqk + a_rows + I * BC + o_c[None, :], b_aqd.to(Aqk.dtype.element_ty), mask=m_r[:, None]
+    )
+    for j in tl.static_range(I + 1, BT // BC):
+        tl.store(
+            Aqk + a_rows + j * BC + o_c[None, :],
+            tl.zeros([BC, BC], dtype=Aqk.dtype.element_ty),
+            mask=m_r[:, None],
+        )
+
+
+@triton.jit
+def _intra_rows_exact(
+    q,
+    k,
+    G,
+    beta,
+    Aqk,
+    qg,
+    kg,
+    W,
+    start,
+    eos,
+    i_h,
+    scale,
+    H,
+    HQ,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKD: tl.constexpr,
+    BKW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """:func:`_intra_rows` for any decay: every exponent a difference ``G_a - G_b``, ``a >= b``.
+
+    About ``13.6 K`` exponentials per row of the chunk with the WY pass (fla's default path
+    ``14.8 K``; the full ``[16, 16, BKD]`` pair cube and per-partner factors were ``22 K``):
+
+    * ``qg = q exp(G)``; column side ``kc_i = k_i exp(G_n - G_i)``, ``n`` the next sub-chunk's
+      first row (the chunk's last row for the last sub-chunk): ``kg = kc exp(G_last - G_n)``
+      (a ``[K]`` factor), and ``kc`` is kept in ``W`` (scratch until the WY pass overwrites it)
+      for the later row sub-chunks, which read it after a barrier;
+    * the block of partner sub-chunk ``j < I``: the tensor-core product ``(k_r exp(G_r -
+      G_ref)) (kc_j exp(G_ref - G_n(j)))^T`` (``ref`` the first row; the middle factor a ``[K]``
+      vector, 1 for ``j = I - 1``); the row factor is formed per partner, which keeps the
+      kernel spill-free (all partners in one pass over K would hold six accumulators);
+    * the diagonal block in 8 x 8 quadrants: the lower-left one by the split at its row 8
+      (``exp(G_r - G_8)``, ``exp(G_8 - G_i)``, both <= 1; one tensor-core product), the two
+      diagonal ones pair by pair on ``[2, 8, 8, BKD]`` slices in exact fp32 (144 exponentials
+      per key column for the block's 136 needed pairs, not 256).
+    """
+    HK = H * K
+    # q and k have HQ heads (GVA: H = G * HQ value heads; head i_h reads key head i_h // G)
+    HQK = HQ * K
+    i_hq = i_h // (H // HQ)
+    dt = q.dtype.element_ty
+    HB: tl.constexpr = BC // 2
+    row0 = start + I * BC
+    o_c = tl.arange(0, BC)
+    rows = row0 + o_c
+    m_r = rows < eos
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_r, other=0.0).to(tl.float32)
+    # References (clamped to the sequence's last row, which keeps every factor <= 1 in a tail
+    # chunk): the first row (row side), the next sub-chunk's first row or the chunk's last row
+    # (column side), and row 8 (the diagonal block's lower-left quadrant).
+    last = tl.minimum(start + BT, eos) - 1
+    ref = tl.minimum(row0, eos - 1)
+    nxt = tl.minimum(row0 + BC, last)
+    mid = tl.minimum(row0 + HB, eos - 1)
+    hi = (o_c >= HB)[:, None]
+    a_rows = rows[:, None] * H * BT + i_h * BT
+    if I > 0:
+        tl.debug_barrier()  # the earlier sub-chunks' kc (in W) visible to every thread
+    b_akd = tl.zeros([BC, BC], dtype=tl.float32)
+    b_aqd = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BKW)):
+        cols = i_k * BKW + tl.arange(0, BKW)
+        m_k = cols < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        off_r = rows[:, None] * HK + i_h * K + cols[None, :]
+        off_rq = rows[:, None] * HQK + i_hq * K + cols[None, :]
+        b_q = tl.load(q + off_rq, mask=m_rk, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + off_rq, mask=m_rk, other=0.0).to(tl.float32)
+        b_g = tl.load(G + off_r, mask=m_rk, other=0.0)
+        tl.store(qg + off_r, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_rk)
+        b_gn = tl.load(G + nxt * HK + i_h * K + cols, mask=m_k, other=0.0)
+        b_kc = b_k * tl.exp(tl.where(m_rk, b_gn[None, :] - b_g, 0.0))
+        if I == BT // BC - 1:
+            b_kg = b_kc
+        else:
+            b_gl = tl.load(G + last * HK + i_h * K + cols, mask=m_k, other=0.0)
+            b_kg = b_kc * tl.exp(b_gl - b_gn)[None, :]
+            tl.store(W + off_r, b_kc.to(W.dtype.element_ty), mask=m_rk)
+        tl.store(kg + off_r, b_kg.to(kg.dtype.element_ty), mask=m_rk)
+        # Lower-left 8 x 8 quadrant of the diagonal block: split at its row 8.
+        b_gm = tl.load(G + mid * HK + i_h * K + cols, mask=m_k, other=0.0)
+        b_s = tl.exp(tl.where(m_rk, tl.where(hi, b_g - b_gm[None, :], b_gm[None, :] - b_g), 0.0))
+        b_ks = b_k * b_s
+        b_kl = tl.trans(tl.where(hi, 0.0, b_ks).to(dt))
+        b_akd += tl.dot(tl.where(hi, b_ks, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
+        b_aqd += tl.dot(tl.where(hi, b_q * b_s, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
+    # The two diagonal 8 x 8 quadrants pair by pair (exact fp32): [2, 8, BKD] row tiles.
+    o_h = tl.arange(0, 2)
+    o_b = tl.arange(0, HB)
+    rows3 = row0 + o_h[:, None] * HB + o_b[None, :]
+    m_3 = rows3 < eos
+    m_pair = (o_b[:, None] >= o_b[None, :])[None, :, :] & m_3[:, :, None] & m_3[:, None, :]
+    b_sk = tl.zeros([2, HB, HB], dtype=tl.float32)
+    b_sq = tl.zeros([2, HB, HB], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BKD)):
+        cols_d = i_k * BKD + tl.arange(0, BKD)
+        m_3d = m_3[:, :, None] & (cols_d < K)[None, None, :]
+        off_d = rows3[:, :, None] * HK + i_h * K + cols_d[None, None, :]
+        off_dq = rows3[:, :, None] * HQK + i_hq * K + cols_d[None, None, :]
+        b_qd = tl.load(q + off_dq, mask=m_3d, other=0.0).to(tl.float32) * scale
+        b_kd = tl.load(k + off_dq, mask=m_3d, other=0.0).to(tl.float32)
+        b_gd = tl.load(G + off_d, mask=m_3d, other=0.0)
+        b_e = tl.exp(
+            tl.where(
+                m_pair[:, :, :, None], b_gd[:, :, None, :] - b_gd[:, None, :, :], float("-inf")
+            )
+        )
+        b_ke = b_kd[:, None, :, :] * b_e
+        b_sk += tl.sum(b_kd[:, :, None, :] * b_ke, axis=3)
+        b_sq += tl.sum(b_qd[:, :, None, :] * b_ke, axis=3)
+    # (h, r, h', i) -> row h * 8 + r, column h' * 8 + i of the block; zero for h != h'.
+    same = (o_h[:, None] == o_h[None, :])[:, None, :, None]
+    b_akd += tl.reshape(tl.where(same, b_sk[:, :, None, :], 0.0), [BC, BC])
+    b_aqd += tl.reshape(tl.where(same, b_sq[:, :, None, :], 0.0), [BC, BC])
+    b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
+    b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
+    _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I, BT, BC)
+    a_0 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_1 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_2 = tl.zeros([BC, BC], dtype=tl.float32)
+    a_3 = tl.zeros([BC, BC], dtype=tl.float32)
+    # Blocks left of the diagonal, one partner sub-chunk j at a time (a loop, not unrolled):
+    # exp(G_r - G_i) = exp(G_r - G_ref) exp(G_ref - G_n(j)) exp(G_n(j) - G_i), the last
+    # factor in kc_j (from W), the middle one a [K] vector (1 for j = I - 1).
+    for j in range(0, I):
+        rows_j = start + j * BC + o_c
+        m_j = rows_j < eos
+        nxt_j = tl.minimum(start + (j + 1) * BC, last)
+        b_akk = tl.zeros([BC, BC], dtype=tl.float32)
+        b_aqk = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BKW)):
+            cols = i_k * BKW + tl.arange(0, BKW)
+            m_k = cols < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            off_r = rows[:, None] * HK + i_h * K + cols[None, :]
+            off_rq = rows[:, None] * HQK + i_hq * K + cols[None, :]
+            b_gr = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
+            b_rf = tl.load(G + off_r, mask=m_rk, other=0.0)
+            b_rf = tl.exp(tl.where(m_rk, b_rf - b_gr[None, :], 0.0))
+            b_qr = tl.load(q + off_rq, mask=m_rk, other=0.0).to(tl.float32) * scale * b_rf
+            b_kr = tl.load(k + off_rq, mask=m_rk, other=0.0).to(tl.float32) * b_rf
+            b_gj = tl.load(G + nxt_j * HK + i_h * K + cols, mask=m_k, other=0.0)
+            b_kj = tl.load(
+                W + rows_j[:, None] * HK + i_h * K + cols[None, :],
+                mask=m_j[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_kj = tl.trans((b_kj.to(tl.float32) * tl.exp(b_gr - b_gj)[None, :]).to(dt))
+            b_akk += tl.dot(b_kr.to(dt), b_kj, input_precision=DOT_PREC)
+            b_aqk += tl.dot(b_qr.to(dt), b_kj, input_precision=DOT_PREC)
+        tl.store(
+            Aqk + a_rows + j * BC + o_c[None, :],
+            b_aqk.to(Aqk.dtype.element_ty),
+            mask=m_r[:, None],
+        )
+        b_akk = b_akk * b_beta[:, None]
+        a_0 = tl.where(j == 0, b_akk, a_0)
+        a_1 = tl.where(j == 1, b_akk, a_1)
+        a_2 = tl.where(j == 2, b_akk, a_2)
+    if I == 0:
+        a_0 = b_akd
+    elif I == 1:
+        a_1 = b_akd
+    elif I == 2:
+        a_2 = b_akd
+    else:
+        a_3 = b_akd
+    return a_0, a_1, a_2, a_3
+
+
+@triton.jit
+def _intra_rows_safe(
+    q,
+    k,
+    G,
+    beta,
+    Aqk,
+    qg,
+    kg,
+    start,
+    eos,
+    i_h,
+    scale,
+    H,
+    HQ,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """:func:`_intra_rows` for the bounded safe gate (``g >= -5``): the diagonal block by
+    tensor-core products of factors split at the sub-chunk's first row (see the module
+    docstring). The head dim is walked in ``BKW``-column slices (only ``[BC, BKW]`` tiles
+    live)."""
     HK = H * K
     # q and k have HQ heads (GVA: H = G * HQ value heads; head i_h reads key head i_h // G)
     HQK = HQ * K
@@ -287,40 +525,21 @@ def _intra_rows(
         tl.store(qg + off_r, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m_rk)
         b_kg = b_k * tl.exp(tl.where(m_rk, b_gl[None, :] - b_g, 0.0))
         tl.store(kg + off_r, b_kg.to(kg.dtype.element_ty), mask=m_rk)
-        if SAFE_GATE:
-            # Bounded gate (every g >= lower_bound >= -5): inside the sub-chunk
-            # G_ref - G_i <= 75, so the split at the first row stays finite (factors in
-            # [e^-75, e^75]) and the diagonal block is one more tensor-core product; the upper
-            # triangle (finite too) is masked below.
-            b_ref = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
-            b_dr = tl.exp(tl.where(m_rk, b_g - b_ref[None, :], 0.0))
-            b_kc = b_k * tl.exp(tl.where(m_rk, b_ref[None, :] - b_g, 0.0))
-            b_kc = tl.trans(_fast_operand(b_kc, q))
-            b_akd += tl.dot(_fast_operand(b_k * b_dr, q), b_kc, input_precision=DOT_PREC)
-            b_aqd += tl.dot(_fast_operand(b_q * b_dr, q), b_kc, input_precision=DOT_PREC)
-            b_qk += tl.sum(b_q * b_k, axis=1)
-    if SAFE_GATE:
-        # The diagonal of Aqk (factor exp(0) = 1) exactly, as on the pairwise path: a 16-bit
-        # product of the two split factors would round it (and the backward's dG relies on
-        # its exact cancellation).
-        b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
-    else:
-        # Exact for any decay: exponents formed pair by pair on [BC, BC, BKD] slices.
-        m_pair = (o_c[:, None] >= o_c[None, :]) & m_r[:, None] & m_r[None, :]
-        for i_k in range(0, tl.cdiv(K, BKD)):
-            cols_d = i_k * BKD + tl.arange(0, BKD)
-            m_rd = m_r[:, None] & (cols_d < K)[None, :]
-            off_d = rows[:, None] * HK + i_h * K + cols_d[None, :]
-            off_dq = rows[:, None] * HQK + i_hq * K + cols_d[None, :]
-            b_qd = tl.load(q + off_dq, mask=m_rd, other=0.0).to(tl.float32) * scale
-            b_kd = tl.load(k + off_dq, mask=m_rd, other=0.0).to(tl.float32)
-            b_gd = tl.load(G + off_d, mask=m_rd, other=0.0)
-            b_e = tl.exp(
-                tl.where(m_pair[:, :, None], b_gd[:, None, :] - b_gd[None, :, :], float("-inf"))
-            )
-            b_ke3 = b_kd[None, :, :] * b_e
-            b_akd += tl.sum(b_kd[:, None, :] * b_ke3, axis=2)
-            b_aqd += tl.sum(b_qd[:, None, :] * b_ke3, axis=2)
+        # Bounded gate (every g >= lower_bound >= -5): inside the sub-chunk
+        # G_ref - G_i <= 75, so the split at the first row stays finite (factors in
+        # [e^-75, e^75]) and the diagonal block is one more tensor-core product; the upper
+        # triangle (finite too) is masked below.
+        b_ref = tl.load(G + ref * HK + i_h * K + cols, mask=m_k, other=0.0)
+        b_dr = tl.exp(tl.where(m_rk, b_g - b_ref[None, :], 0.0))
+        b_kc = b_k * tl.exp(tl.where(m_rk, b_ref[None, :] - b_g, 0.0))
+        b_kc = tl.trans(_fast_operand(b_kc, q))
+        b_akd += tl.dot(_fast_operand(b_k * b_dr, q), b_kc, input_precision=DOT_PREC)
+        b_aqd += tl.dot(_fast_operand(b_q * b_dr, q), b_kc, input_precision=DOT_PREC)
+        b_qk += tl.sum(b_q * b_k, axis=1)
+    # The diagonal of Aqk (factor exp(0) = 1) exactly, as on the pairwise path: a 16-bit
+    # product of the two split factors would round it (and the backward's dG relies on
+    # its exact cancellation).
+    b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
     b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
     b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
     tl.store(
@@ -450,7 +669,8 @@ def _intra_solve_fwd_kernel(
     buffer). Then ``N = (I + Akk)^-1`` by 16 x 16 block inversion and ``W = N (beta k exp(G))``,
     ``BKW`` key columns at a time. Aqk, Ainv ``[TT, H, BT]`` and W, qg, kg ``[TT, H, K]`` in
     the input dtype. ``SAFE_GATE``: the diagonal sub-chunk blocks by tensor-core products (valid
-    only for ``g >= -5``; see the module docstring), else pair by pair.
+    only for ``g >= -5``; see the module docstring), else in 8 x 8 quadrants
+    (:func:`_intra_rows_exact`; ``W`` is its scratch until the WY pass).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, start, eos = _chunk_bounds(cu_seqlens, chunk_indices, i_t, BT)
@@ -465,7 +685,7 @@ def _intra_solve_fwd_kernel(
     # of [BC, BC] x [BC, BC] tiles in exact fp32 (CUDA-core FMAs, 64K per chunk: no TF32 and no
     # rounding of N before its single rounding to the input dtype, on store).
     a00, _, _, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 0, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, 0, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n00 = _inv_unit_lower(a00, BC)
@@ -474,7 +694,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 0, 2, b_zero, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 0, 3, b_zero, n_valid, H, BT, BC)
     a10, a11, _, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 1, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, 1, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n11 = _inv_unit_lower(a11, BC)
@@ -484,7 +704,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 1, 2, b_zero, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 1, 3, b_zero, n_valid, H, BT, BC)
     a20, a21, a22, _ = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 2, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, 2, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n22 = _inv_unit_lower(a22, BC)
@@ -496,7 +716,7 @@ def _intra_solve_fwd_kernel(
     _store_block(Ainv, a_base, 2, 2, n22, n_valid, H, BT, BC)
     _store_block(Ainv, a_base, 2, 3, b_zero, n_valid, H, BT, BC)
     a30, a31, a32, a33 = _intra_rows(
-        q, k, G, beta, Aqk, qg, kg, start, eos, i_h, scale, H, HQ, 3, K, BT, BC, BKD, BKW,
+        q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, 3, K, BT, BC, BKD, BKW,
         SAFE_GATE, DOT_PREC,
     )  # fmt: skip
     n33 = _inv_unit_lower(a33, BC)
