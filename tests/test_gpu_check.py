@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks import kernel_speed, timing
-from benchmarks.gpu_check import cli, correctness, kda, plan, results, sizes, speed
+from benchmarks.gpu_check import cli, correctness, kda, plan, results, sizes, speed, splitting
 from benchmarks.gpu_check import run as gpu_run
 from kimi_linear.ops import naive_recurrent_kda
 from kimi_linear.testing import KDA_NAMES, per_sequence, rel_error
@@ -327,8 +327,8 @@ def test_dry_run_plans_the_same_items_in_the_same_order(tmp_path):
     dry = [(r["part"], r["cost"]) for r in plan.plan(_run(tmp_path, 60, both_dtypes=True))]
     assert dry == gpu
     assert any(key.startswith("safe gate") for _, key in gpu)  # the safe-gate path is checked
-    assert ("speed", "speed safe gate") in gpu  # and timed
     assert any(key.startswith("grid") for _, key in gpu)
+    assert ("speed", "step latency") in gpu
 
 
 def test_readme_budget_table_is_the_plan(tmp_path):
@@ -341,10 +341,12 @@ def test_readme_budget_table_is_the_plan(tmp_path):
 
 def test_run_cost_charges_a_kernel_set_once(tmp_path):
     run = _gpu_run(tmp_path)
+    cost = run.sizes.costs["chunk bf16"]
+    assert "ours chunk bf16 K=V=128" in cost.compiles
     first = run.cost("chunk bf16")
-    assert first == 6 + sizes.COMPILE_S["ours chunk bf16 K=V=128"]
+    assert first == cost.run_s + sum(sizes.COMPILE_S[k] for k in cost.compiles)
     run.mark_compiled("chunk bf16")
-    assert run.cost("chunk bf16") == 6
+    assert run.cost("chunk bf16") == cost.run_s
 
 
 def test_summary_verdict_needs_every_correctness_item_passed_on_a_gpu(tmp_path):
@@ -414,7 +416,16 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     assert checked == set(KDA_NAMES) | grid  # every tensor, and the grid-limit item's
     speed = json.loads((tmp_path / "gpu_check_speed.json").read_text())
     modes = [r["mode"] for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
-    assert modes.count("fwd") == modes.count("fwd+bwd") == 3  # two anchors + the safe gate
+    assert modes.count("fwd") == modes.count("fwd+bwd") == 2  # the two anchors
+    timed = [r for i in speed["items"] for r in i.get("rows", []) if "mode" in r]
+    assert all(r["safe_gate_speedup"] > 0 for r in timed[:2])  # the safe gate, first anchor
+    assert all(r["unsplit_over_ours_split1"] > 0 for r in timed[2:])  # a split, the second
+    step = next(i for i in speed["items"] if i["name"].startswith("state pass time"))
+    assert step["model_step_latency_us"] > 0 and "fwd (whole forward)" in step["step_us"]
+    # the split paths ran beside the unsplit ones, each against the reference
+    paths = {r.get("path") for i in corr["items"] for r in i.get("checks", [])}
+    assert {"unsplit", "forced: split, 1 chunks/segment, 3 segments"} <= paths, paths
+    assert corr["env"]["auto_segment_chunks"]["anchors"][0]["segment_chunks"] == 0  # CPU
     model = json.loads((tmp_path / "gpu_check_model.json").read_text())
     decode = [r for i in model["items"] if i["name"].startswith("decode") for r in i["rows"]]
     assert {r["batch"] for r in decode} >= {1} and all(r["floor_ms"] > 0 for r in decode)
@@ -422,3 +433,51 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(tmp_path):
     assert all(i["tokens_per_s"] > 0 for i in train)
     summary = (tmp_path / "gpu_check.md").read_text()
     assert summary.startswith("# GPU check: summary") and "**no**" in summary
+
+
+# ------------------------------------------------------------------------------ splitting
+def test_describe_path_names_the_split_a_call_takes():
+    cpu = torch.device("cpu")
+    assert splitting.describe_path([0, 300], 2, 16, cpu, 0) == "unsplit"
+    assert splitting.describe_path([0, 300], 2, 16, cpu, None) == "auto: unsplit"  # CPU
+    assert (
+        splitting.describe_path([0, 300], 2, 16, cpu, 2)
+        == "forced: split, 2 chunks/segment, 3 segments"
+    )
+    # nothing to split: every sequence fits one segment
+    assert splitting.describe_path([0, 64, 100], 2, 16, cpu, 1) == "forced: unsplit"
+
+
+def test_auto_choices_cover_the_anchors():
+    choices = splitting.auto_choices(torch.device("cpu"))
+    assert [a["shape"] for a in choices["anchors"]] == [
+        kda.shape_str(*s) for s in splitting.SPLIT_ANCHORS
+    ]
+    assert all(a["segment_chunks"] == 0 and a["segments"] == 1 for a in choices["anchors"])
+    assert "CPU: never splits" in choices["summary"]
+
+
+def test_model_step_latency_keeps_the_interpreter_setting(monkeypatch):
+    """benchmarks.kernel_cost sets TRITON_INTERPRET=1 when imported; a GPU run must not
+    inherit it (kernels defined later would run under the interpreter)."""
+    monkeypatch.delitem(sys.modules, "benchmarks.kernel_cost", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert splitting.model_step_latency_s() > 0
+    assert "TRITON_INTERPRET" not in os.environ
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delitem(sys.modules, "benchmarks.kernel_cost", raising=False)
+    splitting.model_step_latency_s()
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+def test_split_item_checks_every_path_against_the_reference(tmp_path):
+    """The dense correctness item at the dry-run size runs unsplit and a forced split, each
+    with its own rows, and passes; a split that went wrong would fail the item."""
+    run = _run(tmp_path, 600)
+    record: dict = {}
+    ctx = gpu_run.ItemContext(record, gpu_run.PartReport("correctness", tmp_path, {}), run)
+    shape = run.sizes.chunk_shapes[0]
+    correctness._chunk_item(shape, torch.float32, paths=(0, 1))(ctx)
+    assert record["status"] == "pass", record
+    assert record["paths"] == ["unsplit", "forced: split, 1 chunks/segment, 2 segments"]
+    assert [r["path"] for r in record["checks"]] == [p for p in record["paths"] for _ in KDA_NAMES]

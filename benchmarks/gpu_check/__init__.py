@@ -40,7 +40,9 @@ estimates), :mod:`~benchmarks.gpu_check.run` (budget, items, the part loop),
 :mod:`~benchmarks.gpu_check.plan` (the items of each part and the budget table),
 :mod:`~benchmarks.gpu_check.kda` (KDA inputs and runs, fla's kernels),
 :mod:`~benchmarks.gpu_check.correctness`, :mod:`~benchmarks.gpu_check.speed`,
-:mod:`~benchmarks.gpu_check.model` (the parts), :mod:`~benchmarks.gpu_check.records` (compiles,
+:mod:`~benchmarks.gpu_check.model` (the parts), :mod:`~benchmarks.gpu_check.splitting` (the
+in-device sequence split: paths, the automatic choice, the per-step latency),
+:mod:`~benchmarks.gpu_check.records` (compiles,
 fla's dispatch), :mod:`~benchmarks.gpu_check.results` (JSON, Markdown, the verdict) and
 :mod:`~benchmarks.gpu_check.cli` (``python -m benchmarks.gpu_check``). The benchmark helpers
 are the sibling modules ``benchmarks.common``, ``kernel_speed``, ``decode``, ``prefill``, ...

@@ -25,6 +25,7 @@ from benchmarks.gpu_check.sizes import (
     dry_run_sizes,
     gpu_sizes,
 )
+from benchmarks.gpu_check.splitting import auto_choices
 
 
 def _positive_minutes(text: str) -> float:
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         env["arch"] = "cpu (Triton interpreter)"
     env["fla_backends"] = fla_backends()
+    env["auto_segment_chunks"] = auto_choices(device)  # the split's choice at the anchors
     header = {
         "env": env,
         "args": {"budget_min": args.budget, "parts": list(args.parts), "seed": args.seed},

@@ -20,6 +20,7 @@ from benchmarks.gpu_check.kda import (
 )
 from benchmarks.gpu_check.run import Item, ItemContext, Run
 from benchmarks.gpu_check.sizes import FLA_SLACK, TOLERANCE
+from benchmarks.gpu_check.splitting import dense_offsets, describe_path
 from kimi_linear.ops import naive_recurrent_kda, torch_chunk_kda
 from kimi_linear.testing import KDA_NAMES, KDA_RTOL, per_sequence, rel_error
 
@@ -103,10 +104,16 @@ def correctness_items(run: Run) -> list[Item]:
     items = [Item("fp64 reference: chunked op = recurrence", "reference", _check_reference)]
     main, long = s.chunk_shapes[0], s.chunk_shapes[-1]
     bf16 = run.dtypes[0]
+    dense_split, varlen_split = s.split_chunks
     for dtype in run.dtypes:
         dt = DTYPE_NAMES[dtype]
         items.append(
-            Item(f"chunk_kda {dt} {shape_str(*main)}", f"chunk {dt}", _chunk_item(main, dtype))
+            Item(
+                f"chunk_kda {dt} {shape_str(*main)}, unsplit and split "
+                f"({dense_split} chunk{'s' * (dense_split != 1)}/segment)",
+                f"chunk {dt}",
+                _chunk_item(main, dtype, paths=(0, dense_split)),
+            )
         )
     for dtype in run.dtypes:
         dt = DTYPE_NAMES[dtype]
@@ -115,23 +122,36 @@ def correctness_items(run: Run) -> list[Item]:
                 f"chunk_kda safe gate (gate_lower_bound={s.safe_gate_bound:g}) {dt} "
                 f"{shape_str(*main)}",
                 f"safe gate {dt}",
-                _chunk_item(main, dtype, gate_low=s.safe_gate_bound, bound=s.safe_gate_bound),
+                _chunk_item(
+                    main, dtype, gate_low=s.safe_gate_bound, bound=s.safe_gate_bound, paths=(0,)
+                ),
             )
         )
     for dtype in run.dtypes:
         dt = DTYPE_NAMES[dtype]
-        items.append(Item(f"chunk_kda varlen {dt}", f"varlen {dt}", _varlen_item(dtype)))
+        items.append(
+            Item(
+                f"chunk_kda varlen {dt}, unsplit and split "
+                f"({varlen_split} chunk{'s' * (varlen_split != 1)}/segment)",
+                f"varlen {dt}",
+                _varlen_item(dtype, paths=(0, varlen_split)),
+            )
+        )
     dt = DTYPE_NAMES[bf16]
     items.append(
         Item(
             f"chunk_kda strong decay, K != V {dt} {shape_str(*s.odd_shape)}",
             f"odd {dt}",
-            _chunk_item(s.odd_shape, bf16, gate_low=-20.0),
+            _chunk_item(s.odd_shape, bf16, gate_low=-20.0, paths=(0,)),
         )
     )
     if long != main:
         items.append(
-            Item(f"chunk_kda {dt} {shape_str(*long)}", f"long {dt}", _chunk_item(long, bf16))
+            Item(
+                f"chunk_kda {dt} {shape_str(*long)}, automatic split and unsplit",
+                f"long {dt}",
+                _chunk_item(long, bf16, paths=(None, 0)),
+            )
         )
     items.append(
         Item(
@@ -191,9 +211,12 @@ def _chunk_item(
     dtype: torch.dtype,
     gate_low: float = -1.0,
     bound: float | None = None,
+    paths: tuple[int | None, ...] = (None,),
 ) -> Callable[[ItemContext], None]:
     """fwd + bwd of ``chunk_kda`` (``bound``: with ``gate_lower_bound``, the safe-gate path; the
-    inputs' g then lies in ``[bound, 0]``) against the float64 reference (fla on a miss)."""
+    inputs' g then lies in ``[bound, 0]``) against the float64 reference (fla on a miss), once
+    per ``paths`` entry, its ``segment_chunks`` (0: unsplit, n: split into segments of n
+    chunks, None: the automatic choice; :mod:`kimi_linear.kernels.split`)."""
 
     def item(ctx: ItemContext) -> None:
         from kimi_linear.kernels import chunk_kda
@@ -204,9 +227,16 @@ def _chunk_item(
         ref_fn, ref_name = _reference(T, ctx.run.dry_run)
         ref = fwd_bwd(ref_fn, x, torch.float64)
         kw = {} if bound is None else {"gate_lower_bound": bound}
-        ours = fwd_bwd(chunk_kda, x, **kw)
-        fla = _second_opinion(ctx, ours, ref, dtype, lambda: fwd_bwd(fla_ops(dev).chunk, x))
-        _finish(ctx, ours, ref, fla, dtype, shape_str(*shape), ref_name, _fla_name(ctx, "chunk"))
+        runs = {
+            describe_path(dense_offsets(B, T), H, V, dev, p): fwd_bwd(
+                chunk_kda, x, segment_chunks=p, **kw
+            )
+            for p in paths
+        }
+        fla = _second_opinion(
+            ctx, _worst_run(runs, ref, dtype), ref, dtype, lambda: fwd_bwd(fla_ops(dev).chunk, x)
+        )
+        _finish(ctx, runs, ref, fla, dtype, shape_str(*shape), ref_name, _fla_name(ctx, "chunk"))
         if bound is not None:
             ctx.record["gate_lower_bound"] = bound
 
@@ -255,6 +285,7 @@ def _grid_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
             dtype=DTYPE_NAMES[dtype],
             shape=f"2 sequences of {long_len:,} ({s.grid_chunks:,} chunks) and {short_len} "
             f"tokens, H=1 K={K} V={V}",
+            path=describe_path(cu.tolist(), 1, V, dev, None),
             checks=rows,
             status="pass" if all(r["pass"] for r in rows) else "fail",
             summary=f"launched; short sequence err {max(rows[0]['err'], rows[1]['err']):.1e}",
@@ -263,7 +294,12 @@ def _grid_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
     return item
 
 
-def _varlen_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
+def _varlen_item(
+    dtype: torch.dtype, paths: tuple[int | None, ...] = (None,)
+) -> Callable[[ItemContext], None]:
+    """fwd + bwd of ``chunk_kda`` on a packed batch, once per ``paths`` entry (its
+    ``segment_chunks``), against the float64 reference per sequence (fla on a miss)."""
+
     def item(ctx: ItemContext) -> None:
         from kimi_linear.kernels import chunk_kda
 
@@ -274,13 +310,23 @@ def _varlen_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
         x = kda_inputs(1, sum(lengths), H, K, V, dtype, dev, ctx.run.seed + 7, N=len(lengths))
         ref_fn, ref_name = _reference(max(lengths), ctx.run.dry_run)
         ref = fwd_bwd(ref_fn, x, torch.float64, cu_seqlens=cu)
-        ours = fwd_bwd(chunk_kda, x, cu_seqlens=cu)
+        offsets = cu.tolist()
+        runs = {
+            describe_path(offsets, H, V, dev, p): fwd_bwd(
+                chunk_kda, x, cu_seqlens=cu, segment_chunks=p
+            )
+            for p in paths
+        }
         fla = _second_opinion(
-            ctx, ours, ref, dtype, lambda: fwd_bwd(fla_ops(dev).chunk, x, cu_seqlens=cu)
+            ctx,
+            _worst_run(runs, ref, dtype),
+            ref,
+            dtype,
+            lambda: fwd_bwd(fla_ops(dev).chunk, x, cu_seqlens=cu),
         )
         what = f"{len(lengths)} sequences of lengths {list(lengths)}, H={H} K={K} V={V}"
         _finish(
-            ctx, ours, ref, fla, dtype, what, ref_name + " per sequence", _fla_name(ctx, "chunk")
+            ctx, runs, ref, fla, dtype, what, ref_name + " per sequence", _fla_name(ctx, "chunk")
         )
 
     return item
@@ -354,9 +400,20 @@ def _recurrent_varlen_item(dtype: torch.dtype) -> Callable[[ItemContext], None]:
     return item
 
 
+def _worst_run(
+    runs: dict[str, dict[str, torch.Tensor]], ref: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The first of ``runs`` (one per path) that misses the tolerance, else the first: the run
+    :func:`_second_opinion` decides on."""
+    return next(
+        (out for out in runs.values() if not compare(out, ref, None, dtype)[1]),
+        next(iter(runs.values())),
+    )
+
+
 def _finish(
     ctx: ItemContext,
-    ours: dict[str, torch.Tensor],
+    ours: dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]],
     ref: dict[str, torch.Tensor],
     fla: dict[str, torch.Tensor] | None,
     dtype: torch.dtype,
@@ -364,8 +421,18 @@ def _finish(
     ref_name: str,
     fla_name: str,
 ) -> None:
-    rows, ok = compare(ours, ref, fla, dtype)
+    """Record the item: ``ours`` is one run's tensors by name, or several runs by path (the
+    ``path`` column of the checks: which ``segment_chunks`` ran, :func:`describe_path`)."""
+    runs = ours if isinstance(next(iter(ours.values())), dict) else {None: ours}
+    rows, ok = [], True
+    for path, out in runs.items():
+        path_rows, path_ok = compare(out, ref, fla, dtype)
+        rows += path_rows if path is None else [{"path": path, **r} for r in path_rows]
+        ok &= path_ok
     worst = max(rows, key=lambda r: r["err_vs_fp64"] / r["tol"])
+    where = f" ({worst['path']})" if len(runs) > 1 else ""
+    if len(runs) > 1 or None not in runs:
+        ctx.record["paths"] = list(runs)
     ctx.record.update(
         dtype=DTYPE_NAMES[dtype],
         shape=what,
@@ -373,7 +440,8 @@ def _finish(
         fla=fla_name,
         checks=rows,
         status="pass" if ok else "fail",
-        summary=f"worst {worst['tensor']} err {worst['err_vs_fp64']:.2e} (tol {worst['tol']:.0e})",
+        summary=f"worst {worst['tensor']}{where} err {worst['err_vs_fp64']:.2e} "
+        f"(tol {worst['tol']:.0e})",
     )
 
 

@@ -79,6 +79,8 @@ def render_part_markdown(data: dict[str, Any]) -> str:
         )
         + ".\n"
     )
+    if (env.get("auto_segment_chunks") or {}).get("summary"):
+        out.append(f"In-device sequence splitting, {env['auto_segment_chunks']['summary']}.\n")
     if comp.get("per_kernel"):
         out.append(
             _table(

@@ -63,6 +63,14 @@ class Sizes:
     compile_s: dict[str, float]
     grid_chunks: int = 8  # the grid item: chunks of its long sequence
     safe_gate_bound: float = -5.0
+    #: forced ``segment_chunks`` of the split paths the correctness items check beside the
+    #: unsplit one (dense chunk items, varlen items): several segments per sequence
+    split_chunks: tuple[int, int] = (2, 1)
+    #: fixed ``segment_chunks`` timed beside unsplit and automatic at the long speed anchor
+    split_speed_chunks: tuple[int, ...] = (32,)
+    #: the step-latency item: B=1 H=1 at these lengths, (K, V)
+    step_latency_lengths: tuple[int, int] = (16384, 65536)
+    step_latency_dims: tuple[int, int] = (128, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +93,31 @@ class Cost:
 #: backward, at ~1 s each, and its head count ``H`` is a compile-time constant, so each new H
 #: compiles the set again.
 COMPILE_S: dict[str, float] = {
-    # benchmarks/results/cpu/kernels.compile_sm90_bf16_k128_suite.md (CPU seconds), rounded up
-    "ours chunk bf16 K=V=128": 16.0,
-    "ours safe gate bf16 K=V=128": 6.0,
+    # benchmarks/results/cpu/kernels.compile_sm90_bf16_k128_suite_split.md (CPU seconds, the
+    # kernels of issue 21 part 2), summed over the set's binaries and rounded up; the forward
+    # state kernel counted twice (the backward's recompute runs it without the final state)
+    "ours chunk bf16 K=V=128": 14.0,  # 13.2
+    "ours safe gate bf16 K=V=128": 5.0,  # 3.66 + 0.84
     "ours suite configs bf16 K=V=128": 5.0,
     "ours recurrent bf16": 1.0,
     "ours decode variants bf16": 1.0,
-    # kernels.compile_sm90_fp32_k128_first.md (compile_check --dtype fp32, first space)
-    "ours chunk fp32 K=V=128": 33.0,
-    "ours safe gate fp32 K=V=128": 10.0,
+    # kernels.compile_sm90_fp32_k128_first_split.md (compile_check --dtype fp32, first space)
+    "ours chunk fp32 K=V=128": 29.0,  # 28.8
+    "ours safe gate fp32 K=V=128": 8.0,  # 6.31 + 1.06
     "ours recurrent fp32": 1.0,
     # the two state kernels again, without initial / final state (the model's layers)
-    "ours state variants fp32": 13.0,
-    # kernels.compile_sm90_bf16_k64v128_first.md (--head-dim 64 --value-dim 128)
-    "ours chunk bf16 K=64 V=128": 14.0,
+    "ours state variants fp32": 9.0,  # 4.16 + 4.57
+    # kernels.compile_sm90_bf16_k64v128_first_split.md (--head-dim 64 --value-dim 128)
+    "ours chunk bf16 K=64 V=128": 9.0,  # 8.6
+    # in-device sequence splitting (kimi_linear.kernels.split), first config, from the two
+    # *_split reports: _chunk_fwd_state_kernel[SEGMENT_PASS], _chunk_bwd_state_kernel[no chunk stores],
+    # the backward's second reverse pass (its plain kernel without dh0: one more binary, timed
+    # as the plain one) and, bf16 only (fp32 pointers in both dtypes: one binary each), the
+    # fold forward with and without the final state and in reverse (_fold_kernel[REVERSE])
+    "ours split bf16 K=V=128": 4.0,  # 0.76 + 0.65 + 0.74 + 2 x 0.63 + 0.59
+    "ours split fp32 K=V=128": 13.0,  # 4.02 + 3.45 + 4.57
+    # the split kernels' second suite config (kernels.compile_sm90_bf16_k128_suite)
+    "ours split suite configs bf16 K=V=128": 2.0,  # 0.65 + 0.54 + 0.75
     # estimates (see above)
     "fla chunk bf16 H=64 (full autotune)": 80.0,
     "fla chunk bf16 H=16 (full autotune)": 80.0,
@@ -119,7 +138,7 @@ def gpu_sizes() -> Sizes:
         # sequence at full depth, every chunk item at one head count
         chunk_shapes=((2, 2048, 8, 128, 128), (1, 32768, 8, 128, 128)),
         odd_shape=(2, 1000, 8, 64, 128),
-        reference_check_shape=(1, 1024, 4, 64, 64),
+        reference_check_shape=(1, 512, 4, 64, 64),
         varlen_lengths=(1, 17, 63, 64, 65, 1000, 3000, 4096, 200),
         varlen_heads=(8, 128, 128),
         recurrent_shapes=((64, 1, 32, 128, 128), (4, 512, 32, 128, 128)),
@@ -146,27 +165,31 @@ def gpu_sizes() -> Sizes:
         train_backends=("triton", "fla"),
         grid_chunks=70_000,  # 4.48M tokens: past CUDA's 65,535 blocks on a grid's axes 1 and 2
         costs={
-            "reference": Cost(6),
-            "chunk bf16": Cost(6, ("ours chunk bf16 K=V=128",)),
-            "chunk fp32": Cost(5, ("ours chunk fp32 K=V=128",)),
+            "reference": Cost(3),  # T=512: the token-by-token recurrence's loop dominates
+            # + 0.5 s: the split path beside the unsplit one, on the same reference
+            "chunk bf16": Cost(6.5, ("ours chunk bf16 K=V=128", "ours split bf16 K=V=128")),
+            "chunk fp32": Cost(5.5, ("ours chunk fp32 K=V=128", "ours split fp32 K=V=128")),
             "safe gate bf16": Cost(5, ("ours safe gate bf16 K=V=128",)),
             "safe gate fp32": Cost(5, ("ours safe gate fp32 K=V=128",)),
-            "varlen bf16": Cost(6),
-            "varlen fp32": Cost(5),
+            "varlen bf16": Cost(6.5),
+            "varlen fp32": Cost(5.5),
             "odd bf16": Cost(4, ("ours chunk bf16 K=64 V=128",)),
-            "long bf16": Cost(10),
+            "long bf16": Cost(10.5),  # automatic split and unsplit
             "grid bf16": Cost(8),
             "recurrent bf16": Cost(3, ("ours recurrent bf16",)),
             "recurrent fp32": Cost(3, ("ours recurrent fp32",)),
             "recurrent varlen bf16": Cost(3),
             "recurrent varlen fp32": Cost(3),
             "model_check": Cost(15, ("ours state variants fp32",)),
-            "speed B=2 T=8K H=64": Cost(  # ours, ours without NaN isolation, fla
-                23, ("ours suite configs bf16 K=V=128", "fla chunk bf16 H=64 (full autotune)")
+            "speed B=2 T=8K H=64": Cost(  # ours, without NaN isolation, safe gate; fla
+                24, ("ours suite configs bf16 K=V=128", "fla chunk bf16 H=64 (full autotune)")
             ),
-            "speed safe gate": Cost(10),
-            "speed B=1 T=64K H=16": Cost(20, ("fla chunk bf16 H=16 (full autotune)",)),
+            "speed B=1 T=64K H=16": Cost(  # + unsplit and a fixed split, their tuning
+                23.5,
+                ("fla chunk bf16 H=16 (full autotune)", "ours split suite configs bf16 K=V=128"),
+            ),
             "speed_decode": Cost(6, ("fla recurrent bf16",)),
+            "step latency": Cost(2),  # B=1 H=1, compiled first configs, no tuning
             "decode_model": Cost(25, ("ours decode variants bf16",)),
             # not in the default parts (--parts extra)
             "speed_varlen": Cost(60),
@@ -183,7 +206,7 @@ def dry_run_sizes() -> Sizes:
         chunk_shapes=((2, 70, 2, 16, 16), (1, 150, 2, 16, 16)),
         odd_shape=(1, 37, 2, 16, 32),
         reference_check_shape=(1, 40, 2, 8, 8),
-        varlen_lengths=(1, 17, 40),
+        varlen_lengths=(1, 17, 40, 130),  # 130: three chunks, split into three segments
         varlen_heads=(2, 16, 16),
         recurrent_shapes=((3, 1, 2, 16, 16), (1, 20, 2, 16, 32)),
         model_preset="tiny",
@@ -209,4 +232,8 @@ def dry_run_sizes() -> Sizes:
         grid_chunks=8,
         costs={},
         compile_s={},
+        split_chunks=(1, 1),
+        split_speed_chunks=(1,),
+        step_latency_lengths=(64, 192),
+        step_latency_dims=(16, 16),
     )

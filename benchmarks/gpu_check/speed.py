@@ -12,34 +12,42 @@ import torch
 from benchmarks import kernel_speed, timing
 from benchmarks.gpu_check.kda import fla_ops, kda_inputs, shape_str, try_fla
 from benchmarks.gpu_check.run import Item, ItemContext, Run
+from benchmarks.gpu_check.splitting import auto_choices, describe_path, step_latency
 from kimi_linear.ops.isolation import nonfinite_isolation
 
 
 def speed_items(run: Run) -> list[Item]:
-    """The anchor shapes (forward, forward + backward, ours against fla), the safe-gate fast
-    path at the first anchor, and one decode step per layer against its bytes floor."""
+    """The anchor shapes (forward, forward + backward, ours against fla; at the first anchor
+    also the safe-gate fast path, on the same inputs; at the long anchor also ours unsplit and
+    split into fixed segments beside the automatic choice), one decode step per layer against
+    its bytes floor, and the sequential state passes' time per 64-token step."""
     s = run.sizes
     keys = ("speed B=2 T=8K H=64", "speed B=1 T=64K H=16")
     items = []
     for i, shape in enumerate(s.speed_shapes):
+        split = s.split_speed_chunks if i == len(s.speed_shapes) - 1 else ()
+        extra = [f"safe gate (gate_lower_bound={s.safe_gate_bound:g})"] if i == 0 else []
+        if split:
+            extra.append(
+                "unsplit vs automatic vs " + ", ".join(f"{n} chunks/segment" for n in split)
+            )
         items.append(
             Item(
-                f"chunk_kda bf16 {shape_str(*shape)}",
+                f"chunk_kda bf16 {shape_str(*shape)}" + "".join(f", {e}" for e in extra),
                 keys[min(i, 1)],
-                _speed_chunk(shape, kernels_alone=i == 0),
+                _speed_chunk(shape, safe_gate=i == 0, kernels_alone=i == 0, split=split),
             )
         )
-        if i == 0:
-            items.append(
-                Item(
-                    f"chunk_kda bf16 safe gate (gate_lower_bound={s.safe_gate_bound:g}) "
-                    f"{shape_str(*shape)}",
-                    "speed safe gate",
-                    _speed_chunk(shape, safe_gate=True),
-                )
-            )
     items.append(
         Item("decode step per layer (fused_recurrent_kda) vs floor", "speed_decode", _speed_decode)
+    )
+    # last: it runs the first autotune config, and switching spaces drops the tuned ones
+    items.append(
+        Item(
+            "state pass time per 64-token step (B=1 H=1) vs the cost model",
+            "step latency",
+            step_latency,
+        )
     )
     return items
 
@@ -52,11 +60,15 @@ def _timed_providers(
     cu_seqlens: torch.Tensor | None = None,
     safe_gate: float | None = None,
     kernels_alone: bool = False,
+    split: tuple[int, ...] = (),
 ) -> None:
     """Forward and forward + backward of ours and fla's chunk kernel, interleaved (and, with
     ``safe_gate``, ours on the safe-gate fast path, ``gate_lower_bound=safe_gate``; with
     ``kernels_alone``, ours with the NaN isolation off too: fla isolates no NaN, so the
-    kernels compare like with like, and the isolation's cost is measured beside them).
+    kernels compare like with like, and the isolation's cost is measured beside them; with
+    ``split``, ours unsplit, ``segment_chunks=0``, and split into segments of each of these
+    numbers of chunks, beside ``ours``, the automatic choice: ``unsplit_over_<name>`` is the
+    split's speed-up, :mod:`kimi_linear.kernels.split`).
 
     fla's ``chunk_kda`` may modify ``g`` and ``v`` in place, so every timed call (ours too, for
     an equal cost) first restores its own copies of g and v; that restore is timed alone in the
@@ -71,6 +83,17 @@ def _timed_providers(
         impls["ours_no_isolation"] = _without_isolation(chunk_kda)
     if safe_gate is not None:
         impls["ours_safe_gate"] = partial(chunk_kda, gate_lower_bound=safe_gate)
+    if split:
+        impls["ours_unsplit"] = partial(chunk_kda, segment_chunks=0)
+        for n in split:
+            impls[f"ours_split{n}"] = partial(chunk_kda, segment_chunks=n)
+        B, T, H, V = x["v"].shape
+        offsets = cu_seqlens.tolist() if cu_seqlens is not None else [b * T for b in range(B + 1)]
+        ctx.record["paths"] = {
+            "ours": describe_path(offsets, H, V, dev, None),
+            **{f"ours_split{n}": describe_path(offsets, H, V, dev, n) for n in split},
+        }
+        ctx.record["auto_segment_chunks"] = auto_choices(dev)["summary"]
     fla = try_fla(ctx, fla_ops, dev)  # fla missing or broken: ours are timed alone
     if fla is not None:
         impls["fla"] = fla.chunk
@@ -127,6 +150,9 @@ def _timed_providers(
             row["safe_gate_speedup"] = (
                 net["ours"] / net["ours_safe_gate"] if net["ours_safe_gate"] > 0 else None
             )
+        if "ours_unsplit" in net:
+            for n in ["ours", *(f"ours_split{c}" for c in split)]:
+                row[f"unsplit_over_{n}"] = net["ours_unsplit"] / net[n] if net[n] > 0 else None
         results[mode] = row
         ctx.add_row(row)
     summary = "fla / ours: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
@@ -142,6 +168,24 @@ def _timed_providers(
         summary += "; ours / ours safe gate: fwd {:.2f}x, fwd+bwd {:.2f}x".format(
             results["fwd"].get("safe_gate_speedup") or math.nan,
             results["fwd+bwd"].get("safe_gate_speedup") or math.nan,
+        )
+    if split:
+        summary += "; unsplit / " + ", ".join(
+            "{} {:.2f}x fwd, {:.2f}x fwd+bwd".format(
+                "auto" if n == "ours" else n.removeprefix("ours_"),
+                results["fwd"].get(f"unsplit_over_{n}") or math.nan,
+                results["fwd+bwd"].get(f"unsplit_over_{n}") or math.nan,
+            )
+            for n in ["ours", *(f"ours_split{c}" for c in split)]
+        )
+        auto = [results[m].get("unsplit_over_ours") or 0.0 for m in ("fwd", "fwd+bwd")]
+        path = ctx.record["paths"]["ours"]
+        ctx.record["split_verdict"] = f"the automatic choice ({path}) " + (
+            "runs unsplit here: nothing to compare"
+            if "unsplit" in path
+            else "is faster than unsplit in both modes: keep it automatic"
+            if min(auto) > 1.0
+            else "is not faster than unsplit in both modes: revisit auto_segment_chunks"
         )
     ctx.record.update(
         shape=what,
@@ -171,17 +215,28 @@ def probe_fla(ctx: ItemContext, fn: Callable[[], Any]) -> bool:
 
 
 def _speed_chunk(
-    shape: tuple[int, int, int, int, int], safe_gate: bool = False, kernels_alone: bool = False
+    shape: tuple[int, int, int, int, int],
+    safe_gate: bool = False,
+    kernels_alone: bool = False,
+    split: tuple[int, ...] = (),
 ) -> Callable[[ItemContext], None]:
     def item(ctx: ItemContext) -> None:
         B, T, H, K, V = shape
         bound = ctx.run.sizes.safe_gate_bound if safe_gate else None
+        # g in [-1, 0] (within any bound <= -1: the safe gate times on the same inputs)
+        gate_low = -1.0 if bound is None else max(bound, -1.0)
         x = kda_inputs(
-            B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed, gate_low=bound or -1.0
+            B, T, H, K, V, torch.bfloat16, ctx.run.device, ctx.run.seed, gate_low=gate_low
         )
         flops = B * H * kernel_speed.kda_flops(T, K)
         _timed_providers(
-            ctx, x, flops, shape_str(*shape), safe_gate=bound, kernels_alone=kernels_alone
+            ctx,
+            x,
+            flops,
+            shape_str(*shape),
+            safe_gate=bound,
+            kernels_alone=kernels_alone,
+            split=split,
         )
 
     return item
