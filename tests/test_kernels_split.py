@@ -211,8 +211,12 @@ def test_auto_segment_chunks(monkeypatch):
     assert auto_segment_chunks(1, 2 * MIN_SEGMENT_CHUNKS - 1, 128, cuda) == 0
     # one program: the chain 2C/S + S is shortest near S = sqrt(2C) (C = 2048: S = 64)
     assert auto_segment_chunks(1, 2048, 16, cuda) == 32
-    # segments keep MIN_SEGMENT_CHUNKS chunks
-    assert auto_segment_chunks(1, 40, 16, cuda) == 20
+    # segments keep MIN_SEGMENT_CHUNKS chunks: 128 chunks -> 8 segments of 16 (chain 40)
+    assert auto_segment_chunks(1, 128, 16, cuda) == 16
+    # a split that does not halve the chain is not made: 2 segments of 20 (chain 42 vs 40),
+    # or B=2 H=8 T=2K (2 segments of 16)
+    assert auto_segment_chunks(1, 40, 16, cuda) == 0
+    assert auto_segment_chunks(16, 32, 128, cuda) == 0
 
 
 def test_plan_for_env_and_packed_batches(monkeypatch):

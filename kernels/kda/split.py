@@ -110,7 +110,8 @@ def auto_segment_chunks(
     num_seq_heads * cdiv(V, 32)`` programs on ``SM`` SMs and ``P < SM``, it takes ``S =
     min(ceil(2 SM / P), floor(sqrt(2 C)))`` segments for the longest sequence (``C`` =
     ``max_chunks``; two programs per SM, and ``sqrt(2 C)`` minimises the chain ``2 C / S +
-    S``), each of at least :data:`MIN_SEGMENT_CHUNKS` chunks; 0 when ``S < 2``. On the CPU
+    S``), each of at least :data:`MIN_SEGMENT_CHUNKS` chunks; 0 unless that at least halves
+    the chain (``2 ceil(C / S) + S <= C / 2``: ``S >= 4``, ``C >= 64``). On the CPU
     (the interpreter) it never splits; pass ``segment_chunks`` to force it.
     """
     device = torch.device(device)
@@ -124,7 +125,10 @@ def auto_segment_chunks(
     segments = min(segments, max_chunks // MIN_SEGMENT_CHUNKS)
     if segments < 2:
         return 0
-    return -(-max_chunks // segments)
+    seg = -(-max_chunks // segments)
+    if 2 * seg + segments > max_chunks // 2:  # the chain must at least halve
+        return 0
+    return seg
 
 
 @functools.lru_cache(maxsize=64)
