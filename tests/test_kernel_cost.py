@@ -219,12 +219,12 @@ def test_default_gate_forward_needs_no_more_exponentials_than_fla():
     """Issue 21: on the default (e.g. softplus) gate path our forward forms at most fla's
     exponentials (the intra kernel once exponentiated the full [16, 16, BKD] pair cube and
     re-formed each partner sub-chunk's factor per row block: 1.49x fla's); the safe gate
-    needs fewer still. One chunk, one head, K = 128 (13.7 vs 14.8 per token and key column),
+    needs fewer still. One chunk, one head, K = 128 (8.7 vs 14.8 per token and key column),
     as the cost model counts them."""
     kc = _kc()
     ours = _forward_exponentials(kc, "ours", 64, 128)
     fla = _forward_exponentials(kc, "fla", 64, 128)
-    assert 0 < ours <= 0.95 * fla, (ours, fla)
+    assert 0 < ours <= 0.75 * fla, (ours, fla)
     assert _forward_exponentials(kc, "ours_safe", 64, 128) < ours
 
 

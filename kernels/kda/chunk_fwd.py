@@ -52,14 +52,16 @@ sync; ``KIMI_LINEAR_CHECK_GATE=1`` turns it on) and factors ``exp(G_a - G_b)`` m
 to inf / NaN. Every exponent is a difference ``G_a - G_b`` with ``a >= b`` (so ``<= 0``). For two
 different sub-chunks the pairwise factor is split at a reference row ``ref`` between them,
 ``exp(G_r - G_i) = exp(G_r - G_ref) exp(G_ref - G_i)``, both factors in ``(0, 1]``, which keeps
-the products on tensor-core matmuls; a 16-row diagonal sub-chunk is split the same way into 8 x
-8 quadrants (the lower-left one split at its row 8, the two diagonal ones formed pair by pair).
-A column-side factor is formed once per chunk, ``kc_i = k_i exp(G_n - G_i)`` up to the next
-sub-chunk's first row ``n``, and reused for every later row sub-chunk with a ``[K]`` factor
-``exp(G_ref - G_n) <= 1`` (and for ``kg``). Nothing overflows however strong the decay; the
-tail chunk and sequence ends are masked (padded rows have ``k = v = beta = 0`` and are never
-stored). Exponentials on this default path: about ``13.6 K`` per token and head in the intra
-kernel (fla's forward ``14.8 K``; ``python -m benchmarks.kernel_cost``).
+the products on tensor-core matmuls. Inside a 16-row diagonal sub-chunk a pair ``r > i`` is
+split the same way at the middle row of the smallest aligned block of 16, 8, 4 or 2 rows that
+holds both (four levels, each one exponential tile and two products); the diagonal of ``Aqk``
+(factor 1) is formed exactly in fp32. A column-side factor is formed once per chunk, ``kc_i =
+k_i exp(G_n - G_i)`` up to the next sub-chunk's first row ``n``, and reused for every later row
+sub-chunk with a ``[K]`` factor ``exp(G_ref - G_n) <= 1`` (and for ``kg``). Nothing overflows
+however strong the decay; the tail chunk and sequence ends are masked (padded rows have ``k =
+v = beta = 0`` and are never stored). Exponentials on this default path: about ``8.7 K`` per
+token and head in the intra kernel, fla's whole forward ``14.8 K`` (``python -m
+benchmarks.kernel_cost``).
 
 Safe-gate fast path (``safe_gate`` / ``chunk_kda(gate_lower_bound=...)``, a constexpr
 ``SAFE_GATE`` of the intra kernels, forward and backward): when the caller promises every
@@ -68,9 +70,9 @@ Safe-gate fast path (``safe_gate`` / ``chunk_kda(gate_lower_bound=...)``, a cons
 decay from its first row to its last, so the diagonal sub-chunk's factor is split at its first
 row too, ``exp(G_r - G_i) = exp(G_r - G_0) exp(G_0 - G_i)``, factors in ``[e^-75, 1]`` and
 ``[1, e^75]`` (finite in fp32 and bf16; fp16 inputs take bf16 operands there, since e^75 is
-past fp16's range), and the block becomes a tensor-core product instead of the 8 x 8
-quadrants (two of them pair by pair). Pairs above the diagonal (also finite) are masked. The diagonal of
-``Aqk`` (factor 1) is still formed exactly in fp32, and the backward adds its ``dAqk`` diagonal
+past fp16's range), and the block becomes one tensor-core product instead of four levels.
+Pairs above the diagonal (also finite) are masked. The diagonal of ``Aqk`` (factor 1) is
+formed exactly in fp32 (on both paths), and the backward adds its ``dAqk`` diagonal
 elementwise, so its exact cancellation in ``dg`` (``q Yq - k Zq``) survives 16-bit operands.
 The results match the exact path to rounding (``tests/test_kernels_safe_gate.py``). The
 promise is checked only with ``KIMI_LINEAR_CHECK_GATE=1``: a broken one whose 15 steps in a
@@ -270,8 +272,8 @@ def _intra_rows(
         )  # fmt: skip
     else:
         a_0, a_1, a_2, a_3 = _intra_rows_exact(
-            q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, I, K, BT, BC, BKD,
-            BKW, DOT_PREC,
+            q, k, G, beta, Aqk, qg, kg, W, start, eos, i_h, scale, H, HQ, I, K, BT, BC, BKW,
+            DOT_PREC,
         )  # fmt: skip
     return a_0, a_1, a_2, a_3
 
@@ -290,6 +292,44 @@ def _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I: tl.constexpr, BT: tl.constexpr, 
             tl.zeros([BC, BC], dtype=Aqk.dtype.element_ty),
             mask=m_r[:, None],
         )
+
+
+@triton.jit
+def _diag_level(
+    q,
+    p_g,
+    b_g,
+    b_q,
+    b_k,
+    m_rk,
+    m_k,
+    row0,
+    eos,
+    HK,
+    S: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One level of a diagonal ``[BC, BC]`` block on a ``[BC, BKW]`` slice: the pairs ``r > i``
+    whose smallest aligned block of ``S`` rows holds both (``r`` in its upper half, ``i`` in its
+    lower), ``exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i)`` split at that block's middle row
+    ``m`` (both factors <= 1 for any decay). One tensor-core product each for ``Akk`` and
+    ``Aqk`` (operands in the input dtype); returns their ``[BC, BC]`` contributions, zero
+    outside the level's pairs. ``p_g``: ``G``'s pointers of the slice's columns in row 0."""
+    o_c = tl.arange(0, BC)
+    up = ((o_c % S) >= S // 2)[:, None]
+    m_ref = tl.minimum(row0 + (o_c // S) * S + S // 2, eos - 1)
+    b_gm = tl.load(p_g[None, :] + m_ref[:, None] * HK, mask=m_k[None, :], other=0.0)
+    b_d = b_g - b_gm
+    b_s = tl.exp(tl.where(m_rk, tl.where(up, b_d, -b_d), 0.0))
+    b_ks = b_k * b_s
+    dt = q.dtype.element_ty
+    b_kl = tl.trans(tl.where(up, 0.0, b_ks).to(dt))
+    b_a = tl.dot(tl.where(up, b_ks, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
+    b_b = tl.dot(tl.where(up, b_q * b_s, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
+    # pairs across two S-blocks belong to a coarser level
+    same = (o_c[:, None] // S) == (o_c[None, :] // S)
+    return tl.where(same, b_a, 0.0), tl.where(same, b_b, 0.0)
 
 
 @triton.jit
@@ -312,34 +352,34 @@ def _intra_rows_exact(
     K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    BKD: tl.constexpr,
     BKW: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """:func:`_intra_rows` for any decay: every exponent a difference ``G_a - G_b``, ``a >= b``.
+    """:func:`_intra_rows` for any decay: every exponent a difference ``G_a - G_b``, ``a >= b``,
+    every pair's factor a product of such exponentials (each <= 1), which puts every block on
+    the tensor cores (operands in the input dtype, fp32 accumulation).
 
-    About ``13.6 K`` exponentials per row of the chunk with the WY pass (fla's default path
+    About ``8.7 K`` exponentials per row of the chunk with the WY pass (fla's default path
     ``14.8 K``; the full ``[16, 16, BKD]`` pair cube and per-partner factors were ``22 K``):
 
     * ``qg = q exp(G)``; column side ``kc_i = k_i exp(G_n - G_i)``, ``n`` the next sub-chunk's
       first row (the chunk's last row for the last sub-chunk): ``kg = kc exp(G_last - G_n)``
       (a ``[K]`` factor), and ``kc`` is kept in ``W`` (scratch until the WY pass overwrites it)
       for the later row sub-chunks, which read it after a barrier;
-    * the block of partner sub-chunk ``j < I``: the tensor-core product ``(k_r exp(G_r -
-      G_ref)) (kc_j exp(G_ref - G_n(j)))^T`` (``ref`` the first row; the middle factor a ``[K]``
-      vector, 1 for ``j = I - 1``); the row factor is formed per partner, which keeps the
-      kernel spill-free (all partners in one pass over K would hold six accumulators);
-    * the diagonal block in 8 x 8 quadrants: the lower-left one by the split at its row 8
-      (``exp(G_r - G_8)``, ``exp(G_8 - G_i)``, both <= 1; one tensor-core product), the two
-      diagonal ones pair by pair on ``[2, 8, 8, BKD]`` slices in exact fp32 (144 exponentials
-      per key column for the block's 136 needed pairs, not 256).
+    * the block of partner sub-chunk ``j < I``: ``(k_r exp(G_r - G_ref)) (kc_j exp(G_ref -
+      G_n(j)))^T`` (``ref`` the first row; the middle factor a ``[K]`` vector, 1 for ``j = I -
+      1``); the row factor is formed per partner, which keeps the kernel spill-free (all
+      partners in one pass over K would hold six accumulators);
+    * the diagonal block by levels (:func:`_diag_level`): a pair ``r > i`` is split at the
+      middle row of the smallest aligned block of 16, 8, 4 or 2 rows that holds both, one
+      ``[BC, BKW]`` exponential tile and two products per level (64 exponentials per key column
+      for the block's 120 pairs, not 256); the diagonal of ``Aqk`` (factor 1) exactly in fp32.
     """
     HK = H * K
     # q and k have HQ heads (GVA: H = G * HQ value heads; head i_h reads key head i_h // G)
     HQK = HQ * K
     i_hq = i_h // (H // HQ)
     dt = q.dtype.element_ty
-    HB: tl.constexpr = BC // 2
     row0 = start + I * BC
     o_c = tl.arange(0, BC)
     rows = row0 + o_c
@@ -347,17 +387,16 @@ def _intra_rows_exact(
     b_beta = tl.load(beta + rows * H + i_h, mask=m_r, other=0.0).to(tl.float32)
     # References (clamped to the sequence's last row, which keeps every factor <= 1 in a tail
     # chunk): the first row (row side), the next sub-chunk's first row or the chunk's last row
-    # (column side), and row 8 (the diagonal block's lower-left quadrant).
+    # (column side).
     last = tl.minimum(start + BT, eos) - 1
     ref = tl.minimum(row0, eos - 1)
     nxt = tl.minimum(row0 + BC, last)
-    mid = tl.minimum(row0 + HB, eos - 1)
-    hi = (o_c >= HB)[:, None]
     a_rows = rows[:, None] * H * BT + i_h * BT
     if I > 0:
         tl.debug_barrier()  # the earlier sub-chunks' kc (in W) visible to every thread
     b_akd = tl.zeros([BC, BC], dtype=tl.float32)
     b_aqd = tl.zeros([BC, BC], dtype=tl.float32)
+    b_qk = tl.zeros([BC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BKW)):
         cols = i_k * BKW + tl.arange(0, BKW)
         m_k = cols < K
@@ -377,41 +416,17 @@ def _intra_rows_exact(
             b_kg = b_kc * tl.exp(b_gl - b_gn)[None, :]
             tl.store(W + off_r, b_kc.to(W.dtype.element_ty), mask=m_rk)
         tl.store(kg + off_r, b_kg.to(kg.dtype.element_ty), mask=m_rk)
-        # Lower-left 8 x 8 quadrant of the diagonal block: split at its row 8.
-        b_gm = tl.load(G + mid * HK + i_h * K + cols, mask=m_k, other=0.0)
-        b_s = tl.exp(tl.where(m_rk, tl.where(hi, b_g - b_gm[None, :], b_gm[None, :] - b_g), 0.0))
-        b_ks = b_k * b_s
-        b_kl = tl.trans(tl.where(hi, 0.0, b_ks).to(dt))
-        b_akd += tl.dot(tl.where(hi, b_ks, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
-        b_aqd += tl.dot(tl.where(hi, b_q * b_s, 0.0).to(dt), b_kl, input_precision=DOT_PREC)
-    # The two diagonal 8 x 8 quadrants pair by pair (exact fp32): [2, 8, BKD] row tiles.
-    o_h = tl.arange(0, 2)
-    o_b = tl.arange(0, HB)
-    rows3 = row0 + o_h[:, None] * HB + o_b[None, :]
-    m_3 = rows3 < eos
-    m_pair = (o_b[:, None] >= o_b[None, :])[None, :, :] & m_3[:, :, None] & m_3[:, None, :]
-    b_sk = tl.zeros([2, HB, HB], dtype=tl.float32)
-    b_sq = tl.zeros([2, HB, HB], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BKD)):
-        cols_d = i_k * BKD + tl.arange(0, BKD)
-        m_3d = m_3[:, :, None] & (cols_d < K)[None, None, :]
-        off_d = rows3[:, :, None] * HK + i_h * K + cols_d[None, None, :]
-        off_dq = rows3[:, :, None] * HQK + i_hq * K + cols_d[None, None, :]
-        b_qd = tl.load(q + off_dq, mask=m_3d, other=0.0).to(tl.float32) * scale
-        b_kd = tl.load(k + off_dq, mask=m_3d, other=0.0).to(tl.float32)
-        b_gd = tl.load(G + off_d, mask=m_3d, other=0.0)
-        b_e = tl.exp(
-            tl.where(
-                m_pair[:, :, :, None], b_gd[:, :, None, :] - b_gd[:, None, :, :], float("-inf")
+        # The diagonal block: its pairs r > i split level by level (blocks of 16, 8, 4, 2
+        # rows); its diagonal (factor 1) exactly, as on the safe-gate path.
+        p_g = G + i_h * K + cols
+        for lv in range(0, 4):
+            b_x, b_y = _diag_level(
+                q, p_g, b_g, b_q, b_k, m_rk, m_k, row0, eos, HK, BC >> lv, BC, DOT_PREC
             )
-        )
-        b_ke = b_kd[:, None, :, :] * b_e
-        b_sk += tl.sum(b_kd[:, :, None, :] * b_ke, axis=3)
-        b_sq += tl.sum(b_qd[:, :, None, :] * b_ke, axis=3)
-    # (h, r, h', i) -> row h * 8 + r, column h' * 8 + i of the block; zero for h != h'.
-    same = (o_h[:, None] == o_h[None, :])[:, None, :, None]
-    b_akd += tl.reshape(tl.where(same, b_sk[:, :, None, :], 0.0), [BC, BC])
-    b_aqd += tl.reshape(tl.where(same, b_sq[:, :, None, :], 0.0), [BC, BC])
+            b_akd += b_x
+            b_aqd += b_y
+        b_qk += tl.sum(b_q * b_k, axis=1)
+    b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
     b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
     b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
     _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I, BT, BC)
