@@ -9,7 +9,9 @@ in-kernel l2norm / gate / sigmoid, recompute on), counted the same way for every
   ``ours_safe``: the bounded safe gate (``gate_lower_bound=-5``; tensor-core diagonal blocks);
   ``fla``: fla's default path (``safe_gate=False``); ``fla_safe``: ``safe_gate=True,
   lower_bound=-5``; ``ours_api``: the public :func:`kimi_linear.kernels.chunk_kda` (input
-  checks and the isolation of non-finite inputs around ``ours``).
+  checks and the isolation of non-finite inputs around ``ours``); ``ours_split`` (not in the
+  default count, in ``--predict``'s): ``ours`` with the in-device sequence split forced
+  (:mod:`kimi_linear.kernels.split`, ``chunk_kda(segment_chunks=n)``).
 
 Everything is counted by **running** the code on the CPU, Triton kernels under the interpreter,
 with every Triton launch and every torch op on the tensors involved recorded:
@@ -41,8 +43,12 @@ launch is fitted as ``c + N * (a * T + b)`` (``N = B * H`` sequence-heads) from 
 evaluated at each ``--shapes`` entry; the three runs must issue the same launches in the same
 order (else the run fails). The fit is exact for costs linear in tokens per sequence-head
 plus a per-sequence-head term (states) and a constant; it assumes T a multiple of 64 (no
-partial chunk) and K, V the counted head dims. ``--check`` adds a fourth run at ``(2, 2, T0)``
-and reports the largest relative error of the fit there. Autotuned kernels run their first
+partial chunk) and K, V the counted head dims. ``--check`` adds a run at ``(2, 2, T0)``
+and reports the largest relative error of the fit there. ``ours_split`` is counted with one
+chunk per segment (T0 >= 128: several segments) plus a run at ``(1, 1, 2 T0)`` with two, and
+fitted as ``c + N * (a * T + b + d * S)`` (``S`` segments per sequence: the transitions, the
+folds and the entry states cost per segment); ``--check`` counts it at ``(2, 2, 2 T0)``
+(``S = 4``). The count tables evaluate it at ``--segment-chunks``. Autotuned kernels run their first
 config (their tile sizes change re-reads, i.e. ``access_GiB``, and elementwise work on masked
 lanes; rarely the distinct bytes). Grids in the launch table are those of the ``(1, 1, T0)``
 run.
@@ -51,16 +57,23 @@ run.
 2): per launch a bytes floor, a tensor-FLOP floor, an exponential floor, an elementwise floor
 and a serial-chain floor (dependent chunk steps x a stated step latency, with the programs vs
 SMs fill), the launch's time the max of them, a phase's the sum plus a per-launch overhead;
-and the same with every sequential launch split into S segments per sequence-head (the fold
-of ``M [K, K]``, ``H [K, V]`` fp32 included). Constants and datasheet sources in
-:data:`GPUS`, :data:`STEP_LATENCY_S`, :data:`LAUNCH_OVERHEAD_S`, :data:`SM_BANDWIDTH`; it
-writes ``kernel_cost_predict.json`` / ``.md`` (default shapes 2x64x8192, 1x16x65536,
-1x32x1048576; providers ours and fla). Predictions, not measurements.
+and the same with T split into S segments per sequence: for ours from the counted
+``ours_split`` launches (transitions, fold, states forward; the backward's recompute the same,
+then its reverse pass from zero, reverse fold reusing ``M``, reverse pass), for a provider
+without a counted split from :func:`split_work`, an analytic model of the same kernels
+(checked launch by launch against the counts: :func:`split_check`, the "analytic split"
+table, ``tests/test_kernel_cost.py``). The automatic choice
+(:func:`kimi_linear.kernels.split.auto_segment_chunks` with the GPU's SM count) is predicted
+per shape at several step latencies beside the model's best S, with a sentence saying whether
+they agree. Constants and datasheet sources in :data:`GPUS`, :data:`STEP_LATENCY_S`,
+:data:`LAUNCH_OVERHEAD_S`, :data:`SM_BANDWIDTH`; it writes ``kernel_cost_predict.json`` /
+``.md`` (default shapes 2x64x8192, 1x16x65536, 1x32x1048576; providers ours, ours_split and
+fla). Predictions, not measurements.
 
 Outputs ``kernel_cost.json`` and ``kernel_cost.md`` (``kernel_cost_<tag>.*`` with ``--tag``)
 under ``benchmarks/results/cpu/`` or ``--out-dir``; committed results are never replaced
 unless ``--overwrite``. About three minutes on one CPU core at the defaults (four with
-``--check``).
+``--check``; ``--predict --check`` about eight).
 
 Examples::
 
@@ -85,6 +98,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -96,8 +110,15 @@ from benchmarks.common import DTYPES, HelpFormatter, fail, parse_dtype
 from benchmarks.report import command_line, markdown_table, refuse_overwrite, save_results
 
 CHUNK = 64
-PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api")
-DEFAULT_PROVIDERS = PROVIDERS
+PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api", "ours_split")
+DEFAULT_PROVIDERS = ("ours", "ours_safe", "fla", "fla_safe", "ours_api")
+#: Providers that run the in-device sequence split (forced ``segment_chunks``) of another one:
+#: counted at several segment counts, fitted in T and S (:func:`fit`), used by ``--predict``
+#: for that provider's split rows.
+SPLIT_PROVIDERS = {"ours_split": "ours"}
+#: Chunks per segment of the split providers' counting runs (1: several segments per sequence
+#: at the small counting lengths; the runs at ``2 T0`` also take ``2 * SPLIT_COUNT_CHUNKS``).
+SPLIT_COUNT_CHUNKS = 1
 #: Providers compared against fla (numerator, denominator) when both were counted.
 RATIOS = (("ours", "fla"), ("ours_safe", "fla"), ("ours_safe", "fla_safe"), ("ours_api", "fla"))
 SAFE_GATE_BOUND = -5.0
@@ -599,26 +620,41 @@ def make_inputs(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype) -> l
     return [x.to(d).requires_grad_() for x, d in zip((q, k, v, g, beta), dtypes)]
 
 
-def provider_fn(name: str) -> tuple[Callable[[list[torch.Tensor]], None], Callable[..., Any]]:
+def provider_fn(
+    name: str, segment_chunks: int = SPLIT_COUNT_CHUNKS
+) -> tuple[Callable[[list[torch.Tensor]], None], Callable[..., Any]]:
     """``(prepare, run)``: ``prepare(inputs)`` warms host caches (outside the count);
-    ``run(q, k, v, g, beta) -> (o, final_state)``."""
-    if name in ("ours", "ours_safe"):
+    ``run(q, k, v, g, beta) -> (o, final_state)``. ``segment_chunks``: the chunks per segment
+    of ``ours_split`` (forced, as ``chunk_kda(segment_chunks=n)``); ignored by the others."""
+    if name in ("ours", "ours_safe", "ours_split"):
         from kimi_linear.kernels.chunk import ChunkKDAFunction
+        from kimi_linear.kernels.split import segment_plan
         from kimi_linear.kernels.utils import pack
 
         safe = name == "ours_safe"
+        n = segment_chunks if name == "ours_split" else 0
+
+        def plan(q):  # host-cached like chunk_kda's (prepare warms it: no copy is counted)
+            B, T = q.shape[:2]
+            return segment_plan(tuple(range(0, B * T + 1, T)), n, q.device) if n else None
 
         def ours(q, k, v, g, beta):
             # the host code of chunk_kda between its checks and the autograd function (A_log,
-            # dt_bias None: the gate is precomputed)
+            # dt_bias None: the gate is precomputed; ours_split: a forced segment plan)
             B, T, H, K = q.shape
             (pq, pk, pv, pg, pb), tables = pack(q, k, v, g, beta, None)
             o, ht = ChunkKDAFunction.apply(
-                pq, pk, pv, pg, pb, None, None, K**-0.5, None, False, tables, True, safe
-            )
+                pq, pk, pv, pg, pb, None, None, K**-0.5, None, False, tables, True, safe,
+                None, 0.0, False, None, None, plan(q),
+            )  # fmt: skip
             return o.view(B, T, H, v.shape[-1]), ht
 
-        return (lambda xs: pack(*xs, None)), ours
+        def prepare(xs):
+            pack(*xs, None)
+            if n and plan(xs[0]) is None:
+                fail(f"{name}: T={xs[0].shape[1]} is not longer than {n} chunks: nothing splits")
+
+        return prepare, ours
     if name == "ours_api":
         from kimi_linear.kernels import chunk_kda
         from kimi_linear.kernels.utils import pack
@@ -681,9 +717,19 @@ def record(fn: Callable[[], Any], phase: str = "forward") -> tuple[Recorder, Any
     return rec, out
 
 
-def count(provider: str, B: int, T: int, H: int, K: int, V: int, dtype) -> Recorder:
-    """Forward then backward of ``provider`` at one shape, every launch recorded."""
-    prepare, fn = provider_fn(provider)
+def count(
+    provider: str,
+    B: int,
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    dtype,
+    segment_chunks: int = SPLIT_COUNT_CHUNKS,
+) -> Recorder:
+    """Forward then backward of ``provider`` at one shape, every launch recorded
+    (``segment_chunks``: of a split provider)."""
+    prepare, fn = provider_fn(provider, segment_chunks)
     inputs = make_inputs(B, T, H, K, V, dtype)
     prepare(inputs)
     rec = Recorder()
@@ -707,7 +753,8 @@ def count(provider: str, B: int, T: int, H: int, K: int, V: int, dtype) -> Recor
 
 @dataclass
 class Fit:
-    """``value(B, H, T) = c + B * H * (a * T + b)`` per launch and quantity."""
+    """``value(B, H, T) = c + B * H * (a * T + b)`` per launch and quantity; a split provider's
+    fit adds ``+ B * H * d * S`` (``S`` segments per sequence, :attr:`seg_coef`)."""
 
     t0: int
     events: list[Event]  # those of the (1, 1, T0) run (names, grids, phases)
@@ -715,15 +762,34 @@ class Fit:
     arg_coef: list[dict[str, tuple[tuple[float, ...], tuple[float, ...]]]]
     saved: tuple[float, float, float]
     syncs: dict[str, int]
+    #: per event: metric -> d (split providers; empty otherwise)
+    seg_coef: list[dict[str, float]] = field(default_factory=list)
+    #: per event: argument -> (d of the bytes read, d of the bytes written)
+    arg_seg_coef: list[dict[str, tuple[float, float]]] = field(default_factory=list)
+    #: chunks per segment of the (1, 1, T0) run; 0: not a split provider
+    segment_chunks: int = 0
 
-    def at(self, B: int, H: int, T: int, i: int, metric: str) -> float:
+    def segments(self, T: int, segment_chunks: int | None = None) -> int:
+        """Segments per sequence of length ``T`` cut into ``segment_chunks``-chunk segments
+        (default: the counting runs' segment length); 0 for an unsplit fit."""
+        n = segment_chunks or self.segment_chunks
+        return -(-(T // CHUNK) // n) if self.segment_chunks else 0
+
+    def at(self, B: int, H: int, T: int, i: int, metric: str, segments: int | None = None) -> float:
         c, a, b = self.coef[i].get(metric, (0.0, 0.0, 0.0))
-        return c + B * H * (a * T + b)
+        d = self.seg_coef[i].get(metric, 0.0) if self.seg_coef else 0.0
+        S = self.segments(T) if segments is None else segments
+        return c + B * H * (a * T + b + d * S)
 
-    def arg_at(self, B: int, H: int, T: int, i: int) -> dict[str, list[float]]:
+    def arg_at(
+        self, B: int, H: int, T: int, i: int, segments: int | None = None
+    ) -> dict[str, list[float]]:
+        S = self.segments(T) if segments is None else segments
+        d = self.arg_seg_coef[i] if self.arg_seg_coef else {}
         out = {}
         for name, coefs in self.arg_coef[i].items():
-            out[name] = [c + B * H * (a * T + b) for c, a, b in coefs]
+            ds = d.get(name, (0.0, 0.0))
+            out[name] = [c + B * H * (a * T + b + dj * S) for (c, a, b), dj in zip(coefs, ds)]
         return out
 
     def saved_at(self, B: int, H: int, T: int) -> float:
@@ -742,47 +808,89 @@ def _signature(rec: Recorder) -> list[tuple[str, str, str]]:
     return [(e.phase, e.kind, e.name) for e in rec.events]
 
 
+def _seg_coef(
+    m11: float, m11t: float, m12: float, m11t_half: float, t0: int, s: tuple[int, int, int]
+) -> tuple[tuple[float, float, float], float]:
+    """``c + N * (a * T + b + d * S)`` through (1, 1, T0, S1), (1, 1, 2 T0, S2), (1, 2, T0, S1)
+    and (1, 1, 2 T0, S4): ``((c, a, b), d)``."""
+    s1, s2, s4 = s
+    d = (m11t - m11t_half) / (s2 - s4)
+    a = (m11t - m11 - d * (s2 - s1)) / t0
+    per = m12 - m11  # one sequence-head at (T0, S1)
+    b = per - a * t0 - d * s1
+    return (m11 - per, a, b), d
+
+
 def fit(provider: str, t0: int, K: int, V: int, dtype, check: bool) -> tuple[Fit, float | None]:
     """Count ``provider`` at the three small shapes (and ``(2, 2, T0)`` with ``check``) and fit
-    every quantity; returns the fit and, with ``check``, its largest relative error there."""
-    runs = [count(provider, 1, t, h, K, V, dtype) for t, h in ((t0, 1), (2 * t0, 1), (t0, 2))]
+    every quantity; returns the fit and, with ``check``, its largest relative error there.
+
+    A split provider (:data:`SPLIT_PROVIDERS`) runs with :data:`SPLIT_COUNT_CHUNKS` chunks per
+    segment (``n``), so its segments per sequence ``S`` grow with T; a fourth run at
+    ``(1, 1, 2 T0)`` with ``2 n`` separates the per-segment costs (``d * S``) from the
+    per-token ones, and ``check`` counts at ``(2, 2, 2 T0)`` with ``n`` (``S`` and ``B * H``
+    both outside the fitted runs)."""
+    split = provider in SPLIT_PROVIDERS
+    n = SPLIT_COUNT_CHUNKS
+    plan = [(1, t0, 1, n), (1, 2 * t0, 1, n), (1, t0, 2, n)] + ([(1, 2 * t0, 1, 2 * n)] * split)
+    runs = [count(provider, b, t, h, K, V, dtype, c) for b, t, h, c in plan]
     sig = _signature(runs[0])
-    for (t, h), r in zip(((2 * t0, 1), (t0, 2)), runs[1:]):
+    for (b, t, h, c), r in zip(plan[1:], runs[1:]):
         if _signature(r) != sig:
             fail(
-                f"{provider}: the launches at B=1 H={h} T={t} differ from those at B=1 H=1 "
-                f"T={t0}, so the counts cannot be extrapolated:\n  {sig}\n  {_signature(r)}"
+                f"{provider}: the launches at B={b} H={h} T={t} (segment_chunks={c}) differ "
+                f"from those at B=1 H=1 T={t0}, so the counts cannot be extrapolated:\n  {sig}"
+                f"\n  {_signature(r)}"
             )
-    coef, arg_coef = [], []
+    segs = tuple(-(-(t // CHUNK) // c) for _, t, _, c in plan)
+    coef, arg_coef, seg_coef, arg_seg_coef = [], [], [], []
     for i in range(len(runs[0].events)):
         evs = [r.events[i] for r in runs]
-        coef.append({m: _coef(*(e.counts.get(m, 0.0) for e in evs), t0) for m in METRICS})
         names = sorted(set().union(*(e.args for e in evs)))
-        arg_coef.append(
-            {
-                n: tuple(_coef(*(e.args.get(n, [0.0, 0.0])[j] for e in evs), t0) for j in (0, 1))
-                for n in names
-            }
-        )
+        if not split:
+            coef.append({m: _coef(*(e.counts.get(m, 0.0) for e in evs), t0) for m in METRICS})
+            arg_coef.append(
+                {
+                    a: tuple(
+                        _coef(*(e.args.get(a, [0.0, 0.0])[j] for e in evs), t0) for j in (0, 1)
+                    )
+                    for a in names
+                }
+            )
+            continue
+        s3 = (segs[0], segs[1], segs[3])
+        fits = {m: _seg_coef(*(e.counts.get(m, 0.0) for e in evs), t0, s3) for m in METRICS}
+        coef.append({m: v[0] for m, v in fits.items()})
+        seg_coef.append({m: v[1] for m, v in fits.items()})
+        per_arg = {
+            a: [_seg_coef(*(e.args.get(a, [0.0, 0.0])[j] for e in evs), t0, s3) for j in (0, 1)]
+            for a in names
+        }
+        arg_coef.append({a: (v[0][0], v[1][0]) for a, v in per_arg.items()})
+        arg_seg_coef.append({a: (v[0][1], v[1][1]) for a, v in per_arg.items()})
     syncs = {p: runs[0].syncs.get(p, 0) for p in PHASES}
     result = Fit(
         t0,
         runs[0].events,
         coef,
         arg_coef,
-        _coef(*(float(r.saved_bytes) for r in runs), t0),
+        _coef(*(float(r.saved_bytes) for r in runs[:3]), t0),
         syncs,
+        seg_coef,
+        arg_seg_coef,
+        n if split else 0,
     )
     error = None
     if check:
-        r22 = count(provider, 2, t0, 2, K, V, dtype)
+        b, t, h = (2, 2 * t0, 2) if split else (2, t0, 2)
+        r22 = count(provider, b, t, h, K, V, dtype, n)
         if _signature(r22) != sig:
-            fail(f"{provider}: the launches at B=2 H=2 T={t0} differ from those at B=1 H=1")
+            fail(f"{provider}: the launches at B={b} H={h} T={t} differ from those at B=1 H=1")
         error = 0.0
         for i, ev in enumerate(r22.events):
             for m in METRICS:
                 want = ev.counts.get(m, 0.0)
-                got = result.at(2, 2, t0, i, m)
+                got = result.at(b, h, t, i, m)
                 if want or got:
                     error = max(error, abs(got - want) / max(abs(want), 1.0))
     return result, error
@@ -794,18 +902,20 @@ def fit(provider: str, t0: int, K: int, V: int, dtype, check: bool) -> tuple[Fit
 
 
 def summarize(
-    provider: str, shape: tuple[int, int, int], f: Fit
+    provider: str, shape: tuple[int, int, int], f: Fit, segment_chunks: int | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-phase totals and the per-launch rows of one provider at one shape."""
+    """Per-phase totals and the per-launch rows of one provider at one shape (a split
+    provider's at ``segment_chunks`` chunks per segment; default: its counting runs')."""
     B, H, T = shape
     key = f"{B}x{H}x{T}"
+    S = f.segments(T, segment_chunks) if f.segment_chunks else None
     totals, launches = [], []
     for phase in PHASES:
         idx = [i for i, e in enumerate(f.events) if e.phase == phase]
         tot: dict[str, float] = defaultdict(float)
         for i in idx:
             ev = f.events[i]
-            vals = {m: max(0.0, f.at(B, H, T, i, m)) for m in METRICS}
+            vals = {m: max(0.0, f.at(B, H, T, i, m, S)) for m in METRICS}
             for m, v in vals.items():
                 tot[m] += v
             flops = sum(vals[m] for m in METRICS if m.startswith("flops_"))
@@ -827,7 +937,7 @@ def summarize(
                     "gelementwise": vals["elementwise"] / 1e9,
                     "args_GiB": {
                         n: {"read": r / 2**30, "write": w / 2**30}
-                        for n, (r, w) in f.arg_at(B, H, T, i).items()
+                        for n, (r, w) in f.arg_at(B, H, T, i, S).items()
                         if r > 0.5 or w > 0.5
                     },
                 }
@@ -837,6 +947,7 @@ def summarize(
         row = {
             "provider": provider,
             "shape": key,
+            **({"segments": S} if S else {}),
             "phase": phase,
             "launches": len(idx),
             "triton": kinds.count("triton"),
@@ -978,13 +1089,20 @@ SM_BANDWIDTH = 100e9
 STEP_TOKENS = CHUNK
 FLOORS = ("bytes", "tensor", "exp", "elementwise", "serial")
 #: Sequence splits predicted (segments per sequence-head; T / 64 must be a multiple).
-DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_SEGMENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREDICT_SHAPES = [(2, 64, 8192), (1, 16, 65536), (1, 32, 1048576)]
 #: Step latencies of the serial sweep (s): from a fast step to the pessimistic end, 6.6 us =
 #: 4 x 1.65 us (the issue's estimate per 16-token step on an H200, as if a 64-token step
 #: cost four of them).
 STEP_LATENCY_SWEEP_S = (0.1e-6, 0.3e-6, 1e-6, 2e-6, 6.6e-6)
-PREDICT_PROVIDERS = ["ours", "fla"]
+PREDICT_PROVIDERS = ["ours", "ours_split", "fla"]
+#: Segments per sequence whose split launches the launch table lists (first GPU).
+SPLIT_LAUNCH_ROWS = 16
+#: Step latencies (s) of the automatic split's table, beside the stated one.
+AUTO_SPLIT_LATENCIES_S = (0.3e-6, 1e-6, 2e-6)
+#: The automatic choice "agrees" with the model when its predicted time is within this factor
+#: of the model's best split (or no split).
+AUTO_AGREE = 1.05
 
 
 @dataclass(frozen=True)
@@ -1005,6 +1123,7 @@ class LaunchWork:
     programs: float = 0.0
     steps: int = 1
     written: float = 0.0  # the part of ``bytes`` stored (the rest is loaded)
+    reverse: bool = False  # a reverse (backward) state pass: a split reuses the forward's M
 
 
 def floors(
@@ -1057,92 +1176,238 @@ def floors(
     return out
 
 
-def split_work(w: LaunchWork, segments: int, seq_heads: int, K: int, V: int) -> list[LaunchWork]:
-    """A sequential launch split into ``segments`` per sequence-head: three launches.
+def _fold_tiles(K: int, V: int) -> tuple[int, int]:
+    """``(BV, BKS)`` of the fold kernel as :func:`kimi_linear.kernels.split.fold_states`
+    launches it (its value-block width and key-slice width)."""
+    from kimi_linear.kernels.split import fold_constexprs
 
-    1. ``transitions``: every segment runs its ``steps / S`` chunk steps from a zero state and
-       keeps its affine transition (``M [K, K]``, ``H [K, V]``, fp32): the ``M`` columns cost
-       what the state's cost, so FLOPs and elementwise work scale by ``(K + V) / V`` and the
-       programs too; bytes: what the original loads plus ``M`` and ``H`` written (no per-chunk
-       output);
-    2. ``fold``: per sequence-head, ``S`` dependent steps ``h = M h + H`` (fp32 products,
-       ``2 K^2 V`` FLOPs each), reading ``M`` and ``H`` and writing each segment's initial
-       state (``[K, V]`` fp32);
-    3. ``states``: the original launch over ``S`` times the programs, ``steps / S`` steps each,
-       reading the initial states.
+    meta = fold_constexprs(K, V, False)
+    return int(meta["BV"]), int(meta["BKS"])
 
-    ``segments=1`` or a launch with one step returns ``[w]``. An estimate: the kernels of the
-    split are not written yet.
+
+def split_work(
+    w: LaunchWork, segments: int, seq_heads: int, K: int, V: int, reverse: bool | None = None
+) -> list[LaunchWork]:
+    """A sequential launch split into ``segments`` per sequence-head: three launches, as the
+    kernels of :mod:`kimi_linear.kernels.split` run them (checked against their counted
+    launches: ``tests/test_kernel_cost.py``). Segments of ``ceil(steps / S)`` chunk steps.
+
+    A forward state pass (``reverse`` False; the forward and the backward's recompute):
+
+    1. ``transitions``: every segment from a zero state, plus ``K / V`` as many programs that
+       start from the identity and carry its transition ``M``: programs, tensor FLOPs,
+       exponentials and elementwise work ``x (K + V) / V`` (the ``M`` programs run the same
+       products and decays); bytes: what the pass loads, then ``[K, V + K]`` fp32 per segment
+       stored (``H | M``), nothing per chunk;
+    2. ``fold``: per (sequence-head, value block of the fold's width) ``S`` dependent fp32
+       steps ``s = M s + H`` (``2 K^2 V`` FLOPs each); reads ``M``, ``H`` and its own stored
+       entry state (the state lives in memory between steps), writes each entry state;
+    3. ``states``: the unsplit pass over ``S`` times the programs, each segment from its
+       entry state (read: ``[K, V]`` fp32 per segment; one more add per element).
+
+    The reverse pass (``reverse`` True; default: a backward launch whose name says ``bwd``)
+    reuses the recompute's ``M``: its first launch runs the unsplit pass's work over ``S`` times
+    the programs from a zero gradient storing only each segment's start gradient ``E [K, V]``
+    fp32 (no ``M`` programs, nothing per chunk); the reverse fold (``M^T``) reads ``M``, ``E``
+    and its entry state and writes each segment's end gradient; then the unsplit pass again
+    from those (as ``states``).
+
+    ``segments=1`` or a launch with one step returns ``[w]``. The sequence's initial / final
+    state reads and writes of the fold are left out (the counted providers pass none).
     """
     if segments < 1:
         raise ValueError(f"segments must be >= 1, got {segments}")
     if segments == 1 or w.steps <= 1:
         return [w]
-    if w.steps % segments:
-        raise ValueError(f"segments={segments} must divide the {w.steps} steps of {w.name}")
-    steps = w.steps // segments
-    cols = (K + V) / V
-    fold_bytes = 4.0 * segments * seq_heads * (K * K + K * V)
-    init_bytes = 4.0 * segments * seq_heads * K * V
-    transitions = LaunchWork(
-        f"{w.name} [split: transitions]",
-        w.bytes - w.written + fold_bytes,
-        w.flops_bf16 * cols,
-        w.flops_tf32 * cols,
-        w.exp,
-        w.elementwise * cols,
-        w.programs * segments * cols,
-        steps,
-        fold_bytes,
-    )
+    if reverse is None:
+        reverse = w.reverse
+    steps = -(-w.steps // segments)
+    SN = segments * seq_heads
+    state = 4.0 * SN * K * V  # one fp32 [K, V] per segment and head
+    trans_m = 4.0 * SN * K * K
+    fold_bv, fold_bks = _fold_tiles(K, V)
+    fold_programs = float(seq_heads * -(-V // fold_bv))
     fold = LaunchWork(
-        f"{w.name} [split: fold]",
-        fold_bytes + init_bytes,
-        flops_tf32=2.0 * segments * seq_heads * K * K * V,
-        elementwise=float(segments * seq_heads * K * V),
-        programs=w.programs,
+        f"{w.name} [split: {'reverse ' * reverse}fold]",
+        trans_m + 3 * state,  # M, H (or E) and the entry state read, the entry state written
+        flops_tf32=2.0 * SN * K * K * V,
+        elementwise=float(SN * K * V * -(-K // fold_bks)),
+        programs=fold_programs,
         steps=segments,
-        written=init_bytes,
+        written=state,
+        reverse=reverse,
     )
+    loaded = w.bytes - w.written
+    if reverse:
+        first = LaunchWork(
+            f"{w.name} [split: reverse offsets]",
+            loaded + state,
+            w.flops_bf16,
+            w.flops_tf32,
+            w.exp,
+            w.elementwise,
+            w.programs * segments,
+            steps,
+            state,
+            reverse=True,
+        )
+    else:
+        cols = (K + V) / V
+        first = LaunchWork(
+            f"{w.name} [split: transitions]",
+            loaded + state + trans_m,
+            w.flops_bf16 * cols,
+            w.flops_tf32 * cols,
+            w.exp * cols,
+            w.elementwise * cols,
+            w.programs * segments * cols,
+            steps,
+            state + trans_m,
+        )
     states = LaunchWork(
-        f"{w.name} [split: states]",
-        w.bytes + init_bytes,
+        f"{w.name} [split: {'reverse ' * reverse}states]",
+        w.bytes + state,
         w.flops_bf16,
         w.flops_tf32,
         w.exp,
-        w.elementwise,
+        w.elementwise + SN * K * V,
         w.programs * segments,
         steps,
         w.written,
+        reverse=reverse,
     )
-    return [transitions, fold, states]
+    return [first, fold, states]
 
 
-def launch_works(f: Fit, shape: tuple[int, int, int], phase: str) -> list[LaunchWork]:
+#: Roles of a split provider's sequential launches (kernel, constexpr that tells them apart).
+_SPLIT_ROLES = {
+    ("_chunk_fwd_state_kernel", "SEGMENT_PASS=True"): "transitions",
+    ("_chunk_fwd_state_kernel", "SEGMENT_PASS=False"): "states",
+    ("_fold_kernel", "REVERSE=False"): "fold",
+    ("_chunk_bwd_state_kernel", "STORE_CHUNKS=False"): "reverse offsets",
+    ("_fold_kernel", "REVERSE=True"): "reverse fold",
+    ("_chunk_bwd_state_kernel", "STORE_CHUNKS=True"): "reverse states",
+}
+
+
+def split_role(ev: Event) -> str | None:
+    """The part of the sequence split a counted launch of a split provider plays (the names of
+    :func:`split_work`), or None for a chunk-parallel launch."""
+    flags = set(ev.config.split())
+    for (name, flag), role in _SPLIT_ROLES.items():
+        if ev.name == name and flag in flags:
+            return role
+    return None
+
+
+#: Quantities :func:`split_check` compares (LaunchWork attributes).
+SPLIT_CHECK_FIELDS = ("bytes", "flops", "exp", "elementwise", "programs", "steps")
+
+
+def split_check(
+    unsplit: list[LaunchWork],
+    counted: list[LaunchWork],
+    segments: int,
+    seq_heads: int,
+    K: int,
+    V: int,
+) -> list[dict[str, Any]]:
+    """The analytic split (:func:`split_work` of the ``unsplit`` launches) against the counted
+    launches of the real split (``counted``, one phase, in launch order): per launch, each
+    quantity of :data:`SPLIT_CHECK_FIELDS` counted and modelled and their relative difference
+    (``model / counted - 1``). Raises ValueError when the launch lists differ in length."""
+    model = [x for w in unsplit for x in split_work(w, segments, seq_heads, K, V)]
+    if len(model) != len(counted):
+        raise ValueError(
+            f"the analytic split has {len(model)} launches, the counted one {len(counted)}: "
+            f"{[w.name for w in model]} vs {[w.name for w in counted]}"
+        )
+
+    def get(w: LaunchWork, k: str) -> float:
+        return w.flops_bf16 + w.flops_tf32 if k == "flops" else float(getattr(w, k))
+
+    rows = []
+    for m, c in zip(model, counted):
+        row: dict[str, Any] = {"model": m.name, "counted": c.name}
+        for k in SPLIT_CHECK_FIELDS:
+            a, b = get(m, k), get(c, k)
+            row[k] = (a, b)
+            row[f"{k}_rel"] = (a / b - 1.0) if b else (0.0 if not a else float("inf"))
+        rows.append(row)
+    return rows
+
+
+def recorded_works(rec: Recorder, T: int, phase: str, segments: int = 0) -> list[LaunchWork]:
+    """The launches of one counted run (one shape, every sequence of length ``T``) as
+    :class:`LaunchWork`: ours's state kernels run ``T / 64`` steps unsplit; with ``segments``
+    (a split run) the roles of :func:`split_role` give the steps."""
+    out = []
+    C = T // STEP_TOKENS
+    for ev in rec.events:
+        if ev.phase != phase:
+            continue
+        c = ev.counts
+        role = split_role(ev) if segments else None
+        name = ev.name
+        if role is not None:
+            steps = segments if role.endswith("fold") else -(-C // segments)
+            name = f"{ev.name} [split: {role}]"
+        else:
+            steps = C if ev.name in {k for k, _ in _SPLIT_ROLES} else 1
+        out.append(
+            LaunchWork(
+                name,
+                c["read_bytes"] + c["write_bytes"],
+                c["flops_bf16"] + c["flops_fp16"] + c["flops_other"],
+                c["flops_fp32"],
+                c["exp"] + c["log"],
+                c["elementwise"],
+                c["programs"] if ev.kind == "triton" else 0.0,
+                steps,
+                c["write_bytes"],
+                reverse=phase == "backward" and steps > 1 and "bwd" in ev.name,
+            )
+        )
+    return out
+
+
+def launch_works(
+    f: Fit, shape: tuple[int, int, int], phase: str, segment_chunks: int | None = None
+) -> list[LaunchWork]:
     """The launches of one phase at ``shape`` from a fit: counts, programs and serial steps.
 
     A Triton launch whose program count does not grow with T while its work does is a
     sequential (state) kernel: ``T / 64`` dependent steps per program; every other launch
-    runs one step per program."""
+    runs one step per program. A split provider's fit is evaluated at ``segment_chunks``
+    chunks per segment (default: its counting runs'), ``S = ceil(T / 64 / segment_chunks)``
+    segments per sequence: its passes over segments run ``segment_chunks`` steps, its folds
+    ``S`` (:func:`split_role`)."""
     B, H, T = shape
+    S = f.segments(T, segment_chunks) if f.segment_chunks else None
     out = []
     for i, ev in enumerate(f.events):
         if ev.phase != phase:
             continue
 
         def val(m: str, i: int = i) -> float:
-            return max(0.0, f.at(B, H, T, i, m))
+            return max(0.0, f.at(B, H, T, i, m, S))
 
         programs = val("programs") if ev.kind == "triton" else 0.0
-        grows = f.coef[i].get("programs", (0.0, 0.0, 0.0))[1]
-        work_grows = any(
-            f.coef[i].get(m, (0.0, 0.0, 0.0))[1] > 0
-            for m in ("flops_bf16", "flops_fp16", "flops_fp32", "elementwise")
-        )
-        steps = T // STEP_TOKENS if programs and abs(grows) < 1e-12 and work_grows else 1
+        role = split_role(ev) if S else None
+        name = ev.name
+        if role is not None:
+            steps = S if role.endswith("fold") else -(-(T // STEP_TOKENS) // S)
+            name = f"{ev.name} [split: {role}]"
+        else:
+            grows = f.coef[i].get("programs", (0.0, 0.0, 0.0))[1]
+            work_grows = any(
+                f.coef[i].get(m, (0.0, 0.0, 0.0))[1] > 0
+                for m in ("flops_bf16", "flops_fp16", "flops_fp32", "elementwise")
+            )
+            steps = T // STEP_TOKENS if programs and abs(grows) < 1e-12 and work_grows else 1
         out.append(
             LaunchWork(
-                ev.name,
+                name,
                 val("read_bytes") + val("write_bytes"),
                 val("flops_bf16") + val("flops_fp16") + val("flops_other"),
                 val("flops_fp32"),
@@ -1151,6 +1416,7 @@ def launch_works(f: Fit, shape: tuple[int, int, int], phase: str) -> list[Launch
                 programs,
                 steps,
                 val("write_bytes"),
+                reverse=phase == "backward" and steps > 1 and "bwd" in ev.name,
             )
         )
     return out
@@ -1207,10 +1473,13 @@ def serial_sweep(
     segments: tuple[int, ...],
     latencies: tuple[float, ...] = STEP_LATENCY_SWEEP_S,
     launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+    split_at: Callable[[str, str, int], list[LaunchWork]] | None = None,
 ) -> list[dict[str, Any]]:
     """Where the long shape turns serial-chain bound: per GPU, provider and step latency, the
     forward at ``anchor`` and at ``long`` (same token-heads, fewer sequence-heads), the share
-    of the long forward in serial-bound launches, and the best sequence split of it."""
+    of the long forward in serial-bound launches, and the best sequence split of it.
+    ``split_at(provider, phase, S)``: the long shape's launches split into S segments (default:
+    :func:`split_work` of the unsplit ones)."""
     a_key, l_key = ("x".join(map(str, x)) for x in (anchor, long))
     B, H, T = long
     rows = []
@@ -1229,7 +1498,13 @@ def serial_sweep(
                 best_s, best = 1, fl["predicted_s"]
                 for seg in segments:
                     if seg > 1 and (T // STEP_TOKENS) % seg == 0:
-                        t = predict_split(fl_works, gpu, seg, B * H, K, V, lat, launch_overhead_s)
+                        if split_at is None:
+                            t = predict_split(
+                                fl_works, gpu, seg, B * H, K, V, lat, launch_overhead_s
+                            )
+                        else:
+                            sw = split_at(provider, "forward", seg)
+                            t = predict_phase(sw, gpu, lat, launch_overhead_s)
                         if t["predicted_s"] < best:
                             best_s, best = seg, t["predicted_s"]
                 rows.append(
@@ -1252,6 +1527,124 @@ def serial_sweep(
     return rows
 
 
+def auto_segment_chunks_on(gpu: GpuSpec, num_seq_heads: int, max_chunks: int, V: int) -> int:
+    """What :func:`kimi_linear.kernels.split.auto_segment_chunks` chooses on ``gpu`` (its SM
+    count patched in: no GPU needed): chunks per segment, 0 for no split."""
+    from kimi_linear.kernels import split
+
+    with mock.patch.object(split, "_sm_count", lambda device: gpu.sms):
+        return split.auto_segment_chunks(num_seq_heads, max_chunks, V, torch.device("cuda"))
+
+
+def _break_even(
+    unsplit: list[LaunchWork],
+    split: list[LaunchWork],
+    gpu: GpuSpec,
+    launch_overhead_s: float,
+    hi: float = 20e-6,
+) -> float | None:
+    """The smallest step latency (s, up to ``hi``) at which ``split`` is predicted no slower
+    than ``unsplit`` (bisection; the split's gain grows with the latency), or None."""
+
+    def gain(lat: float) -> float:
+        return (
+            predict_phase(unsplit, gpu, lat, launch_overhead_s)["predicted_s"]
+            - predict_phase(split, gpu, lat, launch_overhead_s)["predicted_s"]
+        )
+
+    if gain(0.0) >= 0:
+        return 0.0
+    if gain(hi) < 0:
+        return None
+    lo = 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if gain(mid) >= 0 else (mid, hi)
+    return hi
+
+
+_AGREES = {
+    (True, True): "yes",
+    (True, False): "forward only",
+    (False, True): "fwd+bwd only",
+    (False, False): "no",
+}
+
+
+def auto_split_rows(
+    works_at: Callable[[str, tuple[int, int, int], str, int], list[LaunchWork]],
+    gpus: dict[str, GpuSpec],
+    shapes: list[tuple[int, int, int]],
+    V: int,
+    segments: tuple[int, ...],
+    latencies: tuple[float, ...],
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+    provider: str = "ours",
+) -> list[dict[str, Any]]:
+    """The automatic split (:func:`auto_segment_chunks_on`) per GPU, shape and step latency:
+    predicted forward and forward + backward without and with it, the model's best S (over
+    ``segments`` dividing T / 64, and the automatic S) for each, whether they agree (the
+    automatic choice within :data:`AUTO_AGREE` of the best), and the step latency from which
+    the automatic split pays (``None``: it does not split, or not below 20 us)."""
+    rows = []
+    for gname, gpu in gpus.items():
+        for shape in shapes:
+            B, H, T = shape
+            C = T // STEP_TOKENS
+            n = auto_segment_chunks_on(gpu, B * H, C, V)
+            s_auto = -(-C // n) if n else 1
+            cands = sorted({s for s in segments if s <= C and C % s == 0} | {1, s_auto})
+            works = {s: {ph: works_at(provider, shape, ph, s) for ph in PHASES} for s in cands}
+            pays = {}
+            for ph in ("forward", "fwd_bwd"):
+                if s_auto == 1:
+                    pays[ph] = None
+                    continue
+                parts = PHASES if ph == "fwd_bwd" else ("forward",)
+                one = [w for p in parts for w in works[1][p]]
+                cut = [w for p in parts for w in works[s_auto][p]]
+                pays[ph] = _break_even(one, cut, gpu, launch_overhead_s)
+            for lat in latencies:
+                t = {
+                    s: {
+                        ph: predict_phase(works[s][ph], gpu, lat, launch_overhead_s)["predicted_s"]
+                        for ph in PHASES
+                    }
+                    for s in cands
+                }
+                fwd = {s: v["forward"] for s, v in t.items()}
+                both = {s: v["forward"] + v["backward"] for s, v in t.items()}
+                best_f, best_b = min(fwd, key=fwd.get), min(both, key=both.get)
+                agree_f = fwd[s_auto] <= AUTO_AGREE * fwd[best_f]
+                agree_b = both[s_auto] <= AUTO_AGREE * both[best_b]
+                rows.append(
+                    {
+                        "gpu": gname,
+                        "provider": provider,
+                        "shape": "x".join(map(str, shape)),
+                        "step_latency_us": _us(lat),
+                        "auto_segment_chunks": n,
+                        "auto_segments": s_auto,
+                        "forward_ms": fwd[1] * 1e3,
+                        "forward_auto_ms": fwd[s_auto] * 1e3,
+                        "fwd_bwd_ms": both[1] * 1e3,
+                        "fwd_bwd_auto_ms": both[s_auto] * 1e3,
+                        "best_forward_segments": best_f,
+                        "best_forward_ms": fwd[best_f] * 1e3,
+                        "best_fwd_bwd_segments": best_b,
+                        "best_fwd_bwd_ms": both[best_b] * 1e3,
+                        "auto_agrees": _AGREES[(agree_f, agree_b)],
+                        "auto_pays_forward_from_us": None
+                        if pays["forward"] is None
+                        else _us(pays["forward"]),
+                        "auto_pays_fwd_bwd_from_us": None
+                        if pays["fwd_bwd"] is None
+                        else _us(pays["fwd_bwd"]),
+                    }
+                )
+    return rows
+
+
 def prediction(
     fits: dict[str, Fit],
     shapes: list[tuple[int, int, int]],
@@ -1262,21 +1655,40 @@ def prediction(
     launch_overhead_s: float = LAUNCH_OVERHEAD_S,
     gpus: dict[str, GpuSpec] | None = None,
 ) -> dict[str, Any]:
-    """Predicted times per GPU, provider, shape and phase (totals, launches, sequence splits
-    and the issue-21 goals). Estimates from counts and datasheet rates, not measurements."""
+    """Predicted times per GPU, provider, shape and phase (totals, launches, sequence splits,
+    the automatic split and the issue-21 goals). Estimates from counts and datasheet rates,
+    not measurements.
+
+    A split provider's fit in ``fits`` (:data:`SPLIT_PROVIDERS`, e.g. ``ours_split``) is not a
+    provider of its own here: it gives the split rows of the provider it splits (``source``
+    ``counted``); a provider without one is split by :func:`split_work` (``analytic``)."""
     gpus = gpus or GPUS
+    split_fits = {SPLIT_PROVIDERS[p]: f for p, f in fits.items() if p in SPLIT_PROVIDERS}
+    fits = {p: f for p, f in fits.items() if p not in SPLIT_PROVIDERS}
+
+    def works_at(provider: str, shape: tuple[int, int, int], phase: str, s: int):
+        """The launches of ``provider`` at ``shape`` with T cut into ``s`` segments (of
+        ``ceil(T / 64 / s)`` chunks)."""
+        B, H, T = shape
+        unsplit = launch_works(fits[provider], shape, phase)
+        if s <= 1:
+            return unsplit
+        n = -(-(T // STEP_TOKENS) // s)
+        if provider in split_fits:
+            return launch_works(split_fits[provider], shape, phase, n)
+        s = -(-(T // STEP_TOKENS) // n)
+        return [x for w in unsplit for x in split_work(w, s, B * H, K, V)]
+
     totals, launches, splits = [], [], []
     fwd: dict[tuple[str, str, str], float] = {}
     both: dict[tuple[str, str, str], float] = {}
     best: dict[tuple[str, str, str], tuple[int, float, float]] = {}
-    works_by: dict[tuple[str, str], dict[str, list[LaunchWork]]] = {}
     for gname, gpu in gpus.items():
-        for provider, f in fits.items():
+        for provider in fits:
             for shape in shapes:
                 key = "x".join(map(str, shape))
                 B, H, T = shape
-                works = {ph: launch_works(f, shape, ph) for ph in PHASES}
-                works_by[(provider, key)] = works
+                works = {ph: works_at(provider, shape, ph, 1) for ph in PHASES}
                 per = {
                     ph: predict_phase(works[ph], gpu, step_latency_s, launch_overhead_s)
                     for ph in PHASES
@@ -1299,35 +1711,21 @@ def prediction(
                         }
                     )
                     for r in p["launches"]:
-                        w = r["work"]
-                        launches.append(
-                            {
-                                "gpu": gname,
-                                "provider": provider,
-                                "shape": key,
-                                "phase": ph,
-                                "kernel": w.name,
-                                "programs": int(w.programs),
-                                "steps": w.steps,
-                                "fill": r["fill"],
-                                "GiB": w.bytes / 2**30,
-                                "tensor_gflop": (w.flops_bf16 + w.flops_tf32) / 1e9,
-                                "gexp": w.exp / 1e9,
-                                "gelementwise": w.elementwise / 1e9,
-                                **{f"{k}_us": _us(r[k]) for k in FLOORS},
-                                "bound": r["bound"],
-                                "predicted_us": _us(r["predicted"]),
-                            }
-                        )
+                        launches.append(_launch_row(gname, provider, key, ph, 1, r))
                 fwd[(gname, provider, key)] = per["forward"]["predicted_s"]
                 both[(gname, provider, key)] = sum(per[ph]["predicted_s"] for ph in PHASES)
                 base_f, base_b = fwd[(gname, provider, key)], both[(gname, provider, key)]
+                source = "counted" if provider in split_fits else "analytic"
                 for s in segments:
-                    if (T // STEP_TOKENS) % s:
+                    C = T // STEP_TOKENS
+                    if s > C or C % s:
                         continue
                     sp = {
-                        ph: predict_split(
-                            works[ph], gpu, s, B * H, K, V, step_latency_s, launch_overhead_s
+                        ph: predict_phase(
+                            works_at(provider, shape, ph, s),
+                            gpu,
+                            step_latency_s,
+                            launch_overhead_s,
                         )
                         for ph in PHASES
                     }
@@ -1339,13 +1737,28 @@ def prediction(
                             "provider": provider,
                             "shape": key,
                             "segments": s,
+                            "source": source if s > 1 else "unsplit",
+                            "launches": sum(len(sp[ph]["launches"]) for ph in PHASES),
+                            "serial_chain_steps": sum(
+                                r["work"].steps
+                                for ph in PHASES
+                                for r in sp[ph]["launches"]
+                                if r["work"].steps > 1
+                            ),
                             "forward_ms": f_s * 1e3,
                             "forward_speedup": base_f / f_s,
                             "fwd_bwd_ms": b_s * 1e3,
                             "fwd_bwd_speedup": base_b / b_s,
-                            "fold_MiB": 4.0 * s * B * H * (K * K + 2 * K * V) / 2**20,
+                            "fold_MiB": 4.0 * s * B * H * (K * K + 2 * K * V) / 2**20
+                            if s > 1
+                            else 0.0,
                         }
                     )
+                    if s == SPLIT_LAUNCH_ROWS and gname == next(iter(gpus)):
+                        for ph in PHASES:  # the split's sequential launches at one S
+                            for r in sp[ph]["launches"]:
+                                if r["work"].steps > 1 or "split" in r["work"].name:
+                                    launches.append(_launch_row(gname, provider, key, ph, s, r))
                     k3 = (gname, provider, key)
                     if k3 not in best or f_s < best[k3][1]:
                         best[k3] = (s, f_s, b_s)
@@ -1366,9 +1779,46 @@ def prediction(
     sweep = []
     if (2, 64, 8192) in shapes and (1, 16, 65536) in shapes:
         sweep = serial_sweep(
-            works_by, gpus, (2, 64, 8192), (1, 16, 65536), K, V, segments,
+            {
+                (p, "x".join(map(str, s))): {ph: works_at(p, s, ph, 1) for ph in PHASES}
+                for p in fits
+                for s in ((2, 64, 8192), (1, 16, 65536))
+            },
+            gpus, (2, 64, 8192), (1, 16, 65536), K, V, segments,
             launch_overhead_s=launch_overhead_s,
+            split_at=lambda p, ph, s: works_at(p, (1, 16, 65536), ph, s),
         )  # fmt: skip
+    check = []
+    for provider, sf in split_fits.items():
+        for shape in shapes:
+            B, H, T = shape
+            C = T // STEP_TOKENS
+            for s in sorted({SPLIT_LAUNCH_ROWS, 4} & {x for x in segments if x <= C}):
+                n = -(-C // s)
+                s = -(-C // n)
+                for ph in PHASES:
+                    rows = split_check(
+                        launch_works(fits[provider], shape, ph),
+                        launch_works(sf, shape, ph, n),
+                        s, B * H, K, V,
+                    )  # fmt: skip
+                    check.append(
+                        {
+                            "provider": provider,
+                            "shape": "x".join(map(str, shape)),
+                            "segments": s,
+                            "phase": ph,
+                            "launches": len(rows),
+                            **{
+                                f"{k}_max_rel": max(abs(r[f"{k}_rel"]) for r in rows)
+                                for k in SPLIT_CHECK_FIELDS
+                            },
+                        }
+                    )
+    auto = []
+    if "ours" in fits:
+        lats = tuple(sorted({step_latency_s, *AUTO_SPLIT_LATENCIES_S}))
+        auto = auto_split_rows(works_at, gpus, shapes, V, segments, lats, launch_overhead_s)
     return {
         "totals": totals,
         "ratios": ratio_rows,
@@ -1384,9 +1834,35 @@ def prediction(
             }
             for (g, p, s), v in best.items()
         ],
+        "auto_split": auto,
+        "split_model_check": check,
         "goals": goals,
         "serial_sweep": sweep,
         "launches": launches,
+    }
+
+
+def _launch_row(
+    gname: str, provider: str, key: str, phase: str, segments: int, r: dict[str, Any]
+) -> dict[str, Any]:
+    w = r["work"]
+    return {
+        "gpu": gname,
+        "provider": provider,
+        "shape": key,
+        "segments": segments,
+        "phase": phase,
+        "kernel": w.name,
+        "programs": int(w.programs),
+        "steps": w.steps,
+        "fill": r["fill"],
+        "GiB": w.bytes / 2**30,
+        "tensor_gflop": (w.flops_bf16 + w.flops_tf32) / 1e9,
+        "gexp": w.exp / 1e9,
+        "gelementwise": w.elementwise / 1e9,
+        **{f"{k}_us": _us(r[k]) for k in FLOORS},
+        "bound": r["bound"],
+        "predicted_us": _us(r["predicted"]),
     }
 
 
@@ -1437,6 +1913,35 @@ def _goals(fits, fwd, both, best, gpus) -> list[dict[str, Any]]:
     return rows
 
 
+def auto_split_verdicts(rows: list[dict[str, Any]], step_latency_us: float) -> list[str]:
+    """One plain sentence per GPU and shape at the stated step latency: does the automatic
+    split agree with the model's best S?"""
+    out = []
+    for r in rows:
+        if abs(r["step_latency_us"] - step_latency_us) > 1e-9:
+            continue
+        auto = (
+            f"splits into S={r['auto_segments']} ({r['auto_segment_chunks']} chunks each)"
+            if r["auto_segment_chunks"]
+            else "does not split"
+        )
+        best = f"the model's best S is {r['best_forward_segments']} forward, "
+        best += f"{r['best_fwd_bwd_segments']} forward + backward"
+        verdict = {
+            "yes": "it agrees",
+            "no": "it does not agree",
+            "forward only": "it agrees for the forward only",
+            "fwd+bwd only": "it agrees for forward + backward only",
+        }[r["auto_agrees"]]
+        out.append(
+            f"- {r['gpu']} {r['shape']} at {step_latency_us:g} us per step: the automatic rule "
+            f"{auto}; {best}: {verdict} (auto {r['forward_auto_ms']:.3g} / "
+            f"{r['fwd_bwd_auto_ms']:.3g} ms vs best {r['best_forward_ms']:.3g} / "
+            f"{r['best_fwd_bwd_ms']:.3g} ms)."
+        )
+    return out
+
+
 def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any]) -> str:
     """The Markdown page of a prediction (constants and sources first)."""
     gpu_lines = [
@@ -1450,9 +1955,10 @@ def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any])
     ]
     tcols = ["gpu", "provider", "shape", "phase", "launches", "sequential", "predicted_ms"]
     tcols += ["overhead_ms", *[f"{k}_bound_ms" for k in FLOORS], "serial_chain_ms"]
-    scols = ["gpu", "provider", "shape", "segments", "forward_ms", "forward_speedup"]
-    scols += ["fwd_bwd_ms", "fwd_bwd_speedup", "fold_MiB"]
-    lcols = ["gpu", "provider", "shape", "phase", "kernel", "programs", "steps", "fill", "GiB"]
+    scols = ["gpu", "provider", "shape", "segments", "source", "launches", "serial_chain_steps"]
+    scols += ["forward_ms", "forward_speedup", "fwd_bwd_ms", "fwd_bwd_speedup", "fold_MiB"]
+    lcols = ["gpu", "provider", "shape", "segments", "phase", "kernel", "programs", "steps"]
+    lcols += ["fill", "GiB"]
     lcols += ["tensor_gflop", "gexp", "gelementwise", *[f"{k}_us" for k in FLOORS]]
     lcols += ["bound", "predicted_us"]
     md = [
@@ -1501,16 +2007,57 @@ def predict_markdown(result: dict[str, Any], command: str, meta: dict[str, Any])
             markdown_table(result["ratios"], ["gpu", "shape", "forward", "fwd_bwd"]),
         ]
     md += [
-        "## Splitting T into S segments (in-device sequence splitting; estimates)",
+        "## Splitting T into S segments (in-device sequence splitting)",
         "",
-        "Each sequential launch becomes three: per segment the transition `M [K,K]`, `H [K,V]` "
-        "from a zero state (T / 64S steps, (K+V)/V times the state's FLOPs), the fold "
-        "(S dependent fp32 steps `h = M h + H` per sequence-head, M and H read, each "
-        "segment's initial state written: `fold_MiB`), then the states again from the true "
-        "initial states (T / 64S steps, S times the programs). Speedup vs S = 1.",
+        "`source` `counted`: the real split (`kimi_linear.kernels.split`, "
+        "`chunk_kda(segment_chunks=T/64/S)`) counted under the interpreter as provider "
+        "`ours_split` (fitted in T and S) and predicted the same way. Forward: each state pass "
+        "becomes three launches: the transitions pass (every segment from a zero state, plus "
+        "K/V as many programs carrying `M`: (K+V)/V the programs, FLOPs and exponentials; "
+        "`[K, V+K]` fp32 stored per segment and head, nothing per chunk), the fp32 fold (S "
+        "dependent steps `s = M s + H` per sequence-head and value block), then the state pass "
+        "per segment from its entry state (T / 64S steps). Backward: the recompute splits as "
+        "the forward; the reverse pass becomes a pass from a zero gradient (unsplit work, S "
+        "times the programs, stores only `[K, V]` per segment), a reverse fold reusing the "
+        "recompute's `M`, and the reverse pass again. `analytic`: `split_work` (fla has no "
+        "split: hypothetical). `serial_chain_steps`: dependent steps of the sequential "
+        "launches, forward + backward. Speedup vs S = 1.",
         "",
         markdown_table(result["splits"], scols),
     ]
+    if result.get("auto_split"):
+        acols = ["gpu", "shape", "step_latency_us", "auto_segment_chunks", "auto_segments"]
+        acols += ["forward_ms", "forward_auto_ms", "fwd_bwd_ms", "fwd_bwd_auto_ms"]
+        acols += ["best_forward_segments", "best_forward_ms", "best_fwd_bwd_segments"]
+        acols += ["best_fwd_bwd_ms", "auto_agrees", "auto_pays_forward_from_us"]
+        acols += ["auto_pays_fwd_bwd_from_us"]
+        md += [
+            "## The automatic split (`auto_segment_chunks`, 132 SMs) against the model's best S",
+            "",
+            "What `kimi_linear.kernels.split.auto_segment_chunks` chooses with the GPU's SM "
+            "count (0: no split; `auto_segments` = the segments it makes), the predicted "
+            "forward and forward + backward without and with it, and the model's best S "
+            "(over the splits above and the automatic one) at several step latencies. "
+            f"`auto_agrees`: the automatic choice within {AUTO_AGREE:g}x of the best "
+            "(forward and forward + backward). `auto_pays_*_from_us`: the step latency from "
+            "which the automatic split is predicted no slower than none.",
+            "",
+            *auto_split_verdicts(result["auto_split"], meta["step_latency_us"]),
+            "",
+            markdown_table(result["auto_split"], acols),
+        ]
+    if result.get("split_model_check"):
+        ccols = ["provider", "shape", "segments", "phase", "launches"]
+        ccols += [f"{k}_max_rel" for k in SPLIT_CHECK_FIELDS]
+        md += [
+            "## The analytic split model against the counted split",
+            "",
+            "`split_work` applied to the unsplit launches against the counted `ours_split` "
+            "launches at the same shape and S, launch by launch: the largest relative "
+            "difference per quantity (0: the same).",
+            "",
+            markdown_table(result["split_model_check"], ccols),
+        ]
     if result["serial_sweep"]:
         sw = list(result["serial_sweep"][0])
         md += [
@@ -1562,7 +2109,7 @@ def predict_main(
         "launch_overhead_us": args.launch_overhead_us,
         "sm_bandwidth_bytes_per_s": SM_BANDWIDTH,
         "step_tokens": STEP_TOKENS,
-        "estimates": "step latency, launch overhead, per-SM bandwidth, the split's kernels, "
+        "estimates": "step latency, launch overhead, per-SM bandwidth, "
         "the elementwise work as written, grids of the first autotune config",
     }
     gpus = {
@@ -1602,6 +2149,12 @@ def predict_main(
     print(markdown_table(result["totals"], cols))
     best_cols = ["gpu", "provider", "shape", "segments", "forward_ms", "fwd_bwd_ms"]
     print(markdown_table(result["best_split"], best_cols))
+    if result["auto_split"]:
+        acols = ["gpu", "shape", "step_latency_us", "auto_segments", "forward_ms"]
+        acols += ["forward_auto_ms", "fwd_bwd_ms", "fwd_bwd_auto_ms", "best_forward_segments"]
+        acols += ["best_fwd_bwd_segments", "auto_agrees", "auto_pays_fwd_bwd_from_us"]
+        print(markdown_table([r for r in result["auto_split"] if r["gpu"] == "H100-SXM"], acols))
+        print("\n".join(auto_split_verdicts(result["auto_split"], args.step_latency_us)))
     if result["serial_sweep"]:
         sweep_cols = ["gpu", "provider", "step_latency_us", "long_over_anchor"]
         sweep_cols += ["serial_bound_share", "best_segments", "split_speedup", "split_over_anchor"]
@@ -1649,7 +2202,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         choices=PROVIDERS,
-        help="default: all (" + ", ".join(DEFAULT_PROVIDERS) + "); with --predict: ours fla",
+        help="default: "
+        + " ".join(DEFAULT_PROVIDERS)
+        + "; with --predict: "
+        + " ".join(PREDICT_PROVIDERS)
+        + " (ours_split: the forced sequence split of ours, "
+        "counted for the split rows of ours)",
     )
     p.add_argument(
         "--predict",
@@ -1678,6 +2236,13 @@ def main(argv: list[str] | None = None) -> int:
         help="--predict: sequence splits S to predict (segments per sequence-head)",
     )
     p.add_argument(
+        "--segment-chunks",
+        type=int,
+        default=16,
+        help="chunks per segment at which the count tables evaluate ours_split (counted at "
+        f"{SPLIT_COUNT_CHUNKS} and {2 * SPLIT_COUNT_CHUNKS}, fitted in T and the segments)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="also count at B=2 H=2 T=T0 and report the fit's largest relative error there",
@@ -1702,6 +2267,8 @@ def main(argv: list[str] | None = None) -> int:
         fail("--step-latency-us and --launch-overhead-us must be >= 0")
     if min(args.segments) < 1:
         fail(f"--segments must be >= 1, got {args.segments}")
+    if args.segment_chunks < 1:
+        fail(f"--segment-chunks must be >= 1, got {args.segment_chunks}")
     if args.shapes is None:
         args.shapes = PREDICT_SHAPES if args.predict else PREDICT_SHAPES[:2]
     if args.providers is None:
@@ -1712,6 +2279,9 @@ def main(argv: list[str] | None = None) -> int:
     refuse_overwrite(name, torch.device("cpu"), out_dir=args.out_dir, overwrite=args.overwrite)
     K = V = args.head_dim
     providers = list(dict.fromkeys(args.providers))
+    for split, base in SPLIT_PROVIDERS.items():
+        if args.predict and split in providers and base not in providers:
+            fail(f"--predict with {split} needs {base} too (the split rows are {base}'s)")
     if any(pv.startswith("fla") for pv in providers):
         try:
             import fla.ops.kda.chunk  # noqa: F401
@@ -1724,20 +2294,24 @@ def main(argv: list[str] | None = None) -> int:
     totals, launches, fit_errors, fits = [], [], {}, {}
     for provider in providers:
         print(f"{provider}: counting under the interpreter ...", file=sys.stderr)
-        f, err = fit(provider, args.count_tokens, K, V, dtype, args.check)
+        t0 = args.count_tokens
+        if provider in SPLIT_PROVIDERS:  # several segments per sequence at T0
+            t0 = max(t0, 2 * CHUNK * SPLIT_COUNT_CHUNKS)
+        f, err = fit(provider, t0, K, V, dtype, args.check)
         fits[provider] = f
         if err is not None:
             fit_errors[provider] = err
         for shape in args.shapes:
-            t, ls = summarize(provider, shape, f)
+            t, ls = summarize(provider, shape, f, args.segment_chunks)
             totals += t
             launches += ls
     if args.predict:
         return predict_main(args, fits, command_line(__spec__.name, argv), name, fit_errors)
     ratio_rows = ratios(totals, shapes)
 
-    cols = ["provider", "shape", "phase", "launches", "triton", "torch", "host_syncs", "GiB"]
-    cols += ["access_GiB", "tensor_gflop"]
+    cols = ["provider", "shape", *(["segments"] * any("segments" in r for r in totals))]
+    cols += ["phase", "launches", "triton", "torch", "host_syncs", "GiB", "access_GiB"]
+    cols += ["tensor_gflop"]
     cols += sorted({c for r in totals for c in r if c.startswith("gflop_")})
     cols += ["gexp", "glog", "gelementwise", "saved_GiB"]
     rcols = ["ratio", "shape", "phase", "launches", "bytes", "access_GiB", "tensor_gflop"]

@@ -341,15 +341,18 @@ def test_splitting_reduces_the_serial_floor_and_adds_the_fold():
         "state [split: transitions]", "state [split: fold]", "state [split: states]",
     ]  # fmt: skip
     trans, fold, states = parts
-    fold_bytes = 4 * S * N * (K * K + K * V)
+    state, m = 4 * S * N * K * V, 4 * S * N * K * K  # fp32 [K, V] and [K, K] per segment
     assert trans.steps == states.steps == 1024 // S
     assert trans.programs == N * S * 2 and states.programs == N * S
-    # the transitions load what the state pass loads and store M and H only
-    assert trans.bytes == w.bytes - w.written + fold_bytes and trans.written == fold_bytes
-    assert trans.flops_bf16 == 2 * w.flops_bf16
+    # the transitions load what the state pass loads and store H | M only; the M programs
+    # run the same products and decays
+    assert trans.bytes == w.bytes - w.written + state + m and trans.written == state + m
+    assert trans.flops_bf16 == 2 * w.flops_bf16 and trans.exp == 2 * w.exp
+    # the fold: per sequence-head and 32-column value block, S dependent fp32 steps
     assert fold.steps == S and fold.flops_tf32 == 2 * S * N * K * K * V
-    assert fold.bytes == fold_bytes + 4 * S * N * K * V
-    assert states.bytes == w.bytes + 4 * S * N * K * V and states.written == w.written
+    assert fold.programs == N * V // 32
+    assert fold.bytes == m + 3 * state and fold.written == state  # M, H, entry; entry
+    assert states.bytes == w.bytes + state and states.written == w.written
     before = kc.floors(w, gpu)
     assert before["bound"] == "serial"
     assert kc.floors(states, gpu)["serial"] < before["serial"] / 4
@@ -361,8 +364,73 @@ def test_splitting_reduces_the_serial_floor_and_adds_the_fold():
     assert kc.split_work(w, 1, N, K, V) == [w]
     par = kc.LaunchWork("par", 1e9, programs=10_000)
     assert kc.split_work(par, S, N, K, V) == [par]  # chunk-parallel launches stay
-    with pytest.raises(ValueError, match="must divide"):
-        kc.split_work(w, 3, N, K, V)
+    # segments of ceil(steps / S) chunks, as the kernels cut them
+    assert kc.split_work(w, 3, N, K, V)[0].steps == 342
+    with pytest.raises(ValueError, match="segments must be >= 1"):
+        kc.split_work(w, 0, N, K, V)
+
+
+def test_the_reverse_pass_splits_without_transitions():
+    """The backward's reverse pass reuses the recompute's M: its first launch runs the unsplit
+    work over S times the programs and stores one [K, V] per segment (no M columns)."""
+    kc = _kc()
+    N, K, V, S = 4, 64, 128, 4
+    w = kc.LaunchWork("bwd_state", 5e8, 4e10, 0, 1e6, 1e9, N * 8, 256, 2e8, reverse=True)
+    first, fold, states = kc.split_work(w, S, N, K, V)
+    assert first.name == "bwd_state [split: reverse offsets]"
+    assert fold.name == "bwd_state [split: reverse fold]"
+    state = 4 * S * N * K * V
+    assert first.flops_bf16 == w.flops_bf16 and first.exp == w.exp
+    assert first.programs == w.programs * S and first.steps == 64
+    assert first.bytes == w.bytes - w.written + state and first.written == state
+    assert fold.bytes == 4 * S * N * K * K + 3 * state
+    # the same launch as a forward pass gets the M programs: (K + V) / V
+    trans = kc.split_work(w, S, N, K, V, reverse=False)[0]
+    assert trans.flops_bf16 == pytest.approx(1.5 * w.flops_bf16)
+
+
+def test_analytic_split_agrees_with_the_counted_split_kernels():
+    """``split_work`` of ours's unsplit launches against the real split's launches
+    (``chunk_kda(segment_chunks=1)``: 3 segments of one chunk), both counted under the
+    interpreter at B=1 H=1 T=192 K=V=16 bf16, forward and backward: the same launches
+    (count, order, roles), the same serial steps and programs, bytes and tensor FLOPs and
+    exponentials within 0.5%, elementwise work within 20% (the analytic split keeps the
+    unsplit pass's casts of its per-chunk stores and leaves out the identity start)."""
+    kc = _kc()
+    T, S, K = 192, 3, 16
+    one = kc.count("ours", 1, T, 1, K, K, torch.bfloat16)
+    split = kc.count("ours_split", 1, T, 1, K, K, torch.bfloat16, 1)
+    total = 0
+    for phase, roles in (
+        ("forward", ["transitions", "fold", "states"]),
+        ("backward", ["transitions", "fold", "states"] + ["reverse offsets", "reverse fold",
+                                                           "reverse states"]),
+    ):  # fmt: skip
+        counted = kc.recorded_works(split, T, phase, S)
+        assert [r for r in map(kc.split_role, (e for e in split.events if e.phase == phase))
+                if r] == roles  # fmt: skip
+        rows = kc.split_check(kc.recorded_works(one, T, phase), counted, S, 1, K, K)
+        for r in rows:
+            assert r["steps"][0] == r["steps"][1], r  # serial chain, launch by launch: exact
+            assert r["programs_rel"] == 0, r
+            for q in ("bytes", "flops", "exp"):
+                assert abs(r[f"{q}_rel"]) < 5e-3, (q, r)
+            assert abs(r["elementwise_rel"]) < 0.2, r
+        # the dependent chain: one-chunk passes (1 step) and folds of S steps
+        chain = sum(w.steps for w in counted if "[split:" in w.name)
+        assert chain == {"forward": 1 + S + 1, "backward": 2 * (1 + S + 1)}[phase]
+        total += chain
+    assert total == 3 * (S + 2)
+
+
+def test_auto_segment_chunks_on_an_h100():
+    """The automatic choice with the H100's SM count patched in: no split while B x H fills
+    the SMs, a few segments at few sequence-heads."""
+    kc = _kc()
+    h100 = kc.GPUS["H100-SXM"]
+    assert kc.auto_segment_chunks_on(h100, 128, 128, 128) == 0  # B=2 H=64 T=8K
+    n = kc.auto_segment_chunks_on(h100, 16, 1024, 128)  # B=1 H=16 T=64K: 64 programs
+    assert n > 0 and -(-1024 // n) == 5
 
 
 def _toy_fit(kc):
@@ -453,7 +521,7 @@ def test_small_predict_run(tmp_path):
     launches are found sequential (T / 64 steps), and the results go to new file names."""
     proc = _run(
         "--predict", "--shapes", "1x2x256", "--head-dim", "16", "--count-tokens", "64",
-        "--providers", "ours", "--segments", "1", "2", out_dir=tmp_path,
+        "--providers", "ours", "ours_split", "--segments", "1", "2", out_dir=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "kernel_cost_predict.json").read_text())
@@ -464,3 +532,9 @@ def test_small_predict_run(tmp_path):
     steps = {r["kernel"]: r["steps"] for r in out["launches"] if r["steps"] > 1}
     assert "_chunk_fwd_state_kernel" in steps and set(steps.values()) == {256 // 64}
     assert {r["segments"] for r in out["splits"]} == {1, 2}
+    # the split rows come from the counted ours_split; the automatic choice is reported
+    assert {r["source"] for r in out["splits"] if r["segments"] == 2} == {"counted"}
+    assert {r["provider"] for r in out["totals"]} == {"ours"}
+    assert out["auto_split"] and all(r["auto_segment_chunks"] == 0 for r in out["auto_split"])
+    for r in out["split_model_check"]:
+        assert r["bytes_max_rel"] < 5e-3 and r["flops_max_rel"] < 5e-3 and r["steps_max_rel"] == 0
