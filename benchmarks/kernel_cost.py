@@ -1195,9 +1195,10 @@ def split_work(
     A forward state pass (``reverse`` False; the forward and the backward's recompute):
 
     1. ``transitions``: every segment from a zero state, plus ``K / V`` as many programs that
-       start from the identity and carry its transition ``M``: programs, tensor FLOPs,
-       exponentials and elementwise work ``x (K + V) / V`` (the ``M`` programs run the same
-       products and decays); bytes: what the pass loads, then ``[K, V + K]`` fp32 per segment
+       start from the identity and carry its transition ``M``: programs, exponentials and
+       work ``x (K + V) / V`` (the ``M`` programs run the same decays), tensor FLOPs
+       ``x (1 + K / V * 2 BK / (64 + 2 BK))`` and elementwise work less ``U``'s share (they
+       skip ``U = N (beta v)``); bytes: what the pass loads, then ``[K, V + K]`` fp32 per segment
        stored (``H | M``), nothing per chunk;
     2. ``fold``: per (sequence-head, value block of the fold's width) ``S`` dependent fp32
        steps ``s = M s + H`` (``2 K^2 V`` FLOPs each); reads ``M``, ``H`` and its own stored
@@ -1253,13 +1254,23 @@ def split_work(
         )
     else:
         cols = (K + V) / V
+        # the M programs skip U = N (beta v): per chunk 2 BT^2 of the pass's
+        # 2 BT^2 + 4 BT BK tensor FLOPs per value column
+        bk = max(16, 1 << (K - 1).bit_length())
+        m_flops = 1 + (cols - 1) * 2 * bk / (CHUNK + 2 * bk)
+        # ... and U's elementwise work as the interpreter counts it, per chunk and program:
+        # the masked loads' fills of N [BT, BT], beta and v, the casts of beta and v, the beta
+        # scaling and the operand cast (BT^2 + 5 BT BV + 2 BT, BV = 32: the first config)
+        per = w.elementwise / max(w.programs * w.steps, 1.0)
+        u_share = min(1.0, (CHUNK * CHUNK + 5 * CHUNK * 32 + 2 * CHUNK) / per) if per else 0.0
+        m_elem = 1 + (cols - 1) * (1 - u_share)
         first = LaunchWork(
             f"{w.name} [split: transitions]",
             loaded + state + trans_m,
-            w.flops_bf16 * cols,
-            w.flops_tf32 * cols,
+            w.flops_bf16 * m_flops,
+            w.flops_tf32 * m_flops,
             w.exp * cols,
-            w.elementwise * cols,
+            w.elementwise * m_elem,
             w.programs * segments * cols,
             steps,
             state + trans_m,

@@ -1007,14 +1007,18 @@ def _chunk_fwd_state_kernel(
                 tl.store(p_c, b_s4, mask=m_c)
         m_tv = m_t[:, None] & m_v[None, :]
         off_v = o_t[:, None] * (H * V) + cols_v[None, :]
-        # delta = U - W S, one key block at a time, with U = N (beta v).
-        a_c = (start * H + i_h) * BT
-        b_n = tl.load(
-            Ainv + a_c + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0
-        )
-        b_b = tl.load(beta + start * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
-        b_v = tl.load(v + v_c + off_v, mask=m_tv, other=0.0).to(tl.float32) * b_b[:, None]
-        b_d = tl.dot(b_n, b_v.to(kg.dtype.element_ty), input_precision=DOT_PREC)
+        # delta = U - W S, one key block at a time, with U = N (beta v) (none in a transition
+        # program: it neither loads N, beta, v nor runs their product).
+        if SEGMENT_PASS:
+            b_d = tl.zeros([BT, BV], dtype=tl.float32)
+            if i_v < NV:
+                b_d = _residual_base(
+                    Ainv, beta, v + v_c + off_v, kg, start, i_h, H, m_t, m_tv, BT, DOT_PREC
+                )
+        else:
+            b_d = _residual_base(
+                Ainv, beta, v + v_c + off_v, kg, start, i_h, H, m_t, m_tv, BT, DOT_PREC
+            )
         b_d -= tl.dot(
             _load_op(W + k_c, m_t, H, K, 0, BT, BKS).to(h.dtype.element_ty),
             b_s1.to(h.dtype.element_ty),
@@ -1088,6 +1092,20 @@ def _chunk_fwd_state_kernel(
             tl.store(p, b_s3, mask=m)
             p, m = _state_block(ht + seq_state, 3 * BKS, cols_v, K, V, BKS)
             tl.store(p, b_s4, mask=m)
+
+
+@triton.jit
+def _residual_base(
+    Ainv, beta, p_v, like, start, i_h, H, m_t, m_tv, BT: tl.constexpr, DOT_PREC: tl.constexpr
+):
+    """``U = N (beta v)`` of a chunk for one value block (``p_v``: the block's pointers),
+    fp32; the product takes operands of ``like``'s dtype."""
+    o_t = tl.arange(0, BT)
+    a_c = (start * H + i_h) * BT
+    b_n = tl.load(Ainv + a_c + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_b = tl.load(beta + start * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_v = tl.load(p_v, mask=m_tv, other=0.0).to(tl.float32) * b_b[:, None]
+    return tl.dot(b_n, b_v.to(like.dtype.element_ty), input_precision=DOT_PREC)
 
 
 @triton.jit
