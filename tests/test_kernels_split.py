@@ -206,8 +206,11 @@ def test_auto_segment_chunks(monkeypatch):
     cuda = torch.device("cuda", 0)
     # B=1 H=16 T=64K, V=128: 64 programs on 132 SMs -> ceil(264 / 64) = 5 segments of 205
     assert auto_segment_chunks(16, 1024, 128, cuda) == 205
-    # B=2 H=64: 512 programs fill the SMs; short sequences are never split
+    # B=2 H=64: 512 programs fill the SMs; B=1 H=32 T=1M: 128 programs, more than half the
+    # SMs (the cost model finds no gain there below 1.3 us per step); short sequences never
     assert auto_segment_chunks(128, 128, 128, cuda) == 0
+    assert auto_segment_chunks(32, 16384, 128, cuda) == 0
+    assert auto_segment_chunks(16, 16384, 128, cuda) == -(-16384 // 5)
     assert auto_segment_chunks(1, 2 * MIN_SEGMENT_CHUNKS - 1, 128, cuda) == 0
     # one program: the chain 2C/S + S is shortest near S = sqrt(2C) (C = 2048: S = 64)
     assert auto_segment_chunks(1, 2048, 16, cuda) == 32

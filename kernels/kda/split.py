@@ -106,8 +106,11 @@ def auto_segment_chunks(
 ) -> int:
     """The automatic choice of ``segment_chunks``: 0 (no split) unless it can pay.
 
-    Splits only on a CUDA device whose SMs the state pass leaves idle: with ``P =
-    num_seq_heads * cdiv(V, 32)`` programs on ``SM`` SMs and ``P < SM``, it takes ``S =
+    Splits only on a CUDA device whose SMs the state pass leaves mostly idle: with ``P =
+    num_seq_heads * cdiv(V, 32)`` programs on ``SM`` SMs and ``2 P <= SM`` (the split adds
+    about 2.8x the pass's work at ``K = V``, which a half-filled GPU absorbs; the cost model,
+    ``python -m benchmarks.kernel_cost --predict``, finds no gain at B=1 H=32 T=1M, ``P =
+    128``, below 1.3 us per chunk step), it takes ``S =
     min(ceil(2 SM / P), floor(sqrt(2 C)))`` segments for the longest sequence (``C`` =
     ``max_chunks``; two programs per SM, and ``sqrt(2 C)`` minimises the chain ``2 C / S +
     S``), each of at least :data:`MIN_SEGMENT_CHUNKS` chunks; 0 unless that at least halves
@@ -119,7 +122,7 @@ def auto_segment_chunks(
         return 0
     sms = _sm_count(device)
     programs = num_seq_heads * triton.cdiv(V, _GRID_BV)
-    if programs >= sms:
+    if 2 * programs > sms:
         return 0
     segments = min(-(-2 * sms // programs), math.isqrt(2 * max_chunks))
     segments = min(segments, max_chunks // MIN_SEGMENT_CHUNKS)
