@@ -279,6 +279,48 @@ def _intra_rows(
 
 
 @triton.jit
+def _finish_diag(b_akd, b_aqd, b_qk, b_beta, m_r, BC: tl.constexpr):
+    """The diagonal block of row sub-chunk ``I``: ``Aqk``'s diagonal (factor 1) exactly from
+    ``b_qk = sum q k`` (a 16-bit product of split factors would round it, and the backward's
+    dG relies on its exact cancellation), ``Akk`` strictly lower and beta-scaled, ``Aqk`` lower;
+    returns ``(Akk block, Aqk block)``."""
+    o_c = tl.arange(0, BC)
+    b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
+    b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
+    return b_akd, tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
+
+
+@triton.jit
+def _partner_block(Aqk, a_rows, m_r, b_akk, b_aqk, b_beta, j, a_0, a_1, a_2, BC: tl.constexpr):
+    """Store the ``Aqk`` block of partner sub-chunk ``j`` and put its beta-scaled ``Akk`` block
+    into ``a_j``; returns ``(a_0, a_1, a_2)``."""
+    o_c = tl.arange(0, BC)
+    tl.store(
+        Aqk + a_rows + j * BC + o_c[None, :], b_aqk.to(Aqk.dtype.element_ty), mask=m_r[:, None]
+    )
+    b_akk = b_akk * b_beta[:, None]
+    return (
+        tl.where(j == 0, b_akk, a_0),
+        tl.where(j == 1, b_akk, a_1),
+        tl.where(j == 2, b_akk, a_2),
+    )
+
+
+@triton.jit
+def _place_diag(a_0, a_1, a_2, a_3, b_akd, I: tl.constexpr):
+    """``(a_0, .., a_3)`` with the diagonal ``Akk`` block in ``a_I``."""
+    if I == 0:
+        a_0 = b_akd
+    elif I == 1:
+        a_1 = b_akd
+    elif I == 2:
+        a_2 = b_akd
+    else:
+        a_3 = b_akd
+    return a_0, a_1, a_2, a_3
+
+
+@triton.jit
 def _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Store row sub-chunk ``I``'s diagonal ``Aqk`` block and the zero blocks right of it (so
     the buffer needs no memset)."""
@@ -426,9 +468,7 @@ def _intra_rows_exact(
             b_akd += b_x
             b_aqd += b_y
         b_qk += tl.sum(b_q * b_k, axis=1)
-    b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
-    b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
-    b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
+    b_akd, b_aqd = _finish_diag(b_akd, b_aqd, b_qk, b_beta, m_r, BC)
     _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I, BT, BC)
     a_0 = tl.zeros([BC, BC], dtype=tl.float32)
     a_1 = tl.zeros([BC, BC], dtype=tl.float32)
@@ -463,24 +503,8 @@ def _intra_rows_exact(
             b_kj = tl.trans((b_kj.to(tl.float32) * tl.exp(b_gr - b_gj)[None, :]).to(dt))
             b_akk += tl.dot(b_kr.to(dt), b_kj, input_precision=DOT_PREC)
             b_aqk += tl.dot(b_qr.to(dt), b_kj, input_precision=DOT_PREC)
-        tl.store(
-            Aqk + a_rows + j * BC + o_c[None, :],
-            b_aqk.to(Aqk.dtype.element_ty),
-            mask=m_r[:, None],
-        )
-        b_akk = b_akk * b_beta[:, None]
-        a_0 = tl.where(j == 0, b_akk, a_0)
-        a_1 = tl.where(j == 1, b_akk, a_1)
-        a_2 = tl.where(j == 2, b_akk, a_2)
-    if I == 0:
-        a_0 = b_akd
-    elif I == 1:
-        a_1 = b_akd
-    elif I == 2:
-        a_2 = b_akd
-    else:
-        a_3 = b_akd
-    return a_0, a_1, a_2, a_3
+        a_0, a_1, a_2 = _partner_block(Aqk, a_rows, m_r, b_akk, b_aqk, b_beta, j, a_0, a_1, a_2, BC)
+    return _place_diag(a_0, a_1, a_2, a_3, b_akd, I)
 
 
 @triton.jit
@@ -551,22 +575,8 @@ def _intra_rows_safe(
         b_akd += tl.dot(_fast_operand(b_k * b_dr, q), b_kc, input_precision=DOT_PREC)
         b_aqd += tl.dot(_fast_operand(b_q * b_dr, q), b_kc, input_precision=DOT_PREC)
         b_qk += tl.sum(b_q * b_k, axis=1)
-    # The diagonal of Aqk (factor exp(0) = 1) exactly, as on the pairwise path: a 16-bit
-    # product of the two split factors would round it (and the backward's dG relies on
-    # its exact cancellation).
-    b_aqd = tl.where(o_c[:, None] == o_c[None, :], b_qk[:, None], b_aqd)
-    b_akd = tl.where((o_c[:, None] > o_c[None, :]) & m_r[:, None], b_akd * b_beta[:, None], 0.0)
-    b_aqd = tl.where(o_c[:, None] >= o_c[None, :], b_aqd, 0.0)
-    tl.store(
-        Aqk + a_rows + I * BC + o_c[None, :], b_aqd.to(Aqk.dtype.element_ty), mask=m_r[:, None]
-    )
-    # Upper blocks are zero: written here so the buffer needs no memset.
-    for j in tl.static_range(I + 1, BT // BC):
-        tl.store(
-            Aqk + a_rows + j * BC + o_c[None, :],
-            tl.zeros([BC, BC], dtype=Aqk.dtype.element_ty),
-            mask=m_r[:, None],
-        )
+    b_akd, b_aqd = _finish_diag(b_akd, b_aqd, b_qk, b_beta, m_r, BC)
+    _store_rows_aqk(Aqk, a_rows, m_r, b_aqd, I, BT, BC)
     a_0 = tl.zeros([BC, BC], dtype=tl.float32)
     a_1 = tl.zeros([BC, BC], dtype=tl.float32)
     a_2 = tl.zeros([BC, BC], dtype=tl.float32)
@@ -598,24 +608,8 @@ def _intra_rows_safe(
             b_kj = tl.trans(b_kj.to(q.dtype.element_ty))
             b_akk += tl.dot(b_ke.to(q.dtype.element_ty), b_kj, input_precision=DOT_PREC)
             b_aqk += tl.dot(b_qe.to(q.dtype.element_ty), b_kj, input_precision=DOT_PREC)
-        tl.store(
-            Aqk + a_rows + j * BC + o_c[None, :],
-            b_aqk.to(Aqk.dtype.element_ty),
-            mask=m_r[:, None],
-        )
-        b_akk = b_akk * b_beta[:, None]
-        a_0 = tl.where(j == 0, b_akk, a_0)
-        a_1 = tl.where(j == 1, b_akk, a_1)
-        a_2 = tl.where(j == 2, b_akk, a_2)
-    if I == 0:
-        a_0 = b_akd
-    elif I == 1:
-        a_1 = b_akd
-    elif I == 2:
-        a_2 = b_akd
-    else:
-        a_3 = b_akd
-    return a_0, a_1, a_2, a_3
+        a_0, a_1, a_2 = _partner_block(Aqk, a_rows, m_r, b_akk, b_aqk, b_beta, j, a_0, a_1, a_2, BC)
+    return _place_diag(a_0, a_1, a_2, a_3, b_akd, I)
 
 
 @triton.jit
