@@ -248,6 +248,7 @@ def test_refuses_to_overwrite_committed_results():
         (["--dtype", "int8"], "--dtype must be one of"),
         (["--providers", "nope"], "invalid choice"),
         (["--predict", "--segments", "0"], "--segments must be >= 1"),
+        (["--segment-chunks", "0"], "--segment-chunks must be >= 1"),
         (["--predict", "--step-latency-us", "-1"], "must be >= 0"),
     ],
 )
