@@ -209,6 +209,8 @@ def plan_for(
     if segment_chunks is None:
         segment_chunks = env_segment_chunks()
     if segment_chunks is None:
+        if device.type != "cuda":  # the automatic choice never splits off a GPU
+            return None
         chunks = [triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(offsets[:-1], offsets[1:])]
         longest = max(chunks, default=0)
         bounding = sum(1 for c in chunks if 2 * c >= longest)
